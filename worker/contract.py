@@ -1,0 +1,24 @@
+"""Names shared with the DICOM gateway, which sends tasks by name and never imports worker code.
+
+This module must stay import-light (standard library only): the gateway imports it.
+"""
+
+from __future__ import annotations
+
+QUEUE = "triage"
+"""Celery queue both sides use."""
+
+PROCESS_INSTANCE = "triage.process_instance"
+"""args: (spool_relpath: str, sop_instance_uid: str); kwargs: received_at (ISO-8601 UTC)."""
+
+FINALIZE_STUDY = "triage.finalize_study"
+"""args: (study_instance_uid: str); kwargs: last_received_at (ISO-8601 UTC)."""
+
+SPOOL_INCOMING = "incoming"
+SPOOL_PENDING = "pending"
+SPOOL_ARCHIVE = "archive"
+
+
+def pending_relpath(study_instance_uid: str, sop_instance_uid: str) -> str:
+    """Spool-relative path of an outstanding instance: pending/<StudyUID>/<SOPUID>.dcm."""
+    return f"{SPOOL_PENDING}/{study_instance_uid}/{sop_instance_uid}.dcm"
