@@ -1,0 +1,117 @@
+"""The model card: everything a consumer needs to use the ONNX file correctly.
+
+It sits beside the ONNX artifact (``<name>.card.json``) and carries labels,
+preprocessing id, temperature, thresholds, confidence strata, data hash, training
+config and test metrics, like timm's ``pretrained_cfg`` or torchxrayvision's
+``op_threshs``. Serving code reads only the typed fields; the rest is kept verbatim
+for audit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+MODEL_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_NAME = "pneumonia_resnet50"
+STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
+"""Ordered from least to most severe."""
+
+
+def default_model_path() -> Path:
+    """The released ONNX model shipped in this package."""
+    return MODEL_DIR / f"{DEFAULT_MODEL_NAME}.onnx"
+
+
+def card_path_for(model_path: str | Path) -> Path:
+    """`foo.onnx` -> `foo.card.json`."""
+    path = Path(model_path)
+    return path.with_name(path.stem + ".card.json")
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """A band of calibrated pneumonia probability: lower <= p < upper (the top band includes 1)."""
+
+    name: str
+    lower: float
+    upper: float
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    sha256: str
+    labels: tuple[str, ...]
+    preprocessing: str
+    input_shape: tuple[int, ...]
+    temperature: float
+    threshold: float
+    strata: tuple[Stratum, ...]
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def stratum_for(self, probability: float) -> str:
+        """Name of the stratum holding this calibrated pneumonia probability."""
+        for stratum in self.strata:
+            if stratum.lower <= probability < stratum.upper:
+                return stratum.name
+        if probability >= self.strata[-1].upper - 1e-12:
+            return self.strata[-1].name
+        raise ValueError(f"probability {probability} is outside every stratum")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data["strata"] = [asdict(s) for s in self.strata]
+        return {**data, **extra}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelCard":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        strata = tuple(
+            sorted((Stratum(**s) for s in data["strata"]), key=lambda s: s.lower)
+        )
+        validate_strata(strata)
+        return cls(
+            name=data["name"],
+            version=data["version"],
+            sha256=data["sha256"],
+            labels=tuple(data["labels"]),
+            preprocessing=data["preprocessing"],
+            input_shape=tuple(data["input_shape"]),
+            temperature=float(data["temperature"]),
+            threshold=float(data["threshold"]),
+            strata=strata,
+            metrics=data.get("metrics", {}),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelCard":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def validate_strata(strata: tuple[Stratum, ...]) -> None:
+    """Strata must tile [0, 1] without gaps or overlaps."""
+    if not strata or strata[0].lower != 0.0 or strata[-1].upper != 1.0:
+        raise ValueError("strata must start at 0 and end at 1")
+    for below, above in zip(strata, strata[1:]):
+        if below.upper != above.lower:
+            raise ValueError(f"strata {below.name} and {above.name} do not meet")

@@ -1,0 +1,136 @@
+"""`PneumoniaDetector`: the original design's inference API, served by onnxruntime.
+
+    detector = PneumoniaDetector()
+    detector.predict("chest_xray.jpg")
+    # {'prediction': 'Pneumonia', 'confidence': 0.94,
+    #  'probabilities': {'Normal': 0.06, 'Pneumonia': 0.94},
+    #  'clinical_note': '...', 'stratum': 'high_suspicion'}
+
+Probabilities are calibrated: the card's temperature divides the logits before the
+softmax. The decision uses the card's threshold and the stratum its cut-points.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from models.card import ModelCard, card_path_for, default_model_path, sha256_of
+from models.errors import ModelIntegrityError, UnreadableImageError
+from models.image_io import read_image
+from models.preprocess import PREPROCESSING_ID, preprocess_batch
+
+ImageLike = str | Path | np.ndarray
+
+CLINICAL_NOTES = {
+    "high_suspicion": "High suspicion of pneumonia: prioritise for radiologist review.",
+    "indeterminate": "Indeterminate: findings possible, routine-priority radiologist review advised.",
+    "likely_normal": "Likely normal: no pneumonia pattern detected; standard reading applies.",
+}
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """CUDA first when this onnxruntime build offers it, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = list(requested) if requested else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class PneumoniaDetector:
+    """Loads the ONNX model and its card once; thread-safe for concurrent `predict` calls."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        providers: Sequence[str] | None = None,
+        *,
+        intra_op_threads: int = 0,
+        verify_sha256: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
+        self.card = load_card(self.model_path, verify_sha256=verify_sha256)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(
+            str(self.model_path), sess_options=options, providers=choose_providers(providers)
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits (N, 2) for preprocessed inputs (N, 3, 224, 224)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.card.input_shape[1:]):
+            raise ValueError(f"expected (N, {', '.join(map(str, self.card.input_shape[1:]))}), got {batch.shape}")
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def pneumonia_probability(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated P(pneumonia) for preprocessed inputs: softmax(logits / T)[:, 1]."""
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return calibrated_probability(self.logits(batch), self.card.temperature)
+
+    def predict(self, image: ImageLike) -> dict[str, Any]:
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
+        arrays = [load_any(image) for image in images]
+        probabilities = self.pneumonia_probability(preprocess_batch(arrays))
+        return [self.describe(float(p)) for p in probabilities]
+
+    def describe(self, probability: float) -> dict[str, Any]:
+        """Turn a calibrated probability into the original design's result dictionary."""
+        normal, pneumonia = self.card.labels
+        is_pneumonia = probability >= self.card.threshold
+        stratum = self.card.stratum_for(probability)
+        return {
+            "prediction": pneumonia if is_pneumonia else normal,
+            "confidence": probability if is_pneumonia else 1.0 - probability,
+            "probabilities": {normal: 1.0 - probability, pneumonia: probability},
+            "clinical_note": CLINICAL_NOTES.get(stratum, stratum),
+            "stratum": stratum,
+        }
+
+
+def calibrated_probability(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Numerically stable two-class softmax of temperature-scaled logits."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    return 1.0 / (1.0 + np.exp(scaled[:, 0] - scaled[:, 1]))
+
+
+def load_card(model_path: Path, *, verify_sha256: bool = True) -> ModelCard:
+    """Load the card beside the model and check it describes this very file."""
+    card_path = card_path_for(model_path)
+    if not card_path.is_file():
+        raise ModelIntegrityError(f"model card missing: {card_path}")
+    card = ModelCard.load(card_path)
+    if card.preprocessing != PREPROCESSING_ID:
+        raise ModelIntegrityError(
+            f"card preprocessing {card.preprocessing!r} differs from this code's {PREPROCESSING_ID!r}"
+        )
+    if verify_sha256 and sha256_of(model_path) != card.sha256:
+        raise ModelIntegrityError(f"sha256 of {model_path.name} does not match its card")
+    return card
+
+
+def load_any(image: ImageLike) -> np.ndarray:
+    """Path or array -> grayscale array; arrays pass through unchanged."""
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    raise UnreadableImageError(f"unsupported input type {type(image).__name__}")

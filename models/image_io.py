@@ -1,0 +1,50 @@
+"""Read a chest X-ray from a path (DICOM, PNG 8/16-bit, JPEG) into a grayscale array.
+
+DICOM is recognised by its content (the DICM magic), not by the file extension,
+because PACS exports rarely carry one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.dicom_io import dicom_to_grayscale, read_dicom
+from models.errors import UnreadableImageError
+
+
+def is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        header = handle.read(132)
+    return len(header) == 132 and header[128:132] == b"DICM"
+
+
+def read_raster(path: Path) -> np.ndarray:
+    """PNG/JPEG/TIFF -> uint8 or uint16 grayscale array, keeping 16-bit depth."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(image, dtype=np.uint16)
+            if image.mode == "I":
+                values = np.asarray(image)
+                if values.min() < 0 or values.max() > 65535:
+                    raise UnreadableImageError("32-bit integer image outside the 16-bit range")
+                return values.astype(np.uint16)
+            if image.mode in ("F",):
+                raise UnreadableImageError("floating-point rasters are not supported; export 8 or 16 bit")
+            return np.asarray(image.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any supported file -> 2-D grayscale (uint8, uint16, or float32 in [0, 1] for DICOM)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    if is_dicom(path):
+        return dicom_to_grayscale(read_dicom(str(path)))
+    return read_raster(path)

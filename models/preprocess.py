@@ -1,0 +1,142 @@
+"""The one preprocessing function shared by training evaluation, ONNX validation,
+`PneumoniaDetector` and the Celery workers.
+
+Why this chain: PneumoniaMNIST images were made by centre-cropping each X-ray to its
+short side and shrinking it to 28x28 (8-bit). The network was trained on those 28x28
+images, upscaled in-batch to 224x224 with bilinear interpolation (PyTorch
+``F.interpolate(..., mode="bilinear", align_corners=False)``), replicated to three
+channels and normalised with ImageNet statistics. A full-resolution radiograph has to
+go through the *same* reduction to 28x28 first, otherwise the model sees detail it
+was never trained on (train/serve skew).
+
+Numpy only: resampling is done with separable weight matrices, exact area averaging
+for the shrink and PyTorch-compatible bilinear weights for the upscale.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+
+SOURCE_SIZE = 28
+"""Side of the PneumoniaMNIST images the model was trained on."""
+INPUT_SIZE = 224
+"""Side of the network input."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING_ID = "pneumoniamnist-28-area/bilinear-224/imagenet-norm/v1"
+"""Recorded in the model card so a consumer can check it speaks the same contract."""
+
+
+@lru_cache(maxsize=64)
+def area_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) matrix averaging source pixels by their overlap with each target pixel.
+
+    Equivalent to OpenCV's INTER_AREA / PIL's BOX filter for shrinking.
+    """
+    scale = src / dst
+    weights = np.zeros((dst, src), dtype=np.float64)
+    for i in range(dst):
+        start, stop = i * scale, (i + 1) * scale
+        first, last = int(np.floor(start)), int(np.ceil(stop))
+        for j in range(first, min(last, src)):
+            overlap = min(stop, j + 1) - max(start, j)
+            if overlap > 0:
+                weights[i, j] = overlap / scale
+    weights.setflags(write=False)
+    return weights
+
+
+@lru_cache(maxsize=8)
+def bilinear_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) matrix reproducing PyTorch bilinear interpolation with align_corners=False."""
+    scale = src / dst
+    weights = np.zeros((dst, src), dtype=np.float64)
+    for i in range(dst):
+        x = max((i + 0.5) * scale - 0.5, 0.0)
+        x0 = min(int(np.floor(x)), src - 1)
+        x1 = min(x0 + 1, src - 1)
+        frac = x - x0
+        weights[i, x0] += 1.0 - frac
+        weights[i, x1] += frac
+    weights.setflags(write=False)
+    return weights
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Grayscale array -> float64 in [0, 1].
+
+    Integer images are scaled by their dtype's full range (uint8 /255, uint16 /65535),
+    which is how 8- and 16-bit PNG/JPEG files store display values. Float images must
+    already be display values in [0, 1] (what `models.dicom_io.dicom_to_grayscale` returns).
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = rgb_to_luminance(array[..., :3])
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError("empty image")
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        if info.min < 0:
+            raise ValueError(f"signed integer images are ambiguous ({array.dtype}); pass display values")
+        return array.astype(np.float64) / float(info.max)
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("image contains NaN or infinite values")
+        if values.min() < -1e-6 or values.max() > 1 + 1e-6:
+            raise ValueError("float images must hold display values in [0, 1]")
+        return np.clip(values, 0.0, 1.0)
+    raise ValueError(f"unsupported image dtype {array.dtype}")
+
+
+def rgb_to_luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the same weights PIL uses for convert('L'); keeps the input dtype kind."""
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    if np.issubdtype(rgb.dtype, np.integer):
+        return np.clip(np.rint(luma), 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
+    return luma
+
+
+def center_crop_square(image: np.ndarray) -> np.ndarray:
+    """Crop the central square whose side is the short side (as MedMNIST did)."""
+    height, width = image.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top : top + side, left : left + side]
+
+
+def reduce_to_source(image: np.ndarray) -> np.ndarray:
+    """Any-size grayscale -> the 28x28 uint8 image PneumoniaMNIST would have stored."""
+    square = center_crop_square(to_unit_range(image))
+    side = square.shape[0]
+    weights = area_weights(side, SOURCE_SIZE)
+    small = weights @ square @ weights.T
+    return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+
+
+def preprocess(image: np.ndarray) -> np.ndarray:
+    """Grayscale image of any size -> float32 (3, 224, 224) network input.
+
+    The chain: to [0, 1] -> centre-crop to the short side -> area-shrink to 28x28 and
+    quantise to 8 bits -> bilinear upscale to 224 -> replicate to RGB -> ImageNet norm.
+    A 28x28 uint8 PneumoniaMNIST image passes the first steps unchanged.
+    """
+    small = reduce_to_source(image).astype(np.float64) / 255.0
+    up = bilinear_weights(SOURCE_SIZE, INPUT_SIZE)
+    large = up @ small @ up.T
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float64)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float64)[:, None, None]
+    return ((large[None, :, :] - mean) / std).astype(np.float32)
+
+
+def preprocess_batch(images: Iterable[np.ndarray]) -> np.ndarray:
+    """Stack `preprocess` over several images -> float32 (N, 3, 224, 224)."""
+    batch = [preprocess(image) for image in images]
+    if not batch:
+        return np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
+    return np.stack(batch)

@@ -1,0 +1,127 @@
+"""`pneumonia-train`: one subcommand per stage, and `run` for the whole pipeline.
+
+    pneumonia-train run --data-root ../shared/data --weights ../shared/weights/resnet50_imagenet_v1.safetensors
+    pneumonia-train train|evaluate|export --out-dir runs/NAME ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from training.config import AugmentConfig, StrataTargets, TrainConfig, resolve_data_root, resolve_weights
+from training.evaluate import evaluate, load_evaluation, save_evaluation
+from training.export import export, release
+from training.report import write_results
+from training.runtime import make_runtime
+from training.train import BEST, fit
+
+log = logging.getLogger("training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumonia-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, text in (("run", "train -> evaluate -> export -> card in one go"), ("train", "fit and keep the best checkpoint"),
+                       ("evaluate", "honest evaluation of a run's best checkpoint"), ("export", "ONNX + parity + model card")):
+        add_options(sub.add_parser(name, help=text))
+    return parser
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--data-root", help="folder holding pneumoniamnist.npz (env PNEUMONIA_DATA_ROOT)")
+    p.add_argument("--image-size", type=int, default=d.image_size, choices=(28, 64, 128, 224))
+    p.add_argument("--subset", type=int, help="stratified subset per split (quick runs, tests)")
+    p.add_argument("--weights", help="IMAGENET1K_V2 (default), a .safetensors/.pth path, or none (env PNEUMONIA_WEIGHTS)")
+    p.add_argument("--resnet-v1-strides", action="store_true", help="original ResNet v1 stride placement (for v1 weights)")
+    p.add_argument("--frozen", default=",".join(d.frozen), help="comma-separated top-level modules to freeze")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--samples-per-epoch", type=int, help="sampler draws per epoch (default: train size)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables weight EMA")
+    p.add_argument("--select-metric", default=d.select_metric, choices=("auc", "f1", "loss"))
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-weighted-sampler", action="store_true")
+    p.add_argument("--no-class-weights", action="store_true")
+    p.add_argument("--no-tta", action="store_true", help="do not consider flip TTA")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    p.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
+    p.add_argument("--high-suspicion-specificity", type=float, default=StrataTargets().high_suspicion_specificity)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "amp"))
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
+    p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
+    p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
+    p.add_argument("--model-version", default="1.0.0")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data_root=resolve_data_root(args.data_root), image_size=args.image_size, subset=args.subset,
+        weights=resolve_weights(args.weights), resnet_v1_strides=args.resnet_v1_strides,
+        frozen=tuple(n for n in args.frozen.split(",") if n), epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
+        select_metric=args.select_metric, augment=AugmentConfig(enabled=not args.no_augment),
+        weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=not args.no_class_weights,
+        tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
+        strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
+        deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
+        out_dir=args.out_dir, resume=args.resume, progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    runtime = make_runtime(config.device, config.precision, config.threads)
+    run_info_path = config.out_dir / "run_info.json"
+    if args.stage in ("run", "train"):
+        result = fit(config, runtime)
+        run_info = {"command": "pneumonia-train " + shlex.join(argv), "best_epoch": result.best_epoch,
+                    "epochs_run": len(result.history), "train_seconds": result.seconds,
+                    "train_img_per_s": result.train_images_per_s, "runtime": runtime.describe(),
+                    "select_metric": config.select_metric}
+        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        log.info("trained %d epochs in %.1f min (%.1f img/s); best epoch %d", len(result.history),
+                 result.seconds / 60, result.train_images_per_s, result.best_epoch)
+    if args.stage in ("run", "evaluate"):
+        started = time.perf_counter()
+        evaluation = evaluate(config.out_dir / BEST, config, runtime)
+        save_evaluation(evaluation, config.out_dir / "evaluation.json")
+        run_info = json.loads(run_info_path.read_text())
+        run_info["evaluate_seconds"] = time.perf_counter() - started
+        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        history = json.loads((config.out_dir / "history.json").read_text())
+        write_results(args.results_dir or config.out_dir / "results", evaluation, history, run_info, config.out_dir)
+        log.info("test AUC %.4f, accuracy %.4f (threshold 0.5)", evaluation.metrics["test"]["at_0.5"]["point"]["auc"],
+                 evaluation.metrics["test"]["at_0.5"]["point"]["accuracy"])
+    if args.stage in ("run", "export"):
+        evaluation = load_evaluation(config.out_dir / "evaluation.json")
+        run_info = json.loads(run_info_path.read_text())
+        onnx_path = export(config.out_dir / BEST, config, evaluation, runtime, args.model_version, run_info)
+        if args.release_dir:
+            log.info("released %s", release(onnx_path, args.release_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Typed, frozen training configuration, built once from CLI flags (and env) and passed down.
+
+Every run dumps it as ``config.json`` beside its checkpoints and results, and the
+model card embeds it, so any published figure can be traced to the exact settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATA_ROOT_ENV = "PNEUMONIA_DATA_ROOT"
+WEIGHTS_ENV = "PNEUMONIA_WEIGHTS"
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batch-wise augmentation applied to the small source tensors before upscaling."""
+
+    rotation_deg: float = 15.0
+    hflip_p: float = 0.5
+    translate: float = 0.1
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    shear_deg: float = 5.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    erase_p: float = 0.25
+    erase_area: tuple[float, float] = (0.02, 0.2)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StrataTargets:
+    """Validation targets that fix the confidence-strata cut-points (see training/strata.py)."""
+
+    rule_out_sensitivity: float = 0.98
+    """Everything not 'likely_normal' must catch at least this share of pneumonia cases."""
+    high_suspicion_specificity: float = 0.95
+    """'high_suspicion' must keep at least this share of normal cases out."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data_root: Path | None = None
+    image_size: int = 28
+    subset: int | None = None
+    # model
+    weights: str = "IMAGENET1K_V2"
+    resnet_v1_strides: bool = False
+    frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
+    hidden: int = 512
+    dropout: float = 0.5
+    # recipe
+    epochs: int = 25
+    samples_per_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    patience: int = 7
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    grad_clip: float = 1.0
+    weighted_sampler: bool = True
+    class_weighted_loss: bool = True
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    select_metric: str = "auc"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # evaluation / release
+    tta_hflip: bool = True
+    bootstrap: int = 2000
+    strata: StrataTargets = field(default_factory=StrataTargets)
+    # runtime
+    seed: int = 42
+    deterministic: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+    eval_batch_size: int = 128
+    out_dir: Path = Path("runs/default")
+    resume: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size not in MEDMNIST_SIZES:
+            raise ValueError(f"image_size must be one of {MEDMNIST_SIZES}")
+        if self.precision not in ("auto", "fp32", "bf16", "amp"):
+            raise ValueError("precision must be auto, fp32, bf16 or amp")
+        if self.select_metric not in ("auc", "f1", "loss"):
+            raise ValueError("select_metric must be auc, f1 or loss")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def dump(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def resolve_data_root(flag: str | None) -> Path | None:
+    """Flag beats the environment; None lets medmnist use its own default (~/.medmnist)."""
+    value = flag or os.environ.get(DATA_ROOT_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def resolve_weights(flag: str | None) -> str:
+    """Flag beats env; default is torchvision's IMAGENET1K_V2 (needs internet or its cache)."""
+    return flag or os.environ.get(WEIGHTS_ENV) or "IMAGENET1K_V2"

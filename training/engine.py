@@ -1,0 +1,44 @@
+"""Forward passes shared by training, evaluation and export checks."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.data import to_network_input, to_unit_tensor
+from training.runtime import Runtime
+
+
+def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 128,
+                   hflip_tta: bool = False) -> np.ndarray:
+    """Logits (N, 2) in float32 for uint8 source images, optionally averaged with the h-flip."""
+    model.eval()
+    outputs = []
+    for chunk in batches(images, batch_size):
+        x = to_network_input(to_unit_tensor(chunk).to(runtime.device)).contiguous(memory_format=runtime.memory_format)
+        with runtime.autocast():
+            logits = model(x).float()
+            if hflip_tta:
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        outputs.append(logits.cpu())
+    return torch.cat(outputs).numpy().astype(np.float32) if outputs else np.zeros((0, 2), np.float32)
+
+
+class FlipAveraged(nn.Module):
+    """Wraps a classifier so it outputs the mean logits of the image and its mirror (TTA in-graph)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2

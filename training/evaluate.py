@@ -1,0 +1,152 @@
+"""Stage 2: honest evaluation of the kept checkpoint.
+
+Everything that is chosen (test-time flip averaging or not, temperature, operating
+threshold, strata cut-points) is chosen on the validation split. The test split is
+scored once, at the end, and only reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report
+
+from models.card import Stratum
+from training.config import TrainConfig
+from training.data import Split, load_split
+from training.engine import predict_logits
+from training.metrics import (THRESHOLD_METRICS, binary_metrics, bootstrap_ci, brier, confusion,
+                              expected_calibration_error, fit_temperature, nll, reliability_curve, roc_auc,
+                              softmax_pneumonia, youden_threshold)
+from training.model import build_model
+from training.runtime import Runtime
+from training.strata import choose_strata, stratum_report
+
+log = logging.getLogger(__name__)
+LABELS = ("Normal", "Pneumonia")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    tta_hflip: bool
+    temperature: float
+    operating_threshold: float
+    strata: tuple[Stratum, ...]
+    metrics: dict
+
+
+def load_trained(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+    model = build_model("none", hidden=config.hidden, dropout=config.dropout, resnet_v1_strides=config.resnet_v1_strides)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(runtime.device, memory_format=runtime.memory_format).eval()
+
+
+def logits_plain_and_flipped(model: torch.nn.Module, split: Split, config: TrainConfig, runtime: Runtime) -> dict:
+    plain = predict_logits(model, split.images, runtime, config.eval_batch_size)
+    mirrored = predict_logits(model, split.images[:, :, ::-1].copy(), runtime, config.eval_batch_size)
+    return {False: plain, True: (plain + mirrored) / 2}
+
+
+def full_report(labels: np.ndarray, probability: np.ndarray, threshold: float, rounds: int, seed: int) -> dict:
+    """Point estimates and 95% bootstrap CIs of every threshold metric plus AUC."""
+    def statistic(y: np.ndarray, p: np.ndarray) -> dict:
+        return {**binary_metrics(y, p, threshold), "auc": roc_auc(y, p)}
+
+    point = statistic(labels, probability)
+    ci = bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)
+    predicted = (probability >= threshold).astype(int)
+    return {
+        "threshold": threshold,
+        "point": point,
+        "ci95": ci,
+        "confusion": confusion(labels, predicted),
+        "per_class": classification_report(labels, predicted, target_names=list(LABELS), output_dict=True,
+                                           zero_division=0),
+    }
+
+
+def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: float) -> dict:
+    before, after = softmax_pneumonia(logits), softmax_pneumonia(logits, temperature)
+    return {
+        "ece_before": expected_calibration_error(labels, before), "ece_after": expected_calibration_error(labels, after),
+        "brier_before": brier(labels, before), "brier_after": brier(labels, after),
+        "nll_before": nll(labels, logits, 1.0), "nll_after": nll(labels, logits, temperature),
+        "reliability_after": reliability_curve(labels, after),
+    }
+
+
+def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> tuple[bool, float, float, tuple]:
+    """TTA by calibrated validation NLL, then temperature, Youden threshold and strata."""
+    scored = {tta: nll(val.labels, val_logits[tta], fit_temperature(val.labels, val_logits[tta]))
+              for tta in ((False, True) if config.tta_hflip else (False,))}
+    tta = min(scored, key=scored.get)
+    temperature = fit_temperature(val.labels, val_logits[tta])
+    probability = softmax_pneumonia(val_logits[tta], temperature)
+    return tta, temperature, youden_threshold(val.labels, probability), choose_strata(val.labels, probability, config.strata)
+
+
+def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluation:
+    model = load_trained(checkpoint, config, runtime)
+    val = load_split(config.data_root, "val", config.image_size, config.subset, config.seed)
+    val_logits = logits_plain_and_flipped(model, val, config, runtime)
+    tta, temperature, threshold, strata = choose_on_validation(val, val_logits, config)
+    log.info("chosen on validation: tta=%s T=%.3f threshold=%.3f", tta, temperature, threshold)
+    test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
+    test_logits = logits_plain_and_flipped(model, test, config, runtime)  # the single look at test
+    metrics = test_metrics(val, val_logits, test, test_logits, tta, temperature, threshold, strata, config)
+    write_predictions(config.out_dir, val, val_logits[tta], test, test_logits[tta])
+    return Evaluation(tta, temperature, threshold, strata, metrics)
+
+
+def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, tta: bool, temperature: float,
+                 threshold: float, strata: tuple, config: TrainConfig) -> dict:
+    p_test = softmax_pneumonia(test_logits[tta], temperature)
+    p_val = softmax_pneumonia(val_logits[tta], temperature)
+    return {
+        "selection": {"tta_hflip": tta, "temperature": temperature, "operating_threshold": threshold,
+                      "rule": "all chosen on validation; test scored once"},
+        "test": {
+            "n": int(len(test.labels)), "prevalence": float(test.labels.mean()),
+            "at_0.5": full_report(test.labels, p_test, 0.5, config.bootstrap, config.seed),
+            "at_operating_point": full_report(test.labels, p_test, threshold, config.bootstrap, config.seed),
+            "calibration": calibration_report(test.labels, test_logits[tta], temperature),
+            "strata": stratum_report(test.labels, p_test, strata),
+        },
+        "validation": {
+            "n": int(len(val.labels)), "auc": roc_auc(val.labels, p_val),
+            "at_0.5": binary_metrics(val.labels, p_val, 0.5),
+            "at_operating_point": binary_metrics(val.labels, p_val, threshold),
+            "calibration": calibration_report(val.labels, val_logits[tta], temperature),
+            "strata": stratum_report(val.labels, p_val, strata),
+        },
+        "ablation_tta_on_test": {
+            str(v).lower(): {"auc": roc_auc(test.labels, softmax_pneumonia(test_logits[v])),
+                             **binary_metrics(test.labels, softmax_pneumonia(test_logits[v], temperature), 0.5)}
+            for v in (False, True)
+        },
+        "metric_names": list(THRESHOLD_METRICS) + ["auc"],
+    }
+
+
+def write_predictions(out: Path, val: Split, val_logits: np.ndarray, test: Split, test_logits: np.ndarray) -> None:
+    np.savez_compressed(out / "predictions.npz", val_labels=val.labels, val_logits=val_logits,
+                        test_labels=test.labels, test_logits=test_logits)
+
+
+def save_evaluation(evaluation: Evaluation, path: Path) -> None:
+    payload = {"tta_hflip": evaluation.tta_hflip, "temperature": evaluation.temperature,
+               "operating_threshold": evaluation.operating_threshold,
+               "strata": [s.__dict__ for s in evaluation.strata], "metrics": evaluation.metrics}
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def load_evaluation(path: Path) -> Evaluation:
+    data = json.loads(path.read_text())
+    return Evaluation(data["tta_hflip"], data["temperature"], data["operating_threshold"],
+                      tuple(Stratum(**s) for s in data["strata"]), data["metrics"])

@@ -1,0 +1,115 @@
+"""Stage 3: ONNX export, parity check against PyTorch, and the model card.
+
+Parity runs the *serving* path end to end: numpy `models.preprocess` + onnxruntime,
+against PyTorch fp32 on the training pipeline's own tensors, so both the graph and the
+preprocessing contract are checked at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
+from models.preprocess import INPUT_SIZE, PREPROCESSING_ID, preprocess_batch
+from training.config import TrainConfig
+from training.data import dataset_file, load_split
+from training.engine import FlipAveraged, predict_logits
+from training.evaluate import LABELS, Evaluation, load_trained
+from training.metrics import softmax_pneumonia
+from training.runtime import Runtime, make_runtime
+
+log = logging.getLogger(__name__)
+OPSET = 18
+PARITY_TOLERANCE = 1e-4
+
+
+def export_onnx(model: torch.nn.Module, path: Path, tta_hflip: bool) -> None:
+    """Dynamic-batch ONNX graph: input 'image' (N,3,224,224) -> output 'logits' (N,2)."""
+    graph = (FlipAveraged(model) if tta_hflip else model).float().eval()
+    example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+    program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=["logits"], opset_version=OPSET,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=False)
+
+
+def onnx_parity(onnx_path: Path, model: torch.nn.Module, images: np.ndarray, tta_hflip: bool, temperature: float) -> dict:
+    """max |delta P(pneumonia)| between numpy preprocessing + onnxruntime and PyTorch fp32."""
+    import onnxruntime as ort
+
+    reference_runtime = make_runtime("cpu", "fp32")
+    model = model.to(memory_format=torch.contiguous_format).float()
+    reference = softmax_pneumonia(predict_logits(model, images, reference_runtime, 32, hflip_tta=tta_hflip), temperature)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    served = np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32])})[0]
+                             for i in range(0, len(images), 32)])
+    delta = float(np.abs(softmax_pneumonia(served, temperature) - reference).max())
+    return {"images": int(len(images)), "max_abs_delta_probability": delta, "tolerance": PARITY_TOLERANCE,
+            "passed": delta <= PARITY_TOLERANCE}
+
+
+def weights_origin(config: TrainConfig) -> dict:
+    path = Path(config.weights).expanduser()
+    if path.is_file():
+        return {"kind": "file", "name": path.name, "sha256": sha256_of(path), "resnet_v1_strides": config.resnet_v1_strides}
+    return {"kind": "torchvision" if config.weights.lower() != "none" else "none", "name": config.weights}
+
+
+def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, parity: dict, version: str,
+               timing: dict) -> ModelCard:
+    file_name, md5 = dataset_file(config.image_size)
+    test = evaluation.metrics["test"]
+    headline = {name: {"value": test["at_0.5"]["point"][name], "ci95": test["at_0.5"]["ci95"][name]}
+                for name in evaluation.metrics["metric_names"]}
+    return ModelCard(
+        name=DEFAULT_MODEL_NAME, version=version, sha256=sha256_of(onnx_path), labels=LABELS,
+        preprocessing=PREPROCESSING_ID, input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
+        temperature=evaluation.temperature, threshold=0.5, strata=evaluation.strata,
+        metrics={"test_at_0.5": headline, "test_auc": test["at_0.5"]["point"]["auc"],
+                 "test_at_operating_point": test["at_operating_point"]["point"],
+                 "test_calibration": {k: v for k, v in test["calibration"].items() if k != "reliability_after"},
+                 "test_strata": test["strata"]},
+        extra={
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "onnx": {"file": onnx_path.name, "opset": OPSET, "input": "image", "output": "logits",
+                     "tta_hflip_in_graph": evaluation.tta_hflip, "parity": parity},
+            "decision": {"threshold": 0.5, "applies_to": "temperature-calibrated P(pneumonia)",
+                         "operating_threshold_validation_youden": evaluation.operating_threshold},
+            "data": {"dataset": "PneumoniaMNIST (MedMNIST v2)", "file": file_name, "md5": md5,
+                     "license": "CC BY 4.0", "selection": "validation split only; test scored once"},
+            "weights_origin": weights_origin(config),
+            "training": config.to_dict(),
+            "timing": timing,
+            "environment": {"torch": torch.__version__, "python": platform.python_version()},
+            "intended_use": "Worklist triage aid for frontal (PA/AP) chest radiographs; not a diagnosis.",
+        },
+    )
+
+
+def export(checkpoint: Path, config: TrainConfig, evaluation: Evaluation, runtime: Runtime, version: str,
+           timing: dict, parity_images: int = 128) -> Path:
+    model = load_trained(checkpoint, config, make_runtime("cpu", "fp32"))
+    onnx_path = config.out_dir / f"{DEFAULT_MODEL_NAME}.onnx"
+    export_onnx(model, onnx_path, evaluation.tta_hflip)
+    test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
+    parity = onnx_parity(onnx_path, model, test.images[:parity_images], evaluation.tta_hflip, evaluation.temperature)
+    log.info("ONNX parity on %d test images: max |dP| = %.2e", parity["images"], parity["max_abs_delta_probability"])
+    if not parity["passed"]:
+        raise RuntimeError(f"ONNX parity failed: {parity}")
+    build_card(onnx_path, config, evaluation, parity, version, timing).save(card_path_for(onnx_path))
+    return onnx_path
+
+
+def release(onnx_path: Path, target_dir: Path) -> Path:
+    """Copy the ONNX file and its card into `target_dir` (e.g. the repository's models/)."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for source in (onnx_path, card_path_for(onnx_path)):
+        shutil.copy2(source, target_dir / source.name)
+    return target_dir / onnx_path.name

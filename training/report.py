@@ -1,0 +1,106 @@
+"""Human-readable results: metrics JSON, a Markdown summary and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from training.evaluate import Evaluation  # noqa: E402
+from training.metrics import softmax_pneumonia  # noqa: E402
+
+NAMES = {"accuracy": "Accuracy", "precision": "Precision (PPV)", "npv": "NPV", "sensitivity": "Sensitivity",
+         "specificity": "Specificity", "f1": "F1", "auc": "AUC-ROC", "fnr": "FNR", "fpr": "FPR"}
+
+
+def write_results(results_dir: Path, evaluation: Evaluation, history: list[dict], run_info: dict, run_dir: Path) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"run": run_info, **evaluation.metrics, "strata": [s.__dict__ for s in evaluation.strata]}
+    (results_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (results_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    (results_dir / "summary.md").write_text(summary_markdown(evaluation, run_info))
+    predictions = np.load(run_dir / "predictions.npz")
+    plot_all(results_dir, predictions, evaluation, history)
+
+
+def metric_table(report: dict) -> list[str]:
+    rows = ["| metric | value | 95% CI |", "|---|---|---|"]
+    for key, name in NAMES.items():
+        low, high = report["ci95"][key]
+        rows.append(f"| {name} | {100 * report['point'][key]:.2f}% | {100 * low:.2f}–{100 * high:.2f}% |")
+    c = report["confusion"]
+    rows += ["", f"Confusion (threshold {report['threshold']:.3f}): TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}"]
+    return rows
+
+
+def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
+    test = evaluation.metrics["test"]
+    cal = test["calibration"]
+    lines = [
+        "# Evaluation summary", "",
+        f"Run: `{run_info.get('command', '')}`  ",
+        f"Best epoch (validation {run_info.get('select_metric')}): {run_info.get('best_epoch')}; "
+        f"train wall time {run_info.get('train_seconds', 0) / 60:.1f} min at {run_info.get('train_img_per_s', 0):.1f} img/s "
+        f"({run_info.get('runtime')}).", "",
+        f"Chosen on validation: flip TTA = {evaluation.tta_hflip}, temperature = {evaluation.temperature:.3f}, "
+        f"operating threshold (Youden) = {evaluation.operating_threshold:.3f}.", "",
+        f"## Test (n = {test['n']}), threshold 0.5 on calibrated probability", *metric_table(test["at_0.5"]), "",
+        "## Test at the validation-chosen operating point", *metric_table(test["at_operating_point"]), "",
+        "## Calibration (test)",
+        f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; Brier {cal['brier_before']:.4f} -> {cal['brier_after']:.4f} "
+        "(before -> after temperature scaling fitted on validation)", "",
+        "## Confidence strata (cut-points from validation; observed on test)",
+        "| stratum | range | n | pneumonia | PPV | NPV |", "|---|---|---|---|---|---|",
+    ]
+    for stratum in evaluation.strata:
+        s = test["strata"][stratum.name]
+        lines.append(f"| {stratum.name} | [{stratum.lower:.3f}, {stratum.upper:.3f}) | {s['count']} | {s['pneumonia']} | "
+                     f"{s['ppv']:.3f} | {s['npv']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(out: Path, predictions: dict, evaluation: Evaluation, history: list[dict]) -> None:
+    labels = predictions["test_labels"]
+    probability = softmax_pneumonia(predictions["test_logits"], evaluation.temperature)
+    fpr, tpr, _ = roc_curve(labels, probability)
+    _save(out / "roc.png", lambda ax: (ax.plot(fpr, tpr), ax.plot([0, 1], [0, 1], "--"), ax.set(xlabel="FPR", ylabel="TPR", title="Test ROC")))
+    precision, recall, _ = precision_recall_curve(labels, probability)
+    _save(out / "pr.png", lambda ax: (ax.plot(recall, precision), ax.set(xlabel="Recall", ylabel="Precision", title="Test PR")))
+    c = evaluation.metrics["test"]["at_0.5"]["confusion"]
+    matrix = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    _save(out / "confusion.png", lambda ax: _confusion(ax, matrix))
+    reliability = evaluation.metrics["test"]["calibration"]["reliability_after"]
+    _save(out / "reliability.png", lambda ax: (ax.plot([0, 1], [0, 1], "--"),
+          ax.plot(reliability["mean_predicted"], reliability["observed"], "o-"),
+          ax.set(xlabel="mean predicted", ylabel="observed pneumonia", title="Test reliability (calibrated)")))
+    _save(out / "training_curves.png", lambda ax: _curves(ax, history))
+
+
+def _confusion(ax, matrix: np.ndarray) -> None:
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["Normal", "Pneumonia"], yticklabels=["Normal", "Pneumonia"],
+           xlabel="predicted", ylabel="actual", title="Test confusion (0.5)")
+
+
+def _curves(ax, history: list[dict]) -> None:
+    epochs = [r["epoch"] for r in history]
+    for key in ("train_loss", "val_loss", "val_auc", "val_f1"):
+        ax.plot(epochs, [r[key] for r in history], label=key)
+    ax.set(xlabel="epoch", title="Training curves")
+    ax.legend()
+
+
+def _save(path: Path, draw) -> None:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""Stage 1: fit the network (the torchvision classification reference, trimmed to one loop).
+
+Selection happens on validation only: early stopping and the kept checkpoint use
+`config.select_metric` on the validation split. The test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from training.config import TrainConfig
+from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
+from training.engine import predict_logits
+from training.metrics import binary_metrics, roc_auc, softmax_pneumonia
+from training.model import build_model, count_parameters, set_train_mode
+from training.runtime import Runtime, seed_everything
+
+log = logging.getLogger(__name__)
+BEST = "best.pt"
+LAST = "last.pt"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    best_checkpoint: Path
+    best_epoch: int
+    history: list[dict]
+    seconds: float
+    train_images_per_s: float
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1."""
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    weights = counts.sum() / (2.0 * counts)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def epoch_indices(labels: np.ndarray, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """WeightedRandomSampler's draw (balanced classes, with replacement) or a plain shuffle."""
+    n = config.samples_per_epoch or len(labels)
+    if config.weighted_sampler:
+        per_sample = class_weights(labels)[torch.as_tensor(labels)].double()
+        return torch.multinomial(per_sample, n, replacement=True, generator=generator)
+    return torch.randperm(len(labels), generator=generator)[:n]
+
+
+def train_one_epoch(model: nn.Module, ema: AveragedModel | None, train: Split, optimizer: torch.optim.Optimizer,
+                    loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime,
+                    generator: torch.Generator, epoch: int) -> dict:
+    set_train_mode(model, config.frozen)
+    order = epoch_indices(train.labels, config, generator)
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    steps = range(0, len(order), config.batch_size)
+    bar = tqdm(steps, desc=f"epoch {epoch}", disable=not config.progress, leave=False)
+    for begin in bar:
+        index = order[begin : begin + config.batch_size].numpy()
+        labels = torch.as_tensor(train.labels[index]).to(runtime.device)
+        unit = augment_batch(to_unit_tensor(train.images[index]), config.augment, generator)
+        x = to_network_input(unit.to(runtime.device)).contiguous(memory_format=runtime.memory_format)
+        with runtime.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels, weight=loss_weights, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total_loss += float(loss) * len(index)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(index)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen, "train_seconds": seconds,
+            "train_img_per_s": seen / seconds}
+
+
+def validate(model: nn.Module, val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
+             runtime: Runtime) -> dict:
+    logits = predict_logits(model, val.images, runtime, config.eval_batch_size)
+    probability = softmax_pneumonia(logits)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.labels)))
+    at_half = binary_metrics(val.labels, probability, 0.5)
+    return {"val_loss": loss, "val_auc": roc_auc(val.labels, probability), "val_f1": at_half["f1"],
+            "val_acc": at_half["accuracy"]}
+
+
+def selection_score(row: dict, metric: str) -> float:
+    return -row["val_loss"] if metric == "loss" else row[f"val_{metric}"]
+
+
+def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
+    """Train with early stopping; keep the best-on-validation weights in `best.pt`."""
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    config.dump(out / "config.json")
+    generator = seed_everything(config.seed, config.deterministic)
+    train = load_split(config.data_root, "train", config.image_size, config.subset, config.seed)
+    val = load_split(config.data_root, "val", config.image_size, config.subset, config.seed)
+    model = build_model(config.weights, hidden=config.hidden, dropout=config.dropout, frozen=config.frozen,
+                        resnet_v1_strides=config.resnet_v1_strides)
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    total, trainable = count_parameters(model)
+    log.info("model: %.1fM parameters, %.1fM trainable; runtime %s", total / 1e6, trainable / 1e6, runtime.describe())
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
+    history, best_score, best_epoch, start_epoch = [], -np.inf, 0, 1
+    if config.resume:
+        state = torch.load(config.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(model, ema, train, optimizer, loss_weights, config, runtime, generator, epoch)
+        released = ema.module if ema is not None else model
+        row |= validate(released, val, loss_weights, config, runtime)
+        history.append(row)
+        score = selection_score(row, config.select_metric)
+        scheduler.step(score)
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
+                    "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}, out / LAST)
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
+        if epoch - best_epoch >= config.patience:
+            log.info("early stop: no %s improvement for %d epochs", config.select_metric, config.patience)
+            break
+    seconds = time.perf_counter() - started
+    images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
+    train_seconds = sum(r["train_seconds"] for r in history)
+    return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0)
