@@ -1,0 +1,115 @@
+"""The Celery application, hardened so that no delivered instance is lost.
+
+`celery -A worker.celery_app worker` finds `app` through the module `__getattr__`, which
+calls the cached factory; nothing else is a module global.
+
+Why each setting:
+  acks_late + reject_on_worker_lost  a message is acknowledged only after the task ran, and
+                                     re-queued if the process running it dies (SIGKILL, OOM).
+  prefetch_multiplier 1              a dying worker holds at most one message per process.
+  visibility_timeout > time_limit    Redis re-delivers unacknowledged messages only after
+                                     any task could have finished.
+  retries with backoff               database or broker blips are transient; bad input is not
+                                     retried (it becomes a failed/skipped row instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from worker import contract, tasks
+from worker.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from models.errors import ModelIntegrityError
+
+    return (*TRANSIENT_ERRORS, ModelIntegrityError, FileNotFoundError)
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """Build the Celery app and register the two contract tasks bound to `settings`."""
+    app = Celery("pneumonia_triage", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(_celery_config(settings))
+    runtime = tasks.Runtime(settings)
+    app.conf.triage_runtime = runtime
+
+    def backoff(retries: int) -> int:
+        return min(settings.retry_backoff_max_s, 2 ** min(retries, 10))
+
+    @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries)
+    def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None) -> Any:
+        try:
+            return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at)
+        except _transient_errors() as exc:
+            log.warning("transient %s for %s, retry %d", type(exc).__name__, sop_instance_uid, self.request.retries + 1)
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+
+    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=settings.max_retries)
+    def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None) -> Any:
+        try:
+            return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
+        except TRANSIENT_ERRORS as exc:
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+
+    worker_process_init.connect(lambda **_: _warm(runtime), weak=False)
+    return app
+
+
+def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    return {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.time_limit_s,
+        "task_soft_time_limit": settings.soft_time_limit_s,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 10,
+            "retry_on_timeout": True,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_default_queue": contract.QUEUE,
+        "task_routes": {f"{contract.QUEUE}.*": {"queue": contract.QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_track_started": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def _warm(runtime: tasks.Runtime) -> None:
+    """Load the model in each new pool process; a failure is logged, not fatal (no crash loop)."""
+    try:
+        runtime.after_fork()
+    except Exception as exc:  # tasks will retry until the model becomes loadable
+        log.error("model could not be loaded in worker process: %s", exc)
+
+
+@lru_cache(maxsize=1)
+def get_app() -> Celery:
+    """The process's app, configured from the environment (used by `celery -A`)."""
+    return create_app(WorkerSettings())
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "celery"):
+        return get_app()
+    raise AttributeError(name)

@@ -1,0 +1,81 @@
+"""Typed worker configuration, read once from `TRIAGE_*` environment variables.
+
+One frozen `WorkerSettings` object is built at start-up and passed down explicitly, so
+every component sees the same values and tests can build their own without touching
+process-wide state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_FLAG_MAP = {
+    "high_suspicion": "URGENT",
+    "indeterminate": "PRIORITY",
+    "likely_normal": "ROUTINE",
+}
+STRATUM_SEVERITY = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
+"""Rank used for the study-level flag: the most severe frontal image decides."""
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker, its CLI and the admin CLI need to know."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore")
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite:///var/triage.db"
+    spool_dir: Path = Path("var/spool")
+    spool_retention: Literal["archive", "delete"] = "archive"
+    model_path: Path | None = None
+    """None means the packaged model (`models.card.default_model_path()`)."""
+
+    missing_tag_policy: Literal["skip", "process"] = "skip"
+    """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""
+    flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))
+    """Stratum -> worklist flag; JSON in the environment (TRIAGE_FLAG_MAP)."""
+
+    soft_time_limit_s: int = 120
+    time_limit_s: int = 180
+    visibility_timeout_s: int = 3600
+    """Must exceed the longest task, or Redis redelivers a task that is still running."""
+    max_retries: int = 30
+    retry_backoff_max_s: int = 60
+    max_attempts: int = 3
+    """Worker-lost redeliveries allowed before an instance is failed as a poison message."""
+    concurrency: int = 1
+    intra_op_threads: int = 0
+    migrate_on_start: bool = True
+    log_level: str = "INFO"
+
+    @field_validator("flag_map")
+    @classmethod
+    def _all_strata_mapped(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = set(STRATUM_SEVERITY) - set(value)
+        if missing:
+            raise ValueError(f"flag_map lacks strata: {sorted(missing)}")
+        return value
+
+    @field_validator("time_limit_s")
+    @classmethod
+    def _hard_after_soft(cls, value: int, info) -> int:  # type: ignore[no-untyped-def]
+        soft = info.data.get("soft_time_limit_s", 0)
+        if value <= soft:
+            raise ValueError("time_limit_s must exceed soft_time_limit_s")
+        return value
+
+    @field_validator("visibility_timeout_s")
+    @classmethod
+    def _visibility_beyond_tasks(cls, value: int, info) -> int:  # type: ignore[no-untyped-def]
+        if value <= info.data.get("time_limit_s", 0):
+            raise ValueError("visibility_timeout_s must exceed time_limit_s")
+        return value
+
+    def resolved_model_path(self) -> Path:
+        from models.card import default_model_path
+
+        return Path(self.model_path) if self.model_path else default_model_path()

@@ -1,0 +1,219 @@
+"""Result storage: one row per SOP Instance UID, written only through idempotent upserts.
+
+Why upserts with a status guard: Celery delivers at least once (acks_late), the gateway
+may resend, and the recovery sweep re-queues. The terminal write only lands while the
+row is not yet terminal, so the first finished result wins and every later delivery of
+the same instance changes nothing.
+
+Timestamps are stored as naive UTC everywhere (SQLite has no time zones).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+
+TERMINAL = ("done", "skipped", "failed")
+STATUSES = ("queued", "processing", *TERMINAL)
+
+metadata = MetaData()
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64)),
+    Column("accession_number", String(64)),
+    Column("modality", String(16)),
+    Column("spool_relpath", String(300)),
+    Column("model_name", String(100)),
+    Column("model_version", String(50)),
+    Column("model_sha256", String(64)),
+    Column("probability", Float),
+    Column("prediction", String(32)),
+    Column("stratum", String(32)),
+    Column("severity", Integer),
+    Column("flag", String(32)),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("received_at", DateTime),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("processing_ms", Float),
+    Index("ix_instances_study", "study_instance_uid"),
+    Index("ix_instances_accession", "accession_number"),
+    Index("ix_instances_status_finished", "status", "finished_at"),
+    Index("ix_instances_stratum", "stratum"),
+    Index("ix_instances_flag", "flag"),
+    Index("ix_instances_received", "received_at"),
+    Index("ix_instances_finished", "finished_at"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("accession_number", String(64)),
+    Column("first_received_at", DateTime),
+    Column("last_received_at", DateTime),
+    Column("final", Boolean, nullable=False, default=False),
+    Column("finalized_at", DateTime),
+    Index("ix_studies_accession", "accession_number"),
+    Index("ix_studies_last_received", "last_received_at"),
+)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now, the only time representation stored."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def parse_timestamp(value: str | dt.datetime | None) -> dt.datetime | None:
+    """ISO-8601 (any offset) -> naive UTC; None and garbage -> None (never fail a task on it)."""
+    if value is None or value == "":
+        return None
+    try:
+        parsed = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for SQLite (file created, WAL, busy timeout) or PostgreSQL (pre-ping)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _insert(conn: Connection, table: Table):  # type: ignore[no-untyped-def]
+    """Dialect-specific INSERT supporting ON CONFLICT."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    with engine.begin() as conn:
+        yield conn
+
+
+def get_instance(conn: Connection, sop_uid: str) -> dict[str, Any] | None:
+    row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_uid)).mappings().first()
+    return dict(row) if row else None
+
+
+def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
+    """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
+
+    Returns the row after the claim, or None when the row is terminal (nothing to do).
+    """
+    stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
+    update = {k: stmt.excluded[k] for k in values if k not in ("received_at",)}
+    update["status"] = "processing"
+    update["attempts"] = instances.c.attempts + 1
+    update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[instances.c.sop_instance_uid],
+        set_=update,
+        where=instances.c.status.notin_(TERMINAL),
+    )
+    conn.execute(stmt)
+    row = get_instance(conn, values["sop_instance_uid"])
+    if row is None or row["status"] in TERMINAL:
+        return None
+    return row
+
+
+def finish_instance(conn: Connection, values: dict[str, Any]) -> bool:
+    """Write the terminal result unless another delivery already did; True if this one landed."""
+    stmt = _insert(conn, instances).values(attempts=1, **values)
+    update = {k: stmt.excluded[k] for k in values if k not in ("sop_instance_uid", "received_at")}
+    update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[instances.c.sop_instance_uid],
+        set_=update,
+        where=instances.c.status.notin_(TERMINAL),
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def touch_study(conn: Connection, study_uid: str, accession: str | None, received_at: dt.datetime | None) -> None:
+    """Create the study row or widen its received window; never un-finalises."""
+    stamp = received_at or utcnow()
+    stmt = _insert(conn, studies).values(
+        study_instance_uid=study_uid,
+        accession_number=accession,
+        first_received_at=stamp,
+        last_received_at=stamp,
+        final=False,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[studies.c.study_instance_uid],
+        set_={
+            "accession_number": func.coalesce(studies.c.accession_number, stmt.excluded.accession_number),
+            "first_received_at": func.min(studies.c.first_received_at, stmt.excluded.first_received_at)
+            if conn.dialect.name == "sqlite"
+            else func.least(studies.c.first_received_at, stmt.excluded.first_received_at),
+            "last_received_at": func.max(studies.c.last_received_at, stmt.excluded.last_received_at)
+            if conn.dialect.name == "sqlite"
+            else func.greatest(studies.c.last_received_at, stmt.excluded.last_received_at),
+        },
+    )
+    conn.execute(stmt)
+
+
+def finalize_study(conn: Connection, study_uid: str, last_received_at: dt.datetime | None) -> None:
+    """Mark a study final (idempotent: the first finalisation time is kept)."""
+    now = utcnow()
+    stmt = _insert(conn, studies).values(
+        study_instance_uid=study_uid,
+        first_received_at=last_received_at,
+        last_received_at=last_received_at,
+        final=True,
+        finalized_at=now,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[studies.c.study_instance_uid],
+        set_={"final": True, "finalized_at": func.coalesce(studies.c.finalized_at, stmt.excluded.finalized_at)},
+    )
+    conn.execute(stmt)

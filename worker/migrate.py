@@ -1,0 +1,37 @@
+"""Schema migrations through Alembic, callable from the CLIs and on worker start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def alembic_config(database_url: str) -> Config:
+    """Alembic config pointing at the packaged migrations, whatever the CWD."""
+    config = Config(str(PACKAGE_DIR / "alembic.ini"))
+    config.set_main_option("script_location", str(PACKAGE_DIR / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Bring the database to `revision` (idempotent)."""
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def current_revision(database_url: str) -> str | None:
+    """The revision stamped in the database, or None for an empty one."""
+    from alembic.runtime.migration import MigrationContext
+
+    from worker.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,48 @@
+"""Which DICOM objects the pneumonia model may see: frontal chest radiographs only.
+
+The model was trained on frontal (PA/AP) chest X-rays. Anything else gets a recorded
+`skipped` status with the reason instead of a meaningless probability.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydicom.dataset import Dataset
+
+ACCEPTED_MODALITIES = ("CR", "DX")
+FRONTAL_VIEWS = ("PA", "AP")
+CHEST_BODY_PARTS = ("CHEST",)
+DX_FOR_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1.1"
+
+MissingTagPolicy = Literal["skip", "process"]
+
+
+def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> str | None:
+    """None if `ds` is a frontal chest radiograph to infer on, else why it is skipped.
+
+    Checks run from coarse to fine so the reason names the most basic mismatch.
+    `missing_tag_policy="process"` lets an absent BodyPartExamined/ViewPosition through
+    (sites whose modalities leave them empty); present-but-wrong values are always skipped.
+    """
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in ACCEPTED_MODALITIES:
+        return f"modality {modality or '(missing)'} is not CR or DX"
+    if _is_for_processing(ds):
+        return "DX For Processing image (not for presentation)"
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        return f"body part {body_part} is not CHEST"
+    if not body_part and missing_tag_policy == "skip":
+        return "BodyPartExamined missing (policy: skip)"
+    view = str(ds.get("ViewPosition", "") or "").upper().strip()
+    if view and view not in FRONTAL_VIEWS:
+        return f"view position {view} is not frontal (PA/AP)"
+    if not view and missing_tag_policy == "skip":
+        return "ViewPosition missing (policy: skip)"
+    return None
+
+
+def _is_for_processing(ds: Dataset) -> bool:
+    intent = str(ds.get("PresentationIntentType", "") or "").upper()
+    return intent == "FOR PROCESSING" or str(ds.get("SOPClassUID", "")) == DX_FOR_PROCESSING_SOP_CLASS

@@ -1,0 +1,69 @@
+"""The spool directory shared with the gateway: pending/ is outstanding work, archive/ is done.
+
+The worker moves a file out of pending/ only after its terminal row is committed, so a
+crash at any point leaves the file where the gateway's recovery sweep will re-queue it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from worker.contract import SPOOL_ARCHIVE, SPOOL_PENDING
+
+log = logging.getLogger(__name__)
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolPathError(ValueError):
+    """A task named a path outside the spool's pending area."""
+
+
+def valid_uid(uid: str) -> bool:
+    """DICOM UID syntax: digits and dots, at most 64 characters."""
+    return bool(uid) and len(uid) <= 64 and UID_RE.match(uid) is not None
+
+
+def resolve_pending(spool_dir: Path, relpath: str) -> Path:
+    """Absolute path of a pending file; refuses anything escaping `<spool>/pending`."""
+    pending = (Path(spool_dir) / SPOOL_PENDING).resolve()
+    path = (Path(spool_dir) / relpath).resolve()
+    if pending not in path.parents:
+        raise SpoolPathError("spool path is outside the pending area")
+    return path
+
+
+def study_uid_from_relpath(relpath: str) -> str | None:
+    """pending/<StudyUID>/<SOPUID>.dcm -> StudyUID, used when the file itself is unreadable."""
+    parts = Path(relpath).parts
+    if len(parts) == 3 and parts[0] == SPOOL_PENDING and valid_uid(parts[1]):
+        return parts[1]
+    return None
+
+
+def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, retention: str) -> None:
+    """Archive (or delete) a pending file once its row is terminal; keeps earlier archives.
+
+    A failure here is logged, not raised: the row is already final and the sweep's
+    re-delivery will retry the move as a no-op task.
+    """
+    try:
+        if not pending_path.exists():
+            return
+        if retention == "delete":
+            pending_path.unlink()
+            return
+        target = archive_path(spool_dir, study_uid, sop_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # a duplicate of a finished instance: keep both, change nothing
+            target = target.with_name(f"{sop_uid}.dup-{os.getpid()}-{pending_path.stat().st_mtime_ns}.dcm")
+        os.replace(pending_path, target)
+    except OSError as exc:
+        log.warning("could not retire spool file for SOP %s: %s", sop_uid, type(exc).__name__)
+
+
+def archive_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
+    """Empty pending/<StudyUID>/ folders are left alone: removing one could race a gateway rename."""
+    return Path(spool_dir) / SPOOL_ARCHIVE / study_uid / f"{sop_uid}.dcm"

@@ -1,0 +1,153 @@
+"""Task bodies: exactly one terminal row per SOP Instance UID, whatever is delivered how often.
+
+Protocol per delivery:
+  1. a terminal row exists            -> no-op (re-archive the file if a crash left it).
+  2. claim the row as `processing`    -> attempts += 1; too many worker-lost attempts -> failed.
+  3. analyse the file                 -> done / skipped / failed with reason.
+  4. terminal upsert (first one wins), then archive the spool file.
+Database and broker errors propagate to the Celery wrapper, which retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import Engine
+
+from worker import db
+from worker.config import WorkerSettings
+from worker.pipeline import DetectorCache, Outcome, analyse_file
+from worker.spool import SpoolPathError, resolve_pending, retire, study_uid_from_relpath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Per-process resources, created lazily after the prefork fork."""
+
+    settings: WorkerSettings
+    _engine: Engine | None = None
+    detectors: DetectorCache | None = None
+
+    def __post_init__(self) -> None:
+        self.detectors = DetectorCache(self.settings)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = db.make_engine(self.settings.database_url)
+        return self._engine
+
+    def after_fork(self) -> None:
+        """Drop connections inherited from the parent; warm the model so task 1 is not slow."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._engine = None
+        self.detectors = DetectorCache(self.settings)
+        self.detectors.get()
+
+
+def process_instance(rt: Runtime, relpath: str, sop_uid: str, received_at: str | None) -> dict[str, Any]:
+    """Run one delivery of `triage.process_instance` (see module docstring)."""
+    received = db.parse_timestamp(received_at) or db.utcnow()
+    with rt.engine.begin() as conn:
+        existing = db.get_instance(conn, sop_uid)
+    if existing is not None and existing["status"] in db.TERMINAL:
+        _retire_quietly(rt, relpath, existing["study_instance_uid"], sop_uid)
+        return {"sop_instance_uid": sop_uid, "status": existing["status"], "noop": True}
+    try:
+        path = resolve_pending(rt.settings.spool_dir, relpath)
+    except SpoolPathError as exc:
+        return _finish(rt, sop_uid, relpath, received, time.time(), Outcome("failed", str(exc)), None)
+    started = time.time()
+    base = {
+        "sop_instance_uid": sop_uid,
+        "study_instance_uid": study_uid_from_relpath(relpath) or "",
+        "spool_relpath": relpath[:300],
+        "received_at": received,
+        "started_at": db.utcnow(),
+    }
+    with rt.engine.begin() as conn:
+        claimed = db.claim_instance(conn, base)
+    if claimed is None:
+        return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
+    outcome = _analyse(rt, path, claimed["attempts"])
+    return _finish(rt, sop_uid, relpath, received, started, outcome, path)
+
+
+def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
+    """Input problems, time limits and unexpected bugs all end in a recorded outcome."""
+    if attempts > rt.settings.max_attempts:
+        return Outcome("failed", f"abandoned after {attempts - 1} deliveries that did not finish (worker lost)")
+    if not path.is_file():
+        return Outcome("failed", "spool file missing and no earlier result exists")
+    try:
+        return analyse_file(path, rt.settings, rt.detectors)  # type: ignore[arg-type]
+    except SoftTimeLimitExceeded:
+        return Outcome("failed", f"processing exceeded the {rt.settings.soft_time_limit_s}s time limit")
+    except MemoryError:
+        return Outcome("failed", "out of memory while processing the image")
+    except (OSError, RuntimeError) as exc:
+        if _is_model_problem(exc):
+            raise
+        log.exception("unexpected error for %s", path.name)
+        return Outcome("failed", f"internal error ({type(exc).__name__})")
+    except Exception as exc:  # a bug must not turn into a crash loop or a lost instance
+        log.exception("unexpected error for %s", path.name)
+        return Outcome("failed", f"internal error ({type(exc).__name__})")
+
+
+def _is_model_problem(exc: Exception) -> bool:
+    """A missing/corrupt model is the deployment's fault, not the image's: retry, don't fail rows."""
+    from models.errors import ModelIntegrityError
+
+    return isinstance(exc, (ModelIntegrityError, FileNotFoundError)) and "model" in str(exc).lower()
+
+
+def _finish(
+    rt: Runtime, sop_uid: str, relpath: str, received: Any, started: float, outcome: Outcome, path: Path | None
+) -> dict[str, Any]:
+    """Terminal upsert plus study bookkeeping in one transaction, then retire the file."""
+    values = {
+        "sop_instance_uid": sop_uid,
+        "study_instance_uid": study_uid_from_relpath(relpath) or "",
+        "spool_relpath": relpath[:300],
+        "received_at": received,
+        **{k: v for k, v in outcome.fields.items() if v is not None},
+        "status": outcome.status,
+        "reason": (outcome.reason or None) and outcome.reason[:1000],
+        "finished_at": db.utcnow(),
+        "processing_ms": (time.time() - started) * 1000.0,
+    }
+    with rt.engine.begin() as conn:
+        landed = db.finish_instance(conn, values)
+        if landed and values["study_instance_uid"]:
+            db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received)
+    if path is not None:
+        retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
+               rt.settings.spool_retention)
+    log.info("instance %s -> %s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
+    return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,
+            "stratum": outcome.fields.get("stratum"), "noop": not landed}
+
+
+def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str) -> None:
+    try:
+        path = resolve_pending(rt.settings.spool_dir, relpath)
+    except SpoolPathError:
+        return
+    retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention)
+
+
+def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) -> dict[str, Any]:
+    """Mark a study final: its study-level flag no longer waits for more images."""
+    with rt.engine.begin() as conn:
+        db.finalize_study(conn, study_uid, db.parse_timestamp(last_received_at))
+    log.info("study %s finalised", study_uid)
+    return {"study_instance_uid": study_uid, "final": True}
