@@ -79,7 +79,7 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, train: Split, o
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
-        total_loss += float(loss) * len(index)
+        total_loss += float(loss.detach()) * len(index)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")

@@ -1,0 +1,34 @@
+import pytest
+
+from models.card import ModelCard, Stratum, validate_strata
+
+STRATA = (Stratum("likely_normal", 0.0, 0.2), Stratum("indeterminate", 0.2, 0.8), Stratum("high_suspicion", 0.8, 1.0))
+
+
+def make_card(**overrides) -> ModelCard:
+    fields = dict(name="m", version="1", sha256="0" * 64, labels=("Normal", "Pneumonia"), preprocessing="p",
+                  input_shape=(-1, 3, 224, 224), temperature=1.5, threshold=0.5, strata=STRATA)
+    return ModelCard(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("p,expected", [(0.0, "likely_normal"), (0.1999, "likely_normal"), (0.2, "indeterminate"),
+                                        (0.7999, "indeterminate"), (0.8, "high_suspicion"), (1.0, "high_suspicion")])
+def test_stratum_boundaries_are_half_open(p, expected):
+    assert make_card().stratum_for(p) == expected
+
+
+def test_round_trip_keeps_unknown_fields(tmp_path):
+    card = make_card(extra={"data": {"md5": "abc"}})
+    card.save(tmp_path / "c.json")
+    loaded = ModelCard.load(tmp_path / "c.json")
+    assert loaded == card and loaded.extra["data"]["md5"] == "abc"
+
+
+@pytest.mark.parametrize("strata", [
+    (Stratum("a", 0.0, 0.4), Stratum("b", 0.5, 1.0)),
+    (Stratum("a", 0.1, 1.0),),
+    (),
+])
+def test_strata_must_tile_the_unit_interval(strata):
+    with pytest.raises(ValueError):
+        validate_strata(strata)

@@ -1,0 +1,85 @@
+"""PneumoniaDetector on every supported input kind, against the released (packaged) model."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.card import card_path_for, default_model_path
+from models.detector import PneumoniaDetector
+from models.errors import ModelIntegrityError, UnreadableImageError
+from worker.samples import make_cxr_dataset, save
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return PneumoniaDetector()
+
+
+@pytest.fixture(scope="module")
+def sample(pneumoniamnist):
+    return pneumoniamnist["test_images"][20]
+
+
+def pneumonia_p(result: dict) -> float:
+    return result["probabilities"]["Pneumonia"]
+
+
+def test_result_has_the_original_api_shape(detector, sample):
+    result = detector.predict(sample)
+    assert set(result) == {"prediction", "confidence", "probabilities", "clinical_note", "stratum"}
+    assert result["prediction"] in ("Normal", "Pneumonia")
+    assert result["stratum"] in ("likely_normal", "indeterminate", "high_suspicion")
+    assert abs(sum(result["probabilities"].values()) - 1) < 1e-9
+    assert result["confidence"] == max(result["probabilities"].values()) or result["confidence"] >= 0.5
+
+
+def test_files_of_every_kind_agree_with_the_array(detector, sample, tmp_path):
+    Image.fromarray(sample).resize((504, 504), Image.NEAREST).save(tmp_path / "x.png")
+    Image.fromarray(sample.astype(np.uint16) * 257).save(tmp_path / "x16.png")
+    Image.fromarray(sample).resize((512, 512), Image.NEAREST).save(tmp_path / "x.jpg", quality=95)
+    save(make_cxr_dataset(sample, size=(1024, 1024), photometric="MONOCHROME1"), tmp_path / "x.dcm")
+    reference = pneumonia_p(detector.predict(sample))
+    assert pneumonia_p(detector.predict(tmp_path / "x.png")) == pytest.approx(reference, abs=1e-6)
+    assert pneumonia_p(detector.predict(str(tmp_path / "x16.png"))) == pytest.approx(reference, abs=1e-6)
+    assert pneumonia_p(detector.predict(tmp_path / "x.dcm")) == pytest.approx(reference, abs=2e-2)
+    assert pneumonia_p(detector.predict(tmp_path / "x.jpg")) == pytest.approx(reference, abs=5e-2)
+
+
+def test_batch_equals_single(detector, pneumoniamnist):
+    images = list(pneumoniamnist["test_images"][:5])
+    batch = [pneumonia_p(r) for r in detector.predict_batch(images)]
+    single = [pneumonia_p(detector.predict(i)) for i in images]
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
+def test_model_separates_classes(detector, pneumoniamnist):
+    """The released model must rank pneumonia above normal on a test sample (AUC well above chance)."""
+    from sklearn.metrics import roc_auc_score
+
+    images, labels = pneumoniamnist["test_images"][:120], pneumoniamnist["test_labels"][:120, 0]
+    probabilities = [pneumonia_p(r) for r in detector.predict_batch(list(images))]
+    assert roc_auc_score(labels, probabilities) > 0.85
+
+
+def test_unreadable_file_raises_clear_error(detector, tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(UnreadableImageError, match="not a readable image"):
+        detector.predict(tmp_path / "junk.png")
+    with pytest.raises(FileNotFoundError):
+        detector.predict(tmp_path / "missing.png")
+    with pytest.raises(UnreadableImageError):
+        detector.predict(12345)
+
+
+def test_model_not_matching_its_card_is_refused(tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(default_model_path(), model)
+    card = card_path_for(default_model_path()).read_text()
+    card_path_for(model).write_text(card.replace('"sha256": "', '"sha256": "0', 1))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        PneumoniaDetector(model)
+    card_path_for(model).unlink()
+    with pytest.raises(ModelIntegrityError, match="card missing"):
+        PneumoniaDetector(model)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from models.preprocess import (INPUT_SIZE, area_weights, bilinear_weights, center_crop_square, preprocess,
+                               preprocess_batch, reduce_to_source)
+
+
+@pytest.mark.parametrize("src,dst", [(28, 224), (7, 3), (100, 28)])
+def test_resampling_weights_are_partitions_of_unity(src, dst):
+    weights = bilinear_weights(src, dst) if dst > src else area_weights(src, dst)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_area_weights_by_hand():
+    # 3 -> 2: target pixel 0 covers source [0, 1.5): 2/3 of px0 + 1/3 of px1
+    np.testing.assert_allclose(area_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
+
+
+def test_28px_image_is_unchanged_by_reduction(pneumoniamnist):
+    image = pneumoniamnist["test_images"][0]
+    np.testing.assert_array_equal(reduce_to_source(image), image)
+
+
+def test_full_resolution_image_reduces_to_its_28px_source(pneumoniamnist):
+    """A 2048x2048 X-ray made from a 28x28 image (and framed by extra rows) preprocesses identically."""
+    small = pneumoniamnist["test_images"][5]
+    big = np.kron(small, np.ones((73, 73), dtype=np.uint8))  # 2044 x 2044
+    framed = np.vstack([np.zeros((100, big.shape[1]), np.uint8), big, np.zeros((100, big.shape[1]), np.uint8)])
+    np.testing.assert_array_equal(reduce_to_source(framed), small)
+    np.testing.assert_allclose(preprocess(framed), preprocess(small), atol=1e-6)
+
+
+def test_sixteen_bit_input_matches_eight_bit(pneumoniamnist):
+    small = pneumoniamnist["test_images"][9]
+    np.testing.assert_allclose(preprocess(small.astype(np.uint16) * 257), preprocess(small), atol=1e-6)
+
+
+def test_float_display_values_match_integer(pneumoniamnist):
+    small = pneumoniamnist["test_images"][3]
+    np.testing.assert_allclose(preprocess(small / 255.0), preprocess(small), atol=1e-6)
+
+
+def test_rgb_is_reduced_to_luminance(pneumoniamnist):
+    small = pneumoniamnist["test_images"][3]
+    np.testing.assert_allclose(preprocess(np.stack([small] * 3, axis=-1)), preprocess(small), atol=1e-6)
+
+
+def test_output_contract(pneumoniamnist):
+    batch = preprocess_batch(pneumoniamnist["test_images"][:4])
+    assert batch.shape == (4, 3, INPUT_SIZE, INPUT_SIZE) and batch.dtype == np.float32
+    assert preprocess_batch([]).shape == (0, 3, INPUT_SIZE, INPUT_SIZE)
+
+
+def test_center_crop_takes_the_middle():
+    image = np.arange(6 * 10).reshape(6, 10)
+    np.testing.assert_array_equal(center_crop_square(image), image[:, 2:8])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((4, 4, 4, 4)), "2-D"),
+    (np.full((8, 8), np.nan), "NaN"),
+    (np.full((8, 8), 3.0), r"\[0, 1\]"),
+    (np.zeros((8, 8), dtype=np.int16), "signed"),
+    (np.zeros((0, 0), dtype=np.uint8), "empty"),
+])
+def test_bad_arrays_raise_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess(bad)

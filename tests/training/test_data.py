@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from models.preprocess import preprocess_batch
+from training.config import AugmentConfig
+from training.data import augment_batch, ensure_dataset, load_split, to_network_input, to_unit_tensor
+
+
+def test_training_tensors_match_the_serving_preprocessing(pneumoniamnist):
+    """The torch pipeline used in training/evaluation and models.preprocess agree (no train/serve skew)."""
+    images = pneumoniamnist["val_images"][:8]
+    torch_input = to_network_input(to_unit_tensor(images)).numpy()
+    np.testing.assert_allclose(preprocess_batch(images), torch_input, atol=1e-5)
+
+
+def test_augmentation_is_seeded_and_keeps_range(pneumoniamnist):
+    unit = to_unit_tensor(pneumoniamnist["train_images"][:16])
+    first = augment_batch(unit, AugmentConfig(), torch.Generator().manual_seed(3))
+    again = augment_batch(unit, AugmentConfig(), torch.Generator().manual_seed(3))
+    other = augment_batch(unit, AugmentConfig(), torch.Generator().manual_seed(4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape == unit.shape and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(augment_batch(unit, AugmentConfig(enabled=False), torch.Generator()), unit)
+
+
+def test_split_sizes_and_stratified_subset(data_root):
+    test = load_split(data_root, "test", 28)
+    assert test.images.shape == (624, 28, 28) and int(test.labels.sum()) == 390
+    small = load_split(data_root, "train", 28, subset=40, seed=1)
+    assert 38 <= len(small.labels) <= 42 and 0 < small.labels.mean() < 1
+
+
+def test_missing_file_error_names_file_md5_and_setting(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        ensure_dataset(tmp_path, 28)
+    text = str(error.value)
+    assert "pneumoniamnist.npz" in text and "28209eda62fecd6e6a2d98b1501bb15f" in text and "PNEUMONIA_DATA_ROOT" in text
+
+
+def test_corrupt_file_is_rejected_by_md5(tmp_path):
+    (tmp_path / "pneumoniamnist.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="md5"):
+        ensure_dataset(tmp_path, 28)

@@ -1,0 +1,65 @@
+"""A tiny-subset run of the whole pipeline (train -> evaluate -> export -> card) through the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.card import ModelCard
+from models.detector import PneumoniaDetector
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_root, weights_path):
+    out = tmp_path_factory.mktemp("run")
+    release = tmp_path_factory.mktemp("release")
+    args = ["run", "--data-root", str(data_root), "--subset", "40", "--epochs", "2", "--batch-size", "16",
+            "--bootstrap", "30", "--out-dir", str(out), "--release-dir", str(release), "--no-progress",
+            "--weights", str(weights_path) if weights_path else "none", "--ema-decay", "0.9"]
+    assert main(args) == 0
+    return out, release
+
+
+def test_every_artifact_is_written(tiny_run):
+    out, release = tiny_run
+    for name in ("config.json", "history.json", "best.pt", "last.pt", "evaluation.json", "run_info.json",
+                 "predictions.npz", "pneumonia_resnet50.onnx", "pneumonia_resnet50.card.json"):
+        assert (out / name).is_file(), name
+    for name in ("metrics.json", "summary.md", "history.json", "roc.png", "pr.png", "confusion.png",
+                 "reliability.png", "training_curves.png"):
+        assert (out / "results" / name).stat().st_size > 0, name
+    assert (release / "pneumonia_resnet50.onnx").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2] and all(row["train_img_per_s"] > 0 for row in history)
+
+
+def test_card_describes_the_model(tiny_run):
+    out, _ = tiny_run
+    card = ModelCard.load(out / "pneumonia_resnet50.card.json")
+    assert card.labels == ("Normal", "Pneumonia") and card.temperature > 0
+    assert [s.name for s in card.strata] == ["likely_normal", "indeterminate", "high_suspicion"]
+    assert card.extra["onnx"]["parity"]["max_abs_delta_probability"] <= 1e-4
+    assert card.extra["data"]["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
+    assert card.extra["training"]["epochs"] == 2
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "auc", "fnr", "fpr"):
+        low, high = metrics["test"]["at_0.5"]["ci95"][key]
+        assert low <= metrics["test"]["at_0.5"]["point"][key] <= high or np.isnan(metrics["test"]["at_0.5"]["point"][key])
+
+
+def test_exported_model_serves_through_the_detector(tiny_run, pneumoniamnist):
+    out, release = tiny_run
+    detector = PneumoniaDetector(release / "pneumonia_resnet50.onnx")
+    result = detector.predict(pneumoniamnist["test_images"][0])
+    assert result["stratum"] in ("likely_normal", "indeterminate", "high_suspicion")
+
+
+def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
+    out, _ = tiny_run
+    args = ["train", "--data-root", str(data_root), "--subset", "40", "--epochs", "3", "--batch-size", "16",
+            "--out-dir", str(out), "--resume", str(out / "last.pt"), "--no-progress", "--weights", "none",
+            "--ema-decay", "0.9"]
+    assert main(args) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
