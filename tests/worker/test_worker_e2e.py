@@ -1,0 +1,136 @@
+"""A real `pneumonia-worker run` process on Redis + SQLite/PostgreSQL: every object ends in one row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
+from sqlalchemy import text
+
+from worker import db
+from worker.samples import make_cxr_dataset, make_sr_dataset
+
+pytestmark = [pytest.mark.redis]
+
+
+def _mixed_study(env, images: np.ndarray) -> dict[str, tuple[str, str]]:
+    """Stage one study holding every kind of object the worker must handle."""
+    study = generate_uid()
+    kw = {"study_uid": study, "accession": "ACC-E2E", "size": (1024, 1024)}
+    objects = {
+        "pa_cr": make_cxr_dataset(images[0], transfer_syntax=JPEGLosslessSV1, **kw),
+        "ap_dx": make_cxr_dataset(images[1], modality="DX", view="AP", photometric="MONOCHROME1",
+                                  bits_stored=16, transfer_syntax=JPEG2000Lossless, **kw),
+        "lateral": make_cxr_dataset(images[2], view="LL", **kw),
+        "ct": make_cxr_dataset(images[3], modality="CT", body_part="CHEST", view=None, **kw),
+        "knee": make_cxr_dataset(images[3], body_part="KNEE", **kw),
+        "dx_processing": make_cxr_dataset(images[4], modality="DX", presentation_intent="FOR PROCESSING", **kw),
+        "no_view": make_cxr_dataset(images[5], view=None, **kw),
+        "sr": make_sr_dataset(study_uid=study, accession="ACC-E2E"),
+        "no_pixels": make_cxr_dataset(images[6], **kw),
+    }
+    del objects["no_pixels"].PixelData
+    staged = {name: env.stage(ds) for name, ds in objects.items()}
+    good = make_cxr_dataset(images[7], **kw)
+    staged["truncated"] = env.stage(good)
+    path = env.spool / staged["truncated"][0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    sop = generate_uid()
+    relpath = f"pending/{study}/{sop}.dcm"
+    (env.spool / relpath).write_bytes(b"\x00garbage, not DICOM" * 100)
+    staged["corrupt"] = (relpath, sop)
+    staged["missing_file"] = (f"pending/{study}/{generate_uid()}.dcm", "")
+    staged["missing_file"] = (staged["missing_file"][0], Path(staged["missing_file"][0]).stem)
+    return staged
+
+
+EXPECTED = {
+    "pa_cr": ("done", None),
+    "ap_dx": ("done", None),
+    "lateral": ("skipped", "view position LL is not frontal"),
+    "ct": ("skipped", "modality CT is not CR or DX"),
+    "knee": ("skipped", "body part KNEE is not CHEST"),
+    "dx_processing": ("skipped", "For Processing"),
+    "no_view": ("skipped", "ViewPosition missing"),
+    "sr": ("skipped", "modality SR is not CR or DX"),
+    "no_pixels": ("failed", "no PixelData"),
+    "truncated": ("failed", ""),
+    "corrupt": ("failed", "not a readable DICOM file"),
+    "missing_file": ("failed", "spool file missing"),
+}
+
+
+def test_every_object_gets_exactly_one_row(make_triage_env, database_url, test_split):
+    images, _ = test_split
+    env = make_triage_env(database_url)
+    staged = _mixed_study(env, images)
+    env.start_worker()
+    for relpath, sop in staged.values():
+        env.send(relpath, sop)
+    sops = [sop for _, sop in staged.values()]
+    rows = env.wait_terminal(sops, timeout=120)
+
+    assert len(rows) == len(staged)
+    for name, (relpath, sop) in staged.items():
+        status, reason = EXPECTED[name]
+        row = rows[sop]
+        assert row["status"] == status, (name, row["status"], row["reason"])
+        if status == "done":
+            assert 0.0 <= row["probability"] <= 1.0
+            assert row["stratum"] in ("likely_normal", "indeterminate", "high_suspicion")
+            assert row["flag"] == {"likely_normal": "ROUTINE", "indeterminate": "PRIORITY",
+                                   "high_suspicion": "URGENT"}[row["stratum"]]
+            assert len(row["model_sha256"]) == 64 and row["model_version"]
+            assert row["accession_number"] == "ACC-E2E"
+            assert row["processing_ms"] > 0 and row["finished_at"] >= row["started_at"]
+        else:
+            assert row["reason"] and reason in row["reason"], (name, row["reason"])
+            assert row["probability"] is None
+        if name != "missing_file":
+            assert not (env.spool / relpath).exists(), f"{name} still pending"
+
+    # Spool: every readable object archived under its study, pending empty of files.
+    assert not [p for p in (env.spool / "pending").rglob("*") if p.is_file()]
+    assert len([p for p in (env.spool / "archive").rglob("*.dcm")]) == len(staged) - 1
+
+
+def test_redelivery_and_duplicates_change_nothing(make_triage_env, database_url, test_split):
+    images, _ = test_split
+    env = make_triage_env(database_url)
+    ds = make_cxr_dataset(images[10], size=(512, 512), accession="ACC-DUP")
+    relpath, sop = env.stage(ds)
+    env.start_worker()
+    for _ in range(3):  # the gateway resending while the first is still queued
+        env.send(relpath, sop)
+    first = env.wait_terminal([sop])[sop]
+    # The same instance arrives again later (a modality re-send): staged again, sent again.
+    env.stage(ds)
+    env.send(relpath, sop, received_at="2026-02-02T00:00:00+00:00")
+    env.wait_terminal([sop])
+    import time
+
+    from tests.worker.support import wait_for
+
+    wait_for(lambda: not (env.spool / relpath).exists(), 30, what="duplicate retired")
+    time.sleep(1)
+    after = env.rows()
+    assert list(after) == [sop]
+    assert after[sop] == first, "a redelivery must not modify a finished row"
+    archived = sorted((env.spool / "archive" / str(ds.StudyInstanceUID)).iterdir())
+    assert len(archived) == 2, "the duplicate file is archived beside the original, not lost"
+
+    env.finalize(str(ds.StudyInstanceUID))
+    engine = db.make_engine(database_url)
+    try:
+        def final() -> bool:
+            with engine.connect() as conn:
+                row = conn.execute(text("SELECT final, flag, n_done FROM study_flags")).one()
+                return bool(row.final) and row
+        from tests.worker.support import wait_for as wait
+
+        row = wait(final, 30, what="study finalised")
+        assert row.flag == first["flag"] and row.n_done == 1
+    finally:
+        engine.dispose()
