@@ -1,0 +1,1 @@
+"""dicom_gateway."""

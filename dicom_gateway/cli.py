@@ -1,0 +1,105 @@
+"""`dicom-gateway` command: run | health | sweep.
+
+Settings come from `TRIAGE_*` environment variables; the few flags here override them
+for convenience (port, spool) and are turned into the same frozen settings object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+from dicom_gateway import logs
+from dicom_gateway.config import GatewaySettings, load_settings
+
+log = logging.getLogger("dicom_gateway.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-gateway", description="DICOM C-STORE/C-ECHO gateway for pneumonia triage")
+    parser.add_argument("--port", type=int, help="override TRIAGE_GATEWAY_PORT")
+    parser.add_argument("--spool-dir", help="override TRIAGE_SPOOL_DIR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start the listener (foreground; SIGTERM/SIGINT stop it)")
+    health = sub.add_parser("health", help="C-ECHO the listener, check broker, spool and disk; exit 1 if unhealthy")
+    health.add_argument("--host", default="127.0.0.1")
+    health.add_argument("--calling-ae", default=None, help="calling AE for the C-ECHO (must be allowed)")
+    sweep = sub.add_parser("sweep", help="publish pending spool instances once (use while the gateway is stopped)")
+    sweep.add_argument("--min-age", type=float, default=0.0, help="only instances older than this many seconds")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> GatewaySettings:
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["gateway_port"] = args.port
+    if args.spool_dir is not None:
+        overrides["spool_dir"] = args.spool_dir
+    return load_settings(**overrides)
+
+
+def cmd_run(settings: GatewaySettings) -> int:
+    """Run until SIGTERM/SIGINT; exit code 0 on a clean stop."""
+    from dicom_gateway.service import Gateway
+
+    gateway = Gateway(settings)
+    try:
+        gateway.start()
+    except OSError as exc:
+        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    gateway.stop()
+    return 0
+
+
+def cmd_health(settings: GatewaySettings, host: str, calling_ae: str | None) -> int:
+    from dicom_gateway import health
+
+    report = health.check(settings, host, calling_ae=calling_ae or health.HEALTH_CALLING_AE)
+    print(json.dumps(report, indent=2))
+    return 0 if report["healthy"] else 1
+
+
+def cmd_sweep(settings: GatewaySettings, min_age: float) -> int:
+    """One-shot outbox publish (operators: after fixing a broker outage with the gateway down)."""
+    from dicom_gateway.queue import Outbox, TaskPublisher
+    from dicom_gateway.spool import Spool
+
+    publisher = TaskPublisher(settings)
+    try:
+        outbox = Outbox(Spool(settings.spool_dir), publisher, min_age, settings.gateway_requeue_after_seconds)
+        counts = outbox.sweep(min_age_s=min_age)
+    finally:
+        publisher.close()
+    print(json.dumps(counts))
+    return 0 if counts["failed"] == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        print(f"dicom-gateway: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.gateway_log_level)
+    if args.command == "run":
+        return cmd_run(settings)
+    if args.command == "health":
+        return cmd_health(settings, args.host, args.calling_ae)
+    return cmd_sweep(settings, args.min_age)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Gateway settings: one frozen object, built once from `TRIAGE_*` environment variables.
+
+Why frozen and passed down: every component (SCP handlers, outbox, sweeper, health
+check) must agree on the same spool and broker for the lifetime of the process; a
+setting that changes under a running listener is how studies get written somewhere
+nobody sweeps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+UID_MAX_LEN = 64
+AE_TITLE_MAX_LEN = 16
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept `A,B` as well as a JSON list (`["A","B"]`) for list settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class GatewaySettings(BaseSettings):
+    """All knobs of the DICOM gateway; see docs/gateway.md for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore")
+
+    # Shared with the worker (same names, same defaults).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    spool_dir: Path = Path("var/spool")
+
+    # Listener.
+    gateway_ae_title: str = "TRIAGE"
+    gateway_bind: str = "0.0.0.0"
+    gateway_port: int = Field(11112, ge=0, le=65535)
+    gateway_max_associations: int = Field(32, ge=1)
+    gateway_max_pdu: int = Field(262144, ge=0, description="max PDU we receive; 0 = unlimited")
+    gateway_acse_timeout: float = Field(30.0, gt=0)
+    gateway_dimse_timeout: float = Field(60.0, gt=0)
+    gateway_network_timeout: float = Field(60.0, gt=0)
+    gateway_require_called_ae: bool = True
+    gateway_allowed_calling_aes: CsvList = Field(default_factory=list)
+    gateway_allowed_ips: CsvList = Field(default_factory=list)
+    gateway_accept_secondary_capture: bool = False
+
+    # Durability and study grouping.
+    gateway_stable_study_seconds: float = Field(60.0, gt=0)
+    gateway_sweep_interval_seconds: float = Field(30.0, gt=0)
+    gateway_sweep_grace_seconds: float = Field(120.0, ge=0)
+    gateway_requeue_after_seconds: float = Field(1800.0, gt=0)
+    gateway_min_free_bytes: int = Field(2 * 1024**3, ge=0)
+    gateway_broker_timeout_seconds: float = Field(2.0, gt=0)
+    gateway_broker_backoff_seconds: float = Field(5.0, ge=0)
+
+    # DICOM TLS (PS3.15 B.1): cert+key enable TLS; a CA additionally requires client certs.
+    gateway_tls_cert: Path | None = None
+    gateway_tls_key: Path | None = None
+    gateway_tls_ca: Path | None = None
+
+    gateway_log_level: str = "INFO"
+
+    @field_validator("gateway_allowed_calling_aes", "gateway_allowed_ips", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("gateway_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("gateway_allowed_calling_aes")
+    @classmethod
+    def _ae_titles(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+    @field_validator("gateway_allowed_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError with the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "GatewaySettings":
+        if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
+            raise ValueError("TRIAGE_GATEWAY_TLS_CERT and TRIAGE_GATEWAY_TLS_KEY must be set together")
+        if self.gateway_tls_ca is not None and self.gateway_tls_cert is None:
+            raise ValueError("TRIAGE_GATEWAY_TLS_CA needs TRIAGE_GATEWAY_TLS_CERT/KEY")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.gateway_tls_cert is not None
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Parsed source-IP allow-list (empty = any address)."""
+        return [ipaddress.ip_network(item, strict=False) for item in self.gateway_allowed_ips]
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 printable ASCII chars, no backslash (PS3.5 AE VR)."""
+    title = value.strip()
+    if not title or len(title) > AE_TITLE_MAX_LEN:
+        raise ValueError(f"AE title must be 1..{AE_TITLE_MAX_LEN} characters, got {value!r}")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
+        raise ValueError(f"AE title has characters outside the AE VR repertoire: {value!r}")
+    return title
+
+
+def load_settings(**overrides: Any) -> GatewaySettings:
+    """Build the settings once (environment, then explicit overrides for tests/CLI flags)."""
+    return GatewaySettings(**overrides)

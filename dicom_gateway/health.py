@@ -1,0 +1,72 @@
+"""Health check from the outside: listener (C-ECHO), spool depth, broker, free disk.
+
+Why from the outside: a process that is "up" but whose listener thread died, or whose
+spool is full, is exactly the failure a hospital notices only when studies go missing.
+The check talks DICOM to the port like a modality would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.queue import TaskPublisher
+from dicom_gateway.spool import Spool
+from dicom_gateway.tls import client_context
+
+HEALTH_CALLING_AE = "TRIAGE-HEALTH"
+
+
+def echo(settings: GatewaySettings, host: str, *, calling_ae: str = HEALTH_CALLING_AE, timeout: float = 5.0) -> dict[str, Any]:
+    """C-ECHO the listener; returns {"ok", "status"|"error", "latency_ms"}."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
+    tls_args = None
+    if settings.tls_enabled:
+        ca = settings.gateway_tls_ca or settings.gateway_tls_cert
+        assert ca is not None
+        tls_args = (client_context(ca, settings.gateway_tls_cert, settings.gateway_tls_key), None)
+    started = time.monotonic()
+    assoc = ae.associate(host, settings.gateway_port, ae_title=settings.gateway_ae_title, tls_args=tls_args)
+    try:
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "no association (connection refused or timed out)"
+            return {"ok": False, "error": why}
+        status = assoc.send_c_echo()
+        code = int(status.Status) if status is not None and "Status" in status else None
+        return {"ok": code == 0, "status": code, "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def check(settings: GatewaySettings, host: str = "127.0.0.1", *, calling_ae: str = HEALTH_CALLING_AE) -> dict[str, Any]:
+    """Full report; `healthy` is the AND of listener, broker and disk."""
+    spool = Spool(settings.spool_dir)
+    listener = echo(settings, host, calling_ae=calling_ae)
+    publisher = TaskPublisher(settings)
+    try:
+        broker_ok = publisher.probe()
+        broker = {"ok": broker_ok, **({} if broker_ok else {"error": publisher.last_error})}
+    finally:
+        publisher.close()
+    try:
+        free = shutil.disk_usage(spool.root).free
+        depth: dict[str, Any] = spool.depth()
+    except OSError as exc:
+        free, depth = 0, {"error": type(exc).__name__}
+    disk = {"ok": free >= settings.gateway_min_free_bytes, "free_bytes": free, "min_free_bytes": settings.gateway_min_free_bytes}
+    return {
+        "healthy": bool(listener["ok"] and broker_ok and disk["ok"]),
+        "listener": listener,
+        "broker": broker,
+        "disk": disk,
+        "spool": {"path": str(spool.root), **depth},
+    }

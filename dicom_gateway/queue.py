@@ -1,0 +1,178 @@
+"""Task publishing and the outbox sweep.
+
+Why an outbox: a C-STORE is acknowledged once the file is durable in `pending/`; the
+Celery message is a notification that may be lost (broker down, broker restarted
+without persistence, gateway killed between rename and publish). The sweep re-publishes
+whatever is still in `pending/`, and the worker's per-SOP-Instance upsert turns those
+at-least-once messages into exactly-once results.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import celery
+
+from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE, QUEUE
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.spool import Spool
+
+log = logging.getLogger("dicom_gateway.queue")
+
+
+def utc_iso(timestamp: float | None = None) -> str:
+    """ISO-8601 UTC with offset, as the contract's `received_at` expects."""
+    moment = dt.datetime.now(dt.timezone.utc) if timestamp is None else dt.datetime.fromtimestamp(
+        timestamp, dt.timezone.utc
+    )
+    return moment.isoformat(timespec="milliseconds")
+
+
+def make_celery_client(settings: GatewaySettings) -> celery.Celery:
+    """A bare Celery client (no worker code imported) that fails fast when the broker is down."""
+    timeout = settings.gateway_broker_timeout_seconds
+    app = celery.Celery("dicom_gateway", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_connection_timeout=timeout,
+        broker_connection_retry=False,
+        broker_connection_retry_on_startup=False,
+        broker_connection_max_retries=0,
+        broker_transport_options={
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "max_retries": 0,
+        },
+        task_publish_retry=False,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+    )
+    return app
+
+
+class TaskPublisher:
+    """Publishes contract tasks by name; never raises, never blocks longer than the timeout.
+
+    A failure opens a short circuit (`broker_backoff_seconds`) during which sends are
+    skipped immediately, so a burst of C-STOREs against a dead broker does not pay one
+    connection timeout each. The sweep closes the circuit when the broker answers again.
+    """
+
+    def __init__(self, settings: GatewaySettings, app: celery.Celery | None = None) -> None:
+        self._app = app or make_celery_client(settings)
+        self._backoff = settings.gateway_broker_backoff_seconds
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self.last_error: str | None = None
+
+    def process_instance(self, relpath: str, sop_uid: str, received_at: str, *, force: bool = False) -> bool:
+        return self._send(PROCESS_INSTANCE, (relpath, sop_uid), {"received_at": received_at}, force=force)
+
+    def finalize_study(self, study_uid: str, last_received_at: str, *, force: bool = False) -> bool:
+        return self._send(FINALIZE_STUDY, (study_uid,), {"last_received_at": last_received_at}, force=force)
+
+    def broker_blocked(self) -> bool:
+        """True while the circuit is open after a recent failure."""
+        return time.monotonic() < self._down_until
+
+    def _send(self, name: str, args: tuple, kwargs: dict, *, force: bool = False) -> bool:
+        if not force and self.broker_blocked():
+            return False
+        with self._lock:  # kombu producers are not shared safely between threads
+            try:
+                self._app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
+            except Exception as exc:  # kombu/redis raise many types; all mean "not queued"
+                self._down_until = time.monotonic() + self._backoff
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("publish failed", extra={"task": name, "error": self.last_error})
+                return False
+        self._down_until = 0.0
+        self.last_error = None
+        return True
+
+    def probe(self) -> bool:
+        """Check broker reachability with one connection attempt (health check, sweep)."""
+        try:
+            with self._app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=self._app.conf.broker_connection_timeout)
+            self._down_until = 0.0
+            return True
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def close(self) -> None:
+        self._app.close()
+
+
+@dataclass
+class Outbox:
+    """Which pending instances still need a (re-)publish.
+
+    `unsent` holds instances whose publish failed: they are retried at every sweep.
+    `sent_at` remembers our own publishes, so a backlog the worker is still chewing
+    through is not re-published every sweep, only after `requeue_after_seconds`.
+    """
+
+    spool: Spool
+    publisher: TaskPublisher
+    grace_s: float
+    requeue_after_s: float
+    unsent: dict[str, tuple[str, str]] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def publish(self, relpath: str, sop_uid: str, received_at: str, *, force: bool = False) -> bool:
+        """Publish one instance (right after a store, or from the sweep); on failure leave it to the sweep."""
+        ok = self.publisher.process_instance(relpath, sop_uid, received_at, force=force)
+        with self.lock:
+            if ok:
+                self.sent_at[relpath] = time.monotonic()
+                self.unsent.pop(relpath, None)
+            else:
+                self.unsent[relpath] = (sop_uid, received_at)
+        return ok
+
+    def sweep(self, *, min_age_s: float | None = None) -> dict[str, int]:
+        """Publish every pending instance that has no live task; return counts.
+
+        Due: failed before, never published by this process and older than the grace
+        period (a previous run may have died before publishing), or published more than
+        `requeue_after_s` ago and still pending (the message may be lost).
+        """
+        grace = self.grace_s if min_age_s is None else min_age_s
+        now_wall, now_mono = time.time(), time.monotonic()
+        present: set[str] = set()
+        queued = failed = 0
+        for item in self.spool.iter_pending():
+            present.add(item.relpath)
+            if not self._due(item.relpath, now_wall - item.mtime, now_mono, grace):
+                continue
+            if self.publish(item.relpath, item.sop_uid, utc_iso(item.mtime), force=True):
+                queued += 1
+            else:
+                failed += 1
+                break  # broker down: stop now, the next sweep retries
+        self._forget_done(present)
+        return {"queued": queued, "failed": failed, "pending": len(present)}
+
+    def _due(self, relpath: str, age_s: float, now_mono: float, grace: float) -> bool:
+        with self.lock:
+            if relpath in self.unsent:
+                return True
+            sent = self.sent_at.get(relpath)
+        if sent is None:
+            return age_s >= grace
+        return now_mono - sent >= self.requeue_after_s
+
+    def _forget_done(self, present: set[str]) -> None:
+        """Drop bookkeeping for files the worker has archived."""
+        with self.lock:
+            for key in [k for k in self.sent_at if k not in present]:
+                del self.sent_at[key]
+            for key in [k for k in self.unsent if k not in present]:
+                del self.unsent[key]

@@ -1,0 +1,287 @@
+"""The pynetdicom Application Entity: association policy, C-ECHO and C-STORE handlers.
+
+The C-STORE contract: Success (0x0000) is returned only after `Spool.store` has made the
+instance durable (fsync + atomic rename + directory fsync). Publishing the Celery task is
+attempted before answering but its failure does not fail the C-STORE: the outbox sweep
+re-publishes. Anything that prevents durable storage answers a failure status with an
+ErrorComment giving the reason (never patient data).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.queue import Outbox, utc_iso
+from dicom_gateway.spool import InvalidUIDError, Spool, validate_uid
+from dicom_gateway.studies import StudyTracker
+
+log = logging.getLogger("dicom_gateway.scp")
+
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+"""What the worker decodes (pydicom + pylibjpeg/gdcm); nothing else is negotiated."""
+
+STORAGE_CLASSES: tuple[UID, ...] = (
+    UID(ComputedRadiographyImageStorage),
+    UID(DigitalXRayImageStorageForPresentation),
+    UID(DigitalXRayImageStorageForProcessing),
+)
+SECONDARY_CAPTURE = UID(SecondaryCaptureImageStorage)
+
+# C-STORE failure statuses (PS3.4 B.2.3).
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ (result, source, diagnostic).
+RJ_CALLING_AE = (0x01, 0x01, 0x03)
+RJ_CALLED_AE = (0x01, 0x01, 0x07)
+RJ_NO_REASON = (0x01, 0x01, 0x01)
+RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+_HEADER_END = 0x0020000D  # StudyInstanceUID: the last tag we need from the dataset
+
+
+def storage_classes(settings: GatewaySettings) -> tuple[UID, ...]:
+    """Storage SOP classes we accept; everything else is rejected in negotiation."""
+    extra = (SECONDARY_CAPTURE,) if settings.gateway_accept_secondary_capture else ()
+    return STORAGE_CLASSES + extra
+
+
+def build_ae(settings: GatewaySettings) -> AE:
+    """An AE with our contexts, limits and timeouts (association policy is in the handlers)."""
+    ae = AE(ae_title=settings.gateway_ae_title)
+    ae.maximum_associations = settings.gateway_max_associations
+    ae.maximum_pdu_size = settings.gateway_max_pdu
+    ae.acse_timeout = settings.gateway_acse_timeout
+    ae.dimse_timeout = settings.gateway_dimse_timeout
+    ae.network_timeout = settings.gateway_network_timeout
+    ae.add_supported_context(Verification)
+    for sop_class in storage_classes(settings):
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class BadDatasetError(ValueError):
+    """The dataset cannot be spooled safely; `status` is the C-STORE failure to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Header:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+
+
+def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
+    """Parse only the identifying tags of the received dataset (no pixel decode)."""
+    try:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            fp: BytesIO = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
+        else:
+            fp = stream
+            fp.seek(0)
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        ds = read_dataset(fp, implicit, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
+        header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
+    except Exception as exc:  # malformed streams raise anything from struct to zlib errors
+        raise BadDatasetError(CANNOT_UNDERSTAND, f"dataset could not be parsed ({type(exc).__name__})") from exc
+    finally:
+        stream.seek(0)
+    return header
+
+
+def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -> tuple[str, str]:
+    """Validate UIDs and their agreement with the C-STORE command; return (study, sop)."""
+    try:
+        study = validate_uid(header.study_uid, "StudyInstanceUID")
+        sop = validate_uid(header.sop_uid, "SOPInstanceUID")
+    except InvalidUIDError as exc:
+        raise BadDatasetError(CANNOT_UNDERSTAND, str(exc)) from exc
+    if sop != str(request_sop_uid).strip():
+        raise BadDatasetError(CANNOT_UNDERSTAND, "SOPInstanceUID differs from the command's AffectedSOPInstanceUID")
+    if header.sop_class and header.sop_class != str(request_sop_class).strip():
+        raise BadDatasetError(DATASET_MISMATCH, "SOPClassUID differs from the command's AffectedSOPClassUID")
+    return study, sop
+
+
+def failure(status: int, reason: str) -> Dataset:
+    """A C-STORE response status with an ErrorComment (max 64 chars, LO)."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = reason[:64]
+    return rsp
+
+
+class StoreSCP:
+    """Association policy and DIMSE handlers bound to one spool/outbox/tracker."""
+
+    def __init__(self, settings: GatewaySettings, spool: Spool, outbox: Outbox, tracker: StudyTracker) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.outbox = outbox
+        self.tracker = tracker
+        self._networks = settings.networks()
+        self._allowed_aes = set(settings.gateway_allowed_calling_aes)
+        self._ids = itertools.count(1)
+        self.stored = 0  # instances acknowledged since start (health/bench)
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_closed, ["released"]),
+            (evt.EVT_ABORTED, self.on_closed, ["aborted"]),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    # ---- association policy -------------------------------------------------------
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject at association time: unknown IP, unknown calling AE, wrong called AE, low disk."""
+        assoc = event.assoc
+        assoc.gateway_id = next(self._ids)  # type: ignore[attr-defined]
+        rq = assoc.requestor.primitive
+        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
+        peer = assoc.requestor.address
+        reason, rsd = self._policy(calling, called, peer)
+        ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
+        if reason is None:
+            log.info("association requested", extra=ctx)
+            return
+        log.warning("association rejected", extra={**ctx, "reason": reason})
+        assoc.acse.send_reject(*rsd)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def _policy(self, calling: str, called: str, peer: str) -> tuple[str | None, tuple[int, int, int]]:
+        if self._networks and not _ip_allowed(peer, self._networks):
+            return "source IP not in allow-list", RJ_NO_REASON
+        if self._allowed_aes and calling not in self._allowed_aes:
+            return "calling AE title not in allow-list", RJ_CALLING_AE
+        if self.settings.gateway_require_called_ae and called != self.settings.gateway_ae_title:
+            return "called AE title is not ours", RJ_CALLED_AE
+        try:
+            free = self.spool.free_bytes()
+        except OSError:
+            free = 0
+        if free < self.settings.gateway_min_free_bytes:
+            return f"spool free space {free} below threshold", RJ_LOCAL_LIMIT
+        return None, RJ_NO_REASON
+
+    def on_established(self, event: evt.Event) -> None:
+        event.assoc.gateway_stored = 0  # type: ignore[attr-defined]
+        accepted = sorted({str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts})
+        log.info("association established", extra={"assoc": _aid(event), "counts": {"accepted_classes": accepted}})
+
+    def on_closed(self, event: evt.Event, how: str) -> None:
+        stored = getattr(event.assoc, "gateway_stored", 0)
+        log.info(f"association {how}", extra={"assoc": _aid(event), "counts": {"stored": stored}})
+
+    # ---- DIMSE --------------------------------------------------------------------
+    def on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        """Persist, publish, track; Success only once the instance is durable."""
+        received = time.time()
+        request = event.request
+        syntax = UID(event.context.transfer_syntax)
+        ctx: dict[str, object] = {"assoc": _aid(event), "sop_class": str(request.AffectedSOPClassUID), "transfer_syntax": str(syntax)}
+        stream = request.DataSet
+        if not isinstance(stream, BytesIO):  # chunked-to-file receive mode; not used by us
+            stream = BytesIO(event.encoded_dataset(include_meta=False))
+        try:
+            study, sop = check_header(read_header(stream, syntax), request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+        except BadDatasetError as exc:
+            log.warning("C-STORE refused", extra={**ctx, "status": f"0x{exc.status:04X}", "reason": str(exc)})
+            return failure(exc.status, str(exc))
+        ctx.update(study_uid=study, sop_uid=sop)
+        meta = event.file_meta
+        meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()
+        try:
+            with stream.getbuffer() as body:
+                size = len(body)
+                relpath = self.spool.store([b"\x00" * 128 + b"DICM" + encode_file_meta(meta), body], study, sop)
+        except OSError as exc:
+            reason = f"spool write failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
+            log.error("C-STORE not persisted", extra={**ctx, "status": f"0x{OUT_OF_RESOURCES:04X}", "reason": reason})
+            return failure(OUT_OF_RESOURCES, reason)
+        queued = self.outbox.publish(relpath, sop, utc_iso(received))
+        try:
+            self.tracker.touch(study, received)
+        except OSError as exc:  # marker is best effort; the instance itself is safe
+            log.warning("study marker not written", extra={**ctx, "error": type(exc).__name__})
+        event.assoc.gateway_stored = getattr(event.assoc, "gateway_stored", 0) + 1  # type: ignore[attr-defined]
+        self.stored += 1
+        log.info("C-STORE stored", extra={**ctx, "status": "0x0000", "bytes": size, "relpath": relpath, "queued": queued})
+        return 0x0000
+
+
+def _aid(event: evt.Event) -> int | None:
+    return getattr(event.assoc, "gateway_id", None)
+
+
+def _ip_allowed(peer: str, networks: list) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
+Callback = Callable[[], None]

@@ -1,0 +1,141 @@
+"""The running gateway: listener + background maintenance (sweep, stable-study finalize).
+
+Start-up order matters for durability: the spool layout is created and stale partial
+writes removed before the listener accepts anything; the first sweep (which re-publishes
+everything left in `pending/` by a previous, possibly killed, process) runs right after.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.queue import Outbox, TaskPublisher
+from dicom_gateway.scp import StoreSCP, build_ae
+from dicom_gateway.spool import Spool
+from dicom_gateway.studies import StudyTracker
+from dicom_gateway.tls import server_context
+
+log = logging.getLogger("dicom_gateway.service")
+
+TICK_SECONDS = 0.5
+STALE_PARTIAL_SECONDS = 3600.0
+
+
+class Gateway:
+    """Owns the AE server and the maintenance thread; `start()` returns the bound port."""
+
+    def __init__(self, settings: GatewaySettings, publisher: TaskPublisher | None = None) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool_dir)
+        self.publisher = publisher or TaskPublisher(settings)
+        self.outbox = Outbox(
+            self.spool, self.publisher, settings.gateway_sweep_grace_seconds, settings.gateway_requeue_after_seconds
+        )
+        self.tracker = StudyTracker(
+            settings.gateway_stable_study_seconds,
+            self.publisher.finalize_study,
+            on_open=self.spool.mark_study_open,
+            on_closed=self.spool.mark_study_closed,
+        )
+        self.scp = StoreSCP(settings, self.spool, self.outbox, self.tracker)
+        self._server: Any = None
+        self._ae: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+        self.last_sweep: dict[str, Any] = {}
+
+    def start(self) -> int:
+        """Prepare the spool, recover open studies, start listening and maintenance."""
+        self.spool.ensure_layout()
+        removed = self.spool.clean_incoming(older_than_s=0.0)  # we are the only writer; a partial is never acknowledged
+        self._recover_studies()
+        ae = self._ae = build_ae(self.settings)
+        ssl_context = None
+        if self.settings.tls_enabled:
+            assert self.settings.gateway_tls_cert and self.settings.gateway_tls_key
+            ssl_context = server_context(
+                self.settings.gateway_tls_cert, self.settings.gateway_tls_key, self.settings.gateway_tls_ca
+            )
+        self._server = ae.start_server(
+            (self.settings.gateway_bind, self.settings.gateway_port),
+            block=False,
+            ssl_context=ssl_context,
+            evt_handlers=self.scp.handlers(),
+        )
+        self.port = int(self._server.server_address[1])
+        log.info(
+            "listening",
+            extra={"port": self.port, "called_ae": self.settings.gateway_ae_title, "counts": {"partials_removed": removed}},
+        )
+        if not self.settings.gateway_allowed_calling_aes:
+            log.warning("no calling-AE allow-list configured: any calling AE title is accepted")
+        self._thread = threading.Thread(target=self._maintenance, name="gateway-maintenance", daemon=True)
+        self._thread.start()
+        return self.port
+
+    def _recover_studies(self) -> None:
+        """Re-track studies left open by a previous run so their finalize is not lost."""
+        latest: dict[str, float] = dict(self.spool.open_studies())
+        for item in self.spool.iter_pending():
+            latest[item.study_uid] = max(latest.get(item.study_uid, 0.0), item.mtime)
+        for uid, wall in latest.items():
+            self.tracker.touch(uid, wall)  # quiet period restarts now: finalize late rather than early
+
+    def _maintenance(self) -> None:
+        """Sweep immediately (start-up recovery), then every interval; finalize quiet studies."""
+        next_sweep, next_clean = 0.0, time.monotonic() + STALE_PARTIAL_SECONDS
+        first = True
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_sweep:
+                    # At start-up nothing is in flight, so everything pending is due (grace 0).
+                    self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first else None), "at": time.time()}
+                    if self.last_sweep["queued"] or self.last_sweep["failed"]:
+                        log.info("sweep", extra={"counts": self.last_sweep})
+                    first = False
+                    next_sweep = now + self.settings.gateway_sweep_interval_seconds
+                self.tracker.finalize_due()
+                if now >= next_clean:
+                    self.spool.clean_incoming(STALE_PARTIAL_SECONDS)
+                    next_clean = now + STALE_PARTIAL_SECONDS
+            except Exception:  # never let maintenance die silently; log and keep going
+                log.exception("maintenance iteration failed")
+            self._stop.wait(TICK_SECONDS)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let running associations finish (bounded), stop maintenance."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        deadline = time.monotonic() + timeout
+        while self._ae is not None and self._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._ae is not None:
+            for assoc in self._ae.active_associations:
+                assoc.abort()  # what they already got Success for is on disk; the rest is re-sent
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.publisher.close()
+        log.info("stopped")
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and not self._stop.is_set()
+
+    def status(self) -> dict[str, Any]:
+        """In-process view for tests/benchmarks (the CLI health check probes from outside)."""
+        return {
+            "listening": self.listening,
+            "port": self.port,
+            "stored": self.scp.stored,
+            "open_studies": len(self.tracker.open_studies()),
+            "last_sweep": self.last_sweep,
+            **self.spool.depth(),
+        }

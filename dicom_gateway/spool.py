@@ -1,0 +1,194 @@
+"""The on-disk spool: the only place where an acknowledged instance lives until the worker is done.
+
+Layout (shared contract with the worker, see worker/contract.py)::
+
+    <spool>/incoming/<tmp>                         partial writes; never read by anyone
+    <spool>/pending/<StudyUID>/<SOPUID>.dcm        durable, awaiting the worker (the outbox)
+    <spool>/archive/...                            moved there by the worker when done
+    <spool>/studies/<StudyUID>                     gateway-only marker: study not yet finalized
+
+A file appears in `pending/` only by `os.replace` of a fully written, fsynced file, and
+the directory entry is fsynced too, so after a crash `pending/` holds exactly the
+instances that may have been acknowledged: nothing half-written, nothing lost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from worker.contract import SPOOL_ARCHIVE, SPOOL_INCOMING, SPOOL_PENDING, pending_relpath
+
+from dicom_gateway.config import UID_MAX_LEN
+
+STUDIES = "studies"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUIDError(ValueError):
+    """A UID that must not become part of a path (empty, too long, not digits-and-dots)."""
+
+
+def validate_uid(value: object, what: str = "UID") -> str:
+    """Return `value` as a UID string if it is a syntactically valid DICOM UID.
+
+    Why so strict: UIDs become directory and file names; the regex admits no `/`, `..`
+    or NUL, so a hostile dataset cannot escape the spool.
+    """
+    uid = str(value if value is not None else "").strip().rstrip("\x00")
+    if not uid:
+        raise InvalidUIDError(f"{what} is missing")
+    if len(uid) > UID_MAX_LEN:
+        raise InvalidUIDError(f"{what} is longer than {UID_MAX_LEN} characters")
+    if not _UID_RE.match(uid):
+        raise InvalidUIDError(f"{what} is not a valid UID (digits and dots only)")
+    return uid
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """One instance in the outbox."""
+
+    relpath: str
+    study_uid: str
+    sop_uid: str
+    mtime: float
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename/create inside it survives power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable writes into, and listing of, the spool directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.incoming = self.root / SPOOL_INCOMING
+        self.pending = self.root / SPOOL_PENDING
+        self.archive = self.root / SPOOL_ARCHIVE
+        self.studies = self.root / STUDIES
+
+    def ensure_layout(self) -> None:
+        """Create the spool directories (raises OSError if the spool is unusable)."""
+        for path in (self.incoming, self.pending, self.archive, self.studies):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def store(self, chunks: list[bytes | memoryview], study_uid: str, sop_uid: str) -> str:
+        """Durably write one instance and return its spool-relative path.
+
+        Steps: write to `incoming/` (O_EXCL, unique name), fsync the file, make the study
+        directory (fsyncing `pending/` if it is new), `os.replace` into place, fsync the
+        study directory. Any OSError propagates after the partial file is removed, so the
+        caller can answer a failure status instead of Success.
+        """
+        study_uid = validate_uid(study_uid, "StudyInstanceUID")
+        sop_uid = validate_uid(sop_uid, "SOPInstanceUID")
+        relpath = pending_relpath(study_uid, sop_uid)
+        tmp = self.incoming / f"{sop_uid}.{uuid.uuid4().hex}.part"
+        try:
+            _write_fsync(tmp, chunks)
+            study_dir = self.pending / study_uid
+            if not study_dir.is_dir():
+                study_dir.mkdir(exist_ok=True)
+                fsync_dir(self.pending)
+            os.replace(tmp, self.root / relpath)
+            fsync_dir(study_dir)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return relpath
+
+    def mark_study_open(self, study_uid: str) -> None:
+        """Record (best effort, no fsync) that a study awaits finalize, to survive restarts."""
+        marker = self.studies / validate_uid(study_uid, "StudyInstanceUID")
+        if not marker.exists():
+            marker.touch()
+
+    def mark_study_closed(self, study_uid: str) -> None:
+        (self.studies / validate_uid(study_uid, "StudyInstanceUID")).unlink(missing_ok=True)
+
+    def open_studies(self) -> Iterator[tuple[str, float]]:
+        """(StudyInstanceUID, marker mtime) of studies not yet finalized."""
+        if not self.studies.is_dir():
+            return
+        for entry in os.scandir(self.studies):
+            if _UID_RE.match(entry.name):
+                try:
+                    yield entry.name, entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+
+    def iter_pending(self) -> Iterator[PendingFile]:
+        """Every instance in `pending/`; entries that are not ours are skipped, not trusted."""
+        if not self.pending.is_dir():
+            return
+        for study in os.scandir(self.pending):
+            if not (study.is_dir() and _UID_RE.match(study.name)):
+                continue
+            for entry in os.scandir(study.path):
+                sop, dot, ext = entry.name.rpartition(".")
+                if ext != "dcm" or not dot or not _UID_RE.match(sop):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:  # the worker archived it meanwhile
+                    continue
+                yield PendingFile(pending_relpath(study.name, sop), study.name, sop, mtime)
+
+    def depth(self) -> dict[str, int]:
+        """Counts for the health check: pending instances/studies, partial writes."""
+        pending = list(self.iter_pending())
+        partial = sum(1 for _ in os.scandir(self.incoming)) if self.incoming.is_dir() else 0
+        return {
+            "pending_instances": len(pending),
+            "pending_studies": len({p.study_uid for p in pending}),
+            "incoming_partials": partial,
+        }
+
+    def clean_incoming(self, older_than_s: float = 3600.0) -> int:
+        """Remove stale partial writes left by a crash (never acknowledged, safe to drop)."""
+        removed = 0
+        if not self.incoming.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free bytes for unprivileged writers on the spool's file system."""
+        target = self.root if self.root.exists() else self.root.parent
+        return shutil.disk_usage(target).free
+
+
+def _write_fsync(path: Path, chunks: list[bytes | memoryview]) -> None:
+    """Write all chunks to a new file and fsync it; a short write raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError("short write to spool")
+                view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

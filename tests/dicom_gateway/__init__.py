@@ -1,0 +1,1 @@
+"""Tests of the DICOM gateway (issue #4)."""
