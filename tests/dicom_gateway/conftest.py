@@ -174,9 +174,13 @@ def gateway(start_gateway: Callable[..., Gateway], broker: redis.Redis) -> Gatew
     return start_gateway()
 
 
-def gateway_subprocess(settings_env: dict[str, str], **popen: object) -> subprocess.Popen:
-    """`dicom-gateway run` as a real process (for SIGKILL and rlimit tests)."""
+def gateway_subprocess(settings_env: dict[str, str], log_path: Path, **popen: object) -> subprocess.Popen:
+    """`dicom-gateway run` as a real process (for SIGKILL and rlimit tests), logging to `log_path`.
+
+    A file, not a pipe: an unread pipe fills up and blocks the gateway's logging.
+    """
     env = {**os.environ, **settings_env}
-    return subprocess.Popen(
-        [sys.executable, "-m", "dicom_gateway.cli", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
-    )
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicom_gateway.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, **popen
+        )

@@ -89,8 +89,8 @@ def store_with_pynetdicom(
 ) -> list[int]:
     """C-STORE datasets over one association; returns status codes (-1 = no response)."""
     ae = AE(ae_title=calling_ae)
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    for sop_class, syntax in dict.fromkeys((ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets):
+        ae.add_requested_context(sop_class, syntax)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
@@ -103,6 +103,8 @@ def store_with_pynetdicom(
             codes.append(code)
             if on_status is not None:
                 on_status(ds, code)
+            if code == -1 or not assoc.is_established:
+                break  # association gone (peer died/aborted): no point sending the rest
     finally:
         if abort:
             assoc.abort()

@@ -1,0 +1,187 @@
+"""Durability: Success only for instances that can no longer be lost.
+
+Broker outage, gateway SIGKILL mid-push, aborted associations, unwritable spool (real
+OSErrors: RLIMIT_FSIZE -> EFBIG, a file where a directory should be -> ENOTDIR).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_gateway.service import Gateway
+from tests.dicom_gateway.conftest import RedisServer, gateway_subprocess, small_dataset
+from tests.dicom_gateway.helpers import (
+    free_port,
+    pending_files,
+    queued_tasks,
+    run_storescu,
+    store_with_pynetdicom,
+    wait_for,
+)
+from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE, pending_relpath
+
+pytestmark = pytest.mark.redis
+
+
+def _process_messages(client) -> list[dict]:
+    return [t for t in queued_tasks(client) if t["task"] == PROCESS_INSTANCE]
+
+
+def test_broker_down_still_stores_then_sweep_queues_each_once(settings_factory, tmp_path, images):
+    """Redis stopped while 50 instances are pushed; after restart each is queued exactly once."""
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    gateway = Gateway(settings_factory(broker_url=own.url))
+    gateway.start()
+    try:
+        own.stop()
+        study = generate_uid()
+        datasets = [small_dataset(images, i, study_uid=study) for i in range(50)]
+        started = time.monotonic()
+        codes = store_with_pynetdicom(gateway.port, datasets)
+        elapsed = time.monotonic() - started
+        assert codes == [0x0000] * 50, "broker down must not fail or hang the C-STORE"
+        assert elapsed < 30, f"50 stores took {elapsed:.1f}s with the broker down"
+        assert len(pending_files(gateway.spool.root)) == 50
+        own.start()
+        client = own.client()
+        wanted = {str(ds.SOPInstanceUID) for ds in datasets}
+        wait_for(lambda: {t["args"][1] for t in _process_messages(client)} == wanted, 20, what="sweep to queue all 50")
+        time.sleep(2 * gateway.settings.gateway_sweep_interval_seconds + 0.5)  # further sweeps must not duplicate
+        counts = Counter(t["args"][1] for t in _process_messages(client))
+        assert len(counts) == 50 and set(counts.values()) == {1}, counts.most_common(3)
+        for t in _process_messages(client):
+            assert t["args"][0] == pending_relpath(study, t["args"][1])
+        finals = wait_for(lambda: [t for t in queued_tasks(client) if t["task"] == FINALIZE_STUDY], 10, what="finalize")
+        assert [f["args"] for f in finals] == [[study]]
+    finally:
+        gateway.stop(timeout=2)
+        own.stop()
+
+
+def test_gateway_sigkill_mid_push_every_success_is_queued_after_restart(settings_factory, tmp_path, images, broker, redis_server):
+    """Kill -9 during a push; the restarted gateway publishes every acknowledged instance."""
+    port = free_port()
+    spool = tmp_path / "spool"
+    env = {
+        "TRIAGE_BROKER_URL": redis_server.url,
+        "TRIAGE_SPOOL_DIR": str(spool),
+        "TRIAGE_GATEWAY_PORT": str(port),
+        "TRIAGE_GATEWAY_BIND": "127.0.0.1",
+        "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0",
+        "TRIAGE_GATEWAY_SWEEP_INTERVAL_SECONDS": "0.5",
+        "TRIAGE_GATEWAY_STABLE_STUDY_SECONDS": "1",
+    }
+    proc = gateway_subprocess(env, tmp_path / "gateway.log")
+    acked: list[str] = []
+    try:
+        wait_for(lambda: _echo_ok(port), 20, what="gateway subprocess to listen")
+        datasets = [small_dataset(images, i, size=(256, 256), study_uid=generate_uid()) for i in range(200)]
+
+        def record(ds, code):
+            if code == 0:
+                acked.append(str(ds.SOPInstanceUID))
+            if len(acked) == 30:
+                os.kill(proc.pid, signal.SIGKILL)
+
+        try:
+            codes = store_with_pynetdicom(port, datasets, on_status=record)
+        except (RuntimeError, ConnectionError):
+            codes = []
+        assert -1 in codes or len(codes) < 200, "the push must have been cut by the kill"
+        proc.wait(10)
+        assert 30 <= len(acked) < 200
+        broker.flushall()  # pretend the broker lost everything too: only the spool can save us
+        on_disk = {p.stem for p in pending_files(spool)}
+        assert set(acked) <= on_disk, "an acknowledged instance is missing from the spool"
+        proc = gateway_subprocess(env, tmp_path / "gateway.log")
+        wait_for(lambda: _echo_ok(port), 20, what="gateway restart")
+        assert list((spool / "incoming").iterdir()) == []
+        wait_for(lambda: set(acked) <= {t["args"][1] for t in _process_messages(broker)}, 20, what="acked instances re-queued")
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _echo_ok(port: int) -> bool:
+    from dicom_gateway.health import echo
+    from dicom_gateway.config import GatewaySettings
+
+    return bool(echo(GatewaySettings(gateway_port=port), "127.0.0.1", timeout=2)["ok"])
+
+
+def test_aborted_association_keeps_acknowledged_instances(gateway, images, broker):
+    datasets = [small_dataset(images, i) for i in range(3)]
+    codes = store_with_pynetdicom(gateway.port, datasets, abort=True)
+    assert codes == [0, 0, 0]
+    assert {p.stem for p in pending_files(gateway.spool.root)} == {str(d.SOPInstanceUID) for d in datasets}
+    wait_for(lambda: len(_process_messages(broker)) == 3, 5, what="3 messages")
+
+
+def test_duplicate_sop_instance_is_one_spool_file(gateway, images, broker):
+    ds = small_dataset(images, 0)
+    assert store_with_pynetdicom(gateway.port, [ds]) == [0]
+    assert store_with_pynetdicom(gateway.port, [ds]) == [0]
+    assert [p.stem for p in pending_files(gateway.spool.root)] == [str(ds.SOPInstanceUID)]
+    # Both publishes carry the same SOP UID: the worker upserts per SOP Instance UID.
+    wait_for(lambda: {t["args"][1] for t in _process_messages(broker)} == {str(ds.SOPInstanceUID)}, 5, what="message")
+
+
+def test_spool_not_writable_answers_out_of_resources(gateway, images, broker):
+    """incoming/ replaced by a file: the open() fails with ENOTDIR -> 0xA700, never Success."""
+    incoming = gateway.spool.incoming
+    incoming.rmdir()
+    incoming.write_text("not a directory")
+    ds = small_dataset(images, 0)
+    assert store_with_pynetdicom(gateway.port, [ds]) == [0xA700]
+    assert pending_files(gateway.spool.root) == []
+    assert _process_messages(broker) == []
+
+
+def test_file_size_limit_answers_failure_and_leaves_no_partial(tmp_path, images, broker, redis_server):
+    """RLIMIT_FSIZE makes write() fail with EFBIG (a real 'disk full' for this process; root cannot bypass it)."""
+    port = free_port()
+    spool = tmp_path / "spool"
+    limit = 64 * 1024
+    env = {
+        "TRIAGE_BROKER_URL": redis_server.url,
+        "TRIAGE_SPOOL_DIR": str(spool),
+        "TRIAGE_GATEWAY_PORT": str(port),
+        "TRIAGE_GATEWAY_BIND": "127.0.0.1",
+        "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0",
+    }
+    proc = gateway_subprocess(env, tmp_path / "gateway.log", preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    try:
+        wait_for(lambda: _echo_ok(port), 20, what="gateway subprocess")
+        big = small_dataset(images, 0, size=(512, 512))  # ~512 KiB > limit
+        small = small_dataset(images, 1, size=(64, 64))  # ~8 KiB < limit
+        assert store_with_pynetdicom(port, [big, small]) == [0xA700, 0x0000]
+        assert [p.stem for p in pending_files(spool)] == [str(small.SOPInstanceUID)]
+        assert list((spool / "incoming").iterdir()) == [], "the failed partial write must be removed"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert proc.returncode == 0
+    text = (tmp_path / "gateway.log").read_text()
+    assert "EFBIG" in text and "C-STORE not persisted" in text
+    assert "SYNTHETIC" not in text and "SYN-000001" not in text, "patient name/ID must never be logged"
+
+
+def test_storescu_sees_failure_status_for_unwritable_spool(gateway, dcmtk, make_study):
+    (gateway.spool.incoming).rmdir()
+    gateway.spool.incoming.write_text("x")
+    [path] = make_study(1)
+    out = run_storescu(dcmtk("storescu"), gateway.port, [path])
+    assert "Received Store Response (Refused: OutOfResources)" in out.stderr + out.stdout
+    assert pending_files(gateway.spool.root) == []

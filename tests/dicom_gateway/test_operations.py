@@ -1,0 +1,174 @@
+"""Concurrency, stable-study finalize, bad datasets, health check, DICOM TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.dicom_gateway.conftest import small_dataset
+from tests.dicom_gateway.helpers import free_port, pending_files, queued_tasks, run_storescu, store_with_pynetdicom, wait_for
+from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.mark.dcmtk
+def test_16_concurrent_storescu_associations_of_20(start_gateway, broker, dcmtk, make_study, tmp_path):
+    storescu = dcmtk("storescu")
+    gateway = start_gateway(gateway_max_associations=16)
+    folders = []
+    for i in range(16):
+        folder = tmp_path / f"sender{i}"
+        make_study(20, out=folder)
+        folders.append(folder)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda f: run_storescu(storescu, gateway.port, [f], "+sd", calling=f"MOD{folders.index(f)}"), folders))
+    for out in results:
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stderr.count("Received Store Response (Success)") == 20, out.stderr[-2000:]
+    assert len(pending_files(gateway.spool.root)) == 320
+    wait_for(lambda: len({t["args"][1] for t in queued_tasks(broker) if t["task"] == PROCESS_INSTANCE}) == 320, 20, what="320 messages")
+
+
+def test_study_is_finalized_once_after_it_goes_quiet(start_gateway, broker, images):
+    gateway = start_gateway(gateway_stable_study_seconds=1.5)
+    study = generate_uid()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+    time.sleep(0.8)
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 1, study_uid=study)]) == [0]
+    assert (gateway.spool.studies / study).exists(), "open study is persisted for restarts"
+    time.sleep(1.0)  # 1.8 s after the first, 1.0 s after the last: not quiet yet
+    assert [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY] == []
+    finals = wait_for(lambda: [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 5, what="finalize")
+    time.sleep(1.0)
+    finals = [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY]
+    assert [f["args"] for f in finals] == [[study]]
+    assert finals[0]["kwargs"]["last_received_at"].endswith("+00:00")
+    assert not (gateway.spool.studies / study).exists()
+
+
+def test_open_study_survives_restart(start_gateway, broker, images, tmp_path):
+    first = start_gateway(gateway_stable_study_seconds=60)
+    study = generate_uid()
+    assert store_with_pynetdicom(first.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+    first.stop(timeout=2)
+    second = start_gateway(gateway_stable_study_seconds=1)
+    assert second.spool.root == first.spool.root
+    finals = wait_for(lambda: [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 5, what="finalize after restart")
+    assert [f["args"] for f in finals] == [[study]]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_invalid_study_uid_is_refused_with_reason(gateway, broker, images):
+    from pynetdicom import AE
+
+    ds = small_dataset(images, 0)
+    ds.StudyInstanceUID = "1.2.3/../../../etc"
+    ae = AE(ae_title="BADSCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+    try:
+        rsp = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert rsp.Status == 0xC000
+    assert "StudyInstanceUID" in rsp.ErrorComment
+    assert pending_files(gateway.spool.root) == []
+    assert not list(gateway.spool.root.rglob("etc*"))
+    assert queued_tasks(broker) == []
+
+
+def _health(settings, *extra: str, env_over: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update(
+        TRIAGE_BROKER_URL=settings.broker_url,
+        TRIAGE_SPOOL_DIR=str(settings.spool_dir),
+        TRIAGE_GATEWAY_MIN_FREE_BYTES="0",
+    )
+    env.update(env_over or {})
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_gateway.cli", "--port", str(settings.gateway_port), "health", *extra],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+def test_health_command_reports_listener_spool_broker_disk(start_gateway, broker, images):
+    gateway = start_gateway()
+    store_with_pynetdicom(gateway.port, [small_dataset(images, 0)])
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    out = _health(settings)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["healthy"] is True
+    assert report["listener"]["ok"] and report["broker"]["ok"] and report["disk"]["ok"]
+    assert report["spool"]["pending_instances"] == 1
+    dead = _health(settings, env_over={"TRIAGE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert dead.returncode == 1
+    assert json.loads(dead.stdout)["broker"]["ok"] is False
+    gateway.stop(timeout=2)
+    down = _health(settings)
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["listener"]["ok"] is False
+
+
+# ---- TLS ----------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A throwaway CA with a server and a client certificate (openssl CLI)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Test CA", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
+
+
+def test_tls_mutual_auth(start_gateway, broker, images, pki):
+    from dicom_gateway.tls import client_context
+
+    gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"], gateway_tls_ca=pki["ca_pem"])
+    ctx = client_context(pki["ca_pem"], pki["client_pem"], pki["client_key"])
+    ds = small_dataset(images, 0)
+    assert store_with_pynetdicom(gateway.port, [ds], tls_args=(ctx, None)) == [0]
+    assert len(pending_files(gateway.spool.root)) == 1
+    with pytest.raises(ConnectionError):  # plain TCP to a TLS port: no association
+        store_with_pynetdicom(gateway.port, [small_dataset(images, 1)])
+    no_cert = client_context(pki["ca_pem"])
+    with pytest.raises(ConnectionError):  # TLS without a client certificate: refused by the handshake
+        store_with_pynetdicom(gateway.port, [small_dataset(images, 2)], tls_args=(no_cert, None))
+    assert len(pending_files(gateway.spool.root)) == 1
+
+
+@pytest.mark.dcmtk
+def test_tls_with_dcmtk_echoscu(start_gateway, broker, dcmtk, pki):
+    gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"], gateway_tls_ca=pki["ca_pem"])
+    out = subprocess.run(
+        [dcmtk("echoscu"), "-v", "-aec", "TRIAGE", "+tls", str(pki["client_key"]), str(pki["client_pem"]),
+         "+cf", str(pki["ca_pem"]), "127.0.0.1", str(gateway.port)],
+        capture_output=True, text=True, timeout=30,
+    )
+    if "unrecognized option" in out.stderr or "TLS support not compiled" in out.stderr:
+        pytest.skip("this DCMTK build has no TLS support")
+    assert out.returncode == 0, out.stderr
+    assert "Received Echo Response (Success)" in out.stderr + out.stdout

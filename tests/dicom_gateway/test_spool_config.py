@@ -1,0 +1,81 @@
+"""Spool naming/atomicity and settings parsing (pure-Python parts, real file system)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.spool import InvalidUIDError, Spool, validate_uid
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "  ", "../../etc/passwd", "1.2/../../x", "1.2.3.", ".1.2", "1..2", "1.2.a", "1.2\x003", "1" * 65, None],
+)
+def test_invalid_uids_never_become_paths(bad):
+    with pytest.raises(InvalidUIDError):
+        validate_uid(bad)
+
+
+def test_valid_uid_is_normalised():
+    assert validate_uid("1.2.840.10008.5.1.4.1.1.1\x00") == "1.2.840.10008.5.1.4.1.1.1"
+    assert validate_uid("1" * 64) == "1" * 64
+
+
+def test_store_is_atomic_and_replaces_duplicates(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    rel = spool.store([b"first"], "1.2.3", "1.2.3.4")
+    assert rel == "pending/1.2.3/1.2.3.4.dcm"
+    assert spool.store([b"second", memoryview(b"-part")], "1.2.3", "1.2.3.4") == rel
+    assert (spool.root / rel).read_bytes() == b"second-part"
+    assert list(spool.incoming.iterdir()) == []
+    assert [p.relpath for p in spool.iter_pending()] == [rel]
+
+
+def test_failed_store_leaves_nothing(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    (spool.pending / "1.2.3").write_text("a file where the study directory should be")
+    with pytest.raises(OSError):
+        spool.store([b"data"], "1.2.3", "1.2.3.4")
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_iter_pending_ignores_foreign_entries(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    spool.store([b"x"], "1.2", "1.2.5")
+    (spool.pending / "1.2" / "notes.txt").write_text("x")
+    (spool.pending / "junk").mkdir()
+    (spool.pending / "junk" / "1.2.dcm").write_text("x")
+    assert [p.sop_uid for p in spool.iter_pending()] == ["1.2.5"]
+    assert spool.depth() == {"pending_instances": 1, "pending_studies": 1, "incoming_partials": 0}
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("TRIAGE_GATEWAY_ALLOWED_CALLING_AES", "MODALITY1, PACS")
+    monkeypatch.setenv("TRIAGE_GATEWAY_ALLOWED_IPS", '["10.0.0.0/8", "127.0.0.1"]')
+    monkeypatch.setenv("TRIAGE_GATEWAY_PORT", "104")
+    settings = GatewaySettings()
+    assert settings.gateway_allowed_calling_aes == ["MODALITY1", "PACS"]
+    assert [str(n) for n in settings.networks()] == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert settings.gateway_port == 104
+    with pytest.raises(ValidationError):
+        settings.gateway_port = 1  # frozen
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TRIAGE_GATEWAY_AE_TITLE", "THIS-TITLE-IS-TOO-LONG"),
+        ("TRIAGE_GATEWAY_ALLOWED_IPS", "not-an-ip"),
+        ("TRIAGE_GATEWAY_TLS_CERT", "/tmp/cert.pem"),  # without a key
+        ("TRIAGE_GATEWAY_PORT", "70000"),
+    ],
+)
+def test_bad_settings_fail_with_the_variable_named(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        GatewaySettings()
