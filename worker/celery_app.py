@@ -76,6 +76,10 @@ def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_soft_time_limit": settings.soft_time_limit_s,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # A killed worker's message comes back after visibility_timeout plus at most one
+            # restore interval (the throttle of 1 checks on every tick; default would be 10 ticks).
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 10,
             "retry_on_timeout": True,

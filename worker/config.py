@@ -43,6 +43,8 @@ class WorkerSettings(BaseSettings):
     time_limit_s: int = 180
     visibility_timeout_s: int = 3600
     """Must exceed the longest task, or Redis redelivers a task that is still running."""
+    unacked_restore_interval_s: int = 10
+    """How often a worker looks for unacknowledged messages of dead workers to restore."""
     max_retries: int = 30
     retry_backoff_max_s: int = 60
     max_attempts: int = 3

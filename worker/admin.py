@@ -1,0 +1,299 @@
+"""`pneumonia-admin`: look at, summarise and export triage results; re-queue stranded work.
+
+    pneumonia-admin list [--studies] [--flag URGENT] [--stratum S] [--status failed]
+                         [--since 2026-01-01] [--until ...] [--accession ACC] [--limit 50] [--format table|csv|json]
+    pneumonia-admin show <StudyInstanceUID>
+    pneumonia-admin stats [--window-hours 24]
+    pneumonia-admin export --format csv|json [--out FILE] [same filters as list]
+    pneumonia-admin requeue [--older-than SECONDS]
+
+Every query filters on indexed columns (status, stratum, flag, accession, received/finished
+times) and pages with LIMIT, so it stays fast on 100k+ rows. Output holds only the stored
+identifiers (UIDs, accession number), never patient data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import Connection, func, select, text
+
+from worker import contract, db
+from worker.config import WorkerSettings
+
+LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
+                "flag", "probability", "prediction", "reason", "received_at", "finished_at", "processing_ms")
+STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
+                 "n_instances", "n_done", "n_pending", "last_received_at")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumonia-admin", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", default=None, help="override TRIAGE_DATABASE_URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("list", "export"):
+        cmd = sub.add_parser(name, help="list rows" if name == "list" else "export rows to CSV/JSON")
+        _add_filters(cmd)
+        cmd.add_argument("--format", choices=("table", "csv", "json") if name == "list" else ("csv", "json"),
+                         default="table" if name == "list" else "csv")
+        cmd.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
+    show = sub.add_parser("show", help="one study with its instances")
+    show.add_argument("study_uid")
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    stats = sub.add_parser("stats", help="counts, failure reasons, throughput and latency")
+    stats.add_argument("--window-hours", type=float, default=24.0)
+    stats.add_argument("--format", choices=("table", "json"), default="table")
+    requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
+    requeue.add_argument("--older-than", type=float, default=300.0, help="seconds since the file was written")
+    return parser
+
+
+def _add_filters(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--studies", action="store_true", help="one line per study (most severe flag)")
+    cmd.add_argument("--flag")
+    cmd.add_argument("--stratum")
+    cmd.add_argument("--status", choices=db.STATUSES)
+    cmd.add_argument("--accession")
+    cmd.add_argument("--study")
+    cmd.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
+    cmd.add_argument("--until", type=_timestamp, help="received before")
+    cmd.add_argument("--limit", type=int, default=None)
+
+
+def _timestamp(value: str) -> dt.datetime:
+    parsed = db.parse_timestamp(value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 date/time: {value!r}")
+    return parsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = WorkerSettings()
+    engine = db.make_engine(args.database_url or settings.database_url)
+    try:
+        if args.command == "requeue":
+            return requeue(settings, engine, args.older_than)
+        with engine.connect() as conn:
+            return COMMANDS[args.command](conn, args)
+    finally:
+        engine.dispose()
+
+
+def query_rows(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Instances (or studies with --studies) matching the filters, newest first."""
+    if args.studies:
+        return _query_studies(conn, args)
+    t = db.instances
+    stmt = select(*[t.c[c] for c in LIST_COLUMNS])
+    for column, value in (("flag", args.flag), ("stratum", args.stratum), ("status", args.status),
+                          ("accession_number", args.accession), ("study_instance_uid", args.study)):
+        if value:
+            stmt = stmt.where(t.c[column] == value)
+    if args.since:
+        stmt = stmt.where(t.c.received_at >= args.since)
+    if args.until:
+        stmt = stmt.where(t.c.received_at < args.until)
+    stmt = stmt.order_by(t.c.received_at.desc())
+    if args.limit:
+        stmt = stmt.limit(args.limit)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
+    clauses, params = [], {}
+    for column, value in (("flag", args.flag), ("stratum", args.stratum), ("accession_number", args.accession),
+                          ("study_instance_uid", args.study)):
+        if value:
+            clauses.append(f"{column} = :{column}")
+            params[column] = value
+    if args.since:
+        clauses.append("last_received_at >= :since")
+        params["since"] = args.since
+    if args.until:
+        clauses.append("last_received_at < :until")
+        params["until"] = args.until
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    limit = f"LIMIT {int(args.limit)}" if args.limit else ""
+    sql = f"SELECT {', '.join(STUDY_COLUMNS)} FROM study_flags {where} ORDER BY last_received_at DESC {limit}"
+    return [dict(r) for r in conn.execute(text(sql), params).mappings()]
+
+
+def cmd_list(conn: Connection, args: argparse.Namespace) -> int:
+    rows = query_rows(conn, args)
+    columns = STUDY_COLUMNS if args.studies else LIST_COLUMNS
+    _emit(rows, columns, args.format, args.out)
+    return 0
+
+
+def cmd_export(conn: Connection, args: argparse.Namespace) -> int:
+    return cmd_list(conn, args)
+
+
+def cmd_show(conn: Connection, args: argparse.Namespace) -> int:
+    study = conn.execute(text(f"SELECT {', '.join(STUDY_COLUMNS)} FROM study_flags WHERE study_instance_uid = :s"),
+                         {"s": args.study_uid}).mappings().first()
+    t = db.instances
+    instances = [dict(r) for r in conn.execute(
+        select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
+        .order_by(t.c.received_at)).mappings()]
+    if study is None and not instances:
+        print(f"study {args.study_uid} not found", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps({"study": _jsonable(dict(study or {})), "instances": [_jsonable(r) for r in instances]},
+                         indent=2))
+        return 0
+    for key, value in dict(study or {}).items():
+        print(f"{key:>20}: {_fmt(value)}")
+    print()
+    _emit(instances, LIST_COLUMNS, "table", None)
+    return 0
+
+
+def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
+    """Counts per stratum/status, top failure reasons, throughput and latency percentiles."""
+    t = db.instances
+    since = db.utcnow() - dt.timedelta(hours=window_hours)
+    recent = t.c.finished_at >= since
+    by_status = dict(conn.execute(select(t.c.status, func.count()).where(recent).group_by(t.c.status)).all())
+    by_stratum = dict(conn.execute(select(t.c.stratum, func.count())
+                                   .where(recent, t.c.status == "done").group_by(t.c.stratum)).all())
+    by_flag = dict(conn.execute(select(t.c.flag, func.count())
+                                .where(recent, t.c.status == "done").group_by(t.c.flag)).all())
+    reasons = conn.execute(select(t.c.status, t.c.reason, func.count().label("n"))
+                           .where(recent, t.c.status.in_(("failed", "skipped")))
+                           .group_by(t.c.status, t.c.reason).order_by(text("n DESC")).limit(20)).all()
+    timing = conn.execute(select(t.c.received_at, t.c.finished_at, t.c.processing_ms)
+                          .where(recent, t.c.status.in_(db.TERMINAL))).all()
+    pending = conn.execute(select(func.count()).where(t.c.status.in_(("queued", "processing")))).scalar_one()
+    return {
+        "window_hours": window_hours,
+        "by_status": by_status,
+        "by_stratum": by_stratum,
+        "by_flag": by_flag,
+        "outstanding": pending,
+        "top_reasons": [{"status": s, "reason": r, "count": n} for s, r, n in reasons],
+        **_timing_stats(timing),
+    }
+
+
+def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:
+    if not rows:
+        return {"finished": 0, "throughput_per_s": None, "latency_s": None, "processing_ms": None}
+    finished = [r[1] for r in rows if r[1] is not None]
+    latency = np.array([(r[1] - r[0]).total_seconds() for r in rows if r[0] and r[1]], dtype=float)
+    processing = np.array([r[2] for r in rows if r[2] is not None], dtype=float)
+    span = (max(finished) - min(finished)).total_seconds() if len(finished) > 1 else 0.0
+    return {
+        "finished": len(rows),
+        "throughput_per_s": round(len(finished) / span, 3) if span > 0 else None,
+        "latency_s": _percentiles(latency),
+        "processing_ms": _percentiles(processing),
+    }
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float] | None:
+    if values.size == 0:
+        return None
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+            "max": round(float(values.max()), 3)}
+
+
+def cmd_stats(conn: Connection, args: argparse.Namespace) -> int:
+    stats = compute_stats(conn, args.window_hours)
+    if args.format == "json":
+        print(json.dumps(stats, indent=2, default=str))
+        return 0
+    for key, value in stats.items():
+        if key == "top_reasons":
+            print("top_reasons:")
+            for item in value:
+                print(f"  {item['count']:>7}  {item['status']:<8} {item['reason']}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
+    """Re-send `process_instance` for every pending spool file older than `older_than_s`.
+
+    The same sweep the gateway runs on start-up; safe to repeat because the worker is
+    idempotent. Rows not yet present are recorded as `queued` so nothing is invisible.
+    """
+    from celery import Celery
+
+    pending = Path(settings.spool_dir) / contract.SPOOL_PENDING
+    cutoff = time.time() - older_than_s
+    files = [p for p in sorted(pending.glob("*/*.dcm")) if p.stat().st_mtime <= cutoff]
+    client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
+    try:
+        for path in files:
+            relpath = path.relative_to(settings.spool_dir).as_posix()
+            _mark_queued(engine, path.parent.name, path.stem, relpath)
+            client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
+                             kwargs={"received_at": dt.datetime.fromtimestamp(path.stat().st_mtime,
+                                                                              dt.timezone.utc).isoformat()},
+                             queue=contract.QUEUE)
+    finally:
+        client.close()
+    print(f"requeued {len(files)} pending instance(s)")
+    return 0
+
+
+def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str) -> None:
+    with engine.begin() as conn:
+        stmt = db._insert(conn, db.instances).values(
+            sop_instance_uid=sop_uid, study_instance_uid=study_uid, spool_relpath=relpath,
+            status="queued", attempts=0, received_at=db.utcnow())
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
+
+
+def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Path | None) -> None:
+    columns = list(columns)
+    handle = open(out, "w", newline="") if out else sys.stdout
+    try:
+        if fmt == "json":
+            json.dump([_jsonable(r) for r in rows], handle, indent=2)
+            handle.write("\n")
+        elif fmt == "csv":
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: _jsonable(r).get(k) for k in columns} for r in rows)
+        else:
+            handle.write("  ".join(columns) + "\n")
+            for row in rows:
+                handle.write("  ".join(_fmt(row.get(c)) for c in columns) + "\n")
+    finally:
+        if out:
+            handle.close()
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+COMMANDS = {"list": cmd_list, "export": cmd_export, "show": cmd_show, "stats": cmd_stats}
+
+if __name__ == "__main__":
+    sys.exit(main())
