@@ -1,7 +1,7 @@
 """`pneumonia-train`: one subcommand per stage, and `run` for the whole pipeline.
 
     pneumonia-train run --data-root ../shared/data --weights ../shared/weights/resnet50_imagenet_v1.safetensors
-    pneumonia-train train|evaluate|export --out-dir runs/NAME ...
+    pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from training.config import AugmentConfig, StrataTargets, TrainConfig, resolve_data_root, resolve_weights
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
+from training.quantize import quantize
 from training.report import write_results
 from training.runtime import make_runtime
 from training.train import BEST, fit
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, text in (("run", "train -> evaluate -> export -> card in one go"), ("train", "fit and keep the best checkpoint"),
-                       ("evaluate", "honest evaluation of a run's best checkpoint"), ("export", "ONNX + parity + model card")):
+                       ("evaluate", "honest evaluation of a run's best checkpoint"), ("export", "ONNX + parity + model card"),
+                       ("quantize", "optional int8 variant of the exported model, with its own parity and AUC check")):
         add_options(sub.add_parser(name, help=text))
     return parser
 
@@ -69,6 +71,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
     p.add_argument("--model-version", default="1.0.0")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--calibration-images", type=int, default=256, help="quantize: validation images for int8 ranges")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = export(config.out_dir / BEST, config, evaluation, runtime, args.model_version, run_info)
         if args.release_dir:
             log.info("released %s", release(onnx_path, args.release_dir))
+    if args.stage == "quantize":
+        int8_path = quantize(config.out_dir / "pneumonia_resnet50.onnx", config, args.calibration_images)
+        if args.release_dir:
+            log.info("released %s", release(int8_path, args.release_dir))
     return 0
 
 

@@ -63,3 +63,16 @@ def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
     assert main(args) == 0
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_int8_variant_carries_its_own_checks(tiny_run, data_root):
+    out, _ = tiny_run
+    args = ["quantize", "--data-root", str(data_root), "--subset", "40", "--out-dir", str(out),
+            "--calibration-images", "8", "--no-progress"]
+    assert main(args) == 0
+    card = ModelCard.load(out / "pneumonia_resnet50.int8.card.json")
+    check = card.extra["int8_check"]
+    assert card.extra["variant_of"]["file"] == "pneumonia_resnet50.onnx"
+    assert 0 <= check["max_abs_delta_probability_vs_fp32"] < 0.2
+    assert check["test_images_per_s_int8"] > 0
+    PneumoniaDetector(out / "pneumonia_resnet50.int8.onnx").predict(np.zeros((28, 28), np.uint8))
