@@ -110,22 +110,23 @@ def query_rows(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any
 
 
 def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
-    clauses, params = [], {}
+    v = db.study_flags
+    stmt = select(*[v.c[c] for c in STUDY_COLUMNS])
     for column, value in (("flag", args.flag), ("stratum", args.stratum), ("accession_number", args.accession),
                           ("study_instance_uid", args.study)):
         if value:
-            clauses.append(f"{column} = :{column}")
-            params[column] = value
+            stmt = stmt.where(v.c[column] == value)
+    if args.status:
+        stmt = stmt.where(v.c.study_instance_uid.in_(
+            select(db.instances.c.study_instance_uid).where(db.instances.c.status == args.status)))
     if args.since:
-        clauses.append("last_received_at >= :since")
-        params["since"] = args.since
+        stmt = stmt.where(v.c.last_received_at >= args.since)
     if args.until:
-        clauses.append("last_received_at < :until")
-        params["until"] = args.until
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    limit = f"LIMIT {int(args.limit)}" if args.limit else ""
-    sql = f"SELECT {', '.join(STUDY_COLUMNS)} FROM study_flags {where} ORDER BY last_received_at DESC {limit}"
-    return [dict(r) for r in conn.execute(text(sql), params).mappings()]
+        stmt = stmt.where(v.c.last_received_at < args.until)
+    stmt = stmt.order_by(v.c.last_received_at.desc())
+    if args.limit:
+        stmt = stmt.limit(args.limit)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def cmd_list(conn: Connection, args: argparse.Namespace) -> int:
@@ -140,8 +141,9 @@ def cmd_export(conn: Connection, args: argparse.Namespace) -> int:
 
 
 def cmd_show(conn: Connection, args: argparse.Namespace) -> int:
-    study = conn.execute(text(f"SELECT {', '.join(STUDY_COLUMNS)} FROM study_flags WHERE study_instance_uid = :s"),
-                         {"s": args.study_uid}).mappings().first()
+    v = db.study_flags
+    study = conn.execute(select(*[v.c[c] for c in STUDY_COLUMNS])
+                         .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
     t = db.instances
     instances = [dict(r) for r in conn.execute(
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)

@@ -87,6 +87,30 @@ studies = Table(
 )
 
 
+view_metadata = MetaData()
+study_flags = Table(
+    "study_flags",
+    view_metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("accession_number", String(64)),
+    Column("final", Boolean),
+    Column("finalized_at", DateTime),
+    Column("first_received_at", DateTime),
+    Column("last_received_at", DateTime),
+    Column("flag", String(32)),
+    Column("stratum", String(32)),
+    Column("max_probability", Float),
+    Column("n_instances", Integer),
+    Column("n_done", Integer),
+    Column("n_pending", Integer),
+)
+"""The study-level view (created by migration 0001): most severe flag over a study's done frontals.
+
+Declared as a Table in its own MetaData so queries get typed results (SQLite returns text
+for raw view columns) and Alembic never tries to create it as a table.
+"""
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC now, the only time representation stored."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -173,8 +197,8 @@ def finish_instance(conn: Connection, values: dict[str, Any]) -> bool:
         index_elements=[instances.c.sop_instance_uid],
         set_=update,
         where=instances.c.status.notin_(TERMINAL),
-    )
-    return conn.execute(stmt).rowcount == 1
+    ).returning(instances.c.sop_instance_uid)
+    return conn.execute(stmt).first() is not None  # RETURNING: rowcount is unreliable for upserts
 
 
 def touch_study(conn: Connection, study_uid: str, accession: str | None, received_at: dt.datetime | None) -> None:

@@ -1,0 +1,85 @@
+"""Schema and upserts on SQLite and PostgreSQL: first terminal result wins, redeliveries change nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import inspect, select, text
+
+from worker import db
+from worker.migrate import current_revision, upgrade
+
+
+@pytest.fixture
+def engine(database_url):
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def _base(sop="1.2.3.4", study="1.2.3"):
+    return {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": f"pending/{study}/{sop}.dcm",
+            "received_at": dt.datetime(2026, 1, 1), "started_at": db.utcnow()}
+
+
+def _done(sop="1.2.3.4", study="1.2.3", stratum="high_suspicion", p=0.9):
+    sev = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}[stratum]
+    flag = {"likely_normal": "ROUTINE", "indeterminate": "PRIORITY", "high_suspicion": "URGENT"}[stratum]
+    return {**_base(sop, study), "status": "done", "probability": p, "stratum": stratum, "severity": sev,
+            "flag": flag, "finished_at": db.utcnow(), "processing_ms": 5.0}
+
+
+def test_migrations_are_idempotent_and_create_indexes(database_url, engine):
+    upgrade(database_url)
+    assert current_revision(database_url) == "0001"
+    indexes = {i["name"] for i in inspect(engine).get_indexes("instances")}
+    assert {"ix_instances_status_finished", "ix_instances_accession", "ix_instances_flag"} <= indexes
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_url):
+    upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
+
+
+def test_claim_then_finish_then_everything_is_a_noop(engine):
+    with engine.begin() as conn:
+        assert db.claim_instance(conn, _base())["attempts"] == 1
+        assert db.claim_instance(conn, _base())["attempts"] == 2  # redelivery after a crash
+        assert db.finish_instance(conn, _done(p=0.9))
+    with engine.begin() as conn:
+        before = db.get_instance(conn, "1.2.3.4")
+        assert db.claim_instance(conn, _base()) is None
+        assert not db.finish_instance(conn, _done(p=0.1, stratum="likely_normal"))
+        assert not db.finish_instance(conn, {**_base(), "status": "failed", "reason": "x"})
+        assert db.get_instance(conn, "1.2.3.4") == before
+        assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 1
+
+
+def test_study_view_takes_most_severe_done_flag_and_finalises(engine):
+    with engine.begin() as conn:
+        db.finish_instance(conn, _done("1.1", "9.9", "likely_normal", 0.1))
+        db.finish_instance(conn, _done("1.2", "9.9", "indeterminate", 0.5))
+        db.finish_instance(conn, {**_base("1.3", "9.9"), "status": "skipped", "reason": "lateral"})
+        db.touch_study(conn, "9.9", "ACC9", dt.datetime(2026, 1, 1))
+        db.touch_study(conn, "9.9", "ACC9", dt.datetime(2026, 1, 2))
+    with engine.begin() as conn:
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.9")).mappings().one()
+        assert row["flag"] == "PRIORITY" and row["n_done"] == 2 and row["n_instances"] == 3
+        assert not row["final"]
+        db.finalize_study(conn, "9.9", dt.datetime(2026, 1, 2))
+        db.finalize_study(conn, "9.9", dt.datetime(2026, 1, 3))
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.9")).mappings().one()
+        assert row["final"] and row["accession_number"] == "ACC9"
+        assert row["last_received_at"] == dt.datetime(2026, 1, 2)
+        assert row["first_received_at"] == dt.datetime(2026, 1, 1)
+
+
+def test_timestamps_normalise_to_naive_utc():
+    assert db.parse_timestamp("2026-01-01T01:00:00+01:00") == dt.datetime(2026, 1, 1)
+    assert db.parse_timestamp("2026-01-01T00:00:00Z") == dt.datetime(2026, 1, 1)
+    assert db.parse_timestamp("garbage") is None and db.parse_timestamp(None) is None

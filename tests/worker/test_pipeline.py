@@ -1,0 +1,130 @@
+"""The per-instance pipeline in-process with the real ONNX model: encodings agree, bad input is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLossless,
+    RLELossless,
+    ExplicitVRLittleEndian,
+)
+
+from models.dicom_io import dicom_to_grayscale, read_dicom
+from models.preprocess import preprocess_batch
+from worker.config import WorkerSettings
+from worker.pipeline import DetectorCache, analyse_file
+from worker.samples import make_cxr_dataset, save
+
+LOSSLESS_VARIANTS = [
+    dict(transfer_syntax=ExplicitVRLittleEndian),
+    dict(transfer_syntax=ExplicitVRLittleEndian, photometric="MONOCHROME1", bits_stored=16),
+    dict(transfer_syntax=RLELossless, modality="DX", view="AP"),
+    dict(transfer_syntax=JPEG2000Lossless, bits_stored=16),
+    dict(transfer_syntax=JPEG2000Lossless, photometric="MONOCHROME1"),
+    pytest.param(dict(transfer_syntax=JPEGLossless), marks=pytest.mark.dcmtk),
+    pytest.param(dict(transfer_syntax=JPEGLosslessSV1, photometric="MONOCHROME1", bits_stored=16),
+                 marks=pytest.mark.dcmtk),
+    pytest.param(dict(transfer_syntax=JPEGLSLossless), marks=pytest.mark.dcmtk),
+]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> WorkerSettings:
+    return WorkerSettings(database_url=f"sqlite:///{tmp_path_factory.mktemp('db') / 't.db'}")
+
+
+@pytest.fixture(scope="module")
+def detectors(settings: WorkerSettings) -> DetectorCache:
+    return DetectorCache(settings)
+
+
+@pytest.fixture(scope="module")
+def reference(test_split, detectors) -> dict[int, tuple[float, np.ndarray]]:
+    """Probability and logits of the raw 28x28 thumbnails, the model's own domain."""
+    images, _ = test_split
+    detector = detectors.get()
+    batch = preprocess_batch([images[i] for i in (0, 1)])
+    return {i: (float(p), logit) for i, p, logit in zip((0, 1), detector.pneumonia_probability(batch),
+                                                         detector.logits(batch))}
+
+
+@pytest.mark.parametrize("variant", LOSSLESS_VARIANTS)
+@pytest.mark.parametrize("index", [0, 1])
+def test_every_lossless_encoding_scores_like_the_source(tmp_path, test_split, settings, detectors, reference,
+                                                         variant, index):
+    images, _ = test_split
+    path = save(make_cxr_dataset(images[index], size=(2048, 2048), **variant), tmp_path / "x.dcm")
+    outcome = analyse_file(path, settings, detectors)
+    assert outcome.status == "done", outcome.reason
+    probability, logits = reference[index]
+    assert abs(outcome.fields["probability"] - probability) < 1e-3
+    gray = dicom_to_grayscale(read_dicom(str(path)))
+    assert np.allclose(detectors.get().logits(preprocess_batch([gray])), logits, atol=0.05), \
+        "logits (before temperature flattening) must agree too"
+
+
+@pytest.mark.dcmtk
+def test_lossy_jpeg_baseline_stays_close(tmp_path, test_split, settings, detectors, reference):
+    images, _ = test_split
+    path = save(make_cxr_dataset(images[0], bits_stored=8, transfer_syntax=JPEGBaseline8Bit), tmp_path / "b.dcm")
+    outcome = analyse_file(path, settings, detectors)
+    assert outcome.status == "done"
+    assert abs(outcome.fields["probability"] - reference[0][0]) < 1e-2
+
+
+def test_outcome_fields_follow_card_and_flag_map(tmp_path, test_split, detectors):
+    images, _ = test_split
+    flags = {"high_suspicion": "STAT", "indeterminate": "SOON", "likely_normal": "LATER"}
+    settings = WorkerSettings(flag_map=flags)
+    outcome = analyse_file(save(make_cxr_dataset(images[3], size=(512, 512)), tmp_path / "c.dcm"),
+                           settings, detectors)
+    card = detectors.get().card
+    p = outcome.fields["probability"]
+    assert outcome.fields["stratum"] == card.stratum_for(p)
+    assert outcome.fields["flag"] == flags[outcome.fields["stratum"]]
+    assert outcome.fields["prediction"] == (card.labels[1] if p >= card.threshold else card.labels[0])
+    assert outcome.fields["model_sha256"] == card.sha256
+    stored = set(outcome.fields)
+    assert not stored & {"PatientName", "PatientID", "patient_name", "patient_id"}
+
+
+@pytest.mark.parametrize(
+    "mutate, status, reason",
+    [
+        (lambda ds: ds.update({"Rows": 20000, "Columns": 20000}), "failed", "outside"),
+        (lambda ds: setattr(ds, "NumberOfFrames", 2), "failed", "multi-frame"),
+        (lambda ds: delattr(ds, "PixelData"), "failed", "no PixelData"),
+    ],
+    ids=["absurd_size", "multiframe", "no_pixeldata"],
+)
+def test_refusals_carry_a_reason(tmp_path, test_split, settings, detectors, mutate, status, reason):
+    images, _ = test_split
+    ds = make_cxr_dataset(images[0], size=(256, 256))
+    mutate(ds)
+    outcome = analyse_file(save(ds, tmp_path / "r.dcm"), settings, detectors)
+    assert outcome.status == status and reason in outcome.reason
+    assert "SYNTHETIC" not in outcome.reason and "SYN-000001" not in outcome.reason
+
+
+def test_missing_tag_policy_process_lets_untagged_frontals_through(tmp_path, test_split, detectors):
+    images, _ = test_split
+    path = save(make_cxr_dataset(images[0], size=(256, 256), view=None, body_part=None), tmp_path / "u.dcm")
+    assert analyse_file(path, WorkerSettings(), detectors).status == "skipped"
+    assert analyse_file(path, WorkerSettings(missing_tag_policy="process"), detectors).status == "done"
+
+
+def test_unreadable_files_fail_with_reason(tmp_path, settings, detectors):
+    garbage = tmp_path / "g.dcm"
+    garbage.write_bytes(b"nope" * 50)
+    empty = tmp_path / "e.dcm"
+    empty.write_bytes(b"")
+    for path in (garbage, empty, Path(tmp_path / "absent.dcm")):
+        outcome = analyse_file(path, settings, detectors)
+        assert outcome.status == "failed" and outcome.reason

@@ -1,0 +1,53 @@
+"""Selection policy: only frontal chest CR/DX images reach the model; everything else has a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.samples import make_cxr_dataset, make_sr_dataset
+from worker.selection import skip_reason
+
+IMAGE = np.full((28, 28), 128, dtype=np.uint8)
+
+
+def cxr(**kw):
+    return make_cxr_dataset(IMAGE, size=(64, 64), **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"modality": "DX", "view": "AP"}, {"view": "ap", "body_part": "chest"}])
+def test_frontal_chest_radiographs_are_selected(kw):
+    assert skip_reason(cxr(**kw)) is None
+
+
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"modality": "CT"}, "modality CT is not CR or DX"),
+        ({"modality": "MR"}, "modality MR"),
+        ({"view": "LL"}, "view position LL is not frontal"),
+        ({"view": "LATERAL"}, "not frontal"),
+        ({"body_part": "ABDOMEN"}, "body part ABDOMEN is not CHEST"),
+        ({"modality": "DX", "presentation_intent": "FOR PROCESSING"}, "For Processing"),
+        ({"view": None}, "ViewPosition missing"),
+        ({"body_part": None}, "BodyPartExamined missing"),
+    ],
+)
+def test_everything_else_is_skipped_with_reason(kw, reason):
+    assert reason in skip_reason(cxr(**kw))
+
+
+def test_non_image_objects_are_skipped():
+    assert "modality SR" in skip_reason(make_sr_dataset())
+
+
+def test_missing_modality_is_named():
+    ds = cxr()
+    del ds.Modality
+    assert skip_reason(ds) == "modality (missing) is not CR or DX"
+
+
+def test_process_policy_accepts_missing_but_not_wrong_tags():
+    assert skip_reason(cxr(view=None, body_part=None), "process") is None
+    assert "not frontal" in skip_reason(cxr(view="LL"), "process")
+    assert "not CHEST" in skip_reason(cxr(body_part="HAND"), "process")
