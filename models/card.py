@@ -61,6 +61,8 @@ class ModelCard:
     temperature: float
     threshold: float
     strata: tuple[Stratum, ...]
+    source_size: int = 28
+    """MedMNIST(+) image size the model was trained at; `preprocess` reduces inputs to it."""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -99,6 +101,7 @@ class ModelCard:
             temperature=float(data["temperature"]),
             threshold=float(data["threshold"]),
             strata=strata,
+            source_size=int(data.get("source_size", 28)),
             metrics=data.get("metrics", {}),
             extra={k: v for k, v in data.items() if k not in known},
         )

@@ -20,7 +20,7 @@ import numpy as np
 from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
-from models.preprocess import PREPROCESSING_ID, preprocess_batch
+from models.preprocess import preprocess_batch, preprocessing_id
 
 ImageLike = str | Path | np.ndarray
 
@@ -87,9 +87,13 @@ class PneumoniaDetector:
     def predict(self, image: ImageLike) -> dict[str, Any]:
         return self.predict_batch([image])[0]
 
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The contract's preprocessing at this model's source size -> (N, 3, 224, 224)."""
+        return preprocess_batch(images, self.card.source_size)
+
     def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
         arrays = [load_any(image) for image in images]
-        probabilities = self.pneumonia_probability(preprocess_batch(arrays))
+        probabilities = self.pneumonia_probability(self.preprocess(arrays))
         return [self.describe(float(p)) for p in probabilities]
 
     def describe(self, probability: float) -> dict[str, Any]:
@@ -118,10 +122,9 @@ def load_card(model_path: Path, *, verify_sha256: bool = True) -> ModelCard:
     if not card_path.is_file():
         raise ModelIntegrityError(f"model card missing: {card_path}")
     card = ModelCard.load(card_path)
-    if card.preprocessing != PREPROCESSING_ID:
-        raise ModelIntegrityError(
-            f"card preprocessing {card.preprocessing!r} differs from this code's {PREPROCESSING_ID!r}"
-        )
+    expected = preprocessing_id(card.source_size)
+    if card.preprocessing != expected:
+        raise ModelIntegrityError(f"card preprocessing {card.preprocessing!r} differs from this code's {expected!r}")
     if verify_sha256 and sha256_of(model_path) != card.sha256:
         raise ModelIntegrityError(f"sha256 of {model_path.name} does not match its card")
     return card

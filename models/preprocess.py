@@ -26,8 +26,14 @@ INPUT_SIZE = 224
 """Side of the network input."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESSING_ID = "pneumoniamnist-28-area/bilinear-224/imagenet-norm/v1"
-"""Recorded in the model card so a consumer can check it speaks the same contract."""
+
+
+def preprocessing_id(source_size: int = SOURCE_SIZE) -> str:
+    """Recorded in the model card so a consumer can check it speaks the same contract."""
+    return f"pneumoniamnist-{source_size}-area/bilinear-{INPUT_SIZE}/imagenet-norm/v1"
+
+
+PREPROCESSING_ID = preprocessing_id(SOURCE_SIZE)
 
 
 @lru_cache(maxsize=64)
@@ -110,33 +116,36 @@ def center_crop_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
-def reduce_to_source(image: np.ndarray) -> np.ndarray:
-    """Any-size grayscale -> the 28x28 uint8 image PneumoniaMNIST would have stored."""
+def reduce_to_source(image: np.ndarray, source_size: int = SOURCE_SIZE) -> np.ndarray:
+    """Any-size grayscale -> the uint8 image PneumoniaMNIST(+) would have stored at `source_size`."""
     square = center_crop_square(to_unit_range(image))
     side = square.shape[0]
-    weights = area_weights(side, SOURCE_SIZE)
+    if side < source_size:
+        raise ValueError(f"image side {side} is smaller than the model's source size {source_size}")
+    weights = area_weights(side, source_size)
     small = weights @ square @ weights.T
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 
-def preprocess(image: np.ndarray) -> np.ndarray:
+def preprocess(image: np.ndarray, source_size: int = SOURCE_SIZE) -> np.ndarray:
     """Grayscale image of any size -> float32 (3, 224, 224) network input.
 
     The chain: to [0, 1] -> centre-crop to the short side -> area-shrink to 28x28 and
     quantise to 8 bits -> bilinear upscale to 224 -> replicate to RGB -> ImageNet norm.
-    A 28x28 uint8 PneumoniaMNIST image passes the first steps unchanged.
+    A 28x28 uint8 PneumoniaMNIST image passes the first steps unchanged. `source_size`
+    is the MedMNIST+ size the model was trained at (28, 64, 128 or 224; the card says).
     """
-    small = reduce_to_source(image).astype(np.float64) / 255.0
-    up = bilinear_weights(SOURCE_SIZE, INPUT_SIZE)
+    small = reduce_to_source(image, source_size).astype(np.float64) / 255.0
+    up = bilinear_weights(source_size, INPUT_SIZE)
     large = up @ small @ up.T
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float64)[:, None, None]
     std = np.asarray(IMAGENET_STD, dtype=np.float64)[:, None, None]
     return ((large[None, :, :] - mean) / std).astype(np.float32)
 
 
-def preprocess_batch(images: Iterable[np.ndarray]) -> np.ndarray:
+def preprocess_batch(images: Iterable[np.ndarray], source_size: int = SOURCE_SIZE) -> np.ndarray:
     """Stack `preprocess` over several images -> float32 (N, 3, 224, 224)."""
-    batch = [preprocess(image) for image in images]
+    batch = [preprocess(image, source_size) for image in images]
     if not batch:
         return np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
     return np.stack(batch)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
-from models.preprocess import INPUT_SIZE, PREPROCESSING_ID, preprocess_batch
+from models.preprocess import INPUT_SIZE, preprocess_batch, preprocessing_id
 from training.config import TrainConfig
 from training.data import dataset_file, load_split
 from training.engine import FlipAveraged, predict_logits
@@ -40,7 +40,8 @@ def export_onnx(model: torch.nn.Module, path: Path, tta_hflip: bool) -> None:
     program.save(str(path), external_data=False)
 
 
-def onnx_parity(onnx_path: Path, model: torch.nn.Module, images: np.ndarray, tta_hflip: bool, temperature: float) -> dict:
+def onnx_parity(onnx_path: Path, model: torch.nn.Module, images: np.ndarray, tta_hflip: bool, temperature: float,
+                source_size: int) -> dict:
     """max |delta P(pneumonia)| between numpy preprocessing + onnxruntime and PyTorch fp32."""
     import onnxruntime as ort
 
@@ -48,7 +49,7 @@ def onnx_parity(onnx_path: Path, model: torch.nn.Module, images: np.ndarray, tta
     model = model.to(memory_format=torch.contiguous_format).float()
     reference = softmax_pneumonia(predict_logits(model, images, reference_runtime, 32, hflip_tta=tta_hflip), temperature)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    served = np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32])})[0]
+    served = np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32], source_size)})[0]
                              for i in range(0, len(images), 32)])
     delta = float(np.abs(softmax_pneumonia(served, temperature) - reference).max())
     return {"images": int(len(images)), "max_abs_delta_probability": delta, "tolerance": PARITY_TOLERANCE,
@@ -70,7 +71,8 @@ def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, par
                 for name in evaluation.metrics["metric_names"]}
     return ModelCard(
         name=DEFAULT_MODEL_NAME, version=version, sha256=sha256_of(onnx_path), labels=LABELS,
-        preprocessing=PREPROCESSING_ID, input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
+        preprocessing=preprocessing_id(config.image_size), input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
+        source_size=config.image_size,
         temperature=evaluation.temperature, threshold=0.5, strata=evaluation.strata,
         metrics={"test_at_0.5": headline, "test_auc": test["at_0.5"]["point"]["auc"],
                  "test_at_operating_point": test["at_operating_point"]["point"],
@@ -99,7 +101,8 @@ def export(checkpoint: Path, config: TrainConfig, evaluation: Evaluation, runtim
     onnx_path = config.out_dir / f"{DEFAULT_MODEL_NAME}.onnx"
     export_onnx(model, onnx_path, evaluation.tta_hflip)
     test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
-    parity = onnx_parity(onnx_path, model, test.images[:parity_images], evaluation.tta_hflip, evaluation.temperature)
+    parity = onnx_parity(onnx_path, model, test.images[:parity_images], evaluation.tta_hflip, evaluation.temperature,
+                         config.image_size)
     log.info("ONNX parity on %d test images: max |dP| = %.2e", parity["images"], parity["max_abs_delta_probability"])
     if not parity["passed"]:
         raise RuntimeError(f"ONNX parity failed: {parity}")

@@ -26,16 +26,17 @@ log = logging.getLogger(__name__)
 class _ValidationReader:
     """onnxruntime CalibrationDataReader over preprocessed validation images."""
 
-    def __init__(self, images: np.ndarray, batch_size: int = 16) -> None:
-        self._batches = iter([preprocess_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    def __init__(self, images: np.ndarray, source_size: int, batch_size: int = 16) -> None:
+        self._batches = iter([preprocess_batch(images[i : i + batch_size], source_size)
+                              for i in range(0, len(images), batch_size)])
 
     def get_next(self) -> dict | None:
         batch = next(self._batches, None)
         return None if batch is None else {"image": batch}
 
 
-def _logits(session, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32])})[0]
+def _logits(session, images: np.ndarray, source_size: int) -> np.ndarray:
+    return np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32], source_size)})[0]
                            for i in range(0, len(images), 32)])
 
 
@@ -52,7 +53,7 @@ def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256
     int8_path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
     rng = np.random.default_rng(config.seed)
     pick = rng.choice(len(val.labels), size=min(calibration_images, len(val.labels)), replace=False)
-    quantize_static(str(prepared), str(int8_path), _ValidationReader(val.images[np.sort(pick)]),
+    quantize_static(str(prepared), str(int8_path), _ValidationReader(val.images[np.sort(pick)], config.image_size),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=True)
     prepared.unlink()
@@ -63,7 +64,7 @@ def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256
     logits = {}
     for name, session in (("fp32", fp32), ("int8", int8)):
         start = time.perf_counter()
-        logits[name] = _logits(session, test.images)
+        logits[name] = _logits(session, test.images, config.image_size)
         timings[name] = len(test.images) / (time.perf_counter() - start)
     p32, p8 = (softmax_pneumonia(logits[k], card.temperature) for k in ("fp32", "int8"))
     check = {"max_abs_delta_probability_vs_fp32": float(np.abs(p32 - p8).max()),

@@ -66,3 +66,12 @@ def test_center_crop_takes_the_middle():
 def test_bad_arrays_raise_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         preprocess(bad)
+
+
+def test_larger_medmnist_sizes_use_their_own_source_size(pneumoniamnist):
+    small = pneumoniamnist["test_images"][2]
+    image64 = np.kron(small, np.ones((4, 4), dtype=np.uint8))[:, :]  # a 112x112 image
+    assert reduce_to_source(image64, 64).shape == (64, 64)
+    assert preprocess(image64, 64).shape == (3, INPUT_SIZE, INPUT_SIZE)
+    with pytest.raises(ValueError, match="smaller than"):
+        reduce_to_source(small, 64)
