@@ -134,3 +134,77 @@ def test_admin_cli_shows_the_result(sqlite_url, redis_server, broker, start_gate
         triage.close()
     assert out.returncode == 0, out.stderr
     assert str(ds.SOPInstanceUID) in out.stdout
+
+
+def test_16_concurrent_storescu_associations_all_processed(sqlite_url, redis_server, broker, start_gateway, dcmtk, make_study, tmp_path):
+    """16 simultaneous storescu associations x 20 instances: all stored, all processed once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    storescu = dcmtk("storescu")
+    workdir = tmp_path / "conc"
+    workdir.mkdir()
+    env = TriageEnv(redis_server.url, sqlite_url, workdir / "spool", workdir)
+    try:
+        env.start_worker()
+        gateway = start_gateway(spool_dir=env.spool, broker_url=env.broker_url, gateway_max_associations=16)
+        folders = [tmp_path / f"sender{i}" for i in range(16)]
+        sops = []
+        for folder in folders:
+            sops += [p.stem for p in make_study(20, out=folder)]
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda f: run_storescu(storescu, gateway.port, [f], "+sd"), folders))
+        for out in results:
+            assert out.returncode == 0 and out.stderr.count("(Success)") == 20, out.stderr[-1500:]
+        rows = env.wait_terminal(sops, timeout=300)
+        assert len(rows) == 320
+        assert {rows[s]["status"] for s in sops} == {"done"}
+        assert {rows[s]["attempts"] for s in sops} == {1}
+    finally:
+        env.close()
+
+
+def test_gateway_sigkill_every_success_is_processed_after_restart(sqlite_url, redis_server, broker, images, tmp_path):
+    """SIGKILL the gateway process mid-push (broker flushed too); after restart every acked instance gets a row."""
+    import os
+    import signal
+
+    from pydicom.uid import generate_uid
+
+    from tests.dicom_gateway.conftest import gateway_subprocess
+    from tests.dicom_gateway.helpers import free_port
+    from tests.dicom_gateway.test_durability import _echo_ok
+
+    workdir = tmp_path / "kill"
+    workdir.mkdir()
+    env = TriageEnv(redis_server.url, sqlite_url, workdir / "spool", workdir)
+    port = free_port()
+    gw_env = {"TRIAGE_BROKER_URL": redis_server.url, "TRIAGE_SPOOL_DIR": str(env.spool), "TRIAGE_GATEWAY_PORT": str(port),
+              "TRIAGE_GATEWAY_BIND": "127.0.0.1", "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0"}
+    proc = gateway_subprocess(gw_env, tmp_path / "gw.log")
+    acked: list[str] = []
+    try:
+        wait_for(lambda: _echo_ok(port), 20, what="gateway")
+        datasets = [small_dataset(images, i, size=(256, 256), study_uid=generate_uid()) for i in range(80)]
+
+        def record(ds, code):
+            if code == 0:
+                acked.append(str(ds.SOPInstanceUID))
+            if len(acked) == 20:
+                os.kill(proc.pid, signal.SIGKILL)
+
+        try:
+            store_with_pynetdicom(port, datasets, on_status=record)
+        except (RuntimeError, ConnectionError):
+            pass
+        proc.wait(10)
+        assert 20 <= len(acked) < 80
+        broker.flushall()
+        proc = gateway_subprocess(gw_env, tmp_path / "gw.log")
+        wait_for(lambda: _echo_ok(port), 20, what="gateway restart")
+        env.start_worker()
+        rows = env.wait_terminal(acked, timeout=240)
+        assert {rows[s]["status"] for s in acked} == {"done"}
+    finally:
+        proc.kill()
+        proc.wait(10)
+        env.close()
