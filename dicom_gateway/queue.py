@@ -157,7 +157,7 @@ class Outbox:
             else:
                 failed += 1
                 break  # broker down: stop now, the next sweep retries
-        self._forget_done(present)
+        self._forget_done(present, now_mono)
         return {"queued": queued, "failed": failed, "pending": len(present)}
 
     def _due(self, relpath: str, age_s: float, now_mono: float, grace: float) -> bool:
@@ -169,10 +169,14 @@ class Outbox:
             return age_s >= grace
         return now_mono - sent >= self.requeue_after_s
 
-    def _forget_done(self, present: set[str]) -> None:
-        """Drop bookkeeping for files the worker has archived."""
+    def _forget_done(self, present: set[str], sweep_started: float) -> None:
+        """Drop bookkeeping for files the worker has archived.
+
+        Only entries older than this sweep's start: a file stored while we were listing
+        may be missing from `present` although it is very much pending.
+        """
         with self.lock:
-            for key in [k for k in self.sent_at if k not in present]:
+            for key in [k for k, t in self.sent_at.items() if k not in present and t < sweep_started]:
                 del self.sent_at[key]
-            for key in [k for k in self.unsent if k not in present]:
+            for key in [k for k in self.unsent if k not in present and not (self.spool.root / k).exists()]:
                 del self.unsent[key]
