@@ -27,7 +27,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
+    case,
     create_engine,
+    or_,
     event,
     func,
     select,
@@ -64,7 +67,7 @@ instances = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("processing_ms", Float),
-    Index("ix_instances_study", "study_instance_uid"),
+    Index("ix_instances_study_received", "study_instance_uid", "received_at"),
     Index("ix_instances_accession", "accession_number"),
     Index("ix_instances_status_finished", "status", "finished_at"),
     Index("ix_instances_stratum", "stratum"),
@@ -82,8 +85,14 @@ studies = Table(
     Column("last_received_at", DateTime),
     Column("final", Boolean, nullable=False, default=False),
     Column("finalized_at", DateTime),
+    Column("severity", Integer),
+    Column("flag", String(32)),
+    Column("stratum", String(32)),
+    Column("max_probability", Float),
     Index("ix_studies_accession", "accession_number"),
     Index("ix_studies_last_received", "last_received_at"),
+    Index("ix_studies_flag_received", "flag", "last_received_at"),
+    Index("ix_studies_stratum_received", "stratum", "last_received_at"),
 )
 
 
@@ -201,26 +210,38 @@ def finish_instance(conn: Connection, values: dict[str, Any]) -> bool:
     return conn.execute(stmt).first() is not None  # RETURNING: rowcount is unreliable for upserts
 
 
-def touch_study(conn: Connection, study_uid: str, accession: str | None, received_at: dt.datetime | None) -> None:
-    """Create the study row or widen its received window; never un-finalises."""
+def touch_study(conn: Connection, study_uid: str, accession: str | None, received_at: dt.datetime | None,
+                result: dict[str, Any] | None = None) -> None:
+    """Create the study row, widen its received window and raise its flag if this result is worse.
+
+    The study flag is kept on the row (not computed per query) so a worklist filtered by
+    flag is an index lookup even with 100k studies. Never un-finalises, never lowers a flag.
+    """
     stamp = received_at or utcnow()
+    result = result or {}
     stmt = _insert(conn, studies).values(
         study_instance_uid=study_uid,
         accession_number=accession,
         first_received_at=stamp,
         last_received_at=stamp,
         final=False,
+        severity=result.get("severity"),
+        flag=result.get("flag"),
+        stratum=result.get("stratum"),
+        max_probability=result.get("probability"),
     )
+    new, old = stmt.excluded, studies.c
+    worse = or_(new.severity > func.coalesce(old.severity, -1),
+                and_(new.severity == old.severity, new.max_probability > func.coalesce(old.max_probability, -1.0)))
+    least, greatest = (func.min, func.max) if conn.dialect.name == "sqlite" else (func.least, func.greatest)
     stmt = stmt.on_conflict_do_update(
         index_elements=[studies.c.study_instance_uid],
         set_={
-            "accession_number": func.coalesce(studies.c.accession_number, stmt.excluded.accession_number),
-            "first_received_at": func.min(studies.c.first_received_at, stmt.excluded.first_received_at)
-            if conn.dialect.name == "sqlite"
-            else func.least(studies.c.first_received_at, stmt.excluded.first_received_at),
-            "last_received_at": func.max(studies.c.last_received_at, stmt.excluded.last_received_at)
-            if conn.dialect.name == "sqlite"
-            else func.greatest(studies.c.last_received_at, stmt.excluded.last_received_at),
+            "accession_number": func.coalesce(old.accession_number, new.accession_number),
+            "first_received_at": least(old.first_received_at, new.first_received_at),
+            "last_received_at": greatest(old.last_received_at, new.last_received_at),
+            **{col: case((worse, new[col]), else_=old[col]) for col in ("severity", "flag", "stratum",
+                                                                         "max_probability")},
         },
     )
     conn.execute(stmt)

@@ -128,7 +128,8 @@ def _finish(
     with rt.engine.begin() as conn:
         landed = db.finish_instance(conn, values)
         if landed and values["study_instance_uid"]:
-            db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received)
+            db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received,
+                           values if outcome.status == "done" else None)
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
                rt.settings.spool_retention)

@@ -62,14 +62,17 @@ def test_claim_then_finish_then_everything_is_a_noop(engine):
 
 def test_study_view_takes_most_severe_done_flag_and_finalises(engine):
     with engine.begin() as conn:
-        db.finish_instance(conn, _done("1.1", "9.9", "likely_normal", 0.1))
-        db.finish_instance(conn, _done("1.2", "9.9", "indeterminate", 0.5))
+        results = [_done("1.1", "9.9", "likely_normal", 0.1), _done("1.2", "9.9", "indeterminate", 0.5),
+                   _done("1.4", "9.9", "indeterminate", 0.45)]
+        for result, day in zip(results, (1, 2, 1)):
+            db.finish_instance(conn, result)
+            db.touch_study(conn, "9.9", "ACC9", dt.datetime(2026, 1, day), result)
         db.finish_instance(conn, {**_base("1.3", "9.9"), "status": "skipped", "reason": "lateral"})
         db.touch_study(conn, "9.9", "ACC9", dt.datetime(2026, 1, 1))
-        db.touch_study(conn, "9.9", "ACC9", dt.datetime(2026, 1, 2))
     with engine.begin() as conn:
         row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.9")).mappings().one()
-        assert row["flag"] == "PRIORITY" and row["n_done"] == 2 and row["n_instances"] == 3
+        assert row["flag"] == "PRIORITY" and row["n_done"] == 3 and row["n_instances"] == 4
+        assert row["max_probability"] == 0.5, "ties in severity break on probability"
         assert not row["final"]
         db.finalize_study(conn, "9.9", dt.datetime(2026, 1, 2))
         db.finalize_study(conn, "9.9", dt.datetime(2026, 1, 3))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from worker import db
 from worker.samples import make_cxr_dataset, make_sr_dataset
@@ -90,6 +90,18 @@ def test_every_object_gets_exactly_one_row(make_triage_env, database_url, test_s
             assert row["probability"] is None
         if name != "missing_file":
             assert not (env.spool / relpath).exists(), f"{name} still pending"
+
+    # Study level: the most severe flag of the two frontal images, skipped/failed ones ignored.
+    frontals = [rows[staged[n][1]] for n in ("pa_cr", "ap_dx")]
+    worst = max(frontals, key=lambda r: (r["severity"], r["probability"]))
+    engine = db.make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            study = conn.execute(select(db.study_flags)).mappings().one()
+    finally:
+        engine.dispose()
+    assert study["flag"] == worst["flag"] and study["n_done"] == 2 and study["n_instances"] == len(staged)
+    assert study["accession_number"] == "ACC-E2E" and not study["final"]
 
     # Spool: every readable object archived under its study, pending empty of files.
     assert not [p for p in (env.spool / "pending").rglob("*") if p.is_file()]

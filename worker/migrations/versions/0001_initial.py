@@ -1,4 +1,4 @@
-"""Initial schema: instances, studies and the study_flags view.
+"""Initial schema: instances, studies (with the study-level flag) and the study_flags view.
 
 Revision ID: 0001
 Revises:
@@ -14,6 +14,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+# Counts filter on the study only (CASE inside SUM) so every planner uses the study index.
 STUDY_FLAGS_VIEW = """
 CREATE VIEW study_flags AS
 SELECT
@@ -23,19 +24,14 @@ SELECT
     s.finalized_at,
     s.first_received_at,
     s.last_received_at,
-    (SELECT i.flag FROM instances i
-      WHERE i.study_instance_uid = s.study_instance_uid AND i.status = 'done'
-      ORDER BY i.severity DESC, i.probability DESC LIMIT 1) AS flag,
-    (SELECT i.stratum FROM instances i
-      WHERE i.study_instance_uid = s.study_instance_uid AND i.status = 'done'
-      ORDER BY i.severity DESC, i.probability DESC LIMIT 1) AS stratum,
-    (SELECT MAX(i.probability) FROM instances i
-      WHERE i.study_instance_uid = s.study_instance_uid AND i.status = 'done') AS max_probability,
+    s.flag,
+    s.stratum,
+    s.max_probability,
     (SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid) AS n_instances,
-    (SELECT COUNT(*) FROM instances i
-      WHERE i.study_instance_uid = s.study_instance_uid AND i.status = 'done') AS n_done,
-    (SELECT COUNT(*) FROM instances i
-      WHERE i.study_instance_uid = s.study_instance_uid AND i.status IN ('queued', 'processing')) AS n_pending
+    (SELECT COALESCE(SUM(CASE WHEN i.status = 'done' THEN 1 ELSE 0 END), 0) FROM instances i
+      WHERE i.study_instance_uid = s.study_instance_uid) AS n_done,
+    (SELECT COALESCE(SUM(CASE WHEN i.status IN ('queued', 'processing') THEN 1 ELSE 0 END), 0) FROM instances i
+      WHERE i.study_instance_uid = s.study_instance_uid) AS n_pending
 FROM studies s
 """
 
@@ -65,7 +61,7 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime),
         sa.Column("processing_ms", sa.Float),
     )
-    op.create_index("ix_instances_study", "instances", ["study_instance_uid"])
+    op.create_index("ix_instances_study_received", "instances", ["study_instance_uid", "received_at"])
     op.create_index("ix_instances_accession", "instances", ["accession_number"])
     op.create_index("ix_instances_status_finished", "instances", ["status", "finished_at"])
     op.create_index("ix_instances_stratum", "instances", ["stratum"])
@@ -80,9 +76,15 @@ def upgrade() -> None:
         sa.Column("last_received_at", sa.DateTime),
         sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("finalized_at", sa.DateTime),
+        sa.Column("severity", sa.Integer),
+        sa.Column("flag", sa.String(32)),
+        sa.Column("stratum", sa.String(32)),
+        sa.Column("max_probability", sa.Float),
     )
     op.create_index("ix_studies_accession", "studies", ["accession_number"])
     op.create_index("ix_studies_last_received", "studies", ["last_received_at"])
+    op.create_index("ix_studies_flag_received", "studies", ["flag", "last_received_at"])
+    op.create_index("ix_studies_stratum_received", "studies", ["stratum", "last_received_at"])
     op.execute(STUDY_FLAGS_VIEW)
 
 
