@@ -146,3 +146,28 @@ def test_redelivery_and_duplicates_change_nothing(make_triage_env, database_url,
         assert row.flag == first["flag"] and row.n_done == 1
     finally:
         engine.dispose()
+
+
+def test_same_image_in_every_encoding_scores_the_same_through_the_worker(make_triage_env, sqlite_url, test_split):
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLossless, JPEGLSLossless, RLELossless
+
+    images, _ = test_split
+    env = make_triage_env(sqlite_url)
+    study = generate_uid()
+    variants = [
+        dict(transfer_syntax=ExplicitVRLittleEndian),
+        dict(transfer_syntax=JPEGLossless, photometric="MONOCHROME1"),
+        dict(transfer_syntax=JPEGLosslessSV1, bits_stored=16, modality="DX"),
+        dict(transfer_syntax=JPEG2000Lossless, photometric="MONOCHROME1", bits_stored=16),
+        dict(transfer_syntax=JPEGLSLossless),
+        dict(transfer_syntax=RLELossless, view="AP"),
+    ]
+    staged = [env.stage(make_cxr_dataset(images[20], study_uid=study, size=(2048, 2048), **v)) for v in variants]
+    env.start_worker()
+    for relpath, sop in staged:
+        env.send(relpath, sop)
+    rows = env.wait_terminal([sop for _, sop in staged])
+    probabilities = [rows[sop]["probability"] for _, sop in staged]
+    assert all(rows[sop]["status"] == "done" for _, sop in staged)
+    assert max(probabilities) - min(probabilities) < 1e-3, probabilities
+    assert len({rows[sop]["stratum"] for _, sop in staged}) == 1

@@ -1,0 +1,295 @@
+"""Worker throughput benchmark: a real `pneumonia-worker run` process on a private Redis + SQLite.
+
+Reports, on this machine:
+  * worker start-up time (spawn -> Celery ready, and -> model loaded in the pool process)
+  * throughput (instances/s) and p50/p95 latency (received -> finished) and processing time
+  * resident memory of the worker (main + pool processes)
+  * onnxruntime vs PyTorch eager on the same network (batch 1 latency, batch-16 throughput).
+    The benchmark may import torch; worker/ never does. PyTorch weights come from
+    --torch-checkpoint (a training checkpoint) when given, else the same architecture with
+    random weights (identical compute, so the timing comparison holds; parity is then not checked).
+
+    python benchmarks/worker_throughput.py --count 64 --size 2048
+Figures go to benchmarks/out/ (ignored) and benchmarks/results/worker_throughput.json (committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images, _ = load_images(args.data_root)
+    results: dict[str, Any] = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results["worker"] = bench_worker(images, args)
+    print_section("worker", results["worker"])
+    if not args.skip_runtimes:
+        results["runtimes"] = bench_runtimes(images, args)
+        print_section("onnxruntime vs pytorch eager", results["runtimes"])
+    write_results(results)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path,
+                        default=Path(os.environ.get("TRIAGE_DATA_ROOT", REPO.parent / "shared" / "data")))
+    parser.add_argument("--count", type=int, default=64, help="instances sent to the worker")
+    parser.add_argument("--size", type=int, default=2048, help="DICOM side in pixels")
+    parser.add_argument("--encoding", default="jpeg-lossless", choices=("explicit", "jpeg-lossless", "j2k", "rle"))
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--torch-checkpoint", type=Path, default=None)
+    parser.add_argument("--runtime-reps", type=int, default=30, help="batch-1 timings per runtime")
+    parser.add_argument("--skip-runtimes", action="store_true")
+    return parser.parse_args(argv)
+
+
+def load_images(data_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    from worker.samples import load_pneumoniamnist
+
+    return load_pneumoniamnist(data_root, "test")
+
+
+def machine_info() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_avg_at_start": os.getloadavg(), "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage_files(images: np.ndarray, spool: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless, generate_uid
+
+    from worker.contract import pending_relpath
+    from worker.samples import make_cxr_dataset, save
+
+    syntax = {"explicit": ExplicitVRLittleEndian, "jpeg-lossless": JPEGLosslessSV1, "j2k": JPEG2000Lossless,
+              "rle": RLELossless}[args.encoding]
+    study = generate_uid()
+    staged = []
+    for i in range(args.count):
+        ds = make_cxr_dataset(images[i % len(images)], size=(args.size, args.size), study_uid=study,
+                              transfer_syntax=syntax, accession=f"B{i:05d}")
+        relpath = pending_relpath(study, str(ds.SOPInstanceUID))
+        save(ds, spool / relpath)
+        staged.append((relpath, str(ds.SOPInstanceUID)))
+    return staged
+
+
+def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Start Redis + worker, push `count` instances, read timings back from the database."""
+    with tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp:
+        tmp_path = Path(tmp)
+        staged = stage_files(images, tmp_path / "spool", args)
+        port = free_port()
+        redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+                                  "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+        env.update(TRIAGE_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+                   TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 'triage.db'}",
+                   TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_CONCURRENCY=str(args.concurrency))
+        log_path = tmp_path / "worker.log"
+        worker = None
+        try:
+            time.sleep(0.5)
+            spawn = time.monotonic()
+            worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=tmp,
+                                      stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+            ready_s = wait_log(log_path, " ready.", spawn)
+            model_s = wait_log(log_path, "loaded (", spawn)
+            rss_idle = worker_rss(worker.pid)
+            sent = time.monotonic()
+            send_all(env["TRIAGE_BROKER_URL"], staged)
+            rows = wait_rows(env["TRIAGE_DATABASE_URL"], [s for _, s in staged], timeout=1800)
+            wall = time.monotonic() - sent
+            rss_busy = worker_rss(worker.pid)
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(60)
+            redis.terminate()
+            redis.wait(10)
+    return summarise(rows, wall, ready_s, model_s, rss_idle, rss_busy, args)
+
+
+def wait_log(path: Path, marker: str, since: float, timeout: float = 180) -> float:
+    while time.monotonic() - since < timeout:
+        if path.exists() and marker in path.read_text(errors="replace"):
+            return round(time.monotonic() - since, 2)
+        time.sleep(0.05)
+    raise RuntimeError(f"worker did not log {marker!r}; log:\n{path.read_text(errors='replace')[-2000:]}")
+
+
+def worker_rss(pid: int) -> dict[str, float]:
+    main = psutil.Process(pid)
+    children = main.children(recursive=True)
+    mib = 1024 * 1024
+    return {"main_mib": round(main.memory_info().rss / mib, 1),
+            "pool_mib": round(sum(c.memory_info().rss for c in children) / mib, 1),
+            "total_mib": round((main.memory_info().rss + sum(c.memory_info().rss for c in children)) / mib, 1)}
+
+
+def send_all(broker_url: str, staged: list[tuple[str, str]]) -> None:
+    from celery import Celery
+
+    from worker import contract
+
+    client = Celery("bench", broker=broker_url, set_as_current=False)
+    for relpath, sop in staged:
+        client.send_task(contract.PROCESS_INSTANCE, args=(relpath, sop),
+                         kwargs={"received_at": dt.datetime.now(dt.timezone.utc).isoformat()}, queue=contract.QUEUE)
+    client.close()
+
+
+def wait_rows(database_url: str, sops: list[str], timeout: float) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from worker import db
+
+    engine = db.make_engine(database_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                rows = [dict(r) for r in conn.execute(select(db.instances)).mappings()]
+            if len([r for r in rows if r["status"] in db.TERMINAL]) >= len(sops):
+                return rows
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+    raise RuntimeError("worker did not finish in time")
+
+
+def summarise(rows: list[dict[str, Any]], wall: float, ready_s: float, model_s: float,
+              rss_idle: dict[str, float], rss_busy: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
+    latency = np.array([(r["finished_at"] - r["received_at"]).total_seconds() for r in rows])
+    processing = np.array([r["processing_ms"] for r in rows])
+    first_start = min(r["started_at"] for r in rows)
+    last_finish = max(r["finished_at"] for r in rows)
+    busy_span = (last_finish - first_start).total_seconds()
+    return {
+        "instances": len(rows),
+        "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
+        "dicom": f"{args.size}x{args.size} 12-bit {args.encoding}",
+        "concurrency": args.concurrency,
+        "throughput_per_s": round(len(rows) / busy_span, 2),
+        "throughput_incl_queueing_per_s": round(len(rows) / wall, 2),
+        "latency_s": {"p50": round(float(np.percentile(latency, 50)), 3),
+                      "p95": round(float(np.percentile(latency, 95)), 3)},
+        "processing_ms": {"p50": round(float(np.percentile(processing, 50)), 1),
+                          "p95": round(float(np.percentile(processing, 95)), 1)},
+        "startup_s": {"celery_ready": ready_s, "model_loaded": model_s},
+        "rss_idle_mib": rss_idle,
+        "rss_after_run_mib": rss_busy,
+    }
+
+
+def bench_runtimes(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Same preprocessed inputs through onnxruntime and PyTorch eager, same thread count."""
+    from models.detector import PneumoniaDetector
+    from models.preprocess import preprocess_batch
+
+    threads = os.cpu_count() or 1
+    detector = PneumoniaDetector(intra_op_threads=threads)
+    one = preprocess_batch([images[0]])
+    batch = preprocess_batch(list(images[:16]))
+    out: dict[str, Any] = {"threads": threads}
+    out["onnxruntime"] = time_runtime(lambda x: detector.logits(x), one, batch, args.runtime_reps)
+    out["onnxruntime"]["providers"] = detector.providers
+    model, weights = build_torch_model(detector, args.torch_checkpoint)
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def torch_logits(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    out["pytorch_eager"] = time_runtime(torch_logits, one, batch, args.runtime_reps)
+    out["pytorch_eager"]["weights"] = weights
+    out["pytorch_eager"]["torch"] = torch.__version__
+    if weights == "checkpoint":
+        out["max_abs_logit_delta"] = float(np.abs(torch_logits(batch) - detector.logits(batch)).max())
+    out["speedup_batch1_p50"] = round(out["pytorch_eager"]["batch1_ms"]["p50"] / out["onnxruntime"]["batch1_ms"]["p50"], 2)
+    out["speedup_batch16"] = round(out["onnxruntime"]["batch16_img_per_s"] / out["pytorch_eager"]["batch16_img_per_s"], 2)
+    return out
+
+
+def build_torch_model(detector: Any, checkpoint: Path | None) -> tuple[Any, str]:
+    """The training code's network, configured from the model card's training section."""
+    import torch
+
+    from training.model import build_model
+
+    cfg = detector.card.extra.get("training", {})
+    model = build_model("none", hidden=cfg.get("hidden", 512), dropout=cfg.get("dropout", 0.5),
+                        resnet_v1_strides=cfg.get("resnet_v1_strides", False))
+    weights = "random-init (same architecture)"
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        weights = "checkpoint"
+    return model.eval(), weights
+
+
+def time_runtime(fn: Any, one: np.ndarray, batch: np.ndarray, reps: int) -> dict[str, Any]:
+    for _ in range(3):
+        fn(one)
+    fn(batch)
+    single = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(one)
+        single.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    for _ in range(3):
+        fn(batch)
+    batched = 3 * len(batch) / (time.perf_counter() - start)
+    return {"batch1_ms": {"p50": round(float(np.percentile(single, 50)), 1),
+                          "p95": round(float(np.percentile(single, 95)), 1)},
+            "batch16_img_per_s": round(batched, 2)}
+
+
+def print_section(title: str, data: dict[str, Any]) -> None:
+    print(f"== {title} ==")
+    for key, value in data.items():
+        print(f"  {key}: {value}")
+
+
+def write_results(results: dict[str, Any]) -> None:
+    out_dir = REPO / "benchmarks" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    (out_dir / f"worker_throughput-{stamp}.json").write_text(text)
+    committed = REPO / "benchmarks" / "results"
+    committed.mkdir(parents=True, exist_ok=True)
+    (committed / "worker_throughput.json").write_text(text)
+    print(f"wrote {out_dir / f'worker_throughput-{stamp}.json'} and {committed / 'worker_throughput.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
