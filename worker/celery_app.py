@@ -21,20 +21,29 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from worker import contract, tasks
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database or broker is unreachable, or the model is not deployed yet.
 
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
+    Integrity/data errors are bugs or bad input and are not retried; neither is anything
+    about the image itself (those already became failed/skipped rows in `tasks`).
+    """
     from models.errors import ModelIntegrityError
 
-    return (*TRANSIENT_ERRORS, ModelIntegrityError, FileNotFoundError)
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, SATimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    if isinstance(exc, (ConnectionError, TimeoutError, ModelIntegrityError)):
+        return True
+    return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -51,7 +60,9 @@ def create_app(settings: WorkerSettings) -> Celery:
     def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at)
-        except _transient_errors() as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             log.warning("transient %s for %s, retry %d", type(exc).__name__, sop_instance_uid, self.request.retries + 1)
             raise self.retry(exc=exc, countdown=backoff(self.request.retries))
 
@@ -59,7 +70,9 @@ def create_app(settings: WorkerSettings) -> Celery:
     def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None) -> Any:
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             raise self.retry(exc=exc, countdown=backoff(self.request.retries))
 
     worker_process_init.connect(lambda **_: _warm(runtime), weak=False)

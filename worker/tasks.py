@@ -37,6 +37,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.detectors = DetectorCache(self.settings)
+        quiet_pydicom()
 
     @property
     def engine(self) -> Engine:
@@ -53,9 +54,24 @@ class Runtime:
         self.detectors.get()
 
 
+def quiet_pydicom() -> None:
+    """Stop pydicom from warning about invalid element values: such warnings quote the value,
+    which may be a patient name. Validation still happens where it matters (pixel decoding)."""
+    import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
 def process_instance(rt: Runtime, relpath: str, sop_uid: str, received_at: str | None) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring)."""
     received = db.parse_timestamp(received_at) or db.utcnow()
+    if not sop_uid or len(sop_uid) > 64:
+        # Cannot be a row key; the gateway validates UIDs, so this is a contract breach worth an error.
+        log.error("rejected task with invalid SOP Instance UID (length %d) for %s", len(sop_uid or ""), relpath[:120])
+        return {"sop_instance_uid": sop_uid, "status": "rejected", "noop": True}
     with rt.engine.begin() as conn:
         existing = db.get_instance(conn, sop_uid)
     if existing is not None and existing["status"] in db.TERMINAL:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 from sqlalchemy import select, text
 
+from tests.worker.support import wait_for
 from worker import db
 from worker.samples import make_cxr_dataset, make_sr_dataset
 
@@ -32,6 +34,7 @@ def _mixed_study(env, images: np.ndarray) -> dict[str, tuple[str, str]]:
         "no_pixels": make_cxr_dataset(images[6], **kw),
     }
     del objects["no_pixels"].PixelData
+    objects["lateral"].PatientName = "SECRETNAME^" + "X" * 70  # over-long PN: must not be echoed in a warning
     staged = {name: env.stage(ds) for name, ds in objects.items()}
     good = make_cxr_dataset(images[7], **kw)
     staged["truncated"] = env.stage(good)
@@ -103,6 +106,10 @@ def test_every_object_gets_exactly_one_row(make_triage_env, database_url, test_s
     assert study["flag"] == worst["flag"] and study["n_done"] == 2 and study["n_instances"] == len(staged)
     assert study["accession_number"] == "ACC-E2E" and not study["final"]
 
+    # No patient data in the logs, even for objects with invalid patient tags.
+    log_text = "".join(w.log() for w in env.workers)
+    assert "SECRETNAME" not in log_text and "SYNTHETIC" not in log_text and "SYN-000001" not in log_text
+
     # Spool: every readable object archived under its study, pending empty of files.
     assert not [p for p in (env.spool / "pending").rglob("*") if p.is_file()]
     assert len([p for p in (env.spool / "archive").rglob("*.dcm")]) == len(staged) - 1
@@ -117,20 +124,18 @@ def test_redelivery_and_duplicates_change_nothing(make_triage_env, database_url,
     for _ in range(3):  # the gateway resending while the first is still queued
         env.send(relpath, sop)
     first = env.wait_terminal([sop])[sop]
+    archive_dir = env.spool / "archive" / str(ds.StudyInstanceUID)
+    wait_for(lambda: (archive_dir / f"{sop}.dcm").exists(), 30, what="first copy archived")
     # The same instance arrives again later (a modality re-send): staged again, sent again.
     env.stage(ds)
     env.send(relpath, sop, received_at="2026-02-02T00:00:00+00:00")
     env.wait_terminal([sop])
-    import time
-
-    from tests.worker.support import wait_for
-
     wait_for(lambda: not (env.spool / relpath).exists(), 30, what="duplicate retired")
     time.sleep(1)
     after = env.rows()
     assert list(after) == [sop]
     assert after[sop] == first, "a redelivery must not modify a finished row"
-    archived = sorted((env.spool / "archive" / str(ds.StudyInstanceUID)).iterdir())
+    archived = sorted(archive_dir.iterdir())
     assert len(archived) == 2, "the duplicate file is archived beside the original, not lost"
 
     env.finalize(str(ds.StudyInstanceUID))
@@ -140,9 +145,7 @@ def test_redelivery_and_duplicates_change_nothing(make_triage_env, database_url,
             with engine.connect() as conn:
                 row = conn.execute(text("SELECT final, flag, n_done FROM study_flags")).one()
                 return bool(row.final) and row
-        from tests.worker.support import wait_for as wait
-
-        row = wait(final, 30, what="study finalised")
+        row = wait_for(final, 30, what="study finalised")
         assert row.flag == first["flag"] and row.n_done == 1
     finally:
         engine.dispose()

@@ -1,0 +1,82 @@
+"""Task bodies in-process (no broker): the delivery protocol's edge cases on a real SQLite file."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.uid import generate_uid
+
+from worker import contract, db, tasks
+from worker.config import WorkerSettings
+from worker.migrate import upgrade
+from worker.samples import make_cxr_dataset, save
+
+
+@pytest.fixture
+def runtime(tmp_path, sqlite_url):
+    upgrade(sqlite_url)
+    return tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool"))
+
+
+def stage(rt: tasks.Runtime, image, **kw) -> tuple[str, str, str]:
+    ds = make_cxr_dataset(image, size=(256, 256), **kw)
+    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    save(ds, rt.settings.spool_dir / relpath)
+    return relpath, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+
+
+def row(rt: tasks.Runtime, sop: str) -> dict | None:
+    with rt.engine.connect() as conn:
+        return db.get_instance(conn, sop)
+
+
+def test_done_then_archived_then_noop(runtime, test_split):
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    assert tasks.process_instance(runtime, relpath, sop, "2026-01-01T00:00:00Z")["status"] == "done"
+    archived = runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm"
+    assert archived.is_file() and not (runtime.settings.spool_dir / relpath).exists()
+    before = row(runtime, sop)
+    again = tasks.process_instance(runtime, relpath, sop, "2026-03-01T00:00:00Z")
+    assert again["noop"] and row(runtime, sop) == before
+
+
+def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split):
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+            "received_at": db.utcnow(), "started_at": db.utcnow()}
+    for _ in range(runtime.settings.max_attempts):  # deliveries that died mid-task
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, base)
+    result = tasks.process_instance(runtime, relpath, sop, None)
+    assert result["status"] == "failed" and "abandoned" in result["reason"]
+    assert (runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file(), "kept for inspection"
+
+
+def test_path_outside_the_spool_is_refused_with_a_row(runtime):
+    sop = generate_uid()
+    result = tasks.process_instance(runtime, "pending/../../etc/passwd", sop, None)
+    assert result["status"] == "failed" and "outside" in result["reason"]
+    assert row(runtime, sop)["status"] == "failed"
+
+
+def test_invalid_sop_uid_is_rejected_without_a_row(runtime):
+    result = tasks.process_instance(runtime, "pending/1.2/x.dcm", "9" * 80, None)
+    assert result["status"] == "rejected"
+    with runtime.engine.connect() as conn:
+        assert conn.execute(db.instances.select()).first() is None
+
+
+def test_delete_retention_removes_the_file(tmp_path, sqlite_url, test_split):
+    upgrade(sqlite_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", spool_retention="delete"))
+    relpath, sop, _ = stage(rt, test_split[0][0], view="LL")
+    assert tasks.process_instance(rt, relpath, sop, None)["status"] == "skipped"
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
+
+
+def test_finalize_before_any_instance_creates_a_final_study(runtime):
+    study = generate_uid()
+    tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
+    tasks.finalize_study(runtime, study, "garbage")
+    with runtime.engine.connect() as conn:
+        final = conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one()
+    assert final["final"] and final["finalized_at"] is not None
