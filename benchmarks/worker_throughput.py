@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_runtimes:
         results["runtimes"] = bench_runtimes(images, args)
         print_section("onnxruntime vs pytorch eager", results["runtimes"])
-    write_results(results)
+    write_results(results, args.results_name)
     return 0
 
 
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=2048, help="DICOM side in pixels")
     parser.add_argument("--encoding", default="jpeg-lossless", choices=("explicit", "jpeg-lossless", "j2k", "rle"))
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per pool process")
+    parser.add_argument("--results-name", default="worker_throughput", help="file stem under benchmarks/results")
     parser.add_argument("--torch-checkpoint", type=Path, default=None)
     parser.add_argument("--runtime-reps", type=int, default=30, help="batch-1 timings per runtime")
     parser.add_argument("--skip-runtimes", action="store_true")
@@ -110,7 +112,8 @@ def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         env.update(TRIAGE_BROKER_URL=f"redis://127.0.0.1:{port}/0",
                    TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 'triage.db'}",
-                   TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_CONCURRENCY=str(args.concurrency))
+                   TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_CONCURRENCY=str(args.concurrency),
+                   TRIAGE_INTRA_OP_THREADS=str(args.intra_op_threads))
         log_path = tmp_path / "worker.log"
         worker = None
         try:
@@ -195,6 +198,7 @@ def summarise(rows: list[dict[str, Any]], wall: float, ready_s: float, model_s: 
         "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
         "dicom": f"{args.size}x{args.size} 12-bit {args.encoding}",
         "concurrency": args.concurrency,
+        "intra_op_threads": args.intra_op_threads,
         "throughput_per_s": round(len(rows) / busy_span, 2),
         "throughput_incl_queueing_per_s": round(len(rows) / wall, 2),
         "latency_s": {"p50": round(float(np.percentile(latency, 50)), 3),
@@ -279,16 +283,16 @@ def print_section(title: str, data: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
 
 
-def write_results(results: dict[str, Any]) -> None:
+def write_results(results: dict[str, Any], name: str) -> None:
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(results, indent=2, default=str) + "\n"
-    (out_dir / f"worker_throughput-{stamp}.json").write_text(text)
+    (out_dir / f"{name}-{stamp}.json").write_text(text)
     committed = REPO / "benchmarks" / "results"
     committed.mkdir(parents=True, exist_ok=True)
-    (committed / "worker_throughput.json").write_text(text)
-    print(f"wrote {out_dir / f'worker_throughput-{stamp}.json'} and {committed / 'worker_throughput.json'}")
+    (committed / f"{name}.json").write_text(text)
+    print(f"wrote {out_dir / f'{name}-{stamp}.json'} and {committed / f'{name}.json'}")
 
 
 if __name__ == "__main__":

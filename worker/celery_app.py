@@ -59,7 +59,8 @@ def create_app(settings: WorkerSettings) -> Celery:
     @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries)
     def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None) -> Any:
         try:
-            return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at)
+            return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
+                                          transient_retries=self.request.retries)
         except Exception as exc:
             if not is_transient(exc):
                 raise

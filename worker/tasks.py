@@ -65,8 +65,14 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def process_instance(rt: Runtime, relpath: str, sop_uid: str, received_at: str | None) -> dict[str, Any]:
-    """Run one delivery of `triage.process_instance` (see module docstring)."""
+def process_instance(
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, transient_retries: int = 0
+) -> dict[str, Any]:
+    """Run one delivery of `triage.process_instance` (see module docstring).
+
+    `transient_retries` (Celery's retry count) is subtracted from the attempt counter, so
+    database blips after a claim never make an instance look like a poison message.
+    """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
         # Cannot be a row key; the gateway validates UIDs, so this is a contract breach worth an error.
@@ -93,7 +99,7 @@ def process_instance(rt: Runtime, relpath: str, sop_uid: str, received_at: str |
         claimed = db.claim_instance(conn, base)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
-    outcome = _analyse(rt, path, claimed["attempts"])
+    outcome = _analyse(rt, path, claimed["attempts"] - transient_retries)
     return _finish(rt, sop_uid, relpath, received, started, outcome, path)
 
 

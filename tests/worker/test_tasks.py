@@ -51,6 +51,17 @@ def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split
     assert (runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file(), "kept for inspection"
 
 
+def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+            "received_at": db.utcnow(), "started_at": db.utcnow()}
+    for _ in range(runtime.settings.max_attempts):  # claims followed by database errors, each retried
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, base)
+    result = tasks.process_instance(runtime, relpath, sop, None, transient_retries=runtime.settings.max_attempts)
+    assert result["status"] == "done"
+
+
 def test_path_outside_the_spool_is_refused_with_a_row(runtime):
     sop = generate_uid()
     result = tasks.process_instance(runtime, "pending/../../etc/passwd", sop, None)
