@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,16 @@ def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
     except (OSError, RuntimeError) as exc:
         if _is_model_problem(exc):
             raise
-        log.exception("unexpected error for %s", path.name)
-        return Outcome("failed", f"internal error ({type(exc).__name__})")
+        return _internal_error(exc, path)
     except Exception as exc:  # a bug must not turn into a crash loop or a lost instance
-        log.exception("unexpected error for %s", path.name)
-        return Outcome("failed", f"internal error ({type(exc).__name__})")
+        return _internal_error(exc, path)
+
+
+def _internal_error(exc: BaseException, path: Path) -> Outcome:
+    """Log where it failed but not the exception message, which could quote a DICOM value."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unexpected %s for %s\n%s", type(exc).__name__, path.name, frames)
+    return Outcome("failed", f"internal error ({type(exc).__name__})")
 
 
 def _is_model_problem(exc: Exception) -> bool:

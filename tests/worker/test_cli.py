@@ -1,0 +1,52 @@
+"""`pneumonia-worker` sub-commands as subprocesses: migrate, and check refusing a broken set-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from worker.migrate import current_revision
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env={**base, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_migrate_creates_sqlite_file_and_parents(tmp_path):
+    url = f"sqlite:///{tmp_path / 'deep' / 'dir' / 'triage.db'}"
+    assert run_cli("migrate", TRIAGE_DATABASE_URL=url).returncode == 0
+    assert current_revision(url) == "0001"
+
+
+def test_default_database_is_relative_to_cwd(tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "migrate"], env=base, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "var" / "triage.db").is_file()
+
+
+def test_check_refuses_missing_model_and_tampered_card(tmp_path, sqlite_url):
+    missing = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(tmp_path / "nope.onnx"))
+    assert missing.returncode == 2 and "model file not found" in missing.stderr
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"not the model")
+    from models.card import card_path_for, default_model_path
+
+    card_path_for(fake).write_text(card_path_for(default_model_path()).read_text())
+    tampered = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(fake))
+    assert tampered.returncode == 2 and "sha256" in tampered.stderr
+
+
+def test_check_reports_unreachable_database():
+    down = run_cli("check", TRIAGE_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    assert down.returncode == 3 and "database unreachable" in down.stderr
+
+
+def test_run_refuses_to_start_without_a_model(tmp_path, sqlite_url):
+    result = run_cli("run", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(tmp_path / "nope.onnx"),
+                     TRIAGE_BROKER_URL="redis://127.0.0.1:1/0")
+    assert result.returncode == 2
