@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path,
-                        default=Path(os.environ.get("TRIAGE_DATA_ROOT", REPO.parent / "shared" / "data")))
+                        default=Path(os.environ.get("PNEUMONIA_DATA_ROOT", REPO.parent / "shared" / "data")))
     parser.add_argument("--count", type=int, default=64, help="instances sent to the worker")
     parser.add_argument("--size", type=int, default=2048, help="DICOM side in pixels")
     parser.add_argument("--encoding", default="jpeg-lossless", choices=("explicit", "jpeg-lossless", "j2k", "rle"))

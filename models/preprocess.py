@@ -122,8 +122,8 @@ def reduce_to_source(image: np.ndarray, source_size: int = SOURCE_SIZE) -> np.nd
     side = square.shape[0]
     if side < source_size:
         raise ValueError(f"image side {side} is smaller than the model's source size {source_size}")
-    weights = area_weights(side, source_size)
-    small = weights @ square @ weights.T
+    weights = area_weights(side, source_size).astype(np.float32)  # float32 halves the cost on 2048^2 inputs
+    small = (weights @ square.astype(np.float32) @ weights.T).astype(np.float64)
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 

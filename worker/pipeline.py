@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import UnreadableImageError
-from models.preprocess import preprocess_batch
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import skip_reason
 
@@ -91,7 +90,7 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
 def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, detector: Any) -> Outcome:
     """Calibrated probability -> prediction, stratum and worklist flag from the model card."""
     card = detector.card
-    probability = float(detector.pneumonia_probability(preprocess_batch([image]))[0])
+    probability = float(detector.pneumonia_probability(detector.preprocess([image]))[0])
     stratum = card.stratum_for(probability)
     normal, pneumonia = card.labels
     return Outcome(
