@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(1024, 1024), (1448, 1448), (2048, 2048)]  # ~2, ~4, ~8 MB at 16 bits allocated

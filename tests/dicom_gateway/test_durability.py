@@ -9,13 +9,9 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import subprocess
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.uid import generate_uid
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from dicom_gateway.service import Gateway
 from tests.dicom_gateway.conftest import RedisServer, small_dataset
 from tests.dicom_gateway.helpers import run_storescu, store_with_pynetdicom, wait_for
-from tests.worker.support import PG_ADMIN_DSN, TriageEnv, drop_pg_database
+from tests.worker.support import TriageEnv, temporary_pg_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.dcmtk]
 
@@ -27,18 +25,8 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'db' / 'triage.db'}"
         return
-    import psycopg
-
-    name = f"triage_gw_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unavailable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        drop_pg_database(name)
+    with temporary_pg_database("triage_gw") as url:
+        yield url
 
 
 @pytest.fixture

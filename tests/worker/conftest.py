@@ -7,14 +7,13 @@ created PostgreSQL database), so parallel runs do not clash.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 
-from tests.worker.support import PG_ADMIN_DSN, RedisServer, TriageEnv, drop_pg_database
+from tests.worker.support import RedisServer, TriageEnv, temporary_pg_database
 from worker.samples import load_pneumoniamnist
 
 
@@ -37,18 +36,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database created for this test and dropped afterwards."""
-    import psycopg
-
-    name = f"triage_wt_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unavailable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        drop_pg_database(name)
+    with temporary_pg_database("triage_wt") as url:
+        yield url
 
 
 @pytest.fixture

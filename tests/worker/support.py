@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import contextlib
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
@@ -95,6 +97,23 @@ def drop_pg_database(name: str) -> None:
             return
         except psycopg.OperationalError:
             time.sleep(1)
+
+
+@contextlib.contextmanager
+def temporary_pg_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own for one test (parallel runs never clash), dropped afterwards."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 unavailable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        drop_pg_database(name)
 
 
 @dataclass
