@@ -91,7 +91,7 @@ def store_with_pynetdicom(
     ae = AE(ae_title=calling_ae)
     for sop_class, syntax in dict.fromkeys((ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets):
         ae.add_requested_context(sop_class, syntax)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120  # a loaded 2-core CI box can stall a store well past 30 s
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         raise ConnectionError("association not established")
