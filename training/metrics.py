@@ -10,13 +10,14 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from models.detector import calibrated_probability
+
 THRESHOLD_METRICS = ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "fnr", "fpr")
 
 
 def softmax_pneumonia(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """P(pneumonia) from two-class logits, numerically stable."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    return 1.0 / (1.0 + np.exp(scaled[:, 0] - scaled[:, 1]))
+    """P(pneumonia) from two-class logits: the serving contract's own function, so the two cannot drift."""
+    return calibrated_probability(logits, temperature)
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
