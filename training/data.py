@@ -78,7 +78,11 @@ def load_medmnist(root: Path, split: str, size: int, download: bool = False) -> 
 
 
 def load_split(root: Path | None, split: str, size: int, subset: int | None = None, seed: int = 0) -> Split:
-    """One split; `subset` takes a stratified random sample for quick runs and tests."""
+    """One split; `subset` takes a stratified random sample for quick runs and tests.
+
+    The sample depends on `seed` only, not on the training seed, so runs of different
+    training seeds on a subset see the same images and can be compared or ensembled.
+    """
     path, _ = ensure_dataset(root, size)
     data = load_medmnist(path.parent, split, size)
     if subset is None or subset >= len(data.labels):

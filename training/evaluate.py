@@ -93,11 +93,11 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
 
 def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluation:
     model = load_trained(checkpoint, config, runtime)
-    val = load_split(config.data_root, "val", config.image_size, config.subset, config.seed)
+    val = load_split(config.data_root, "val", config.image_size, config.subset)
     val_logits = logits_plain_and_flipped(model, val, config, runtime)
     tta, temperature, threshold, strata = choose_on_validation(val, val_logits, config)
     log.info("chosen on validation: tta=%s T=%.3f threshold=%.3f", tta, temperature, threshold)
-    test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
+    test = load_split(config.data_root, "test", config.image_size, config.subset)
     test_logits = logits_plain_and_flipped(model, test, config, runtime)  # the single look at test
     metrics = test_metrics(val, val_logits, test, test_logits, tta, temperature, threshold, strata, config)
     write_predictions(config.out_dir, val, val_logits[tta], test, test_logits[tta])

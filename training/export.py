@@ -100,7 +100,7 @@ def export(checkpoint: Path, config: TrainConfig, evaluation: Evaluation, runtim
     model = load_trained(checkpoint, config, make_runtime("cpu", "fp32"))
     onnx_path = config.out_dir / f"{DEFAULT_MODEL_NAME}.onnx"
     export_onnx(model, onnx_path, evaluation.tta_hflip)
-    test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
+    test = load_split(config.data_root, "test", config.image_size, config.subset)
     parity = onnx_parity(onnx_path, model, test.images[:parity_images], evaluation.tta_hflip, evaluation.temperature,
                          config.image_size)
     log.info("ONNX parity on %d test images: max |dP| = %.2e", parity["images"], parity["max_abs_delta_probability"])

@@ -46,8 +46,8 @@ def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    val = load_split(config.data_root, "val", config.image_size, config.subset, config.seed)
-    test = load_split(config.data_root, "test", config.image_size, config.subset, config.seed)
+    val = load_split(config.data_root, "val", config.image_size, config.subset)
+    test = load_split(config.data_root, "test", config.image_size, config.subset)
     prepared = fp32_path.with_name(fp32_path.stem + ".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     int8_path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")

@@ -108,8 +108,8 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
     generator = seed_everything(config.seed, config.deterministic)
-    train = load_split(config.data_root, "train", config.image_size, config.subset, config.seed)
-    val = load_split(config.data_root, "val", config.image_size, config.subset, config.seed)
+    train = load_split(config.data_root, "train", config.image_size, config.subset)
+    val = load_split(config.data_root, "val", config.image_size, config.subset)
     model = build_model(config.weights, hidden=config.hidden, dropout=config.dropout, frozen=config.frozen,
                         resnet_v1_strides=config.resnet_v1_strides)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
