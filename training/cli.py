@@ -2,6 +2,7 @@
 
     pneumonia-train run --data-root ../shared/data --weights ../shared/weights/resnet50_imagenet_v1.safetensors
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
+    pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
 from training.quantize import quantize
 from training.report import write_results
+from training.seeds import summarize_seeds
 from training.runtime import make_runtime
 from training.train import BEST, fit
 
@@ -33,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("evaluate", "honest evaluation of a run's best checkpoint"), ("export", "ONNX + parity + model card"),
                        ("quantize", "optional int8 variant of the exported model, with its own parity and AUC check")):
         add_options(sub.add_parser(name, help=text))
+    seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
+    seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
+    seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
+    seeds.add_argument("--bootstrap", type=int, default=TrainConfig().bootstrap)
+    seeds.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
+    seeds.add_argument("--high-suspicion-specificity", type=float, default=StrataTargets().high_suspicion_specificity)
     return parser
 
 
@@ -45,7 +53,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resnet-v1-strides", action="store_true", help="original ResNet v1 stride placement (for v1 weights)")
     p.add_argument("--frozen", default=",".join(d.frozen), help="comma-separated top-level modules to freeze")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--samples-per-epoch", type=int, help="sampler draws per epoch (default: train size)")
+    p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch,
+                   help="sampler draws per epoch; 0 = the train split's size")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -93,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.stage == "seeds":
+        targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
+        figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap)
+        log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
+                 figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
+        return 0
     config = config_from_args(args)
     runtime = make_runtime(config.device, config.precision, config.threads)
     run_info_path = config.out_dir / "run_info.json"

@@ -14,7 +14,7 @@ from training.cli import main
 def tiny_run(tmp_path_factory, data_root, weights_path):
     out = tmp_path_factory.mktemp("run")
     release = tmp_path_factory.mktemp("release")
-    args = ["run", "--data-root", str(data_root), "--subset", "40", "--epochs", "2", "--batch-size", "16",
+    args = ["run", "--data-root", str(data_root), "--subset", "40", "--epochs", "2", "--samples-per-epoch", "0", "--batch-size", "16",
             "--bootstrap", "30", "--out-dir", str(out), "--release-dir", str(release), "--no-progress",
             "--weights", str(weights_path) if weights_path else "none", "--ema-decay", "0.9"]
     assert main(args) == 0
@@ -57,7 +57,7 @@ def test_exported_model_serves_through_the_detector(tiny_run, pneumoniamnist):
 
 def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
     out, _ = tiny_run
-    args = ["train", "--data-root", str(data_root), "--subset", "40", "--epochs", "3", "--batch-size", "16",
+    args = ["train", "--data-root", str(data_root), "--subset", "40", "--epochs", "3", "--samples-per-epoch", "0", "--batch-size", "16",
             "--out-dir", str(out), "--resume", str(out / "last.pt"), "--no-progress", "--weights", "none",
             "--ema-decay", "0.9"]
     assert main(args) == 0
@@ -76,3 +76,17 @@ def test_int8_variant_carries_its_own_checks(tiny_run, data_root):
     assert 0 <= check["max_abs_delta_probability_vs_fp32"] < 0.2
     assert check["test_images_per_s_int8"] > 0
     PneumoniaDetector(out / "pneumonia_resnet50.int8.onnx").predict(np.zeros((28, 28), np.uint8))
+
+
+def test_seeds_stage_summarizes_real_runs(tiny_run, data_root, tmp_path):
+    out, _ = tiny_run
+    second = tmp_path / "seed-43"
+    common = ["--data-root", str(data_root), "--subset", "40", "--epochs", "1", "--samples-per-epoch", "0", "--batch-size", "16",
+              "--bootstrap", "20", "--seed", "43", "--out-dir", str(second), "--no-progress", "--weights", "none"]
+    assert main(["train", *common]) == 0 and main(["evaluate", *common]) == 0
+    assert main(["seeds", str(out), str(second), "--out", str(tmp_path / "seeds"), "--bootstrap", "20"]) == 0
+    figures = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert set(figures["per_seed"]) == {"42", "43"}
+    aucs = [figures["per_seed"][s]["at_0.5"]["auc"] for s in ("42", "43")]
+    assert figures["mean_sd"]["at_0.5"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert "seed 42 | seed 43" in (tmp_path / "seeds" / "seeds.md").read_text()

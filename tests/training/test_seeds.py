@@ -1,0 +1,79 @@
+"""Seed aggregation: mean ± sd against hand-computed values, and the ensemble's own validation choices."""
+
+import json
+
+import numpy as np
+import pytest
+
+from training.config import StrataTargets
+from training.seeds import ensemble, load_seed_run, mean_sd, seed_table, summarize_seeds
+
+METRICS = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
+
+
+def write_run(root, seed: int, accuracy: float, val_logits: np.ndarray, test_logits: np.ndarray,
+              val_labels: np.ndarray, test_labels: np.ndarray):
+    run = root / f"seed-{seed}"
+    (run / "results").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": seed}))
+    (run / "run_info.json").write_text(json.dumps({"train_seconds": 600.0, "train_img_per_s": 30.0,
+                                                   "runtime": "cpu/bf16", "best_epoch": 6}))
+    point = {m: accuracy for m in METRICS}
+    metrics = {"test": {"at_0.5": {"point": point}, "at_operating_point": {"point": point}},
+               "validation": {"auc": 0.99}, "selection": {"operating_threshold": 0.3}}
+    (run / "results" / "metrics.json").write_text(json.dumps(metrics))
+    np.savez(run / "predictions.npz", val_labels=val_labels, val_logits=val_logits,
+             test_labels=test_labels, test_logits=test_logits)
+    return run
+
+
+def separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.tile([0, 1], n // 2)
+    margin = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1.2, n)
+    return labels, np.stack([-margin / 2, margin / 2], axis=1)
+
+
+def test_mean_and_sample_sd_by_hand():
+    stats = mean_sd([0.90, 0.92, 0.94])
+    assert stats["mean"] == pytest.approx(0.92)
+    assert stats["sd"] == pytest.approx(0.02)  # sqrt(((-.02)^2 + 0 + .02^2) / (3 - 1))
+    assert (stats["min"], stats["max"]) == (0.90, 0.94)
+    assert mean_sd([0.5])["sd"] == 0.0
+
+
+def test_seed_table_and_ensemble_of_identical_runs(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    runs = [load_seed_run(write_run(tmp_path, seed, acc, val_logits, test_logits, val_labels, test_labels))
+            for seed, acc in ((7, 0.90), (42, 0.92), (2026, 0.94))]
+    table = seed_table(runs)
+    assert table["mean_sd"]["at_0.5"]["accuracy"]["mean"] == pytest.approx(0.92)
+    assert table["mean_sd"]["at_operating_point"]["f1"]["sd"] == pytest.approx(0.02)
+    assert set(table["per_seed"]) == {"7", "42", "2026"}
+    # three copies of the same logits ensemble to exactly that model
+    alone, together = ensemble(runs[:1], StrataTargets(), 50), ensemble(runs, StrataTargets(), 50)
+    assert together["temperature"] == pytest.approx(alone["temperature"])
+    assert together["test"]["at_0.5"]["point"] == pytest.approx(alone["test"]["at_0.5"]["point"])
+
+
+def test_ensemble_refuses_runs_on_other_images(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    a = write_run(tmp_path, 1, 0.9, val_logits, test_logits, val_labels, test_labels)
+    b = write_run(tmp_path, 2, 0.9, val_logits, test_logits, val_labels, 1 - test_labels)
+    with pytest.raises(ValueError, match="different images"):
+        summarize_seeds([a, b], tmp_path / "out", StrataTargets(), 20)
+
+
+def test_summary_files(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    dirs = [write_run(tmp_path, seed, 0.9, val_logits + seed / 100, test_logits, val_labels, test_labels)
+            for seed in (1, 2)]
+    figures = summarize_seeds(dirs, tmp_path / "out", StrataTargets(), 20)
+    saved = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert saved["mean_sd"]["at_0.5"]["auc"]["mean"] == pytest.approx(0.9)
+    assert 0 < figures["ensemble"]["operating_threshold"] < 1
+    markdown = (tmp_path / "out" / "seeds.md").read_text()
+    assert "| accuracy | 90.00 | 90.00 | 90.00 ± 0.00 |" in markdown
