@@ -252,6 +252,7 @@ def build_torch_model(detector: Any, checkpoint: Path | None) -> tuple[Any, str]
     """The training code's network, configured from the model card's training section."""
     import torch
 
+    from training.engine import FlipAveraged
     from training.model import build_model
 
     cfg = detector.card.extra.get("training", {})
@@ -262,6 +263,9 @@ def build_torch_model(detector: Any, checkpoint: Path | None) -> tuple[Any, str]
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         weights = "checkpoint"
+    # the released graph averages the image and its mirror; compare like with like
+    if detector.card.extra.get("onnx", {}).get("tta_hflip_in_graph"):
+        model, weights = FlipAveraged(model), weights + " + flip TTA"
     return model.eval(), weights
 
 
