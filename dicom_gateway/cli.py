@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="override TRIAGE_GATEWAY_PORT")
     parser.add_argument("--spool-dir", help="override TRIAGE_SPOOL_DIR")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start the listener (foreground; SIGTERM/SIGINT stop it)")
+    run = sub.add_parser("run", help="start the listener (foreground; SIGTERM/SIGINT stop it)")
+    run.add_argument("--http-port", type=int, help="serve /healthz /readyz /status /metrics here (TRIAGE_GATEWAY_HTTP_PORT)")
     health = sub.add_parser("health", help="C-ECHO the listener, check broker, spool and disk; exit 1 if unhealthy")
     health.add_argument("--host", default="127.0.0.1")
     health.add_argument("--calling-ae", default=None, help="calling AE for the C-ECHO (must be allowed)")
@@ -42,6 +43,8 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
         overrides["gateway_port"] = args.port
     if args.spool_dir is not None:
         overrides["spool_dir"] = args.spool_dir
+    if getattr(args, "http_port", None) is not None:
+        overrides["gateway_http_port"] = args.http_port
     return load_settings(**overrides)
 
 

@@ -71,6 +71,10 @@ class GatewaySettings(BaseSettings):
     gateway_tls_key: Path | None = None
     gateway_tls_ca: Path | None = None
 
+    # HTTP liveness/readiness/status/metrics (dicom_gateway/http_status.py); unset = off.
+    gateway_http_bind: str = "127.0.0.1"
+    gateway_http_port: int | None = Field(None, ge=0, le=65535)
+
     gateway_log_level: str = "INFO"
 
     @field_validator("gateway_allowed_calling_aes", "gateway_allowed_ips", mode="before")

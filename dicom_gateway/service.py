@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from dicom_gateway.config import GatewaySettings
+from dicom_gateway.http_status import StatusServer
 from dicom_gateway.queue import Outbox, TaskPublisher
 from dicom_gateway.scp import StoreSCP, build_ae
 from dicom_gateway.spool import Spool
@@ -47,6 +48,7 @@ class Gateway:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+        self.http: StatusServer | None = None
         self.last_sweep: dict[str, Any] = {}
 
     def start(self) -> int:
@@ -54,6 +56,8 @@ class Gateway:
         self.spool.ensure_layout()
         removed = self.spool.clean_incoming(older_than_s=0.0)  # we are the only writer; a partial is never acknowledged
         self._recover_studies()
+        if self.settings.gateway_http_port is not None:  # bind first: a taken port fails before any DICOM is accepted
+            self.http = StatusServer(self, self.settings.gateway_http_bind, self.settings.gateway_http_port)
         ae = self._ae = build_ae(self.settings)
         ssl_context = None
         if self.settings.tls_enabled:
@@ -76,6 +80,8 @@ class Gateway:
             log.warning("no calling-AE allow-list configured: any calling AE title is accepted")
         self._thread = threading.Thread(target=self._maintenance, name="gateway-maintenance", daemon=True)
         self._thread.start()
+        if self.http is not None:
+            self.http.start()
         return self.port
 
     def _recover_studies(self) -> None:
@@ -123,11 +129,19 @@ class Gateway:
         if self._thread is not None:
             self._thread.join(timeout)
         self.publisher.close()
+        if self.http is not None:  # last, so probes see "not live" while the listener drains
+            self.http.stop()
+            self.http = None
         log.info("stopped")
 
     @property
     def listening(self) -> bool:
         return self._server is not None and not self._stop.is_set()
+
+    @property
+    def maintenance_alive(self) -> bool:
+        """The sweep/finalize thread runs; without it nothing pending is ever re-queued."""
+        return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict[str, Any]:
         """In-process view for tests/benchmarks (the CLI health check probes from outside)."""

@@ -1,0 +1,132 @@
+"""HTTP liveness, readiness, status and Prometheus metrics of a running gateway (no PHI).
+
+Why HTTP beside `dicom-gateway health`: orchestrators (Kubernetes probes, load balancers)
+and monitoring (Prometheus) speak HTTP, not DICOM, and must be able to tell "process up"
+from "able to take studies". Everything served here is counts and states: no UIDs,
+no patient data, nothing from a DICOM header.
+
+    GET /healthz   200 while the listener and the maintenance thread run, else 503
+    GET /readyz    200 when also the broker answers and the spool disk has room, else 503
+    GET /status    the gateway's counters (JSON)
+    GET /metrics   the same as Prometheus text
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from dicom_gateway.queue import TaskPublisher
+
+if TYPE_CHECKING:
+    from dicom_gateway.service import Gateway
+
+log = logging.getLogger("dicom_gateway.http")
+
+
+def liveness(gateway: Gateway) -> dict[str, Any]:
+    alive = gateway.listening and gateway.maintenance_alive
+    return {"ok": alive, "listening": gateway.listening, "maintenance": gateway.maintenance_alive}
+
+
+def readiness(gateway: Gateway, probe: TaskPublisher) -> dict[str, Any]:
+    live = liveness(gateway)
+    broker_ok = probe.probe()
+    try:
+        free = shutil.disk_usage(gateway.spool.root).free
+    except OSError:
+        free = 0
+    disk_ok = free >= gateway.settings.gateway_min_free_bytes
+    report: dict[str, Any] = {**live, "ok": bool(live["ok"] and broker_ok and disk_ok),
+                              "broker": broker_ok, "disk_free_bytes": free, "disk_ok": disk_ok}
+    if not broker_ok:
+        report["broker_error"] = probe.last_error
+    return report
+
+
+def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
+    """Gauges and counters in the Prometheus exposition format (text 0.0.4)."""
+    sweep = status.get("last_sweep") or {}
+    samples = [
+        ("triage_gateway_up", "gauge", "1 while the DICOM listener and maintenance run", int(bool(ready["listening"] and ready["maintenance"]))),
+        ("triage_gateway_ready", "gauge", "1 when the broker answers and the spool disk has room", int(bool(ready["ok"]))),
+        ("triage_gateway_broker_up", "gauge", "1 when the broker answered the last probe", int(bool(ready["broker"]))),
+        ("triage_gateway_instances_stored_total", "counter", "instances stored and acknowledged since start", status["stored"]),
+        ("triage_gateway_spool_pending_instances", "gauge", "instances in the spool not yet confirmed queued", status["pending_instances"]),
+        ("triage_gateway_spool_pending_studies", "gauge", "studies with pending instances", status["pending_studies"]),
+        ("triage_gateway_spool_incoming_partials", "gauge", "partial writes in progress or left by a crash", status["incoming_partials"]),
+        ("triage_gateway_open_studies", "gauge", "studies waiting for their quiet period", status["open_studies"]),
+        ("triage_gateway_last_sweep_failed", "gauge", "instances the last sweep could not queue", sweep.get("failed", 0)),
+        ("triage_gateway_spool_disk_free_bytes", "gauge", "free bytes on the spool's file system", ready["disk_free_bytes"]),
+    ]
+    lines = []
+    for name, kind, text, value in samples:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+class StatusServer:
+    """A small threaded HTTP server bound beside the DICOM listener."""
+
+    def __init__(self, gateway: Gateway, bind: str, port: int) -> None:
+        self.gateway = gateway
+        self.probe = TaskPublisher(gateway.settings)  # its own broker connection, not the SCP's
+        self._httpd = ThreadingHTTPServer((bind, port), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> int:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="gateway-http", daemon=True)
+        self._thread.start()
+        log.info("http status listening", extra={"port": self.port})
+        return self.port
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self.probe.close()
+
+    def respond(self, path: str) -> tuple[int, str, str]:
+        """(HTTP status, content type, body) for a GET of `path`."""
+        if path == "/healthz":
+            live = liveness(self.gateway)
+            return (200 if live["ok"] else 503), "application/json", json.dumps(live)
+        if path == "/readyz":
+            ready = readiness(self.gateway, self.probe)
+            return (200 if ready["ok"] else 503), "application/json", json.dumps(ready)
+        if path == "/status":
+            return 200, "application/json", json.dumps(self.gateway.status(), default=str)
+        if path == "/metrics":
+            body = prometheus_text(self.gateway.status(), readiness(self.gateway, self.probe))
+            return 200, "text/plain; version=0.0.4; charset=utf-8", body
+        return 404, "application/json", json.dumps({"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/metrics"]})
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                try:
+                    code, content_type, body = server.respond(self.path.split("?", 1)[0])
+                except Exception:  # a status page must answer, not hang the probe
+                    log.exception("http status request failed")
+                    code, content_type, body = 500, "application/json", json.dumps({"error": "internal"})
+                payload = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: keep logs quiet
+                return
+
+        return Handler

@@ -1,0 +1,98 @@
+"""HTTP liveness/readiness/status/metrics of a real gateway, with a real broker and real stores."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.dicom_gateway.conftest import small_dataset
+from tests.dicom_gateway.helpers import free_port, store_with_pynetdicom
+
+pytestmark = pytest.mark.redis
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_probes_status_and_metrics_follow_real_stores_without_phi(start_gateway, broker, images):
+    gateway = start_gateway(gateway_http_port=0)
+    port = gateway.http.port
+    assert get(port, "/healthz")[0] == 200
+    code, body = get(port, "/readyz")
+    assert code == 200 and json.loads(body)["broker"] is True
+    datasets = [small_dataset(images, i) for i in range(3)]
+    for ds in datasets:
+        ds.PatientID, ds.PatientName = "PHI-4711", "Doe^Jane"
+    assert store_with_pynetdicom(gateway.port, datasets) == [0, 0, 0]
+    status = json.loads(get(port, "/status")[1])
+    assert status["stored"] == 3 and status["listening"] is True
+    code, metrics = get(port, "/metrics")
+    assert code == 200
+    assert "triage_gateway_instances_stored_total 3" in metrics.splitlines()
+    assert "triage_gateway_ready 1" in metrics.splitlines()
+    bodies = [get(port, p)[1] for p in ("/healthz", "/readyz", "/status", "/metrics")]
+    for ds in datasets:
+        for text in bodies:
+            assert ds.SOPInstanceUID not in text and ds.StudyInstanceUID not in text
+    assert not any("PHI-4711" in text or "Doe" in text for text in bodies)
+    assert get(port, "/nope")[0] == 404
+
+
+def test_not_ready_when_the_broker_is_down_but_still_live(start_gateway):
+    gateway = start_gateway(gateway_http_port=0, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    port = gateway.http.port
+    assert get(port, "/healthz")[0] == 200
+    code, body = get(port, "/readyz")
+    report = json.loads(body)
+    assert code == 503 and report["broker"] is False and report["broker_error"]
+    assert "triage_gateway_broker_up 0" in get(port, "/metrics")[1].splitlines()
+
+
+def test_not_ready_when_the_spool_disk_is_short(start_gateway, broker):
+    gateway = start_gateway(gateway_http_port=0, gateway_min_free_bytes=2**62)
+    code, body = get(gateway.http.port, "/readyz")
+    assert code == 503 and json.loads(body)["disk_ok"] is False
+
+
+def test_http_is_off_by_default_and_gone_after_stop(start_gateway, broker):
+    assert start_gateway().http is None
+    gateway = start_gateway(gateway_http_port=0)
+    port = gateway.http.port
+    gateway.stop(timeout=2)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_gateway_process_serves_probes_from_its_environment(redis_server, broker, tmp_path):
+    import signal
+
+    from tests.dicom_gateway.conftest import gateway_subprocess
+    from tests.dicom_gateway.helpers import wait_for
+
+    http_port = free_port()
+    env = {"TRIAGE_BROKER_URL": redis_server.url, "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
+           "TRIAGE_GATEWAY_PORT": str(free_port()), "TRIAGE_GATEWAY_BIND": "127.0.0.1",
+           "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0", "TRIAGE_GATEWAY_HTTP_PORT": str(http_port)}
+    proc = gateway_subprocess(env, tmp_path / "gateway.log")
+    try:
+        def ready() -> bool:
+            try:
+                return get(http_port, "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 30, what="gateway process ready over HTTP")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
