@@ -62,6 +62,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables weight EMA")
     p.add_argument("--select-metric", default=d.select_metric, choices=("auc", "f1", "loss"))
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--aug-gamma", type=float, default=AugmentConfig().gamma,
+                   help="shift-robust gamma range g: gamma in [1/(1+g), 1+g] (0 = off)")
+    p.add_argument("--aug-noise", type=float, default=AugmentConfig().noise_std,
+                   help="shift-robust Gaussian noise std at source size, in [0, 1] units (0 = off)")
     p.add_argument("--no-weighted-sampler", action="store_true")
     p.add_argument("--no-class-weights", action="store_true")
     p.add_argument("--no-tta", action="store_true", help="do not consider flip TTA")
@@ -89,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         frozen=tuple(n for n in args.frozen.split(",") if n), epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
-        select_metric=args.select_metric, augment=AugmentConfig(enabled=not args.no_augment),
+        select_metric=args.select_metric, augment=AugmentConfig(gamma=args.aug_gamma, noise_std=args.aug_noise,
+                                                                  enabled=not args.no_augment),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=not args.no_class_weights,
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,

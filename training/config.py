@@ -32,6 +32,10 @@ class AugmentConfig:
     contrast: float = 0.2
     erase_p: float = 0.25
     erase_area: tuple[float, float] = (0.02, 0.2)
+    gamma: float = 0.0
+    """Shift-robust photometric option: gamma drawn log-uniformly in [1/(1+g), 1+g]; 0 = off."""
+    noise_std: float = 0.0
+    """Shift-robust option: Gaussian noise of this std (in [0, 1] units) at source size; 0 = off."""
     enabled: bool = True
 
 

@@ -124,8 +124,24 @@ def augment_batch(unit: torch.Tensor, config: AugmentConfig, generator: torch.Ge
     contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * config.contrast
     mean = out.mean(dim=(2, 3), keepdim=True)
     out = ((out - mean) * contrast.to(out) + mean) * brightness.to(out)
-    out = _random_erase(out.clamp_(0, 1), config, generator)
+    out = _photometric_shift(out.clamp_(0, 1), config, generator)
+    out = _random_erase(out, config, generator)
     return out
+
+
+def _photometric_shift(unit: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Gamma and sensor noise, for robustness to another site's processing (off by default).
+
+    Draws from `generator` only when enabled, so the default recipe's random stream and
+    therefore its results stay exactly reproducible.
+    """
+    n = unit.shape[0]
+    if config.gamma > 0:
+        log_gamma = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * math.log1p(config.gamma)
+        unit = unit.clamp(min=1e-6).pow(torch.exp(log_gamma).to(unit))
+    if config.noise_std > 0:
+        unit = unit + torch.randn(unit.shape, generator=generator).to(unit) * config.noise_std
+    return unit.clamp_(0, 1)
 
 
 def _random_affine(unit: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

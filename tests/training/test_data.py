@@ -24,6 +24,21 @@ def test_augmentation_is_seeded_and_keeps_range(pneumoniamnist):
     assert torch.equal(augment_batch(unit, AugmentConfig(enabled=False), torch.Generator()), unit)
 
 
+def test_gamma_shift_is_one_power_per_image_within_its_range(pneumoniamnist):
+    unit = to_unit_tensor(pneumoniamnist["train_images"][:8])
+    still = AugmentConfig(rotation_deg=0, hflip_p=0, translate=0, scale_min=1, scale_max=1, shear_deg=0,
+                          brightness=0, contrast=0, erase_p=0)
+    assert torch.allclose(augment_batch(unit, still, torch.Generator().manual_seed(0)), unit, atol=1e-5)
+    shifted = augment_batch(unit, AugmentConfig(**{**still.__dict__, "gamma": 0.5}), torch.Generator().manual_seed(0))
+    for before, after in zip(unit, shifted):
+        inside = (before > 0.1) & (before < 0.9)
+        gamma = torch.log(after[inside]) / torch.log(before[inside])
+        assert gamma.max() - gamma.min() < 1e-3  # one gamma per image, so intensity order is kept
+        assert 1 / 1.5 - 1e-4 <= gamma.mean() <= 1.5 + 1e-4
+    noisy = augment_batch(unit, AugmentConfig(**{**still.__dict__, "noise_std": 0.05}), torch.Generator().manual_seed(0))
+    assert 0.03 < (noisy - unit)[(unit > 0.2) & (unit < 0.8)].std() < 0.07 and noisy.min() >= 0 and noisy.max() <= 1
+
+
 def test_split_sizes_and_stratified_subset(data_root):
     test = load_split(data_root, "test", 28)
     assert test.images.shape == (624, 28, 28) and int(test.labels.sum()) == 390
