@@ -47,24 +47,37 @@ def echo(settings: GatewaySettings, host: str, *, calling_ae: str = HEALTH_CALLI
             assoc.release()
 
 
+def broker_state(publisher: TaskPublisher) -> dict[str, Any]:
+    """One connection attempt to the broker: {"ok"} plus the error when it fails."""
+    ok = publisher.probe()
+    return {"ok": ok, **({} if ok else {"error": publisher.last_error})}
+
+
+def disk_state(settings: GatewaySettings, spool: Spool) -> dict[str, Any]:
+    """Free space on the spool's file system against the admission threshold."""
+    try:
+        free = shutil.disk_usage(spool.root).free
+    except OSError:
+        free = 0
+    return {"ok": free >= settings.gateway_min_free_bytes, "free_bytes": free, "min_free_bytes": settings.gateway_min_free_bytes}
+
+
 def check(settings: GatewaySettings, host: str = "127.0.0.1", *, calling_ae: str = HEALTH_CALLING_AE) -> dict[str, Any]:
     """Full report; `healthy` is the AND of listener, broker and disk."""
     spool = Spool(settings.spool_dir)
     listener = echo(settings, host, calling_ae=calling_ae)
     publisher = TaskPublisher(settings)
     try:
-        broker_ok = publisher.probe()
-        broker = {"ok": broker_ok, **({} if broker_ok else {"error": publisher.last_error})}
+        broker = broker_state(publisher)
     finally:
         publisher.close()
+    disk = disk_state(settings, spool)
     try:
-        free = shutil.disk_usage(spool.root).free
         depth: dict[str, Any] = spool.depth()
     except OSError as exc:
-        free, depth = 0, {"error": type(exc).__name__}
-    disk = {"ok": free >= settings.gateway_min_free_bytes, "free_bytes": free, "min_free_bytes": settings.gateway_min_free_bytes}
+        depth = {"error": type(exc).__name__}
     return {
-        "healthy": bool(listener["ok"] and broker_ok and disk["ok"]),
+        "healthy": bool(listener["ok"] and broker["ok"] and disk["ok"]),
         "listener": listener,
         "broker": broker,
         "disk": disk,

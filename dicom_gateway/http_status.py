@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from dicom_gateway.health import broker_state, disk_state
 from dicom_gateway.queue import TaskPublisher
 
 if TYPE_CHECKING:
@@ -34,17 +34,13 @@ def liveness(gateway: Gateway) -> dict[str, Any]:
 
 
 def readiness(gateway: Gateway, probe: TaskPublisher) -> dict[str, Any]:
+    """Liveness plus the same broker and disk checks as `dicom-gateway health`."""
     live = liveness(gateway)
-    broker_ok = probe.probe()
-    try:
-        free = shutil.disk_usage(gateway.spool.root).free
-    except OSError:
-        free = 0
-    disk_ok = free >= gateway.settings.gateway_min_free_bytes
-    report: dict[str, Any] = {**live, "ok": bool(live["ok"] and broker_ok and disk_ok),
-                              "broker": broker_ok, "disk_free_bytes": free, "disk_ok": disk_ok}
-    if not broker_ok:
-        report["broker_error"] = probe.last_error
+    broker, disk = broker_state(probe), disk_state(gateway.settings, gateway.spool)
+    report: dict[str, Any] = {**live, "ok": bool(live["ok"] and broker["ok"] and disk["ok"]),
+                              "broker": broker["ok"], "disk_free_bytes": disk["free_bytes"], "disk_ok": disk["ok"]}
+    if not broker["ok"]:
+        report["broker_error"] = broker["error"]
     return report
 
 

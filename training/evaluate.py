@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import classification_report
 
 from models.card import Stratum
-from training.config import TrainConfig
+from training.config import StrataTargets, TrainConfig
 from training.data import Split, load_split
 from training.engine import predict_logits
 from training.metrics import (THRESHOLD_METRICS, binary_metrics, bootstrap_ci, brier, confusion,
@@ -86,9 +86,14 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
     scored = {tta: nll(val.labels, val_logits[tta], fit_temperature(val.labels, val_logits[tta]))
               for tta in ((False, True) if config.tta_hflip else (False,))}
     tta = min(scored, key=scored.get)
-    temperature = fit_temperature(val.labels, val_logits[tta])
-    probability = softmax_pneumonia(val_logits[tta], temperature)
-    return tta, temperature, youden_threshold(val.labels, probability), choose_strata(val.labels, probability, config.strata)
+    return (tta, *calibrate_on_validation(val.labels, val_logits[tta], config.strata))
+
+
+def calibrate_on_validation(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets) -> tuple[float, float, tuple]:
+    """Temperature, Youden operating threshold and strata cut-points, all from validation."""
+    temperature = fit_temperature(labels, logits)
+    probability = softmax_pneumonia(logits, temperature)
+    return temperature, youden_threshold(labels, probability), choose_strata(labels, probability, targets)
 
 
 def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluation:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from training.config import StrataTargets
-from training.evaluate import calibration_report, full_report
-from training.metrics import fit_temperature, roc_auc, softmax_pneumonia, youden_threshold
-from training.strata import choose_strata, stratum_report
+from training.evaluate import calibrate_on_validation, calibration_report, full_report
+from training.metrics import roc_auc, softmax_pneumonia
+from training.strata import stratum_report
 
 REPORTED = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 POINTS = ("at_0.5", "at_operating_point")
@@ -76,10 +76,8 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     val_logits = np.mean([r.val_logits for r in runs], axis=0)
     test_logits = np.mean([r.test_logits for r in runs], axis=0)
     val_labels, test_labels = runs[0].val_labels, runs[0].test_labels
-    temperature = fit_temperature(val_labels, val_logits)
+    temperature, threshold, strata = calibrate_on_validation(val_labels, val_logits, targets)
     p_val, p_test = softmax_pneumonia(val_logits, temperature), softmax_pneumonia(test_logits, temperature)
-    threshold = youden_threshold(val_labels, p_val)
-    strata = choose_strata(val_labels, p_val, targets)
     return {
         "seeds": [r.seed for r in runs], "temperature": temperature, "operating_threshold": threshold,
         "validation_auc": roc_auc(val_labels, p_val),
