@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.calibration import StrataTargets
+
 DATA_ROOT_ENV = "PNEUMONIA_DATA_ROOT"
 WEIGHTS_ENV = "PNEUMONIA_WEIGHTS"
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -37,16 +39,6 @@ class AugmentConfig:
     noise_std: float = 0.0
     """Shift-robust option: Gaussian noise of this std (in [0, 1] units) at source size; 0 = off."""
     enabled: bool = True
-
-
-@dataclass(frozen=True)
-class StrataTargets:
-    """Validation targets that fix the confidence-strata cut-points (see training/strata.py)."""
-
-    rule_out_sensitivity: float = 0.98
-    """Everything not 'likely_normal' must catch at least this share of pneumonia cases."""
-    high_suspicion_specificity: float = 0.95
-    """'high_suspicion' must keep at least this share of normal cases out."""
 
 
 @dataclass(frozen=True)

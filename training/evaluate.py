@@ -16,16 +16,15 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 
+from models.calibration import binary_metrics, calibrate, confusion, fit_temperature, nll, stratum_report
 from models.card import Stratum
-from training.config import StrataTargets, TrainConfig
+from training.config import TrainConfig
 from training.data import Split, load_split
 from training.engine import predict_logits
-from training.metrics import (THRESHOLD_METRICS, binary_metrics, bootstrap_ci, brier, confusion,
-                              expected_calibration_error, fit_temperature, nll, reliability_curve, roc_auc,
-                              softmax_pneumonia, youden_threshold)
+from training.metrics import (THRESHOLD_METRICS, bootstrap_ci, brier, expected_calibration_error,
+                              reliability_curve, roc_auc, softmax_pneumonia)
 from training.model import build_model
 from training.runtime import Runtime
-from training.strata import choose_strata, stratum_report
 
 log = logging.getLogger(__name__)
 LABELS = ("Normal", "Pneumonia")
@@ -86,14 +85,8 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
     scored = {tta: nll(val.labels, val_logits[tta], fit_temperature(val.labels, val_logits[tta]))
               for tta in ((False, True) if config.tta_hflip else (False,))}
     tta = min(scored, key=scored.get)
-    return (tta, *calibrate_on_validation(val.labels, val_logits[tta], config.strata))
-
-
-def calibrate_on_validation(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets) -> tuple[float, float, tuple]:
-    """Temperature, Youden operating threshold and strata cut-points, all from validation."""
-    temperature = fit_temperature(labels, logits)
-    probability = softmax_pneumonia(logits, temperature)
-    return temperature, youden_threshold(labels, probability), choose_strata(labels, probability, targets)
+    fit = calibrate(val.labels, val_logits[tta], config.strata)
+    return tta, fit.temperature, fit.threshold, fit.strata
 
 
 def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluation:

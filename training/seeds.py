@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import StrataTargets
-from training.evaluate import calibrate_on_validation, calibration_report, full_report
+from models.calibration import StrataTargets, calibrate, stratum_report
+from training.evaluate import calibration_report, full_report
 from training.metrics import roc_auc, softmax_pneumonia
-from training.strata import stratum_report
 
 REPORTED = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 POINTS = ("at_0.5", "at_operating_point")
@@ -76,7 +75,8 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     val_logits = np.mean([r.val_logits for r in runs], axis=0)
     test_logits = np.mean([r.test_logits for r in runs], axis=0)
     val_labels, test_labels = runs[0].val_labels, runs[0].test_labels
-    temperature, threshold, strata = calibrate_on_validation(val_labels, val_logits, targets)
+    fit = calibrate(val_labels, val_logits, targets)
+    temperature, threshold, strata = fit.temperature, fit.threshold, fit.strata
     p_val, p_test = softmax_pneumonia(val_logits, temperature), softmax_pneumonia(test_logits, temperature)
     return {
         "seeds": [r.seed for r in runs], "temperature": temperature, "operating_threshold": threshold,

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from training.config import TrainConfig
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
-from training.metrics import binary_metrics, roc_auc, softmax_pneumonia
+from models.calibration import binary_metrics
+from training.metrics import roc_auc, softmax_pneumonia
 from training.model import build_model, count_parameters, set_train_mode
 from training.runtime import Runtime, seed_everything
 

@@ -1,0 +1,160 @@
+"""Fitting a model's calibration: temperature, operating threshold and confidence strata.
+
+Numpy only, so the same functions serve two callers that must agree exactly:
+training (fitted on the validation split, written into the model card) and a
+hospital's site calibration (fitted on its own labelled studies, see
+`models/site_calibration.py`). Label convention: 1 = pneumonia, 0 = normal.
+
+Strata for worklist triage:
+
+- likely_normal:   p < rule-out cut. The cut is the highest that keeps the sensitivity
+                   of "not likely_normal" >= target (0.98 by default).
+- indeterminate:   between the cuts.
+- high_suspicion:  p >= rule-in cut, the lowest cut keeping specificity >= target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.card import Stratum, validate_strata
+from models.detector import calibrated_probability
+
+
+@dataclass(frozen=True)
+class StrataTargets:
+    """Targets that fix the confidence-strata cut-points on the calibration data."""
+
+    rule_out_sensitivity: float = 0.98
+    """Everything not 'likely_normal' must catch at least this share of pneumonia cases."""
+    high_suspicion_specificity: float = 0.95
+    """'high_suspicion' must keep at least this share of normal cases out."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibration fit produces; the card (or a site calibration) carries it."""
+
+    temperature: float
+    threshold: float
+    strata: tuple[Stratum, ...]
+
+
+def calibrate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets) -> Calibration:
+    """Temperature (min NLL), Youden operating threshold and strata cut-points, all from one labelled set."""
+    temperature = fit_temperature(labels, logits)
+    probability = calibrated_probability(logits, temperature)
+    return Calibration(temperature, youden_threshold(labels, probability), choose_strata(labels, probability, targets))
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
+    labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
+    return {"tp": int(np.sum(labels & predicted)), "fp": int(np.sum(~labels & predicted)),
+            "tn": int(np.sum(~labels & ~predicted)), "fn": int(np.sum(labels & ~predicted))}
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float]:
+    """Threshold metrics; a case is called pneumonia when probability >= threshold."""
+    c = confusion(labels, np.asarray(probability) >= threshold)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    precision, sensitivity = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "precision": precision,
+        "npv": _ratio(tn, tn + fn),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "fnr": _ratio(fn, tp + fn),
+        "fpr": _ratio(fp, tn + fp),
+    }
+
+
+
+def nll(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
+    p = np.clip(calibrated_probability(logits, temperature), 1e-12, 1 - 1e-12)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+    """Temperature minimising validation NLL (Guo et al. 2017), by golden-section search in log T."""
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if nll(labels, logits, np.exp(c)) < nll(labels, logits, np.exp(d)):
+            b = d
+        else:
+            a = c
+    return float(np.exp((a + b) / 2))
+
+
+def youden_threshold(labels: np.ndarray, probability: np.ndarray) -> float:
+    """Threshold maximising sensitivity + specificity - 1 (ties: the higher threshold)."""
+    candidates = np.unique(probability)
+    scores = [binary_metrics(labels, probability, t) for t in candidates]
+    j = np.array([s["sensitivity"] + s["specificity"] - 1 for s in scores])
+    best = np.flatnonzero(j == j.max())[-1]
+    return float(candidates[best])
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probability: np.ndarray, target: float) -> float:
+    """Highest threshold whose sensitivity (p >= t among positives) is at least `target`."""
+    positives = np.sort(np.asarray(probability)[np.asarray(labels) == 1])
+    if len(positives) == 0:
+        return 0.0
+    allowed_misses = int(np.floor((1 - target) * len(positives) + 1e-9))
+    return float(positives[allowed_misses])
+
+
+def threshold_for_specificity(labels: np.ndarray, probability: np.ndarray, target: float) -> float:
+    """Lowest threshold t such that at least `target` of negatives have p < t."""
+    negatives = np.sort(np.asarray(probability)[np.asarray(labels) == 0])
+    if len(negatives) == 0:
+        return 1.0
+    kept_below = int(np.ceil(target * len(negatives) - 1e-9))
+    return float(np.nextafter(negatives[kept_below - 1], np.inf)) if kept_below else 0.0
+
+
+
+def choose_strata(labels: np.ndarray, probability: np.ndarray, targets: StrataTargets) -> tuple[Stratum, ...]:
+    rule_out = threshold_for_sensitivity(labels, probability, targets.rule_out_sensitivity)
+    rule_in = max(threshold_for_specificity(labels, probability, targets.high_suspicion_specificity), rule_out)
+    rule_in = min(rule_in, 1.0)
+    strata = (
+        Stratum("likely_normal", 0.0, rule_out,
+                f"sensitivity of the other strata >= {targets.rule_out_sensitivity} on the calibration data"),
+        Stratum("indeterminate", rule_out, rule_in, "between the rule-out and rule-in cut-points"),
+        Stratum("high_suspicion", rule_in, 1.0,
+                f"specificity >= {targets.high_suspicion_specificity} on the calibration data"),
+    )
+    validate_strata(strata)
+    return strata
+
+
+def stratum_report(labels: np.ndarray, probability: np.ndarray, strata: tuple[Stratum, ...]) -> dict[str, dict]:
+    """Per stratum: count, pneumonia share (the PPV of calling it pneumonia) and normal share (NPV)."""
+    labels, probability = np.asarray(labels), np.asarray(probability)
+    report = {}
+    for i, stratum in enumerate(strata):
+        upper_ok = probability <= stratum.upper if i == len(strata) - 1 else probability < stratum.upper
+        members = (probability >= stratum.lower) & upper_ok
+        n = int(members.sum())
+        positives = int(labels[members].sum())
+        report[stratum.name] = {
+            "count": n,
+            "pneumonia": positives,
+            "normal": n - positives,
+            "ppv": positives / n if n else float("nan"),
+            "npv": (n - positives) / n if n else float("nan"),
+            "share_of_pneumonia": positives / max(int(labels.sum()), 1),
+            "share_of_normal": (n - positives) / max(int((1 - labels).sum()), 1),
+        }
+    return report
