@@ -7,7 +7,8 @@
     #  'clinical_note': '...', 'stratum': 'high_suspicion'}
 
 Probabilities are calibrated: the card's temperature divides the logits before the
-softmax. The decision uses the card's threshold and the stratum its cut-points.
+softmax. The decision uses the card's threshold and the stratum its cut-points. A site
+calibration (`models/site_calibration.py`), when given, replaces those three.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ class PneumoniaDetector:
         *,
         intra_op_threads: int = 0,
         verify_sha256: bool = True,
+        site_calibration: str | Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not self.model_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.model_path}")
-        self.card = load_card(self.model_path, verify_sha256=verify_sha256)
+        self.card = load_card(self.model_path, verify_sha256=verify_sha256, site_calibration=site_calibration)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self.session = ort.InferenceSession(
@@ -116,8 +118,9 @@ def calibrated_probability(logits: np.ndarray, temperature: float) -> np.ndarray
     return 1.0 / (1.0 + np.exp(scaled[:, 0] - scaled[:, 1]))
 
 
-def load_card(model_path: Path, *, verify_sha256: bool = True) -> ModelCard:
-    """Load the card beside the model and check it describes this very file."""
+def load_card(model_path: Path, *, verify_sha256: bool = True,
+              site_calibration: str | Path | None = None) -> ModelCard:
+    """Load the card beside the model, check it describes this very file, apply a site calibration."""
     card_path = card_path_for(model_path)
     if not card_path.is_file():
         raise ModelIntegrityError(f"model card missing: {card_path}")
@@ -127,6 +130,10 @@ def load_card(model_path: Path, *, verify_sha256: bool = True) -> ModelCard:
         raise ModelIntegrityError(f"card preprocessing {card.preprocessing!r} differs from this code's {expected!r}")
     if verify_sha256 and sha256_of(model_path) != card.sha256:
         raise ModelIntegrityError(f"sha256 of {model_path.name} does not match its card")
+    if site_calibration is not None:
+        from models.site_calibration import SiteCalibration
+
+        card = SiteCalibration.load(site_calibration).apply(card)
     return card
 
 

@@ -3,6 +3,9 @@
     pneumonia-worker migrate          # alembic upgrade head on TRIAGE_DATABASE_URL
     pneumonia-worker check            # settings, model + card (sha256), database reachability
     pneumonia-worker run [-c N]       # migrate (unless TRIAGE_MIGRATE_ON_START=false), check, serve
+    pneumonia-worker calibrate --cases local.csv --site NAME --out site.json
+                                      # refit threshold + strata on local labelled studies
+                                      # (use it with TRIAGE_SITE_CALIBRATION=site.json)
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from worker import contract
@@ -27,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--hostname", default=None, help="Celery node name (default triage@%%h)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     sub.add_parser("check", help="load the model and card and reach the database, then exit")
+    add_calibrate_parser(sub)
     args = parser.parse_args(argv)
     settings = WorkerSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate(settings)
     if args.command == "check":
         return check(settings)
+    if args.command == "calibrate":
+        return calibrate_site(settings, args)
     return run_worker(settings, args.concurrency, args.hostname)
 
 
@@ -57,7 +64,7 @@ def check(settings: WorkerSettings) -> int:
         log.error("model file not found: %s", path)
         return 2
     try:
-        card = load_card(path)
+        card = load_card(path, site_calibration=settings.site_calibration)
     except Exception as exc:
         log.error("model card problem: %s", exc)
         return 2
@@ -70,8 +77,61 @@ def check(settings: WorkerSettings) -> int:
         return 3
     finally:
         engine.dispose()
-    log.info("model %s %s (sha256 %s...) ok; database ok", card.name, card.version, card.sha256[:12])
+    site = card.extra.get("site_calibration")
+    calibration = f"site calibration {site['site']!r} ({site['sha256'][:12]}...)" if site else "card calibration"
+    log.info("model %s %s (sha256 %s...) with %s ok; database ok", card.name, card.version, card.sha256[:12],
+             calibration)
     return 0
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    from models.calibration import StrataTargets
+
+    defaults = StrataTargets()
+    p = sub.add_parser("calibrate", help="fit a site calibration on local labelled studies (counts only are kept)",
+                       description="Refit temperature, operating threshold and strata on this site's own labelled "
+                                   "studies, with a stratified k-fold estimate of how they perform on unseen ones.")
+    p.add_argument("--cases", type=Path, required=True, help="CSV with columns path,label (normal/pneumonia or 0/1)")
+    p.add_argument("--site", required=True, help="a name for this site or device group, kept in the file")
+    p.add_argument("--out", type=Path, required=True, help="where to write the site calibration JSON")
+    p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold estimate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--rule-out-sensitivity", type=float, default=defaults.rule_out_sensitivity)
+    p.add_argument("--high-suspicion-specificity", type=float, default=defaults.high_suspicion_specificity)
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Score the local cases with the configured model (its own card), fit, write, summarise."""
+    from models.calibration import StrataTargets
+    from models.detector import PneumoniaDetector
+    from models.site_calibration import case_logits, fit_site_calibration, read_cases
+
+    paths, labels = read_cases(args.cases)
+    detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
+    logits = case_logits(detector, paths, args.batch_size)
+    targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
+    site = fit_site_calibration(labels, logits, detector.card, args.site, targets, args.folds, args.seed)
+    site.save(args.out)
+    print(summary(site))
+    return 0
+
+
+def summary(site) -> str:  # type: ignore[no-untyped-def]
+    """As shipped vs site-calibrated (k-fold), the figures a local acceptance test looks at."""
+    fit = site.calibration
+    lines = [f"site calibration {site.site!r}: {site.cases['n']} studies "
+             f"({site.cases['pneumonia']} pneumonia, {site.cases['normal']} normal), sha256 {site.sha256[:12]}...",
+             f"fitted: temperature {fit.temperature:.3f}, threshold {fit.threshold:.3f}, strata cuts "
+             + ", ".join(f"{s.name} >= {s.lower:.3f}" for s in fit.strata[1:]),
+             f"{'':24}{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'acc':>7}"]
+    for name, part in (("as shipped (card)", site.as_shipped),
+                       (f"site, {site.cross_validated['folds']}-fold estimate", site.cross_validated)):
+        m = part["at_threshold"]
+        lines.append(f"{name:24}" + "".join(f"{100 * m[k]:7.1f}" for k in
+                                            ("sensitivity", "specificity", "precision", "npv", "accuracy")))
+    lines += [f"warning: {w}" for w in site.warnings]
+    return "\n".join(lines)
 
 
 def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str | None) -> int:

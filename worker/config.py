@@ -33,6 +33,8 @@ class WorkerSettings(BaseSettings):
     spool_retention: Literal["archive", "delete"] = "archive"
     model_path: Path | None = None
     """None means the packaged model (`models.card.default_model_path()`)."""
+    site_calibration: Path | None = None
+    """A site calibration for this model (`pneumonia-worker calibrate`); None keeps the card's own."""
 
     missing_tag_policy: Literal["skip", "process"] = "skip"
     """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""

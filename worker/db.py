@@ -55,6 +55,7 @@ instances = Table(
     Column("model_name", String(100)),
     Column("model_version", String(50)),
     Column("model_sha256", String(64)),
+    Column("site_calibration_sha256", String(64)),
     Column("probability", Float),
     Column("prediction", String(32)),
     Column("stratum", String(32)),

@@ -48,7 +48,8 @@ class DetectorCache:
                 from models.detector import PneumoniaDetector
 
                 self._detector = PneumoniaDetector(
-                    self._settings.resolved_model_path(), intra_op_threads=self._settings.intra_op_threads
+                    self._settings.resolved_model_path(), intra_op_threads=self._settings.intra_op_threads,
+                    site_calibration=self._settings.site_calibration,
                 )
                 log.info("model %s %s loaded (%s)", self._detector.card.name,
                          self._detector.card.version, ",".join(self._detector.providers))
@@ -101,6 +102,7 @@ def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, dete
             "model_name": card.name,
             "model_version": card.version,
             "model_sha256": card.sha256,
+            "site_calibration_sha256": card.extra.get("site_calibration", {}).get("sha256"),
             "probability": probability,
             "prediction": pneumonia if probability >= card.threshold else normal,
             "stratum": stratum,

@@ -276,3 +276,19 @@ __all__: Sequence[str] = (
     "save",
     "write_sample_study",
 )
+
+
+def write_labelled_cases(out_dir: str | Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """PNG files plus `cases.csv` (path,label): the input of `pneumonia-worker calibrate`."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["path,label"]
+    for index, (image, label) in enumerate(zip(images, labels)):
+        name = f"case_{index:05d}.png"
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(out_dir / name)
+        rows.append(f"{name},{'pneumonia' if int(label) else 'normal'}")
+    csv_path = out_dir / "cases.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path

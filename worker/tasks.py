@@ -135,7 +135,9 @@ def _is_model_problem(exc: Exception) -> bool:
     """A missing/corrupt model is the deployment's fault, not the image's: retry, don't fail rows."""
     from models.errors import ModelIntegrityError
 
-    return isinstance(exc, (ModelIntegrityError, FileNotFoundError)) and "model" in str(exc).lower()
+    if isinstance(exc, ModelIntegrityError):  # includes a bad or mismatched site calibration
+        return True
+    return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
 
 
 def _finish(

@@ -18,7 +18,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_migrate_creates_sqlite_file_and_parents(tmp_path):
     url = f"sqlite:///{tmp_path / 'deep' / 'dir' / 'triage.db'}"
     assert run_cli("migrate", TRIAGE_DATABASE_URL=url).returncode == 0
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0002"
 
 
 def test_default_database_is_relative_to_cwd(tmp_path):
@@ -50,3 +50,23 @@ def test_run_refuses_to_start_without_a_model(tmp_path, sqlite_url):
     result = run_cli("run", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(tmp_path / "nope.onnx"),
                      TRIAGE_BROKER_URL="redis://127.0.0.1:1/0")
     assert result.returncode == 2
+
+
+def test_check_refuses_a_site_calibration_of_another_model(tmp_path, sqlite_url):
+    import json
+
+    from models.card import default_model_path
+    from models.detector import load_card
+    from models.site_calibration import fit_site_calibration
+
+    labels = [1] * 20 + [0] * 20
+    logits = [[0.0, 2.0 * y + 0.1 * i] for i, y in enumerate(labels)]
+    site = fit_site_calibration(labels, logits, load_card(default_model_path()), "ward-7", folds=4)
+    good = tmp_path / "good.json"
+    site.save(good)
+    ok = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(good))
+    assert ok.returncode == 0 and "site calibration 'ward-7'" in ok.stderr
+    other = json.loads(good.read_text()) | {"model_sha256": "0" * 64}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "other.json"))
+    assert refused.returncode == 2 and "fitted for model sha256" in refused.stderr

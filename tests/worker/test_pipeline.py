@@ -128,3 +128,26 @@ def test_unreadable_files_fail_with_reason(tmp_path, settings, detectors):
     for path in (garbage, empty, Path(tmp_path / "absent.dcm")):
         outcome = analyse_file(path, settings, detectors)
         assert outcome.status == "failed" and outcome.reason
+
+
+def test_site_calibration_replaces_cut_points_and_is_recorded(tmp_path, test_split):
+    from models.card import default_model_path
+    from models.detector import load_card
+    from models.site_calibration import fit_site_calibration
+
+    images, labels = test_split
+    card = load_card(default_model_path())
+    rng = np.random.default_rng(0)
+    fake_labels = np.array([1] * 30 + [0] * 30)
+    fake_logits = np.stack([np.zeros(60), fake_labels * 2.0 + rng.normal(0, 1, 60)], axis=1)
+    site = fit_site_calibration(fake_labels, fake_logits, card, "ward-7", folds=3)
+    site.save(tmp_path / "site.json")
+    settings = WorkerSettings(site_calibration=tmp_path / "site.json")
+    outcome = analyse_file(save(make_cxr_dataset(images[3], size=(512, 512)), tmp_path / "c.dcm"),
+                           settings, DetectorCache(settings))
+    applied = site.apply(card)
+    assert outcome.fields["site_calibration_sha256"] == site.sha256
+    assert outcome.fields["stratum"] == applied.stratum_for(outcome.fields["probability"])
+    plain = analyse_file(tmp_path / "c.dcm", WorkerSettings(), DetectorCache(WorkerSettings()))
+    assert plain.fields["site_calibration_sha256"] is None
+    assert plain.fields["probability"] != pytest.approx(outcome.fields["probability"])  # new temperature

@@ -1,0 +1,228 @@
+"""Site calibration: refit temperature, threshold and strata on a hospital's own labelled studies.
+
+Why: the released card's cut-points were chosen on PneumoniaMNIST's validation split,
+which comes from the training distribution. They do not transfer to another source:
+on the shifted test set, validation asks for a lower threshold than that set can bear
+(see results/). Practice in radiology AI is to validate a model locally before go-live
+and, where needed, to recalibrate its operating points on local data. This module does
+the recalibration with the very functions training uses (`models.calibration`) and
+reports an honest estimate of the result:
+
+- ``as_shipped``: the card's own calibration scored on the local cases (nothing fitted);
+- ``cross_validated``: stratified k-fold, each fold's cases classified by cut-points
+  fitted on the other folds, pooled over folds (nothing scored on what it was fitted on).
+
+The saved file is bound to one model by sha256 and carries its provenance (case counts,
+a hash of the labels, the targets). Serving applies it over the card
+(`PneumoniaDetector(site_calibration=...)`, `TRIAGE_SITE_CALIBRATION`), and each result
+records the calibration's sha256. It holds counts only, no paths or patient data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from models.calibration import Calibration, StrataTargets, binary_metrics, calibrate, stratum_report
+from models.card import ModelCard, Stratum, validate_strata
+from models.detector import calibrated_probability
+from models.errors import ModelIntegrityError, UnreadableImageError
+from models.image_io import read_image
+
+FORMAT = "pneumonia-triage/site-calibration/1"
+MIN_CASES_PER_CLASS = 10
+"""Below this a k-fold estimate (and any cut-point) is noise: refuse rather than mislead."""
+ADVISED_CASES_PER_CLASS = 50
+"""A 0.98 sensitivity target is resolved only in steps of 1/n positives; warn below this."""
+REPORTED = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
+LABEL_WORDS = {"0": 0, "normal": 0, "1": 1, "pneumonia": 1}
+
+
+@dataclass(frozen=True)
+class SiteCalibration:
+    site: str
+    model_sha256: str
+    calibration: Calibration
+    targets: StrataTargets
+    cases: Mapping[str, Any]
+    as_shipped: Mapping[str, Any] = field(default_factory=dict)
+    cross_validated: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["calibration"]["strata"] = [asdict(s) for s in self.calibration.strata]
+        return {"format": FORMAT, **data}
+
+    @property
+    def sha256(self) -> str:
+        """Identity of this calibration: recorded with every result it produced."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SiteCalibration":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelIntegrityError(f"site calibration unreadable: {path} ({type(exc).__name__})") from exc
+        if data.get("format") != FORMAT:
+            raise ModelIntegrityError(f"{path} is not a site calibration ({FORMAT})")
+        fit = data["calibration"]
+        strata = tuple(sorted((Stratum(**s) for s in fit["strata"]), key=lambda s: s.lower))
+        validate_strata(strata)
+        return cls(
+            site=data["site"], model_sha256=data["model_sha256"],
+            calibration=Calibration(float(fit["temperature"]), float(fit["threshold"]), strata),
+            targets=StrataTargets(**data["targets"]), cases=data["cases"],
+            as_shipped=data.get("as_shipped", {}), cross_validated=data.get("cross_validated", {}),
+            warnings=tuple(data.get("warnings", ())), created=data.get("created", ""),
+        )
+
+    def apply(self, card: ModelCard) -> ModelCard:
+        """The card with this site's temperature, threshold and strata; refuses another model's file."""
+        if card.sha256 != self.model_sha256:
+            raise ModelIntegrityError(
+                f"site calibration {self.site!r} was fitted for model sha256 {self.model_sha256[:12]}..., "
+                f"not {card.name} {card.version} ({card.sha256[:12]}...)")
+        provenance = {"site": self.site, "sha256": self.sha256, "created": self.created,
+                      "cases": dict(self.cases)}
+        return replace(card, temperature=self.calibration.temperature, threshold=self.calibration.threshold,
+                       strata=self.calibration.strata, extra={**card.extra, "site_calibration": provenance})
+
+
+def fit_site_calibration(labels: np.ndarray, logits: np.ndarray, card: ModelCard, site: str,
+                         targets: StrataTargets = StrataTargets(), folds: int = 5, seed: int = 0) -> SiteCalibration:
+    """Fit on all local cases; estimate by stratified k-fold; score the shipped card on the same cases."""
+    labels = np.asarray(labels, dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
+    check_cases(labels, folds)
+    return SiteCalibration(
+        site=site,
+        model_sha256=card.sha256,
+        calibration=calibrate(labels, logits, targets),
+        targets=targets,
+        cases={"n": int(len(labels)), "pneumonia": int(labels.sum()), "normal": int((1 - labels).sum()),
+               "labels_sha256": hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()},
+        as_shipped=score(labels, calibrated_probability(logits, card.temperature), card.threshold, card.strata),
+        cross_validated=cross_validate(labels, logits, targets, folds, seed),
+        warnings=advice(labels),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def check_cases(labels: np.ndarray, folds: int) -> None:
+    if not set(np.unique(labels)) <= {0, 1}:
+        raise ValueError("labels must be 0 (normal) or 1 (pneumonia)")
+    smallest = int(min((labels == 1).sum(), (labels == 0).sum()))
+    if smallest < MIN_CASES_PER_CLASS:
+        raise ValueError(f"site calibration needs at least {MIN_CASES_PER_CLASS} pneumonia and "
+                         f"{MIN_CASES_PER_CLASS} normal studies; the smaller class has {smallest}")
+    if not 2 <= folds <= smallest:
+        raise ValueError(f"folds must be between 2 and {smallest} (the smaller class), got {folds}")
+
+
+def advice(labels: np.ndarray) -> tuple[str, ...]:
+    notes = []
+    for name, count in (("pneumonia", int(labels.sum())), ("normal", int((1 - labels).sum()))):
+        if count < ADVISED_CASES_PER_CLASS:
+            notes.append(f"only {count} {name} studies: cut-points are coarse; "
+                         f"{ADVISED_CASES_PER_CLASS} or more of each class are advised")
+    return tuple(notes)
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per case, each class spread evenly over the folds in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        assignment[members] = np.arange(len(members)) % folds
+    return assignment
+
+
+def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets, folds: int,
+                   seed: int) -> dict[str, Any]:
+    """Each held-out fold classified by cut-points fitted on the other folds, pooled over folds."""
+    assignment = stratified_folds(labels, folds, seed)
+    called = np.zeros(len(labels), dtype=bool)
+    stratum_counts: dict[str, dict[str, int]] = {}
+    thresholds = []
+    for k in range(folds):
+        held_out, fitted_on = assignment == k, assignment != k
+        fit = calibrate(labels[fitted_on], logits[fitted_on], targets)
+        thresholds.append(fit.threshold)
+        probability = calibrated_probability(logits[held_out], fit.temperature)
+        called[held_out] = probability >= fit.threshold
+        for name, row in stratum_report(labels[held_out], probability, fit.strata).items():
+            pooled = stratum_counts.setdefault(name, {"count": 0, "pneumonia": 0, "normal": 0})
+            for key in pooled:
+                pooled[key] += row[key]
+    decision = binary_metrics(labels, called.astype(float), 0.5)
+    return {"folds": folds, "seed": seed, "fold_thresholds": thresholds,
+            "at_threshold": {k: decision[k] for k in REPORTED},
+            "strata": with_rates(stratum_counts, labels)}
+
+
+def score(labels: np.ndarray, probability: np.ndarray, threshold: float,
+          strata: tuple[Stratum, ...]) -> dict[str, Any]:
+    """A fixed calibration (nothing fitted) scored on labelled cases."""
+    decision = binary_metrics(labels, probability, threshold)
+    counts = {name: {k: row[k] for k in ("count", "pneumonia", "normal")}
+              for name, row in stratum_report(labels, probability, strata).items()}
+    return {"threshold": threshold, "at_threshold": {k: decision[k] for k in REPORTED},
+            "strata": with_rates(counts, labels)}
+
+
+def with_rates(counts: Mapping[str, Mapping[str, int]], labels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per stratum: its pneumonia share (PPV of calling it) and its share of all pneumonia / normal cases."""
+    positives, negatives = max(int(labels.sum()), 1), max(int((1 - labels).sum()), 1)
+    return {name: {**row, "ppv": row["pneumonia"] / row["count"] if row["count"] else float("nan"),
+                   "share_of_pneumonia": row["pneumonia"] / positives, "share_of_normal": row["normal"] / negatives}
+            for name, row in counts.items()}
+
+
+def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
+    """A CSV with columns `path` (DICOM, PNG or JPEG; relative to the CSV) and `label` (normal/pneumonia or 0/1)."""
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path.name} needs a header with columns 'path' and 'label'")
+        paths, labels = [], []
+        for line, row in enumerate(reader, start=2):
+            word = (row["label"] or "").strip().lower()
+            if word not in LABEL_WORDS:
+                raise ValueError(f"{csv_path.name} line {line}: label must be one of {sorted(LABEL_WORDS)}")
+            paths.append(csv_path.parent / row["path"].strip())
+            labels.append(LABEL_WORDS[word])
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def case_logits(detector: Any, paths: list[Path], batch_size: int = 16) -> np.ndarray:
+    """Raw logits of every case through the serving path; any unreadable case stops the fit, by line number."""
+    unreadable, logits = [], []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for index, path in enumerate(paths[start:start + batch_size], start=start):
+            try:
+                images.append(read_image(path))
+            except (UnreadableImageError, OSError) as exc:
+                unreadable.append(f"line {index + 2} ({type(exc).__name__})")
+        if images and not unreadable:
+            logits.append(detector.logits(detector.preprocess(images)))
+    if unreadable:
+        raise UnreadableImageError(f"{len(unreadable)} case(s) unreadable, fix or remove them: "
+                                   + ", ".join(unreadable[:10]))
+    return np.concatenate(logits)

@@ -1,0 +1,155 @@
+"""Site calibration: fitting, the honest k-fold estimate, binding to one model, and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from models.calibration import StrataTargets, binary_metrics, calibrate
+from models.card import default_model_path
+from models.detector import PneumoniaDetector, calibrated_probability, load_card
+from models.errors import ModelIntegrityError, UnreadableImageError
+from models.site_calibration import (SiteCalibration, case_logits, check_cases, cross_validate,
+                                     fit_site_calibration, read_cases, stratified_folds)
+from worker.samples import write_labelled_cases
+
+
+@pytest.fixture(scope="module")
+def test_split(pneumoniamnist) -> tuple[np.ndarray, np.ndarray]:
+    return pneumoniamnist["test_images"], pneumoniamnist["test_labels"].reshape(-1).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return load_card(default_model_path())
+
+
+def shifted_logits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose classes separate around a pneumonia logit margin of +1.5, not 0 (a site shift)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.6).astype(np.int64)
+    margin = np.where(labels == 1, 3.0, 0.0) + rng.normal(0, 1.0, n)
+    return labels, np.stack([np.zeros(n), margin], axis=1)
+
+
+def test_folds_spread_each_class_evenly():
+    labels = np.array([1] * 7 + [0] * 5)
+    folds = stratified_folds(labels, 3, seed=1)
+    for cls, count in ((1, 7), (0, 5)):
+        per_fold = np.bincount(folds[labels == cls], minlength=3)
+        assert per_fold.sum() == count and per_fold.max() - per_fold.min() <= 1
+    assert np.array_equal(folds, stratified_folds(labels, 3, seed=1))
+
+
+def test_cross_validation_is_not_the_in_sample_fit():
+    """On pure noise an in-sample Youden cut looks better than chance; held-out folds must not."""
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 200 + [0] * 200)
+    logits = np.stack([np.zeros(400), rng.normal(0, 1, 400)], axis=1)
+    fit = calibrate(labels, logits, StrataTargets())
+    in_sample = binary_metrics(labels, calibrated_probability(logits, fit.temperature), fit.threshold)
+    held_out = cross_validate(labels, logits, StrataTargets(), folds=5, seed=0)["at_threshold"]
+    assert in_sample["sensitivity"] + in_sample["specificity"] - 1 > 0.08
+    assert held_out["sensitivity"] + held_out["specificity"] - 1 < 0.05
+
+
+def test_recalibration_recovers_a_shifted_site(card):
+    labels, logits = shifted_logits(600, seed=3)
+    shipped = replace(card, temperature=1.0, threshold=0.5)
+    site = fit_site_calibration(labels, logits, shipped, "site-a", folds=5)
+    assert site.as_shipped["at_threshold"]["specificity"] < 0.75  # the shift over-calls at 0.5
+    estimate = site.cross_validated["at_threshold"]
+    assert estimate["sensitivity"] > 0.85 and estimate["specificity"] > 0.85
+    assert site.calibration.threshold > 0.5
+    ruled_out = site.cross_validated["strata"]["likely_normal"]["share_of_pneumonia"]
+    assert ruled_out <= 0.05  # the 0.98 rule-out target, held out, within sampling error
+    assert site.cases == {"n": 600, "pneumonia": int(labels.sum()), "normal": int(600 - labels.sum()),
+                          "labels_sha256": site.cases["labels_sha256"]}
+
+
+def test_apply_binds_to_one_model_and_roundtrips(tmp_path, card):
+    labels, logits = shifted_logits(200, seed=4)
+    site = fit_site_calibration(labels, logits, card, "site-b", folds=4)
+    path = tmp_path / "site.json"
+    site.save(path)
+    loaded = SiteCalibration.load(path)
+    assert loaded.sha256 == site.sha256 and loaded.calibration == site.calibration
+    applied = loaded.apply(card)
+    assert (applied.temperature, applied.threshold, applied.strata) == (
+        site.calibration.temperature, site.calibration.threshold, site.calibration.strata)
+    assert applied.extra["site_calibration"]["sha256"] == site.sha256
+    assert applied.sha256 == card.sha256 and applied.labels == card.labels
+    with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
+        loaded.apply(replace(card, sha256="0" * 64))
+    text = path.read_text()
+    assert "site-b" in text and "case_" not in text  # counts and a label hash only, no case paths
+
+
+@pytest.mark.parametrize("labels, folds, message", [
+    (np.array([1] * 30 + [0] * 9), 5, "at least 10"),
+    (np.array([1] * 30 + [2] * 30), 5, "0 \\(normal\\) or 1"),
+    (np.array([1] * 30 + [0] * 12), 13, "folds must be between"),
+])
+def test_refuses_too_few_cases_bad_labels_and_folds(labels, folds, message):
+    with pytest.raises(ValueError, match=message):
+        check_cases(labels, folds)
+
+
+def test_small_sets_carry_a_warning(card):
+    labels = np.array([1] * 20 + [0] * 20)
+    logits = np.stack([np.zeros(40), labels * 2.0 + np.linspace(-1, 1, 40)], axis=1)
+    site = fit_site_calibration(labels, logits, card, "tiny", folds=4)
+    assert len(site.warnings) == 2 and "20 pneumonia" in site.warnings[0]
+
+
+def test_load_refuses_files_that_are_not_site_calibrations(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"name": "a model card"}))
+    with pytest.raises(ModelIntegrityError, match="not a site calibration"):
+        SiteCalibration.load(tmp_path / "x.json")
+    with pytest.raises(ModelIntegrityError, match="unreadable"):
+        SiteCalibration.load(tmp_path / "missing.json")
+
+
+def test_cases_csv_errors_name_the_line(tmp_path, test_split):
+    images, labels = test_split
+    csv_path = write_labelled_cases(tmp_path, images[:3], labels[:3])
+    assert [int(v) for v in read_cases(csv_path)[1]] == [int(v) for v in labels[:3]]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\ncase_00000.png,normal\ncase_00001.png,maybe\n")
+    with pytest.raises(ValueError, match="line 3"):
+        read_cases(bad)
+    (tmp_path / "nolabel.csv").write_text("path\ncase_00000.png\n")
+    with pytest.raises(ValueError, match="'path' and 'label'"):
+        read_cases(tmp_path / "nolabel.csv")
+    (tmp_path / "case_00001.png").write_bytes(b"not an image")
+    paths, _ = read_cases(csv_path)
+    with pytest.raises(UnreadableImageError, match="line 3") as error:
+        case_logits(PneumoniaDetector(), paths)
+    assert "case_00001" not in str(error.value)
+
+
+def test_cli_fits_and_the_detector_serves_it(tmp_path, test_split):
+    """Real PneumoniaMNIST test images -> `pneumonia-worker calibrate` -> PneumoniaDetector(site_calibration=)."""
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:16], np.flatnonzero(labels == 0)[:16]])
+    csv_path = write_labelled_cases(tmp_path / "cases", images[chosen], labels[chosen])
+    out = tmp_path / "site.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "calibrate", "--cases", str(csv_path),
+                           "--site", "ward-7", "--out", str(out), "--folds", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "32 studies (16 pneumonia, 16 normal)" in done.stdout and "4-fold estimate" in done.stdout
+    site = SiteCalibration.load(out)
+    detector = PneumoniaDetector(site_calibration=out)
+    assert detector.card.threshold == site.calibration.threshold
+    p = float(detector.pneumonia_probability(detector.preprocess([images[chosen[0]]]))[0])
+    result = detector.predict(images[chosen[0]])
+    assert result["probabilities"]["Pneumonia"] == pytest.approx(p)
+    assert result["stratum"] == site.apply(load_card(default_model_path())).stratum_for(p)
