@@ -31,6 +31,9 @@ from worker.config import WorkerSettings
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "prediction", "reason", "received_at", "finished_at", "processing_ms")
+EXPORT_COLUMNS = LIST_COLUMNS + ("model_name", "model_version", "model_sha256", "site_calibration_sha256",
+                                 "attempts", "started_at")
+"""An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
                  "n_instances", "n_done", "n_pending", "last_received_at")
 
@@ -89,12 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.dispose()
 
 
-def query_rows(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
+def query_rows(conn: Connection, args: argparse.Namespace,
+               columns: tuple[str, ...] = LIST_COLUMNS) -> list[dict[str, Any]]:
     """Instances (or studies with --studies) matching the filters, newest first."""
     if args.studies:
         return _query_studies(conn, args)
     t = db.instances
-    stmt = select(*[t.c[c] for c in LIST_COLUMNS])
+    stmt = select(*[t.c[c] for c in columns])
     for column, value in (("flag", args.flag), ("stratum", args.stratum), ("status", args.status),
                           ("accession_number", args.accession), ("study_instance_uid", args.study)):
         if value:
@@ -129,15 +133,14 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
-def cmd_list(conn: Connection, args: argparse.Namespace) -> int:
-    rows = query_rows(conn, args)
-    columns = STUDY_COLUMNS if args.studies else LIST_COLUMNS
-    _emit(rows, columns, args.format, args.out)
+def cmd_list(conn: Connection, args: argparse.Namespace, columns: tuple[str, ...] = LIST_COLUMNS) -> int:
+    rows = query_rows(conn, args, columns)
+    _emit(rows, STUDY_COLUMNS if args.studies else columns, args.format, args.out)
     return 0
 
 
 def cmd_export(conn: Connection, args: argparse.Namespace) -> int:
-    return cmd_list(conn, args)
+    return cmd_list(conn, args, EXPORT_COLUMNS)
 
 
 def cmd_show(conn: Connection, args: argparse.Namespace) -> int:

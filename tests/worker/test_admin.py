@@ -102,6 +102,7 @@ def test_show_study_and_csv_export(small_db, tmp_path):
     exported = list(csv.DictReader(out.open()))
     assert len(exported) == sum(r["stratum"] == "indeterminate" for r in rows)
     assert "patient" not in ",".join(exported[0]).lower()
+    assert {"model_version", "model_sha256", "site_calibration_sha256"} <= set(exported[0])
 
 
 def test_stats_counts_and_percentiles(small_db):
