@@ -210,8 +210,14 @@ def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def case_logits(detector: Any, paths: list[Path], batch_size: int = 16) -> np.ndarray:
-    """Raw logits of every case through the serving path; any unreadable case stops the fit, by line number."""
+def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,
+                lines: list[int] | None = None) -> np.ndarray:
+    """Raw logits of every case through the serving path; any unreadable case stops the fit.
+
+    Problems are named by CSV line (`lines`, default: the order of `read_cases`), never by
+    path, which may carry patient identifiers.
+    """
+    lines = lines if lines is not None else [index + 2 for index in range(len(paths))]
     unreadable, logits = [], []
     for start in range(0, len(paths), batch_size):
         images = []
@@ -219,7 +225,7 @@ def case_logits(detector: Any, paths: list[Path], batch_size: int = 16) -> np.nd
             try:
                 images.append(read_image(path))
             except (UnreadableImageError, OSError) as exc:
-                unreadable.append(f"line {index + 2} ({type(exc).__name__})")
+                unreadable.append(f"line {lines[index]} ({type(exc).__name__})")
         if images and not unreadable:
             logits.append(detector.logits(detector.preprocess(images)))
     if unreadable:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from worker import contract
 from worker.config import WorkerSettings
@@ -107,14 +110,50 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.detector import PneumoniaDetector
     from models.site_calibration import case_logits, fit_site_calibration, read_cases
 
-    paths, labels = read_cases(args.cases)
-    detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
-    logits = case_logits(detector, paths, args.batch_size)
-    targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
-    site = fit_site_calibration(labels, logits, detector.card, args.site, targets, args.folds, args.seed)
+    from models.errors import ModelIntegrityError, UnreadableImageError
+
+    try:
+        paths, labels = read_cases(args.cases)
+        keep, excluded = cases_the_worker_would_score(paths, settings)
+        kept = np.flatnonzero(keep)
+        detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
+        logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[int(i) + 2 for i in kept])
+        targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
+        site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
+    except (OSError, ValueError, UnreadableImageError, ModelIntegrityError) as exc:
+        log.error("site calibration not written: %s", exc)
+        return 2
+    if excluded:
+        site = replace(site, cases={**site.cases, "excluded": excluded})
     site.save(args.out)
     print(summary(site))
     return 0
+
+
+def cases_the_worker_would_score(paths: list[Path], settings: WorkerSettings) -> tuple[np.ndarray, dict[str, int]]:
+    """Apply the worker's own selection to DICOM cases, so the site is calibrated on what it will score.
+
+    A lateral view or a non-chest image in the list would never reach the model in
+    production; it is left out and counted by reason (kept in the file), not silently.
+    """
+    from models.dicom_io import read_dicom
+    from models.errors import UnreadableImageError
+    from models.image_io import is_dicom
+    from worker.selection import skip_reason
+
+    keep = np.ones(len(paths), dtype=bool)
+    excluded: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        if not (path.is_file() and is_dicom(path)):
+            continue  # rasters carry no tags; unreadable files are reported by case_logits
+        try:
+            reason = skip_reason(read_dicom(str(path), stop_before_pixels=True), settings.missing_tag_policy)
+        except UnreadableImageError:
+            continue
+        if reason is not None:
+            keep[index] = False
+            excluded[reason] = excluded.get(reason, 0) + 1
+    return keep, excluded
 
 
 def summary(site) -> str:  # type: ignore[no-untyped-def]
@@ -130,6 +169,8 @@ def summary(site) -> str:  # type: ignore[no-untyped-def]
         m = part["at_threshold"]
         lines.append(f"{name:24}" + "".join(f"{100 * m[k]:7.1f}" for k in
                                             ("sensitivity", "specificity", "precision", "npv", "accuracy")))
+    lines += [f"excluded (the worker would skip them): {n} x {reason}"
+              for reason, n in site.cases.get("excluded", {}).items()]
     lines += [f"warning: {w}" for w in site.warnings]
     return "\n".join(lines)
 

@@ -70,3 +70,41 @@ def test_check_refuses_a_site_calibration_of_another_model(tmp_path, sqlite_url)
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "other.json"))
     assert refused.returncode == 2 and "fitted for model sha256" in refused.stderr
+
+
+def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
+    """DICOM cases go through the worker's selection: a lateral view is left out and counted, not scored."""
+    import numpy as np
+
+    from models.site_calibration import SiteCalibration
+    from worker.samples import make_cxr_dataset, save
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:12], np.flatnonzero(labels == 0)[:12]])
+    rows = ["path,label"]
+    for i in chosen:
+        save(make_cxr_dataset(images[i], size=(256, 256)), tmp_path / f"{i}.dcm")
+        rows.append(f"{i}.dcm,{int(labels[i])}")
+    for i in chosen[:2]:
+        save(make_cxr_dataset(images[i], size=(256, 256), view="LL"), tmp_path / f"{i}-lat.dcm")
+        rows.append(f"{i}-lat.dcm,{int(labels[i])}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "ward-7",
+                   "--out", str(tmp_path / "site.json"), "--folds", "3")
+    assert done.returncode == 0, done.stderr
+    assert "excluded (the worker would skip them): 2 x view position LL" in done.stdout
+    site = SiteCalibration.load(tmp_path / "site.json")
+    assert site.cases["n"] == 24 and site.cases["excluded"] == {"view position LL is not frontal (PA/AP)": 2}
+
+
+def test_calibrate_refuses_unreadable_cases_by_line(tmp_path, test_split):
+    """Lines count in the CSV as written, even after the worker's selection left a case out."""
+    from worker.samples import make_cxr_dataset, save
+
+    save(make_cxr_dataset(test_split[0][0], size=(64, 64), view="LL"), tmp_path / "lateral.dcm")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "cases.csv").write_text("path,label\nlateral.dcm,normal\nbroken.png,normal\nmissing.png,pneumonia\n")
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x", "--out", str(tmp_path / "s.json"))
+    assert done.returncode == 2 and not (tmp_path / "s.json").exists()
+    assert "2 case(s) unreadable" in done.stderr and "line 3 (" in done.stderr and "line 4 (" in done.stderr
+    assert "missing.png" not in done.stderr and "Traceback" not in done.stderr
