@@ -65,8 +65,9 @@ def learning_curve(labels: np.ndarray, logits: np.ndarray, sizes: list[int], rep
 
 
 def markdown(site: SiteCalibration, curve: dict, command: str, repeats: int) -> str:
-    def row(name: str, m: dict) -> str:
-        return f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in
+    def row(name: str, part: dict) -> str:
+        m, ci = part["at_threshold"], part["at_threshold_ci95"]
+        return f"| {name} | " + " | ".join(f"{100 * m[k]:.2f} ({100 * ci[k][0]:.1f}–{100 * ci[k][1]:.1f})" for k in
                                            ("sensitivity", "specificity", "precision", "npv", "accuracy", "f1")) + " |"
 
     lines = ["# Site calibration on a shifted source (PneumoniaMNIST test split as the 'site')", "",
@@ -74,9 +75,10 @@ def markdown(site: SiteCalibration, curve: dict, command: str, repeats: int) -> 
              "Test labels stand in for a site's local labels here; the model's headline figures stay "
              "validation-only (results/summary.md).", "",
              f"## All {site.cases['n']} cases: shipped card vs site calibration ({site.cross_validated['folds']}-fold)",
-             "", "| calibration | sens | spec | PPV | NPV | acc | F1 |", "|---|---|---|---|---|---|---|",
-             row(f"as shipped (threshold {site.as_shipped['threshold']:.3f})", site.as_shipped["at_threshold"]),
-             row("site, k-fold held out", site.cross_validated["at_threshold"]), "",
+             "", "95% bootstrap CIs over cases in brackets.", "",
+             "| calibration | sens | spec | PPV | NPV | acc | F1 |", "|---|---|---|---|---|---|---|",
+             row(f"as shipped (threshold {site.as_shipped['threshold']:.3f})", site.as_shipped),
+             row("site, k-fold held out", site.cross_validated), "",
              "| stratum | shipped: n | shipped: PPV | shipped: share of pneumonia | site k-fold: n | "
              "site k-fold: PPV | site k-fold: share of pneumonia |", "|---|---|---|---|---|---|---|"]
     for name in site.as_shipped["strata"]:

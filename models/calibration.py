@@ -15,7 +15,9 @@ Strata for worklist triage:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -158,3 +160,19 @@ def stratum_report(labels: np.ndarray, probability: np.ndarray, strata: tuple[St
             "share_of_normal": (n - positives) / max(int((1 - labels).sum()), 1),
         }
     return report
+
+
+def bootstrap_ci(labels: np.ndarray, probability: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], dict],
+                 rounds: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI of every entry of `statistic(labels, probability)`, resampling cases."""
+    rng = np.random.default_rng(seed)
+    labels, probability = np.asarray(labels), np.asarray(probability)
+    draws: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        index = rng.integers(0, len(labels), len(labels))
+        for key, value in statistic(labels[index], probability[index]).items():
+            draws.setdefault(key, []).append(value)
+    with warnings.catch_warnings():  # a metric undefined in every draw (no positives called...) has a NaN CI
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {key: (float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2))))
+                for key, v in draws.items()}

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from models.calibration import Calibration, StrataTargets, binary_metrics, calibrate, stratum_report
+from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
 from models.card import ModelCard, Stratum, validate_strata
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
@@ -42,6 +42,7 @@ MIN_CASES_PER_CLASS = 10
 ADVISED_CASES_PER_CLASS = 50
 """A 0.98 sensitivity target is resolved only in steps of 1/n positives; warn below this."""
 REPORTED = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
+BOOTSTRAP_ROUNDS = 2000
 LABEL_WORDS = {"0": 0, "normal": 0, "1": 1, "pneumonia": 1}
 
 
@@ -169,20 +170,29 @@ def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTarget
             pooled = stratum_counts.setdefault(name, {"count": 0, "pneumonia": 0, "normal": 0})
             for key in pooled:
                 pooled[key] += row[key]
-    decision = binary_metrics(labels, called.astype(float), 0.5)
     return {"folds": folds, "seed": seed, "fold_thresholds": thresholds,
-            "at_threshold": {k: decision[k] for k in REPORTED},
+            **decision_figures(labels, called.astype(float), 0.5, seed),
             "strata": with_rates(stratum_counts, labels)}
 
 
 def score(labels: np.ndarray, probability: np.ndarray, threshold: float,
           strata: tuple[Stratum, ...]) -> dict[str, Any]:
     """A fixed calibration (nothing fitted) scored on labelled cases."""
-    decision = binary_metrics(labels, probability, threshold)
     counts = {name: {k: row[k] for k in ("count", "pneumonia", "normal")}
               for name, row in stratum_report(labels, probability, strata).items()}
-    return {"threshold": threshold, "at_threshold": {k: decision[k] for k in REPORTED},
+    return {"threshold": threshold, **decision_figures(labels, probability, threshold, seed=0),
             "strata": with_rates(counts, labels)}
+
+
+def decision_figures(labels: np.ndarray, probability: np.ndarray, threshold: float, seed: int,
+                     rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, dict]:
+    """Threshold metrics with 95% bootstrap CIs over cases: a local test set is small, the CI says how small."""
+    def statistic(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        figures = binary_metrics(y, p, threshold)
+        return {k: figures[k] for k in REPORTED}
+
+    return {"at_threshold": statistic(labels, probability),
+            "at_threshold_ci95": bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)}
 
 
 def with_rates(counts: Mapping[str, Mapping[str, int]], labels: np.ndarray) -> dict[str, dict[str, float]]:

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 
-from models.calibration import binary_metrics, calibrate, confusion, fit_temperature, nll, stratum_report
+from models.calibration import (binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature, nll,
+                                stratum_report)
 from models.card import Stratum
 from training.config import TrainConfig
 from training.data import Split, load_split
 from training.engine import predict_logits
-from training.metrics import (THRESHOLD_METRICS, bootstrap_ci, brier, expected_calibration_error,
+from training.metrics import (THRESHOLD_METRICS, brier, expected_calibration_error,
                               reliability_curve, roc_auc, softmax_pneumonia)
 from training.model import build_model
 from training.runtime import Runtime

@@ -5,12 +5,10 @@ Label convention: 1 = pneumonia (positive), 0 = normal.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from models.calibration import binary_metrics
+from models.calibration import binary_metrics, bootstrap_ci
 from models.detector import calibrated_probability
 
 THRESHOLD_METRICS = ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "fnr", "fpr")
@@ -56,17 +54,3 @@ def reliability_curve(labels: np.ndarray, probability: np.ndarray, bins: int = 1
         mean_p.append(float(probability[members].mean()) if members.any() else float("nan"))
         observed.append(float(labels[members].mean()) if members.any() else float("nan"))
     return {"mean_predicted": mean_p, "observed": observed, "count": counts}
-
-
-def bootstrap_ci(labels: np.ndarray, probability: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], dict],
-                 rounds: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CI of every entry of `statistic(labels, probability)`, resampling cases."""
-    rng = np.random.default_rng(seed)
-    labels, probability = np.asarray(labels), np.asarray(probability)
-    draws: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        index = rng.integers(0, len(labels), len(labels))
-        for key, value in statistic(labels[index], probability[index]).items():
-            draws.setdefault(key, []).append(value)
-    return {key: (float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2))))
-            for key, v in draws.items()}

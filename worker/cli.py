@@ -163,12 +163,14 @@ def summary(site) -> str:  # type: ignore[no-untyped-def]
              f"({site.cases['pneumonia']} pneumonia, {site.cases['normal']} normal), sha256 {site.sha256[:12]}...",
              f"fitted: temperature {fit.temperature:.3f}, threshold {fit.threshold:.3f}, strata cuts "
              + ", ".join(f"{s.name} >= {s.lower:.3f}" for s in fit.strata[1:]),
-             f"{'':24}{'sens':>7}{'spec':>7}{'PPV':>7}{'NPV':>7}{'acc':>7}"]
-    for name, part in (("as shipped (card)", site.as_shipped),
-                       (f"site, {site.cross_validated['folds']}-fold estimate", site.cross_validated)):
-        m = part["at_threshold"]
-        lines.append(f"{name:24}" + "".join(f"{100 * m[k]:7.1f}" for k in
-                                            ("sensitivity", "specificity", "precision", "npv", "accuracy")))
+             f"{'':14}{'as shipped (card)':>24}{str(site.cross_validated['folds']) + '-fold held out':>24}"
+             "   (95% bootstrap CI)"]
+    parts = (site.as_shipped, site.cross_validated)
+    for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("precision", "PPV"),
+                       ("npv", "NPV"), ("accuracy", "accuracy")):
+        cells = [f"{100 * p['at_threshold'][key]:.1f} ({100 * p['at_threshold_ci95'][key][0]:.1f}-"
+                 f"{100 * p['at_threshold_ci95'][key][1]:.1f})" for p in parts]
+        lines.append(f"{label:14}" + "".join(f"{cell:>24}" for cell in cells))
     lines += [f"excluded (the worker would skip them): {n} x {reason}"
               for reason, n in site.cases.get("excluded", {}).items()]
     lines += [f"warning: {w}" for w in site.warnings]

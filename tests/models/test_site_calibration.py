@@ -66,6 +66,9 @@ def test_recalibration_recovers_a_shifted_site(card):
     assert site.as_shipped["at_threshold"]["specificity"] < 0.75  # the shift over-calls at 0.5
     estimate = site.cross_validated["at_threshold"]
     assert estimate["sensitivity"] > 0.85 and estimate["specificity"] > 0.85
+    for part in (site.as_shipped, site.cross_validated):
+        for key, (low, high) in part["at_threshold_ci95"].items():
+            assert low <= part["at_threshold"][key] <= high and high - low < 0.15
     assert site.calibration.threshold > 0.5
     ruled_out = site.cross_validated["strata"]["likely_normal"]["share_of_pneumonia"]
     assert ruled_out <= 0.05  # the 0.98 rule-out target, held out, within sampling error
@@ -145,7 +148,7 @@ def test_cli_fits_and_the_detector_serves_it(tmp_path, test_split):
                            "--site", "ward-7", "--out", str(out), "--folds", "4"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "32 studies (16 pneumonia, 16 normal)" in done.stdout and "4-fold estimate" in done.stdout
+    assert "32 studies (16 pneumonia, 16 normal)" in done.stdout and "4-fold held out" in done.stdout
     site = SiteCalibration.load(out)
     detector = PneumoniaDetector(site_calibration=out)
     assert detector.card.threshold == site.calibration.threshold

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from models.calibration import (binary_metrics, confusion, fit_temperature, nll, threshold_for_sensitivity,
-                                threshold_for_specificity, youden_threshold)
-from training.metrics import bootstrap_ci, brier, expected_calibration_error, roc_auc, softmax_pneumonia
+from models.calibration import (binary_metrics, bootstrap_ci, confusion, fit_temperature, nll,
+                                threshold_for_sensitivity, threshold_for_specificity, youden_threshold)
+from training.metrics import brier, expected_calibration_error, roc_auc, softmax_pneumonia
 
 # 4 positives, 6 negatives. At t=0.5: TP=3 (0.9,0.8,0.6), FN=1 (0.3), FP=2 (0.7,0.55), TN=4
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])

@@ -93,6 +93,7 @@ def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
                    "--out", str(tmp_path / "site.json"), "--folds", "3")
     assert done.returncode == 0, done.stderr
     assert "excluded (the worker would skip them): 2 x view position LL" in done.stdout
+    assert "sensitivity" in done.stdout and "95% bootstrap CI" in done.stdout
     site = SiteCalibration.load(tmp_path / "site.json")
     assert site.cases["n"] == 24 and site.cases["excluded"] == {"view position LL is not frontal (PA/AP)": 2}
 
