@@ -91,3 +91,26 @@ def test_finalize_before_any_instance_creates_a_final_study(runtime):
     with runtime.engine.connect() as conn:
         final = conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one()
     assert final["final"] and final["finalized_at"] is not None
+
+
+def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sqlite_url, test_split):
+    """A deployment mistake must not turn every incoming image into a `failed` row: the task raises
+    (Celery retries it) and the instance stays pending with its spool file in place."""
+    import json
+
+    from models.card import default_model_path
+    from models.detector import load_card
+    from models.errors import ModelIntegrityError
+    from models.site_calibration import fit_site_calibration
+
+    labels = [1] * 20 + [0] * 20
+    site = fit_site_calibration(labels, [[0.0, 2.0 * y + 0.1 * i] for i, y in enumerate(labels)],
+                                load_card(default_model_path()), "ward-7", folds=4)
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps(site.to_dict() | {"model_sha256": "0" * 64}))
+    upgrade(sqlite_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", site_calibration=path))
+    relpath, sop, _ = stage(rt, test_split[0][0])
+    with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
+        tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
+    assert row(rt, sop)["status"] == "processing" and (rt.settings.spool_dir / relpath).is_file()
