@@ -15,12 +15,15 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from worker import contract
 from worker.config import WorkerSettings
+
+if TYPE_CHECKING:
+    from models.site_calibration import SiteCalibration
 
 log = logging.getLogger("worker.cli")
 
@@ -108,9 +111,8 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     """Score the local cases with the configured model (its own card), fit, write, summarise."""
     from models.calibration import StrataTargets
     from models.detector import PneumoniaDetector
-    from models.site_calibration import case_logits, fit_site_calibration, read_cases
-
     from models.errors import ModelIntegrityError, UnreadableImageError
+    from models.site_calibration import case_logits, fit_site_calibration, read_cases
 
     try:
         paths, labels = read_cases(args.cases)
@@ -156,7 +158,7 @@ def cases_the_worker_would_score(paths: list[Path], settings: WorkerSettings) ->
     return keep, excluded
 
 
-def summary(site) -> str:  # type: ignore[no-untyped-def]
+def summary(site: SiteCalibration) -> str:
     """As shipped vs site-calibrated (k-fold), the figures a local acceptance test looks at."""
     fit = site.calibration
     lines = [f"site calibration {site.site!r}: {site.cases['n']} studies "
