@@ -5,7 +5,8 @@ the training distribution; on the test split (another source) they over-call pne
 (results/summary.md). This measures what `pneumonia-worker calibrate` recovers when a site
 labels some of its own studies, and how many it needs:
 
-1. the real CLI on all 624 test cases: the shipped card vs the stratified 5-fold estimate;
+1. what `pneumonia-worker calibrate` does, on all 624 test cases (same fit, same printout):
+   the shipped card vs the stratified 5-fold estimate;
 2. a learning curve: fit on n labelled cases drawn (stratified) from the test split, score
    the cut-points on the remaining, disjoint test cases; mean ± sd over repeats.
 
@@ -27,8 +28,8 @@ import numpy as np
 
 from models.calibration import StrataTargets, binary_metrics, calibrate, stratum_report
 from models.detector import PneumoniaDetector, calibrated_probability
-from models.site_calibration import SiteCalibration, case_logits, read_cases
-from worker.cli import main as worker_cli
+from models.site_calibration import SiteCalibration, case_logits, fit_site_calibration, read_cases
+from worker.cli import summary
 from worker.samples import load_pneumoniamnist, write_labelled_cases
 
 CURVE_METRICS = ("sensitivity", "specificity", "accuracy", "f1", "rule_out_miss_rate", "high_suspicion_ppv")
@@ -103,16 +104,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     images, labels = load_pneumoniamnist(args.data_root, "test")
-    with tempfile.TemporaryDirectory() as scratch:
-        cases = write_labelled_cases(scratch, images, labels)
-        site_path = args.out / "site_calibration.json"
-        status = worker_cli(["calibrate", "--cases", str(cases), "--site", "pneumoniamnist-test",
-                             "--out", str(site_path)])
-        if status:
-            sys.exit(status)
-        paths, case_labels = read_cases(cases)
-        logits = case_logits(PneumoniaDetector(), paths)
-    site = SiteCalibration.load(site_path)
+    detector = PneumoniaDetector()
+    with tempfile.TemporaryDirectory() as scratch:  # through files, as a site would: PNG + cases.csv
+        paths, case_labels = read_cases(write_labelled_cases(scratch, images, labels))
+        logits = case_logits(detector, paths)
+    site = fit_site_calibration(case_labels, logits, detector.card, "pneumoniamnist-test")
+    site.save(args.out / "site_calibration.json")
+    print(summary(site))
     curve = learning_curve(case_labels, logits, args.sizes, args.repeats)
     command = "python " + " ".join(sys.argv)
     (args.out / "study.json").write_text(json.dumps({"command": command, "repeats": args.repeats,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from models.calibration import binary_metrics, bootstrap_ci
 from models.detector import calibrated_probability
 
 THRESHOLD_METRICS = ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "fnr", "fpr")
