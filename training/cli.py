@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
     seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
     seeds.add_argument("--bootstrap", type=int, default=TrainConfig().bootstrap)
+    seeds.add_argument("--baseline", type=Path, help="--out of an earlier `seeds` summary to compare validation against")
     seeds.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
     seeds.add_argument("--high-suspicion-specificity", type=float, default=StrataTargets().high_suspicion_specificity)
     return parser
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "seeds":
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
-        figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap)
+        figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
         return 0

@@ -7,11 +7,16 @@ validation-selected results. The same runs' saved logits also give the seed ense
 an upper bound for "ensembling over seeds" that needs no new training.
 
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
+
+A recipe change is decided on validation, so the summary also gives each seed's validation
+figures and, with ``--baseline results/seeds``, the change in their means against the seeds
+of the recipe it would replace (read from the ``seed-*/`` copies a summary leaves behind).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,8 @@ from training.metrics import roc_auc, softmax_pneumonia
 
 REPORTED = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 POINTS = ("at_0.5", "at_operating_point")
+VALIDATION = ("auc", "accuracy_at_0.5", "f1_at_0.5", "sensitivity_at_0.5", "specificity_at_0.5", "nll_calibrated")
+KEPT_FILES = ("config.json", "history.json", "run_info.json", "results/metrics.json", "results/summary.md")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,35 @@ def mean_sd(values: list[float]) -> dict[str, float]:
             "min": float(array.min()), "max": float(array.max())}
 
 
+def validation_figures(metrics: dict) -> dict[str, float]:
+    """The validation figures a recipe change is decided on, from one run's metrics.json."""
+    val = metrics["validation"]
+    figures = {"auc": val["auc"], "nll_calibrated": val["calibration"]["nll_after"]}
+    figures |= {f"{m}_at_0.5": val["at_0.5"][m] for m in ("accuracy", "f1", "sensitivity", "specificity")}
+    return figures
+
+
+def validation_table(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean ± sd over seeds of each validation figure."""
+    per_seed = [validation_figures(m) for m in all_metrics]
+    return {name: mean_sd([f[name] for f in per_seed]) for name in VALIDATION}
+
+
+def baseline_metrics(baseline_dir: Path) -> list[dict]:
+    """Per-seed metrics of an earlier summary, from the seed-*/ copies it left behind."""
+    files = sorted(baseline_dir.glob("seed-*/metrics.json"))
+    if not files:
+        raise FileNotFoundError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def validation_comparison(candidate: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]]) -> dict:
+    """Change of each mean validation figure, with the baseline's own sd to read it against."""
+    return {name: {"baseline_mean": baseline[name]["mean"], "baseline_sd": baseline[name]["sd"],
+                   "candidate_mean": candidate[name]["mean"], "candidate_sd": candidate[name]["sd"],
+                   "delta": candidate[name]["mean"] - baseline[name]["mean"]} for name in VALIDATION}
+
+
 def seed_table(runs: list[SeedRun]) -> dict:
     """Per-seed test figures at both thresholds, and their mean ± sd."""
     per_seed = {str(r.seed): {point: {m: r.metrics["test"][point]["point"][m] for m in REPORTED} for point in POINTS}
@@ -64,7 +100,9 @@ def seed_table(runs: list[SeedRun]) -> dict:
                             "runtime": r.run_info["runtime"], "best_epoch": r.run_info["best_epoch"],
                             "validation_auc": r.metrics["validation"]["auc"],
                             "operating_threshold": r.metrics["selection"]["operating_threshold"]} for r in runs}
-    return {"per_seed": per_seed, "mean_sd": summary, "runs": timing}
+    return {"per_seed": per_seed, "mean_sd": summary, "runs": timing,
+            "validation": {"per_seed": {str(r.seed): validation_figures(r.metrics) for r in runs},
+                           "mean_sd": validation_table([r.metrics for r in runs])}}
 
 
 def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
@@ -89,13 +127,30 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     }
 
 
-def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets, rounds: int) -> dict:
-    """Write seeds.json and seeds.md for the given finished runs; return the figures."""
+def keep_run_files(runs: list[SeedRun], run_dirs: list[Path], out_dir: Path) -> None:
+    """Copy each run's small, committable files (no checkpoints) to out_dir/seed-N/."""
+    for run, run_dir in zip(runs, run_dirs):
+        for name in KEPT_FILES:
+            source = run_dir / name
+            if source.exists():
+                target = out_dir / f"seed-{run.seed}" / Path(name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+
+
+def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets, rounds: int,
+                    baseline_dir: Path | None = None) -> dict:
+    """Write seeds.json, seeds.md and seed-*/ for the given finished runs; return the figures."""
     runs = [load_seed_run(d) for d in run_dirs]
     if len({r.seed for r in runs}) != len(runs):
         raise ValueError("each run must have its own seed")
     figures = {"run_dirs": [str(d) for d in run_dirs], **seed_table(runs), "ensemble": ensemble(runs, targets, rounds)}
+    if baseline_dir is not None:
+        baseline = validation_table(baseline_metrics(baseline_dir))
+        figures["validation"]["against_baseline"] = {
+            "baseline": str(baseline_dir), **validation_comparison(figures["validation"]["mean_sd"], baseline)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    keep_run_files(runs, run_dirs, out_dir)
     (out_dir / "seeds.json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
     (out_dir / "seeds.md").write_text(seeds_markdown(figures))
     return figures
@@ -115,6 +170,7 @@ def seeds_markdown(figures: dict) -> str:
             ens = figures["ensemble"]["test"][point]["point"][m]
             lines.append(f"| {m} | {cells} | {100 * stats['mean']:.2f} ± {100 * stats['sd']:.2f} | {100 * ens:.2f} |")
         lines.append("")
+    lines += validation_markdown(figures["validation"], seeds)
     lines += ["## Runs", "", "| seed | runtime | train min | img/s | best epoch | val AUC | op. threshold |",
               "|---|---|---|---|---|---|---|"]
     for s, r in figures["runs"].items():
@@ -122,3 +178,24 @@ def seeds_markdown(figures: dict) -> str:
                      f"{r['best_epoch']} | {r['validation_auc']:.4f} | {r['operating_threshold']:.3f} |")
     return "\n".join(lines) + "\n"
 
+
+
+def validation_markdown(validation: dict, seeds: list[str]) -> list[str]:
+    """Validation figures per seed (what a recipe change is decided on), and against a baseline."""
+    lines = ["## Validation (decides recipe changes)", "",
+             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+    for name in VALIDATION:
+        cells = " | ".join(f"{validation['per_seed'][s][name]:.4f}" for s in seeds)
+        stats = validation["mean_sd"][name]
+        lines.append(f"| {name} | {cells} | {stats['mean']:.4f} ± {stats['sd']:.4f} |")
+    lines.append("")
+    if "against_baseline" in validation:
+        compared = validation["against_baseline"]
+        lines += [f"Against the baseline `{compared['baseline']}` (means over its seeds):", "",
+                  "| figure | baseline mean ± sd | this mean ± sd | change |", "|---|---|---|---|"]
+        for name in VALIDATION:
+            row = compared[name]
+            lines.append(f"| {name} | {row['baseline_mean']:.4f} ± {row['baseline_sd']:.4f} | "
+                         f"{row['candidate_mean']:.4f} ± {row['candidate_sd']:.4f} | {row['delta']:+.4f} |")
+        lines.append("")
+    return lines

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.config import StrataTargets
-from training.seeds import ensemble, load_seed_run, mean_sd, seed_table, summarize_seeds
+from training.seeds import ensemble, load_seed_run, mean_sd, seed_table, summarize_seeds, validation_table
 
 METRICS = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 
@@ -19,8 +19,10 @@ def write_run(root, seed: int, accuracy: float, val_logits: np.ndarray, test_log
     (run / "run_info.json").write_text(json.dumps({"train_seconds": 600.0, "train_img_per_s": 30.0,
                                                    "runtime": "cpu/bf16", "best_epoch": 6}))
     point = {m: accuracy for m in METRICS}
+    validation = {"auc": 0.99, "calibration": {"nll_after": 1 - accuracy},
+                  "at_0.5": {"accuracy": accuracy, "f1": accuracy, "sensitivity": accuracy, "specificity": 1.0}}
     metrics = {"test": {"at_0.5": {"point": point}, "at_operating_point": {"point": point}},
-               "validation": {"auc": 0.99}, "selection": {"operating_threshold": 0.3}}
+               "validation": validation, "selection": {"operating_threshold": 0.3}}
     (run / "results" / "metrics.json").write_text(json.dumps(metrics))
     np.savez(run / "predictions.npz", val_labels=val_labels, val_logits=val_logits,
              test_labels=test_labels, test_logits=test_logits)
@@ -77,3 +79,32 @@ def test_summary_files(tmp_path):
     assert 0 < figures["ensemble"]["operating_threshold"] < 1
     markdown = (tmp_path / "out" / "seeds.md").read_text()
     assert "| accuracy | 90.00 | 90.00 | 90.00 ± 0.00 |" in markdown
+
+
+def test_validation_table_by_hand(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    runs = [load_seed_run(write_run(tmp_path, seed, acc, val_logits, test_logits, val_labels, test_labels))
+            for seed, acc in ((7, 0.90), (42, 0.92), (2026, 0.94))]
+    table = seed_table(runs)["validation"]
+    assert table["per_seed"]["42"]["accuracy_at_0.5"] == 0.92
+    assert table["mean_sd"]["nll_calibrated"]["mean"] == pytest.approx(0.08)  # mean of 0.10, 0.08, 0.06
+    assert table["mean_sd"]["f1_at_0.5"]["sd"] == pytest.approx(0.02)
+    assert validation_table([r.metrics for r in runs]) == table["mean_sd"]
+
+
+def test_baseline_comparison_reads_the_kept_seed_files(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    old = [write_run(tmp_path / "old", seed, 0.90, val_logits, test_logits, val_labels, test_labels) for seed in (1, 2)]
+    summarize_seeds(old, tmp_path / "baseline", StrataTargets(), 20)
+    assert (tmp_path / "baseline" / "seed-2" / "metrics.json").exists()
+    assert not (tmp_path / "baseline" / "seed-2" / "predictions.npz").exists()
+    new = [write_run(tmp_path / "new", seed, 0.95, val_logits, test_logits, val_labels, test_labels) for seed in (1, 2)]
+    figures = summarize_seeds(new, tmp_path / "candidate", StrataTargets(), 20, tmp_path / "baseline")
+    compared = figures["validation"]["against_baseline"]
+    assert compared["accuracy_at_0.5"]["delta"] == pytest.approx(0.05)
+    assert compared["nll_calibrated"]["delta"] == pytest.approx(-0.05)
+    assert "| accuracy_at_0.5 | 0.9000 ± 0.0000 | 0.9500 ± 0.0000 | +0.0500 |" in (tmp_path / "candidate" / "seeds.md").read_text()
+    with pytest.raises(FileNotFoundError, match="seed-"):
+        summarize_seeds(new, tmp_path / "again", StrataTargets(), 20, tmp_path / "old")
