@@ -68,7 +68,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aug-noise", type=float, default=AugmentConfig().noise_std,
                    help="shift-robust Gaussian noise std at source size, in [0, 1] units (0 = off)")
     p.add_argument("--no-weighted-sampler", action="store_true")
-    p.add_argument("--no-class-weights", action="store_true")
+    p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=d.class_weighted_loss,
+                   help="also weight the loss by inverse class frequency; with the sampler on, that balances twice "
+                        "(the original design's recipe, before 1.1.0)")
     p.add_argument("--no-tta", action="store_true", help="do not consider flip TTA")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
     p.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
@@ -96,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
         select_metric=args.select_metric, augment=AugmentConfig(gamma=args.aug_gamma, noise_std=args.aug_noise,
                                                                   enabled=not args.no_augment),
-        weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=not args.no_class_weights,
+        weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
