@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,12 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
 
 
 def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluation:
+    """Choose TTA, temperature, threshold and strata on validation, then score test once.
+
+    Runs in fp32 whatever precision trained the model: the figures describe the artifact that
+    ships (fp32 ONNX), and bf16 autocast moves single probabilities enough to flip a case.
+    """
+    runtime = serving_runtime(runtime)
     model = load_trained(checkpoint, config, runtime)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
     val_logits = logits_plain_and_flipped(model, val, config, runtime)
@@ -103,13 +109,18 @@ def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluat
     return Evaluation(tta, temperature, threshold, strata, metrics)
 
 
+def serving_runtime(runtime: Runtime) -> Runtime:
+    """The same device at the released artifact's precision (fp32)."""
+    return replace(runtime, precision="fp32")
+
+
 def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, tta: bool, temperature: float,
                  threshold: float, strata: tuple, config: TrainConfig) -> dict:
     p_test = softmax_pneumonia(test_logits[tta], temperature)
     p_val = softmax_pneumonia(val_logits[tta], temperature)
     return {
         "selection": {"tta_hflip": tta, "temperature": temperature, "operating_threshold": threshold,
-                      "rule": "all chosen on validation; test scored once"},
+                      "rule": "all chosen on validation; test scored once", "precision": "fp32"},
         "test": {
             "n": int(len(test.labels)), "prevalence": float(test.labels.mean()),
             "at_0.5": full_report(test.labels, p_test, 0.5, config.bootstrap, config.seed),

@@ -8,6 +8,7 @@ import pytest
 from models.card import ModelCard
 from models.detector import PneumoniaDetector
 from training.cli import main
+from training.data import load_split
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,19 @@ def test_exported_model_serves_through_the_detector(tiny_run, pneumoniamnist):
     detector = PneumoniaDetector(release / "pneumonia_resnet50.onnx")
     result = detector.predict(pneumoniamnist["test_images"][0])
     assert result["stratum"] in ("likely_normal", "indeterminate", "high_suspicion")
+
+
+def test_reported_test_logits_are_the_served_models(tiny_run, data_root):
+    """Figures describe what ships: evaluation runs in fp32 even where bf16 trained the model."""
+    out, release = tiny_run
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    assert metrics["selection"]["precision"] == "fp32"
+    test = load_split(data_root, "test", 28, 40)
+    detector = PneumoniaDetector(release / "pneumonia_resnet50.onnx")
+    served = detector.logits(detector.preprocess(list(test.images)))
+    reported = np.load(out / "predictions.npz")
+    assert np.array_equal(reported["test_labels"], test.labels)
+    np.testing.assert_allclose(reported["test_logits"], served, atol=1e-3)
 
 
 def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
