@@ -96,14 +96,14 @@ def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluat
     Runs in fp32 whatever precision trained the model: the figures describe the artifact that
     ships (fp32 ONNX), and bf16 autocast moves single probabilities enough to flip a case.
     """
-    runtime = serving_runtime(runtime)
-    model = load_trained(checkpoint, config, runtime)
+    scoring = serving_runtime(runtime)
+    model = load_trained(checkpoint, config, scoring)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
-    val_logits = logits_plain_and_flipped(model, val, config, runtime)
+    val_logits = logits_plain_and_flipped(model, val, config, scoring)
     tta, temperature, threshold, strata = choose_on_validation(val, val_logits, config)
     log.info("chosen on validation: tta=%s T=%.3f threshold=%.3f", tta, temperature, threshold)
     test = load_split(config.data_root, "test", config.image_size, config.subset)
-    test_logits = logits_plain_and_flipped(model, test, config, runtime)  # the single look at test
+    test_logits = logits_plain_and_flipped(model, test, config, scoring)  # the single look at test
     metrics = test_metrics(val, val_logits, test, test_logits, tta, temperature, threshold, strata, config)
     write_predictions(config.out_dir, val, val_logits[tta], test, test_logits[tta])
     return Evaluation(tta, temperature, threshold, strata, metrics)
