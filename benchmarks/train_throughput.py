@@ -33,14 +33,16 @@ def images_per_second(runtime: Runtime, channels_last: bool, steps: int, batch_s
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch_size, 3, 224, 224, device=runtime.device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 2, (batch_size,), device=runtime.device)
+    scaler = runtime.grad_scaler()  # fp16 AMP pays for its loss scaling here as in training
     timings = []
     for step in range(steps + 1):  # the first step warms up kernels and is not counted
         start = time.perf_counter()
         with runtime.autocast():
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         if step:

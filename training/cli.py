@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from models.card import sha256_of
 from training.config import AugmentConfig, StrataTargets, TrainConfig, resolve_data_root, resolve_weights
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
@@ -71,6 +72,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=d.class_weighted_loss,
                    help="also weight the loss by inverse class frequency; with the sampler on, that balances twice "
                         "(the original design's recipe, before 1.1.0)")
+    p.add_argument("--distill-from", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                   help="finished runs (out-dirs) whose mean logits teach this run: ships a seed ensemble as one model")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="share of the loss for matching the teachers (the rest is cross-entropy)")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--no-tta", action="store_true", help="do not consider flip TTA")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
     p.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
@@ -99,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         select_metric=args.select_metric, augment=AugmentConfig(gamma=args.aug_gamma, noise_std=args.aug_noise,
                                                                   enabled=not args.no_augment),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
+        distill_from=tuple(args.distill_from), distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
@@ -124,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         run_info = {"command": "pneumonia-train " + shlex.join(argv), "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history), "train_seconds": result.seconds,
                     "train_img_per_s": result.train_images_per_s, "runtime": runtime.describe(),
-                    "select_metric": config.select_metric}
+                    "select_metric": config.select_metric,
+                    "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}}
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
         log.info("trained %d epochs in %.1f min (%.1f img/s); best epoch %d", len(result.history),
                  result.seconds / 60, result.train_images_per_s, result.best_epoch)

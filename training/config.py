@@ -72,6 +72,12 @@ class TrainConfig:
     the learnt prior ~2.9:1 toward Normal (validation accuracy at 0.5: 89.8% -> 92.9% without it,
     results/ablations/single_balancing)."""
     label_smoothing: float = 0.0
+    distill_from: tuple[Path, ...] = ()
+    """Finished runs whose best checkpoints teach this one: the student also matches their mean logits
+    on every augmented batch (Hinton et al. 2015), so a seed ensemble's gain can ship as one model."""
+    distill_weight: float = 0.5
+    """Share of the loss given to matching the teachers; the rest is cross-entropy on the labels."""
+    distill_temperature: float = 2.0
     ema_decay: float = 0.98
     select_metric: str = "auc"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -97,6 +103,8 @@ class TrainConfig:
             raise ValueError("precision must be auto, fp32, bf16 or amp")
         if self.select_metric not in ("auc", "f1", "loss"):
             raise ValueError("select_metric must be auc, f1 or loss")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError("distill_weight must lie in [0, 1] and distill_temperature be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

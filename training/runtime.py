@@ -2,7 +2,10 @@
 
 bf16 autocast (+ channels_last) pays only on CPUs with native bf16 (AMX / AVX512-BF16);
 on others it is emulated and slower than fp32, so "auto" checks the CPU flags.
-CUDA gets fp16 AMP with a gradient scaler.
+On CUDA "auto" is bf16 autocast where the GPU has it (Ampere and later: same range as fp32,
+no loss scaling) and fp16 AMP with a gradient scaler ("amp") on older GPUs.
+"fp32" on CUDA means IEEE fp32: cuDNN would otherwise run convolutions in TF32, and the
+evaluation's figures must be those of the fp32 ONNX model served on CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,7 +31,11 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.precision == "amp":
             return torch.autocast(self.device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
+        return ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 AMP (its gradients underflow without it); a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -35,6 +43,18 @@ class Runtime:
 
     def describe(self) -> str:
         return f"{self.device.type}/{self.precision}"
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Turn TF32 off for CUDA matmuls and convolutions inside the block, and restore it after."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def cpu_has_native_bf16() -> bool:
@@ -51,7 +71,7 @@ def make_runtime(device: str = "auto", precision: str = "auto", threads: int = 0
     chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if precision == "auto":
         if chosen.type == "cuda":
-            precision = "amp"
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "amp"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
     return Runtime(device=chosen, precision=precision)
@@ -66,6 +86,8 @@ def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest kernels
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator

@@ -57,7 +57,41 @@ def epoch_indices(labels: np.ndarray, config: TrainConfig, generator: torch.Gene
     return torch.randperm(len(labels), generator=generator)[:n]
 
 
-def train_one_epoch(model: nn.Module, ema: AveragedModel | None, train: Split, optimizer: torch.optim.Optimizer,
+def load_teachers(run_dirs: tuple[Path, ...], runtime: Runtime) -> list[nn.Module]:
+    """Frozen, eval-mode networks from finished runs' best checkpoints (architecture from their config.json)."""
+    teachers = []
+    for run_dir in run_dirs:
+        saved = json.loads((run_dir / "config.json").read_text())
+        model = build_model("none", hidden=saved["hidden"], dropout=saved["dropout"],
+                            resnet_v1_strides=saved["resnet_v1_strides"])
+        model.load_state_dict(torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["model"])
+        teachers.append(model.to(runtime.device, memory_format=runtime.memory_format).eval().requires_grad_(False))
+    return teachers
+
+
+@torch.no_grad()
+def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
+    """Mean logits of the teachers on the student's own augmented batch (a logit ensemble)."""
+    if not teachers:
+        return None
+    with runtime.autocast():
+        return torch.stack([teacher(x).float() for teacher in teachers]).mean(0)
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
+                  loss_weights: torch.Tensor | None, config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on the labels, mixed with T^2-scaled KL to the teachers' softened distribution."""
+    hard = F.cross_entropy(logits, labels, weight=loss_weights, label_smoothing=config.label_smoothing)
+    if teacher is None:
+        return hard
+    t = config.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1), log_target=True,
+                    reduction="batchmean") * t * t
+    return (1 - config.distill_weight) * hard + config.distill_weight * soft
+
+
+def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[nn.Module], train: Split,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime,
                     generator: torch.Generator, epoch: int) -> dict:
     set_train_mode(model, config.frozen)
@@ -72,12 +106,14 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, train: Split, o
         x = to_network_input(unit.to(runtime.device)).contiguous(memory_format=runtime.memory_format)
         with runtime.autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, weight=loss_weights, label_smoothing=config.label_smoothing)
+        loss = training_loss(logits.float(), labels, teacher_logits(teachers, x, runtime), loss_weights, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if config.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+        scaler.update()
         if ema is not None:
             ema.update_parameters(model)
         total_loss += float(loss.detach()) * len(index)
@@ -121,6 +157,11 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
+    scaler = runtime.grad_scaler()
+    teachers = load_teachers(config.distill_from, runtime)
+    if teachers:
+        log.info("distilling from %d teachers (weight %.2f, T %.1f)", len(teachers), config.distill_weight,
+                 config.distill_temperature)
     loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
     history, best_score, best_epoch, start_epoch = [], -np.inf, 0, 1
     if config.resume:
@@ -128,6 +169,8 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
@@ -136,7 +179,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, ema, train, optimizer, loss_weights, config, runtime, generator, epoch)
+        row |= train_one_epoch(model, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator, epoch)
         released = ema.module if ema is not None else model
         row |= validate(released, val, loss_weights, config, runtime)
         history.append(row)
@@ -146,7 +189,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             best_score, best_epoch = score, epoch
             torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
+                    "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
                     "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}, out / LAST)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)

@@ -5,10 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from models.card import ModelCard
+from models.card import ModelCard, sha256_of
 from models.detector import PneumoniaDetector
 from training.cli import main
-from training.data import load_split
+from training.config import TrainConfig
+from training.data import load_split, to_network_input, to_unit_tensor
+from training.engine import predict_logits
+from training.evaluate import load_trained
+from training.runtime import make_runtime
+from training.train import load_teachers, teacher_logits
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,24 @@ def test_seeds_stage_summarizes_real_runs(tiny_run, data_root, tmp_path):
     aucs = [figures["per_seed"][s]["at_0.5"]["auc"] for s in ("42", "43")]
     assert figures["mean_sd"]["at_0.5"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert "seed 42 | seed 43" in (tmp_path / "seeds" / "seeds.md").read_text()
+
+
+def test_distilled_student_learns_from_the_runs_it_names(tiny_run, data_root, tmp_path):
+    """The teacher is the tiny run's own best network, and the run records which checkpoint taught it."""
+    out, _ = tiny_run
+    student = tmp_path / "student"
+    args = ["train", "--data-root", str(data_root), "--subset", "40", "--epochs", "1", "--samples-per-epoch", "0",
+            "--batch-size", "16", "--out-dir", str(student), "--no-progress", "--weights", "none",
+            "--distill-from", str(out), "--distill-weight", "0.7", "--distill-temperature", "3"]
+    assert main(args) == 0
+    config = json.loads((student / "config.json").read_text())
+    assert config["distill_from"] == [str(out)] and config["distill_weight"] == 0.7
+    run_info = json.loads((student / "run_info.json").read_text())
+    assert run_info["teachers"] == {str(out): sha256_of(out / "best.pt")}
+    runtime = make_runtime("cpu", "fp32")
+    teacher = load_teachers((out,), runtime)
+    images = load_split(data_root, "test", 28, 40).images[:8]
+    reference = load_trained(out / "best.pt", TrainConfig(resnet_v1_strides=config["resnet_v1_strides"]), runtime)
+    x = to_network_input(to_unit_tensor(images))
+    np.testing.assert_allclose(teacher_logits(teacher, x, runtime).numpy(),
+                               predict_logits(reference, images, runtime), atol=1e-5)
