@@ -66,7 +66,8 @@ def main() -> None:
         print(f"{name:22s} {figures[name]:7.2f} img/s  ({figures[name] / figures['fp32']:.2f}x fp32)", flush=True)
     result = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "native_bf16": cpu_has_native_bf16(), "device": device},
+                    "native_bf16": cpu_has_native_bf16(), "device": device,
+                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
         "auto_choice": make_runtime().describe(), "batch_size": args.batch_size, "steps": args.steps,
         "images_per_s": figures, "ratio_to_fp32": {k: v / figures["fp32"] for k, v in figures.items()},
         "epoch_minutes_at_auto": 4708 / figures["fp32+channels_last" if make_runtime().precision == "fp32" else "bf16+channels_last"] / 60,
