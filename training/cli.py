@@ -3,6 +3,7 @@
     pneumonia-train run --data-root ../shared/data --weights ../shared/weights/resnet50_imagenet_v1.safetensors
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
+    pneumonia-train soup runs/a runs/b runs/c --out-dir runs/soup ...   (runs trained with one --init-seed)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from training.export import export, release
 from training.quantize import quantize
 from training.report import write_results
 from training.seeds import summarize_seeds
+from training.soup import make_soup
 from training.runtime import make_runtime
 from training.train import BEST, fit
 
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("evaluate", "honest evaluation of a run's best checkpoint"), ("export", "ONNX + parity + model card"),
                        ("quantize", "optional int8 variant of the exported model, with its own parity and AUC check")):
         add_options(sub.add_parser(name, help=text))
+    soup = sub.add_parser("soup", help="average the weights of finished runs that share --init-seed, then evaluate "
+                                        "and export the average like `run`")
+    soup.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished runs (ingredients)")
+    add_options(soup)
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
     seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
@@ -53,6 +59,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, help="stratified subset per split (quick runs, tests)")
     p.add_argument("--weights", help="IMAGENET1K_V2 (default), a .safetensors/.pth path, or none (env PNEUMONIA_WEIGHTS)")
     p.add_argument("--resnet-v1-strides", action="store_true", help="original ResNet v1 stride placement (for v1 weights)")
+    p.add_argument("--init-seed", type=int, help="seed of the head's initialisation (default: --seed); runs to be "
+                   "averaged by `soup` must share one")
     p.add_argument("--frozen", default=",".join(d.frozen), help="comma-separated top-level modules to freeze")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch,
@@ -98,7 +106,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data_root=resolve_data_root(args.data_root), image_size=args.image_size, subset=args.subset,
-        weights=resolve_weights(args.weights), resnet_v1_strides=args.resnet_v1_strides,
+        weights=resolve_weights(args.weights), resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
         frozen=tuple(n for n in args.frozen.split(",") if n), epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
@@ -137,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
         log.info("trained %d epochs in %.1f min (%.1f img/s); best epoch %d", len(result.history),
                  result.seconds / 60, result.train_images_per_s, result.best_epoch)
-    if args.stage in ("run", "evaluate"):
+    if args.stage == "soup":
+        run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime)}
+        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+    if args.stage in ("run", "evaluate", "soup"):
         started = time.perf_counter()
         evaluation = evaluate(config.out_dir / BEST, config, runtime)
         save_evaluation(evaluation, config.out_dir / "evaluation.json")
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.results_dir or config.out_dir / "results", evaluation, history, run_info, config.out_dir)
         log.info("test AUC %.4f, accuracy %.4f (threshold 0.5)", evaluation.metrics["test"]["at_0.5"]["point"]["auc"],
                  evaluation.metrics["test"]["at_0.5"]["point"]["accuracy"])
-    if args.stage in ("run", "export"):
+    if args.stage in ("run", "export", "soup"):
         evaluation = load_evaluation(config.out_dir / "evaluation.json")
         run_info = json.loads(run_info_path.read_text())
         onnx_path = export(config.out_dir / BEST, config, evaluation, runtime, args.model_version, run_info)

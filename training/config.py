@@ -53,6 +53,9 @@ class TrainConfig:
     frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
     hidden: int = 512
     dropout: float = 0.5
+    init_seed: int | None = None
+    """Seed of the new head's random initialisation; None draws it from `seed`. Runs that share one
+    start from the same point, which a weight average (`pneumonia-train soup`) needs."""
     # recipe. The defaults are the 1.1.0 release budget (12 x 3072 sampler draws, EMA 0.98, chosen
     # on validation over 6 x 3072: results/ablations/longer_budget), about 24 min on a 2-core CPU
     # with native bf16; the original design's schedule is --epochs 25 --samples-per-epoch 0

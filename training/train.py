@@ -139,6 +139,18 @@ def selection_score(row: dict, metric: str) -> float:
     return -row["val_loss"] if metric == "loss" else row[f"val_{metric}"]
 
 
+def build_network(config: TrainConfig) -> nn.Module:
+    """The network at its starting point; with `init_seed` the head's draw leaves the run's RNG stream untouched."""
+    def build() -> nn.Module:
+        return build_model(config.weights, hidden=config.hidden, dropout=config.dropout, frozen=config.frozen,
+                           resnet_v1_strides=config.resnet_v1_strides)
+    if config.init_seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        return build()
+
+
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     """Train with early stopping; keep the best-on-validation weights in `best.pt`."""
     out = config.out_dir
@@ -147,8 +159,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     generator = seed_everything(config.seed, config.deterministic)
     train = load_split(config.data_root, "train", config.image_size, config.subset)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
-    model = build_model(config.weights, hidden=config.hidden, dropout=config.dropout, frozen=config.frozen,
-                        resnet_v1_strides=config.resnet_v1_strides)
+    model = build_network(config)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     total, trainable = count_parameters(model)
     log.info("model: %.1fM parameters, %.1fM trainable; runtime %s", total / 1e6, trainable / 1e6, runtime.describe())

@@ -1,0 +1,99 @@
+"""Stage 1 alternative: a uniform model soup (Wortsman et al. 2022) of finished runs.
+
+Runs fine-tuned from the same starting point (same ImageNet weights *and* the same head
+initialisation, `--init-seed`) tend to stay in one basin, so the mean of their weights is one
+network that behaves like their ensemble, at one forward pass and one model's size. Averaged
+BatchNorm statistics do not match the averaged weights, so the trainable part's BN statistics
+are recomputed on the training split (as SWA does); the frozen stem keeps its ImageNet ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.card import sha256_of
+from training.config import TrainConfig
+from training.data import load_split, to_network_input, to_unit_tensor
+from training.engine import batches
+from training.evaluate import serving_runtime
+from training.model import build_model, set_train_mode
+from training.runtime import Runtime
+
+log = logging.getLogger(__name__)
+MUST_MATCH = ("weights", "resnet_v1_strides", "frozen", "hidden", "dropout", "init_seed", "image_size")
+
+
+def check_ingredients(configs: list[dict], run_dirs: list[Path]) -> None:
+    """Refuse runs whose weights cannot be meaningfully averaged."""
+    if len(configs) < 2:
+        raise ValueError("a soup needs at least two runs")
+    if configs[0].get("init_seed") is None:
+        raise ValueError(f"{run_dirs[0]} was not trained with --init-seed: runs must share the head's initialisation "
+                         "for their weights to be averaged")
+    for config, run_dir in zip(configs[1:], run_dirs[1:]):
+        differing = [key for key in MUST_MATCH if config.get(key) != configs[0].get(key)]
+        if differing:
+            raise ValueError(f"{run_dir} differs from {run_dirs[0]} in {', '.join(differing)}: not the same starting point")
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating tensors; integer buffers (BN batch counters) are taken from the first."""
+    return {key: torch.stack([s[key] for s in states]).mean(0) if states[0][key].is_floating_point() else states[0][key]
+            for key in states[0]}
+
+
+def trainable_batchnorms(model: nn.Module, frozen: tuple[str, ...]) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name.split(".")[0] not in frozen]
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, images, config: TrainConfig, runtime: Runtime) -> int:
+    """Exact (cumulative) BN statistics of the trainable part over `images`, in fp32; returns the count."""
+    norms = trainable_batchnorms(model, config.frozen)
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches, not an exponential one
+    set_train_mode(model, config.frozen)
+    with runtime.autocast():
+        for chunk in batches(images, config.eval_batch_size):
+            model(to_network_input(to_unit_tensor(chunk).to(runtime.device)).contiguous(memory_format=runtime.memory_format))
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+    return len(images)
+
+
+def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime) -> dict:
+    """Average the runs' best checkpoints into `config.out_dir/best.pt`; return the run_info to record."""
+    started = time.perf_counter()
+    configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
+    check_ingredients(configs, run_dirs)
+    first = configs[0]
+    asked = config.to_dict()
+    mismatched = [key for key in MUST_MATCH if key != "init_seed" and asked[key] != first[key]]
+    if mismatched:
+        raise ValueError(f"the soup's own flags differ from its runs in {', '.join(mismatched)}: pass the runs' flags, "
+                         "which evaluation and the model card rely on")
+    states = [torch.load(d / "best.pt", map_location="cpu", weights_only=True)["model"] for d in run_dirs]
+    model = build_model("none", hidden=first["hidden"], dropout=first["dropout"], frozen=tuple(first["frozen"]),
+                        resnet_v1_strides=first["resnet_v1_strides"])
+    model.load_state_dict(average_states(states))
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    train = load_split(config.data_root, "train", config.image_size, config.subset)
+    counted = recompute_batchnorm(model, train.images, config, serving_runtime(runtime))
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    config.dump(out / "config.json")
+    torch.save({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / "best.pt")
+    (out / "history.json").write_text("[]\n")
+    log.info("soup of %d runs -> %s (BN statistics recomputed on %d training images)", len(run_dirs), out, counted)
+    return {"soup_of": {str(d): sha256_of(d / "best.pt") for d in run_dirs}, "batchnorm_images": counted,
+            "best_epoch": None, "epochs_run": 0, "train_seconds": time.perf_counter() - started,
+            "train_img_per_s": 0.0, "runtime": runtime.describe(), "select_metric": config.select_metric}
