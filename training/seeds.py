@@ -37,6 +37,8 @@ class SeedRun:
     """What one finished `pneumonia-train run` left on disk."""
 
     seed: int
+    label: str
+    """The run's column: its seed, or for a soup (whose --seed means nothing) its shared head init."""
     metrics: dict
     run_info: dict
     val_labels: np.ndarray
@@ -48,8 +50,10 @@ class SeedRun:
 def load_seed_run(run_dir: Path) -> SeedRun:
     config = json.loads((run_dir / "config.json").read_text())
     predictions = np.load(run_dir / "predictions.npz")
-    return SeedRun(seed=int(config["seed"]), metrics=json.loads((run_dir / "results" / "metrics.json").read_text()),
-                   run_info=json.loads((run_dir / "run_info.json").read_text()),
+    run_info = json.loads((run_dir / "run_info.json").read_text())
+    label = f"soup-init{config['init_seed']}" if "soup_of" in run_info else str(config["seed"])
+    return SeedRun(seed=int(config["seed"]), label=label, metrics=json.loads((run_dir / "results" / "metrics.json").read_text()),
+                   run_info=run_info,
                    val_labels=predictions["val_labels"], val_logits=predictions["val_logits"],
                    test_labels=predictions["test_labels"], test_logits=predictions["test_logits"])
 
@@ -77,7 +81,7 @@ def validation_table(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
 
 def baseline_metrics(baseline_dir: Path) -> list[dict]:
     """Per-seed metrics of an earlier summary, from the seed-*/ copies it left behind."""
-    files = sorted(baseline_dir.glob("seed-*/metrics.json"))
+    files = sorted([*baseline_dir.glob("seed-*/metrics.json"), *baseline_dir.glob("soup-*/metrics.json")])
     if not files:
         raise FileNotFoundError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
     return [json.loads(f.read_text()) for f in files]
@@ -92,16 +96,16 @@ def validation_comparison(candidate: dict[str, dict[str, float]], baseline: dict
 
 def seed_table(runs: list[SeedRun]) -> dict:
     """Per-seed test figures at both thresholds, and their mean ± sd."""
-    per_seed = {str(r.seed): {point: {m: r.metrics["test"][point]["point"][m] for m in REPORTED} for point in POINTS}
+    per_seed = {r.label: {point: {m: r.metrics["test"][point]["point"][m] for m in REPORTED} for point in POINTS}
                 for r in runs}
-    summary = {point: {m: mean_sd([per_seed[str(r.seed)][point][m] for r in runs]) for m in REPORTED}
+    summary = {point: {m: mean_sd([per_seed[r.label][point][m] for r in runs]) for m in REPORTED}
                for point in POINTS}
-    timing = {str(r.seed): {"train_seconds": r.run_info["train_seconds"], "train_img_per_s": r.run_info["train_img_per_s"],
+    timing = {r.label: {"train_seconds": r.run_info["train_seconds"], "train_img_per_s": r.run_info["train_img_per_s"],
                             "runtime": r.run_info["runtime"], "best_epoch": r.run_info["best_epoch"],
                             "validation_auc": r.metrics["validation"]["auc"],
                             "operating_threshold": r.metrics["selection"]["operating_threshold"]} for r in runs}
     return {"per_seed": per_seed, "mean_sd": summary, "runs": timing,
-            "validation": {"per_seed": {str(r.seed): validation_figures(r.metrics) for r in runs},
+            "validation": {"per_seed": {r.label: validation_figures(r.metrics) for r in runs},
                            "mean_sd": validation_table([r.metrics for r in runs])}}
 
 
@@ -109,7 +113,7 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     """Mean logits over seeds; temperature, threshold and strata re-chosen on validation."""
     for run in runs[1:]:
         if not (np.array_equal(run.val_labels, runs[0].val_labels) and np.array_equal(run.test_labels, runs[0].test_labels)):
-            raise ValueError(f"seed {run.seed} was evaluated on different images than seed {runs[0].seed}")
+            raise ValueError(f"run {run.label} was evaluated on different images than run {runs[0].label}")
     val_logits = np.mean([r.val_logits for r in runs], axis=0)
     test_logits = np.mean([r.test_logits for r in runs], axis=0)
     val_labels, test_labels = runs[0].val_labels, runs[0].test_labels
@@ -117,7 +121,7 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     temperature, threshold, strata = fit.temperature, fit.threshold, fit.strata
     p_val, p_test = softmax_pneumonia(val_logits, temperature), softmax_pneumonia(test_logits, temperature)
     return {
-        "seeds": [r.seed for r in runs], "temperature": temperature, "operating_threshold": threshold,
+        "seeds": [r.label for r in runs], "temperature": temperature, "operating_threshold": threshold,
         "validation_auc": roc_auc(val_labels, p_val),
         "strata": [s.__dict__ for s in strata],
         "test": {"at_0.5": full_report(test_labels, p_test, 0.5, rounds, 0),
@@ -133,7 +137,8 @@ def keep_run_files(runs: list[SeedRun], run_dirs: list[Path], out_dir: Path) -> 
         for name in KEPT_FILES:
             source = run_dir / name
             if source.exists():
-                target = out_dir / f"seed-{run.seed}" / Path(name).name
+                folder = f"seed-{run.label}" if run.label.lstrip("-").isdigit() else run.label
+                target = out_dir / folder / Path(name).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
 
@@ -142,8 +147,8 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
                     baseline_dir: Path | None = None) -> dict:
     """Write seeds.json, seeds.md and seed-*/ for the given finished runs; return the figures."""
     runs = [load_seed_run(d) for d in run_dirs]
-    if len({r.seed for r in runs}) != len(runs):
-        raise ValueError("each run must have its own seed")
+    if len({r.label for r in runs}) != len(runs):
+        raise ValueError("each run must have its own seed (each soup its own --init-seed)")
     figures = {"run_dirs": [str(d) for d in run_dirs], **seed_table(runs), "ensemble": ensemble(runs, targets, rounds)}
     if baseline_dir is not None:
         baseline = validation_table(baseline_metrics(baseline_dir))
@@ -156,13 +161,17 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
     return figures
 
 
+def column(label: str) -> str:
+    return f"seed {label}" if label.lstrip("-").isdigit() else label
+
+
 def seeds_markdown(figures: dict) -> str:
     seeds = list(figures["per_seed"])
     lines = [f"# Seed variability ({len(seeds)} seeds: {', '.join(seeds)})", "",
              "Each seed's figures are its own validation-selected results (test scored once).", ""]
     for point in POINTS:
         lines += [f"## Test, {point.replace('_', ' ')}", "",
-                  "| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | ensemble |",
+                  "| metric | " + " | ".join(column(s) for s in seeds) + " | mean ± sd | ensemble |",
                   "|---|" + "---|" * (len(seeds) + 2)]
         for m in REPORTED:
             stats = figures["mean_sd"][point][m]
@@ -183,7 +192,7 @@ def seeds_markdown(figures: dict) -> str:
 def validation_markdown(validation: dict, seeds: list[str]) -> list[str]:
     """Validation figures per seed (what a recipe change is decided on), and against a baseline."""
     lines = ["## Validation (decides recipe changes)", "",
-             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+             "| figure | " + " | ".join(column(s) for s in seeds) + " | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
     for name in VALIDATION:
         cells = " | ".join(f"{validation['per_seed'][s][name]:.4f}" for s in seeds)
         stats = validation["mean_sd"][name]

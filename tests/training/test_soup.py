@@ -9,6 +9,7 @@ import torch
 from models.card import ModelCard, sha256_of
 from training.cli import main
 from training.config import TrainConfig
+from training.seeds import load_seed_run
 from training.soup import average_states, check_ingredients
 from training.train import build_network
 
@@ -58,6 +59,7 @@ def test_soup_averages_weights_and_ships_like_a_run(ingredients, data_root):
     out = root / "soup"
     assert main(["soup", *map(str, dirs), "--data-root", str(data_root), *COMMON, "--init-seed", "0",
                  "--out-dir", str(out)]) == 0
+    assert main(["evaluate", "--data-root", str(data_root), *COMMON, "--out-dir", str(dirs[0])]) == 0
     states = [torch.load(d / "best.pt", weights_only=True)["model"] for d in dirs]
     soup = torch.load(out / "best.pt", weights_only=True)["model"]
     for key in ("layer4.2.conv3.weight", "fc.3.weight", "layer1.0.bn1.running_mean"):  # weights and a frozen BN
@@ -68,6 +70,7 @@ def test_soup_averages_weights_and_ships_like_a_run(ingredients, data_root):
     assert run_info["soup_of"] == {str(d): sha256_of(d / "best.pt") for d in dirs} and run_info["batchnorm_images"] > 0
     card = ModelCard.load(out / "pneumonia_resnet50.card.json")
     assert card.extra["onnx"]["parity"]["passed"]
+    assert load_seed_run(out).label == "soup-init0" and load_seed_run(dirs[0]).label == "1"
 
 
 def test_soup_refuses_flags_that_differ_from_its_runs(ingredients, data_root):
