@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     soup = sub.add_parser("soup", help="average the weights of finished runs that share --init-seed, then evaluate "
                                         "and export the average like `run`")
     soup.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished runs (ingredients)")
+    soup.add_argument("--keep-averaged-bn", action="store_true",
+                      help="keep the mean of the runs' BatchNorm statistics instead of recomputing them on the train split")
     add_options(soup)
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("trained %d epochs in %.1f min (%.1f img/s); best epoch %d", len(result.history),
                  result.seconds / 60, result.train_images_per_s, result.best_epoch)
     if args.stage == "soup":
-        run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime)}
+        run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
+                                                                         recompute_bn=not args.keep_averaged_bn)}
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
     if args.stage in ("run", "evaluate", "soup"):
         started = time.perf_counter()

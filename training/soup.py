@@ -70,8 +70,11 @@ def recompute_batchnorm(model: nn.Module, images, config: TrainConfig, runtime: 
     return len(images)
 
 
-def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime) -> dict:
-    """Average the runs' best checkpoints into `config.out_dir/best.pt`; return the run_info to record."""
+def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recompute_bn: bool = True) -> dict:
+    """Average the runs' best checkpoints into `config.out_dir/best.pt`; return the run_info to record.
+
+    `recompute_bn=False` keeps the average of the runs' own BN statistics (an ablation).
+    """
     started = time.perf_counter()
     configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
     check_ingredients(configs, run_dirs)
@@ -86,14 +89,18 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime) -> di
                         resnet_v1_strides=first["resnet_v1_strides"])
     model.load_state_dict(average_states(states))
     model = model.to(runtime.device, memory_format=runtime.memory_format)
-    train = load_split(config.data_root, "train", config.image_size, config.subset)
-    counted = recompute_batchnorm(model, train.images, config, serving_runtime(runtime))
+    counted = 0
+    if recompute_bn:
+        train = load_split(config.data_root, "train", config.image_size, config.subset)
+        counted = recompute_batchnorm(model, train.images, config, serving_runtime(runtime))
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
     torch.save({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / "best.pt")
     (out / "history.json").write_text("[]\n")
-    log.info("soup of %d runs -> %s (BN statistics recomputed on %d training images)", len(run_dirs), out, counted)
-    return {"soup_of": {str(d): sha256_of(d / "best.pt") for d in run_dirs}, "batchnorm_images": counted,
+    log.info("soup of %d runs -> %s (BN statistics: %s)", len(run_dirs), out,
+             f"recomputed on {counted} training images" if recompute_bn else "averaged")
+    return {"soup_of": {str(d): sha256_of(d / "best.pt") for d in run_dirs}, "batchnorm": "recomputed" if recompute_bn else "averaged",
+            "batchnorm_images": counted,
             "best_epoch": None, "epochs_run": 0, "train_seconds": time.perf_counter() - started,
             "train_img_per_s": 0.0, "runtime": runtime.describe(), "select_metric": config.select_metric}

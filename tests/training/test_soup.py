@@ -78,3 +78,16 @@ def test_soup_refuses_flags_that_differ_from_its_runs(ingredients, data_root):
     with pytest.raises(ValueError, match="resnet_v1_strides"):
         main(["soup", *map(str, dirs), "--data-root", str(data_root), *COMMON, "--resnet-v1-strides",
               "--out-dir", str(root / "bad")])
+
+
+def test_soup_can_keep_the_averaged_batchnorm_statistics(ingredients, data_root):
+    root, dirs = ingredients
+    out = root / "soup-averaged-bn"
+    assert main(["soup", *map(str, dirs), "--keep-averaged-bn", "--data-root", str(data_root), *COMMON,
+                 "--init-seed", "0", "--out-dir", str(out)]) == 0
+    states = [torch.load(d / "best.pt", weights_only=True)["model"] for d in dirs]
+    soup = torch.load(out / "best.pt", weights_only=True)["model"]
+    key = "layer4.2.bn3.running_var"
+    torch.testing.assert_close(soup[key], (states[0][key] + states[1][key]) / 2)
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["batchnorm"] == "averaged" and run_info["batchnorm_images"] == 0
