@@ -3,8 +3,9 @@
 Runs fine-tuned from the same starting point (same ImageNet weights *and* the same head
 initialisation, `--init-seed`) tend to stay in one basin, so the mean of their weights is one
 network that behaves like their ensemble, at one forward pass and one model's size. Averaged
-BatchNorm statistics do not match the averaged weights, so the trainable part's BN statistics
-are recomputed on the training split (as SWA does); the frozen stem keeps its ImageNet ones.
+BatchNorm statistics do not match the averaged weights, so by default the trainable part's BN
+statistics are recomputed on the training split (as SWA does; `--keep-averaged-bn` keeps the
+runs' mean instead); the frozen stem keeps its ImageNet ones.
 """
 
 from __future__ import annotations
