@@ -137,7 +137,7 @@ def keep_run_files(runs: list[SeedRun], run_dirs: list[Path], out_dir: Path) -> 
         for name in KEPT_FILES:
             source = run_dir / name
             if source.exists():
-                folder = f"seed-{run.label}" if run.label.lstrip("-").isdigit() else run.label
+                folder = f"seed-{run.label}" if is_seed(run.label) else run.label
                 target = out_dir / folder / Path(name).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
@@ -161,8 +161,13 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
     return figures
 
 
+def is_seed(label: str) -> bool:
+    """A plain run is labelled by its seed; a soup by its shared head init (`soup-init0`)."""
+    return label.lstrip("-").isdigit()
+
+
 def column(label: str) -> str:
-    return f"seed {label}" if label.lstrip("-").isdigit() else label
+    return f"seed {label}" if is_seed(label) else label
 
 
 def seeds_markdown(figures: dict) -> str:

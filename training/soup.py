@@ -25,6 +25,7 @@ from training.engine import batches
 from training.evaluate import serving_runtime
 from training.model import build_model, set_train_mode
 from training.runtime import Runtime
+from training.train import BEST
 
 log = logging.getLogger(__name__)
 MUST_MATCH = ("weights", "resnet_v1_strides", "frozen", "hidden", "dropout", "init_seed", "image_size")
@@ -58,6 +59,7 @@ def trainable_batchnorms(model: nn.Module, frozen: tuple[str, ...]) -> list[nn.m
 def recompute_batchnorm(model: nn.Module, images, config: TrainConfig, runtime: Runtime) -> int:
     """Exact (cumulative) BN statistics of the trainable part over `images`, in fp32; returns the count."""
     norms = trainable_batchnorms(model, config.frozen)
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over all batches, not an exponential one
@@ -65,8 +67,8 @@ def recompute_batchnorm(model: nn.Module, images, config: TrainConfig, runtime: 
     with runtime.autocast():
         for chunk in batches(images, config.eval_batch_size):
             model(to_network_input(to_unit_tensor(chunk).to(runtime.device)).contiguous(memory_format=runtime.memory_format))
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
     model.eval()
     return len(images)
 
@@ -85,7 +87,7 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
     if mismatched:
         raise ValueError(f"the soup's own flags differ from its runs in {', '.join(mismatched)}: pass the runs' flags, "
                          "which evaluation and the model card rely on")
-    states = [torch.load(d / "best.pt", map_location="cpu", weights_only=True)["model"] for d in run_dirs]
+    states = [torch.load(d / BEST, map_location="cpu", weights_only=True)["model"] for d in run_dirs]
     model = build_model("none", hidden=first["hidden"], dropout=first["dropout"], frozen=tuple(first["frozen"]),
                         resnet_v1_strides=first["resnet_v1_strides"])
     model.load_state_dict(average_states(states))
@@ -97,11 +99,11 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
-    torch.save({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / "best.pt")
+    torch.save({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / BEST)
     (out / "history.json").write_text("[]\n")
     log.info("soup of %d runs -> %s (BN statistics: %s)", len(run_dirs), out,
              f"recomputed on {counted} training images" if recompute_bn else "averaged")
-    return {"soup_of": {str(d): sha256_of(d / "best.pt") for d in run_dirs}, "batchnorm": "recomputed" if recompute_bn else "averaged",
+    return {"soup_of": {str(d): sha256_of(d / BEST) for d in run_dirs}, "batchnorm": "recomputed" if recompute_bn else "averaged",
             "batchnorm_images": counted,
             "best_epoch": None, "epochs_run": 0, "train_seconds": time.perf_counter() - started,
             "train_img_per_s": 0.0, "runtime": runtime.describe(), "select_metric": config.select_metric}

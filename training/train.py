@@ -22,6 +22,7 @@ from tqdm import tqdm
 from training.config import TrainConfig
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
+from training.evaluate import load_trained
 from models.calibration import binary_metrics
 from training.metrics import roc_auc, softmax_pneumonia
 from training.model import build_model, count_parameters, set_train_mode
@@ -62,10 +63,9 @@ def load_teachers(run_dirs: tuple[Path, ...], runtime: Runtime) -> list[nn.Modul
     teachers = []
     for run_dir in run_dirs:
         saved = json.loads((run_dir / "config.json").read_text())
-        model = build_model("none", hidden=saved["hidden"], dropout=saved["dropout"],
-                            resnet_v1_strides=saved["resnet_v1_strides"])
-        model.load_state_dict(torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["model"])
-        teachers.append(model.to(runtime.device, memory_format=runtime.memory_format).eval().requires_grad_(False))
+        architecture = TrainConfig(hidden=saved["hidden"], dropout=saved["dropout"],
+                                   resnet_v1_strides=saved["resnet_v1_strides"])
+        teachers.append(load_trained(run_dir / BEST, architecture, runtime).requires_grad_(False))
     return teachers
 
 
