@@ -29,7 +29,11 @@ from training.metrics import roc_auc, softmax_pneumonia
 REPORTED = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 POINTS = ("at_0.5", "at_operating_point")
 VALIDATION = ("auc", "accuracy_at_0.5", "f1_at_0.5", "sensitivity_at_0.5", "specificity_at_0.5", "nll_calibrated")
-KEPT_FILES = ("config.json", "history.json", "run_info.json", "results/metrics.json", "results/summary.md")
+KEPT_FILES = ("config.json", "history.json", "run_info.json", "predictions.npz", "results/metrics.json",
+              "results/summary.md")
+"""What a summary keeps of each run under seed-*/: everything but checkpoints and the ONNX. The
+per-image logits (about 15 kB) let a later session re-summarise, ensemble or re-analyse runs
+whose checkpoints are gone: a kept folder loads like the run it came from."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,14 @@ class SeedRun:
 
 
 def load_seed_run(run_dir: Path) -> SeedRun:
+    """A finished run's out-dir, or the seed-*/ folder a summary kept of it (metrics.json at its top)."""
     config = json.loads((run_dir / "config.json").read_text())
     predictions = np.load(run_dir / "predictions.npz")
     run_info = json.loads((run_dir / "run_info.json").read_text())
     label = f"soup-init{config['init_seed']}" if "soup_of" in run_info else str(config["seed"])
-    return SeedRun(seed=int(config["seed"]), label=label, metrics=json.loads((run_dir / "results" / "metrics.json").read_text()),
+    metrics_file = run_dir / "results" / "metrics.json"
+    metrics_file = metrics_file if metrics_file.is_file() else run_dir / "metrics.json"
+    return SeedRun(seed=int(config["seed"]), label=label, metrics=json.loads(metrics_file.read_text()),
                    run_info=run_info,
                    val_labels=predictions["val_labels"], val_logits=predictions["val_logits"],
                    test_labels=predictions["test_labels"], test_logits=predictions["test_logits"])

@@ -99,7 +99,10 @@ def test_baseline_comparison_reads_the_kept_seed_files(tmp_path):
     old = [write_run(tmp_path / "old", seed, 0.90, val_logits, test_logits, val_labels, test_labels) for seed in (1, 2)]
     summarize_seeds(old, tmp_path / "baseline", StrataTargets(), 20)
     assert (tmp_path / "baseline" / "seed-2" / "metrics.json").exists()
-    assert not (tmp_path / "baseline" / "seed-2" / "predictions.npz").exists()
+    kept = tmp_path / "baseline" / "seed-2"
+    assert (kept / "predictions.npz").exists()  # a kept folder loads like its run: re-summarise without the runs
+    assert load_seed_run(kept).metrics == load_seed_run(old[1]).metrics
+    np.testing.assert_array_equal(load_seed_run(kept).test_logits, load_seed_run(old[1]).test_logits)
     new = [write_run(tmp_path / "new", seed, 0.95, val_logits, test_logits, val_labels, test_labels) for seed in (1, 2)]
     figures = summarize_seeds(new, tmp_path / "candidate", StrataTargets(), 20, tmp_path / "baseline")
     compared = figures["validation"]["against_baseline"]
