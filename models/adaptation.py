@@ -12,7 +12,12 @@ only (a site runs it next to the worker, without torch).
 
 The site's statistics are taken progressively, each layer's after the layers before it are
 adapted (as BatchNorm in training mode sees them): one graph standardises every convolution
-output with its own batch statistics, so the whole adaptation set goes through as one batch.
+output with its own batch statistics, so the whole adaptation set goes through as one batch
+(about 13 MB of memory per image).
+
+Studied on the released model and not offered as a site step: on the shifted test split it
+left AUC where it was (results/site_adaptation, declared before the runs). It stays so that a
+future model can be checked with `benchmarks/site_adaptation_study.py`.
 """
 
 from __future__ import annotations
