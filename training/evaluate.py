@@ -22,13 +22,18 @@ from models.card import Stratum
 from training.config import TrainConfig
 from training.data import Split, load_split
 from training.engine import predict_logits
-from training.metrics import (THRESHOLD_METRICS, brier, expected_calibration_error,
-                              reliability_curve, roc_auc, softmax_pneumonia)
+from training.metrics import (THRESHOLD_METRICS, brier, expected_calibration_error, reliability_curve, roc_auc,
+                              sensitivity_at_specificity, softmax_pneumonia, specificity_at_sensitivity)
 from training.model import build_model
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 LABELS = ("Normal", "Pneumonia")
+CLAIMED_SENSITIVITY, CLAIMED_SPECIFICITY = 0.9718, 0.8547
+"""The original design's reported test operating point. Each run's test ROC is read at it
+(sensitivity at that specificity, specificity at that sensitivity), so the claim can be
+compared without choosing a threshold on test."""
+ROC_POINTS = (f"sensitivity_at_specificity_{CLAIMED_SPECIFICITY}", f"specificity_at_sensitivity_{CLAIMED_SENSITIVITY}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,16 @@ def full_report(labels: np.ndarray, probability: np.ndarray, threshold: float, r
         "per_class": classification_report(labels, predicted, target_names=list(LABELS), output_dict=True,
                                            zero_division=0),
     }
+
+
+def roc_points(labels: np.ndarray, probability: np.ndarray, rounds: int, seed: int) -> dict:
+    """The ROC curve read at the claimed point, with 95% bootstrap CIs (threshold-free, like AUC)."""
+    def statistic(y: np.ndarray, p: np.ndarray) -> dict:
+        return dict(zip(ROC_POINTS, (sensitivity_at_specificity(y, p, CLAIMED_SPECIFICITY),
+                                     specificity_at_sensitivity(y, p, CLAIMED_SENSITIVITY))))
+
+    return {"point": statistic(labels, probability),
+            "ci95": bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)}
 
 
 def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: float) -> dict:
@@ -125,6 +140,7 @@ def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, t
             "n": int(len(test.labels)), "prevalence": float(test.labels.mean()),
             "at_0.5": full_report(test.labels, p_test, 0.5, config.bootstrap, config.seed),
             "at_operating_point": full_report(test.labels, p_test, threshold, config.bootstrap, config.seed),
+            "roc_points": roc_points(test.labels, p_test, config.bootstrap, config.seed),
             "calibration": calibration_report(test.labels, test_logits[tta], temperature),
             "strata": stratum_report(test.labels, p_test, strata),
         },

@@ -6,7 +6,7 @@ Label convention: 1 = pneumonia (positive), 0 = normal.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.detector import calibrated_probability
 
@@ -23,6 +23,30 @@ def roc_auc(labels: np.ndarray, probability: np.ndarray) -> float:
     if len(np.unique(labels)) < 2:
         return float("nan")
     return float(roc_auc_score(labels, probability))
+
+
+def sensitivity_at_specificity(labels: np.ndarray, probability: np.ndarray, specificity: float) -> float:
+    """Highest sensitivity of any threshold whose specificity is at least `specificity`.
+
+    A point of the ROC curve, threshold-free like AUC: it says whether the model *can* reach
+    an operating point (the original design reports sensitivity at a specificity), not which
+    threshold would reach it on unseen cases. Only thresholds at the scores count (no
+    interpolation between ROC vertices).
+    """
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, probability, drop_intermediate=False)
+    return float(tpr[fpr <= 1.0 - specificity + 1e-9].max())
+
+
+def specificity_at_sensitivity(labels: np.ndarray, probability: np.ndarray, sensitivity: float) -> float:
+    """Highest specificity of any threshold whose sensitivity is at least `sensitivity` (see above)."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(labels, probability, drop_intermediate=False)
+    return float((1.0 - fpr[tpr >= sensitivity - 1e-9]).max())
 
 
 def brier(labels: np.ndarray, probability: np.ndarray) -> float:

@@ -39,6 +39,16 @@ def metric_table(report: dict) -> list[str]:
     return rows
 
 
+def roc_point_lines(test: dict) -> list[str]:
+    """The test ROC read at the original design's point (absent from runs scored before it was added)."""
+    if "roc_points" not in test:
+        return []
+    point, ci = test["roc_points"]["point"], test["roc_points"]["ci95"]
+    return ["## Test ROC at the original design's point (threshold-free, like AUC)", "",
+            *(f"- {name.replace('_', ' ')}: {100 * point[name]:.2f}% ({100 * ci[name][0]:.2f}–{100 * ci[name][1]:.2f}%)"
+              for name in point)]
+
+
 def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
     test = evaluation.metrics["test"]
     cal = test["calibration"]
@@ -52,6 +62,7 @@ def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
         f"operating threshold (Youden) = {evaluation.operating_threshold:.3f}.", "",
         f"## Test (n = {test['n']}), threshold 0.5 on calibrated probability", *metric_table(test["at_0.5"]), "",
         "## Test at the validation-chosen operating point", *metric_table(test["at_operating_point"]), "",
+        *roc_point_lines(test), "",
         "## Calibration (test)",
         f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; Brier {cal['brier_before']:.4f} -> {cal['brier_after']:.4f} "
         "(before -> after temperature scaling fitted on validation)", "",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.calibration import StrataTargets, calibrate, stratum_report
-from training.evaluate import calibration_report, full_report
+from training.evaluate import ROC_POINTS, calibration_report, full_report, roc_points
 from training.metrics import roc_auc, softmax_pneumonia
 
 REPORTED = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
@@ -111,7 +111,11 @@ def seed_table(runs: list[SeedRun]) -> dict:
                             "runtime": r.run_info["runtime"], "best_epoch": r.run_info["best_epoch"],
                             "validation_auc": r.metrics["validation"]["auc"],
                             "operating_threshold": r.metrics["selection"]["operating_threshold"]} for r in runs}
-    return {"per_seed": per_seed, "mean_sd": summary, "runs": timing,
+    roc = {}
+    if all("roc_points" in r.metrics["test"] for r in runs):  # runs scored before 2026-11-26 lack them
+        roc_per_seed = {r.label: r.metrics["test"]["roc_points"]["point"] for r in runs}
+        roc = {"per_seed": roc_per_seed, "mean_sd": {n: mean_sd([roc_per_seed[r.label][n] for r in runs]) for n in ROC_POINTS}}
+    return {"per_seed": per_seed, "mean_sd": summary, "runs": timing, "roc_points": roc,
             "validation": {"per_seed": {r.label: validation_figures(r.metrics) for r in runs},
                            "mean_sd": validation_table([r.metrics for r in runs])}}
 
@@ -133,6 +137,7 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
         "strata": [s.__dict__ for s in strata],
         "test": {"at_0.5": full_report(test_labels, p_test, 0.5, rounds, 0),
                  "at_operating_point": full_report(test_labels, p_test, threshold, rounds, 0),
+                 "roc_points": roc_points(test_labels, p_test, rounds, 0),
                  "calibration": calibration_report(test_labels, test_logits, temperature),
                  "strata": stratum_report(test_labels, p_test, strata)},
     }
@@ -191,6 +196,7 @@ def seeds_markdown(figures: dict) -> str:
             ens = figures["ensemble"]["test"][point]["point"][m]
             lines.append(f"| {m} | {cells} | {100 * stats['mean']:.2f} ± {100 * stats['sd']:.2f} | {100 * ens:.2f} |")
         lines.append("")
+    lines += roc_markdown(figures, seeds)
     lines += validation_markdown(figures["validation"], seeds)
     lines += ["## Runs", "", "| seed | runtime | train min | img/s | best epoch | val AUC | op. threshold |",
               "|---|---|---|---|---|---|---|"]
@@ -199,6 +205,22 @@ def seeds_markdown(figures: dict) -> str:
                      f"{r['best_epoch']} | {r['validation_auc']:.4f} | {r['operating_threshold']:.3f} |")
     return "\n".join(lines) + "\n"
 
+
+
+def roc_markdown(figures: dict, seeds: list[str]) -> list[str]:
+    """Each seed's test ROC read at the original design's point, when every run has it."""
+    roc = figures["roc_points"]
+    if not roc:
+        return []
+    lines = ["## Test ROC at the original design's point (threshold-free, like AUC)", "",
+             "| figure | " + " | ".join(column(s) for s in seeds) + " | mean ± sd | ensemble |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for name in ROC_POINTS:
+        cells = " | ".join(f"{100 * roc['per_seed'][s][name]:.2f}" for s in seeds)
+        stats, ens = roc["mean_sd"][name], figures["ensemble"]["test"]["roc_points"]["point"][name]
+        lines.append(f"| {name.replace('_', ' ')} | {cells} | {100 * stats['mean']:.2f} ± {100 * stats['sd']:.2f} | "
+                     f"{100 * ens:.2f} |")
+    return lines + [""]
 
 
 def validation_markdown(validation: dict, seeds: list[str]) -> list[str]:

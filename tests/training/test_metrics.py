@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import brier, expected_calibration_error, roc_auc, softmax_pneumonia
+from training.metrics import (brier, expected_calibration_error, roc_auc, sensitivity_at_specificity, softmax_pneumonia,
+                              specificity_at_sensitivity)
 
 # 4 positives, 6 negatives. At t=0.5: TP=3 (0.9,0.8,0.6), FN=1 (0.3), FP=2 (0.7,0.55), TN=4
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -17,6 +18,19 @@ def test_auc_by_hand():
     # 0.9 > all 6 negatives; 0.8 > all 6; 0.6 > 0.55,0.4,0.2,0.1,0.05 = 5; 0.3 > 0.2,0.1,0.05 = 3 -> 20/24
     assert roc_auc(LABELS, PROBS) == pytest.approx(20 / 24)
     assert math.isnan(roc_auc(np.ones(3), np.array([0.1, 0.2, 0.3])))
+
+
+def test_roc_points_by_hand():
+    # (sensitivity, specificity) at each score as threshold: 0.9 (.25, 1), 0.8 (.5, 1), 0.7 (.5, 5/6),
+    # 0.6 (.75, 5/6), 0.55 (.75, 4/6), 0.4 (.75, 3/6), 0.3 (1, 3/6), 0.2 (1, 2/6) ...
+    assert sensitivity_at_specificity(LABELS, PROBS, 0.8) == pytest.approx(0.75)
+    assert sensitivity_at_specificity(LABELS, PROBS, 5 / 6) == pytest.approx(0.75)  # "at least" includes equality
+    assert sensitivity_at_specificity(LABELS, PROBS, 0.9) == pytest.approx(0.5)
+    assert sensitivity_at_specificity(LABELS, PROBS, 0.5) == pytest.approx(1.0)
+    assert specificity_at_sensitivity(LABELS, PROBS, 0.75) == pytest.approx(5 / 6)
+    assert specificity_at_sensitivity(LABELS, PROBS, 1.0) == pytest.approx(0.5)
+    assert specificity_at_sensitivity(LABELS, PROBS, 0.2) == pytest.approx(1.0)
+    assert math.isnan(sensitivity_at_specificity(np.zeros(3), np.array([0.1, 0.2, 0.3]), 0.9))
 
 
 def test_brier_and_ece_by_hand():

@@ -12,6 +12,7 @@ from training.config import TrainConfig
 from training.data import load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.evaluate import load_trained
+from training.metrics import sensitivity_at_specificity, softmax_pneumonia, specificity_at_sensitivity
 from training.runtime import make_runtime
 from training.train import load_teachers, teacher_logits
 
@@ -52,6 +53,13 @@ def test_card_describes_the_model(tiny_run):
     for key in ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "auc", "fnr", "fpr"):
         low, high = metrics["test"]["at_0.5"]["ci95"][key]
         assert low <= metrics["test"]["at_0.5"]["point"][key] <= high or np.isnan(metrics["test"]["at_0.5"]["point"][key])
+    # the claimed point read off the test ROC, from the run's own test logits (the temperature cannot move it)
+    predictions = np.load(out / "predictions.npz")
+    probability = softmax_pneumonia(predictions["test_logits"])
+    roc = metrics["test"]["roc_points"]["point"]
+    assert roc["sensitivity_at_specificity_0.8547"] == sensitivity_at_specificity(predictions["test_labels"], probability, 0.8547)
+    assert roc["specificity_at_sensitivity_0.9718"] == specificity_at_sensitivity(predictions["test_labels"], probability, 0.9718)
+    assert "sensitivity at specificity 0.8547" in (out / "results" / "summary.md").read_text()
 
 
 def test_exported_model_serves_through_the_detector(tiny_run, pneumoniamnist):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from training.config import StrataTargets
+from training.evaluate import ROC_POINTS
 from training.seeds import ensemble, load_seed_run, mean_sd, seed_table, summarize_seeds, validation_table
 
 METRICS = ("accuracy", "f1", "auc", "sensitivity", "specificity", "precision", "npv")
 
 
 def write_run(root, seed: int, accuracy: float, val_logits: np.ndarray, test_logits: np.ndarray,
-              val_labels: np.ndarray, test_labels: np.ndarray):
+              val_labels: np.ndarray, test_labels: np.ndarray, roc: tuple[float, float] | None = None):
     run = root / f"seed-{seed}"
     (run / "results").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"seed": seed}))
@@ -23,6 +24,8 @@ def write_run(root, seed: int, accuracy: float, val_logits: np.ndarray, test_log
                   "at_0.5": {"accuracy": accuracy, "f1": accuracy, "sensitivity": accuracy, "specificity": 1.0}}
     metrics = {"test": {"at_0.5": {"point": point}, "at_operating_point": {"point": point}},
                "validation": validation, "selection": {"operating_threshold": 0.3}}
+    if roc is not None:
+        metrics["test"]["roc_points"] = {"point": dict(zip(ROC_POINTS, roc))}
     (run / "results" / "metrics.json").write_text(json.dumps(metrics))
     np.savez(run / "predictions.npz", val_labels=val_labels, val_logits=val_logits,
              test_labels=test_labels, test_logits=test_logits)
@@ -79,6 +82,22 @@ def test_summary_files(tmp_path):
     assert 0 < figures["ensemble"]["operating_threshold"] < 1
     markdown = (tmp_path / "out" / "seeds.md").read_text()
     assert "| accuracy | 90.00 | 90.00 | 90.00 ± 0.00 |" in markdown
+
+
+def test_roc_points_by_hand_and_absent_for_older_runs(tmp_path):
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    dirs = [write_run(tmp_path / "new", seed, 0.9, val_logits, test_logits, val_labels, test_labels, roc)
+            for seed, roc in ((1, (0.96, 0.80)), (2, (0.98, 0.84)))]
+    figures = summarize_seeds(dirs, tmp_path / "out", StrataTargets(), 20)
+    sens_at_spec, spec_at_sens = ROC_POINTS
+    assert figures["roc_points"]["mean_sd"][sens_at_spec]["mean"] == pytest.approx(0.97)
+    assert figures["roc_points"]["mean_sd"][spec_at_sens]["sd"] == pytest.approx(0.04 / np.sqrt(2))
+    assert 0 <= figures["ensemble"]["test"]["roc_points"]["point"][sens_at_spec] <= 1
+    assert "| sensitivity at specificity 0.8547 | 96.00 | 98.00 | 97.00 ± 1.41 |" in (tmp_path / "out" / "seeds.md").read_text()
+    older = [write_run(tmp_path / "old", 3, 0.9, val_logits, test_logits, val_labels, test_labels), dirs[0]]
+    mixed = summarize_seeds(older, tmp_path / "mixed", StrataTargets(), 20)
+    assert mixed["roc_points"] == {} and "Test ROC" not in (tmp_path / "mixed" / "seeds.md").read_text()
 
 
 def test_validation_table_by_hand(tmp_path):
