@@ -7,8 +7,8 @@ al. 2016) re-estimates those statistics on the new source without labels. The re
 ONNX has its BatchNorms folded into the convolutions, so here the same thing is done at
 every convolution output: the site's per-channel mean and standard deviation are mapped
 onto the training source's, and the affine map folds back into the convolution's weights
-and bias. The adapted model is an ONNX file of the same shape; numpy, onnx and onnxruntime
-only (a site runs it next to the worker, without torch).
+and bias. The adapted model is an ONNX file of the same shape, made with numpy, onnx and
+onnxruntime and no torch (onnx comes with the `train` extra; a site step would add it to `serve`).
 
 The site's statistics are taken progressively, each layer's after the layers before it are
 adapted (as BatchNorm in training mode sees them): one graph standardises every convolution
@@ -176,6 +176,13 @@ def fold_alignment(model: onnx.ModelProto, source: FeatureStatistics, site: Feat
     """
     adapted = copy.deepcopy(model)
     initializers = {init.name: init for init in adapted.graph.initializer}
+    users: dict[str, int] = {}
+    for node in adapted.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    shared = [n.input[1] for n in conv_nodes(adapted) if users[n.input[1]] > 1]
+    if shared:  # scaling a shared weight for one convolution would change the others
+        raise ValueError(f"convolution weights used by more than one node cannot be adapted: {shared[:3]}")
     for node in conv_nodes(adapted):
         name = node.output[0]
         scale = source.std[name] / site.std[name]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from models.adaptation import FeatureStatistics, adapt, conv_nodes, site_statistics, source_statistics, statistics_graph
+from models.adaptation import (FeatureStatistics, adapt, conv_nodes, fold_alignment, site_statistics, source_statistics,
+                               statistics_graph)
 from models.card import default_model_path
 from models.preprocess import preprocess_batch
 
@@ -87,6 +90,16 @@ def test_adapted_model_has_the_source_statistics_on_the_site_progressively(sourc
         np.testing.assert_allclose(measured.std[name], source.std[name], rtol=1e-4)
     assert "adapted_bias_c1" in {i.name for i in adapted.graph.initializer}  # a bias-less conv gets one
     assert [n.op_type for n in adapted.graph.node] == [n.op_type for n in model.graph.node]  # same shape of graph
+
+
+def test_a_weight_shared_by_two_convolutions_is_refused(source_images):
+    model = tiny_network()
+    source = source_statistics(model, [source_images])
+    twin = copy.deepcopy(model)
+    twin.graph.node.insert(1, helper.make_node("Conv", ["image", "w1", "b1"], ["c1_twin"]))
+    twin.graph.node[2].input[0] = "c1_twin"  # the Relu now reads the twin; c1 stays in the graph, unused
+    with pytest.raises(ValueError, match="more than one node"):
+        fold_alignment(twin, source, source)
 
 
 def test_statistics_round_trip(tmp_path, source_images):
