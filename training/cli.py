@@ -4,6 +4,7 @@
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
     pneumonia-train soup runs/a runs/b runs/c --out-dir runs/soup ...   (runs trained with one --init-seed)
+    pneumonia-train ensemble runs/a runs/b runs/c [--int8] --out-dir runs/ens ...   (exported runs, one ONNX graph)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from models.card import sha256_of
 from training.config import AugmentConfig, StrataTargets, TrainConfig, resolve_data_root, resolve_weights
+from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
 from training.quantize import quantize
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     soup.add_argument("--keep-averaged-bn", action="store_true",
                       help="keep the mean of the runs' BatchNorm statistics instead of recomputing them on the train split")
     add_options(soup)
+    ensemble = sub.add_parser("ensemble", help="one ONNX graph averaging the logits of finished runs' exported models "
+                                               "(int8 members with --int8), evaluated and carded like `run`")
+    ensemble.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished, exported runs (members)")
+    ensemble.add_argument("--int8", action="store_true", help="quantise each member (static QDQ, as `quantize`)")
+    add_options(ensemble)
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
     seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
                                                                          recompute_bn=not args.keep_averaged_bn)}
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+    if args.stage == "ensemble":
+        return ship_ensemble(args, config, argv)
     if args.stage in ("run", "evaluate", "soup"):
         started = time.perf_counter()
         evaluation = evaluate(config.out_dir / BEST, config, runtime)
@@ -172,6 +181,25 @@ def main(argv: list[str] | None = None) -> int:
         int8_path = quantize(config.out_dir / "pneumonia_resnet50.onnx", config, args.calibration_images)
         if args.release_dir:
             log.info("released %s", release(int8_path, args.release_dir))
+    return 0
+
+
+def ship_ensemble(args: argparse.Namespace, config: TrainConfig, argv: list[str]) -> int:
+    """Build, evaluate (validation chooses, test once), card and optionally release an ensemble graph."""
+    run_info = {"command": "pneumonia-train " + shlex.join(argv),
+                **build_ensemble(args.run_dirs, config, args.int8, args.calibration_images)}
+    started = time.perf_counter()
+    evaluation, parity = evaluate_ensemble(args.run_dirs, config)
+    save_evaluation(evaluation, config.out_dir / "evaluation.json")
+    run_info["evaluate_seconds"] = time.perf_counter() - started
+    (config.out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_results(args.results_dir or config.out_dir / "results", evaluation, [], run_info, config.out_dir)
+    onnx_path = write_card(config, evaluation, parity, args.model_version, run_info)
+    log.info("ensemble: test AUC %.4f, accuracy %.4f (threshold 0.5); parity against the members' mean %.2e",
+             evaluation.metrics["test"]["at_0.5"]["point"]["auc"], evaluation.metrics["test"]["at_0.5"]["point"]["accuracy"],
+             parity["max_abs_delta_probability"])
+    if args.release_dir:
+        log.info("released %s", release(onnx_path, args.release_dir))
     return 0
 
 

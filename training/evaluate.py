@@ -154,7 +154,7 @@ def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, t
         "ablation_tta_on_test": {
             str(v).lower(): {"auc": roc_auc(test.labels, softmax_pneumonia(test_logits[v])),
                              **binary_metrics(test.labels, softmax_pneumonia(test_logits[v], temperature), 0.5)}
-            for v in (False, True)
+            for v in test_logits  # both for a trained run; an ensemble graph has no flip variant
         },
         "metric_names": list(THRESHOLD_METRICS) + ["auc"],
     }

@@ -35,28 +35,39 @@ class _ValidationReader:
         return None if batch is None else {"image": batch}
 
 
-def _logits(session, images: np.ndarray, source_size: int) -> np.ndarray:
+def served_logits(session, images: np.ndarray, source_size: int) -> np.ndarray:
+    """Logits of the serving path: the contract's numpy preprocessing, then an onnxruntime session."""
     return np.concatenate([session.run(None, {"image": preprocess_batch(images[i : i + 32], source_size)})[0]
                            for i in range(0, len(images), 32)])
+
+
+def calibration_pick(available: int, wanted: int, seed: int) -> np.ndarray:
+    """Sorted indices of the validation images whose activations set the int8 ranges."""
+    return np.sort(np.random.default_rng(seed).choice(available, size=min(wanted, available), replace=False))
+
+
+def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray, source_size: int) -> None:
+    """Static int8 (QDQ: uint8 activations, per-channel int8 weights) with ranges from `calibration` images."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(int8_path), _ValidationReader(calibration, source_size),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    prepared.unlink()
 
 
 def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256) -> Path:
     """Write `<name>.int8.onnx` + card beside the fp32 model and return its path."""
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     val = load_split(config.data_root, "val", config.image_size, config.subset)
     test = load_split(config.data_root, "test", config.image_size, config.subset)
-    prepared = fp32_path.with_name(fp32_path.stem + ".prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     int8_path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
-    rng = np.random.default_rng(config.seed)
-    pick = rng.choice(len(val.labels), size=min(calibration_images, len(val.labels)), replace=False)
-    quantize_static(str(prepared), str(int8_path), _ValidationReader(val.images[np.sort(pick)], config.image_size),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
-    prepared.unlink()
+    pick = calibration_pick(len(val.labels), calibration_images, config.seed)
+    quantize_onnx(fp32_path, int8_path, val.images[pick], config.image_size)
     card = ModelCard.load(card_path_for(fp32_path))
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
@@ -64,7 +75,7 @@ def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256
     logits = {}
     for name, session in (("fp32", fp32), ("int8", int8)):
         start = time.perf_counter()
-        logits[name] = _logits(session, test.images, config.image_size)
+        logits[name] = served_logits(session, test.images, config.image_size)
         timings[name] = len(test.images) / (time.perf_counter() - start)
     p32, p8 = (softmax_pneumonia(logits[k], card.temperature) for k in ("fp32", "int8"))
     check = {"max_abs_delta_probability_vs_fp32": float(np.abs(p32 - p8).max()),

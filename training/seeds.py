@@ -56,7 +56,11 @@ def load_seed_run(run_dir: Path) -> SeedRun:
     config = json.loads((run_dir / "config.json").read_text())
     predictions = np.load(run_dir / "predictions.npz")
     run_info = json.loads((run_dir / "run_info.json").read_text())
-    label = f"soup-init{config['init_seed']}" if "soup_of" in run_info else str(config["seed"])
+    label = str(config["seed"])
+    if "soup_of" in run_info:
+        label = f"soup-init{config['init_seed']}"
+    elif "ensemble_of" in run_info:
+        label = "ensemble-" + "-".join(str(member["seed"]) for member in run_info["ensemble_of"])
     metrics_file = run_dir / "results" / "metrics.json"
     metrics_file = metrics_file if metrics_file.is_file() else run_dir / "metrics.json"
     return SeedRun(seed=int(config["seed"]), label=label, metrics=json.loads(metrics_file.read_text()),
@@ -88,7 +92,7 @@ def validation_table(all_metrics: list[dict]) -> dict[str, dict[str, float]]:
 
 def baseline_metrics(baseline_dir: Path) -> list[dict]:
     """Per-seed metrics of an earlier summary, from the seed-*/ copies it left behind."""
-    files = sorted([*baseline_dir.glob("seed-*/metrics.json"), *baseline_dir.glob("soup-*/metrics.json")])
+    files = sorted(f for pattern in ("seed-*", "soup-*", "ensemble-*") for f in baseline_dir.glob(f"{pattern}/metrics.json"))
     if not files:
         raise FileNotFoundError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
     return [json.loads(f.read_text()) for f in files]

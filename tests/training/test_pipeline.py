@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from models.card import ModelCard, sha256_of
@@ -12,6 +13,7 @@ from training.config import TrainConfig
 from training.data import load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.evaluate import load_trained
+from training.seeds import load_seed_run
 from training.metrics import sensitivity_at_specificity, softmax_pneumonia, specificity_at_sensitivity
 from training.runtime import make_runtime
 from training.train import load_teachers, teacher_logits
@@ -80,6 +82,40 @@ def test_reported_test_logits_are_the_served_models(tiny_run, data_root):
     reported = np.load(out / "predictions.npz")
     assert np.array_equal(reported["test_labels"], test.labels)
     np.testing.assert_allclose(reported["test_logits"], served, atol=1e-3)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_ensemble_stage_ships_one_carded_graph(tiny_run, data_root, tmp_path, int8):
+    """A run ensembled with itself must score exactly like the run (fp32); int8 members carry their error."""
+    out, _ = tiny_run
+    ens = tmp_path / "ensemble"
+    args = ["ensemble", str(out), str(out), "--data-root", str(data_root), "--subset", "40", "--bootstrap", "30",
+            "--out-dir", str(ens), "--calibration-images", "8", "--model-version", "9.9.9", *(["--int8"] if int8 else [])]
+    assert main(args) == 0
+    card = ModelCard.load(ens / "pneumonia_resnet50.card.json")
+    assert card.version == "9.9.9" and card.sha256 == sha256_of(ens / "pneumonia_resnet50.onnx")
+    assert card.extra["ensemble"]["precision"] == ("int8" if int8 else "fp32")
+    assert [m["run"] for m in card.extra["ensemble"]["members"]] == [str(out), str(out)]
+    parity = card.extra["onnx"]["parity"]
+    test = load_split(data_root, "test", 28, 40)
+    served = PneumoniaDetector(ens / "pneumonia_resnet50.onnx")
+    ensemble_logits = served.logits(served.preprocess(list(test.images)))
+    member = PneumoniaDetector(out / "pneumonia_resnet50.onnx")
+    member_logits = member.logits(member.preprocess(list(test.images)))
+    if int8:
+        member_graph = onnx.load(str(ens / "member0.int8.onnx"), load_external_data=False)
+        assert "DequantizeLinear" in {node.op_type for node in member_graph.graph.node}
+        # int8 weights; a member with flip TTA in its graph keeps one quantised copy per use, so about half fp32
+        assert (ens / "member0.int8.onnx").stat().st_size < 0.6 * (out / "pneumonia_resnet50.onnx").stat().st_size
+        assert parity["max_abs_delta_probability"] > 0  # recorded, not required
+    else:
+        assert parity["passed"] and parity["max_abs_delta_probability"] <= 1e-4
+        np.testing.assert_allclose(ensemble_logits, member_logits, atol=1e-4)
+    metrics = json.loads((ens / "results" / "metrics.json").read_text())
+    assert list(metrics["ablation_tta_on_test"]) == ["false"]
+    assert np.array_equal(np.load(ens / "predictions.npz")["test_logits"], ensemble_logits)
+    run = load_seed_run(ens)
+    assert run.label == "ensemble-42-42" and run.metrics["test"]["roc_points"]["point"]
 
 
 def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
