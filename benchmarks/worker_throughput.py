@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images, _ = load_images(args.data_root)
-    results: dict[str, Any] = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+                               "model": served_model(args.model)}
     results["worker"] = bench_worker(images, args)
     print_section("worker", results["worker"])
     if not args.skip_runtimes:
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per pool process")
     parser.add_argument("--results-name", default="worker_throughput", help="file stem under benchmarks/results")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="ONNX model (with its card) the worker serves; default the packaged one")
     parser.add_argument("--torch-checkpoint", type=Path, default=None)
     parser.add_argument("--runtime-reps", type=int, default=30, help="batch-1 timings per runtime")
     parser.add_argument("--skip-runtimes", action="store_true")
@@ -74,6 +77,16 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_avg_at_start": os.getloadavg(), "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def served_model(path: Path | None) -> dict[str, Any]:
+    """Which model the worker served: name, version, sha256 and file size, from its card."""
+    from models.card import ModelCard, card_path_for, default_model_path
+
+    path = path or default_model_path()
+    card = ModelCard.load(card_path_for(path))
+    return {"file": path.name, "name": card.name, "version": card.version, "sha256": card.sha256,
+            "megabytes": path.stat().st_size / 1e6}
 
 
 def free_port() -> int:
@@ -114,6 +127,8 @@ def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]
                    TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 'triage.db'}",
                    TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_CONCURRENCY=str(args.concurrency),
                    TRIAGE_INTRA_OP_THREADS=str(args.intra_op_threads))
+        if args.model:
+            env["TRIAGE_MODEL_PATH"] = str(args.model.resolve())
         log_path = tmp_path / "worker.log"
         worker = None
         try:
