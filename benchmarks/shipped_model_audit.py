@@ -16,19 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from models.card import default_model_path
 from models.detector import PneumoniaDetector, calibrated_probability
 from training.evaluate import full_report, roc_points
+from training.quantize import served_logits
 from worker.samples import load_pneumoniamnist
 
 SHOWN = ("accuracy", "f1", "auc", "sensitivity", "specificity")
-
-
-def split_logits(detector: PneumoniaDetector, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([detector.logits(detector.preprocess(list(images[i:i + batch])))
-                           for i in range(0, len(images), batch)])
 
 
 def audit(detector: PneumoniaDetector, data_root: Path, rounds: int) -> dict:
@@ -37,7 +31,7 @@ def audit(detector: PneumoniaDetector, data_root: Path, rounds: int) -> dict:
               "temperature": card.temperature, "threshold": card.threshold}
     for split in ("val", "test"):
         images, labels = load_pneumoniamnist(data_root, split)
-        probability = calibrated_probability(split_logits(detector, images), card.temperature)
+        probability = calibrated_probability(served_logits(detector.session, images, card.source_size), card.temperature)
         report[split] = {"n": int(len(labels)),
                          "at_card_threshold": full_report(labels, probability, card.threshold, rounds, 0)["point"],
                          "roc_points": roc_points(labels, probability, rounds, 0)}
