@@ -189,7 +189,7 @@ def ship_ensemble(args: argparse.Namespace, config: TrainConfig, argv: list[str]
     run_info = {"command": "pneumonia-train " + shlex.join(argv),
                 **build_ensemble(args.run_dirs, config, args.int8, args.calibration_images)}
     started = time.perf_counter()
-    evaluation, parity = evaluate_ensemble(args.run_dirs, config)
+    evaluation, parity = evaluate_ensemble(args.run_dirs, config, args.int8)
     save_evaluation(evaluation, config.out_dir / "evaluation.json")
     run_info["evaluate_seconds"] = time.perf_counter() - started
     (config.out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")

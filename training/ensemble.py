@@ -80,7 +80,7 @@ def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibr
     if int8:
         val = load_split(config.data_root, "val", config.image_size, config.subset)
         pick = calibration_pick(len(val.labels), calibration_images, config.seed)
-        members = [out / f"member{i}.int8.onnx" for i in range(len(fp32_members))]
+        members = int8_member_files(config, len(fp32_members))
         for fp32, int8_member in zip(fp32_members, members):
             quantize_onnx(fp32, int8_member, val.images[pick], config.image_size)
     combine(members, out / MEMBER_FILE)
@@ -96,11 +96,16 @@ def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibr
             "train_img_per_s": 0.0, "runtime": f"cpu/{'int8' if int8 else 'fp32'}", "select_metric": config.select_metric}
 
 
-def evaluate_ensemble(run_dirs: list[Path], config: TrainConfig) -> tuple[Evaluation, dict]:
+def int8_member_files(config: TrainConfig, count: int) -> list[Path]:
+    return [config.out_dir / f"member{i}.int8.onnx" for i in range(count)]
+
+
+def evaluate_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool) -> tuple[Evaluation, dict]:
     """Choose temperature, threshold and strata on validation from the graph's served logits; score test once.
 
     Also returns the parity of the combined graph against the mean of the fp32 members'
-    own served logits: exact (<= 1e-4) for fp32 members, the int8 error otherwise.
+    own served logits: exact (<= 1e-4) for fp32 members, the int8 error otherwise, with
+    each int8 member's own error against its fp32 model.
     """
     import onnxruntime as ort
 
@@ -116,11 +121,16 @@ def evaluate_ensemble(run_dirs: list[Path], config: TrainConfig) -> tuple[Evalua
     metrics = test_metrics(val, {False: val_logits}, test, {False: test_logits}, False, fit.temperature, fit.threshold,
                            fit.strata, config)
     write_predictions(config.out_dir, val, val_logits, test, test_logits)
-    members_mean = np.mean([logits_of(p, test.images) for p in member_files(run_dirs)], axis=0)
-    delta = float(np.abs(softmax_pneumonia(test_logits, fit.temperature)
-                         - softmax_pneumonia(members_mean, fit.temperature)).max())
+    def max_delta(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(softmax_pneumonia(a, fit.temperature) - softmax_pneumonia(b, fit.temperature)).max())
+
+    fp32_members = [logits_of(p, test.images) for p in member_files(run_dirs)]
+    delta = max_delta(test_logits, np.mean(fp32_members, axis=0))
     parity = {"images": int(len(test.images)), "against": "mean of the fp32 members' served logits",
               "max_abs_delta_probability": delta, "tolerance": PARITY_TOLERANCE, "passed": delta <= PARITY_TOLERANCE}
+    if int8:
+        parity["members_int8_vs_fp32"] = [max_delta(logits_of(p, test.images), fp32)
+                                          for p, fp32 in zip(int8_member_files(config, len(run_dirs)), fp32_members)]
     return Evaluation(False, fit.temperature, fit.threshold, fit.strata, metrics), parity
 
 

@@ -108,8 +108,12 @@ def test_ensemble_stage_ships_one_carded_graph(tiny_run, data_root, tmp_path, in
         # int8 weights; a member with flip TTA in its graph keeps one quantised copy per use, so about half fp32
         assert (ens / "member0.int8.onnx").stat().st_size < 0.6 * (out / "pneumonia_resnet50.onnx").stat().st_size
         assert parity["max_abs_delta_probability"] > 0  # recorded, not required
+        # the two members are the same run quantised from the same images: the same error, and the graph's
+        assert parity["members_int8_vs_fp32"][0] == pytest.approx(parity["members_int8_vs_fp32"][1])
+        assert parity["max_abs_delta_probability"] <= max(parity["members_int8_vs_fp32"]) + 1e-6
     else:
         assert parity["passed"] and parity["max_abs_delta_probability"] <= 1e-4
+        assert "members_int8_vs_fp32" not in parity
         np.testing.assert_allclose(ensemble_logits, member_logits, atol=1e-4)
     metrics = json.loads((ens / "results" / "metrics.json").read_text())
     assert list(metrics["ablation_tta_on_test"]) == ["false"]
