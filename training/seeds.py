@@ -42,7 +42,8 @@ class SeedRun:
 
     seed: int
     label: str
-    """The run's column: its seed, or for a soup (whose --seed means nothing) its shared head init."""
+    """The run's column: its seed; for a soup (whose --seed means nothing) its shared head init;
+    for an ensemble graph its members' seeds (`ensemble-42-7-2026`)."""
     metrics: dict
     run_info: dict
     val_labels: np.ndarray
