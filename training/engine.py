@@ -34,11 +34,18 @@ def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch
 
 
 class FlipAveraged(nn.Module):
-    """Wraps a classifier so it outputs the mean logits of the image and its mirror (TTA in-graph)."""
+    """Wraps a classifier so it outputs the mean logits of the image and its mirror (TTA in-graph).
+
+    The mirror rides on the batch axis (one forward pass over 2N images) rather than a second
+    call of the network, so the exported graph uses each weight once. Static int8 quantisation
+    keeps one quantised copy per use, so two calls would double an int8 variant's size.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2
+        count = x.shape[0]
+        both = self.model(torch.cat([x, torch.flip(x, dims=[3])]))
+        return (both[:count] + both[count:]) / 2
