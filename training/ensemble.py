@@ -3,7 +3,8 @@
 The seed ensemble is the one method that has reached the original design's AUC here, but
 three fp32 ResNet-50s break the 100 MB artifact budget and triple the worker's cost. With
 int8 members (`--int8`, the `quantize` stage's static QDQ) three of them weigh about 75 MB
-and cost about one fp32 model on a CPU with VNNI. The graph keeps the serving contract
+and run at 0.70-0.85x one fp32 model's worker throughput on a 2-core CPU (the low end when
+members average the flip, which costs them two passes). The graph keeps the serving contract
 (`image` N x 3 x 224 x 224 -> `logits` N x 2, the mean of the members' logits), so the
 worker and `PneumoniaDetector` load it unchanged.
 
