@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from models.card import ModelCard, card_path_for, default_model_path, sha256_of
-from models.errors import ModelIntegrityError, UnreadableImageError
+from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
 from models.preprocess import preprocess_batch, preprocessing_id
 
@@ -44,8 +44,24 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
+def ensure_provider_active(required: str | None, active: Sequence[str], available: Sequence[str]) -> None:
+    """Raise unless `required` is among the session's active providers; say why it is not."""
+    if not required or required in active:
+        return
+    if required not in available:
+        hint = " (install the gpu extra, onnxruntime-gpu, instead of onnxruntime)" if "CUDA" in required else ""
+        why = f"this onnxruntime build offers only {', '.join(available)}{hint}"
+    else:
+        why = "onnxruntime could not start it (no visible GPU, or a CUDA/cuDNN/driver mismatch: see its log above)"
+    raise ExecutionProviderError(f"{required} required but not active; running on {', '.join(active)}: {why}")
+
+
 class PneumoniaDetector:
-    """Loads the ONNX model and its card once; thread-safe for concurrent `predict` calls."""
+    """Loads the ONNX model and its card once; thread-safe for concurrent `predict` calls.
+
+    `require_provider` ("CUDAExecutionProvider") turns onnxruntime's silent fallback to the
+    CPU into an `ExecutionProviderError`.
+    """
 
     def __init__(
         self,
@@ -55,6 +71,7 @@ class PneumoniaDetector:
         intra_op_threads: int = 0,
         verify_sha256: bool = True,
         site_calibration: str | Path | None = None,
+        require_provider: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -67,6 +84,7 @@ class PneumoniaDetector:
         self.session = ort.InferenceSession(
             str(self.model_path), sess_options=options, providers=choose_providers(providers)
         )
+        ensure_provider_active(require_provider, self.session.get_providers(), ort.get_available_providers())
         self.input_name = self.session.get_inputs()[0].name
 
     @property

@@ -11,3 +11,12 @@ class UnreadableImageError(ValueError):
 
 class ModelIntegrityError(RuntimeError):
     """The ONNX file does not match its model card (wrong sha256, missing card)."""
+
+
+class ExecutionProviderError(RuntimeError):
+    """A required onnxruntime execution provider (CUDA) is not active in this process.
+
+    onnxruntime falls back to the CPU by itself when CUDA cannot start (no GPU, a driver or
+    cuDNN mismatch, the CPU-only wheel). A GPU deployment asks for CUDA explicitly so that this
+    shows as an error at start-up instead of a worker running several times slower unnoticed.
+    """

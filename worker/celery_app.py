@@ -30,18 +30,18 @@ from worker.config import WorkerSettings
 log = logging.getLogger(__name__)
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database or broker is unreachable, or the model is not deployed yet.
+    """Worth retrying: the database or broker is unreachable, the model is not deployed yet, or its GPU is not up.
 
     Integrity/data errors are bugs or bad input and are not retried; neither is anything
     about the image itself (those already became failed/skipped rows in `tasks`).
     """
-    from models.errors import ModelIntegrityError
+    from models.errors import ExecutionProviderError, ModelIntegrityError
 
     if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, SATimeoutError)):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
-    if isinstance(exc, (ConnectionError, TimeoutError, ModelIntegrityError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, ModelIntegrityError, ExecutionProviderError)):
         return True
     return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
 

@@ -1,7 +1,7 @@
 """`pneumonia-worker`: run the Celery worker, migrate the database, or check the set-up.
 
     pneumonia-worker migrate          # alembic upgrade head on TRIAGE_DATABASE_URL
-    pneumonia-worker check            # settings, model + card (sha256), database reachability
+    pneumonia-worker check            # settings, model + card (sha256), execution provider, database reachability
     pneumonia-worker run [-c N]       # migrate (unless TRIAGE_MIGRATE_ON_START=false), check, serve
     pneumonia-worker calibrate --cases local.csv --site NAME --out site.json
                                       # refit threshold + strata on local labelled studies
@@ -63,6 +63,7 @@ def check(settings: WorkerSettings) -> int:
     from sqlalchemy import text
 
     from models.detector import load_card
+    from models.errors import ExecutionProviderError
     from worker.db import make_engine
 
     path = settings.resolved_model_path()
@@ -83,11 +84,31 @@ def check(settings: WorkerSettings) -> int:
         return 3
     finally:
         engine.dispose()
+    try:
+        providers = probe_providers(settings)
+    except ExecutionProviderError as exc:
+        log.error("execution provider (TRIAGE_EXECUTION_PROVIDER=%s): %s", settings.execution_provider, exc)
+        return 2
     site = card.extra.get("site_calibration")
     calibration = f"site calibration {site['site']!r} ({site['sha256'][:12]}...)" if site else "card calibration"
-    log.info("model %s %s (sha256 %s...) with %s ok; database ok", card.name, card.version, card.sha256[:12],
-             calibration)
+    log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],
+             calibration, ",".join(providers))
     return 0
+
+
+def probe_providers(settings: WorkerSettings) -> list[str]:
+    """The providers a task's session will run on, found in a spawned process.
+
+    Spawned, not in this process: `run` forks the Celery pool after `check`, and a CUDA context
+    created before a fork is unusable in the children.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from worker.pipeline import active_providers
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(active_providers, settings.model_dump(mode="json")).result()
 
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:

@@ -53,6 +53,8 @@ class WorkerSettings(BaseSettings):
     """Worker-lost redeliveries allowed before an instance is failed as a poison message."""
     concurrency: int = 1
     intra_op_threads: int = 0
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when onnxruntime can start it, else CPU; cpu: CPU only; cuda: CUDA or refuse to run."""
     migrate_on_start: bool = True
     log_level: str = "INFO"
 

@@ -34,6 +34,28 @@ class Outcome:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+PROVIDERS = {"auto": (None, None), "cpu": (["CPUExecutionProvider"], None),
+             "cuda": (["CUDAExecutionProvider"], "CUDAExecutionProvider")}
+"""TRIAGE_EXECUTION_PROVIDER -> (providers asked of onnxruntime, the one that must be active)."""
+
+
+def make_detector(settings: WorkerSettings) -> Any:
+    """The worker's one way to build its detector, so `check` probes exactly what tasks run."""
+    from models.detector import PneumoniaDetector
+
+    providers, required = PROVIDERS[settings.execution_provider]
+    return PneumoniaDetector(settings.resolved_model_path(), providers, intra_op_threads=settings.intra_op_threads,
+                             site_calibration=settings.site_calibration, require_provider=required)
+
+
+def active_providers(settings: dict[str, Any]) -> list[str]:
+    """Build the detector as tasks would and return the providers onnxruntime actually runs.
+
+    Takes plain settings so it can run in a spawned process (see `worker.cli.probe_providers`).
+    """
+    return list(make_detector(WorkerSettings(**settings)).providers)
+
+
 class DetectorCache:
     """One onnxruntime session per worker process, created on first use (after fork)."""
 
@@ -45,12 +67,7 @@ class DetectorCache:
     def get(self) -> Any:
         with self._lock:
             if self._detector is None:
-                from models.detector import PneumoniaDetector
-
-                self._detector = PneumoniaDetector(
-                    self._settings.resolved_model_path(), intra_op_threads=self._settings.intra_op_threads,
-                    site_calibration=self._settings.site_calibration,
-                )
+                self._detector = make_detector(self._settings)
                 log.info("model %s %s loaded (%s)", self._detector.card.name,
                          self._detector.card.version, ",".join(self._detector.providers))
             return self._detector

@@ -132,10 +132,10 @@ def _internal_error(exc: BaseException, path: Path) -> Outcome:
 
 
 def _is_model_problem(exc: Exception) -> bool:
-    """A missing/corrupt model is the deployment's fault, not the image's: retry, don't fail rows."""
-    from models.errors import ModelIntegrityError
+    """A missing/corrupt model or a missing GPU is the deployment's fault, not the image's: retry, don't fail rows."""
+    from models.errors import ExecutionProviderError, ModelIntegrityError
 
-    if isinstance(exc, ModelIntegrityError):  # includes a bad or mismatched site calibration
+    if isinstance(exc, (ModelIntegrityError, ExecutionProviderError)):  # incl. a bad or mismatched site calibration
         return True
     return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
 

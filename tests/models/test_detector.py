@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from models.card import card_path_for, default_model_path
-from models.detector import PneumoniaDetector
-from models.errors import ModelIntegrityError, UnreadableImageError
+from models.detector import PneumoniaDetector, ensure_provider_active
+from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from worker.samples import make_cxr_dataset, save
 
 
@@ -83,3 +83,28 @@ def test_model_not_matching_its_card_is_refused(tmp_path):
     card_path_for(model).unlink()
     with pytest.raises(ModelIntegrityError, match="card missing"):
         PneumoniaDetector(model)
+
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def test_a_required_provider_must_be_active_and_the_error_says_why():
+    ensure_provider_active(None, [CPU], [CPU])
+    ensure_provider_active(CUDA, [CUDA, CPU], [CUDA, CPU])
+    with pytest.raises(ExecutionProviderError, match="build offers only CPUExecutionProvider .*install the gpu extra"):
+        ensure_provider_active(CUDA, [CPU], [CPU])
+    with pytest.raises(ExecutionProviderError, match="could not start it"):
+        ensure_provider_active(CUDA, [CPU], [CUDA, CPU])  # onnxruntime-gpu fell back: no GPU, or a driver mismatch
+
+
+def test_requiring_cuda_refuses_onnxruntimes_silent_cpu_fallback(sample):
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA; CI installs the CPU build (the serve extra)")
+    assert PneumoniaDetector(providers=[CUDA]).providers == [CPU]  # what onnxruntime does by itself
+    with pytest.raises(ExecutionProviderError, match="CUDAExecutionProvider required but not active"):
+        PneumoniaDetector(providers=[CUDA], require_provider=CUDA)
+    cpu_only = PneumoniaDetector(providers=[CPU], require_provider=CPU)
+    assert cpu_only.providers == [CPU] and cpu_only.predict(sample)["stratum"]

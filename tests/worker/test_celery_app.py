@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from models.errors import ModelIntegrityError, UnreadableImageError
+from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from worker import contract
 from worker.celery_app import create_app, is_transient
 from worker.config import WorkerSettings
@@ -27,6 +27,7 @@ def test_no_loss_settings_and_task_names():
         (OperationalError("SELECT 1", {}, Exception("connection refused")), True),
         (ConnectionError("broker"), True),
         (ModelIntegrityError("sha256 mismatch"), True),
+        (ExecutionProviderError("CUDAExecutionProvider required but not active"), True),
         (FileNotFoundError("ONNX model not found: x"), True),
         (IntegrityError("INSERT", {}, Exception("dup")), False),
         (DataError("INSERT", {}, Exception("too long")), False),

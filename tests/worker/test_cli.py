@@ -41,6 +41,18 @@ def test_check_refuses_missing_model_and_tampered_card(tmp_path, sqlite_url):
     assert tampered.returncode == 2 and "sha256" in tampered.stderr
 
 
+def test_check_reports_the_execution_provider_and_refuses_a_missing_gpu(sqlite_url):
+    import onnxruntime as ort
+
+    cpu = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_EXECUTION_PROVIDER="cpu")
+    assert cpu.returncode == 0 and "ok on CPUExecutionProvider" in cpu.stderr
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return  # a CUDA build: whether the GPU starts is this host's business, not the test's
+    cuda = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_EXECUTION_PROVIDER="cuda")
+    assert cuda.returncode == 2
+    assert "CUDAExecutionProvider required but not active" in cuda.stderr and "gpu extra" in cuda.stderr
+
+
 def test_check_reports_unreachable_database():
     down = run_cli("check", TRIAGE_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
     assert down.returncode == 3 and "database unreachable" in down.stderr

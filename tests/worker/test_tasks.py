@@ -114,3 +114,20 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
         tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
     assert row(rt, sop)["status"] == "processing" and (rt.settings.spool_dir / relpath).is_file()
+
+
+def test_a_required_gpu_that_is_not_there_is_retried_not_failed(tmp_path, sqlite_url, test_split):
+    """TRIAGE_EXECUTION_PROVIDER=cuda on a host where CUDA does not start: every task raises
+    (Celery retries it) and the instance stays pending with its file, instead of a CPU run nobody chose."""
+    import onnxruntime as ort
+
+    from models.errors import ExecutionProviderError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA; CI installs the CPU build (the serve extra)")
+    upgrade(sqlite_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", execution_provider="cuda"))
+    relpath, sop, _ = stage(rt, test_split[0][0])
+    with pytest.raises(ExecutionProviderError, match="CUDAExecutionProvider required"):
+        tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
+    assert row(rt, sop)["status"] == "processing" and (rt.settings.spool_dir / relpath).is_file()
