@@ -89,6 +89,9 @@ def check(settings: WorkerSettings) -> int:
     except ExecutionProviderError as exc:
         log.error("execution provider (TRIAGE_EXECUTION_PROVIDER=%s): %s", settings.execution_provider, exc)
         return 2
+    except Exception as exc:  # the session itself would not build: no task could run either
+        log.error("onnxruntime session for %s failed: %s: %s", path.name, type(exc).__name__, exc)
+        return 2
     site = card.extra.get("site_calibration")
     calibration = f"site calibration {site['site']!r} ({site['sha256'][:12]}...)" if site else "card calibration"
     log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],

@@ -41,6 +41,20 @@ def test_check_refuses_missing_model_and_tampered_card(tmp_path, sqlite_url):
     assert tampered.returncode == 2 and "sha256" in tampered.stderr
 
 
+def test_check_refuses_a_model_whose_session_cannot_be_built(tmp_path, sqlite_url):
+    """A card that matches its file is not enough: the file must also load in onnxruntime."""
+    import json
+
+    from models.card import card_path_for, default_model_path, sha256_of
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx graph")
+    card = json.loads(card_path_for(default_model_path()).read_text()) | {"sha256": sha256_of(broken)}
+    card_path_for(broken).write_text(json.dumps(card))
+    result = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(broken))
+    assert result.returncode == 2 and "onnxruntime session for broken.onnx failed" in result.stderr
+
+
 def test_check_reports_the_execution_provider_and_refuses_a_missing_gpu(sqlite_url):
     import onnxruntime as ort
 
