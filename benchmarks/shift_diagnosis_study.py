@@ -140,6 +140,14 @@ def where_the_shift_lies(pixels: dict, features: dict, labels: dict, p_released:
     return out
 
 
+def shared_false_positives(models: dict[str, dict], test_labels: np.ndarray, seeds: tuple[str, ...]) -> dict:
+    """Added after the plan (descriptive): are the test false positives at 0.5 the same images for every seed?"""
+    called = [set(np.flatnonzero((test_labels == 0) & (models[s]["p_test"] >= 0.5)).tolist()) for s in seeds]
+    union = set().union(*called)
+    return {"per_seed": dict(zip(seeds, map(len, called))), "all_seeds": len(set.intersection(*called)),
+            "at_least_two": sum(sum(i in c for c in called) >= 2 for i in union), "any_seed": len(union)}
+
+
 def decisions(points: dict, signals: dict, shifts: dict) -> dict:
     """The plan's two rules, applied as written."""
     corrections = [name for name in next(iter(points.values())) if name not in ("shipped 0.5", "validation Youden")]
@@ -195,6 +203,7 @@ def run(data_root: Path, model_path: Path, cache: Path) -> dict:
         "q5_where_the_shift_lies": where_the_shift_lies(
             pixels, features, labels, {split: calibrated_probability(outputs[split][0], released["temperature"])
                                        for split in ("val", "test")}),
+        "q5_false_positives_across_seeds": shared_false_positives(models, labels["test"], ("seed 42", "seed 7", "seed 2026")),
         "decisions": decisions(points, signals, described),
     }
 
@@ -240,6 +249,10 @@ def summary_markdown(study: dict) -> str:
         lines.append(f"| {name} | {auc['features']:.3f} | {auc['pixels']:.3f} | {percent(share['val'])} | {percent(share['test'])} |")
     lines += ["", "| test cases (released model at 0.5) | n | pneumonia share of their 10 nearest validation cases |", "|---|---|---|"]
     lines += [f"| {name} | {g['n']} | {g['share']:.3f} |" for name, g in q5["pneumonia_share_of_10_nearest_validation_cases"].items()]
+    shared = study["q5_false_positives_across_seeds"]
+    lines += ["", f"Test false positives at 0.5 per seed {shared['per_seed']}: {shared['all_seeds']} are the same images for "
+              f"all three seeds, {shared['at_least_two']} for at least two, {shared['any_seed']} for any (added after the plan; "
+              "descriptive)."]
     lines += ["", "## Decisions (the plan's rules)", "", "```json", json.dumps(study["decisions"], indent=2), "```", ""]
     return "\n".join(lines)
 
