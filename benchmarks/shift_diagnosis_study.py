@@ -31,6 +31,7 @@ from models.card import default_model_path, sha256_of
 from models.detector import calibrated_probability
 from models.preprocess import preprocess_batch
 from training.metrics import roc_auc
+from training.seeds import load_seed_run
 from training.shift import (DomainShift, adjusted_count_prevalence, domain_shift, em_prevalence, threshold_for_prior,
                             weighted_auc, weighted_specificity, weighted_youden_threshold)
 from worker.samples import load_pneumoniamnist
@@ -67,12 +68,11 @@ def cached_outputs(model_path: Path, split: str, images: np.ndarray, cache: Path
 
 def kept_model(run_dir: Path) -> dict:
     """Validation/test logits and the validation-fitted temperature of a kept run."""
-    with np.load(run_dir / "predictions.npz") as saved:
-        arrays = {key: saved[key] for key in saved.files}
-    temperature = json.loads((run_dir / "metrics.json").read_text())["selection"]["temperature"]
-    return {"p_val": calibrated_probability(arrays["val_logits"], temperature),
-            "p_test": calibrated_probability(arrays["test_logits"], temperature),
-            "val_logits": arrays["val_logits"], "test_logits": arrays["test_logits"], "temperature": temperature}
+    run = load_seed_run(run_dir)
+    temperature = run.metrics["selection"]["temperature"]
+    return {"p_val": calibrated_probability(run.val_logits, temperature),
+            "p_test": calibrated_probability(run.test_logits, temperature),
+            "val_logits": run.val_logits, "test_logits": run.test_logits, "temperature": temperature}
 
 
 def describe_shift(shift: DomainShift) -> dict:

@@ -105,10 +105,15 @@ def adjusted_count_prevalence(source_labels: np.ndarray, source_probability: np.
     return float(np.clip((called_target - fpr) / (tpr - fpr), 0.0, 1.0))
 
 
+def prior_odds_ratio(source_prevalence: float, target_prevalence: float) -> float:
+    """By how much the odds of pneumonia change when the prior moves from source to target."""
+    return (target_prevalence / (1 - target_prevalence)) / (source_prevalence / (1 - source_prevalence))
+
+
 def shift_prior(probability: np.ndarray, source_prevalence: float, target_prevalence: float) -> np.ndarray:
     """Bayes' rule for a new prior: posterior odds scale by the ratio of the prior odds."""
     p = np.asarray(probability, dtype=np.float64)
-    ratio = (target_prevalence / (1 - target_prevalence)) / (source_prevalence / (1 - source_prevalence))
+    ratio = prior_odds_ratio(source_prevalence, target_prevalence)
     return ratio * p / (ratio * p + (1 - p))
 
 
@@ -126,5 +131,4 @@ def em_prevalence(target_probability: np.ndarray, source_prevalence: float, tole
 
 def threshold_for_prior(source_prevalence: float, target_prevalence: float) -> float:
     """The source-calibrated probability at which the prior-shifted posterior is 0.5."""
-    ratio = (target_prevalence / (1 - target_prevalence)) / (source_prevalence / (1 - source_prevalence))
-    return float(1 / (1 + ratio))
+    return float(1 / (1 + prior_odds_ratio(source_prevalence, target_prevalence)))
