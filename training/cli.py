@@ -79,6 +79,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables weight EMA")
+    p.add_argument("--max-train-minutes", type=float,
+                   help="wall-clock budget for fitting: the running epoch stops after its current step, is validated, "
+                        "and training ends (default: none; the recipe runs to its last epoch)")
     p.add_argument("--select-metric", default=d.select_metric, choices=("auc", "f1", "loss"))
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--aug-gamma", type=float, default=AugmentConfig().gamma,
@@ -119,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         frozen=tuple(n for n in args.frozen.split(",") if n), epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
+        max_train_minutes=args.max_train_minutes,
         select_metric=args.select_metric, augment=AugmentConfig(gamma=args.aug_gamma, noise_std=args.aug_noise,
                                                                   enabled=not args.no_augment),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
@@ -147,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("run", "train"):
         result = fit(config, runtime)
         run_info = {"command": "pneumonia-train " + shlex.join(argv), "best_epoch": result.best_epoch,
-                    "epochs_run": len(result.history), "train_seconds": result.seconds,
+                    "epochs_run": len(result.history), "stop_reason": result.stop_reason, "train_seconds": result.seconds,
                     "train_img_per_s": result.train_images_per_s, "runtime": runtime.describe(),
                     "select_metric": config.select_metric,
                     "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}}
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
-        log.info("trained %d epochs in %.1f min (%.1f img/s); best epoch %d", len(result.history),
-                 result.seconds / 60, result.train_images_per_s, result.best_epoch)
+        log.info("trained %d epochs in %.1f min (%.1f img/s), stopped by %s; best epoch %d", len(result.history),
+                 result.seconds / 60, result.train_images_per_s, result.stop_reason, result.best_epoch)
     if args.stage == "soup":
         run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
                                                                          recompute_bn=not args.keep_averaged_bn)}

@@ -82,6 +82,11 @@ class TrainConfig:
     """Share of the loss given to matching the teachers; the rest is cross-entropy on the labels."""
     distill_temperature: float = 2.0
     ema_decay: float = 0.98
+    max_train_minutes: float | None = None
+    """Wall-clock budget for fitting (training and validation), like Lightning's `max_time`: the epoch
+    running when it is spent stops after its current step, is validated like any other, and fitting
+    ends. None = no budget. For CPUs without native bf16, where the default recipe takes hours; the
+    recipe itself (and so a reproducible model) is what runs to the end without it."""
     select_metric: str = "auc"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # evaluation / release
@@ -106,6 +111,8 @@ class TrainConfig:
             raise ValueError("precision must be auto, fp32, bf16 or amp")
         if self.select_metric not in ("auc", "f1", "loss"):
             raise ValueError("select_metric must be auc, f1 or loss")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError("max_train_minutes must be positive (leave it unset for no budget)")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
             raise ValueError("distill_weight must lie in [0, 1] and distill_temperature be positive")
 

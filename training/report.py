@@ -57,7 +57,8 @@ def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
         f"Run: `{run_info.get('command', '')}`  ",
         f"Best epoch (validation {run_info.get('select_metric')}): {run_info.get('best_epoch')}; "
         f"train wall time {run_info.get('train_seconds', 0) / 60:.1f} min at {run_info.get('train_img_per_s', 0):.1f} img/s "
-        f"({run_info.get('runtime')}).", "",
+        f"({run_info.get('runtime')})" + (f"; stopped by {run_info['stop_reason']}" if "stop_reason" in run_info else "")
+        + ".", "",
         f"Chosen on validation: flip TTA = {evaluation.tta_hflip}, temperature = {evaluation.temperature:.3f}, "
         f"operating threshold (Youden) = {evaluation.operating_threshold:.3f}.", "",
         f"## Test (n = {test['n']}), threshold 0.5 on calibrated probability", *metric_table(test["at_0.5"]), "",

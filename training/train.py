@@ -40,6 +40,8 @@ class FitResult:
     history: list[dict]
     seconds: float
     train_images_per_s: float
+    stop_reason: str
+    """`epochs` (ran them all), `early_stop` (patience spent) or `time_limit` (`max_train_minutes` spent)."""
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -93,10 +95,12 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Ten
 def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[nn.Module], train: Split,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime,
-                    generator: torch.Generator, epoch: int) -> dict:
+                    generator: torch.Generator, epoch: int, deadline: float | None = None) -> dict:
+    """One pass over the sampler's draws; with a `deadline` (a perf_counter time) it ends after the
+    step that reaches it, and the row says so (`time_limit`)."""
     set_train_mode(model, config.frozen)
     order = epoch_indices(train.labels, config, generator)
-    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    total_loss, correct, seen, start, out_of_time = 0.0, 0, 0, time.perf_counter(), False
     steps = range(0, len(order), config.batch_size)
     bar = tqdm(steps, desc=f"epoch {epoch}", disable=not config.progress, leave=False)
     for begin in bar:
@@ -120,9 +124,13 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if deadline is not None and time.perf_counter() >= deadline:
+            out_of_time = True
+            break
+    bar.close()
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / seen, "train_acc": correct / seen, "train_seconds": seconds,
-            "train_img_per_s": seen / seconds}
+            "train_img_per_s": seen / seconds, "train_images": seen, "time_limit": out_of_time}
 
 
 def validate(model: nn.Module, val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
@@ -174,7 +182,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         log.info("distilling from %d teachers (weight %.2f, T %.1f)", len(teachers), config.distill_weight,
                  config.distill_temperature)
     loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
-    history, best_score, best_epoch, start_epoch = [], -np.inf, 0, 1
+    history, best_score, best_epoch, start_epoch, elapsed_before = [], -np.inf, 0, 1, 0.0
     if config.resume:
         state = torch.load(config.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -187,10 +195,19 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         generator.set_state(state["generator"])
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
+        elapsed_before = state.get("elapsed_seconds", 0.0)
     started = time.perf_counter()
+    # The budget covers the whole run, resumed parts included (Lightning's Timer keeps it in the checkpoint too).
+    deadline = started + config.max_train_minutes * 60 - elapsed_before if config.max_train_minutes else None
+    stop_reason = "epochs"
     for epoch in range(start_epoch, config.epochs + 1):
+        if history and deadline is not None and time.perf_counter() >= deadline:  # never stop before a first epoch
+            stop_reason = "time_limit"
+            log.info("time limit: %.1f min spent before epoch %d", config.max_train_minutes, epoch)
+            break
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator, epoch)
+        row |= train_one_epoch(model, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator,
+                               epoch, deadline)
         released = ema.module if ema is not None else model
         row |= validate(released, val, loss_weights, config, runtime)
         history.append(row)
@@ -201,13 +218,21 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
-                    "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}, out / LAST)
+                    "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                    "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
+        if row["time_limit"]:
+            stop_reason = "time_limit"
+            log.info("time limit: %.1f min spent during epoch %d (%d of its draws trained); it was validated above",
+                     config.max_train_minutes, epoch, row["train_images"])
+            break
         if epoch - best_epoch >= config.patience:
+            stop_reason = "early_stop"
             log.info("early stop: no %s improvement for %d epochs", config.select_metric, config.patience)
             break
     seconds = time.perf_counter() - started
     images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)
-    return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0)
+    return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0,
+                     stop_reason)

@@ -132,6 +132,34 @@ def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
 
+def test_a_full_run_says_it_ran_every_epoch(tiny_run):
+    out, _ = tiny_run
+    assert json.loads((out / "run_info.json").read_text())["stop_reason"] == "epochs"
+    assert "stopped by epochs" in (out / "results" / "summary.md").read_text()
+
+
+def test_time_budget_ends_the_epoch_validates_it_and_stops(data_root, tmp_path):
+    out = tmp_path / "budget"
+    common = ["--data-root", str(data_root), "--subset", "40", "--epochs", "3", "--samples-per-epoch", "0",
+              "--batch-size", "16", "--out-dir", str(out), "--no-progress", "--weights", "none",
+              "--max-train-minutes", "1e-6"]
+    assert main(["train", *common]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["time_limit"]
+    assert history[0]["train_images"] == 16  # one step of the epoch's 40 draws, then the budget was spent
+    assert "val_auc" in history[0] and (out / "best.pt").exists()
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["stop_reason"] == "time_limit" and run_info["epochs_run"] == 1
+    # the budget covers the resumed run too: nothing is left, so no epoch is added
+    assert main(["train", *common, "--resume", str(out / "last.pt")]) == 0
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        TrainConfig(max_train_minutes=0)
+
+
 def test_int8_variant_carries_its_own_checks(tiny_run, data_root):
     out, _ = tiny_run
     args = ["quantize", "--data-root", str(data_root), "--subset", "40", "--out-dir", str(out),
