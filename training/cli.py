@@ -106,9 +106,6 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "amp"))
     p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=d.fuse_bn,
-                   help="fold eval-mode BatchNorms into convolutions (frozen stem while training, all when scoring); "
-                        "equal up to rounding, about 1.1x faster on a 2-core CPU; --no-fuse-bn rebuilds 1.1.0 bit for bit")
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
     p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
     p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
@@ -134,7 +131,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
-        fuse_bn=args.fuse_bn,
         out_dir=args.out_dir, resume=args.resume, progress=not args.no_progress,
     )
 

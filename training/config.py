@@ -99,10 +99,6 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0
-    fuse_bn: bool = True
-    """Fold eval-mode BatchNorms into their convolutions: the frozen stem in training steps, the
-    whole network when scoring (1.1x on a 2-core CPU, results/fused_bn). Equal up to rounding,
-    but not bit for bit under bf16: the 1.1.0 release was trained without it (`--no-fuse-bn`)."""
     eval_batch_size: int = 128
     out_dir: Path = Path("runs/default")
     resume: Path | None = None

@@ -24,7 +24,7 @@ from training.data import Split, load_split
 from training.engine import predict_logits
 from training.metrics import (THRESHOLD_METRICS, brier, expected_calibration_error, reliability_curve, roc_auc,
                               sensitivity_at_specificity, softmax_pneumonia, specificity_at_sensitivity)
-from training.model import build_model, fused_for_inference
+from training.model import build_model
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,6 @@ def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluat
     """
     scoring = serving_runtime(runtime)
     model = load_trained(checkpoint, config, scoring)
-    if config.fuse_bn:  # fp32 folding moves logits by ~1e-5; the exported graph gets the same from onnxruntime
-        model = fused_for_inference(model)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
     val_logits = logits_plain_and_flipped(model, val, config, scoring)
     tta, temperature, threshold, strata = choose_on_validation(val, val_logits, config)

@@ -25,8 +25,7 @@ from training.engine import predict_logits
 from training.evaluate import load_trained
 from models.calibration import binary_metrics
 from training.metrics import roc_auc, softmax_pneumonia
-from training.model import (FusedStemNetwork, build_model, count_parameters, frozen_stem_names,
-                            fused_for_inference, set_train_mode)
+from training.model import build_model, count_parameters, set_train_mode
 from training.runtime import Runtime, seed_everything
 
 log = logging.getLogger(__name__)
@@ -93,13 +92,12 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Ten
     return (1 - config.distill_weight) * hard + config.distill_weight * soft
 
 
-def train_one_epoch(model: nn.Module, step_forward: nn.Module, ema: AveragedModel | None, teachers: list[nn.Module],
-                    train: Split, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[nn.Module], train: Split,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime,
                     generator: torch.Generator, epoch: int, deadline: float | None = None) -> dict:
     """One pass over the sampler's draws; with a `deadline` (a perf_counter time) it ends after the
-    step that reaches it, and the row says so (`time_limit`). `step_forward` computes a batch's
-    logits with `model`'s weights: `model` itself or its fused-stem view (`training_forward`)."""
+    step that reaches it, and the row says so (`time_limit`)."""
     set_train_mode(model, config.frozen)
     order = epoch_indices(train.labels, config, generator)
     total_loss, correct, seen, start, out_of_time = 0.0, 0, 0, time.perf_counter(), False
@@ -111,7 +109,7 @@ def train_one_epoch(model: nn.Module, step_forward: nn.Module, ema: AveragedMode
         unit = augment_batch(to_unit_tensor(train.images[index]), config.augment, generator)
         x = to_network_input(unit.to(runtime.device)).contiguous(memory_format=runtime.memory_format)
         with runtime.autocast():
-            logits = step_forward(x)
+            logits = model(x)
         loss = training_loss(logits.float(), labels, teacher_logits(teachers, x, runtime), loss_weights, config)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -137,8 +135,7 @@ def train_one_epoch(model: nn.Module, step_forward: nn.Module, ema: AveragedMode
 
 def validate(model: nn.Module, val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
              runtime: Runtime) -> dict:
-    scoring = fused_for_inference(model) if config.fuse_bn else model
-    logits = predict_logits(scoring, val.images, runtime, config.eval_batch_size)
+    logits = predict_logits(model, val.images, runtime, config.eval_batch_size)
     probability = softmax_pneumonia(logits)
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.labels)))
     at_half = binary_metrics(val.labels, probability, 0.5)
@@ -160,14 +157,6 @@ def build_network(config: TrainConfig) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
         return build()
-
-
-def training_forward(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """What computes a training batch's logits: the network, or with `fuse_bn` its view whose frozen
-    stem runs BN-folded and gradient-free (built after any resume; frozen weights never change)."""
-    if config.fuse_bn and frozen_stem_names(config.frozen):
-        return FusedStemNetwork(model, config.frozen)
-    return model
 
 
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
@@ -207,7 +196,6 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
         elapsed_before = state.get("elapsed_seconds", 0.0)
-    step_forward = training_forward(model, config)
     started = time.perf_counter()
     # The budget covers the whole run, resumed parts included (Lightning's Timer keeps it in the checkpoint too).
     deadline = started + config.max_train_minutes * 60 - elapsed_before if config.max_train_minutes else None
@@ -218,7 +206,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             log.info("time limit: %.1f min spent before epoch %d", config.max_train_minutes, epoch)
             break
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, step_forward, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator,
+        row |= train_one_epoch(model, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator,
                                epoch, deadline)
         released = ema.module if ema is not None else model
         row |= validate(released, val, loss_weights, config, runtime)
