@@ -88,6 +88,9 @@ RJ_NO_REASON = (0x01, 0x01, 0x01)
 RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 _HEADER_END = 0x0020000D  # StudyInstanceUID: the last tag we need from the dataset
+HEADER_INFLATE_LIMIT = 4 << 20
+"""Bytes of a Deflated dataset inflated to find its header: the identifying tags come first, and
+inflating a whole upload at once would let a small deflate bomb exhaust the gateway's memory."""
 
 
 def storage_classes(settings: GatewaySettings) -> tuple[UID, ...]:
@@ -129,7 +132,8 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     """Parse only the identifying tags of the received dataset (no pixel decode)."""
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            fp: BytesIO = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            fp: BytesIO = BytesIO(inflater.decompress(stream.getvalue(), HEADER_INFLATE_LIMIT))
         else:
             fp = stream
             fp.seek(0)
