@@ -35,7 +35,7 @@ CsvList = Annotated[list[str], NoDecode]
 
 
 class GatewaySettings(BaseSettings):
-    """All knobs of the DICOM gateway; see docs/gateway.md for the table."""
+    """All knobs of the DICOM gateway, read once from TRIAGE_* variables (README: gateway configuration table)."""
 
     model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore")
 
