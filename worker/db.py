@@ -140,15 +140,19 @@ def parse_timestamp(value: str | dt.datetime | None) -> dt.datetime | None:
 
 
 def make_engine(url: str) -> Engine:
-    """Engine for SQLite (file created, WAL, busy timeout) or PostgreSQL (pre-ping)."""
+    """Engine for SQLite (file created, WAL, busy timeout) or PostgreSQL (pre-ping).
+
+    `hide_parameters`: SQLAlchemy otherwise prints bound values (accession numbers) in the text
+    of every database error, and Celery logs that text with the task's traceback.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, hide_parameters=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

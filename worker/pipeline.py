@@ -84,8 +84,10 @@ def identifiers(ds: Dataset) -> dict[str, Any]:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """The element as stored text; NUL bytes are dropped (PostgreSQL refuses them in text columns,
+    and pydicom keeps them when validation is off)."""
     value = ds.get(keyword)
-    return str(value).strip()[:limit] or None if value is not None else None
+    return str(value).replace("\x00", "").strip()[:limit] or None if value is not None else None
 
 
 def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache) -> Outcome:

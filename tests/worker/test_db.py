@@ -86,3 +86,29 @@ def test_timestamps_normalise_to_naive_utc():
     assert db.parse_timestamp("2026-01-01T01:00:00+01:00") == dt.datetime(2026, 1, 1)
     assert db.parse_timestamp("2026-01-01T00:00:00Z") == dt.datetime(2026, 1, 1)
     assert db.parse_timestamp("garbage") is None and db.parse_timestamp(None) is None
+
+
+def test_database_errors_do_not_quote_bound_values(engine):
+    """Celery logs a failed task's exception text; SQLAlchemy would put the bound values in it."""
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError) as caught:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT * FROM no_such_table WHERE accession_number = :a"), {"a": "ACC-PHI-0001"})
+    assert "ACC-PHI-0001" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")  # the test builds the bad value on purpose
+def test_identifiers_with_nul_bytes_are_stored(engine):
+    """pydicom keeps NUL padding when validation is off; PostgreSQL refuses NUL in text columns."""
+    from pydicom.dataset import Dataset
+
+    from worker.pipeline import identifiers
+
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.AccessionNumber, ds.Modality = "1.2.3", "ACC\x0042\x00", "DX\x00"
+    ids = identifiers(ds)
+    assert ids["accession_number"] == "ACC42" and ids["modality"] == "DX"
+    with engine.begin() as conn:
+        assert db.finish_instance(conn, {**_done(), **{k: v for k, v in ids.items() if v}})
+        assert db.get_instance(conn, "1.2.3.4")["accession_number"] == "ACC42"
