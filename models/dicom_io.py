@@ -15,7 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi
 
-from models.errors import UnreadableImageError
+from models.errors import UnreadableImageError, quoted_code, quoted_uid
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
     except Exception as exc:  # decoders raise many types; the reason is what matters
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise UnreadableImageError(
-            f"pixel data could not be decoded (transfer syntax {syntax}: {type(exc).__name__})"
+            f"pixel data could not be decoded (transfer syntax {quoted_uid(syntax)}: {type(exc).__name__})"
         ) from exc
 
 
@@ -113,7 +113,7 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
         luma = (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114) / float(2**bits - 1)
         return np.clip(luma, 0.0, 1.0).astype(np.float32)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnreadableImageError(f"unsupported PhotometricInterpretation {photometric}")
+        raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_code(photometric)}")
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)  # exact for <=24-bit values, 2x faster
     display = window_to_unit(values, ds)
     if photometric == "MONOCHROME1":

@@ -3,7 +3,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLossless, RLELossless
 
 from models.dicom_io import dicom_to_grayscale
-from models.errors import UnreadableImageError
+from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import reduce_to_source
 from worker.samples import make_cxr_dataset
 
@@ -56,3 +56,32 @@ def test_truncated_pixel_data_is_refused(image):
     ds.PixelData = ds.PixelData[:1000]
     with pytest.raises(UnreadableImageError, match="decoded"):
         dicom_to_grayscale(ds)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # the test writes the bad values on purpose
+def test_reasons_repeat_coded_values_only(image):
+    """With validation off a CS element can hold any text, a patient's name included."""
+    ds = make_cxr_dataset(image, size=(256, 256))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(UnreadableImageError, match="PhotometricInterpretation PALETTE COLOR$"):
+        dicom_to_grayscale(ds)
+    ds.PhotometricInterpretation = "Doe^Jane"
+    with pytest.raises(UnreadableImageError) as refused:
+        dicom_to_grayscale(ds)
+    assert "Doe" not in str(refused.value)  # pydicom's decoder refuses it first; either way it is not repeated
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("MONOCHROME2", "MONOCHROME2"), ("RGB", "RGB"), ("Doe^Jane", "(non-standard value)"),
+    ("MONOCHROME2 EXTRA LONG", "(non-standard value)"), ("", "(non-standard value)"),
+])
+def test_quoted_code(value, shown):
+    assert quoted_code(value) == shown
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.50"), ("1.2.x", "(non-standard value)"),
+    ("1." + "2" * 70, "(non-standard value)"), ("unknown", "(non-standard value)"),
+])
+def test_quoted_uid(value, shown):
+    assert quoted_uid(value) == shown

@@ -51,3 +51,13 @@ def test_process_policy_accepts_missing_but_not_wrong_tags():
     assert skip_reason(cxr(view=None, body_part=None), "process") is None
     assert "not frontal" in skip_reason(cxr(view="LL"), "process")
     assert "not CHEST" in skip_reason(cxr(body_part="HAND"), "process")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")  # the test writes the bad values on purpose
+@pytest.mark.parametrize("keyword", ["Modality", "BodyPartExamined", "ViewPosition"])
+def test_reasons_do_not_repeat_free_text(keyword):
+    """A CS element with a name in it (validation is off in the worker) is described, not quoted."""
+    ds = cxr()
+    setattr(ds, keyword, "Doe^Jane")
+    reason = skip_reason(ds)
+    assert "DOE" not in reason.upper() and "(non-standard value)" in reason
