@@ -2,9 +2,10 @@
 
 Protocol per delivery:
   1. a terminal row exists            -> no-op (re-archive the file if a crash left it).
-  2. claim the row as `processing`    -> attempts += 1; too many worker-lost attempts -> failed.
-  3. analyse the file                 -> done / skipped / failed with reason.
-  4. terminal upsert (first one wins), then archive the spool file.
+  2. the model is loadable, else raise (retried; nothing claimed, so an outage costs no attempts).
+  3. claim the row as `processing`    -> attempts += 1; too many worker-lost attempts -> failed.
+  4. analyse the file                 -> done / skipped / failed with reason.
+  5. terminal upsert (first one wins), then archive the spool file.
 Database and broker errors propagate to the Celery wrapper, which retries with backoff.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from worker import db
 from worker.config import WorkerSettings
@@ -88,6 +90,7 @@ def process_instance(
         path = resolve_pending(rt.settings.spool_dir, relpath)
     except SpoolPathError as exc:
         return _finish(rt, sop_uid, relpath, received, time.time(), Outcome("failed", str(exc)), None)
+    _require_model(rt)
     started = time.time()
     base = {
         "sop_instance_uid": sop_uid,
@@ -102,6 +105,19 @@ def process_instance(
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     outcome = _analyse(rt, path, claimed["attempts"] - transient_retries)
     return _finish(rt, sop_uid, relpath, received, started, outcome, path)
+
+
+def _require_model(rt: Runtime) -> None:
+    """Raise a deployment problem (model missing or not matching its card, a required GPU absent)
+    before the row is claimed. Each claim counts a delivery; were the claim first, an outage longer
+    than Celery's retries would leave attempts that later read as worker-lost deliveries, and the
+    sweep's next delivery would fail the instance as abandoned once the model was back.
+    Other load errors are left to `_analyse`, which records them against the instance."""
+    try:
+        rt.detectors.get()  # type: ignore[union-attr]
+    except Exception as exc:
+        if _is_model_problem(exc):
+            raise
 
 
 def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
@@ -143,7 +159,11 @@ def _is_model_problem(exc: Exception) -> bool:
 def _finish(
     rt: Runtime, sop_uid: str, relpath: str, received: Any, started: float, outcome: Outcome, path: Path | None
 ) -> dict[str, Any]:
-    """Terminal upsert plus study bookkeeping in one transaction, then retire the file."""
+    """Terminal upsert plus study bookkeeping in one transaction, then retire the file.
+
+    A row the database refuses (a value it cannot hold) is recorded as `failed` with the error's
+    type instead, so it never stays `processing` until the sweep mistakes it for a lost delivery.
+    """
     values = {
         "sop_instance_uid": sop_uid,
         "study_instance_uid": study_uid_from_relpath(relpath) or "",
@@ -155,17 +175,31 @@ def _finish(
         "finished_at": db.utcnow(),
         "processing_ms": (time.time() - started) * 1000.0,
     }
-    with rt.engine.begin() as conn:
-        landed = db.finish_instance(conn, values)
-        if landed and values["study_instance_uid"]:
-            db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received,
-                           values if outcome.status == "done" else None)
+    try:
+        landed = _store(rt, values, received, outcome.status == "done")
+    except (DataError, IntegrityError) as exc:  # this row's values, not the database: retrying cannot help
+        log.error("result of %s could not be stored (%s); recording the failure instead", sop_uid, type(exc).__name__)
+        outcome = Outcome("failed", f"result could not be stored ({type(exc).__name__})")
+        keys = ("sop_instance_uid", "study_instance_uid", "spool_relpath", "received_at", "processing_ms")
+        values = {**{k: values[k] for k in keys}, "status": outcome.status, "reason": outcome.reason,
+                  "finished_at": db.utcnow()}
+        landed = _store(rt, values, received, False)
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
                rt.settings.spool_retention)
     log.info("instance %s -> %s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
     return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,
             "stratum": outcome.fields.get("stratum"), "noop": not landed}
+
+
+def _store(rt: Runtime, values: dict[str, Any], received: Any, counts_for_study: bool) -> bool:
+    """Terminal upsert and the study's bookkeeping in one transaction; True if this delivery's row landed."""
+    with rt.engine.begin() as conn:
+        landed = db.finish_instance(conn, values)
+        if landed and values["study_instance_uid"]:
+            db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received,
+                           values if counts_for_study else None)
+    return landed
 
 
 def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str) -> None:

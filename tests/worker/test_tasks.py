@@ -95,7 +95,8 @@ def test_finalize_before_any_instance_creates_a_final_study(runtime):
 
 def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sqlite_url, test_split):
     """A deployment mistake must not turn every incoming image into a `failed` row: the task raises
-    (Celery retries it) and the instance stays pending with its spool file in place."""
+    (Celery retries it) and the instance stays pending with its spool file in place, unclaimed, so
+    that however long the outage lasts the first delivery after the fix scores it."""
     import json
 
     from models.card import default_model_path
@@ -111,9 +112,15 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     upgrade(sqlite_url)
     rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", site_calibration=path))
     relpath, sop, _ = stage(rt, test_split[0][0])
-    with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
-        tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
-    assert row(rt, sop)["status"] == "processing" and (rt.settings.spool_dir / relpath).is_file()
+    for delivery in range(rt.settings.max_attempts + 2):  # an outage longer than the retries, then the sweep's
+        with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
+            tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z", transient_retries=delivery % 2)
+    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file(), "nothing claimed, file pending"
+
+    fixed = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool"))
+    result = tasks.process_instance(fixed, relpath, sop, "2026-01-01T00:00:00Z")  # the sweep's next delivery
+    assert result["status"] == "done", "the outage must not read as worker-lost deliveries"
+    assert row(fixed, sop)["attempts"] == 1
 
 
 def test_a_required_gpu_that_is_not_there_is_retried_not_failed(tmp_path, sqlite_url, test_split):
@@ -130,4 +137,24 @@ def test_a_required_gpu_that_is_not_there_is_retried_not_failed(tmp_path, sqlite
     relpath, sop, _ = stage(rt, test_split[0][0])
     with pytest.raises(ExecutionProviderError, match="CUDAExecutionProvider required"):
         tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
-    assert row(rt, sop)["status"] == "processing" and (rt.settings.spool_dir / relpath).is_file()
+    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file()
+
+
+@pytest.mark.postgres
+def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, test_split, monkeypatch):
+    """A value PostgreSQL rejects (here a modality longer than its column, as a pipeline bug would
+    produce) must not leave the row `processing` until the sweep calls it abandoned."""
+    from worker import pipeline
+
+    upgrade(pg_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=pg_url, spool_dir=tmp_path / "spool"))
+    relpath, sop, study = stage(rt, test_split[0][0])
+    unstorable = pipeline.Outcome("done", None, {"modality": "X" * 40, "probability": 0.5})
+    monkeypatch.setattr(tasks, "analyse_file", lambda *args: unstorable)
+
+    result = tasks.process_instance(rt, relpath, sop, None)
+
+    stored = row(rt, sop)
+    assert result["status"] == stored["status"] == "failed"
+    assert stored["reason"] == "result could not be stored (DataError)" and stored["modality"] is None
+    assert (rt.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()
