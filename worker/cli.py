@@ -146,7 +146,10 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
         logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[int(i) + 2 for i in kept])
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
         site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
-    except (OSError, ValueError, UnreadableImageError, ModelIntegrityError) as exc:
+    except OSError as exc:  # its text names the file, and case paths may carry patient identifiers
+        log.error("site calibration not written: %s (%s)", type(exc).__name__, exc.strerror or "I/O error")
+        return 2
+    except (ValueError, UnreadableImageError, ModelIntegrityError) as exc:  # our own texts: CSV lines, no paths
         log.error("site calibration not written: %s", exc)
         return 2
     if excluded:
@@ -170,12 +173,12 @@ def cases_the_worker_would_score(paths: list[Path], settings: WorkerSettings) ->
     keep = np.ones(len(paths), dtype=bool)
     excluded: dict[str, int] = {}
     for index, path in enumerate(paths):
-        if not (path.is_file() and is_dicom(path)):
-            continue  # rasters carry no tags; unreadable files are reported by case_logits
         try:
+            if not (path.is_file() and is_dicom(path)):
+                continue  # rasters carry no tags
             reason = skip_reason(read_dicom(str(path), stop_before_pixels=True), settings.missing_tag_policy)
-        except UnreadableImageError:
-            continue
+        except (OSError, UnreadableImageError):
+            continue  # unreadable files are reported by case_logits, by CSV line
         if reason is not None:
             keep[index] = False
             excluded[reason] = excluded.get(reason, 0) + 1

@@ -135,3 +135,11 @@ def test_calibrate_refuses_unreadable_cases_by_line(tmp_path, test_split):
     assert done.returncode == 2 and not (tmp_path / "s.json").exists()
     assert "2 case(s) unreadable" in done.stderr and "line 3 (" in done.stderr and "line 4 (" in done.stderr
     assert "missing.png" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_io_errors_do_not_print_paths(tmp_path):
+    """OSError texts carry the file name, and a site's case paths may be named after patients."""
+    cases = tmp_path / "Doe_Jane" / "cases.csv"
+    done = run_cli("calibrate", "--cases", str(cases), "--site", "x", "--out", str(tmp_path / "s.json"))
+    assert done.returncode == 2 and "FileNotFoundError (No such file or directory)" in done.stderr
+    assert "Doe_Jane" not in done.stderr and "Traceback" not in done.stderr
