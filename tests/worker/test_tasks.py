@@ -112,7 +112,7 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     upgrade(sqlite_url)
     rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", site_calibration=path))
     relpath, sop, _ = stage(rt, test_split[0][0])
-    for delivery in range(rt.settings.max_attempts + 2):  # an outage longer than the retries, then the sweep's
+    for delivery in range(rt.settings.max_attempts + 2):  # Celery retries and sweep re-sends during the outage
         with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
             tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z", transient_retries=delivery % 2)
     assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file(), "nothing claimed, file pending"
