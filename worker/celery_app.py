@@ -35,15 +35,11 @@ def is_transient(exc: BaseException) -> bool:
     Integrity/data errors are bugs or bad input and are not retried; neither is anything
     about the image itself (those already became failed/skipped rows in `tasks`).
     """
-    from models.errors import ExecutionProviderError, ModelIntegrityError
-
     if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, SATimeoutError)):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
-    if isinstance(exc, (ConnectionError, TimeoutError, ModelIntegrityError, ExecutionProviderError)):
-        return True
-    return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
+    return isinstance(exc, (ConnectionError, TimeoutError)) or tasks.is_model_problem(exc)
 
 
 def create_app(settings: WorkerSettings) -> Celery:

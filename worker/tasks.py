@@ -116,7 +116,7 @@ def _require_model(rt: Runtime) -> None:
     try:
         rt.detectors.get()  # type: ignore[union-attr]
     except Exception as exc:
-        if _is_model_problem(exc):
+        if is_model_problem(exc):
             raise
 
 
@@ -133,7 +133,7 @@ def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
     except MemoryError:
         return Outcome("failed", "out of memory while processing the image")
     except (OSError, RuntimeError) as exc:
-        if _is_model_problem(exc):
+        if is_model_problem(exc):
             raise
         return _internal_error(exc, path)
     except Exception as exc:  # a bug must not turn into a crash loop or a lost instance
@@ -147,7 +147,7 @@ def _internal_error(exc: BaseException, path: Path) -> Outcome:
     return Outcome("failed", f"internal error ({type(exc).__name__})")
 
 
-def _is_model_problem(exc: Exception) -> bool:
+def is_model_problem(exc: BaseException) -> bool:
     """A missing/corrupt model or a missing GPU is the deployment's fault, not the image's: retry, don't fail rows."""
     from models.errors import ExecutionProviderError, ModelIntegrityError
 
