@@ -39,7 +39,7 @@ def check_geometry(ds: Dataset, limits: PixelLimits) -> None:
     """Refuse missing pixels, multi-frame objects and absurd dimensions before decoding."""
     if "PixelData" not in ds:
         raise UnreadableImageError("no PixelData element")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = int(_number(ds, "NumberOfFrames") or 1)
     if frames != 1:
         raise UnreadableImageError(f"multi-frame object ({frames} frames); one projection radiograph expected")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -72,23 +72,59 @@ def window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     the full range of the modality values, which is what viewers do.
     """
     if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        out_bits = int(lut.LUTDescriptor[2]) or 16
-        voi = apply_voi(values, ds, index=0).astype(np.float64)
+        try:
+            out_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
+            voi = apply_voi(values, ds, index=0).astype(np.float64)
+        except Exception as exc:  # a malformed LUT raises many types; its values are not repeated
+            raise UnreadableImageError(f"VOI LUT could not be applied ({type(exc).__name__})") from exc
         return np.clip(voi / float(2**out_bits - 1), 0.0, 1.0)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center = float(_first(ds.WindowCenter))
-        width = float(_first(ds.WindowWidth))
-        if width > 0:
-            return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
+    if center is not None and width is not None and width > 0:
+        return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
     low, high = float(values.min()), float(values.max())
     if high <= low:
         raise UnreadableImageError("image is blank (all pixels equal)")
     return (values - np.float32(low)) / np.float32(high - low)
 
 
-def _first(value: object) -> object:
-    return value[0] if isinstance(value, pydicom.multival.MultiValue) else value
+def _number(ds: Dataset, keyword: str) -> float | None:
+    """A numeric element's (first) value, or None when it is absent or sent empty.
+
+    Window, rescale and frame-count elements are optional (type 3 or 1C) and some modalities
+    send them empty; viewers then behave as if they were absent, and so do we. Text that is not
+    a number is refused without being repeated: it could be anything, a patient's name included.
+    """
+    if keyword not in ds:
+        return None
+    try:
+        value = ds[keyword].value
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = value[0] if len(value) else None
+        if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+            return None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnreadableImageError(f"invalid {keyword}") from exc
+    if not np.isfinite(number):
+        raise UnreadableImageError(f"invalid {keyword}")
+    return number
+
+
+def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> modality values (PS3.3 C.11.1) as float32.
+
+    Rescale is applied as pydicom's `apply_modality_lut` does (only with both slope and
+    intercept present), but an empty slope or intercept counts as absent instead of failing.
+    """
+    if "ModalityLUTSequence" in ds:
+        try:
+            return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        except Exception as exc:  # a malformed LUT raises many types; its values are not repeated
+            raise UnreadableImageError(f"Modality LUT could not be applied ({type(exc).__name__})") from exc
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
+    if slope is None or intercept is None or (slope == 1.0 and intercept == 0.0):
+        return stored.astype(np.float32)  # exact for <=24-bit values, and half the cost of float64 downstream
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -98,7 +134,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
         return 1.0 / (1.0 + np.exp(np.float32(-4.0) * (values - c) / w))
     if function == "LINEAR_EXACT":
         return np.clip((values - (c - w / 2)) / w, 0.0, 1.0)
-    w = max(w, np.float32(1.0))
+    if w <= 1:  # the standard's limit case: x <= c - 0.5 is the minimum, anything above the maximum
+        return (values > c - np.float32(0.5)).astype(np.float32)
     return np.clip(((values - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5), 0.0, 1.0)
 
 
@@ -114,7 +151,7 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
         return np.clip(luma, 0.0, 1.0).astype(np.float32)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_code(photometric)}")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)  # exact for <=24-bit values, 2x faster
+    values = modality_values(stored, ds)
     display = window_to_unit(values, ds)
     if photometric == "MONOCHROME1":
         display = 1.0 - display

@@ -85,3 +85,57 @@ def test_quoted_code(value, shown):
 ])
 def test_quoted_uid(value, shown):
     assert quoted_uid(value) == shown
+
+
+def raw_element(ds, keyword: str, vr: str, value: bytes) -> None:
+    """Put `value` into `ds` as if read from a file, bypassing pydicom's validation on assignment."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    tag = tag_for_keyword(keyword)
+    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def test_empty_window_and_rescale_count_as_absent(image):
+    """CR sends them as type 3 (optional); an empty one must not cost the study its result."""
+    reference = make_cxr_dataset(image, size=(256, 256))
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):
+        if keyword in reference:
+            del reference[keyword]
+    ds = make_cxr_dataset(image, size=(256, 256))
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "NumberOfFrames"):
+        raw_element(ds, keyword, "IS" if keyword == "NumberOfFrames" else "DS", b"")
+    np.testing.assert_array_equal(dicom_to_grayscale(ds), dicom_to_grayscale(reference))
+
+
+@pytest.mark.parametrize("keyword, vr", [("WindowCenter", "DS"), ("WindowWidth", "DS"), ("RescaleSlope", "DS"),
+                                         ("RescaleIntercept", "DS"), ("NumberOfFrames", "IS")])
+def test_garbled_numbers_are_refused_without_repeating_them(image, keyword, vr):
+    ds = make_cxr_dataset(image, size=(256, 256))
+    if keyword.startswith("Rescale"):
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    raw_element(ds, keyword, vr, b"Doe^Jane")
+    with pytest.raises(UnreadableImageError, match=f"^invalid {keyword}$"):
+        dicom_to_grayscale(ds)
+
+
+def test_rescale_is_applied(image):
+    """Slope 2, intercept -100 move the stored values; the default linear window sees the same picture."""
+    plain = make_cxr_dataset(image, size=(256, 256))
+    for keyword in ("WindowCenter", "WindowWidth"):
+        del plain[keyword]
+    rescaled = make_cxr_dataset(image, size=(256, 256))
+    for keyword in ("WindowCenter", "WindowWidth"):
+        del rescaled[keyword]
+    rescaled.RescaleSlope, rescaled.RescaleIntercept = 2, -100
+    np.testing.assert_allclose(dicom_to_grayscale(rescaled), dicom_to_grayscale(plain), atol=1e-6)
+
+
+def test_window_of_width_one_is_a_threshold(image):
+    """PS3.3 C.11.2.1.2: with width 1, x <= c - 0.5 is the minimum and anything above the maximum."""
+    ds = make_cxr_dataset(image, size=(256, 256))
+    stored = ds.pixel_array.astype(np.float64)
+    ds.WindowCenter, ds.WindowWidth = float(np.median(stored)) + 0.5, 1
+    display = dicom_to_grayscale(ds)
+    assert np.isfinite(display).all()
+    np.testing.assert_array_equal(display, (stored > np.median(stored)).astype(np.float32))

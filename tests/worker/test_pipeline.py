@@ -151,3 +151,19 @@ def test_site_calibration_replaces_cut_points_and_is_recorded(tmp_path, test_spl
     plain = analyse_file(tmp_path / "c.dcm", WorkerSettings(), DetectorCache(WorkerSettings()))
     assert plain.fields["site_calibration_sha256"] is None
     assert plain.fields["probability"] != pytest.approx(outcome.fields["probability"])  # new temperature
+
+
+def test_empty_or_garbled_window_is_scored_or_refused_with_a_reason(tmp_path, test_split, settings, detectors):
+    """CR sends the window as type 3 (optional): empty counts as absent and the study is scored;
+    text that is no number fails the instance with a reason that does not repeat it."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    images, _ = test_split
+    for value, status, reason in ((b"", "done", None), (b"Doe^Jane", "failed", "invalid WindowCenter")):
+        ds = make_cxr_dataset(images[0], size=(256, 256))
+        for keyword in ("WindowCenter", "WindowWidth"):
+            tag = tag_for_keyword(keyword)
+            ds._dict[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
+        outcome = analyse_file(save(ds, tmp_path / "w.dcm"), settings, detectors)
+        assert (outcome.status, outcome.reason) == (status, reason)
