@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi
 
 from models.errors import UnreadableImageError, quoted_code, quoted_uid
+from models.preprocess import MAX_ASPECT
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class PixelLimits:
 
     min_side: int = 64
     max_side: int = 16384
-    max_aspect: float = 4.0
+    max_aspect: float = MAX_ASPECT
 
 
 def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:

@@ -16,8 +16,11 @@ from models.errors import UnreadableImageError
 
 
 def is_dicom(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        header = handle.read(132)
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(132)
+    except OSError as exc:  # unreadable (permissions, I/O error): a reason, not an OSError quoting the path
+        raise UnreadableImageError(f"file could not be read ({type(exc).__name__})") from exc
     return len(header) == 132 and header[128:132] == b"DICM"
 
 
@@ -36,7 +39,7 @@ def read_raster(path: Path) -> np.ndarray:
             if image.mode in ("F",):
                 raise UnreadableImageError("floating-point rasters are not supported; export 8 or 16 bit")
             return np.asarray(image.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
 
 

@@ -20,10 +20,15 @@ from typing import Iterable
 
 import numpy as np
 
+from models.errors import UnreadableImageError
+
 SOURCE_SIZE = 28
 """Side of the PneumoniaMNIST images the model was trained on."""
 INPUT_SIZE = 224
 """Side of the network input."""
+MAX_ASPECT = 4.0
+"""Longest/shortest side beyond which an input is refused: its central square would be a sliver
+of the picture (a chest radiograph is about square; a strip is not one)."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -77,27 +82,30 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     Integer images are scaled by their dtype's full range (uint8 /255, uint16 /65535),
     which is how 8- and 16-bit PNG/JPEG files store display values. Float images must
     already be display values in [0, 1] (what `models.dicom_io.dicom_to_grayscale` returns).
+    Anything else is refused with `UnreadableImageError` (a `ValueError`), as a bad file is.
     """
     array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:  # (H, W, 1), as some loaders keep a channel axis
+        array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = rgb_to_luminance(array[..., :3])
     if array.ndim != 2:
-        raise ValueError(f"expected a 2-D grayscale image, got shape {array.shape}")
+        raise UnreadableImageError(f"expected a 2-D grayscale image, got shape {array.shape}")
     if array.size == 0:
-        raise ValueError("empty image")
+        raise UnreadableImageError("empty image")
     if np.issubdtype(array.dtype, np.integer):
         info = np.iinfo(array.dtype)
         if info.min < 0:
-            raise ValueError(f"signed integer images are ambiguous ({array.dtype}); pass display values")
+            raise UnreadableImageError(f"signed integer images are ambiguous ({array.dtype}); pass display values")
         return array.astype(np.float64) / float(info.max)
     if np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
         values = array.astype(np.float64)
         if not np.isfinite(values).all():
-            raise ValueError("image contains NaN or infinite values")
+            raise UnreadableImageError("image contains NaN or infinite values")
         if values.min() < -1e-6 or values.max() > 1 + 1e-6:
-            raise ValueError("float images must hold display values in [0, 1]")
+            raise UnreadableImageError("float images must hold display values in [0, 1]")
         return np.clip(values, 0.0, 1.0)
-    raise ValueError(f"unsupported image dtype {array.dtype}")
+    raise UnreadableImageError(f"unsupported image dtype {array.dtype}")
 
 
 def rgb_to_luminance(rgb: np.ndarray) -> np.ndarray:
@@ -118,10 +126,13 @@ def center_crop_square(image: np.ndarray) -> np.ndarray:
 
 def reduce_to_source(image: np.ndarray, source_size: int = SOURCE_SIZE) -> np.ndarray:
     """Any-size grayscale -> the uint8 image PneumoniaMNIST(+) would have stored at `source_size`."""
-    square = center_crop_square(to_unit_range(image))
+    unit = to_unit_range(image)
+    if max(unit.shape) / min(unit.shape) > MAX_ASPECT:
+        raise UnreadableImageError(f"aspect ratio of {unit.shape[0]}x{unit.shape[1]} exceeds {MAX_ASPECT}")
+    square = center_crop_square(unit)
     side = square.shape[0]
     if side < source_size:
-        raise ValueError(f"image side {side} is smaller than the model's source size {source_size}")
+        raise UnreadableImageError(f"image side {side} is smaller than the model's source size {source_size}")
     weights = area_weights(side, source_size).astype(np.float32)  # float32 halves the cost on 2048^2 inputs
     small = (weights @ square.astype(np.float32) @ weights.T).astype(np.float64)
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)

@@ -1,6 +1,9 @@
 """PneumoniaDetector on every supported input kind, against the released (packaged) model."""
 
 import shutil
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,12 +76,46 @@ def test_unreadable_file_raises_clear_error(detector, tmp_path):
         detector.predict(12345)
 
 
+def test_inputs_that_are_no_radiograph_raise_unreadable_image_error(detector, sample, tmp_path):
+    """Every refusal is an UnreadableImageError with a reason, whatever the input kind."""
+    big = np.asarray(Image.fromarray(sample).resize((2048, 2048), Image.BILINEAR))
+    Image.fromarray(big[1009:1039, :]).save(tmp_path / "strip.png")  # 30 x 2048: its centre square is a sliver
+    Image.fromarray(sample[:20, :20]).save(tmp_path / "small.png")
+    bomb = tmp_path / "bomb.png"  # a 1x1 PNG whose header claims 20000 x 20000 pixels
+    Image.new("L", (1, 1)).save(bomb)
+    ihdr = bytearray(bomb.read_bytes())
+    ihdr[16:24] = struct.pack(">II", 20000, 20000)
+    ihdr[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr[12:29])))
+    bomb.write_bytes(bytes(ihdr))
+    cases = [(tmp_path / "strip.png", "aspect ratio"), (tmp_path / "small.png", "smaller than"),
+             (bomb, "not a readable image"), (big[:, :300], "aspect ratio"), (sample[:, :, None, None], "2-D")]
+    for image, reason in cases:
+        with pytest.raises(UnreadableImageError, match=reason):
+            detector.predict(image)
+
+
+def test_a_channel_axis_of_one_is_dropped(detector, sample):
+    assert detector.predict(sample[:, :, None]) == detector.predict(sample)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs a file that open() accepts and read() refuses")
+def test_a_file_that_cannot_be_read_gives_a_reason(detector):
+    with pytest.raises(UnreadableImageError, match=r"could not be read \(OSError\)"):
+        detector.predict("/proc/self/mem")
+
+
 def test_model_not_matching_its_card_is_refused(tmp_path):
     model = tmp_path / "m.onnx"
     shutil.copy(default_model_path(), model)
     card = card_path_for(default_model_path()).read_text()
     card_path_for(model).write_text(card.replace('"sha256": "', '"sha256": "0', 1))
     with pytest.raises(ModelIntegrityError, match="sha256"):
+        PneumoniaDetector(model)
+    card_path_for(model).write_text(card[:500])  # truncated while being copied
+    with pytest.raises(ModelIntegrityError, match="unreadable or incomplete"):
+        PneumoniaDetector(model)
+    card_path_for(model).write_text(card.replace('"sha256"', '"sha256_"', 1))  # a field missing
+    with pytest.raises(ModelIntegrityError, match="unreadable or incomplete"):
         PneumoniaDetector(model)
     card_path_for(model).unlink()
     with pytest.raises(ModelIntegrityError, match="card missing"):
