@@ -6,6 +6,7 @@
     pneumonia-admin stats [--window-hours 24]
     pneumonia-admin export --format csv|json [--out FILE] [same filters as list]
     pneumonia-admin requeue [--older-than SECONDS]
+    pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
 times) and pages with LIMIT, so it stays fast on 100k+ rows. Output holds only the stored
@@ -57,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--format", choices=("table", "json"), default="table")
     requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
     requeue.add_argument("--older-than", type=float, default=300.0, help="seconds since the file was written")
+    prune = sub.add_parser("prune-archive", help="delete archived DICOM files received more than N days ago")
+    prune.add_argument("--older-than-days", type=_positive, required=True)
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    prune.add_argument("--every-hours", type=_positive, default=None,
+                       help="keep running and prune again every HOURS (a compose service; default: once)")
     return parser
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {value!r}")
+    return number
 
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
@@ -82,6 +95,8 @@ def _timestamp(value: str) -> dt.datetime:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = WorkerSettings()
+    if args.command == "prune-archive":  # files only: no database needed
+        return prune(settings, args.older_than_days, args.dry_run, args.every_hours)
     engine = db.make_engine(args.database_url or settings.database_url)
     try:
         if args.command == "requeue":
@@ -254,6 +269,20 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
         client.close()
     print(f"requeued {len(files)} pending instance(s)")
     return 0
+
+
+def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every_hours: float | None) -> int:
+    """Delete (or count) archived instances older than the retention period, once or periodically."""
+    from worker.spool import prune_archive
+
+    while True:
+        files, size = prune_archive(Path(settings.spool_dir), older_than_days * 86400, now=time.time(), dry_run=dry_run)
+        verb = "would delete" if dry_run else "deleted"
+        print(f"{verb} {files} archived instance(s), {size / 2**20:.1f} MiB, received more than "
+              f"{older_than_days:g} days ago", flush=True)
+        if every_hours is None:
+            return 0
+        time.sleep(every_hours * 3600)
 
 
 def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str) -> None:

@@ -59,7 +59,11 @@ def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, re
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a duplicate of a finished instance: keep both, change nothing
             target = target.with_name(f"{sop_uid}.dup-{os.getpid()}-{pending_path.stat().st_mtime_ns}.dcm")
-        os.replace(pending_path, target)
+        try:
+            os.replace(pending_path, target)
+        except FileNotFoundError:  # `prune_archive` removed the study folder, empty, just now
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(pending_path, target)
     except OSError as exc:
         log.warning("could not retire spool file for SOP %s: %s", sop_uid, type(exc).__name__)
 
@@ -67,3 +71,35 @@ def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, re
 def archive_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
     """Empty pending/<StudyUID>/ folders are left alone: removing one could race a gateway rename."""
     return Path(spool_dir) / SPOOL_ARCHIVE / study_uid / f"{sop_uid}.dcm"
+
+
+def prune_archive(spool_dir: Path, max_age_s: float, *, now: float, dry_run: bool = False) -> tuple[int, int]:
+    """Delete archived instances written more than `max_age_s` before `now`; return (files, bytes).
+
+    Why: with retention `archive` every study ever received stays on the spool's disk, full
+    DICOM with patient data, until free space falls under the gateway's floor and it starts
+    refusing studies. The age is the file's mtime, the time the gateway received it (a rename
+    into archive/ keeps it). Study folders left empty are removed; `retire` recreates one if a
+    late instance of that study is archived at the same moment. Only pending/ is outstanding
+    work, and it is never touched.
+    """
+    archive = Path(spool_dir) / SPOOL_ARCHIVE
+    cutoff = now - max_age_s
+    files = bytes_ = 0
+    for path in sorted(archive.glob("*/*.dcm")):
+        try:
+            stat = path.stat()
+            if stat.st_mtime > cutoff:
+                continue
+            if not dry_run:
+                path.unlink()
+        except FileNotFoundError:  # another pruner got there first
+            continue
+        files, bytes_ = files + 1, bytes_ + stat.st_size
+    if not dry_run:
+        for folder in archive.glob("*/"):
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
+    return files, bytes_
