@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from models.card import sha256_of
-from training.config import AugmentConfig, StrataTargets, TrainConfig, resolve_data_root, resolve_weights
+from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_existing_run, resolve_data_root,
+                             resolve_weights)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
@@ -106,7 +107,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "amp"))
     p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--out-dir", type=Path, help=f"default: the folder of --resume's checkpoint, else {d.out_dir}")
     p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
     p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
     p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
@@ -131,8 +132,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
-        out_dir=args.out_dir, resume=args.resume, progress=not args.no_progress,
+        out_dir=out_dir_from_args(args), resume=args.resume, progress=not args.no_progress,
     )
+
+
+def out_dir_from_args(args: argparse.Namespace) -> Path:
+    """`--resume runs/X/last.pt` alone continues in runs/X, where the run's history and best.pt are."""
+    if args.out_dir is not None:
+        return args.out_dir
+    return args.resume.parent if args.resume is not None else TrainConfig().out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
         return 0
     config = config_from_args(args)
+    if args.stage in ("evaluate", "export", "quantize"):
+        config = for_existing_run(config)
     runtime = make_runtime(config.device, config.precision, config.threads)
     run_info_path = config.out_dir / "run_info.json"
     if args.stage in ("run", "train"):

@@ -124,6 +124,54 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+SAME_RUN = ("resnet_v1_strides", "hidden", "dropout", "image_size", "subset")
+"""What a checkpoint's network and its images are. Later stages and resumes must repeat them: stride
+placement changes no shapes, so best.pt would load strictly into another network (and its ONNX pass
+parity against that same wrong network), and another size or subset scores other images."""
+STAGE_FIELDS = ("data_root", "tta_hflip", "bootstrap", "strata", "device", "precision", "threads", "eval_batch_size",
+                "out_dir", "resume", "progress")
+"""What a stage on a finished run takes from its own command: where the data is, the evaluation's choices and
+the runtime. Every other field says how the run was trained, so it comes from the run's config.json."""
+
+
+def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path) -> None:
+    """Refuse a command whose `SAME_RUN` fields differ from a run's saved config (as soup.py refuses its ingredients)."""
+    asked = config.to_dict()
+    differing = [key for key in SAME_RUN if key in saved and asked[key] != saved[key]]
+    if differing:
+        said = ", ".join(f"{key}={saved[key]!r} (this command: {asked[key]!r})" for key in differing)
+        raise ValueError(f"{source} says {said}: pass the run's own flags, or its checkpoint is read as another "
+                         "network or scored on other images")
+
+
+def for_existing_run(config: TrainConfig) -> TrainConfig:
+    """The config of a stage (evaluate, export, quantize) on the finished run in `config.out_dir`.
+
+    A separate stage's flags default to the recipe's defaults, not to the run's: the `SAME_RUN` fields
+    are checked against its config.json, the training fields (which the card records) are read from it,
+    and only `STAGE_FIELDS` stay the command's. A folder without config.json (a copied ONNX model and
+    card, to quantize) keeps the command's config.
+    """
+    path = config.out_dir / "config.json"
+    if not path.is_file():
+        return config
+    saved = json.loads(path.read_text())
+    check_same_run(config, saved, path)
+    trained = {f.name for f in dataclasses.fields(TrainConfig)} - set(STAGE_FIELDS)
+    return dataclasses.replace(config, **{key: from_json(key, value) for key, value in saved.items() if key in trained})
+
+
+def from_json(name: str, value: Any) -> Any:
+    """A saved field as the frozen config holds it (JSON gives tuples back as lists, Paths as strings)."""
+    if name == "augment":
+        return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    if name == "frozen":
+        return tuple(value)
+    if name == "distill_from":
+        return tuple(Path(p) for p in value)
+    return value
+
+
 def resolve_data_root(flag: str | None) -> Path | None:
     """Flag beats the environment; None lets medmnist use its own default (~/.medmnist)."""
     value = flag or os.environ.get(DATA_ROOT_ENV)

@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -91,3 +91,23 @@ def seed_everything(seed: int, deterministic: bool) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """torch's global generators, for last.pt: dropout draws from them (the augmentation has its own
+    generator), and `seed_everything` on resume would otherwise restart them from the seed."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undo `rng_states`; call it after building the network, whose new head draws from the same generator.
+
+    CUDA states are restored for the devices this machine has (a CPU resume of a GPU run keeps none).
+    """
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

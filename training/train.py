@@ -19,14 +19,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from training.config import TrainConfig
+from training.config import TrainConfig, check_same_run
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.evaluate import load_trained
 from models.calibration import binary_metrics
 from training.metrics import roc_auc, softmax_pneumonia
 from training.model import build_model, count_parameters, set_train_mode
-from training.runtime import Runtime, seed_everything
+from training.runtime import Runtime, restore_rng_states, rng_states, seed_everything
 
 log = logging.getLogger(__name__)
 BEST = "best.pt"
@@ -39,6 +39,7 @@ class FitResult:
     best_epoch: int
     history: list[dict]
     seconds: float
+    """Wall time of fitting, the parts before a resume included (as `max_train_minutes` counts them)."""
     train_images_per_s: float
     stop_reason: str
     """`epochs` (ran them all), `early_stop` (patience spent) or `time_limit` (`max_train_minutes` spent)."""
@@ -159,9 +160,25 @@ def build_network(config: TrainConfig) -> nn.Module:
         return build()
 
 
+def check_resume(config: TrainConfig) -> None:
+    """A resumed run continues in its own folder, as the same network on the same images.
+
+    Its history, best.pt and config.json lie beside last.pt: anywhere else the run would go on with an
+    empty history and no best checkpoint, and evaluation would fail or rank against a record it lacks.
+    """
+    if config.resume.parent.resolve() != config.out_dir.resolve():
+        raise ValueError(f"resume checkpoint {config.resume} belongs to the run in {config.resume.parent}, but out_dir "
+                         f"is {config.out_dir}: resume into the checkpoint's own folder (leave --out-dir out)")
+    saved = config.out_dir / "config.json"
+    if saved.is_file():
+        check_same_run(config, json.loads(saved.read_text()), saved)
+
+
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     """Train with early stopping; keep the best-on-validation weights in `best.pt`."""
     out = config.out_dir
+    if config.resume:
+        check_resume(config)
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
     generator = seed_everything(config.seed, config.deterministic)
@@ -196,6 +213,10 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
         elapsed_before = state.get("elapsed_seconds", 0.0)
+        if "rng" in state:  # after building the network and the teachers, which drew from the re-seeded generator
+            restore_rng_states(state["rng"])
+        else:
+            log.warning("%s predates saved RNG states: dropout will not draw as in an unbroken run", config.resume)
     started = time.perf_counter()
     # The budget covers the whole run, resumed parts included (Lightning's Timer keeps it in the checkpoint too).
     deadline = started + config.max_train_minutes * 60 - elapsed_before if config.max_train_minutes else None
@@ -218,7 +239,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
-                    "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                    "rng": rng_states(runtime.device), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                     "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
@@ -231,7 +252,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             stop_reason = "early_stop"
             log.info("early stop: no %s improvement for %d epochs", config.select_metric, config.patience)
             break
-    seconds = time.perf_counter() - started
+    seconds = elapsed_before + time.perf_counter() - started
     images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)
     return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0,
