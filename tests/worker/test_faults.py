@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
@@ -67,7 +68,9 @@ def test_sigkill_mid_task_is_redelivered_and_finishes_once(make_triage_env, sqli
 
 
 def _pg(action: str) -> None:
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", action], check=True,
+    """Stop/start the local cluster, whatever PostgreSQL version Debian installed (as .ci/run finds it)."""
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
                    capture_output=True, timeout=120)
 
 
