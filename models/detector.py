@@ -21,7 +21,7 @@ import numpy as np
 from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
-from models.preprocess import preprocess_batch, preprocessing_id
+from models.preprocess import preprocess, preprocess_batch, preprocessing_id
 
 ImageLike = str | Path | np.ndarray
 
@@ -105,16 +105,26 @@ class PneumoniaDetector:
         return calibrated_probability(self.logits(batch), self.card.temperature)
 
     def predict(self, image: ImageLike) -> dict[str, Any]:
-        return self.predict_batch([image])[0]
+        return self.describe(float(self.pneumonia_probability(self._input(image)[None])[0]))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The contract's preprocessing at this model's source size -> (N, 3, 224, 224)."""
         return preprocess_batch(images, self.card.source_size)
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
-        arrays = [load_any(image) for image in images]
-        probabilities = self.pneumonia_probability(self.preprocess(arrays))
-        return [self.describe(float(p)) for p in probabilities]
+        """One result per input, in order; one unreadable input refuses the batch, naming its position."""
+        inputs = []
+        for index, image in enumerate(images):
+            try:
+                inputs.append(self._input(image))
+            except UnreadableImageError as exc:
+                raise UnreadableImageError(f"input {index} of {len(images)}: {exc}") from exc
+        batch = np.stack(inputs) if inputs else self.preprocess([])
+        return [self.describe(float(p)) for p in self.pneumonia_probability(batch)]
+
+    def _input(self, image: ImageLike) -> np.ndarray:
+        """One path or array -> its (3, 224, 224) network input."""
+        return preprocess(load_any(image), self.card.source_size)
 
     def describe(self, probability: float) -> dict[str, Any]:
         """Turn a calibrated probability into the original design's result dictionary."""

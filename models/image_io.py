@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import UnreadableImageError
@@ -27,8 +27,9 @@ def is_dicom(path: Path) -> bool:
 def read_raster(path: Path) -> np.ndarray:
     """PNG/JPEG/TIFF -> uint8 or uint16 grayscale array, keeping 16-bit depth."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as stored:
+            stored.load()
+            image = ImageOps.exif_transpose(stored)  # the picture as viewers show it (phone photos of films)
             if image.mode in ("I;16", "I;16B", "I;16L"):
                 return np.asarray(image, dtype=np.uint16)
             if image.mode == "I":

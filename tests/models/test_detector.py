@@ -94,6 +94,22 @@ def test_inputs_that_are_no_radiograph_raise_unreadable_image_error(detector, sa
             detector.predict(image)
 
 
+def test_a_batch_names_the_input_it_refuses(detector, sample):
+    with pytest.raises(UnreadableImageError, match=r"^input 1 of 3: image side 20 is smaller"):
+        detector.predict_batch([sample, sample[:20, :20], sample])
+
+
+def test_exif_orientation_is_honoured(detector, sample, tmp_path):
+    """A file stored sideways with an EXIF orientation is read as a viewer shows it."""
+    upright = Image.fromarray(sample).resize((504, 504), Image.NEAREST)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    assert detector.predict(tmp_path / "sideways.png") == detector.predict(tmp_path / "upright.png")
+    assert detector.predict(tmp_path / "sideways.png") != detector.predict(np.rot90(sample))
+
+
 def test_a_channel_axis_of_one_is_dropped(detector, sample):
     assert detector.predict(sample[:, :, None]) == detector.predict(sample)
 
