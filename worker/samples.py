@@ -292,3 +292,56 @@ def write_labelled_cases(out_dir: str | Path, images: np.ndarray, labels: np.nda
     csv_path = out_dir / "cases.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     return csv_path
+
+
+# --- result rows (no DICOM) for pneumonia-admin ---
+STRATA = [("likely_normal", 0, "ROUTINE"), ("indeterminate", 1, "PRIORITY"), ("high_suspicion", 2, "URGENT")]
+
+
+def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
+    """Result rows for admin queries: n instances over n/4 studies, ~10% skipped/failed, finished within
+    the last hour; the database at `url` is migrated first. Shared by the admin tests and benchmark."""
+    import random
+
+    from sqlalchemy import insert
+
+    from worker import db
+    from worker.migrate import upgrade
+
+    rng = random.Random(seed)
+    now = db.utcnow()
+    rows = []
+    for i in range(n):
+        status = rng.choices(["done", "skipped", "failed"], [0.9, 0.07, 0.03])[0]
+        received = now - dt.timedelta(seconds=rng.uniform(60, 3600))
+        finished = received + dt.timedelta(seconds=rng.uniform(0.1, 5))
+        row = {"sop_instance_uid": f"1.2.{i}", "study_instance_uid": f"1.3.{i // 4}", "accession_number": f"A{i // 4}",
+               "modality": "CR", "status": status, "attempts": 1, "received_at": received,
+               "started_at": received, "finished_at": finished, "processing_ms": rng.uniform(50, 500),
+               "probability": None, "stratum": None, "severity": None, "flag": None, "reason": None}
+        if status == "done":
+            name, sev, flag = rng.choice(STRATA)
+            row.update(probability=rng.random(), stratum=name, severity=sev, flag=flag)
+        else:
+            row["reason"] = "view position LL is not frontal (PA/AP)" if status == "skipped" else "no PixelData element"
+        rows.append(row)
+    upgrade(url)
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        for start in range(0, n, 5000):
+            conn.execute(insert(db.instances), rows[start:start + 5000])
+        studies: dict[str, dict] = {}
+        for r in rows:
+            study = studies.setdefault(r["study_instance_uid"], {
+                "study_instance_uid": r["study_instance_uid"], "accession_number": r["accession_number"],
+                "first_received_at": r["received_at"], "last_received_at": r["received_at"], "final": False,
+                "severity": None, "flag": None, "stratum": None, "max_probability": None})
+            study["last_received_at"] = max(study["last_received_at"], r["received_at"])
+            study["first_received_at"] = min(study["first_received_at"], r["received_at"])
+            if r["severity"] is not None and (r["severity"], r["probability"]) > (study["severity"] or -1,
+                                                                                 study["max_probability"] or -1):
+                study.update(severity=r["severity"], flag=r["flag"], stratum=r["stratum"],
+                             max_probability=r["probability"])
+        conn.execute(insert(db.studies), list(studies.values()))
+    engine.dispose()
+    return rows

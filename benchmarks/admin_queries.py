@@ -1,0 +1,87 @@
+"""`pneumonia-admin` query times on a large results table, with and without the schema's indexes.
+
+Why: the worklist and audit queries must stay interactive as a site's table grows. The test suite
+checks that each query's plan searches an index (`tests/worker/test_admin.py`); this measures what
+that buys, against the same queries on the same rows with the secondary indexes dropped.
+
+    python benchmarks/admin_queries.py --rows 100000 --out benchmarks/results/admin_queries.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect
+
+from worker import admin
+from worker.samples import populate_results
+
+QUERIES = {
+    "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
+    "list_accession": ("list", "--accession", "A777"),
+    "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
+    "show": ("show", "1.3.123"),
+    "stats": ("stats", "--window-hours", "2", "--format", "json"),
+}
+
+
+def seconds_per_query(url: str, repeats: int) -> dict[str, float]:
+    """Median wall time of each admin command, output discarded."""
+    timings = {}
+    for name, args in QUERIES.items():
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                admin.main(["--database-url", url, *args])
+            runs.append(time.perf_counter() - start)
+        timings[name] = statistics.median(runs)
+    return timings
+
+
+def drop_secondary_indexes(url: str) -> list[str]:
+    """The baseline: the same tables without the indexes the migrations create."""
+    engine = create_engine(url)
+    names = [index["name"] for table in ("instances", "studies") for index in inspect(engine).get_indexes(table)]
+    with engine.begin() as conn:
+        for name in names:
+            conn.exec_driver_sql(f"DROP INDEX {name}")
+    engine.dispose()
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/admin_queries.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        url = f"sqlite:///{scratch}/results.db"
+        populate_results(url, args.rows, seed=1)
+        indexed = seconds_per_query(url, args.repeats)
+        dropped = drop_secondary_indexes(url)
+        baseline = seconds_per_query(url, args.repeats)
+    result = {
+        "machine": platform.processor() or platform.machine(), "database": "sqlite", "rows": args.rows,
+        "studies": args.rows // 4, "repeats": args.repeats, "seconds_indexed": indexed,
+        "seconds_without_indexes": baseline, "indexes_dropped": dropped,
+        "speedup_from_indexes": {name: baseline[name] / indexed[name] for name in QUERIES},
+    }
+    for name in QUERIES:
+        print(f"{name:16s} {indexed[name] * 1000:8.1f} ms indexed   {baseline[name] * 1000:8.1f} ms without   "
+              f"({result['speedup_from_indexes'][name]:.1f}x)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
