@@ -35,7 +35,10 @@ def test_result_has_the_original_api_shape(detector, sample):
     assert result["prediction"] in ("Normal", "Pneumonia")
     assert result["stratum"] in ("likely_normal", "indeterminate", "high_suspicion")
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-9
-    assert result["confidence"] == max(result["probabilities"].values()) or result["confidence"] >= 0.5
+    p = result["probabilities"]["Pneumonia"]
+    assert result["prediction"] == ("Pneumonia" if p >= detector.card.threshold else "Normal")
+    assert result["confidence"] == result["probabilities"][result["prediction"]]
+    assert result["stratum"] == detector.card.stratum_for(p)
 
 
 def test_files_of_every_kind_agree_with_the_array(detector, sample, tmp_path):

@@ -43,11 +43,12 @@ def test_multi_frame_is_refused(image):
         dicom_to_grayscale(ds)
 
 
-@pytest.mark.parametrize("rows,cols", [(16, 16), (256, 2048)])
-def test_absurd_dimensions_are_refused(image, rows, cols):
+@pytest.mark.parametrize("rows,cols,reason", [(16, 16, "image size 16x16 outside"),
+                                               (256, 2048, "aspect ratio of 256x2048")])
+def test_absurd_dimensions_are_refused(image, rows, cols, reason):
     ds = make_cxr_dataset(image, size=(256, 256))
     ds.Rows, ds.Columns = rows, cols
-    with pytest.raises(UnreadableImageError):
+    with pytest.raises(UnreadableImageError, match=reason):
         dicom_to_grayscale(ds)
 
 

@@ -59,7 +59,7 @@ EXPECTED = {
     "no_view": ("skipped", "ViewPosition missing"),
     "sr": ("skipped", "modality SR is not CR or DX"),
     "no_pixels": ("failed", "no PixelData"),
-    "truncated": ("failed", ""),
+    "truncated": ("failed", "pixel data could not be decoded"),
     "corrupt": ("failed", "not a readable DICOM file"),
     "missing_file": ("failed", "spool file missing"),
 }
