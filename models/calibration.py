@@ -34,6 +34,13 @@ class StrataTargets:
     high_suspicion_specificity: float = 0.95
     """'high_suspicion' must keep at least this share of normal cases out."""
 
+    def __post_init__(self) -> None:
+        """A share, not a percentage: 98 (or 1.05) would silently give a rule-out cut above most pneumonia."""
+        for name in ("rule_out_sensitivity", "high_suspicion_specificity"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be a share in (0, 1], e.g. 0.98; got {value}")
+
 
 @dataclass(frozen=True)
 class Calibration:

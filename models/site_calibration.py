@@ -30,7 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
+from models.calibration import (Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, choose_strata,
+                                stratum_report, youden_threshold)
 from models.card import ModelCard, Stratum, validate_strata
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
@@ -44,6 +45,11 @@ ADVISED_CASES_PER_CLASS = 50
 REPORTED = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
 BOOTSTRAP_ROUNDS = 2000
 LABEL_WORDS = {"0": 0, "normal": 0, "1": 1, "pneumonia": 1}
+STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
+SEPARATED = ("the local cases are separated perfectly (every pneumonia scores above every normal): the "
+             "temperature cannot be fitted (the likelihood keeps rising as it shrinks, saturating every "
+             "probability), so the card's is kept; cut-points fitted on clear-cut cases are optimistic: "
+             "add borderline studies")
 
 
 @dataclass(frozen=True)
@@ -74,18 +80,30 @@ class SiteCalibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteCalibration":
+        """Any unreadable, incomplete or implausible file is a `ModelIntegrityError`: a deployment fault
+        the worker retries, never a reason to fail the instances it would have scored."""
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelIntegrityError(f"site calibration unreadable: {path} ({type(exc).__name__})") from exc
-        if data.get("format") != FORMAT:
-            raise ModelIntegrityError(f"{path} is not a site calibration ({FORMAT})")
+            if data.get("format") != FORMAT:
+                raise ModelIntegrityError(f"{Path(path).name} is not a site calibration ({FORMAT})")
+            return cls.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelIntegrityError(f"site calibration {Path(path).name} is unreadable or invalid "
+                                      f"({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SiteCalibration":
         fit = data["calibration"]
         strata = tuple(sorted((Stratum(**s) for s in fit["strata"]), key=lambda s: s.lower))
         validate_strata(strata)
+        temperature, threshold = float(fit["temperature"]), float(fit["threshold"])
+        if tuple(s.name for s in strata) != STRATUM_NAMES:
+            raise ValueError(f"strata must be {', '.join(STRATUM_NAMES)} from low to high probability")
+        if not (np.isfinite(temperature) and temperature > 0 and 0 <= threshold <= 1):
+            raise ValueError("temperature must be positive and the threshold in [0, 1]")
         return cls(
             site=data["site"], model_sha256=data["model_sha256"],
-            calibration=Calibration(float(fit["temperature"]), float(fit["threshold"]), strata),
+            calibration=Calibration(temperature, threshold, strata),
             targets=StrataTargets(**data["targets"]), cases=data["cases"],
             as_shipped=data.get("as_shipped", {}), cross_validated=data.get("cross_validated", {}),
             warnings=tuple(data.get("warnings", ())), created=data.get("created", ""),
@@ -109,16 +127,17 @@ def fit_site_calibration(labels: np.ndarray, logits: np.ndarray, card: ModelCard
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
     check_cases(labels, folds)
+    check_ranking(labels, logits)
     return SiteCalibration(
         site=site,
         model_sha256=card.sha256,
-        calibration=calibrate(labels, logits, targets),
+        calibration=fit_calibration(labels, logits, targets, card.temperature),
         targets=targets,
         cases={"n": int(len(labels)), "pneumonia": int(labels.sum()), "normal": int((1 - labels).sum()),
                "labels_sha256": hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()},
         as_shipped=score(labels, calibrated_probability(logits, card.temperature), card.threshold, card.strata),
-        cross_validated=cross_validate(labels, logits, targets, folds, seed),
-        warnings=advice(labels),
+        cross_validated=cross_validate(labels, logits, targets, folds, seed, card.temperature),
+        warnings=advice(labels) + ((SEPARATED,) if separated(labels, logits) else ()),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -132,6 +151,38 @@ def check_cases(labels: np.ndarray, folds: int) -> None:
                          f"{MIN_CASES_PER_CLASS} normal studies; the smaller class has {smallest}")
     if not 2 <= folds <= smallest:
         raise ValueError(f"folds must be between 2 and {smallest} (the smaller class), got {folds}")
+
+
+def margins(logits: np.ndarray) -> np.ndarray:
+    """Pneumonia minus normal logit: the order every calibrated probability follows."""
+    return logits[:, 1] - logits[:, 0]
+
+
+def separated(labels: np.ndarray, logits: np.ndarray) -> bool:
+    margin = margins(logits)
+    return bool(margin[labels == 0].max() < margin[labels == 1].min())
+
+
+def check_ranking(labels: np.ndarray, logits: np.ndarray) -> None:
+    """Refuse cases the model ranks backwards: swapped labels in the CSV, most likely."""
+    margin = margins(logits)
+    positives, negatives = margin[labels == 1], margin[labels == 0]
+    auc = float((positives[:, None] > negatives[None, :]).mean() + 0.5 * (positives[:, None] == negatives[None, :]).mean())
+    if auc < 0.5:
+        raise ValueError(f"the model ranks these normals above these pneumonias (AUC {auc:.2f}): "
+                         "check the CSV's labels (pneumonia = 1) before calibrating")
+
+
+def fit_calibration(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets,
+                    card_temperature: float) -> Calibration:
+    """`calibrate`, except on perfectly separated cases, whose NLL has no minimum: the fitted temperature
+    would run to the search bound, every probability would saturate to 0 or 1 and the cut-points with
+    them. Such cases keep the card's temperature and fit the threshold and cut-points on it."""
+    if not separated(labels, logits):
+        return calibrate(labels, logits, targets)
+    probability = calibrated_probability(logits, card_temperature)
+    return Calibration(card_temperature, youden_threshold(labels, probability),
+                       choose_strata(labels, probability, targets))
 
 
 def advice(labels: np.ndarray) -> tuple[str, ...]:
@@ -154,7 +205,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets, folds: int,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, card_temperature: float) -> dict[str, Any]:
     """Each held-out fold classified by cut-points fitted on the other folds, pooled over folds."""
     assignment = stratified_folds(labels, folds, seed)
     called = np.zeros(len(labels), dtype=bool)
@@ -162,7 +213,7 @@ def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTarget
     thresholds = []
     for k in range(folds):
         held_out, fitted_on = assignment == k, assignment != k
-        fit = calibrate(labels[fitted_on], logits[fitted_on], targets)
+        fit = fit_calibration(labels[fitted_on], logits[fitted_on], targets, card_temperature)
         thresholds.append(fit.threshold)
         probability = calibrated_probability(logits[held_out], fit.temperature)
         called[held_out] = probability >= fit.threshold
@@ -210,12 +261,20 @@ def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{csv_path.name} needs a header with columns 'path' and 'label'")
-        paths, labels = [], []
+        paths, labels, first_line = [], [], {}
         for line, row in enumerate(reader, start=2):
             word = (row["label"] or "").strip().lower()
             if word not in LABEL_WORDS:
                 raise ValueError(f"{csv_path.name} line {line}: label must be one of {sorted(LABEL_WORDS)}")
-            paths.append(csv_path.parent / row["path"].strip())
+            name = (row["path"] or "").strip()
+            if not name:
+                raise ValueError(f"{csv_path.name} line {line}: no path")
+            path = csv_path.parent / name
+            key = path.resolve()
+            if key in first_line:  # counted twice it would pass the case minimum and sit in two folds
+                raise ValueError(f"{csv_path.name} line {line}: the same file as line {first_line[key]}")
+            first_line[key] = line
+            paths.append(path)
             labels.append(LABEL_WORDS[word])
     return paths, np.asarray(labels, dtype=np.int64)
 
@@ -227,6 +286,8 @@ def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,
     Problems are named by CSV line (`lines`, default: the order of `read_cases`), never by
     path, which may carry patient identifiers.
     """
+    if not paths:
+        return np.zeros((0, 2))
     lines = lines if lines is not None else [index + 2 for index in range(len(paths))]
     unreadable, logits = [], []
     for start in range(0, len(paths), batch_size):

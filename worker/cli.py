@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -138,13 +139,17 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.errors import ModelIntegrityError, UnreadableImageError
     from models.site_calibration import case_logits, fit_site_calibration, read_cases
 
+    out_dir = Path(args.out).parent
+    if not (out_dir.is_dir() and os.access(out_dir, os.W_OK)):  # found out now, not after scoring every case
+        log.error("site calibration not written: the --out folder does not exist or is not writable")
+        return 2
     try:
+        targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
         paths, labels = read_cases(args.cases)
         keep, excluded = cases_the_worker_would_score(paths, settings)
         kept = np.flatnonzero(keep)
         detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
         logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[int(i) + 2 for i in kept])
-        targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
         site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
     except OSError as exc:  # its text names the file, and case paths may carry patient identifiers
         log.error("site calibration not written: %s (%s)", type(exc).__name__, exc.strerror or "I/O error")

@@ -54,7 +54,7 @@ def test_cross_validation_is_not_the_in_sample_fit():
     logits = np.stack([np.zeros(400), rng.normal(0, 1, 400)], axis=1)
     fit = calibrate(labels, logits, StrataTargets())
     in_sample = binary_metrics(labels, calibrated_probability(logits, fit.temperature), fit.threshold)
-    held_out = cross_validate(labels, logits, StrataTargets(), folds=5, seed=0)["at_threshold"]
+    held_out = cross_validate(labels, logits, StrataTargets(), folds=5, seed=0, card_temperature=1.0)["at_threshold"]
     assert in_sample["sensitivity"] + in_sample["specificity"] - 1 > 0.08
     assert held_out["sensitivity"] + held_out["specificity"] - 1 < 0.05
 
@@ -156,3 +156,66 @@ def test_cli_fits_and_the_detector_serves_it(tmp_path, test_split):
     result = detector.predict(images[chosen[0]])
     assert result["probabilities"]["Pneumonia"] == pytest.approx(p)
     assert result["stratum"] == site.apply(load_card(default_model_path())).stratum_for(p)
+
+
+@pytest.mark.parametrize("targets", [dict(rule_out_sensitivity=98), dict(rule_out_sensitivity=1.05),
+                                     dict(high_suspicion_specificity=0), dict(high_suspicion_specificity=95)])
+def test_targets_must_be_shares_not_percentages(targets):
+    with pytest.raises(ValueError, match="must be a share in"):
+        StrataTargets(**targets)
+
+
+def test_perfectly_separated_cases_keep_the_cards_temperature(card):
+    """Clear-cut local cases: NLL has no minimum, a fitted temperature would saturate every probability."""
+    labels = np.array([1] * 20 + [0] * 20)
+    margin = np.where(labels == 1, 2.0, -2.0) + np.linspace(0, 1, 40)
+    logits = np.stack([np.zeros(40), margin], axis=1)
+    site = fit_site_calibration(labels, logits, card, "clear-cut", folds=4)
+    assert site.calibration.temperature == card.temperature
+    assert any("separated perfectly" in warning for warning in site.warnings)
+    cuts = [s.lower for s in site.calibration.strata[1:]] + [site.calibration.threshold]
+    assert max(cuts) < 0.99, cuts
+    probability = calibrated_probability(logits, site.calibration.temperature)
+    assert binary_metrics(labels, probability, site.calibration.threshold)["accuracy"] == 1.0
+
+
+def test_cases_the_model_ranks_backwards_are_refused(card):
+    labels, logits = shifted_logits(200, seed=5)
+    with pytest.raises(ValueError, match="check the CSV's labels"):
+        fit_site_calibration(1 - labels, logits, card, "swapped", folds=5)
+
+
+def test_a_file_listed_twice_or_a_row_without_path_is_refused(tmp_path, test_split):
+    images, labels = test_split
+    write_labelled_cases(tmp_path, images[:2], labels[:2])
+    (tmp_path / "twice.csv").write_text("path,label\ncase_00000.png,normal\ncase_00001.png,1\n./case_00000.png,0\n")
+    with pytest.raises(ValueError, match="line 4: the same file as line 2"):
+        read_cases(tmp_path / "twice.csv")
+    (tmp_path / "short.csv").write_text("label,path\nnormal,case_00000.png\n1\n")
+    with pytest.raises(ValueError, match="line 3: no path"):
+        read_cases(tmp_path / "short.csv")
+
+
+@pytest.mark.parametrize("damage", ["strata_reversed", "negative_temperature", "no_targets", "strata_gap"])
+def test_load_refuses_implausible_files_as_integrity_errors(tmp_path, card, damage):
+    """The worker retries a ModelIntegrityError as a deployment fault; anything else would fail instances."""
+    labels, logits = shifted_logits(200, seed=4)
+    data = fit_site_calibration(labels, logits, card, "site-a", folds=5).to_dict()
+    strata = data["calibration"]["strata"]
+    if damage == "strata_reversed":
+        strata[0]["name"], strata[2]["name"] = strata[2]["name"], strata[0]["name"]
+    elif damage == "negative_temperature":
+        data["calibration"]["temperature"] = -3.3
+    elif damage == "no_targets":
+        del data["targets"]
+    else:
+        strata[1]["upper"] = strata[2]["lower"] - 0.01
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    with pytest.raises(ModelIntegrityError, match="unreadable or invalid"):
+        SiteCalibration.load(tmp_path / "s.json")
+
+
+def test_no_cases_left_gives_the_case_count_not_a_numpy_error(card):
+    logits = case_logits(PneumoniaDetector(), [])
+    with pytest.raises(ValueError, match="the smaller class has 0"):
+        fit_site_calibration(np.zeros(0, dtype=np.int64), logits, card, "none", folds=5)

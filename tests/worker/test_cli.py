@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from worker.migrate import current_revision
 
 
@@ -143,3 +145,14 @@ def test_calibrate_io_errors_do_not_print_paths(tmp_path):
     done = run_cli("calibrate", "--cases", str(cases), "--site", "x", "--out", str(tmp_path / "s.json"))
     assert done.returncode == 2 and "FileNotFoundError (No such file or directory)" in done.stderr
     assert "Doe_Jane" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--out", "{tmp}/no-such-folder/s.json"], "--out folder does not exist or is not writable"),
+    (["--out", "{tmp}/s.json", "--rule-out-sensitivity", "98"], "must be a share in (0, 1]"),
+])
+def test_calibrate_refuses_bad_arguments_before_scoring_any_case(tmp_path, flags, reason):
+    (tmp_path / "cases.csv").write_text("path,label\n")
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x",
+                   *[flag.format(tmp=tmp_path) for flag in flags])
+    assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr
