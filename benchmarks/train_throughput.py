@@ -40,7 +40,8 @@ def images_per_second(runtime: Runtime, channels_last: bool, steps: int, batch_s
         with runtime.autocast():
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad()
-        scaler.scale(loss).backward()
+        with runtime.backward_precision():  # as training does: IEEE fp32 means the backward too
+            scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         if runtime.device.type == "cuda":

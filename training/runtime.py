@@ -33,6 +33,12 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.float16)
         return ieee_fp32() if self.device.type == "cuda" else contextlib.nullcontext()
 
+    def backward_precision(self) -> contextlib.AbstractContextManager:
+        """The matmul/convolution precision of the backward pass, which runs outside `autocast`:
+        IEEE fp32 on CUDA when fp32 was asked for (cuDNN reads its TF32 flag when the backward runs,
+        so without this the gradients of an "fp32" step were TF32); nothing to set otherwise."""
+        return ieee_fp32() if self.device.type == "cuda" and self.precision == "fp32" else contextlib.nullcontext()
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for fp16 AMP (its gradients underflow without it); a no-op otherwise."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp")

@@ -113,7 +113,8 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
             logits = model(x)
         loss = training_loss(logits.float(), labels, teacher_logits(teachers, x, runtime), loss_weights, config)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        with runtime.backward_precision():
+            scaler.scale(loss).backward()
         if config.grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

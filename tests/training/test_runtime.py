@@ -41,3 +41,49 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
     assert make_runtime("cpu", "auto").precision == "bf16"
     monkeypatch.setattr("training.runtime.cpu_has_native_bf16", lambda: False)
     assert make_runtime("cpu", "auto").precision == "fp32"
+
+
+def test_fp32_backward_is_ieee_on_cuda_too():
+    """cuDNN reads its TF32 flag when the backward runs, after the forward's autocast has exited."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        with Runtime(torch.device("cuda"), "fp32").backward_precision():
+            assert conv.fp32_precision == "ieee"
+        for runtime in (Runtime(torch.device("cuda"), "bf16"), Runtime(torch.device("cpu"), "fp32")):
+            with runtime.backward_precision():
+                assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = before
+
+
+def test_training_runs_its_backward_inside_the_backward_precision(monkeypatch, tiny_network, data_root, tmp_path):
+    """The wiring, on the CPU: every gradient of a training step is computed inside the scope."""
+    import contextlib
+
+    from tests.training.conftest import tiny_config
+    from training import train
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def recording_scope(self):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(Runtime, "backward_precision", recording_scope)
+    original_build = train.build_network
+
+    def build_with_hooks(config):
+        model = original_build(config)
+        for parameter in model.parameters():
+            parameter.register_hook(lambda grad: seen.append(inside[0]) or grad)
+        return model
+
+    monkeypatch.setattr(train, "build_network", build_with_hooks)
+    train.fit(tiny_config(tmp_path / "run", data_root, epochs=1), Runtime(torch.device("cpu"), "fp32"))
+    assert seen and all(seen)
