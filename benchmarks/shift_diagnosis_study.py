@@ -215,8 +215,7 @@ def percent(value: float) -> str:
 def summary_markdown(study: dict) -> str:
     q1, q2 = study["q1_detection"], study["q2_prevalence"]
     lines = ["# Shift diagnosis: can validation see the test source without its labels?", "",
-             "Declared in [PLAN.md](PLAN.md); `python benchmarks/shift_diagnosis_study.py --data-root ../shared/data "
-             "--out results/shift_diagnosis`.", "",
+             f"Declared in [PLAN.md](PLAN.md); `{study['command']}`.", "",
              "## Q1 detection (no labels): domain classifier AUC, 5-fold cross-fitted", "",
              "| inputs | validation vs test | control: training vs validation | Kish ESS of validation weights (of 524) |",
              "|---|---|---|---|"]
@@ -262,10 +261,11 @@ def main() -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/out/shift_features"))
-    parser.add_argument("--out", type=Path, default=Path("results/shift_diagnosis"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/shift_diagnosis"),
+                        help="results/shift_diagnosis holds the committed run")
     args = parser.parse_args()
     started = time.perf_counter()
-    study = run(args.data_root, args.model, args.cache)
+    study = {"command": "python " + " ".join(sys.argv), **run(args.data_root, args.model, args.cache)}
     study["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps(study, indent=2) + "\n")

@@ -10,7 +10,9 @@ Reports, on this machine:
     random weights (identical compute, so the timing comparison holds; parity is then not checked).
 
     python benchmarks/worker_throughput.py --count 64 --size 2048
-Figures go to benchmarks/out/ (ignored) and benchmarks/results/worker_throughput.json (committed).
+Figures go to benchmarks/out/<name>-<utc>.json (ignored); with --commit also to
+benchmarks/results/<name>.json, the committed figures, which a plain run never overwrites.
+A run in which any instance ends other than `done` fails instead of reporting its speed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_runtimes:
         results["runtimes"] = bench_runtimes(images, args)
         print_section("onnxruntime vs pytorch eager", results["runtimes"])
-    write_results(results, args.results_name)
+    write_results(results, args.results_name, args.commit)
     return 0
 
 
@@ -58,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoding", default="jpeg-lossless", choices=("explicit", "jpeg-lossless", "j2k", "rle"))
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per pool process")
-    parser.add_argument("--results-name", default="worker_throughput", help="file stem under benchmarks/results")
+    parser.add_argument("--results-name", default="worker_throughput", help="file stem of the result")
+    parser.add_argument("--commit", action="store_true",
+                        help="also write benchmarks/results/<results-name>.json (the committed figures)")
     parser.add_argument("--model", type=Path, default=None,
                         help="ONNX model (with its card) the worker serves; default the packaged one")
     parser.add_argument("--torch-checkpoint", type=Path, default=None)
@@ -203,6 +207,9 @@ def wait_rows(database_url: str, sops: list[str], timeout: float) -> list[dict[s
 
 def summarise(rows: list[dict[str, Any]], wall: float, ready_s: float, model_s: float,
               rss_idle: dict[str, float], rss_busy: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
+    failed = {r["status"] for r in rows} - {"done"}
+    if failed:  # a worker that fails fast must not read as a fast worker
+        raise RuntimeError(f"instances ended {sorted(failed)}, not done: no throughput to report")
     latency = np.array([(r["finished_at"] - r["received_at"]).total_seconds() for r in rows])
     processing = np.array([r["processing_ms"] for r in rows])
     first_start = min(r["started_at"] for r in rows)
@@ -232,7 +239,7 @@ def bench_runtimes(images: np.ndarray, args: argparse.Namespace) -> dict[str, An
     from models.preprocess import preprocess_batch
 
     threads = os.cpu_count() or 1
-    detector = PneumoniaDetector(intra_op_threads=threads)
+    detector = PneumoniaDetector(args.model, intra_op_threads=threads)  # the model the worker served
     one = preprocess_batch([images[0]])
     batch = preprocess_batch(list(images[:16]))
     out: dict[str, Any] = {"threads": threads}
@@ -308,16 +315,18 @@ def print_section(title: str, data: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
 
 
-def write_results(results: dict[str, Any], name: str) -> None:
+def write_results(results: dict[str, Any], name: str, commit: bool) -> None:
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(results, indent=2, default=str) + "\n"
     (out_dir / f"{name}-{stamp}.json").write_text(text)
-    committed = REPO / "benchmarks" / "results"
-    committed.mkdir(parents=True, exist_ok=True)
-    (committed / f"{name}.json").write_text(text)
-    print(f"wrote {out_dir / f'{name}-{stamp}.json'} and {committed / f'{name}.json'}")
+    print(f"wrote {out_dir / f'{name}-{stamp}.json'}")
+    if commit:
+        committed = REPO / "benchmarks" / "results" / f"{name}.json"
+        committed.parent.mkdir(parents=True, exist_ok=True)
+        committed.write_text(text)
+        print(f"wrote {committed}")
 
 
 if __name__ == "__main__":
