@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.calibration import StrataTargets, binary_metrics, calibrate, stratum_report
+from models.calibration import StrataTargets, binary_metrics, stratum_report
 from models.detector import PneumoniaDetector, calibrated_probability
-from models.site_calibration import SiteCalibration, case_logits, fit_site_calibration, read_cases
+from models.site_calibration import SiteCalibration, case_logits, fit_calibration, fit_site_calibration, read_cases
 from worker.cli import summary
 from worker.samples import load_pneumoniamnist, write_labelled_cases
 
@@ -44,8 +44,10 @@ def draw_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return mask
 
 
-def held_out_figures(labels: np.ndarray, logits: np.ndarray, fitted_on: np.ndarray) -> dict[str, float]:
-    fit = calibrate(labels[fitted_on], logits[fitted_on], StrataTargets())
+def held_out_figures(labels: np.ndarray, logits: np.ndarray, fitted_on: np.ndarray,
+                     card_temperature: float) -> dict[str, float]:
+    """A site of `fitted_on` cases, fitted as `pneumonia-worker calibrate` fits it, scored on the rest."""
+    fit = fit_calibration(labels[fitted_on], logits[fitted_on], StrataTargets(), card_temperature)
     rest = ~fitted_on
     probability = calibrated_probability(logits[rest], fit.temperature)
     decision = binary_metrics(labels[rest], probability, fit.threshold)
@@ -55,11 +57,13 @@ def held_out_figures(labels: np.ndarray, logits: np.ndarray, fitted_on: np.ndarr
             "high_suspicion_ppv": strata["high_suspicion"]["ppv"]}
 
 
-def learning_curve(labels: np.ndarray, logits: np.ndarray, sizes: list[int], repeats: int) -> dict[str, dict]:
+def learning_curve(labels: np.ndarray, logits: np.ndarray, sizes: list[int], repeats: int,
+                   card_temperature: float) -> dict[str, dict]:
     rng = np.random.default_rng(0)
     curve = {}
     for n in sizes:
-        runs = [held_out_figures(labels, logits, draw_subset(labels, n, rng)) for _ in range(repeats)]
+        runs = [held_out_figures(labels, logits, draw_subset(labels, n, rng), card_temperature)
+                for _ in range(repeats)]
         curve[str(n)] = {k: {"mean": float(np.nanmean([r[k] for r in runs])),
                              "sd": float(np.nanstd([r[k] for r in runs], ddof=1))} for k in CURVE_METRICS}
     return curve
@@ -111,7 +115,7 @@ def main() -> None:
     site = fit_site_calibration(case_labels, logits, detector.card, "pneumoniamnist-test")
     site.save(args.out / "site_calibration.json")
     print(summary(site))
-    curve = learning_curve(case_labels, logits, args.sizes, args.repeats)
+    curve = learning_curve(case_labels, logits, args.sizes, args.repeats, detector.card.temperature)
     command = "python " + " ".join(sys.argv)
     (args.out / "study.json").write_text(json.dumps({"command": command, "repeats": args.repeats,
                                                      "learning_curve": curve}, indent=2) + "\n")
