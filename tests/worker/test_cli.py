@@ -88,7 +88,7 @@ def test_check_refuses_a_site_calibration_of_another_model(tmp_path, sqlite_url)
     from models.site_calibration import fit_site_calibration
 
     labels = [1] * 20 + [0] * 20
-    logits = [[0.0, 2.0 * y + 0.1 * i] for i, y in enumerate(labels)]
+    logits = [[0.0, 1.0 * y + 0.1 * (i % 20)] for i, y in enumerate(labels)]
     site = fit_site_calibration(labels, logits, load_card(default_model_path()), "ward-7", folds=4)
     good = tmp_path / "good.json"
     site.save(good)

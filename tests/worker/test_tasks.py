@@ -105,7 +105,7 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     from models.site_calibration import fit_site_calibration
 
     labels = [1] * 20 + [0] * 20
-    site = fit_site_calibration(labels, [[0.0, 2.0 * y + 0.1 * i] for i, y in enumerate(labels)],
+    site = fit_site_calibration(labels, [[0.0, 1.0 * y + 0.1 * (i % 20)] for i, y in enumerate(labels)],
                                 load_card(default_model_path()), "ward-7", folds=4)
     path = tmp_path / "site.json"
     path.write_text(json.dumps(site.to_dict() | {"model_sha256": "0" * 64}))
