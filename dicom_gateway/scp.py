@@ -80,6 +80,7 @@ SECONDARY_CAPTURE = UID(SecondaryCaptureImageStorage)
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 # A-ASSOCIATE-RJ (result, source, diagnostic).
 RJ_CALLING_AE = (0x01, 0x01, 0x03)
@@ -129,7 +130,8 @@ class Header:
 
 
 def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
-    """Parse only the identifying tags of the received dataset (no pixel decode)."""
+    """The identifying tags of the received dataset (no pixel decode). A plain stream is read to its
+    end, raw, so that one cut short is refused here rather than acknowledged and failed later."""
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -138,13 +140,29 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
             fp = stream
             fp.seek(0)
         implicit = transfer_syntax == ImplicitVRLittleEndian
-        ds = read_dataset(fp, implicit, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:  # only its first 4 MiB are inflated
+            ds = read_dataset(fp, implicit, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
+        else:  # every element, raw (no value conversion, no pixel decode): about a millisecond
+            ds = read_dataset(fp, implicit, True)
         header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
     except Exception as exc:  # malformed streams raise anything from struct to zlib errors
         raise BadDatasetError(CANNOT_UNDERSTAND, f"dataset could not be parsed ({type(exc).__name__})") from exc
     finally:
         stream.seek(0)
+    if transfer_syntax != DeflatedExplicitVRLittleEndian and truncated(ds):
+        raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header
+
+
+def truncated(ds: Dataset) -> bool:
+    """pydicom reads a value cut short by the end of the stream without complaint; the last element
+    then holds fewer bytes than its declared length (a sender that dropped part of Pixel Data)."""
+    elements = list(ds._dict.values())
+    if not elements:
+        return False
+    last = elements[-1]
+    length, value = getattr(last, "length", None), getattr(last, "value", None)
+    return isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length
 
 
 def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -> tuple[str, str]:
@@ -156,7 +174,7 @@ def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -
         raise BadDatasetError(CANNOT_UNDERSTAND, str(exc)) from exc
     if sop != str(request_sop_uid).strip():
         raise BadDatasetError(CANNOT_UNDERSTAND, "SOPInstanceUID differs from the command's AffectedSOPInstanceUID")
-    if header.sop_class and header.sop_class != str(request_sop_class).strip():
+    if header.sop_class != str(request_sop_class).strip():  # a missing one differs too
         raise BadDatasetError(DATASET_MISMATCH, "SOPClassUID differs from the command's AffectedSOPClassUID")
     return study, sop
 
@@ -248,6 +266,8 @@ class StoreSCP:
         if not isinstance(stream, BytesIO):  # chunked-to-file receive mode; not used by us
             stream = BytesIO(event.encoded_dataset(include_meta=False))
         try:
+            if str(request.AffectedSOPClassUID).strip() != str(event.context.abstract_syntax):
+                raise BadDatasetError(SOP_CLASS_NOT_SUPPORTED, "SOP class not negotiated on this presentation context")
             study, sop = check_header(read_header(stream, syntax), request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
         except BadDatasetError as exc:
             log.warning("C-STORE refused", extra={**ctx, "status": f"0x{exc.status:04X}", "reason": str(exc)})

@@ -18,7 +18,7 @@ from dicom_gateway.queue import Outbox, TaskPublisher
 from dicom_gateway.scp import StoreSCP, build_ae
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyTracker
-from dicom_gateway.tls import server_context
+from dicom_gateway.tls import HandshakeInThreadServer, server_context
 
 log = logging.getLogger("dicom_gateway.service")
 
@@ -65,12 +65,15 @@ class Gateway:
             ssl_context = server_context(
                 self.settings.gateway_tls_cert, self.settings.gateway_tls_key, self.settings.gateway_tls_ca
             )
-        self._server = ae.start_server(
+        self._server = ae.make_server(
             (self.settings.gateway_bind, self.settings.gateway_port),
-            block=False,
             ssl_context=ssl_context,
             evt_handlers=self.scp.handlers(),
+            server_class=HandshakeInThreadServer,
         )
+        self._server.handshake_timeout = self.settings.gateway_acse_timeout
+        ae._servers.append(self._server)  # as ae.start_server does; the server's shutdown() removes it
+        threading.Thread(target=self._server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self.port = int(self._server.server_address[1])
         log.info(
             "listening",

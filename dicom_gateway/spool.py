@@ -81,17 +81,28 @@ class Spool:
         self.studies = self.root / STUDIES
 
     def ensure_layout(self) -> None:
-        """Create the spool directories (raises OSError if the spool is unusable)."""
-        for path in (self.incoming, self.pending, self.archive, self.studies):
+        """Create the spool directories (raises OSError if the spool is unusable), durably: the first
+        instance acknowledged into a fresh spool must not depend on a `pending/` entry still in cache."""
+        made_root = not self.root.is_dir()
+        made = [path for path in (self.incoming, self.pending, self.archive, self.studies) if not path.is_dir()]
+        for path in made:
             path.mkdir(parents=True, exist_ok=True)
+        if made:
+            fsync_dir(self.root)
+        if made_root:
+            fsync_dir(self.root.parent)
 
     def store(self, chunks: list[bytes | memoryview], study_uid: str, sop_uid: str) -> str:
         """Durably write one instance and return its spool-relative path.
 
         Steps: write to `incoming/` (O_EXCL, unique name), fsync the file, make the study
-        directory (fsyncing `pending/` if it is new), `os.replace` into place, fsync the
-        study directory. Any OSError propagates after the partial file is removed, so the
-        caller can answer a failure status instead of Success.
+        directory and fsync `pending/` (every time: another association may have made the study
+        directory a moment ago and not fsynced `pending/` yet), `os.replace` into place, fsync
+        the study directory. Any OSError propagates after the partial file is removed, so the
+        caller can answer a failure status instead of Success. A failure after the rename leaves
+        the instance in `pending/`: it may be processed although the sender was told it failed,
+        which is harmless (the sender's retry replaces it and the worker is idempotent), whereas
+        deleting it could delete an earlier, acknowledged copy of the same instance.
         """
         study_uid = validate_uid(study_uid, "StudyInstanceUID")
         sop_uid = validate_uid(sop_uid, "SOPInstanceUID")
@@ -100,9 +111,8 @@ class Spool:
         try:
             _write_fsync(tmp, chunks)
             study_dir = self.pending / study_uid
-            if not study_dir.is_dir():
-                study_dir.mkdir(exist_ok=True)
-                fsync_dir(self.pending)
+            study_dir.mkdir(exist_ok=True)
+            fsync_dir(self.pending)
             os.replace(tmp, self.root / relpath)
             fsync_dir(study_dir)
         except BaseException:

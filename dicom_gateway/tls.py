@@ -7,8 +7,14 @@ encrypts and authenticates the gateway to the sender.
 
 from __future__ import annotations
 
+import logging
+import socket
 import ssl
 from pathlib import Path
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
 
 
 def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
@@ -29,3 +35,37 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
     if cert is not None and key is not None:
         context.load_cert_chain(certfile=str(cert), keyfile=str(key))
     return context
+
+
+class HandshakeInThreadServer(ThreadedAssociationServer):
+    """pynetdicom's server, with the TLS handshake moved out of its single accept loop.
+
+    pynetdicom wraps each accepted socket (handshake included) in the loop that accepts
+    connections, with no timeout: one peer that connects and sends nothing (a half-open
+    connection after a network drop, a port scan) stopped every other sender and made SIGTERM
+    hang. Here the loop only wraps the socket; the handshake runs in the connection's own
+    thread, bounded by `handshake_timeout` (the ACSE timeout), as storescp and Orthanc do.
+    """
+
+    handshake_timeout: float = 30.0
+    daemon_threads = True  # stop() must not wait out a stalled handshake; it bounds associations itself
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True,
+                                                         do_handshake_on_connect=False)
+        return client_socket, address
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(request, ssl.SSLSocket):
+            blocking = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(blocking)
+            except OSError as exc:  # ssl.SSLError and socket timeouts included
+                log.warning("TLS handshake failed", extra={"peer": client_address[0], "error": type(exc).__name__})
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)

@@ -170,3 +170,45 @@ def test_tls_with_dcmtk_echoscu(start_gateway, broker, dcmtk, pki):
         pytest.skip("this DCMTK build has no TLS support")
     assert out.returncode == 0, out.stderr
     assert "Received Echo Response (Success)" in out.stderr + out.stdout
+
+
+def test_a_store_on_another_sop_classes_context_is_refused(gateway, broker, images, monkeypatch):
+    """PS3.7: a C-STORE's SOP class is its presentation context's abstract syntax. A sender that
+    negotiated CR and then sends CT on that context gets 0x0122, and nothing is queued."""
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+    ds = small_dataset(images, 0)
+    cr_class = ds.SOPClassUID
+    ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.2", "CT"  # CT Image Storage
+    ae = AE(ae_title="BADSCU")
+    ae.add_requested_context(cr_class, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+    monkeypatch.setattr(Association, "_get_valid_context", lambda self, *args, **kwargs: assoc.accepted_contexts[0])
+    try:
+        rsp = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert rsp.Status == 0x0122 and "not negotiated" in rsp.ErrorComment
+    assert pending_files(gateway.spool.root) == [] and queued_tasks(broker) == []
+
+
+def test_tls_a_silent_connection_does_not_block_other_senders_or_the_stop(start_gateway, broker, images, pki):
+    """A peer that connects and never starts its TLS handshake (a half-open connection, a port
+    scan) used to hold pynetdicom's accept loop: nobody else got in, and stop() hung."""
+    import socket
+
+    from dicom_gateway.tls import client_context
+
+    gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"],
+                            gateway_tls_ca=pki["ca_pem"], gateway_acse_timeout=60)
+    ctx = client_context(pki["ca_pem"], pki["client_pem"], pki["client_key"])
+    silent = socket.create_connection(("127.0.0.1", gateway.port))
+    try:
+        with ThreadPoolExecutor(1) as pool:  # bounded here, so the old behaviour fails instead of hanging
+            store = pool.submit(store_with_pynetdicom, gateway.port, [small_dataset(images, 0)], tls_args=(ctx, None))
+            assert store.result(timeout=20) == [0]
+            stopped = pool.submit(gateway.stop, 2)
+            stopped.result(timeout=20)
+    finally:
+        silent.close()

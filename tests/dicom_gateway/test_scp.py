@@ -7,12 +7,14 @@ import tracemalloc
 import zlib
 from io import BytesIO
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from dicom_gateway.scp import HEADER_INFLATE_LIMIT, read_header
+from dicom_gateway.scp import (CANNOT_UNDERSTAND, DATASET_MISMATCH, HEADER_INFLATE_LIMIT, BadDatasetError, check_header,
+                               read_header)
 
 INFLATED_BYTES = 256 << 20
 
@@ -46,3 +48,54 @@ def test_a_deflate_bomb_is_parsed_without_inflating_it():
 
     assert (header.sop_class, header.sop_uid, header.study_uid) == (ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID)
     assert peak < 4 * HEADER_INFLATE_LIMIT < INFLATED_BYTES // 8
+
+
+def plain_stream(ds: Dataset) -> bytes:
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    return encoded.getvalue()
+
+
+def identified(**elements) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_a_dataset_cut_short_is_refused_not_acknowledged():
+    """pydicom reads a value cut by the end of the stream without complaint; the gateway must not."""
+    wire = plain_stream(identified(BitsAllocated=8, PixelData=bytes(4096)))
+    assert read_header(BytesIO(wire), ExplicitVRLittleEndian).sop_class
+    with pytest.raises(BadDatasetError, match="truncated") as refused:
+        read_header(BytesIO(wire[:-100]), ExplicitVRLittleEndian)
+    assert refused.value.status == CANNOT_UNDERSTAND
+
+
+def test_a_dataset_without_sop_class_is_a_mismatch():
+    ds = identified()
+    del ds.SOPClassUID
+    header = read_header(BytesIO(plain_stream(ds)), ExplicitVRLittleEndian)
+    with pytest.raises(BadDatasetError) as refused:
+        check_header(header, "1.2.840.10008.5.1.4.1.1.1", ds.SOPInstanceUID)
+    assert refused.value.status == DATASET_MISMATCH
+
+
+def test_every_store_fsyncs_pending_even_into_an_existing_study_folder(tmp_path, monkeypatch):
+    """Another association may have made the study folder a moment ago without having fsynced
+    pending/ yet; an acknowledged instance must not hang on that folder's entry."""
+    from dicom_gateway import spool as spool_module
+
+    synced: list[str] = []
+    monkeypatch.setattr(spool_module, "fsync_dir", lambda path: synced.append(path.name))
+    spool = spool_module.Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    assert synced == ["spool", tmp_path.name], "a fresh layout is made durable"
+    study = generate_uid()
+    (spool.pending / study).mkdir()  # made by another association, pending/ not yet fsynced
+    synced.clear()
+    spool.store([b"x"], study, generate_uid())
+    assert synced == ["pending", study]
