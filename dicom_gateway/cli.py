@@ -51,7 +51,9 @@ def _settings(args: argparse.Namespace) -> GatewaySettings:
 def cmd_run(settings: GatewaySettings) -> int:
     """Run until SIGTERM/SIGINT; exit code 0 on a clean stop."""
     from dicom_gateway.service import Gateway
+    from worker.contract import quiet_pydicom
 
+    quiet_pydicom()  # a malformed element's warning would quote its value outside the JSON log
     gateway = Gateway(settings)
     try:
         gateway.start()

@@ -22,3 +22,16 @@ SPOOL_ARCHIVE = "archive"
 def pending_relpath(study_instance_uid: str, sop_instance_uid: str) -> str:
     """Spool-relative path of an outstanding instance: pending/<StudyUID>/<SOPUID>.dcm."""
     return f"{SPOOL_PENDING}/{study_instance_uid}/{sop_instance_uid}.dcm"
+
+
+def quiet_pydicom() -> None:
+    """Stop pydicom from warning about invalid element values: such warnings quote the value, which
+    may be a patient name, and bypass the JSON logs. Both processes read DICOM under this policy;
+    validation still happens where it matters (UIDs, pixel decoding). pydicom is imported here,
+    inside the call, so the module itself stays standard-library only."""
+    import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module="pydicom")

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from worker import db
 from worker.config import WorkerSettings
+from worker.contract import quiet_pydicom
 from worker.pipeline import DetectorCache, Outcome, analyse_file
 from worker.spool import SpoolPathError, resolve_pending, retire, study_uid_from_relpath
 
@@ -55,17 +56,6 @@ class Runtime:
         self._engine = None
         self.detectors = DetectorCache(self.settings)
         self.detectors.get()
-
-
-def quiet_pydicom() -> None:
-    """Stop pydicom from warning about invalid element values: such warnings quote the value,
-    which may be a patient name. Validation still happens where it matters (pixel decoding)."""
-    import warnings
-
-    import pydicom.config
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def process_instance(

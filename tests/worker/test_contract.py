@@ -1,0 +1,34 @@
+"""The DICOM reading policy the gateway and the worker share (worker/contract.py)."""
+
+import warnings
+from io import BytesIO
+
+import pydicom
+import pydicom.config
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from worker.contract import quiet_pydicom
+
+
+def test_quiet_pydicom_stops_warnings_that_quote_element_values(monkeypatch):
+    """A malformed value (a name typed into a UID field, say) must not reach the logs verbatim."""
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.settings.reading_validation_mode)
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    ds = Dataset()
+    ds.StudyInstanceUID = "Doe^Jane"
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("always")
+        pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+        str(read_dataset(BytesIO(encoded.getvalue()), False, True).StudyInstanceUID)
+    assert any("Doe^Jane" in str(w.message) for w in before), "the case this guards against"
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        quiet_pydicom()
+        str(read_dataset(BytesIO(encoded.getvalue()), False, True).StudyInstanceUID)
+    assert not [w for w in after if "Doe" in str(w.message)]
