@@ -22,15 +22,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, inspect
 
 from worker import admin
-from worker.samples import populate_results
+from worker.samples import ADMIN_QUERIES as QUERIES, populate_results
 
-QUERIES = {
-    "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
-    "list_accession": ("list", "--accession", "A777"),
-    "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
-    "show": ("show", "1.3.123"),
-    "stats": ("stats", "--window-hours", "2", "--format", "json"),
-}
 
 
 def seconds_per_query(url: str, repeats: int) -> dict[str, float]:

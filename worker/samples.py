@@ -345,3 +345,14 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
         conn.execute(insert(db.studies), list(studies.values()))
     engine.dispose()
     return rows
+
+
+ADMIN_QUERIES = {
+    "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
+    "list_accession": ("list", "--accession", "A777"),
+    "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
+    "show": ("show", "1.3.123"),
+    "stats": ("stats", "--window-hours", "2", "--format", "json"),
+}
+"""`pneumonia-admin` commands over `populate_results` rows (each finds something from 2000 rows up):
+the index-plan test and `benchmarks/admin_queries.py` run the same ones."""

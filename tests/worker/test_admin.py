@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert
 
 from worker import admin, db
-from worker.samples import STRATA, populate_results as populate
+from worker.samples import ADMIN_QUERIES, STRATA, populate_results as populate
 from worker.migrate import upgrade
 
 def run_admin(url: str, *args: str) -> str:
@@ -100,15 +100,6 @@ def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
             scans = [step for step in plan if step.startswith("SCAN ") and "COVERING INDEX" not in step]
             assert not scans, (sql, plan)
     engine.dispose()
-
-
-ADMIN_QUERIES = {
-    "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
-    "list_accession": ("list", "--accession", "A777"),
-    "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
-    "show": ("show", "1.3.123"),
-    "stats": ("stats", "--window-hours", "2", "--format", "json"),
-}
 
 
 def test_console_script_runs(sqlite_url):
