@@ -51,9 +51,11 @@ class Calibration:
     strata: tuple[Stratum, ...]
 
 
-def calibrate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets) -> Calibration:
-    """Temperature (min NLL), Youden operating threshold and strata cut-points, all from one labelled set."""
-    temperature = fit_temperature(labels, logits)
+def calibrate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets,
+              temperature: float | None = None) -> Calibration:
+    """Temperature (min NLL), Youden operating threshold and strata cut-points, all from one labelled set;
+    a given `temperature` is kept and only the threshold and cut-points are fitted."""
+    temperature = fit_temperature(labels, logits) if temperature is None else temperature
     probability = calibrated_probability(logits, temperature)
     return Calibration(temperature, youden_threshold(labels, probability), choose_strata(labels, probability, targets))
 

@@ -30,8 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from models.calibration import (Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, choose_strata,
-                                stratum_report, youden_threshold)
+from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
 from models.card import ModelCard, Stratum, validate_strata
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
@@ -178,11 +177,7 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, targets: StrataTarge
     """`calibrate`, except on perfectly separated cases, whose NLL has no minimum: the fitted temperature
     would run to the search bound, every probability would saturate to 0 or 1 and the cut-points with
     them. Such cases keep the card's temperature and fit the threshold and cut-points on it."""
-    if not separated(labels, logits):
-        return calibrate(labels, logits, targets)
-    probability = calibrated_probability(logits, card_temperature)
-    return Calibration(card_temperature, youden_threshold(labels, probability),
-                       choose_strata(labels, probability, targets))
+    return calibrate(labels, logits, targets, card_temperature if separated(labels, logits) else None)
 
 
 def advice(labels: np.ndarray) -> tuple[str, ...]:
