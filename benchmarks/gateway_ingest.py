@@ -2,9 +2,12 @@
 
 Realistic 2-8 MB CR/DX instances (1024^2 .. 2048^2, 12-bit, Explicit VR LE) are pushed with
 DCMTK storescu (1 association, then N parallel associations). Figures: instances/s and MB/s
-of DICOM payload, wall clock from first connect to last response.
+of DICOM payload, wall clock from first connect to last response, and the gateway's rate as a
+ratio of each baseline's. All three receivers run at once and every round pushes to each in
+turn (the order rotates), so a noisy host slows them alike; a ratio is the median over rounds
+of the per-round ratios.
 
-    python benchmarks/gateway_ingest.py [--instances 24] [--parallel 4]
+    python benchmarks/gateway_ingest.py [--instances 24] [--parallel 4] [--repeats 5]
 
 Writes benchmarks/out/gateway_ingest-<utc>.json (full) and, with --commit-summary,
 benchmarks/results/gateway_ingest.json (small summary that is committed).
@@ -18,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +128,43 @@ def start_target(kind: str, port: int, workdir: Path, redis_url: str) -> subproc
     return proc
 
 
+TARGETS = ("gateway", "pynetdicom_bare", "dcmtk_storescp")
+
+
+def interleaved_rounds(ports: dict[str, int], files: list[Path], concurrencies: list[int], repeats: int,
+                       workdir: Path) -> dict[tuple[str, int], list[float]]:
+    """Wall seconds of each push, per (target, associations), round by round, the target order rotating."""
+    seconds: dict[tuple[str, int], list[float]] = {(kind, n): [] for kind in TARGETS for n in concurrencies}
+    for round_index in range(repeats):
+        order = TARGETS[round_index % len(TARGETS):] + TARGETS[:round_index % len(TARGETS)]
+        for parallel in concurrencies:
+            for kind in order:
+                if kind != "gateway":  # the gateway keeps its spool; the baselines start empty each push
+                    clear(workdir, kind)
+                seconds[(kind, parallel)].append(push(ports[kind], files, parallel))
+    return seconds
+
+
+def summarise(seconds: dict[tuple[str, int], list[float]], count: int, total_mb: float) -> list[dict]:
+    rows = []
+    for (kind, parallel), values in seconds.items():
+        median = statistics.median(values)
+        rows.append({"target": kind, "associations": parallel, "instances": count, "seconds": round(median, 3),
+                     "seconds_per_round": [round(v, 3) for v in values],
+                     "instances_per_s": round(count / median, 2), "mb_per_s": round(total_mb / median, 1)})
+    return rows
+
+
+def gateway_ratios(seconds: dict[tuple[str, int], list[float]]) -> dict[str, float]:
+    """Gateway rate / baseline rate, the median of the per-round ratios (same round, same files)."""
+    ratios = {}
+    for (kind, parallel), values in seconds.items():
+        if kind != "gateway":
+            gateway = seconds[("gateway", parallel)]
+            ratios[f"{kind}@{parallel}"] = round(statistics.median(b / g for g, b in zip(gateway, values)), 3)
+    return ratios
+
+
 def clear(workdir: Path, kind: str) -> None:
     shutil.rmtree(workdir / kind, ignore_errors=True)
     (workdir / kind).mkdir(parents=True)
@@ -133,7 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=24)
     parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="best of N per target/concurrency")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per concurrency")
     parser.add_argument("--data-root", default=os.environ.get("PNEUMONIA_DATA_ROOT", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--commit-summary", action="store_true", help="also write benchmarks/results/gateway_ingest.json")
     args = parser.parse_args()
@@ -142,44 +183,45 @@ def main() -> int:
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: list[dict] = []
+    ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         workdir = Path(tmp)
         files, _ = make_files(workdir / "data", args.instances, Path(args.data_root))
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} instances, {total_mb:.1f} MB ({total_mb / len(files):.1f} MB avg), nproc={os.cpu_count()}")
+        procs: dict[str, subprocess.Popen] = {}
         try:
-            for kind in ("gateway", "pynetdicom_bare", "dcmtk_storescp"):
-                port = free_port()
-                proc = start_target(kind, port, workdir, f"redis://127.0.0.1:{redis_port}/0")
-                try:
-                    for parallel in sorted({1, args.parallel}):
-                        best = None
-                        for _ in range(args.repeats):
-                            clear(workdir, kind) if kind != "gateway" else None
-                            seconds = push(port, files, parallel)
-                            best = seconds if best is None else min(best, seconds)
-                        row = {"target": kind, "associations": parallel, "instances": len(files), "seconds": round(best, 3),
-                               "instances_per_s": round(len(files) / best, 2), "mb_per_s": round(total_mb / best, 1)}
-                        results.append(row)
-                        print(f"{kind:16s} assoc={parallel:2d}  {row['instances_per_s']:7.2f} inst/s  {row['mb_per_s']:7.1f} MB/s  ({best:.2f}s)")
-                finally:
-                    proc.terminate()
-                    proc.wait(30)
+            ports = {kind: free_port() for kind in TARGETS}
+            for kind in TARGETS:
+                procs[kind] = start_target(kind, ports[kind], workdir, f"redis://127.0.0.1:{redis_port}/0")
+            seconds = interleaved_rounds(ports, files, sorted({1, args.parallel}), args.repeats, workdir)
+            results = summarise(seconds, len(files), total_mb)
+            ratios = gateway_ratios(seconds)
+            for row in results:
+                print(f"{row['target']:16s} assoc={row['associations']:2d}  {row['instances_per_s']:7.2f} inst/s  "
+                      f"{row['mb_per_s']:7.1f} MB/s  (median {row['seconds']:.2f}s of {args.repeats})")
+            for key, ratio in ratios.items():
+                print(f"gateway / {key}: {ratio:.2f}x")
         finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(30)
             redis.terminate()
             redis.wait(10)
     meta = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(), "python": platform.python_version(),
             "nproc": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "instances": len(files), "total_mb": round(total_mb, 1),
             "sizes": [list(s) for s in SIZES], "transfer_syntax": "Explicit VR Little Endian", "client": "DCMTK storescu",
-            "note": "gateway fsyncs file+dir and publishes a Celery task per instance; bare SCP and storescp do neither"}
+            "note": "gateway fsyncs the file, its folder and pending/ and publishes a Celery task per instance; "
+                    "bare SCP and storescp do neither", "command": " ".join(["python", "benchmarks/gateway_ingest.py", *sys.argv[1:]]),
+            "repeats": args.repeats}
     out_dir = REPO / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     full = out_dir / f"gateway_ingest-{meta['utc'].replace(':', '')}.json"
-    full.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    full.write_text(json.dumps({"meta": meta, "results": results, "gateway_ratio": ratios}, indent=2))
     print(f"wrote {full}")
     if args.commit_summary:
         summary = REPO / "benchmarks" / "results" / "gateway_ingest.json"
-        summary.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        summary.write_text(json.dumps({"meta": meta, "results": results, "gateway_ratio": ratios}, indent=1) + "\n")
         print(f"wrote {summary}")
     return 0
 
