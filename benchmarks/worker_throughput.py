@@ -10,6 +10,14 @@ Reports, on this machine:
     random weights (identical compute, so the timing comparison holds; parity is then not checked).
 
     python benchmarks/worker_throughput.py --count 64 --size 2048
+
+With any --against-* option it also runs a baseline worker that differs only in those settings,
+alternating candidate and baseline for --rounds rounds (the order swapping each round), and
+reports the candidate's throughput as the median of the per-round ratios to the baseline's: a
+same-run comparison that a noisy host slows alike, e.g. two 1-thread processes against one:
+
+    python benchmarks/worker_throughput.py --count 48 --skip-runtimes --concurrency 2 --intra-op-threads 1 \
+        --against-concurrency 1 --against-intra-op-threads 0 --rounds 3
 Figures go to benchmarks/out/<name>-<utc>.json (ignored); with --commit also to
 benchmarks/results/<name>.json, the committed figures, which a plain run never overwrites.
 A run in which any instance ends other than `done` fails instead of reporting its speed.
@@ -42,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     images, _ = load_images(args.data_root)
     results: dict[str, Any] = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
                                "model": served_model(args.model)}
-    results["worker"] = bench_worker(images, args)
-    print_section("worker", results["worker"])
+    if interleaved(args):
+        results.update(bench_interleaved(images, args))
+        print_section("candidate worker (median round)", results["worker"])
+        print_section("baseline worker (median round)", results["baseline_worker"])
+        print_section("candidate / baseline", results["ratio"])
+    else:
+        results["worker"] = bench_worker(images, args)
+        print_section("worker", results["worker"])
     if not args.skip_runtimes:
         results["runtimes"] = bench_runtimes(images, args)
         print_section("onnxruntime vs pytorch eager", results["runtimes"])
@@ -68,7 +82,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-checkpoint", type=Path, default=None)
     parser.add_argument("--runtime-reps", type=int, default=30, help="batch-1 timings per runtime")
     parser.add_argument("--skip-runtimes", action="store_true")
+    parser.add_argument("--against-model", type=Path, default=None, help="baseline worker: this model instead")
+    parser.add_argument("--against-concurrency", type=int, default=None, help="baseline worker: this concurrency")
+    parser.add_argument("--against-intra-op-threads", type=int, default=None, help="baseline worker: these threads")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved candidate/baseline rounds (--against-*)")
     return parser.parse_args(argv)
+
+
+def interleaved(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.against_model, args.against_concurrency, args.against_intra_op_threads))
+
+
+def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The candidate's settings with the --against-* overrides: the baseline differs in nothing else."""
+    overrides = {"model": args.against_model, "concurrency": args.against_concurrency,
+                 "intra_op_threads": args.against_intra_op_threads}
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def bench_interleaved(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Candidate and baseline workers in alternating rounds; the ratio is the median of per-round ratios."""
+    baseline = baseline_args(args)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for index in range(args.rounds):
+        order = [("candidate", args), ("baseline", baseline)]
+        figures = {name: bench_worker(images, settings) for name, settings in (order if index % 2 == 0 else order[::-1])}
+        rounds.append(figures)
+        print(f"round {index + 1}: candidate {figures['candidate']['throughput_per_s']} /s, "
+              f"baseline {figures['baseline']['throughput_per_s']} /s")
+
+    def median_round(name: str) -> dict[str, Any]:
+        ordered = sorted(rounds, key=lambda r: r[name]["throughput_per_s"])
+        return ordered[len(ordered) // 2][name]
+
+    ratios = [r["candidate"]["throughput_per_s"] / r["baseline"]["throughput_per_s"] for r in rounds]
+    return {"worker": median_round("candidate"), "baseline_worker": median_round("baseline"),
+            "baseline_settings": {"model": served_model(baseline.model), "concurrency": baseline.concurrency,
+                                  "intra_op_threads": baseline.intra_op_threads},
+            "ratio": {"throughput_median_of_rounds": round(float(np.median(ratios)), 3),
+                      "per_round": [round(r, 3) for r in ratios]},
+            "rounds": [{name: {"throughput_per_s": f["throughput_per_s"], "processing_ms": f["processing_ms"]}
+                        for name, f in r.items()} for r in rounds]}
 
 
 def load_images(data_root: Path) -> tuple[np.ndarray, np.ndarray]:
