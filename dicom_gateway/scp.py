@@ -145,24 +145,38 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
         else:  # every element, raw (no value conversion, no pixel decode): about a millisecond
             ds = read_dataset(fp, implicit, True)
         header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
+        empty = len(ds) == 0 and len(stream.getbuffer()) > 0
     except Exception as exc:  # malformed streams raise anything from struct to zlib errors
         raise BadDatasetError(CANNOT_UNDERSTAND, f"dataset could not be parsed ({type(exc).__name__})") from exc
     finally:
         stream.seek(0)
-    if transfer_syntax != DeflatedExplicitVRLittleEndian and truncated(ds):
+    if empty:  # pydicom drops everything it read when an undefined-length value runs off the end
+        raise BadDatasetError(CANNOT_UNDERSTAND, "dataset could not be parsed (no elements; truncated?)")
+    if transfer_syntax != DeflatedExplicitVRLittleEndian and truncated(ds, stream):
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header
 
 
-def truncated(ds: Dataset) -> bool:
-    """pydicom reads a value cut short by the end of the stream without complaint; the last element
-    then holds fewer bytes than its declared length (a sender that dropped part of Pixel Data)."""
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def truncated(ds: Dataset, stream: BytesIO) -> bool:
+    """pydicom reads a value cut short by the end of the stream without an error: a defined-length
+    last element then holds fewer bytes than it declares (a sender that dropped part of Pixel
+    Data). An undefined-length one (encapsulated Pixel Data) runs to the end of the stream with
+    only a warning, which cannot be caught thread-safely; its stream must end with the sequence
+    delimiter that closes it instead."""
     elements = list(ds._dict.values())
     if not elements:
         return False
     last = elements[-1]
     length, value = getattr(last, "length", None), getattr(last, "value", None)
-    return isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length
+    if not isinstance(value, bytes) or length is None:
+        return False
+    if length == 0xFFFFFFFF:
+        with stream.getbuffer() as view:
+            return bytes(view[-len(SEQUENCE_DELIMITER):]) != SEQUENCE_DELIMITER
+    return len(value) < length
 
 
 def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -> tuple[str, str]:

@@ -7,14 +7,15 @@ import tracemalloc
 import zlib
 from io import BytesIO
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from dicom_gateway.scp import (CANNOT_UNDERSTAND, DATASET_MISMATCH, HEADER_INFLATE_LIMIT, BadDatasetError, check_header,
-                               read_header)
+from dicom_gateway.scp import (CANNOT_UNDERSTAND, DATASET_MISMATCH, HEADER_INFLATE_LIMIT, SEQUENCE_DELIMITER, BadDatasetError,
+                               check_header, read_header)
 
 INFLATED_BYTES = 256 << 20
 
@@ -72,6 +73,32 @@ def test_a_dataset_cut_short_is_refused_not_acknowledged():
     assert read_header(BytesIO(wire), ExplicitVRLittleEndian).sop_class
     with pytest.raises(BadDatasetError, match="truncated") as refused:
         read_header(BytesIO(wire[:-100]), ExplicitVRLittleEndian)
+    assert refused.value.status == CANNOT_UNDERSTAND
+
+
+def encapsulated_stream() -> bytes:
+    """A JPEG-lossless CR as the gateway receives it: encapsulated Pixel Data of undefined length,
+    its fragments closed by the sequence delimiter (FFFE,E0DD) as the dataset's last 8 bytes."""
+    from pydicom.uid import JPEGLosslessSV1
+
+    from worker.samples import make_cxr_dataset
+
+    image = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 251).astype(np.uint8)
+    ds = make_cxr_dataset(image, size=(128, 128), transfer_syntax=JPEGLosslessSV1)
+    return plain_stream(ds)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7, 8, 9, 100, 1000])
+def test_an_encapsulated_dataset_cut_short_is_refused(cut):
+    """pydicom only warns when an undefined-length value runs into the end of the stream (a cut
+    inside the last fragment or the delimiter); the gateway must refuse it, not acknowledge it."""
+    from pydicom.uid import JPEGLosslessSV1
+
+    wire = encapsulated_stream()
+    assert wire.endswith(SEQUENCE_DELIMITER)
+    assert read_header(BytesIO(wire), JPEGLosslessSV1).sop_uid
+    with pytest.raises(BadDatasetError, match="truncated") as refused:
+        read_header(BytesIO(wire[:-cut]), JPEGLosslessSV1)
     assert refused.value.status == CANNOT_UNDERSTAND
 
 
