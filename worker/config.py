@@ -20,6 +20,8 @@ DEFAULT_FLAG_MAP = {
 }
 STRATUM_SEVERITY = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
 """Rank used for the study-level flag: the most severe frontal image decides."""
+FLAG_MAX_LENGTH = 32
+"""The `flag` columns' width (worker/db.py): a longer flag would fail to store on PostgreSQL."""
 
 
 class WorkerSettings(BaseSettings):
@@ -64,6 +66,9 @@ class WorkerSettings(BaseSettings):
         missing = set(STRATUM_SEVERITY) - set(value)
         if missing:
             raise ValueError(f"flag_map lacks strata: {sorted(missing)}")
+        unfit = sorted(s for s, flag in value.items() if not flag.strip() or len(flag) > FLAG_MAX_LENGTH)
+        if unfit:  # PostgreSQL refuses an over-long value at the INSERT, i.e. for every such image
+            raise ValueError(f"flag_map: the flags of {unfit} must be 1 to {FLAG_MAX_LENGTH} characters")
         return value
 
     @field_validator("time_limit_s")

@@ -38,6 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
+from worker.config import FLAG_MAX_LENGTH
+
 TERMINAL = ("done", "skipped", "failed")
 STATUSES = ("queued", "processing", *TERMINAL)
 
@@ -60,7 +62,7 @@ instances = Table(
     Column("prediction", String(32)),
     Column("stratum", String(32)),
     Column("severity", Integer),
-    Column("flag", String(32)),
+    Column("flag", String(FLAG_MAX_LENGTH)),
     Column("status", String(16), nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
@@ -87,7 +89,7 @@ studies = Table(
     Column("final", Boolean, nullable=False, default=False),
     Column("finalized_at", DateTime),
     Column("severity", Integer),
-    Column("flag", String(32)),
+    Column("flag", String(FLAG_MAX_LENGTH)),
     Column("stratum", String(32)),
     Column("max_probability", Float),
     Index("ix_studies_accession", "accession_number"),
@@ -107,7 +109,7 @@ study_flags = Table(
     Column("finalized_at", DateTime),
     Column("first_received_at", DateTime),
     Column("last_received_at", DateTime),
-    Column("flag", String(32)),
+    Column("flag", String(FLAG_MAX_LENGTH)),
     Column("stratum", String(32)),
     Column("max_probability", Float),
     Column("n_instances", Integer),
