@@ -43,7 +43,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def create_app(settings: WorkerSettings) -> Celery:
-    """Build the Celery app and register the two contract tasks bound to `settings`."""
+    """Build the Celery app and register the two contract tasks bound to `settings`.
+
+    The tasks are not `shared`: each closes over this app's runtime, and Celery's shared-task
+    registry would hand them to (or take them from) any other app built in the same process."""
     app = Celery("pneumonia_triage", broker=settings.broker_url, set_as_current=False)
     app.conf.update(_celery_config(settings))
     runtime = tasks.Runtime(settings)
@@ -52,21 +55,27 @@ def create_app(settings: WorkerSettings) -> Celery:
     def backoff(retries: int) -> int:
         return min(settings.retry_backoff_max_s, 2 ** min(retries, 10))
 
-    @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries)
-    def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None) -> Any:
+    @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries, shared=False)
+    def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None,
+                         retries_after_claim: int = 0) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
-                                          transient_retries=self.request.retries)
+                                          retries_after_claim=retries_after_claim)
         except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("transient %s for %s, retry %d", type(exc).__name__, sop_instance_uid, self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+            claimed = isinstance(exc, tasks.ClaimedDeliveryError)
+            cause = exc.cause if claimed else exc
+            if not is_transient(cause):
+                raise cause
+            log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, self.request.retries + 1)
+            kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
+            raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 
-    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=settings.max_retries)
+    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=settings.max_retries, shared=False)
     def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None) -> Any:
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
+        except tasks.StudyNotSettledError as exc:  # however long the images wait: not a failure
+            raise self.retry(exc=exc, countdown=settings.retry_backoff_max_s, max_retries=None)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -182,6 +182,17 @@ def get_instance(conn: Connection, sop_uid: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
+def terminal_sops(conn: Connection, sop_uids: list[str]) -> set[str]:
+    """Those of `sop_uids` that already have a terminal row."""
+    found: set[str] = set()
+    for start in range(0, len(sop_uids), 500):  # bound the IN list
+        chunk = sop_uids[start : start + 500]
+        rows = conn.execute(select(instances.c.sop_instance_uid)
+                            .where(instances.c.sop_instance_uid.in_(chunk), instances.c.status.in_(TERMINAL)))
+        found.update(row[0] for row in rows)
+    return found
+
+
 def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
     """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
 
@@ -245,8 +256,12 @@ def touch_study(conn: Connection, study_uid: str, accession: str | None, receive
         index_elements=[studies.c.study_instance_uid],
         set_={
             "accession_number": func.coalesce(old.accession_number, new.accession_number),
-            "first_received_at": least(old.first_received_at, new.first_received_at),
-            "last_received_at": greatest(old.last_received_at, new.last_received_at),
+            # coalesce: SQLite's min()/max() are NULL if any argument is (finalize_study may leave the
+            # window empty), where PostgreSQL's LEAST/GREATEST skip NULLs
+            "first_received_at": least(func.coalesce(old.first_received_at, new.first_received_at),
+                                       func.coalesce(new.first_received_at, old.first_received_at)),
+            "last_received_at": greatest(func.coalesce(old.last_received_at, new.last_received_at),
+                                         func.coalesce(new.last_received_at, old.last_received_at)),
             **{col: case((worse, new[col]), else_=old[col]) for col in ("severity", "flag", "stratum",
                                                                          "max_probability")},
         },

@@ -24,9 +24,9 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from worker import db
 from worker.config import WorkerSettings
-from worker.contract import quiet_pydicom
+from worker.contract import SPOOL_PENDING, quiet_pydicom
 from worker.pipeline import DetectorCache, Outcome, analyse_file
-from worker.spool import SpoolPathError, resolve_pending, retire, study_uid_from_relpath
+from worker.spool import SpoolPathError, resolve_pending, retire, study_uid_from_relpath, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,33 @@ class Runtime:
         self.detectors.get()
 
 
+class ClaimedDeliveryError(Exception):
+    """A delivery failed after it claimed its row (the database went away while storing, say).
+
+    The Celery wrapper retries `cause` if it is transient and counts that retry in the task's
+    `retries_after_claim`, which is what the attempt counter subtracts: a retry before any claim
+    (model not deployed yet, database down at the first read) claimed nothing and must not raise
+    the poison-message limit for the deliveries that follow.
+    """
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"after the claim: {type(cause).__name__}")
+        self.cause = cause
+
+
+class StudyNotSettledError(Exception):
+    """Images of the study still wait in pending/ without a result, so the study cannot be final yet."""
+
+
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, transient_retries: int = 0
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
-    `transient_retries` (Celery's retry count) is subtracted from the attempt counter, so
-    database blips after a claim never make an instance look like a poison message.
+    `retries_after_claim` (transient failures after a claim, each retried by Celery) is
+    subtracted from the attempt counter, so database blips after a claim never make an
+    instance look like a poison message; any failure after the claim is raised as
+    `ClaimedDeliveryError` so that the wrapper can count it.
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -93,8 +113,11 @@ def process_instance(
         claimed = db.claim_instance(conn, base)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
-    outcome = _analyse(rt, path, claimed["attempts"] - transient_retries)
-    return _finish(rt, sop_uid, relpath, received, started, outcome, path)
+    try:
+        outcome = _analyse(rt, path, claimed["attempts"] - retries_after_claim)
+        return _finish(rt, sop_uid, relpath, received, started, outcome, path)
+    except Exception as exc:
+        raise ClaimedDeliveryError(exc) from exc
 
 
 def _require_model(rt: Runtime) -> None:
@@ -102,12 +125,14 @@ def _require_model(rt: Runtime) -> None:
     before the row is claimed. Each claim counts a delivery; were the claim first, an outage longer
     than Celery's retries would leave attempts that later read as worker-lost deliveries, and the
     sweep's next delivery would fail the instance as abandoned once the model was back.
-    Other load errors are left to `_analyse`, which records them against the instance."""
+    No image has been read yet, so any load failure (an unreadable file, a stale network mount,
+    onnxruntime's own errors) is the deployment's and is retried, never recorded as the image's."""
     try:
         rt.detectors.get()  # type: ignore[union-attr]
     except Exception as exc:
         if is_model_problem(exc):
             raise
+        raise ModelUnavailableError(f"the model could not be loaded ({type(exc).__name__})") from exc
 
 
 def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
@@ -137,11 +162,15 @@ def _internal_error(exc: BaseException, path: Path) -> Outcome:
     return Outcome("failed", f"internal error ({type(exc).__name__})")
 
 
+class ModelUnavailableError(RuntimeError):
+    """Loading the model failed for a reason of the host (permissions, I/O, the runtime): retried."""
+
+
 def is_model_problem(exc: BaseException) -> bool:
     """A missing/corrupt model or a missing GPU is the deployment's fault, not the image's: retry, don't fail rows."""
     from models.errors import ExecutionProviderError, ModelIntegrityError
 
-    if isinstance(exc, (ModelIntegrityError, ExecutionProviderError)):  # incl. a bad or mismatched site calibration
+    if isinstance(exc, (ModelIntegrityError, ExecutionProviderError, ModelUnavailableError)):  # incl. a bad site calibration
         return True
     return isinstance(exc, FileNotFoundError) and "model" in str(exc).lower()
 
@@ -201,8 +230,30 @@ def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str) -> 
 
 
 def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) -> dict[str, Any]:
-    """Mark a study final: its study-level flag no longer waits for more images."""
+    """Mark a study final: its study-level flag no longer waits for more images.
+
+    The gateway asks once the study has been quiet for a while; images it received may still
+    wait for a result (the model being redeployed, a backlog). While any does, the study is not
+    final: this raises `StudyNotSettledError`, which the wrapper retries until they are done.
+    """
+    waiting = outstanding_instances(rt, study_uid)
+    if waiting:
+        raise StudyNotSettledError(f"{len(waiting)} instance(s) of the study still wait for a result")
     with rt.engine.begin() as conn:
         db.finalize_study(conn, study_uid, db.parse_timestamp(last_received_at))
     log.info("study %s finalised", study_uid)
     return {"study_instance_uid": study_uid, "final": True}
+
+
+def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
+    """SOP Instance UIDs in pending/<study>/ without a terminal row (a file whose result is stored
+    but which was not yet retired does not hold the study back)."""
+    if not valid_uid(study_uid):
+        return []
+    folder = Path(rt.settings.spool_dir) / SPOOL_PENDING / study_uid
+    waiting = sorted(p.stem for p in folder.glob("*.dcm")) if folder.is_dir() else []
+    if not waiting:
+        return []
+    with rt.engine.connect() as conn:
+        finished = db.terminal_sops(conn, waiting)
+    return [sop for sop in waiting if sop not in finished]

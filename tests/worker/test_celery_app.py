@@ -38,3 +38,57 @@ def test_no_loss_settings_and_task_names():
 )
 def test_only_infrastructure_errors_are_retried(exc, retried):
     assert is_transient(exc) is retried
+
+
+def test_retries_before_any_claim_do_not_raise_the_poison_message_limit(tmp_path, sqlite_url, test_split):
+    """A message retried while the model was being deployed carries Celery's retry count on every
+    later redelivery; only retries that followed a claim may be subtracted from the attempts, or an
+    image that kills its worker would crash-loop that many more times than TRIAGE_MAX_ATTEMPTS."""
+    from worker import db
+    from worker.migrate import upgrade
+    from worker.samples import make_cxr_dataset, save
+
+    upgrade(sqlite_url)
+    settings = WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=sqlite_url, spool_dir=tmp_path / "spool")
+    app = create_app(settings)
+    ds = make_cxr_dataset(test_split[0][0], size=(256, 256))
+    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    save(ds, settings.spool_dir / relpath)
+    runtime = app.conf.triage_runtime
+    claim = {"sop_instance_uid": str(ds.SOPInstanceUID), "study_instance_uid": str(ds.StudyInstanceUID),
+             "spool_relpath": relpath, "received_at": db.utcnow(), "started_at": db.utcnow()}
+    for _ in range(settings.max_attempts):  # deliveries that died with their worker
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, claim)
+
+    result = app.tasks[contract.PROCESS_INSTANCE].apply(args=(relpath, str(ds.SOPInstanceUID)),
+                                                        kwargs={"received_at": None}, retries=10).get()
+    assert result["status"] == "failed" and f"after {settings.max_attempts} deliveries" in result["reason"]
+
+
+def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sqlite_url, test_split, monkeypatch):
+    from worker import db, tasks
+    from worker.migrate import upgrade
+    from worker.samples import make_cxr_dataset, save
+
+    upgrade(sqlite_url)
+    settings = WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=sqlite_url, spool_dir=tmp_path / "spool",
+                              max_attempts=1)
+    app = create_app(settings)
+    ds = make_cxr_dataset(test_split[0][0], size=(256, 256))
+    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    save(ds, settings.spool_dir / relpath)
+    real_finish, calls = tasks._finish, []
+
+    def finish_after_one_outage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_finish", finish_after_one_outage)
+    task = app.tasks[contract.PROCESS_INSTANCE]
+    result = task.apply(args=(relpath, str(ds.SOPInstanceUID)), kwargs={"received_at": None}).get()
+    assert result["status"] == "done", "two claims, one of them followed by a counted retry: not a lost delivery"
+    with app.conf.triage_runtime.engine.connect() as conn:
+        assert db.get_instance(conn, str(ds.SOPInstanceUID))["attempts"] == 2

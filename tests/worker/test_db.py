@@ -82,6 +82,18 @@ def test_study_view_takes_most_severe_done_flag_and_finalises(engine):
         assert row["first_received_at"] == dt.datetime(2026, 1, 1)
 
 
+def test_a_study_finalised_without_a_time_gets_its_window_from_later_images(engine):
+    """finalize_study may come without a parseable time; the next image must still set the received
+    window on both databases (SQLite's min()/max() return NULL if any argument is NULL)."""
+    with engine.begin() as conn:
+        db.finalize_study(conn, "9.8", None)
+        db.finish_instance(conn, _done("1.9", "9.8"))
+        db.touch_study(conn, "9.8", "ACC8", dt.datetime(2026, 1, 5), _done("1.9", "9.8"))
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.8")).mappings().one()
+    assert row["first_received_at"] == row["last_received_at"] == dt.datetime(2026, 1, 5)
+    assert row["final"] and row["flag"] == "URGENT"
+
+
 def test_timestamps_normalise_to_naive_utc():
     assert db.parse_timestamp("2026-01-01T01:00:00+01:00") == dt.datetime(2026, 1, 1)
     assert db.parse_timestamp("2026-01-01T00:00:00Z") == dt.datetime(2026, 1, 1)

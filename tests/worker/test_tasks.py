@@ -58,7 +58,7 @@ def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
     for _ in range(runtime.settings.max_attempts):  # claims followed by database errors, each retried
         with runtime.engine.begin() as conn:
             db.claim_instance(conn, base)
-    result = tasks.process_instance(runtime, relpath, sop, None, transient_retries=runtime.settings.max_attempts)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts)
     assert result["status"] == "done"
 
 
@@ -93,6 +93,52 @@ def test_finalize_before_any_instance_creates_a_final_study(runtime):
     assert final["final"] and final["finalized_at"] is not None
 
 
+def test_a_study_is_not_final_while_its_images_wait_for_a_result(runtime, test_split):
+    """The gateway asks for finalisation after a quiet period, also while the model is being
+    redeployed: the study must not read "final, nothing found" and turn URGENT later."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    with pytest.raises(tasks.StudyNotSettledError):
+        tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
+    with runtime.engine.connect() as conn:
+        assert conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).first() is None
+
+    assert tasks.process_instance(runtime, relpath, sop, "2026-01-01T00:00:00Z")["status"] == "done"
+    tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
+    with runtime.engine.connect() as conn:
+        assert conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one()["final"]
+
+
+def test_a_stored_result_whose_file_was_not_retired_does_not_hold_the_study(runtime, test_split):
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    tasks.process_instance(runtime, relpath, sop, None)
+    archived = runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm"
+    (runtime.settings.spool_dir / relpath).write_bytes(archived.read_bytes())  # a crash before the move
+    assert tasks.outstanding_instances(runtime, study) == []
+    tasks.finalize_study(runtime, study, None)
+
+
+def test_an_unreadable_model_file_is_retried_before_any_claim(tmp_path, sqlite_url, test_split):
+    """Not only a missing or mismatched model: any failure to load it is the host's, so the task is
+    retried and the image stays pending instead of becoming a `failed` row that is never retried.
+    Here reading the file fails with EIO (a file of /proc that cannot be read), as a stale network
+    mount or a permission problem would fail with another OSError."""
+    import shutil
+
+    from models.card import card_path_for, default_model_path
+
+    model = tmp_path / "deployed" / "pneumonia_resnet50.onnx"
+    model.parent.mkdir()
+    model.symlink_to("/proc/self/mem")
+    shutil.copy(card_path_for(default_model_path()), card_path_for(model))
+    upgrade(sqlite_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", model_path=model))
+    relpath, sop, _ = stage(rt, test_split[0][0])
+    with pytest.raises(tasks.ModelUnavailableError, match="could not be loaded"):
+        tasks.process_instance(rt, relpath, sop, None)
+    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file()
+    assert tasks.is_model_problem(tasks.ModelUnavailableError("x"))
+
+
 def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sqlite_url, test_split):
     """A deployment mistake must not turn every incoming image into a `failed` row: the task raises
     (Celery retries it) and the instance stays pending with its spool file in place, unclaimed, so
@@ -114,7 +160,7 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     relpath, sop, _ = stage(rt, test_split[0][0])
     for delivery in range(rt.settings.max_attempts + 2):  # Celery retries and sweep re-sends during the outage
         with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
-            tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z", transient_retries=delivery % 2)
+            tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z", retries_after_claim=delivery % 2)
     assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file(), "nothing claimed, file pending"
 
     fixed = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool"))
