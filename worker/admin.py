@@ -253,22 +253,32 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
     """
     from celery import Celery
 
-    pending = Path(settings.spool_dir) / contract.SPOOL_PENDING
-    cutoff = time.time() - older_than_s
-    files = [p for p in sorted(pending.glob("*/*.dcm")) if p.stat().st_mtime <= cutoff]
+    files = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
     client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
     try:
-        for path in files:
+        for path, received_at in files:
             relpath = path.relative_to(settings.spool_dir).as_posix()
-            _mark_queued(engine, path.parent.name, path.stem, relpath)
+            _mark_queued(engine, path.parent.name, path.stem, relpath, received_at)
             client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
-                             kwargs={"received_at": dt.datetime.fromtimestamp(path.stat().st_mtime,
-                                                                              dt.timezone.utc).isoformat()},
-                             queue=contract.QUEUE)
+                             kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
     finally:
         client.close()
     print(f"requeued {len(files)} pending instance(s)")
     return 0
+
+
+def stale_pending(spool_dir: Path, cutoff: float) -> list[tuple[Path, dt.datetime]]:
+    """Pending files last written before `cutoff`, with that time (when the gateway received them).
+    A running worker may archive a file between the listing and its stat: that one is skipped."""
+    stale = []
+    for path in sorted((spool_dir / contract.SPOOL_PENDING).glob("*/*.dcm")):
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if mtime <= cutoff:
+            stale.append((path, dt.datetime.fromtimestamp(mtime, dt.timezone.utc)))
+    return stale
 
 
 def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every_hours: float | None) -> int:
@@ -285,11 +295,12 @@ def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every
         time.sleep(every_hours * 3600)
 
 
-def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str) -> None:
+def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str, received_at: dt.datetime) -> None:
+    """A `queued` row for an instance the database has not seen, received when the gateway stored it."""
     with engine.begin() as conn:
         stmt = db._insert(conn, db.instances).values(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, spool_relpath=relpath,
-            status="queued", attempts=0, received_at=db.utcnow())
+            status="queued", attempts=0, received_at=db.parse_timestamp(received_at))
         conn.execute(stmt.on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
 
 
@@ -303,7 +314,7 @@ def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Pat
         elif fmt == "csv":
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows({k: _jsonable(r).get(k) for k in columns} for r in rows)
+            writer.writerows({k: _spreadsheet_safe(_jsonable(r).get(k)) for k in columns} for r in rows)
         else:
             handle.write("  ".join(columns) + "\n")
             for row in rows:
@@ -311,6 +322,14 @@ def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Pat
     finally:
         if out:
             handle.close()
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """Text that a spreadsheet would run as a formula (an accession number from the modality
+    starting with '=', '+', '-' or '@') gets a leading apostrophe, as OWASP advises for CSV export."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,58 @@ def test_show_study_and_csv_export(small_db, tmp_path):
     assert {"model_version", "model_sha256", "site_calibration_sha256"} <= set(exported[0])
 
 
+def test_csv_export_does_not_hand_spreadsheets_a_formula(database_url, tmp_path):
+    """AccessionNumber comes from the modality; '=cmd|...' must stay text when the audit CSV is opened."""
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(insert(db.instances).values(
+            sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3", spool_relpath="pending/1.2.3/1.2.3.4.dcm",
+            accession_number='=cmd|" /C calc"!A0', status="done", attempts=1, received_at=db.utcnow()))
+    engine.dispose()
+    out = tmp_path / "export.csv"
+    run_admin(database_url, "export", "--format", "csv", "--out", str(out))
+    (exported,) = list(csv.DictReader(out.open()))
+    assert exported["accession_number"] == '\'=cmd|" /C calc"!A0'
+    assert exported["sop_instance_uid"] == "1.2.3.4"
+
+
+def test_requeue_keeps_the_gateway_receive_time_and_skips_files_archived_meanwhile(tmp_path, sqlite_url, monkeypatch):
+    """The requeued row's received_at is the file's (the gateway's) time, as in the task, not the
+    requeue's; a file a running worker archives between the listing and its stat is skipped."""
+    import os
+    from pathlib import Path
+
+    from worker import contract
+
+    upgrade(sqlite_url)
+    spool = tmp_path / "spool"
+    files = []
+    for i in range(3):
+        path = spool / contract.pending_relpath("1.2.3", f"1.2.3.{i}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
+        files.append(path)
+    real_stat, archived = Path.stat, files[1]
+
+    def stat_after_archiving(self, *args, **kwargs):
+        if self == archived and os.path.exists(self):
+            self.unlink()  # a worker retires it right after the glob
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_after_archiving)
+    stale = admin.stale_pending(spool, cutoff=1_800_000_000)
+    assert [p.name for p, _ in stale] == ["1.2.3.0.dcm", "1.2.3.2.dcm"]
+    assert stale[0][1] == dt.datetime.fromtimestamp(1_700_000_000, dt.timezone.utc)
+
+    engine = db.make_engine(sqlite_url)
+    admin._mark_queued(engine, "1.2.3", "1.2.3.0", "pending/1.2.3/1.2.3.0.dcm", stale[0][1])
+    with engine.connect() as conn:
+        assert db.get_instance(conn, "1.2.3.0")["received_at"] == dt.datetime(2023, 11, 14, 22, 13, 20)
+    engine.dispose()
+
+
 def test_stats_counts_and_percentiles(small_db):
     url, rows = small_db
     stats = json.loads(run_admin(url, "stats", "--window-hours", "2", "--format", "json"))
