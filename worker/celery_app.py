@@ -75,7 +75,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
         except tasks.StudyNotSettledError as exc:  # however long the images wait: not a failure
-            raise self.retry(exc=exc, countdown=settings.retry_backoff_max_s, max_retries=None)
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries), max_retries=None)
         except Exception as exc:
             if not is_transient(exc):
                 raise
