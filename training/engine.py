@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.data import to_network_input, to_unit_tensor
+from models.preprocess import preprocess_batch
 from training.runtime import Runtime
 
 
@@ -20,11 +20,16 @@ def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 128,
                    hflip_tta: bool = False) -> np.ndarray:
-    """Logits (N, 2) in float32 for uint8 source images, optionally averaged with the h-flip."""
+    """Logits (N, 2) in float32 for uint8 source images, optionally averaged with the h-flip.
+
+    Evaluation scores exactly what serving feeds the network: the inputs come from the contract's
+    numpy `preprocess` (the images are at their MedMNIST+ source size), not from its torch twin
+    that the augmented training batches go through."""
     model.eval()
     outputs = []
     for chunk in batches(images, batch_size):
-        x = to_network_input(to_unit_tensor(chunk).to(runtime.device)).contiguous(memory_format=runtime.memory_format)
+        served = torch.from_numpy(preprocess_batch(chunk, source_size=chunk.shape[-1]))
+        x = served.to(runtime.device).contiguous(memory_format=runtime.memory_format)
         with runtime.autocast():
             logits = model(x).float()
             if hflip_tta:

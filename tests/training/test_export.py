@@ -66,3 +66,20 @@ def test_int8_flip_averaged_model_keeps_one_copy_of_its_weights(tmp_path):
         quantize_onnx(tmp_path / f"{name}.onnx", tmp_path / f"{name}.int8.onnx", calibration, 28)
     plain, tta = (int8_weight_bytes(tmp_path / f"{name}.int8.onnx") for name in ("plain", "tta"))
     assert plain > 19_000 and tta == plain
+
+
+def test_evaluation_scores_the_contracts_numpy_input_bit_for_bit():
+    """Training evaluation feeds the network exactly what serving feeds it: the output of
+    `models.preprocess`, not its torch twin (equal only to about 1e-6)."""
+    from models.preprocess import preprocess_batch
+    from training.engine import predict_logits
+    from training.runtime import Runtime
+
+    from tests.training.conftest import TinyNet
+
+    model = TinyNet(hidden=8, dropout=0.5)
+    fed: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: fed.append(args[0].detach().clone()))
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    predict_logits(model, images, Runtime(torch.device("cpu"), "fp32"), batch_size=2)
+    assert np.array_equal(torch.cat(fed).numpy(), preprocess_batch(images, 28))
