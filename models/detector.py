@@ -112,13 +112,13 @@ class PneumoniaDetector:
         return preprocess_batch(images, self.card.source_size)
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
-        """One result per input, in order; one unreadable input refuses the batch, naming its position."""
+        """One result per input, in order; one unreadable input refuses the batch, naming its position (from 1)."""
         inputs = []
         for index, image in enumerate(images):
             try:
                 inputs.append(self._input(image))
             except UnreadableImageError as exc:
-                raise UnreadableImageError(f"input {index} of {len(images)}: {exc}") from exc
+                raise UnreadableImageError(f"input {index + 1} of {len(images)}: {exc}") from exc
         batch = np.stack(inputs) if inputs else self.preprocess([])
         return [self.describe(float(p)) for p in self.pneumonia_probability(batch)]
 

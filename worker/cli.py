@@ -140,8 +140,12 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.site_calibration import case_logits, fit_site_calibration, read_cases
 
     out_dir = Path(args.out).parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # refused just below, without the OSError's text (the path may name a patient)
     if not (out_dir.is_dir() and os.access(out_dir, os.W_OK)):  # found out now, not after scoring every case
-        log.error("site calibration not written: the --out folder does not exist or is not writable")
+        log.error("site calibration not written: the --out folder cannot be made or is not writable")
         return 2
     try:
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)

@@ -98,7 +98,7 @@ def test_inputs_that_are_no_radiograph_raise_unreadable_image_error(detector, sa
 
 
 def test_a_batch_names_the_input_it_refuses(detector, sample):
-    with pytest.raises(UnreadableImageError, match=r"^input 1 of 3: image side 20 is smaller"):
+    with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
         detector.predict_batch([sample, sample[:20, :20], sample])
 
 

@@ -118,11 +118,11 @@ def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
         rows.append(f"{i}-lat.dcm,{int(labels[i])}")
     (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
     done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "ward-7",
-                   "--out", str(tmp_path / "site.json"), "--folds", "3")
+                   "--out", str(tmp_path / "var" / "site.json"), "--folds", "3")  # var/ made as needed
     assert done.returncode == 0, done.stderr
     assert "excluded (the worker would skip them): 2 x view position LL" in done.stdout
     assert "sensitivity" in done.stdout and "95% bootstrap CI" in done.stdout
-    site = SiteCalibration.load(tmp_path / "site.json")
+    site = SiteCalibration.load(tmp_path / "var" / "site.json")
     assert site.cases["n"] == 24 and site.cases["excluded"] == {"view position LL is not frontal (PA/AP)": 2}
 
 
@@ -148,7 +148,7 @@ def test_calibrate_io_errors_do_not_print_paths(tmp_path):
 
 
 @pytest.mark.parametrize("flags, reason", [
-    (["--out", "{tmp}/no-such-folder/s.json"], "--out folder does not exist or is not writable"),
+    (["--out", "{tmp}/cases.csv/s.json"], "--out folder cannot be made or is not writable"),
     (["--out", "{tmp}/s.json", "--rule-out-sensitivity", "98"], "must be a share in (0, 1]"),
 ])
 def test_calibrate_refuses_bad_arguments_before_scoring_any_case(tmp_path, flags, reason):
