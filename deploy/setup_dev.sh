@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One set-up command for a development or CI machine (Debian/Ubuntu, run as root): the system
+# packages (DCMTK peers, openssl, Redis, PostgreSQL), the two services started and reachable the
+# way the tests expect them, then the Python packages. Safe to run again: each step is skipped
+# when it is already done, and nothing that already works is reconfigured.
+#
+#   deploy/setup_dev.sh            # then: deploy/run_local.sh, python -m pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== system packages (DCMTK: real DICOM peers for the tests; Redis; PostgreSQL; openssl)"
+missing=()
+for package in dcmtk openssl redis-server postgresql; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "== services: Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432 with a database 'test'"
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+cluster=$(ls /etc/postgresql | sort -V | tail -1)
+if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
+  pg_ctlcluster --skip-systemctl-redirect "$cluster" main start
+fi
+for _ in $(seq 30); do pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1 && break; sleep 1; done
+if ! psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -Atc "select 1" >/dev/null 2>&1; then
+  # the tests log in as postgres over TCP without a password (a throw-away local cluster)
+  hba="/etc/postgresql/$cluster/main/pg_hba.conf"
+  sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  pg_ctlcluster --skip-systemctl-redirect "$cluster" main reload
+  sleep 1
+fi
+if [ "$(psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -Atc \
+      "select count(*) from pg_database where datname = 'test'")" = "0" ]; then
+  psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -qc "create database test"
+fi
+
+echo "== python packages"
+python -m pip install -q --upgrade pip >/dev/null
+# torch/torchvision are a pinned pair served from local disk here; install them first so the
+# extras below resolve against them instead of pulling another build.
+python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install -q -e ".[serve,train,dev]"
