@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,24 @@ MODEL_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_NAME = "pneumonia_resnet50"
 STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
 """Ordered from least to most severe."""
+
+
+def strict_json(data: Any, **dumps_options: Any) -> str:
+    """JSON that every parser accepts (RFC 8259 has no NaN or Infinity): a non-finite number, such
+    as the PPV of an empty stratum, is written as null. numpy scalars are written as numbers."""
+    return json.dumps(_finite(data), allow_nan=False, **dumps_options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalar -> Python number
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def default_model_path() -> Path:
@@ -82,7 +101,7 @@ class ModelCard:
         return {**data, **extra}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        Path(path).write_text(strict_json(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelCard":

@@ -18,7 +18,7 @@ from sklearn.metrics import classification_report
 
 from models.calibration import (binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature, nll,
                                 stratum_report)
-from models.card import Stratum
+from models.card import Stratum, strict_json
 from training.config import TrainConfig
 from training.data import Split, load_split
 from training.engine import predict_logits
@@ -169,7 +169,7 @@ def save_evaluation(evaluation: Evaluation, path: Path) -> None:
     payload = {"tta_hflip": evaluation.tta_hflip, "temperature": evaluation.temperature,
                "operating_threshold": evaluation.operating_threshold,
                "strata": [s.__dict__ for s in evaluation.strata], "metrics": evaluation.metrics}
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    path.write_text(strict_json(payload, indent=2) + "\n")
 
 
 def load_evaluation(path: Path) -> Evaluation:

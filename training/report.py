@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from models.card import strict_json  # noqa: E402
 from training.evaluate import Evaluation  # noqa: E402
 from training.metrics import softmax_pneumonia  # noqa: E402
 
@@ -22,7 +23,7 @@ NAMES = {"accuracy": "Accuracy", "precision": "Precision (PPV)", "npv": "NPV", "
 def write_results(results_dir: Path, evaluation: Evaluation, history: list[dict], run_info: dict, run_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"run": run_info, **evaluation.metrics, "strata": [s.__dict__ for s in evaluation.strata]}
-    (results_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (results_dir / "metrics.json").write_text(strict_json(payload, indent=2) + "\n")
     (results_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     (results_dir / "summary.md").write_text(summary_markdown(evaluation, run_info))
     predictions = np.load(run_dir / "predictions.npz")
@@ -73,8 +74,13 @@ def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
     for stratum in evaluation.strata:
         s = test["strata"][stratum.name]
         lines.append(f"| {stratum.name} | [{stratum.lower:.3f}, {stratum.upper:.3f}) | {s['count']} | {s['pneumonia']} | "
-                     f"{s['ppv']:.3f} | {s['npv']:.3f} |")
+                     f"{_share(s['ppv'])} | {_share(s['npv'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    """A rate of the summary table; an empty stratum has none (NaN in memory, null in JSON)."""
+    return "—" if value is None or value != value else f"{value:.3f}"
 
 
 def plot_all(out: Path, predictions: dict, evaluation: Evaluation, history: list[dict]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.calibration import StrataTargets, calibrate, stratum_report
+from models.card import strict_json
 from training.evaluate import ROC_POINTS, calibration_report, full_report, roc_points
 from training.metrics import roc_auc, softmax_pneumonia
 
@@ -64,10 +65,24 @@ def load_seed_run(run_dir: Path) -> SeedRun:
         label = "ensemble-" + "-".join(str(member["seed"]) for member in run_info["ensemble_of"])
     metrics_file = run_dir / "results" / "metrics.json"
     metrics_file = metrics_file if metrics_file.is_file() else run_dir / "metrics.json"
-    return SeedRun(seed=int(config["seed"]), label=label, metrics=json.loads(metrics_file.read_text()),
+    return SeedRun(seed=int(config["seed"]), label=label, metrics=read_metrics(metrics_file),
                    run_info=run_info,
                    val_labels=predictions["val_labels"], val_logits=predictions["val_logits"],
                    test_labels=predictions["test_labels"], test_logits=predictions["test_logits"])
+
+
+def read_metrics(path: Path) -> dict:
+    """A metrics.json; null there is a number that had no finite value (an empty stratum's PPV, a
+    precision without positive calls) and is read back as NaN, as it was computed."""
+    return _nan_for_null(json.loads(path.read_text()))
+
+
+def _nan_for_null(value):  # type: ignore[no-untyped-def]
+    if isinstance(value, dict):
+        return {key: _nan_for_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_null(item) for item in value]
+    return float("nan") if value is None else value
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:
@@ -96,7 +111,7 @@ def baseline_metrics(baseline_dir: Path) -> list[dict]:
     files = sorted(f for pattern in ("seed-*", "soup-*", "ensemble-*") for f in baseline_dir.glob(f"{pattern}/metrics.json"))
     if not files:
         raise FileNotFoundError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
-    return [json.loads(f.read_text()) for f in files]
+    return [read_metrics(f) for f in files]
 
 
 def validation_comparison(candidate: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]]) -> dict:
@@ -173,7 +188,7 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
             "baseline": str(baseline_dir), **validation_comparison(figures["validation"]["mean_sd"], baseline)}
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_run_files(runs, run_dirs, out_dir)
-    (out_dir / "seeds.json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    (out_dir / "seeds.json").write_text(strict_json(figures, indent=2) + "\n")
     (out_dir / "seeds.md").write_text(seeds_markdown(figures))
     return figures
 
