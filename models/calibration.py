@@ -138,7 +138,10 @@ def threshold_for_specificity(labels: np.ndarray, probability: np.ndarray, targe
 def choose_strata(labels: np.ndarray, probability: np.ndarray, targets: StrataTargets) -> tuple[Stratum, ...]:
     rule_out = threshold_for_sensitivity(labels, probability, targets.rule_out_sensitivity)
     rule_in = max(threshold_for_specificity(labels, probability, targets.high_suspicion_specificity), rule_out)
-    rule_in = min(rule_in, 1.0)
+    if rule_in > 1.0:  # the top band is closed at 1.0, so no cut keeps out normal cases at exactly 1.0
+        saturated = int(np.sum((np.asarray(labels) == 0) & (np.asarray(probability) >= 1.0)))
+        raise ValueError(f"high_suspicion cannot keep {targets.high_suspicion_specificity} of the normal cases out: "
+                         f"{saturated} normal case(s) have a calibrated probability of exactly 1.0")
     strata = (
         Stratum("likely_normal", 0.0, rule_out,
                 f"sensitivity of the other strata >= {targets.rule_out_sensitivity} on the calibration data"),

@@ -219,9 +219,6 @@ def test_choose_strata_meets_targets_on_the_calibration_data(seed, targets):
     assert sum(r["pneumonia"] for r in report.values()) == labels.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="choose_strata clamps a rule-in cut above 1.0 down to 1.0, but the top band "
-                                       "includes p == 1.0, so normals at p == 1.0 stay in high_suspicion and the "
-                                       "specificity target is silently missed")
 def test_rule_in_target_met_when_normals_saturate_at_probability_one():
     # A saturated sigmoid gives exactly 1.0: calibrated_probability([[0, 40]], 1) == 1 / (1 + exp(-40)) == 1.0.
     # 10 normals, two of them at 1.0, and specificity >= 0.9: ceil(0.9 * 10) = 9 below the cut -> next float above
@@ -229,11 +226,6 @@ def test_rule_in_target_met_when_normals_saturate_at_probability_one():
     logits = np.array([[0.0, x] for x in (-2.2, -1.4, -0.8, -0.4, 0.0, 0.4, 0.8, 1.4, 40.0, 40.0, 2.2, 3.0)])
     labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
     targets = StrataTargets(rule_out_sensitivity=0.98, high_suspicion_specificity=0.9)
-    try:
-        strata = calibrate(labels, logits, targets, temperature=1.0).strata
-    except ValueError:
-        return  # refusing to fit is an acceptable fix
-    from models.detector import calibrated_probability
-    probability = calibrated_probability(logits, 1.0)
-    assert probability[8] == probability[9] == 1.0
-    assert _high_suspicion_specificity(labels, probability, strata) >= targets.high_suspicion_specificity
+    # The top band is closed at 1.0, so no cut can keep them out: refused with the reason, never a silent miss.
+    with pytest.raises(ValueError, match="2 normal case.s. have a calibrated probability of exactly 1.0"):
+        calibrate(labels, logits, targets, temperature=1.0)
