@@ -19,7 +19,7 @@ from pathlib import Path
 
 from models.card import sha256_of
 from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_existing_run, resolve_data_root,
-                             resolve_weights)
+                             resolve_frozen, resolve_weights)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, release
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+    d, a = TrainConfig(), AugmentConfig()
     p.add_argument("--data-root", help="folder holding pneumoniamnist.npz (env PNEUMONIA_DATA_ROOT)")
     p.add_argument("--image-size", type=int, default=d.image_size, choices=(28, 64, 128, 224))
     p.add_argument("--subset", type=int, help="stratified subset per split (quick runs, tests)")
@@ -71,23 +71,46 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resnet-v1-strides", action="store_true", help="original ResNet v1 stride placement (for v1 weights)")
     p.add_argument("--init-seed", type=int, help="seed of the head's initialisation (default: --seed); runs to be "
                    "averaged by `soup` must share one")
-    p.add_argument("--frozen", default=",".join(d.frozen), help="comma-separated top-level modules to freeze")
+    p.add_argument("--frozen", help=f"comma-separated top-level modules to freeze (default: {','.join(d.frozen)}; "
+                   "nothing with --weights none, whose layers are random)")
+    p.add_argument("--hidden", type=int, default=d.hidden,
+                   help="width of the head's hidden layer (2048 -> HIDDEN -> 2)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head's last layer")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch,
                    help="sampler draws per epoch; 0 = the train split's size")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without a better score")
+    p.add_argument("--plateau-factor", type=float, default=d.plateau_factor,
+                   help="ReduceLROnPlateau: multiply the LR by this when the score stalls")
+    p.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+                   help="ReduceLROnPlateau: epochs without a better score before the LR drops")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = no clipping)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="label smoothing of the cross-entropy (0 = off)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables weight EMA")
     p.add_argument("--max-train-minutes", type=float,
                    help="wall-clock budget for fitting: the running epoch stops after its current step, is validated, "
                         "and training ends (default: none; the recipe runs to its last epoch)")
     p.add_argument("--select-metric", default=d.select_metric, choices=("auc", "f1", "loss"))
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--aug-gamma", type=float, default=AugmentConfig().gamma,
+    p.add_argument("--aug-rotation-deg", type=float, default=a.rotation_deg, help="rotation drawn in [-DEG, DEG]")
+    p.add_argument("--aug-hflip-p", type=float, default=a.hflip_p, help="probability of a horizontal flip")
+    p.add_argument("--aug-translate", type=float, default=a.translate,
+                   help="translation drawn in [-T, T] of the image size, per axis")
+    p.add_argument("--aug-scale-min", type=float, default=a.scale_min, help="lower bound of the random zoom")
+    p.add_argument("--aug-scale-max", type=float, default=a.scale_max, help="upper bound of the random zoom")
+    p.add_argument("--aug-shear-deg", type=float, default=a.shear_deg, help="shear drawn in [-DEG, DEG]")
+    p.add_argument("--aug-brightness", type=float, default=a.brightness, help="brightness factor in [1-B, 1+B]")
+    p.add_argument("--aug-contrast", type=float, default=a.contrast, help="contrast factor in [1-C, 1+C]")
+    p.add_argument("--aug-erase-p", type=float, default=a.erase_p, help="probability of random erasing")
+    p.add_argument("--aug-erase-area", type=float, nargs=2, default=a.erase_area, metavar=("MIN", "MAX"),
+                   help="share of the image erased, drawn in [MIN, MAX]")
+    p.add_argument("--aug-gamma", type=float, default=a.gamma,
                    help="shift-robust gamma range g: gamma in [1/(1+g), 1+g] (0 = off)")
-    p.add_argument("--aug-noise", type=float, default=AugmentConfig().noise_std,
+    p.add_argument("--aug-noise", type=float, default=a.noise_std,
                    help="shift-robust Gaussian noise std at source size, in [0, 1] units (0 = off)")
     p.add_argument("--no-weighted-sampler", action="store_true")
     p.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=d.class_weighted_loss,
@@ -117,15 +140,20 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    weights = resolve_weights(args.weights)
+    frozen = resolve_frozen(args.frozen, weights)
+    if args.frozen is None and frozen != TrainConfig().frozen and args.stage in ("run", "train"):
+        log.info("weights %s: nothing frozen (the default %s would keep random layers untrained; pass --frozen to "
+                 "freeze anyway)", weights, ",".join(TrainConfig().frozen))
     return TrainConfig(
         data_root=resolve_data_root(args.data_root), image_size=args.image_size, subset=args.subset,
-        weights=resolve_weights(args.weights), resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
-        frozen=tuple(n for n in args.frozen.split(",") if n), epochs=args.epochs,
+        weights=weights, resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
+        frozen=frozen, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, patience=args.patience, ema_decay=args.ema_decay,
-        max_train_minutes=args.max_train_minutes,
-        select_metric=args.select_metric, augment=AugmentConfig(gamma=args.aug_gamma, noise_std=args.aug_noise,
-                                                                  enabled=not args.no_augment),
+        weight_decay=args.weight_decay, patience=args.patience, plateau_factor=args.plateau_factor,
+        plateau_patience=args.plateau_patience, grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
+        ema_decay=args.ema_decay, max_train_minutes=args.max_train_minutes,
+        select_metric=args.select_metric, augment=augment_from_args(args),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
         distill_from=tuple(args.distill_from), distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
@@ -133,6 +161,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
         out_dir=out_dir_from_args(args), resume=args.resume, progress=not args.no_progress,
+    )
+
+
+def augment_from_args(args: argparse.Namespace) -> AugmentConfig:
+    return AugmentConfig(
+        rotation_deg=args.aug_rotation_deg, hflip_p=args.aug_hflip_p, translate=args.aug_translate,
+        scale_min=args.aug_scale_min, scale_max=args.aug_scale_max, shear_deg=args.aug_shear_deg,
+        brightness=args.aug_brightness, contrast=args.aug_contrast, erase_p=args.aug_erase_p,
+        erase_area=tuple(args.aug_erase_area), gamma=args.aug_gamma, noise_std=args.aug_noise,
+        enabled=not args.no_augment,
     )
 
 

@@ -132,12 +132,16 @@ STAGE_FIELDS = ("data_root", "tta_hflip", "bootstrap", "strata", "device", "prec
                 "out_dir", "resume", "progress")
 """What a stage on a finished run takes from its own command: where the data is, the evaluation's choices and
 the runtime. Every other field says how the run was trained, so it comes from the run's config.json."""
+SAME_RESUME = (*SAME_RUN, "frozen")
+"""What a resume must also repeat: the frozen set decides which parameters the saved optimizer state belongs
+to (and its default depends on --weights: none freezes nothing)."""
 
 
-def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path) -> None:
-    """Refuse a command whose `SAME_RUN` fields differ from a run's saved config (as soup.py refuses its ingredients)."""
+def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path,
+                   fields: tuple[str, ...] = SAME_RUN) -> None:
+    """Refuse a command whose `fields` differ from a run's saved config (as soup.py refuses its ingredients)."""
     asked = config.to_dict()
-    differing = [key for key in SAME_RUN if key in saved and asked[key] != saved[key]]
+    differing = [key for key in fields if key in saved and asked[key] != saved[key]]
     if differing:
         said = ", ".join(f"{key}={saved[key]!r} (this command: {asked[key]!r})" for key in differing)
         raise ValueError(f"{source} says {said}: pass the run's own flags, or its checkpoint is read as another "
@@ -181,3 +185,12 @@ def resolve_data_root(flag: str | None) -> Path | None:
 def resolve_weights(flag: str | None) -> str:
     """Flag beats env; default is torchvision's IMAGENET1K_V2 (needs internet or its cache)."""
     return flag or os.environ.get(WEIGHTS_ENV) or "IMAGENET1K_V2"
+
+
+def resolve_frozen(flag: str | None, weights: str) -> tuple[str, ...]:
+    """The comma-separated flag as given (an empty string freezes nothing); without it, the default set,
+    except for random weights ("none"): frozen random layers would never train, their BatchNorm
+    statistics staying at their initial values, so training from scratch trains everything."""
+    if flag is not None:
+        return tuple(n for n in flag.split(",") if n)
+    return () if weights.lower() == "none" else TrainConfig().frozen

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from training.config import TrainConfig, check_same_run
+from training.config import SAME_RESUME, TrainConfig, check_same_run
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.evaluate import load_trained
@@ -162,7 +162,7 @@ def build_network(config: TrainConfig) -> nn.Module:
 
 
 def check_resume(config: TrainConfig) -> None:
-    """A resumed run continues in its own folder, as the same network on the same images.
+    """A resumed run continues in its own folder, as the same network on the same images, with the same frozen set.
 
     Its history, best.pt and config.json lie beside last.pt: anywhere else the run would go on with an
     empty history and no best checkpoint, and evaluation would fail or rank against a record it lacks.
@@ -172,7 +172,7 @@ def check_resume(config: TrainConfig) -> None:
                          f"is {config.out_dir}: resume into the checkpoint's own folder (leave --out-dir out)")
     saved = config.out_dir / "config.json"
     if saved.is_file():
-        check_same_run(config, json.loads(saved.read_text()), saved)
+        check_same_run(config, json.loads(saved.read_text()), saved, SAME_RESUME)
 
 
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:

@@ -122,11 +122,12 @@ def test_ensemble_stage_ships_one_carded_graph(tiny_run, data_root, tmp_path, in
     assert run.label == "ensemble-42-42" and run.metrics["test"]["roc_points"]["point"]
 
 
-def test_resume_continues_from_last_checkpoint(tiny_run, data_root):
+def test_resume_continues_from_last_checkpoint(tiny_run, data_root, weights_path):
+    """The resume repeats the run's --weights: with none nothing is frozen by default, and the frozen set must match."""
     out, _ = tiny_run
     args = ["train", "--data-root", str(data_root), "--subset", "40", "--epochs", "3", "--samples-per-epoch", "0", "--batch-size", "16",
-            "--out-dir", str(out), "--resume", str(out / "last.pt"), "--no-progress", "--weights", "none",
-            "--ema-decay", "0.9"]
+            "--out-dir", str(out), "--resume", str(out / "last.pt"), "--no-progress",
+            "--weights", str(weights_path) if weights_path else "none", "--ema-decay", "0.9"]
     assert main(args) == 0
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]

@@ -53,6 +53,14 @@ def test_fit_refuses_to_resume_as_another_network(tiny_network, data_root, tmp_p
         fit(tiny_config(run, data_root, resume=run / "last.pt"), RUNTIME)
 
 
+def test_fit_refuses_to_resume_with_another_frozen_set(tiny_network, data_root, tmp_path):
+    """The saved optimizer state belongs to the run's trainable parameters; --weights none changes the default set."""
+    run = tmp_path / "pretrained"
+    tiny_config(run, data_root, frozen=("conv1", "bn1")).dump(run / "config.json")
+    with pytest.raises(ValueError, match="frozen"):
+        fit(tiny_config(run, data_root, resume=run / "last.pt"), RUNTIME)
+
+
 def test_resumed_run_reports_the_time_of_the_whole_run(tiny_network, data_root, tmp_path):
     """run_info's train_seconds (FitResult.seconds) counts the time spent before the resume too."""
     out = tmp_path / "run"

@@ -15,19 +15,23 @@ COMMAND_FIELDS = {"data_root", "tta_hflip", "bootstrap", "strata", "device", "pr
 
 @pytest.fixture(scope="module")
 def v1_run(tmp_path_factory, data_root):
-    """A tiny run trained and evaluated with --resnet-v1-strides and a recipe that is not the default."""
+    """A tiny run trained and evaluated with --resnet-v1-strides, a dropout and a recipe that are not the default."""
     out = tmp_path_factory.mktemp("v1-run")
     with pytest.MonkeyPatch.context() as patch:
         use_tiny_network(patch)
         trained = ["--data-root", str(data_root), *TINY_FLAGS, "--resnet-v1-strides", "--epochs", "1", "--seed", "7",
-                   "--lr", "3e-4", "--out-dir", str(out)]
+                   "--lr", "3e-4", "--dropout", "0.25", "--label-smoothing", "0.1", "--aug-rotation-deg", "5",
+                   "--out-dir", str(out)]
         assert main(["train", *trained]) == 0 and main(["evaluate", *trained]) == 0
         yield out
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "export", "quantize"])
-@pytest.mark.parametrize("flags, field", [(["--subset", "40"], "resnet_v1_strides"),
-                                          (["--resnet-v1-strides", "--subset", "20"], "subset")])
+@pytest.mark.parametrize("flags, field", [(["--subset", "40", "--dropout", "0.25"], "resnet_v1_strides"),
+                                          (["--resnet-v1-strides", "--subset", "20", "--dropout", "0.25"], "subset"),
+                                          (["--resnet-v1-strides", "--subset", "40"], "dropout"),
+                                          (["--resnet-v1-strides", "--subset", "40", "--dropout", "0.25",
+                                            "--hidden", "256"], "hidden")])
 def test_stages_refuse_flags_that_change_the_runs_network_or_data(v1_run, data_root, stage, flags, field):
     """Without --resnet-v1-strides best.pt loads strictly into the other network, whose ONNX passes parity."""
     args = [stage, "--data-root", str(data_root), "--bootstrap", "20", "--calibration-images", "8", "--no-progress",
@@ -38,11 +42,12 @@ def test_stages_refuse_flags_that_change_the_runs_network_or_data(v1_run, data_r
 
 def test_export_cards_the_runs_saved_training_config(v1_run, data_root):
     """The command repeats only what defines the network and data; the recipe comes from config.json."""
-    assert main(["export", "--data-root", str(data_root), "--subset", "40", "--resnet-v1-strides",
+    assert main(["export", "--data-root", str(data_root), "--subset", "40", "--resnet-v1-strides", "--dropout", "0.25",
                  "--out-dir", str(v1_run)]) == 0
     saved = json.loads((v1_run / "config.json").read_text())
     training = ModelCard.load(v1_run / "pneumonia_resnet50.card.json").extra["training"]
     assert (training["epochs"], training["seed"], training["lr"], training["weights"]) == (1, 7, 3e-4, "none")
+    assert (training["label_smoothing"], training["augment"]["rotation_deg"], training["frozen"]) == (0.1, 5.0, [])
     assert {k: v for k, v in training.items() if k not in COMMAND_FIELDS} == \
            {k: v for k, v in saved.items() if k not in COMMAND_FIELDS}
     assert ModelCard.load(v1_run / "pneumonia_resnet50.card.json").extra["weights_origin"]["kind"] == "none"

@@ -1,0 +1,112 @@
+"""Every part of the recipe can be set from the command line, and reaches the config that training gets."""
+
+import dataclasses
+import logging
+
+import pytest
+
+from training.cli import build_parser, config_from_args
+from training.config import WEIGHTS_ENV, AugmentConfig, TrainConfig
+
+AUGMENT_FLAGS = {
+    "rotation_deg": (["--aug-rotation-deg", "7.5"], 7.5),
+    "hflip_p": (["--aug-hflip-p", "0.1"], 0.1),
+    "translate": (["--aug-translate", "0.05"], 0.05),
+    "scale_min": (["--aug-scale-min", "0.8"], 0.8),
+    "scale_max": (["--aug-scale-max", "1.3"], 1.3),
+    "shear_deg": (["--aug-shear-deg", "2"], 2.0),
+    "brightness": (["--aug-brightness", "0.35"], 0.35),
+    "contrast": (["--aug-contrast", "0.15"], 0.15),
+    "erase_p": (["--aug-erase-p", "0.6"], 0.6),
+    "erase_area": (["--aug-erase-area", "0.05", "0.3"], (0.05, 0.3)),
+    "gamma": (["--aug-gamma", "0.4"], 0.4),
+    "noise_std": (["--aug-noise", "0.02"], 0.02),
+    "enabled": (["--no-augment"], False),
+}
+"""One flag per AugmentConfig field, and a value that is not the field's default."""
+
+RECIPE_FLAGS = {
+    "hidden": (["--hidden", "256"], 256),
+    "dropout": (["--dropout", "0.2"], 0.2),
+    "plateau_factor": (["--plateau-factor", "0.3"], 0.3),
+    "plateau_patience": (["--plateau-patience", "4"], 4),
+    "grad_clip": (["--grad-clip", "0"], 0.0),
+    "label_smoothing": (["--label-smoothing", "0.1"], 0.1),
+}
+
+
+def config_of(*flags: str) -> TrainConfig:
+    """As `pneumonia-train train` builds it."""
+    return config_from_args(build_parser().parse_args(["train", *flags]))
+
+
+@pytest.fixture(autouse=True)
+def no_weights_env(monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+
+
+def test_every_augment_field_has_a_flag():
+    assert set(AUGMENT_FLAGS) == {f.name for f in dataclasses.fields(AugmentConfig)}
+
+
+@pytest.mark.parametrize("field", sorted(AUGMENT_FLAGS))
+def test_augment_flag_reaches_the_config(field):
+    flags, value = AUGMENT_FLAGS[field]
+    assert value != getattr(AugmentConfig(), field)
+    augment = config_of(*flags).augment
+    if field == "enabled":
+        assert augment.enabled is False
+    else:
+        assert getattr(augment, field) == pytest.approx(value)
+    others = {f.name for f in dataclasses.fields(AugmentConfig)} - {field}
+    assert all(getattr(augment, name) == getattr(AugmentConfig(), name) for name in others)
+
+
+@pytest.mark.parametrize("field", sorted(RECIPE_FLAGS))
+def test_recipe_flag_reaches_the_config(field):
+    flags, value = RECIPE_FLAGS[field]
+    assert value != getattr(TrainConfig(), field)
+    assert getattr(config_of(*flags), field) == pytest.approx(value)
+
+
+def test_erase_area_is_a_tuple_like_the_dataclass():
+    """config.json round-trips it (from_json turns lists back into tuples), and frozen configs compare equal."""
+    assert config_of("--aug-erase-area", "0.05", "0.3").augment.erase_area == (0.05, 0.3)
+    assert isinstance(config_of("--aug-erase-area", "0.05", "0.3").augment.erase_area, tuple)
+
+
+def test_flag_defaults_are_the_dataclass_defaults():
+    config = config_of()
+    assert config.augment == AugmentConfig()
+    assert all(getattr(config, field) == getattr(TrainConfig(), field) for field in RECIPE_FLAGS)
+    assert config.frozen == TrainConfig().frozen
+
+
+def test_network_flags_are_same_run_fields():
+    """--hidden and --dropout describe the network: later stages and resumes must repeat them."""
+    from training.config import SAME_RUN, STAGE_FIELDS
+
+    assert {"hidden", "dropout"} <= set(SAME_RUN)
+    assert not set(RECIPE_FLAGS) & set(STAGE_FIELDS)
+
+
+def test_weights_none_trains_everything_by_default(caplog):
+    with caplog.at_level(logging.INFO, logger="training"):
+        config = config_of("--weights", "none")
+    assert config.frozen == ()
+    assert "nothing frozen" in caplog.text
+
+
+def test_weights_none_from_the_environment_trains_everything(monkeypatch):
+    monkeypatch.setenv(WEIGHTS_ENV, "none")
+    assert config_of().frozen == ()
+
+
+@pytest.mark.parametrize("frozen, expected", [("conv1", ("conv1",)), ("conv1,bn1", ("conv1", "bn1")), ("", ())])
+def test_an_explicit_frozen_is_kept_with_weights_none(frozen, expected):
+    assert config_of("--weights", "none", "--frozen", frozen).frozen == expected
+
+
+def test_pretrained_weights_keep_the_default_frozen_set(tmp_path):
+    assert config_of("--weights", str(tmp_path / "resnet50.safetensors")).frozen == TrainConfig().frozen
+    assert config_of("--weights", "IMAGENET1K_V2", "--frozen", "conv1").frozen == ("conv1",)
