@@ -131,11 +131,18 @@ class PneumoniaDetector:
         normal, pneumonia = self.card.labels
         is_pneumonia = probability >= self.card.threshold
         stratum = self.card.stratum_for(probability)
+        prediction = pneumonia if is_pneumonia else normal
+        note = CLINICAL_NOTES.get(stratum, stratum)
+        if (stratum == "high_suspicion" and not is_pneumonia) or (stratum == "likely_normal" and is_pneumonia):
+            # the strata are cut for triage targets, the prediction at one threshold: say which one the note follows
+            note += (f" (The probability {probability:.2f} is {'below' if not is_pneumonia else 'at or above'} the "
+                     f"{self.card.threshold:g} threshold of the binary prediction, which reads {prediction}; "
+                     "triage follows the stratum.)")
         return {
-            "prediction": pneumonia if is_pneumonia else normal,
+            "prediction": prediction,
             "confidence": probability if is_pneumonia else 1.0 - probability,
             "probabilities": {normal: 1.0 - probability, pneumonia: probability},
-            "clinical_note": CLINICAL_NOTES.get(stratum, stratum),
+            "clinical_note": note,
             "stratum": stratum,
         }
 

@@ -41,6 +41,21 @@ def test_result_has_the_original_api_shape(detector, sample):
     assert result["stratum"] == detector.card.stratum_for(p)
 
 
+def test_a_note_says_which_call_it_follows_when_prediction_and_stratum_differ(detector):
+    """The card's high-suspicion cut (validation-chosen for triage) lies below the 0.5 threshold of the
+    binary prediction, so some results read "Normal" in the high-suspicion band: the note must not
+    contradict the prediction without saying so."""
+    high = next(s for s in detector.card.strata if s.name == "high_suspicion")
+    assert high.lower < detector.card.threshold, "the released card has such a band"
+    between = detector.describe((high.lower + detector.card.threshold) / 2)
+    assert between["prediction"] == "Normal" and between["stratum"] == "high_suspicion"
+    assert between["clinical_note"].startswith("High suspicion of pneumonia")
+    assert f"below the {detector.card.threshold:g} threshold" in between["clinical_note"]
+    assert "triage follows the stratum" in between["clinical_note"]
+    agreeing = detector.describe(0.99)
+    assert agreeing["prediction"] == "Pneumonia" and "threshold" not in agreeing["clinical_note"]
+
+
 def test_files_of_every_kind_agree_with_the_array(detector, sample, tmp_path):
     Image.fromarray(sample).resize((504, 504), Image.NEAREST).save(tmp_path / "x.png")
     Image.fromarray(sample.astype(np.uint16) * 257).save(tmp_path / "x16.png")

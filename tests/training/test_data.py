@@ -46,7 +46,16 @@ def test_split_sizes_and_stratified_subset(data_root):
     assert 38 <= len(small.labels) <= 42 and 0 < small.labels.mean() < 1
 
 
-def test_missing_file_error_names_file_md5_and_setting(tmp_path):
+def test_missing_file_error_names_file_md5_and_setting(tmp_path, monkeypatch):
+    """The download is attempted and fails: offline here, and refused below on a networked host too
+    (the test must not fetch 4 MB from zenodo.org, and must not pass only for want of a network)."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(FileNotFoundError) as error:
         ensure_dataset(tmp_path, 28)
     text = str(error.value)
