@@ -112,6 +112,19 @@ def test_inputs_that_are_no_radiograph_raise_unreadable_image_error(detector, sa
             detector.predict(image)
 
 
+def test_a_16_bit_png_holding_unscaled_12_bit_values_is_refused_not_misread(detector, sample, tmp_path):
+    """Read over 65535, 12-bit values are nearly black (test AUC 0.96 -> 0.22): a clear error, not a score."""
+    from PIL import Image
+
+    raw = tmp_path / "raw12.png"
+    Image.fromarray(sample.astype(np.uint16) * 16).save(raw)  # 0..4080: the low 12 bits only
+    with pytest.raises(UnreadableImageError, match="16-bit image uses only its low 12 bits"):
+        detector.predict(str(raw))
+    full = tmp_path / "full16.png"
+    Image.fromarray(sample.astype(np.uint16) * 257).save(full)  # the same picture, full range
+    assert detector.predict(str(full))["stratum"]
+
+
 def test_a_batch_names_the_input_it_refuses(detector, sample):
     with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
         detector.predict_batch([sample, sample[:20, :20], sample])
