@@ -67,15 +67,18 @@ def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, par
                timing: dict) -> ModelCard:
     file_name, md5 = dataset_file(config.image_size)
     test = evaluation.metrics["test"]
-    headline = {name: {"value": test["at_0.5"]["point"][name], "ci95": test["at_0.5"]["ci95"][name]}
+    def with_ci(point: str) -> dict:
+        return {name: {"value": test[point]["point"][name], "ci95": test[point]["ci95"][name]}
                 for name in evaluation.metrics["metric_names"]}
+
+    headline = with_ci("at_0.5")
     return ModelCard(
         name=DEFAULT_MODEL_NAME, version=version, sha256=sha256_of(onnx_path), labels=LABELS,
         preprocessing=preprocessing_id(config.image_size), input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
         source_size=config.image_size,
         temperature=evaluation.temperature, threshold=0.5, strata=evaluation.strata,
         metrics={"test_at_0.5": headline, "test_auc": test["at_0.5"]["point"]["auc"],
-                 "test_at_operating_point": test["at_operating_point"]["point"],
+                 "test_at_operating_point": with_ci("at_operating_point"),
                  "test_calibration": {k: v for k, v in test["calibration"].items() if k != "reliability_after"},
                  "test_strata": test["strata"]},
         extra={

@@ -17,7 +17,7 @@ import numpy as np
 from models.card import ModelCard, card_path_for, sha256_of
 from models.preprocess import preprocess_batch
 from training.config import TrainConfig
-from training.data import load_split
+from training.data import Split, load_split
 from training.metrics import roc_auc, softmax_pneumonia
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,25 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray, sou
     prepared.unlink()
 
 
+def variant_card(path: Path, fp32_card: ModelCard, config: TrainConfig, val: Split, test: Split,
+                 val_logits: np.ndarray, test_logits: np.ndarray, check: dict) -> ModelCard:
+    """The variant's own card: int8 moves single probabilities, so its temperature, operating point and
+    strata are refitted on validation from its own logits and test is scored with them, as `evaluate`
+    does for a trained model. Nothing is inherited from the fp32 card's figures."""
+    from models.calibration import calibrate
+    from training.evaluate import Evaluation, test_metrics
+    from training.export import build_card
+
+    tta_hflip = bool(fp32_card.extra.get("onnx", {}).get("tta_hflip_in_graph", False))  # inside the quantised graph
+    fit = calibrate(val.labels, val_logits, config.strata)
+    metrics = test_metrics(val, {False: val_logits}, test, {False: test_logits}, False, fit.temperature,
+                           fit.threshold, fit.strata, config)
+    evaluation = Evaluation(tta_hflip, fit.temperature, fit.threshold, fit.strata, metrics)
+    parity = {"against": "the fp32 model it was quantised from (int8 is not expected to match to 1e-4)",
+              "max_abs_delta_probability": check["max_abs_delta_probability_vs_fp32"]}
+    return build_card(path, config, evaluation, parity, fp32_card.version, fp32_card.extra.get("timing", {}))
+
+
 def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256) -> Path:
     """Write `<name>.int8.onnx` + card beside the fp32 model and return its path."""
     import onnxruntime as ort
@@ -83,7 +102,9 @@ def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256
              "test_images_per_s_fp32": timings["fp32"], "test_images_per_s_int8": timings["int8"],
              "calibration": f"{len(pick)} validation images"}
     log.info("int8 variant: %s", check)
-    variant = ModelCard.from_dict({**card.to_dict(), "name": card.name + "-int8", "sha256": sha256_of(int8_path),
+    variant = variant_card(int8_path, card, config, val, test, served_logits(int8, val.images, config.image_size),
+                           logits["int8"], check)
+    variant = ModelCard.from_dict({**variant.to_dict(), "name": card.name + "-int8",
                                    "variant_of": {"file": fp32_path.name, "sha256": card.sha256}, "int8_check": check})
     variant.save(card_path_for(int8_path))
     return int8_path

@@ -171,6 +171,14 @@ def test_int8_variant_carries_its_own_checks(tiny_run, data_root):
     assert card.extra["variant_of"]["file"] == "pneumonia_resnet50.onnx"
     assert 0 <= check["max_abs_delta_probability_vs_fp32"] < 0.2
     assert check["test_images_per_s_int8"] > 0
+    # its own figures: fitted on validation from the int8 logits and scored on test, none copied from fp32
+    fp32 = ModelCard.load(out / "pneumonia_resnet50.card.json")
+    assert set(fp32.metrics["test_at_operating_point"]["sensitivity"]) == {"value", "ci95"}, "CIs at both points"
+    assert card.metrics["test_auc"] == pytest.approx(check["test_auc_int8"], abs=1e-9)
+    assert card.extra["onnx"]["parity"]["max_abs_delta_probability"] == check["max_abs_delta_probability_vs_fp32"]
+    assert card.extra["onnx"]["file"] == "pneumonia_resnet50.int8.onnx"
+    assert card.extra["decision"]["operating_threshold_validation_youden"] != \
+        fp32.extra["decision"]["operating_threshold_validation_youden"] or card.temperature != fp32.temperature
     PneumoniaDetector(out / "pneumonia_resnet50.int8.onnx").predict(np.zeros((28, 28), np.uint8))
 
 
