@@ -102,6 +102,9 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
               for tta in ((False, True) if config.tta_hflip else (False,))}
     tta = min(scored, key=scored.get)
     fit = calibrate(val.labels, val_logits[tta], config.strata)
+    if not 0.0505 < fit.temperature < 19.8:  # fit_temperature's search range is [0.05, 20]
+        log.warning("temperature %.3g is at the edge of its search range: validation is (nearly) separable or the "
+                    "logits are degenerate, so calibrated probabilities may be saturated", fit.temperature)
     return tta, fit.temperature, fit.threshold, fit.strata
 
 

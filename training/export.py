@@ -1,8 +1,9 @@
 """Stage 3: ONNX export, parity check against PyTorch, and the model card.
 
-Parity runs the *serving* path end to end: numpy `models.preprocess` + onnxruntime,
-against PyTorch fp32 on the training pipeline's own tensors, so both the graph and the
-preprocessing contract are checked at once.
+Parity runs the *serving* path end to end: numpy `models.preprocess` + onnxruntime, against
+PyTorch fp32 scoring as evaluation does (the same numpy input), so it checks the exported graph.
+The preprocessing contract against the training pipeline's torch tensors is checked in
+tests/training/test_data.py.
 """
 
 from __future__ import annotations
