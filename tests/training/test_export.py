@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -83,3 +84,19 @@ def test_evaluation_scores_the_contracts_numpy_input_bit_for_bit():
     images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
     predict_logits(model, images, Runtime(torch.device("cpu"), "fp32"), batch_size=2)
     assert np.array_equal(torch.cat(fed).numpy(), preprocess_batch(images, 28))
+
+
+def test_the_card_names_where_the_weights_came_from(weights_path, tmp_path):
+    """A file name says little: the card records the offline weights' provenance and licence by sha256."""
+    from training.config import TrainConfig
+    from training.export import weights_origin
+
+    assert weights_origin(TrainConfig(weights="none"))["source"].startswith("random initialisation")
+    assert weights_origin(TrainConfig(weights="IMAGENET1K_V2"))["licence"] == "BSD-3-Clause"
+    unknown = tmp_path / "mine.safetensors"
+    unknown.write_bytes(b"not weights")
+    assert weights_origin(TrainConfig(weights=str(unknown)))["source"] == "a local file of unknown provenance"
+    if weights_path is None:
+        pytest.skip("the offline ImageNet weights are not here (CI has them in ../shared/weights)")
+    origin = weights_origin(TrainConfig(weights=str(weights_path), resnet_v1_strides=True))
+    assert origin["licence"] == "MIT" and "He et al." in origin["source"] and origin["resnet_v1_strides"]
