@@ -14,7 +14,8 @@ from training.soup import average_states, check_ingredients
 from training.train import build_network
 
 COMMON = ["--subset", "40", "--epochs", "1", "--samples-per-epoch", "0", "--batch-size", "16", "--no-progress",
-          "--weights", "none", "--bootstrap", "20", "--ema-decay", "0.9"]
+          "--weights", "none", "--frozen", "conv1,bn1,layer1,layer2", "--bootstrap", "20", "--ema-decay", "0.9"]
+"""`--frozen` given: with `--weights none` nothing would be frozen, and the test checks a frozen BN's average."""
 
 
 def test_average_is_elementwise_and_keeps_integer_counters():
