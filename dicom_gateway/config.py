@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 UID_MAX_LEN = 64
 AE_TITLE_MAX_LEN = 16
+MIN_PDU = 4096
+"""Smallest max PDU accepted (DCMTK's minimum): a smaller one leaves senders unable to send P-DATA."""
 
 
 def _split_csv(value: Any) -> Any:
@@ -48,7 +50,7 @@ class GatewaySettings(BaseSettings):
     gateway_bind: str = "0.0.0.0"
     gateway_port: int = Field(11112, ge=0, le=65535)
     gateway_max_associations: int = Field(32, ge=1)
-    gateway_max_pdu: int = Field(262144, ge=0, description="max PDU we receive; 0 = unlimited")
+    gateway_max_pdu: int = Field(262144, ge=0, description="max PDU we receive; 0 = unlimited, else at least 4096")
     gateway_acse_timeout: float = Field(30.0, gt=0)
     gateway_dimse_timeout: float = Field(60.0, gt=0)
     gateway_network_timeout: float = Field(60.0, gt=0)
@@ -75,12 +77,24 @@ class GatewaySettings(BaseSettings):
     gateway_http_bind: str = "127.0.0.1"
     gateway_http_port: int | None = Field(None, ge=0, le=65535)
 
-    gateway_log_level: str = "INFO"
+    gateway_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("gateway_allowed_calling_aes", "gateway_allowed_ips", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("gateway_max_pdu")
+    @classmethod
+    def _pdu(cls, value: int) -> int:
+        if 0 < value < MIN_PDU:  # DCMTK and pynetdicom senders cannot send P-DATA into a smaller PDU
+            raise ValueError(f"max PDU must be 0 (unlimited) or at least {MIN_PDU}, got {value}")
+        return value
+
+    @field_validator("gateway_log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("gateway_ae_title")
     @classmethod

@@ -124,6 +124,7 @@ class Spool:
         """Record (best effort, no fsync) that a study awaits finalize, to survive restarts."""
         marker = self.studies / validate_uid(study_uid, "StudyInstanceUID")
         if not marker.exists():
+            self.studies.mkdir(exist_ok=True)  # an operator may have removed it; it is only restart bookkeeping
             marker.touch()
 
     def mark_study_closed(self, study_uid: str) -> None:

@@ -45,10 +45,10 @@ class StudyTracker:
         mono = time.monotonic() - age_s
         with self._lock:
             previous = self._last.get(study_uid)
-            if previous is None:
-                self._on_open(study_uid)
             if previous is None or previous[0] < mono:
-                self._last[study_uid] = (mono, wall)
+                self._last[study_uid] = (mono, wall)  # tracked first: finalize must not hang on the marker
+            if previous is None:
+                self._on_open(study_uid)  # may raise (marker not written); the study stays tracked in memory
 
     def open_studies(self) -> list[str]:
         with self._lock:

@@ -73,9 +73,18 @@ def test_settings_from_environment(monkeypatch):
         ("TRIAGE_GATEWAY_ALLOWED_IPS", "not-an-ip"),
         ("TRIAGE_GATEWAY_TLS_CERT", "/tmp/cert.pem"),  # without a key
         ("TRIAGE_GATEWAY_PORT", "70000"),
+        ("TRIAGE_GATEWAY_MAX_PDU", "1"),  # senders could not send P-DATA into it: every C-STORE failed
+        ("TRIAGE_GATEWAY_LOG_LEVEL", "verbose"),  # crashed at start-up with a traceback
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         GatewaySettings()
+
+
+def test_log_level_and_unlimited_pdu_are_accepted(monkeypatch):
+    monkeypatch.setenv("TRIAGE_GATEWAY_LOG_LEVEL", "warning")
+    monkeypatch.setenv("TRIAGE_GATEWAY_MAX_PDU", "0")
+    settings = GatewaySettings()
+    assert settings.gateway_log_level == "WARNING" and settings.gateway_max_pdu == 0

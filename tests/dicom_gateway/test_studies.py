@@ -18,3 +18,27 @@ def test_quiet_period_counts_from_the_last_arrival(monkeypatch):
     clock.now += 0.5  # 1.5 s after the last
     assert tracker.finalize_due() == 1 and [uid for uid, _ in sent] == ["1.2.3"]
     assert tracker.finalize_due() == 0 and tracker.open_studies() == []
+
+
+def test_a_study_whose_marker_cannot_be_written_is_still_finalised(tmp_path):
+    """The marker only helps a restart; losing it (studies/ removed, a full disk) must not lose the
+    study's finalize, which the worklist waits for."""
+    from dicom_gateway.spool import Spool
+
+    def refuse(uid):
+        raise FileNotFoundError("studies/ is gone")
+
+    sent = []
+    tracker = studies.StudyTracker(0.0, lambda uid, last: sent.append(uid) or True, on_open=refuse)
+    try:
+        tracker.touch("1.2.3")
+    except FileNotFoundError:
+        pass  # the caller logs it as a best-effort marker failure
+    assert tracker.open_studies() == ["1.2.3"]
+    assert tracker.finalize_due() == 1 and sent == ["1.2.3"]
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    spool.studies.rmdir()  # removed by hand while the gateway runs
+    spool.mark_study_open("1.2.4")
+    assert [uid for uid, _ in spool.open_studies()] == ["1.2.4"]
