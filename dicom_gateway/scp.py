@@ -92,6 +92,9 @@ _HEADER_END = 0x0020000D  # StudyInstanceUID: the last tag we need from the data
 HEADER_INFLATE_LIMIT = 4 << 20
 """Bytes of a Deflated dataset inflated to find its header: the identifying tags come first, and
 inflating a whole upload at once would let a small deflate bomb exhaust the gateway's memory."""
+INFLATED_LIMIT = 1 << 30
+"""A Deflated dataset is inflated to its end (in chunks, the output discarded) to check that the
+stream is complete; one inflating beyond this is refused, as no chest radiograph is that large."""
 
 
 def storage_classes(settings: GatewaySettings) -> tuple[UID, ...]:
@@ -135,7 +138,9 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            fp: BytesIO = BytesIO(inflater.decompress(stream.getvalue(), HEADER_INFLATE_LIMIT))
+            head = inflater.decompress(stream.getvalue(), HEADER_INFLATE_LIMIT)
+            deflate_state = drain(inflater, len(head))
+            fp: BytesIO = BytesIO(head)
         else:
             fp = stream
             fp.seek(0)
@@ -152,9 +157,24 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
         stream.seek(0)
     if empty:  # pydicom drops everything it read when an undefined-length value runs off the end
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset could not be parsed (no elements; truncated?)")
+    if transfer_syntax == DeflatedExplicitVRLittleEndian and deflate_state != "complete":
+        raise BadDatasetError(CANNOT_UNDERSTAND, "deflated dataset " + deflate_state)
     if transfer_syntax != DeflatedExplicitVRLittleEndian and truncated(ds, stream):
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header
+
+
+def drain(inflater: "zlib._Decompress", inflated: int) -> str:
+    """Inflate the rest of a Deflated dataset in 1 MiB chunks, keeping nothing: "complete" if the
+    deflate stream ends properly, else why not (cut short, or inflating beyond `INFLATED_LIMIT`)."""
+    while not inflater.eof and inflated <= INFLATED_LIMIT:
+        chunk = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+        if not chunk and not inflater.unconsumed_tail:  # input used up, nothing buffered: the stream stops here
+            break
+        inflated += len(chunk)
+    if inflated > INFLATED_LIMIT:
+        return f"inflates beyond {INFLATED_LIMIT >> 20} MiB"
+    return "complete" if inflater.eof else "ends before its deflate stream does (truncated)"
 
 
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian

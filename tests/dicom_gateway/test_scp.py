@@ -51,6 +51,20 @@ def test_a_deflate_bomb_is_parsed_without_inflating_it():
     assert peak < 4 * HEADER_INFLATE_LIMIT < INFLATED_BYTES // 8
 
 
+def test_a_deflated_dataset_cut_short_is_refused():
+    """Only the header is parsed from a Deflated dataset; the rest must still be a complete deflate
+    stream, or the sender is told Success for an image the worker can never read."""
+    ds = identified(BitsAllocated=8, PixelData=bytes(range(256)) * 64)
+    encoded = plain_stream(ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    wire = deflater.compress(encoded) + deflater.flush()
+    assert read_header(BytesIO(wire), DeflatedExplicitVRLittleEndian).sop_uid == ds.SOPInstanceUID
+    for cut in (1, len(wire) // 3):
+        with pytest.raises(BadDatasetError, match="truncated") as refused:
+            read_header(BytesIO(wire[:-cut]), DeflatedExplicitVRLittleEndian)
+        assert refused.value.status == CANNOT_UNDERSTAND
+
+
 def plain_stream(ds: Dataset) -> bytes:
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
