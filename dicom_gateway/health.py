@@ -54,12 +54,14 @@ def broker_state(publisher: TaskPublisher) -> dict[str, Any]:
 
 
 def disk_state(settings: GatewaySettings, spool: Spool) -> dict[str, Any]:
-    """Free space on the spool's file system against the admission threshold."""
+    """Free space on the spool's file system against the admission threshold, and whether it can be written."""
     try:
         free = shutil.disk_usage(spool.root).free
     except OSError:
         free = 0
-    return {"ok": free >= settings.gateway_min_free_bytes, "free_bytes": free, "min_free_bytes": settings.gateway_min_free_bytes}
+    writable = spool.writable()
+    return {"ok": writable and free >= settings.gateway_min_free_bytes, "free_bytes": free,
+            "min_free_bytes": settings.gateway_min_free_bytes, "writable": writable}
 
 
 def check(settings: GatewaySettings, host: str = "127.0.0.1", *, calling_ae: str = HEALTH_CALLING_AE) -> dict[str, Any]:

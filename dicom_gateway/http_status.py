@@ -38,7 +38,8 @@ def readiness(gateway: Gateway, probe: TaskPublisher) -> dict[str, Any]:
     live = liveness(gateway)
     broker, disk = broker_state(probe), disk_state(gateway.settings, gateway.spool)
     report: dict[str, Any] = {**live, "ok": bool(live["ok"] and broker["ok"] and disk["ok"]),
-                              "broker": broker["ok"], "disk_free_bytes": disk["free_bytes"], "disk_ok": disk["ok"]}
+                              "broker": broker["ok"], "disk_free_bytes": disk["free_bytes"], "disk_ok": disk["ok"],
+                              "spool_writable": disk["writable"]}
     if not broker["ok"]:
         report["broker_error"] = broker["error"]
     return report

@@ -275,6 +275,8 @@ class StoreSCP:
             free = 0
         if free < self.settings.gateway_min_free_bytes:
             return f"spool free space {free} below threshold", RJ_LOCAL_LIMIT
+        if not self.spool.writable():
+            return "spool not writable (read-only file system?)", RJ_LOCAL_LIMIT
         return None, RJ_NO_REASON
 
     def on_established(self, event: evt.Event) -> None:

@@ -183,6 +183,11 @@ class Spool:
                 continue
         return removed
 
+    def writable(self) -> bool:
+        """Whether new instances can be written: a file system remounted read-only after I/O errors
+        still shows its free space, and every C-STORE would fail with 0xA700 (access(2) says EROFS)."""
+        return all(os.access(folder, os.W_OK) for folder in (self.incoming, self.pending))
+
     def free_bytes(self) -> int:
         """Free bytes for unprivileged writers on the spool's file system."""
         target = self.root if self.root.exists() else self.root.parent

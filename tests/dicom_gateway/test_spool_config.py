@@ -88,3 +88,36 @@ def test_log_level_and_unlimited_pdu_are_accepted(monkeypatch):
     monkeypatch.setenv("TRIAGE_GATEWAY_MAX_PDU", "0")
     settings = GatewaySettings()
     assert settings.gateway_log_level == "WARNING" and settings.gateway_max_pdu == 0
+
+
+@pytest.fixture
+def read_only_spool(tmp_path):
+    """A spool on a tmpfs remounted read-only, as a disk is after I/O errors (needs root to mount)."""
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        spool = Spool(mount / "spool")
+        spool.ensure_layout()
+        assert spool.writable()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_spool_is_unhealthy_and_refuses_associations(read_only_spool):
+    """Free space alone kept /readyz and `dicom-gateway health` green while every C-STORE failed."""
+    from dicom_gateway.health import disk_state
+    from dicom_gateway.scp import RJ_LOCAL_LIMIT, StoreSCP
+
+    settings = GatewaySettings(spool_dir=read_only_spool.root, gateway_min_free_bytes=0)
+    assert not read_only_spool.writable()
+    state = disk_state(settings, read_only_spool)
+    assert state["free_bytes"] > 0 and not state["writable"] and not state["ok"]
+    scp = StoreSCP(settings, read_only_spool, outbox=None, tracker=None)  # type: ignore[arg-type]
+    reason, rejection = scp._policy("MODALITY", settings.gateway_ae_title, "127.0.0.1")
+    assert reason is not None and "not writable" in reason and rejection == RJ_LOCAL_LIMIT
