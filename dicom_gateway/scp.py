@@ -311,14 +311,19 @@ class StoreSCP:
         ctx.update(study_uid=study, sop_uid=sop)
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()
+        earlier = self.spool.pending_size(study, sop)
+        header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
         try:
             with stream.getbuffer() as body:
                 size = len(body)
-                relpath = self.spool.store([b"\x00" * 128 + b"DICM" + encode_file_meta(meta), body], study, sop)
+                relpath = self.spool.store([header, body], study, sop)
         except OSError as exc:
             reason = f"spool write failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
             log.error("C-STORE not persisted", extra={**ctx, "status": f"0x{OUT_OF_RESOURCES:04X}", "reason": reason})
             return failure(OUT_OF_RESOURCES, reason)
+        if earlier is not None:  # a re-send replaces the copy still waiting; a different one is worth a look
+            log.warning("C-STORE replaced a pending copy of this instance",
+                        extra={**ctx, "counts": {"earlier_file_bytes": earlier, "file_bytes": len(header) + size}})
         queued = self.outbox.publish(relpath, sop, utc_iso(received))
         try:
             self.tracker.touch(study, received)

@@ -120,6 +120,13 @@ class Spool:
             raise
         return relpath
 
+    def pending_size(self, study_uid: str, sop_uid: str) -> int | None:
+        """Size of an earlier copy of this instance still waiting in pending/, if any."""
+        try:
+            return (self.root / pending_relpath(study_uid, sop_uid)).stat().st_size
+        except (OSError, ValueError):
+            return None
+
     def mark_study_open(self, study_uid: str) -> None:
         """Record (best effort, no fsync) that a study awaits finalize, to survive restarts."""
         marker = self.studies / validate_uid(study_uid, "StudyInstanceUID")

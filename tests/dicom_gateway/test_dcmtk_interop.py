@@ -181,3 +181,23 @@ def test_low_disk_refuses_new_associations(start_gateway, dcmtk, make_study, bro
     assert out.returncode != 0
     assert "Rejected Transient" in out.stderr + out.stdout
     assert pending_files(gateway.spool.root) == []
+
+
+def test_a_resent_instance_replaces_its_pending_copy_with_a_warning(gateway, dcmtk, make_study, tmp_path, caplog):
+    """Last copy wins (a sender's retry after a timeout re-sends it), but a second copy of an
+    acknowledged instance, the same or different, is logged for the PACS administrator."""
+    import logging
+
+    [path] = make_study(1)
+    ds = pydicom.dcmread(path)
+    changed = tmp_path / "changed.dcm"
+    ds.PixelData = bytes(len(ds.PixelData))  # same SOP Instance UID, other pixels
+    ds.save_as(changed)
+    with caplog.at_level(logging.WARNING, logger="dicom_gateway"):
+        assert run_storescu(dcmtk("storescu"), gateway.port, [path]).returncode == 0
+        assert not [r for r in caplog.records if "replaced a pending copy" in r.getMessage()]
+        assert run_storescu(dcmtk("storescu"), gateway.port, [changed]).returncode == 0
+    [warning] = [r for r in caplog.records if "replaced a pending copy" in r.getMessage()]
+    assert warning.sop_uid == ds.SOPInstanceUID and warning.counts["earlier_file_bytes"] > 0
+    spooled = gateway.spool.root / pending_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    assert dataset_bytes(spooled) == dataset_bytes(changed)
