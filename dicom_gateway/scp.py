@@ -137,9 +137,8 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     end, raw, so that one cut short is refused here rather than acknowledged and failed later."""
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            head = inflater.decompress(stream.getvalue(), HEADER_INFLATE_LIMIT)
-            deflate_state = drain(inflater, len(head))
+            with stream.getbuffer() as body:
+                head, deflate_state = inflate_head(body)
             fp: BytesIO = BytesIO(head)
         else:
             fp = stream
@@ -164,17 +163,35 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     return header
 
 
-def drain(inflater: "zlib._Decompress", inflated: int) -> str:
-    """Inflate the rest of a Deflated dataset in 1 MiB chunks, keeping nothing: "complete" if the
-    deflate stream ends properly, else why not (cut short, or inflating beyond `INFLATED_LIMIT`)."""
+def inflate_head(body: memoryview) -> tuple[bytes, str]:
+    """The first `HEADER_INFLATE_LIMIT` bytes of a Deflated dataset, and whether its deflate stream
+    is "complete" (else why not: cut short, or inflating beyond `INFLATED_LIMIT`).
+
+    The whole stream is inflated, 1 MiB of output at a time and kept only up to the head, so a
+    deflate bomb costs CPU, not memory. Input goes in 64 KiB slices: zlib hands back the input it
+    has not used on every call, and handing it the whole upload each time made large datasets
+    quadratic (12 s for 256 MiB)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head, inflated, position = bytearray(), 0, 0
     while not inflater.eof and inflated <= INFLATED_LIMIT:
-        chunk = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
-        if not chunk and not inflater.unconsumed_tail:  # input used up, nothing buffered: the stream stops here
+        if inflater.unconsumed_tail:
+            piece: bytes | memoryview = inflater.unconsumed_tail
+        elif position < len(body):
+            piece, position = body[position : position + INPUT_SLICE], position + INPUT_SLICE
+        else:
+            piece = b""
+        chunk = inflater.decompress(piece, 1 << 20)
+        if not chunk and not piece:  # input used up and nothing buffered: the stream stops here
             break
+        if len(head) < HEADER_INFLATE_LIMIT:
+            head += chunk[: HEADER_INFLATE_LIMIT - len(head)]
         inflated += len(chunk)
     if inflated > INFLATED_LIMIT:
-        return f"inflates beyond {INFLATED_LIMIT >> 20} MiB"
-    return "complete" if inflater.eof else "ends before its deflate stream does (truncated)"
+        return bytes(head), f"inflates beyond {INFLATED_LIMIT >> 20} MiB"
+    return bytes(head), "complete" if inflater.eof else "ends before its deflate stream does (truncated)"
+
+
+INPUT_SLICE = 64 << 10
 
 
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
