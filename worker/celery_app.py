@@ -70,16 +70,22 @@ def create_app(settings: WorkerSettings) -> Celery:
             kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
             raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 
-    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=settings.max_retries, shared=False)
-    def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None) -> Any:
+    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=None, shared=False)
+    def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None,
+                       transient_retries: int = 0) -> Any:
+        """Retried without limit while the study's images wait (`StudyNotSettledError`), however long
+        that lasts; database/broker errors have their own count, `transient_retries`, bounded by
+        TRIAGE_MAX_RETRIES (Celery's own count includes the waits)."""
+        kwargs = dict(self.request.kwargs or {})
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
-        except tasks.StudyNotSettledError as exc:  # however long the images wait: not a failure
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries), max_retries=None)
+        except tasks.StudyNotSettledError as exc:
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries), kwargs=kwargs)
         except Exception as exc:
-            if not is_transient(exc):
+            if not is_transient(exc) or transient_retries >= settings.max_retries:
                 raise
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries))
+            kwargs["transient_retries"] = transient_retries + 1
+            raise self.retry(exc=exc, countdown=backoff(transient_retries), kwargs=kwargs)
 
     worker_process_init.connect(lambda **_: _warm(runtime), weak=False)
     return app

@@ -92,3 +92,33 @@ def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sq
     assert result["status"] == "done", "two claims, one of them followed by a counted retry: not a lost delivery"
     with app.conf.triage_runtime.engine.connect() as conn:
         assert db.get_instance(conn, str(ds.SOPInstanceUID))["attempts"] == 2
+
+
+def test_finalize_waits_without_limit_and_bounds_only_its_own_transient_errors(tmp_path, monkeypatch):
+    """A study whose images wait longer than the backoff schedule must still be finalised (the gateway
+    sends finalize once), and after many waits a database blip must still be retried, up to
+    TRIAGE_MAX_RETRIES of its own. The task body is replaced by a script of outcomes: the retry
+    policy of the Celery wrapper is what is tested here."""
+    from worker import tasks
+
+    app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=f"sqlite:///{tmp_path / 'x.db'}",
+                                    max_retries=2))
+    blip = OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+    def scripted(outcomes):
+        def body(rt, study, last):
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+            return {"study_instance_uid": study, "final": True}
+        return body
+
+    task = app.tasks[contract.FINALIZE_STUDY]
+    outcomes = [tasks.StudyNotSettledError("1 waits")] * 3 + [blip, blip, None]
+    monkeypatch.setattr(tasks, "finalize_study", scripted(outcomes))
+    result = task.apply(args=("1.2.3",), retries=40)  # 40 waits already, more than TRIAGE_MAX_RETRIES
+    assert result.get() == {"study_instance_uid": "1.2.3", "final": True} and outcomes == []
+
+    monkeypatch.setattr(tasks, "finalize_study", scripted([blip, blip, blip, None]))
+    with pytest.raises(OperationalError):
+        task.apply(args=("1.2.3",)).get()
