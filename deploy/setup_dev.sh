@@ -27,16 +27,19 @@ if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
   pg_ctlcluster --skip-systemctl-redirect "$cluster" main start
 fi
 for _ in $(seq 30); do pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1 && break; sleep 1; done
-if ! psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -Atc "select 1" >/dev/null 2>&1; then
+admin="host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+hba="/etc/postgresql/$cluster/main/pg_hba.conf"
+if ! psql -w "$admin" -Atc "select 1" >/dev/null 2>&1; then
   # the tests log in as postgres over TCP without a password (a throw-away local cluster)
-  hba="/etc/postgresql/$cluster/main/pg_hba.conf"
-  sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  trust="host all all 127.0.0.1/32 trust"
+  grep -qxF "$trust" "$hba" || sed -i "1i $trust" "$hba"
   pg_ctlcluster --skip-systemctl-redirect "$cluster" main reload
   sleep 1
 fi
-if [ "$(psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -Atc \
-      "select count(*) from pg_database where datname = 'test'")" = "0" ]; then
-  psql "host=127.0.0.1 port=5432 user=postgres dbname=postgres" -qc "create database test"
+databases=$(psql -w "$admin" -Atc "select count(*) from pg_database where datname = 'test'") || {
+  echo "PostgreSQL on 127.0.0.1:5432 does not let postgres in without a password: see $hba" >&2; exit 1; }
+if [ "$databases" = "0" ]; then
+  psql -w "$admin" -qc "create database test"
 fi
 
 echo "== python packages"
