@@ -95,6 +95,8 @@ inflating a whole upload at once would let a small deflate bomb exhaust the gate
 INFLATED_LIMIT = 1 << 30
 """A Deflated dataset is inflated to its end (in chunks, the output discarded) to check that the
 stream is complete; one inflating beyond this is refused, as no chest radiograph is that large."""
+INPUT_SLICE = 64 << 10
+"""Compressed bytes handed to zlib per call while inflating a Deflated dataset (see `inflate_head`)."""
 
 
 def storage_classes(settings: GatewaySettings) -> tuple[UID, ...]:
@@ -135,19 +137,15 @@ class Header:
 def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     """The identifying tags of the received dataset (no pixel decode). A plain stream is read to its
     end, raw, so that one cut short is refused here rather than acknowledged and failed later."""
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
     try:
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        if deflated:  # its head only (the first 4 MiB inflated), after checking the whole stream ends
             with stream.getbuffer() as body:
                 head, deflate_state = inflate_head(body)
-            fp: BytesIO = BytesIO(head)
-        else:
-            fp = stream
-            fp.seek(0)
-        implicit = transfer_syntax == ImplicitVRLittleEndian
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:  # only its first 4 MiB are inflated
-            ds = read_dataset(fp, implicit, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
+            ds = read_dataset(BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
         else:  # every element, raw (no value conversion, no pixel decode): about a millisecond
-            ds = read_dataset(fp, implicit, True)
+            stream.seek(0)
+            ds = read_dataset(stream, transfer_syntax == ImplicitVRLittleEndian, True)
         header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
         empty = len(ds) == 0 and len(stream.getbuffer()) > 0
     except Exception as exc:  # malformed streams raise anything from struct to zlib errors
@@ -156,9 +154,9 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
         stream.seek(0)
     if empty:  # pydicom drops everything it read when an undefined-length value runs off the end
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset could not be parsed (no elements; truncated?)")
-    if transfer_syntax == DeflatedExplicitVRLittleEndian and deflate_state != "complete":
+    if deflated and deflate_state != "complete":
         raise BadDatasetError(CANNOT_UNDERSTAND, "deflated dataset " + deflate_state)
-    if transfer_syntax != DeflatedExplicitVRLittleEndian and truncated(ds, stream):
+    if not deflated and truncated(ds, stream):
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header
 
@@ -189,9 +187,6 @@ def inflate_head(body: memoryview) -> tuple[bytes, str]:
     if inflated > INFLATED_LIMIT:
         return bytes(head), f"inflates beyond {INFLATED_LIMIT >> 20} MiB"
     return bytes(head), "complete" if inflater.eof else "ends before its deflate stream does (truncated)"
-
-
-INPUT_SLICE = 64 << 10
 
 
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian

@@ -94,9 +94,19 @@ def nll(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+TEMPERATURE_RANGE = (0.05, 20.0)
+"""Where `fit_temperature` searches; a fit at either end means the NLL kept falling past it."""
+
+
+def temperature_at_edge(temperature: float) -> bool:
+    """Whether a fitted temperature sits at the end of its search range (1% tolerance)."""
+    low, high = TEMPERATURE_RANGE
+    return temperature < low * 1.01 or temperature > high * 0.99
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     """Temperature minimising validation NLL (Guo et al. 2017), by golden-section search in log T."""
-    a, b = np.log(low), np.log(high)
+    a, b = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     ratio = (np.sqrt(5) - 1) / 2
     for _ in range(80):
         c, d = b - ratio * (b - a), a + ratio * (b - a)

@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import classification_report
 
 from models.calibration import (binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature, nll,
-                                stratum_report)
+                                stratum_report, temperature_at_edge)
 from models.card import Stratum, strict_json
 from training.config import TrainConfig
 from training.data import Split, load_split
@@ -102,7 +102,7 @@ def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> t
               for tta in ((False, True) if config.tta_hflip else (False,))}
     tta = min(scored, key=scored.get)
     fit = calibrate(val.labels, val_logits[tta], config.strata)
-    if not 0.0505 < fit.temperature < 19.8:  # fit_temperature's search range is [0.05, 20]
+    if temperature_at_edge(fit.temperature):
         log.warning("temperature %.3g is at the edge of its search range: validation is (nearly) separable or the "
                     "logits are degenerate, so calibrated probabilities may be saturated", fit.temperature)
     return tta, fit.temperature, fit.threshold, fit.strata

@@ -7,7 +7,7 @@ import pytest
 
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, choose_strata, confusion,
                                 fit_temperature, nll, stratum_report, threshold_for_sensitivity,
-                                threshold_for_specificity, youden_threshold)
+                                temperature_at_edge, threshold_for_specificity, youden_threshold)
 from models.card import Stratum
 
 # 4 positives, 6 negatives. At t=0.5: TP=3 (0.9,0.8,0.6), FN=1 (0.3), FP=2 (0.7,0.55), TN=4
@@ -229,3 +229,14 @@ def test_rule_in_target_met_when_normals_saturate_at_probability_one():
     # The top band is closed at 1.0, so no cut can keep them out: refused with the reason, never a silent miss.
     with pytest.raises(ValueError, match="2 normal case.s. have a calibrated probability of exactly 1.0"):
         calibrate(labels, logits, targets, temperature=1.0)
+
+
+def test_a_temperature_fitted_on_separable_data_is_at_the_edge_of_its_range():
+    """Perfectly separated logits keep lowering the NLL as T shrinks: the fit ends at the range's low
+    end, which `evaluate` then warns about; ordinary overlapping logits do not."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    separated = np.array([[0.0, -3.0], [0.0, -2.0], [0.0, -1.0], [0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    assert temperature_at_edge(fit_temperature(labels, separated))
+    overlapping = np.array([[0.0, -1.0], [0.0, 0.5], [0.0, -0.5], [0.0, 1.0], [0.0, -0.2], [0.0, 0.8]])
+    assert not temperature_at_edge(fit_temperature(labels, overlapping))
+    assert temperature_at_edge(0.05) and temperature_at_edge(20.0) and not temperature_at_edge(1.0)

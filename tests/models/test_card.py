@@ -34,31 +34,31 @@ def test_strata_must_tile_the_unit_interval(strata):
         validate_strata(strata)
 
 
-def test_the_card_is_strict_json_even_with_an_empty_stratum(tmp_path):
-    """An empty band has no PPV (NaN in memory); the card must still parse in any JSON reader
-    (JavaScript's JSON.parse, Go, jq --strict), so it is written as null."""
+def strict_loads(text: str):
+    """json.loads that refuses NaN/Infinity, as JSON.parse and other strict readers do."""
     import json
-
-    import numpy as np
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_card_is_strict_json_even_with_an_empty_stratum(tmp_path):
+    """An empty band has no PPV (NaN in memory); the card must still parse in any JSON reader
+    (JavaScript's JSON.parse, Go, jq --strict), so it is written as null."""
+    import numpy as np
 
     card = make_card(extra={"metrics": {"test_strata": {"indeterminate": {"count": 0, "ppv": float("nan"),
                                                                           "npv": np.float64("nan")},
                                                         "high_suspicion": {"count": 3, "ppv": np.float32(0.5)}}}})
     card.save(tmp_path / "c.json")
-    data = json.loads((tmp_path / "c.json").read_text(), parse_constant=refuse)
+    data = strict_loads((tmp_path / "c.json").read_text())
     assert data["metrics"]["test_strata"]["indeterminate"] == {"count": 0, "ppv": None, "npv": None}
     assert data["metrics"]["test_strata"]["high_suspicion"]["ppv"] == 0.5
 
 
 def test_the_released_card_is_strict_json():
-    import json
-
     from models.card import card_path_for, default_model_path
 
-    def refuse(constant):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    json.loads(card_path_for(default_model_path()).read_text(), parse_constant=refuse)
+    strict_loads(card_path_for(default_model_path()).read_text())

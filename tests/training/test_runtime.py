@@ -1,5 +1,6 @@
 """Device and precision policy: loss scaling only for fp16, and fp32 that really is fp32 on CUDA."""
 
+import pytest
 import torch
 
 from training.runtime import Runtime, ieee_fp32, make_runtime
@@ -11,29 +12,29 @@ def test_grad_scaler_is_on_only_for_fp16_amp():
         assert not make_runtime("cpu", precision).grad_scaler().is_enabled()
 
 
-def test_ieee_fp32_turns_tf32_off_inside_and_restores_it():
+@pytest.fixture
+def tf32():
+    """cuDNN's and cuBLAS's fp32 precision flags set to TF32 for the test, restored after it."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = conv.fp32_precision, matmul.fp32_precision
     conv.fp32_precision = matmul.fp32_precision = "tf32"
-    try:
-        with ieee_fp32():
-            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = before
+    yield conv, matmul
+    conv.fp32_precision, matmul.fp32_precision = before
 
 
-def test_fp32_context_is_ieee_on_cuda_and_plain_on_cpu():
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        with Runtime(torch.device("cuda"), "fp32").autocast():
-            assert matmul.fp32_precision == "ieee"
-        with Runtime(torch.device("cpu"), "fp32").autocast():
-            assert matmul.fp32_precision == "tf32"
-    finally:
-        matmul.fp32_precision = before
+def test_ieee_fp32_turns_tf32_off_inside_and_restores_it(tf32):
+    conv, matmul = tf32
+    with ieee_fp32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+
+
+def test_fp32_context_is_ieee_on_cuda_and_plain_on_cpu(tf32):
+    _, matmul = tf32
+    with Runtime(torch.device("cuda"), "fp32").autocast():
+        assert matmul.fp32_precision == "ieee"
+    with Runtime(torch.device("cpu"), "fp32").autocast():
+        assert matmul.fp32_precision == "tf32"
 
 
 def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
@@ -43,47 +44,11 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
     assert make_runtime("cpu", "auto").precision == "fp32"
 
 
-def test_fp32_backward_is_ieee_on_cuda_too():
+def test_fp32_backward_is_ieee_on_cuda_too(tf32):
     """cuDNN reads its TF32 flag when the backward runs, after the forward's autocast has exited."""
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
-    conv.fp32_precision = "tf32"
-    try:
-        with Runtime(torch.device("cuda"), "fp32").backward_precision():
-            assert conv.fp32_precision == "ieee"
-        for runtime in (Runtime(torch.device("cuda"), "bf16"), Runtime(torch.device("cpu"), "fp32")):
-            with runtime.backward_precision():
-                assert conv.fp32_precision == "tf32"
-    finally:
-        conv.fp32_precision = before
-
-
-def test_training_runs_its_backward_inside_the_backward_precision(monkeypatch, tiny_network, data_root, tmp_path):
-    """The wiring, on the CPU: every gradient of a training step is computed inside the scope."""
-    import contextlib
-
-    from tests.training.conftest import tiny_config
-    from training import train
-
-    inside, seen = [False], []
-
-    @contextlib.contextmanager
-    def recording_scope(self):
-        inside[0] = True
-        try:
-            yield
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(Runtime, "backward_precision", recording_scope)
-    original_build = train.build_network
-
-    def build_with_hooks(config):
-        model = original_build(config)
-        for parameter in model.parameters():
-            parameter.register_hook(lambda grad: seen.append(inside[0]) or grad)
-        return model
-
-    monkeypatch.setattr(train, "build_network", build_with_hooks)
-    train.fit(tiny_config(tmp_path / "run", data_root, epochs=1), Runtime(torch.device("cpu"), "fp32"))
-    assert seen and all(seen)
+    conv, _ = tf32
+    with Runtime(torch.device("cuda"), "fp32").backward_precision():
+        assert conv.fp32_precision == "ieee"
+    for runtime in (Runtime(torch.device("cuda"), "bf16"), Runtime(torch.device("cpu"), "fp32")):
+        with runtime.backward_precision():
+            assert conv.fp32_precision == "tf32"

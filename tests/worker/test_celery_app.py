@@ -40,20 +40,28 @@ def test_only_infrastructure_errors_are_retried(exc, retried):
     assert is_transient(exc) is retried
 
 
+def app_with_a_pending_instance(tmp_path, sqlite_url, image, **settings):
+    """A migrated SQLite database, an app bound to it (tasks run eagerly with `apply`) and one
+    CR waiting in pending/: (settings, app, dataset, spool-relative path)."""
+    from worker.migrate import upgrade
+    from worker.samples import make_cxr_dataset, save
+
+    upgrade(sqlite_url)
+    settings = WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=sqlite_url, spool_dir=tmp_path / "spool",
+                              **settings)
+    ds = make_cxr_dataset(image, size=(256, 256))
+    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    save(ds, settings.spool_dir / relpath)
+    return settings, create_app(settings), ds, relpath
+
+
 def test_retries_before_any_claim_do_not_raise_the_poison_message_limit(tmp_path, sqlite_url, test_split):
     """A message retried while the model was being deployed carries Celery's retry count on every
     later redelivery; only retries that followed a claim may be subtracted from the attempts, or an
     image that kills its worker would crash-loop that many more times than TRIAGE_MAX_ATTEMPTS."""
     from worker import db
-    from worker.migrate import upgrade
-    from worker.samples import make_cxr_dataset, save
 
-    upgrade(sqlite_url)
-    settings = WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=sqlite_url, spool_dir=tmp_path / "spool")
-    app = create_app(settings)
-    ds = make_cxr_dataset(test_split[0][0], size=(256, 256))
-    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
-    save(ds, settings.spool_dir / relpath)
+    settings, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0])
     runtime = app.conf.triage_runtime
     claim = {"sop_instance_uid": str(ds.SOPInstanceUID), "study_instance_uid": str(ds.StudyInstanceUID),
              "spool_relpath": relpath, "received_at": db.utcnow(), "started_at": db.utcnow()}
@@ -68,16 +76,8 @@ def test_retries_before_any_claim_do_not_raise_the_poison_message_limit(tmp_path
 
 def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sqlite_url, test_split, monkeypatch):
     from worker import db, tasks
-    from worker.migrate import upgrade
-    from worker.samples import make_cxr_dataset, save
 
-    upgrade(sqlite_url)
-    settings = WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=sqlite_url, spool_dir=tmp_path / "spool",
-                              max_attempts=1)
-    app = create_app(settings)
-    ds = make_cxr_dataset(test_split[0][0], size=(256, 256))
-    relpath = contract.pending_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
-    save(ds, settings.spool_dir / relpath)
+    _, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0], max_attempts=1)
     real_finish, calls = tasks._finish, []
 
     def finish_after_one_outage(*args, **kwargs):
