@@ -52,3 +52,34 @@ def test_fp32_backward_is_ieee_on_cuda_too(tf32):
     for runtime in (Runtime(torch.device("cuda"), "bf16"), Runtime(torch.device("cpu"), "fp32")):
         with runtime.backward_precision():
             assert conv.fp32_precision == "tf32"
+
+
+def test_training_runs_its_backward_inside_the_backward_precision(monkeypatch, tiny_network, data_root, tmp_path):
+    """The wiring, on the CPU: every gradient of a training step is computed inside the scope."""
+    import contextlib
+
+    from tests.training.conftest import tiny_config
+    from training import train
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def recording_scope(self):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(Runtime, "backward_precision", recording_scope)
+    original_build = train.build_network
+
+    def build_with_hooks(config):
+        model = original_build(config)
+        for parameter in model.parameters():
+            parameter.register_hook(lambda grad: seen.append(inside[0]) or grad)
+        return model
+
+    monkeypatch.setattr(train, "build_network", build_with_hooks)
+    train.fit(tiny_config(tmp_path / "run", data_root, epochs=1), Runtime(torch.device("cpu"), "fp32"))
+    assert seen and all(seen)
