@@ -44,6 +44,33 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
+CUDA_OPTIONS = {"use_tf32": "0"}
+"""IEEE fp32 on CUDA. onnxruntime's CUDA provider runs fp32 convolutions in TF32 by default on
+Ampere and later; on an H200 that moved the released model's probabilities by up to 0.0017 from
+the CPU's, enough to cross a stratum cut-point that was chosen on fp32 scores (README, "GPU hosts")."""
+
+
+def session_providers(chosen: Sequence[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """`chosen` as onnxruntime's `providers` argument, with CUDA_OPTIONS on the CUDA provider."""
+    return [(name, dict(CUDA_OPTIONS)) if name == "CUDAExecutionProvider" else name for name in chosen]
+
+
+def load_cuda_libraries(ort: Any, providers: Sequence[str]) -> bool:
+    """Load CUDA and cuDNN from the nvidia-* wheels before a CUDA session is made; True if tried.
+
+    onnxruntime-gpu's CUDA provider opens libcudart, libcublas and libcudnn through the
+    system loader, which does not search the site-packages where the `gpu` extra's nvidia-*
+    wheels put them. `import torch` would load them first, but serving never imports torch,
+    so without this a pip-only GPU host falls back to the CPU. `preload_dlls` (onnxruntime
+    1.21+) finds them there, and libraries already on the loader path (a CUDA base image)
+    still win: it leaves what it cannot find to the system.
+    """
+    if "CUDAExecutionProvider" not in providers or not hasattr(ort, "preload_dlls"):
+        return False
+    ort.preload_dlls()
+    return True
+
+
 def ensure_provider_active(required: str | None, active: Sequence[str], available: Sequence[str]) -> None:
     """Raise unless `required` is among the session's active providers; say why it is not."""
     if not required or required in active:
@@ -81,9 +108,10 @@ class PneumoniaDetector:
         self.card = load_card(self.model_path, verify_sha256=verify_sha256, site_calibration=site_calibration)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
-        self.session = ort.InferenceSession(
-            str(self.model_path), sess_options=options, providers=choose_providers(providers)
-        )
+        chosen = choose_providers(providers)
+        load_cuda_libraries(ort, chosen)
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
+                                            providers=session_providers(chosen))
         ensure_provider_active(require_provider, self.session.get_providers(), ort.get_available_providers())
         self.input_name = self.session.get_inputs()[0].name
 

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from models.card import card_path_for, default_model_path
-from models.detector import PneumoniaDetector, ensure_provider_active
+from models.detector import (
+    PneumoniaDetector,
+    choose_providers,
+    ensure_provider_active,
+    load_cuda_libraries,
+    session_providers,
+)
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from worker.samples import make_cxr_dataset, save
 
@@ -180,6 +186,36 @@ def test_a_required_provider_must_be_active_and_the_error_says_why():
         ensure_provider_active(CUDA, [CPU], [CPU])
     with pytest.raises(ExecutionProviderError, match="could not start it"):
         ensure_provider_active(CUDA, [CPU], [CUDA, CPU])  # onnxruntime-gpu fell back: no GPU, or a driver mismatch
+
+
+class OnnxruntimeGpuBuild:
+    """Stands in for onnxruntime-gpu's module where only its preload hook matters: records the calls."""
+
+    def __init__(self) -> None:
+        self.preloads = 0
+
+    def preload_dlls(self) -> None:
+        self.preloads += 1
+
+
+def test_cuda_libraries_are_preloaded_only_for_a_cuda_session():
+    gpu_build = OnnxruntimeGpuBuild()
+    assert not load_cuda_libraries(gpu_build, [CPU]) and gpu_build.preloads == 0
+    assert load_cuda_libraries(gpu_build, [CUDA, CPU]) and gpu_build.preloads == 1
+    assert not load_cuda_libraries(object(), [CUDA, CPU])  # onnxruntime-gpu before 1.21 has no preload_dlls
+
+
+def test_cuda_sessions_run_ieee_fp32_and_the_cpu_keeps_its_defaults():
+    assert session_providers([CUDA, CPU]) == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert session_providers([CPU]) == [CPU]
+
+
+def test_the_cpu_build_never_preloads_cuda():
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA; CI installs the CPU build (the serve extra)")
+    assert not load_cuda_libraries(ort, choose_providers())
 
 
 def test_requiring_cuda_refuses_onnxruntimes_silent_cpu_fallback(sample):
