@@ -18,6 +18,12 @@ same-run comparison that a noisy host slows alike, e.g. two 1-thread processes a
 
     python benchmarks/worker_throughput.py --count 48 --skip-runtimes --concurrency 2 --intra-op-threads 1 \
         --against-concurrency 1 --against-intra-op-threads 0 --rounds 3
+
+or, on a GPU host with the gpu extra, CUDA against the CPU (the result also gives the largest
+probability difference between the two workers on the same images):
+
+    python benchmarks/worker_throughput.py --count 128 --skip-runtimes --execution-provider cuda \
+        --against-execution-provider cpu --rounds 3
 Figures go to benchmarks/out/<name>-<utc>.json (ignored); with --commit also to
 benchmarks/results/<name>.json, the committed figures, which a plain run never overwrites.
 A run in which any instance ends other than `done` fails instead of reporting its speed.
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print_section("candidate / baseline", results["ratio"])
     else:
         results["worker"] = bench_worker(images, args)
+        results["worker"].pop("_probability_by_accession")
         print_section("worker", results["worker"])
     if not args.skip_runtimes:
         results["runtimes"] = bench_runtimes(images, args)
@@ -74,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoding", default="jpeg-lossless", choices=("explicit", "jpeg-lossless", "j2k", "rle"))
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime threads per pool process")
+    parser.add_argument("--execution-provider", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="the workers' TRIAGE_EXECUTION_PROVIDER")
     parser.add_argument("--results-name", default="worker_throughput", help="file stem of the result")
     parser.add_argument("--commit", action="store_true",
                         help="also write benchmarks/results/<results-name>.json (the committed figures)")
@@ -85,18 +94,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--against-model", type=Path, default=None, help="baseline worker: this model instead")
     parser.add_argument("--against-concurrency", type=int, default=None, help="baseline worker: this concurrency")
     parser.add_argument("--against-intra-op-threads", type=int, default=None, help="baseline worker: these threads")
+    parser.add_argument("--against-execution-provider", default=None, choices=("auto", "cpu", "cuda"),
+                        help="baseline worker: this execution provider")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved candidate/baseline rounds (--against-*)")
     return parser.parse_args(argv)
 
 
 def interleaved(args: argparse.Namespace) -> bool:
-    return any(v is not None for v in (args.against_model, args.against_concurrency, args.against_intra_op_threads))
+    return any(v is not None for v in (args.against_model, args.against_concurrency, args.against_intra_op_threads,
+                                       args.against_execution_provider))
 
 
 def baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     """The candidate's settings with the --against-* overrides: the baseline differs in nothing else."""
     overrides = {"model": args.against_model, "concurrency": args.against_concurrency,
-                 "intra_op_threads": args.against_intra_op_threads}
+                 "intra_op_threads": args.against_intra_op_threads,
+                 "execution_provider": args.against_execution_provider}
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -104,9 +117,12 @@ def bench_interleaved(images: np.ndarray, args: argparse.Namespace) -> dict[str,
     """Candidate and baseline workers in alternating rounds; the ratio is the median of per-round ratios."""
     baseline = baseline_args(args)
     rounds: list[dict[str, dict[str, Any]]] = []
+    deltas: list[float] = []
     for index in range(args.rounds):
         order = [("candidate", args), ("baseline", baseline)]
         figures = {name: bench_worker(images, settings) for name, settings in (order if index % 2 == 0 else order[::-1])}
+        deltas.append(max_probability_delta(*(figures[n].pop("_probability_by_accession")
+                                              for n in ("candidate", "baseline"))))
         rounds.append(figures)
         print(f"round {index + 1}: candidate {figures['candidate']['throughput_per_s']} /s, "
               f"baseline {figures['baseline']['throughput_per_s']} /s")
@@ -118,9 +134,12 @@ def bench_interleaved(images: np.ndarray, args: argparse.Namespace) -> dict[str,
     ratios = [r["candidate"]["throughput_per_s"] / r["baseline"]["throughput_per_s"] for r in rounds]
     return {"worker": median_round("candidate"), "baseline_worker": median_round("baseline"),
             "baseline_settings": {"model": served_model(baseline.model), "concurrency": baseline.concurrency,
-                                  "intra_op_threads": baseline.intra_op_threads},
+                                  "intra_op_threads": baseline.intra_op_threads,
+                                  "execution_provider": baseline.execution_provider},
             "ratio": {"throughput_median_of_rounds": round(float(np.median(ratios)), 3),
-                      "per_round": [round(r, 3) for r in ratios]},
+                      "per_round": [round(r, 3) for r in ratios],
+                      # same images: 0 for a change that keeps the arithmetic, small for another provider
+                      "max_abs_probability_delta": float(max(deltas))},
             "rounds": [{name: {"throughput_per_s": f["throughput_per_s"], "processing_ms": f["processing_ms"]}
                         for name, f in r.items()} for r in rounds]}
 
@@ -184,7 +203,8 @@ def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]
         env.update(TRIAGE_BROKER_URL=f"redis://127.0.0.1:{port}/0",
                    TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 'triage.db'}",
                    TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_CONCURRENCY=str(args.concurrency),
-                   TRIAGE_INTRA_OP_THREADS=str(args.intra_op_threads))
+                   TRIAGE_INTRA_OP_THREADS=str(args.intra_op_threads),
+                   TRIAGE_EXECUTION_PROVIDER=args.execution_provider)
         if args.model:
             env["TRIAGE_MODEL_PATH"] = str(args.model.resolve())
         log_path = tmp_path / "worker.log"
@@ -196,6 +216,7 @@ def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]
                                       stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
             ready_s = wait_log(log_path, " ready.", spawn)
             model_s = wait_log(log_path, "loaded (", spawn)
+            providers = logged_providers(log_path)
             rss_idle = worker_rss(worker.pid)
             sent = time.monotonic()
             send_all(env["TRIAGE_BROKER_URL"], staged)
@@ -208,7 +229,21 @@ def bench_worker(images: np.ndarray, args: argparse.Namespace) -> dict[str, Any]
                 worker.wait(60)
             redis.terminate()
             redis.wait(10)
-    return summarise(rows, wall, ready_s, model_s, rss_idle, rss_busy, args)
+    figures = summarise(rows, wall, ready_s, model_s, rss_idle, rss_busy, args)
+    figures["providers"] = providers
+    figures["_probability_by_accession"] = {r["accession_number"]: r["probability"] for r in rows}
+    return figures
+
+
+def logged_providers(log_path: Path) -> list[str]:
+    """The providers the pool process's session runs on, from its 'model ... loaded (A,B)' line."""
+    line = next(x for x in log_path.read_text(errors="replace").splitlines() if "loaded (" in x)
+    return line.rsplit("loaded (", 1)[1].split(")", 1)[0].split(",")
+
+
+def max_probability_delta(a: dict[str, float], b: dict[str, float]) -> float:
+    """Largest |p_a - p_b| over the images both workers scored (same accession = same image)."""
+    return max(abs(a[k] - b[k]) for k in a.keys() & b.keys())
 
 
 def wait_log(path: Path, marker: str, since: float, timeout: float = 180) -> float:
@@ -275,6 +310,7 @@ def summarise(rows: list[dict[str, Any]], wall: float, ready_s: float, model_s: 
         "dicom": f"{args.size}x{args.size} 12-bit {args.encoding}",
         "concurrency": args.concurrency,
         "intra_op_threads": args.intra_op_threads,
+        "execution_provider": args.execution_provider,
         "throughput_per_s": round(len(rows) / busy_span, 2),
         "throughput_incl_queueing_per_s": round(len(rows) / wall, 2),
         "latency_s": {"p50": round(float(np.percentile(latency, 50)), 3),
