@@ -66,3 +66,15 @@ def test_compose_environment_names_real_settings():
     for name, service in built_services().items():
         for key in service.get("environment", {}):
             assert key in fields, f"{name}: {key} is read by nothing"
+
+
+def test_the_gpu_override_builds_the_gpu_extra_gives_the_worker_a_gpu_and_refuses_the_cpu():
+    """`-f docker-compose.gpu.yml` must change exactly what a GPU host needs, with names that exist."""
+    worker = yaml.safe_load((DEPLOY / "docker-compose.gpu.yml").read_text())["services"]["worker"]
+    assert worker["build"]["args"]["EXTRA"] == "gpu" and "ARG EXTRA" in DOCKERFILE
+    assert 'pip install --no-cache-dir ".[${EXTRA}]"' in DOCKERFILE
+    assert worker["environment"] == {"TRIAGE_EXECUTION_PROVIDER": "cuda"}
+    assert "cuda" in WorkerSettings.model_fields["execution_provider"].annotation.__args__
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices and all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert worker["build"]["dockerfile"] == COMPOSE["services"]["worker"]["build"]["dockerfile"]
