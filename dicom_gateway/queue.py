@@ -65,6 +65,7 @@ class TaskPublisher:
     def __init__(self, settings: GatewaySettings, app: celery.Celery | None = None) -> None:
         self._app = app or make_celery_client(settings)
         self._backoff = settings.gateway_broker_backoff_seconds
+        self._wait = settings.gateway_broker_timeout_seconds
         self._lock = threading.Lock()
         self._down_until = 0.0
         self.last_error: str | None = None
@@ -80,9 +81,18 @@ class TaskPublisher:
         return time.monotonic() < self._down_until
 
     def _send(self, name: str, args: tuple, kwargs: dict, *, force: bool = False) -> bool:
+        """Publish once. Unforced sends (C-STORE, finalize) wait for the lock at most one broker
+        timeout and re-check the circuit once they hold it: publishes are serialised (kombu
+        producers are not shared safely between threads), and behind a hung broker each queued
+        sender used to pay its own full timeout in turn, so a C-STORE's answer grew with the number
+        of associations. A send given up here is not lost: the caller leaves it to the sweep."""
         if not force and self.broker_blocked():
             return False
-        with self._lock:  # kombu producers are not shared safely between threads
+        if not self._lock.acquire(timeout=-1 if force else self._wait):
+            return False  # another publish is stuck on the broker; it opens the circuit when it fails
+        try:
+            if not force and self.broker_blocked():  # the publish we waited for failed meanwhile
+                return False
             try:
                 self._app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
             except Exception as exc:  # kombu/redis raise many types; all mean "not queued"
@@ -90,9 +100,11 @@ class TaskPublisher:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("publish failed", extra={"task": name, "error": self.last_error})
                 return False
-        self._down_until = 0.0
-        self.last_error = None
-        return True
+            self._down_until = 0.0
+            self.last_error = None
+            return True
+        finally:
+            self._lock.release()
 
     def probe(self) -> bool:
         """Check broker reachability with one connection attempt (health check, sweep)."""

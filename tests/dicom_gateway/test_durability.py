@@ -11,6 +11,7 @@ import resource
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydicom.uid import generate_uid
@@ -58,6 +59,51 @@ def test_broker_down_still_stores_then_sweep_queues_each_once(settings_factory, 
             assert t["args"][0] == pending_relpath(study, t["args"][1])
         finals = wait_for(lambda: [t for t in queued_tasks(client) if t["task"] == FINALIZE_STUDY], 10, what="finalize")
         assert [f["args"] for f in finals] == [[study]]
+    finally:
+        gateway.stop(timeout=2)
+        own.stop()
+
+
+def test_a_hung_broker_does_not_make_parallel_stores_wait_in_turn(settings_factory, tmp_path, images):
+    """Redis stopped with SIGSTOP (hung or partitioned: connections open, nothing answers). Parallel
+    C-STOREs used to queue on the publish lock and each wait its own broker timeout in turn (8
+    associations answered after 1, 2, ... 8 timeouts, past a modality's DIMSE timeout), although
+    every instance was already durable. Each answer must take about one timeout whatever the number
+    of associations; once Redis runs again the sweep queues what the stores left to it."""
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    timeout, senders = 1.5, 8
+    # No periodic sweep while Redis is stopped (its forced publishes would also wait on it), and a
+    # long backoff: only the first store's publish reaches the stopped Redis.
+    gateway = Gateway(settings_factory(broker_url=own.url, gateway_broker_timeout_seconds=timeout,
+                                       gateway_broker_backoff_seconds=600, gateway_sweep_interval_seconds=3600))
+    gateway.start()
+    datasets = [small_dataset(images, i, study_uid=generate_uid()) for i in range(senders)]
+
+    def timed_store(ds) -> tuple[list[int], float]:
+        started = time.monotonic()
+        codes = store_with_pynetdicom(gateway.port, [ds])
+        return codes, time.monotonic() - started
+
+    try:
+        wait_for(lambda: gateway.last_sweep, 10, what="the start-up sweep")
+        os.kill(own.proc.pid, signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(senders) as pool:
+                results = list(pool.map(timed_store, datasets))
+        finally:
+            os.kill(own.proc.pid, signal.SIGCONT)
+        assert [codes for codes, _ in results] == [[0x0000]] * senders
+        took = sorted(round(seconds, 2) for _, seconds in results)
+        assert took[-1] < 2 * timeout, f"C-STORE answers waited on each other: {took}"
+        assert len(pending_files(gateway.spool.root)) == senders
+        client = own.client()
+        assert gateway.outbox.sweep()["queued"] == senders
+        assert gateway.outbox.sweep()["queued"] == 0, "a queued instance is not re-sent before REQUEUE_AFTER"
+        counts = Counter(t["args"][1] for t in _process_messages(client))
+        assert set(counts) == {str(ds.SOPInstanceUID) for ds in datasets}
+        # At-least-once: the one publish that was on the wire when Redis stopped may run on SIGCONT.
+        assert sum(counts.values()) <= senders + 1, counts.most_common(3)
     finally:
         gateway.stop(timeout=2)
         own.stop()
