@@ -57,7 +57,7 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
         ("triage_gateway_spool_pending_studies", "gauge", "studies with pending instances", status["pending_studies"]),
         ("triage_gateway_spool_incoming_partials", "gauge", "partial writes in progress or left by a crash", status["incoming_partials"]),
         ("triage_gateway_open_studies", "gauge", "studies waiting for their quiet period", status["open_studies"]),
-        ("triage_gateway_last_sweep_failed", "gauge", "instances the last sweep could not queue", sweep.get("failed", 0)),
+        ("triage_gateway_last_sweep_failed", "gauge", "instances due for a publish that the last sweep left unqueued (broker down)", sweep.get("failed", 0)),
         ("triage_gateway_spool_disk_free_bytes", "gauge", "free bytes on the spool's file system", ready["disk_free_bytes"]),
     ]
     lines = []

@@ -155,6 +155,12 @@ class Outbox:
         Due: failed before, never published by this process and older than the grace
         period (a previous run may have died before publishing), or published more than
         `requeue_after_s` ago and still pending (the message may be lost).
+
+        `failed` counts the due instances left unqueued: after the first failed publish the
+        sweep stops publishing (broker down: the next sweep retries) but still lists every
+        pending file, so `pending` is the whole spool and the bookkeeping of files after the
+        failure is kept (forgetting it made them "never published" and re-sent after the grace
+        period: duplicates).
         """
         grace = self.grace_s if min_age_s is None else min_age_s
         now_wall, now_mono = time.time(), time.monotonic()
@@ -164,11 +170,10 @@ class Outbox:
             present.add(item.relpath)
             if not self._due(item.relpath, now_wall - item.mtime, now_mono, grace):
                 continue
-            if self.publish(item.relpath, item.sop_uid, utc_iso(item.mtime), force=True):
+            if not failed and self.publish(item.relpath, item.sop_uid, utc_iso(item.mtime), force=True):
                 queued += 1
             else:
                 failed += 1
-                break  # broker down: stop now, the next sweep retries
         self._forget_done(present, now_mono)
         return {"queued": queued, "failed": failed, "pending": len(present)}
 

@@ -109,6 +109,43 @@ def test_a_hung_broker_does_not_make_parallel_stores_wait_in_turn(settings_facto
         own.stop()
 
 
+def test_a_failed_sweep_keeps_the_bookkeeping_of_every_pending_file(tmp_path):
+    """Redis refusing writes (maxmemory reached) while instances are pending: the sweep used to stop
+    listing at the first failed publish and then forget that every file after it had been queued,
+    so they were all re-queued after the grace period (21 messages for 11 instances), and it
+    reported one failure and one pending file however large the backlog."""
+    from dicom_gateway.config import GatewaySettings
+    from dicom_gateway.queue import Outbox, TaskPublisher
+    from dicom_gateway.spool import Spool
+
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    client = own.client()
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    study = generate_uid()
+    for _ in range(13):
+        spool.store([b"instance"], study, generate_uid())
+    listed = [item for item in spool.iter_pending()]  # directory order, stable while nothing changes
+    publisher = TaskPublisher(GatewaySettings(broker_url=own.url, gateway_broker_timeout_seconds=1.0))
+    outbox = Outbox(spool, publisher, grace_s=0.0, requeue_after_s=1800.0)
+    try:
+        for item in listed[1:11]:
+            assert outbox.publish(item.relpath, item.sop_uid, "t")
+        client.config_set("maxmemory", 1)  # noeviction: every write is refused with OOM
+        assert not outbox.publish(listed[0].relpath, listed[0].sop_uid, "t")  # the first one listed
+        # listed[11:] were never published (a previous run died first): due as well.
+        assert outbox.sweep() == {"queued": 0, "failed": 3, "pending": 13}
+        client.config_set("maxmemory", 0)
+        assert outbox.sweep() == {"queued": 3, "failed": 0, "pending": 13}
+        assert outbox.sweep() == {"queued": 0, "failed": 0, "pending": 13}
+        counts = Counter(t["args"][1] for t in _process_messages(client))
+        assert counts == Counter(item.sop_uid for item in listed), counts.most_common(3)
+    finally:
+        publisher.close()
+        own.stop()
+
+
 def test_gateway_sigkill_mid_push_every_success_is_queued_after_restart(settings_factory, tmp_path, images, broker, redis_server):
     """Kill -9 during a push; the restarted gateway publishes every acknowledged instance."""
     port = free_port()
