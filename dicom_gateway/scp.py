@@ -195,20 +195,24 @@ SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 
 def truncated(ds: Dataset, stream: BytesIO) -> bool:
     """pydicom reads a value cut short by the end of the stream without an error: a defined-length
     last element then holds fewer bytes than it declares (a sender that dropped part of Pixel
-    Data). An undefined-length one (encapsulated Pixel Data) runs to the end of the stream with
+    Data). It also stops silently when fewer than 8 bytes are left, so a stream cut 1-7 bytes into
+    an element's header (Pixel Data's, say) parses as a complete dataset without that element: a
+    defined-length last element must therefore end exactly where the stream does. An
+    undefined-length one (encapsulated Pixel Data, a sequence) runs to the end of the stream with
     only a warning, which cannot be caught thread-safely; its stream must end with the sequence
     delimiter that closes it instead."""
     elements = list(ds._dict.values())
     if not elements:
         return False
     last = elements[-1]
-    length, value = getattr(last, "length", None), getattr(last, "value", None)
-    if not isinstance(value, bytes) or length is None:
+    with stream.getbuffer() as view:
+        size, tail = len(view), bytes(view[-len(SEQUENCE_DELIMITER):])
+    if getattr(last, "is_undefined_length", False) or getattr(last, "length", None) == 0xFFFFFFFF:
+        return tail != SEQUENCE_DELIMITER
+    value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if value_tell is None or length is None:  # not a raw element: nothing to measure
         return False
-    if length == 0xFFFFFFFF:
-        with stream.getbuffer() as view:
-            return bytes(view[-len(SEQUENCE_DELIMITER):]) != SEQUENCE_DELIMITER
-    return len(value) < length
+    return value_tell + length != size  # short: value cut; long: a partial element header follows
 
 
 def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -> tuple[str, str]:

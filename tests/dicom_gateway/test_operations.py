@@ -83,6 +83,30 @@ def test_invalid_study_uid_is_refused_with_reason(gateway, broker, images):
     assert queued_tasks(broker) == []
 
 
+def test_a_push_cut_inside_the_pixel_data_header_is_refused(gateway, broker, images, tmp_path, monkeypatch):
+    """A pynetdicom SCU sends a file cut 4 bytes into its Pixel Data element's header: it was
+    acknowledged with Success (pydicom stops silently short of 8 bytes) and spooled without an image."""
+    from pynetdicom import AE, _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes, not a re-encoding
+
+    from worker.samples import save
+
+    ds = small_dataset(images, 0)
+    raw = save(ds, tmp_path / "whole.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[: raw.rindex(b"\xe0\x7f\x10\x00") + 4])
+    ae = AE(ae_title="CUTSCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+    try:
+        rsp = assoc.send_c_store(cut)
+    finally:
+        assoc.release()
+    assert rsp.Status == 0xC000 and "truncated" in rsp.ErrorComment
+    assert pending_files(gateway.spool.root) == [] and queued_tasks(broker) == []
+
+
 def _health(settings, *extra: str, env_over: dict | None = None) -> subprocess.CompletedProcess:
     import os
 

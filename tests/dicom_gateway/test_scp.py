@@ -90,6 +90,43 @@ def test_a_dataset_cut_short_is_refused_not_acknowledged():
     assert refused.value.status == CANNOT_UNDERSTAND
 
 
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("kept", range(1, 8))
+def test_a_dataset_cut_inside_an_element_header_is_refused(implicit, kept):
+    """pydicom stops without a word when fewer than 8 bytes are left, so a stream cut 1-7 bytes into
+    the Pixel Data element's header parsed as a complete dataset without Pixel Data and was
+    acknowledged; the worker found the image missing later."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = identified(BitsAllocated=8, PixelData=bytes(4096))
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, implicit
+    write_dataset(encoded, ds)
+    wire = encoded.getvalue()
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    assert read_header(BytesIO(wire), syntax).sop_uid == ds.SOPInstanceUID
+    pixel_header = wire.rindex(b"\xe0\x7f\x10\x00")
+    with pytest.raises(BadDatasetError, match="truncated") as refused:
+        read_header(BytesIO(wire[: pixel_header + kept]), syntax)
+    assert refused.value.status == CANNOT_UNDERSTAND
+
+
+def test_a_dataset_ending_in_a_sequence_of_undefined_length_is_complete_only_with_its_delimiter():
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.ValueType = "TEXT"
+    ds = identified()
+    ds.ContentSequence = Sequence([item])  # (0040,A730): after the UIDs, the last element
+    ds["ContentSequence"].is_undefined_length = True
+    wire = plain_stream(ds)
+    assert wire.endswith(SEQUENCE_DELIMITER)
+    assert read_header(BytesIO(wire), ExplicitVRLittleEndian).sop_uid == ds.SOPInstanceUID
+    for extra in (b"\x00", b"\xe0\x7f\x10\x00"):
+        with pytest.raises(BadDatasetError, match="truncated"):
+            read_header(BytesIO(wire + extra), ExplicitVRLittleEndian)
+
+
 def encapsulated_stream() -> bytes:
     """A JPEG-lossless CR as the gateway receives it: encapsulated Pixel Data of undefined length,
     its fragments closed by the sequence delimiter (FFFE,E0DD) as the dataset's last 8 bytes."""
