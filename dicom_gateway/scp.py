@@ -47,6 +47,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_gateway.config import GatewaySettings
+from dicom_gateway.health import HEALTH_CALLING_AE
 from dicom_gateway.queue import Outbox, utc_iso
 from dicom_gateway.spool import InvalidUIDError, Spool, validate_uid
 from dicom_gateway.studies import StudyTracker
@@ -81,6 +82,7 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124
 
 # A-ASSOCIATE-RJ (result, source, diagnostic).
 RJ_CALLING_AE = (0x01, 0x01, 0x03)
@@ -269,6 +271,7 @@ class StoreSCP:
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         peer = assoc.requestor.address
         reason, rsd = self._policy(calling, called, peer)
+        assoc.gateway_echo_only = self._health_probe_only(calling, peer)  # type: ignore[attr-defined]
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
             log.info("association requested", extra=ctx)
@@ -278,8 +281,15 @@ class StoreSCP:
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
+    def _health_probe_only(self, calling: str, peer: str) -> bool:
+        """Let in by the loopback exception alone: `dicom-gateway health` (the container healthcheck)
+        calls in from loopback as TRIAGE-HEALTH, which an IP allow-list of the hospital's networks
+        would refuse. Such an association may C-ECHO but not C-STORE, so a local relay (a TLS
+        tunnel, say) does not open the IP allow-list to whoever claims the health AE title."""
+        return bool(self._networks) and calling == HEALTH_CALLING_AE and _is_loopback(peer) and not _ip_allowed(peer, self._networks)
+
     def _policy(self, calling: str, called: str, peer: str) -> tuple[str | None, tuple[int, int, int]]:
-        if self._networks and not _ip_allowed(peer, self._networks):
+        if self._networks and not _ip_allowed(peer, self._networks) and not self._health_probe_only(calling, peer):
             return "source IP not in allow-list", RJ_NO_REASON
         if self._allowed_aes and calling not in self._allowed_aes:
             return "calling AE title not in allow-list", RJ_CALLING_AE
@@ -318,6 +328,8 @@ class StoreSCP:
         if not isinstance(stream, BytesIO):  # chunked-to-file receive mode; not used by us
             stream = BytesIO(event.encoded_dataset(include_meta=False))
         try:
+            if getattr(event.assoc, "gateway_echo_only", False):
+                raise BadDatasetError(NOT_AUTHORIZED, "source IP not in allow-list (health check: C-ECHO only)")
             if str(request.AffectedSOPClassUID).strip() != str(event.context.abstract_syntax):
                 raise BadDatasetError(SOP_CLASS_NOT_SUPPORTED, "SOP class not negotiated on this presentation context")
             study, sop = check_header(read_header(stream, syntax), request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
@@ -353,6 +365,16 @@ class StoreSCP:
 
 def _aid(event: evt.Event) -> int | None:
     return getattr(event.assoc, "gateway_id", None)
+
+
+def _is_loopback(peer: str) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _ip_allowed(peer: str, networks: list) -> bool:

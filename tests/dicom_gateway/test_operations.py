@@ -142,6 +142,35 @@ def test_health_command_reports_listener_spool_broker_disk(start_gateway, broker
     assert json.loads(down.stdout)["listener"]["ok"] is False
 
 
+def test_health_check_passes_an_ip_allow_list_from_loopback_for_c_echo_only(start_gateway, broker, images):
+    """With TRIAGE_GATEWAY_ALLOWED_IPS set to the hospital's networks, `dicom-gateway health` (the
+    compose healthcheck: C-ECHO from 127.0.0.1 as TRIAGE-HEALTH) was rejected, so the container
+    was always unhealthy. Loopback now passes the IP list for that AE title only, and only to echo."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    gateway = start_gateway(gateway_allowed_ips=["10.20.0.0/16"], gateway_allowed_calling_aes=["CR01", "TRIAGE-HEALTH"])
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    out = _health(settings)
+    report = json.loads(out.stdout)
+    assert report["listener"]["ok"] is True and out.returncode == 0, out.stdout + out.stderr
+    with pytest.raises(ConnectionError):  # an allowed modality AE from a source outside the list
+        store_with_pynetdicom(gateway.port, [small_dataset(images, 0)], calling_ae="CR01")
+    ds = small_dataset(images, 1)
+    ae = AE(ae_title="TRIAGE-HEALTH")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        rsp = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert rsp.Status == 0x0124 and "C-ECHO only" in rsp.ErrorComment
+    assert pending_files(gateway.spool.root) == [] and queued_tasks(broker) == []
+
+
 # ---- TLS ----------------------------------------------------------------------------
 
 
