@@ -39,7 +39,11 @@ CsvList = Annotated[list[str], NoDecode]
 class GatewaySettings(BaseSettings):
     """All knobs of the DICOM gateway, read once from TRIAGE_* variables (README: gateway configuration table)."""
 
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore")
+    # `KEY=` in an env file (deploy/triage.env) means unset, not an empty value: an empty port
+    # failed to parse and an empty TLS path became "." (TLS on). No setting may be inf or nan:
+    # an infinite sweep interval silently turned off recovery.
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore", env_ignore_empty=True,
+                                      allow_inf_nan=False)
 
     # Shared with the worker (same names, same defaults).
     broker_url: str = "redis://127.0.0.1:6379/0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -75,6 +77,11 @@ def test_settings_from_environment(monkeypatch):
         ("TRIAGE_GATEWAY_PORT", "70000"),
         ("TRIAGE_GATEWAY_MAX_PDU", "1"),  # senders could not send P-DATA into it: every C-STORE failed
         ("TRIAGE_GATEWAY_LOG_LEVEL", "verbose"),  # crashed at start-up with a traceback
+        ("TRIAGE_GATEWAY_SWEEP_INTERVAL_SECONDS", "inf"),  # silently turned recovery off
+        ("TRIAGE_GATEWAY_ACSE_TIMEOUT", "inf"),
+        ("TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS", "Infinity"),
+        ("TRIAGE_GATEWAY_STABLE_STUDY_SECONDS", "nan"),
+        ("TRIAGE_GATEWAY_SWEEP_GRACE_SECONDS", "nan"),
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(monkeypatch, name, value):
@@ -121,3 +128,19 @@ def test_a_read_only_spool_is_unhealthy_and_refuses_associations(read_only_spool
     scp = StoreSCP(settings, read_only_spool, outbox=None, tracker=None)  # type: ignore[arg-type]
     reason, rejection = scp._policy("MODALITY", settings.gateway_ae_title, "127.0.0.1")
     assert reason is not None and "not writable" in reason and rejection == RJ_LOCAL_LIMIT
+
+
+def test_an_empty_value_means_unset(monkeypatch, tmp_path):
+    """`KEY=` (as deploy/triage.env writes ALLOWED_IPS) is "unset": an empty HTTP port failed to parse
+    (exit 2, although the env file says "unset to turn off"), and empty TLS paths became "." (TLS on,
+    then IsADirectoryError at start-up)."""
+    for name in ("TRIAGE_GATEWAY_HTTP_PORT", "TRIAGE_GATEWAY_TLS_CERT", "TRIAGE_GATEWAY_TLS_KEY", "TRIAGE_GATEWAY_PORT"):
+        monkeypatch.setenv(name, "")
+    settings = GatewaySettings()
+    assert settings.gateway_http_port is None and not settings.tls_enabled and settings.gateway_port == 11112
+    for name in [n for n in os.environ if n.startswith("TRIAGE_")]:
+        monkeypatch.delenv(name)
+    env_file = tmp_path / "site.env"
+    env_file.write_text("TRIAGE_GATEWAY_HTTP_PORT=\nTRIAGE_GATEWAY_TLS_CERT=\nTRIAGE_GATEWAY_TLS_KEY=\nTRIAGE_GATEWAY_ALLOWED_IPS=\n")
+    settings = GatewaySettings(_env_file=env_file)
+    assert settings.gateway_http_port is None and not settings.tls_enabled and settings.networks() == []
