@@ -5,7 +5,7 @@ and monitoring (Prometheus) speak HTTP, not DICOM, and must be able to tell "pro
 from "able to take studies". Everything served here is counts and states: no UIDs,
 no patient data, nothing from a DICOM header.
 
-    GET /healthz   200 while the listener and the maintenance thread run, else 503
+    GET /healthz   200 while the listener and the maintenance thread run, else 503 (HEAD too)
     GET /readyz    200 when also the broker answers and the spool disk has room, else 503
     GET /status    the gateway's counters (JSON)
     GET /metrics   the same as Prometheus text
@@ -53,7 +53,7 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
         ("triage_gateway_ready", "gauge", "1 when the broker answers and the spool disk has room", int(bool(ready["ok"]))),
         ("triage_gateway_broker_up", "gauge", "1 when the broker answered the last probe", int(bool(ready["broker"]))),
         ("triage_gateway_instances_stored_total", "counter", "instances stored and acknowledged since start", status["stored"]),
-        ("triage_gateway_spool_pending_instances", "gauge", "instances in the spool not yet confirmed queued", status["pending_instances"]),
+        ("triage_gateway_spool_pending_instances", "gauge", "instances in the spool's pending/ folder (queued or not) that the worker has not finished", status["pending_instances"]),
         ("triage_gateway_spool_pending_studies", "gauge", "studies with pending instances", status["pending_studies"]),
         ("triage_gateway_spool_incoming_partials", "gauge", "partial writes in progress or left by a crash", status["incoming_partials"]),
         ("triage_gateway_open_studies", "gauge", "studies waiting for their quiet period", status["open_studies"]),
@@ -111,6 +111,12 @@ class StatusServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                self._answer(with_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (load-balancer health checks that use HEAD)
+                self._answer(with_body=False)
+
+            def _answer(self, *, with_body: bool) -> None:
                 try:
                     code, content_type, body = server.respond(self.path.split("?", 1)[0])
                 except Exception:  # a status page must answer, not hang the probe
@@ -121,7 +127,8 @@ class StatusServer:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if with_body:
+                    self.wfile.write(payload)
 
             def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: keep logs quiet
                 return

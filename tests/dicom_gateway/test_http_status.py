@@ -46,6 +46,31 @@ def test_probes_status_and_metrics_follow_real_stores_without_phi(start_gateway,
     assert get(port, "/nope")[0] == 404
 
 
+def test_head_answers_like_get_without_a_body(start_gateway, broker):
+    """Some load-balancer health checks use HEAD; it was answered 501 Unsupported method."""
+    gateway = start_gateway(gateway_http_port=0)
+    port = gateway.http.port
+    for path in ("/healthz", "/readyz", "/status", "/metrics", "/nope"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                code, headers, body = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            code, headers, body = error.code, error.headers, error.read()
+        assert code == get(port, path)[0] and body == b"", (path, code)
+        assert int(headers["Content-Length"]) > 0 and headers["Content-Type"]
+
+
+def test_pending_instances_help_says_what_the_gauge_counts(start_gateway, broker, images):
+    """The gauge counts every file in pending/, queued ones too; its HELP said "not yet confirmed queued"."""
+    gateway = start_gateway(gateway_http_port=0)
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0)]) == [0]
+    lines = get(gateway.http.port, "/metrics")[1].splitlines()
+    assert "triage_gateway_spool_pending_instances 1" in lines
+    [help_line] = [line for line in lines if line.startswith("# HELP triage_gateway_spool_pending_instances ")]
+    assert "queued or not" in help_line and "not yet confirmed queued" not in help_line
+
+
 def test_not_ready_when_the_broker_is_down_but_still_live(start_gateway):
     gateway = start_gateway(gateway_http_port=0, broker_url=f"redis://127.0.0.1:{free_port()}/0")
     port = gateway.http.port
