@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels import apply_modality_lut
 
 from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import MAX_ASPECT
@@ -73,12 +73,7 @@ def window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     the full range of the modality values, which is what viewers do.
     """
     if "VOILUTSequence" in ds:
-        try:
-            out_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-            voi = apply_voi(values, ds, index=0).astype(np.float64)
-        except Exception as exc:  # a malformed LUT raises many types; its values are not repeated
-            raise UnreadableImageError(f"VOI LUT could not be applied ({type(exc).__name__})") from exc
-        return np.clip(voi / float(2**out_bits - 1), 0.0, 1.0)
+        return voi_lut_to_unit(values, ds)
     center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
@@ -86,6 +81,63 @@ def window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if high <= low:
         raise UnreadableImageError("image is blank (all pixels equal)")
     return (values - np.float32(low)) / np.float32(high - low)
+
+
+def voi_lut_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The first VOI LUT of the VOI LUT Sequence (PS3.3 C.11.2.1.1), output scaled to [0, 1].
+
+    Done here, not with pydicom's `apply_voi`: pydicom 3.0 builds its index array in the LUT's
+    *output* type, so with 8-bit entries (descriptor `4096\\0\\8`, common on CR) every input of
+    256 or more wraps around. Input values are clipped to [first mapped, first mapped + entries - 1]
+    and looked up with an integer index; the output is divided by 2**bits - 1 (bits: the
+    descriptor's third value).
+
+    A LUT whose largest entry is below an eighth of its declared range (a descriptor claiming 16
+    bits whose entries stop at 4095, as some CR vendors write) is scaled by the depth its entries
+    really use, as Horos and Cornerstone do: read literally it would display almost black, which
+    no viewer shows the radiologist, and refusing it would refuse every image of such a modality.
+    This is the same threshold at which a 16-bit PNG is refused (`preprocess.to_unit_range`),
+    where nothing tells us the depth; here the LUT's own entries do.
+    """
+    entries, first, bits, lut = _voi_lut(ds)
+    if bits - 3 >= int(lut.max()).bit_length():
+        bits = max(int(lut.max()).bit_length(), 1)
+    index = np.clip(np.rint(values.astype(np.float64)) - first, 0, entries - 1).astype(np.intp)
+    return np.clip(lut[index].astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
+
+
+def _voi_lut(ds: Dataset) -> tuple[int, int, int, np.ndarray]:
+    """(entries, first mapped input, bits per entry, LUT data) of the first VOI LUT, checked."""
+    try:
+        item = ds.VOILUTSequence[0]
+        descriptor = item.LUTDescriptor
+        if isinstance(descriptor, bytes):  # ambiguous VR left unresolved: US, little endian
+            descriptor = np.frombuffer(descriptor, "<u2").tolist()
+        entries, first, bits = (int(v) for v in descriptor)
+        data_element = item["LUTData"]
+    except Exception as exc:  # absent items or elements, wrong multiplicity; values are not repeated
+        raise UnreadableImageError(f"VOI LUT could not be read ({type(exc).__name__})") from exc
+    entries = entries or 65536  # PS3.3 C.11.2.1.1: 0 means 2**16 entries
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first >= 32768:
+        first -= 65536  # first mapped of signed input, stored as US
+    if not 8 <= bits <= 16:
+        raise UnreadableImageError(f"VOI LUT with {bits} bits per entry (8 to 16 expected)")
+    raw = data_element.value
+    if isinstance(raw, (bytes, bytearray)):  # OW
+        little = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        big_endian = little is not None and getattr(little, "is_little_endian", True) is False
+        if len(raw) == 2 * entries:
+            lut = np.frombuffer(raw, ">u2" if big_endian else "<u2")
+        elif bits == 8 and len(raw) in (entries, entries + 1):  # 8-bit entries packed two to a word
+            lut = np.frombuffer(raw[:entries], np.uint8)
+        else:
+            lut = np.zeros(0, np.uint16)
+    else:
+        lut = np.atleast_1d(np.asarray(raw, dtype=np.int64))
+    if lut.size != entries or (lut.size and lut.min() < 0):
+        raise UnreadableImageError(f"VOI LUT Data does not match its descriptor ({lut.size} entries, "
+                                   f"{entries} declared)")
+    return entries, first, bits, lut.astype(np.int64)
 
 
 def _number(ds: Dataset, keyword: str) -> float | None:

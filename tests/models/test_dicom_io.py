@@ -140,3 +140,33 @@ def test_window_of_width_one_is_a_threshold(image):
     display = dicom_to_grayscale(ds)
     assert np.isfinite(display).all()
     np.testing.assert_array_equal(display, (stored > np.median(stored)).astype(np.float32))
+
+
+def voi_lut(ds, descriptor, data):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            del ds[keyword]
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = [int(v) for v in data]
+    ds.VOILUTSequence = Sequence([item])
+    return ds
+
+
+def test_voi_lut_clips_its_input_to_the_mapped_range_and_scales_by_its_bit_depth(image):
+    """PS3.3 C.11.2.1.1: inputs below the first mapped value take the first entry, above the last
+    the last one; 8-bit entries are divided by 255. 12-bit input, 2048 entries from 1024."""
+    ds = voi_lut(make_cxr_dataset(image, size=(256, 256)), [2048, 1024, 8],
+                 np.rint(np.arange(2048) / 2047 * 255))
+    stored = ds.pixel_array.astype(np.float64)
+    expected = np.rint(np.clip(stored - 1024, 0, 2047) / 2047 * 255) / 255
+    np.testing.assert_allclose(dicom_to_grayscale(ds), expected, atol=1e-6)
+
+
+def test_voi_lut_whose_data_does_not_match_its_descriptor_is_refused(image):
+    ds = voi_lut(make_cxr_dataset(image, size=(256, 256)), [4096, 0, 16], np.arange(100))
+    with pytest.raises(UnreadableImageError, match=r"VOI LUT Data does not match its descriptor \(100 entries, 4096"):
+        dicom_to_grayscale(ds)
