@@ -2,7 +2,8 @@
 
 Order follows DICOM PS3.3 C.11: stored values -> Modality LUT (rescale slope/intercept
 or LUT) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted so that bone
-is bright, as in the training images). Every refusal raises `UnreadableImageError` with
+is bright, as in the training images). Padding pixels (Pixel Padding Value) are left out of
+the automatic range and shown black. Every refusal raises `UnreadableImageError` with
 a reason that contains no patient data, because the worker stores it verbatim.
 """
 
@@ -66,18 +67,22 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         ) from exc
 
 
-def window_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
+def window_to_unit(values: np.ndarray, ds: Dataset, padding: np.ndarray | None = None) -> np.ndarray:
     """Apply the VOI transform and map its output to [0, 1].
 
     A VOI LUT sequence or a window (first of several) is honoured; without either we use
-    the full range of the modality values, which is what viewers do.
+    the full range of the modality values, which is what viewers do. Padding pixels (a mask,
+    see `padding_mask`) take no part in that range.
     """
     if "VOILUTSequence" in ds:
         return voi_lut_to_unit(values, ds)
     center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         return _window(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")).upper())
-    low, high = float(values.min()), float(values.max())
+    image = values if padding is None else values[~padding]
+    if image.size == 0:
+        raise UnreadableImageError("image is blank (every pixel is padding)")
+    low, high = float(image.min()), float(image.max())
     if high <= low:
         raise UnreadableImageError("image is blank (all pixels equal)")
     return (values - np.float32(low)) / np.float32(high - low)
@@ -163,6 +168,32 @@ def _number(ds: Dataset, keyword: str) -> float | None:
     return number
 
 
+def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Stored pixels that are padding, not image (PS3.3 C.7.5.1.1.2), or None when there are none.
+
+    Pixel Padding Value (0028,0120) marks them; with Pixel Padding Range Limit (0028,0121)
+    every stored value between the two, inclusive, does. Both are stored values, compared
+    before the modality LUT. A value written as US for signed pixels (or as SS for unsigned
+    ones) is read in the pixels' own representation.
+    """
+    value = _number(ds, "PixelPaddingValue")
+    if value is None:
+        return None
+    limit = _number(ds, "PixelPaddingRangeLimit")
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    bounds = []
+    for number in (value, value if limit is None else limit):
+        number = int(number)
+        if stored.dtype.kind == "i" and number >= 2 ** (bits - 1):
+            number -= 2**bits
+        elif stored.dtype.kind == "u" and number < 0:
+            number += 2**bits
+        bounds.append(number)
+    low, high = min(bounds), max(bounds)
+    mask = (stored >= low) & (stored <= high)
+    return mask if mask.any() else None
+
+
 def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """Stored values -> modality values (PS3.3 C.11.1) as float32.
 
@@ -204,8 +235,11 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
         return np.clip(luma, 0.0, 1.0).astype(np.float32)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_code(photometric)}")
+    padding = padding_mask(stored, ds)
     values = modality_values(stored, ds)
-    display = window_to_unit(values, ds)
+    display = window_to_unit(values, ds, padding)
     if photometric == "MONOCHROME1":
         display = 1.0 - display
+    if padding is not None:
+        display[padding] = 0.0  # padding is not image: black, as viewers paint it
     return display.astype(np.float32)

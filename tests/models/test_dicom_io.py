@@ -170,3 +170,26 @@ def test_voi_lut_whose_data_does_not_match_its_descriptor_is_refused(image):
     ds = voi_lut(make_cxr_dataset(image, size=(256, 256)), [4096, 0, 16], np.arange(100))
     with pytest.raises(UnreadableImageError, match=r"VOI LUT Data does not match its descriptor \(100 entries, 4096"):
         dicom_to_grayscale(ds)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_padding_pixels_are_black_and_the_rest_uses_the_anatomy_range(image, photometric):
+    """PS3.3 C.7.5.1.1.2, no window: the other pixels display as if the padding were not there."""
+    ds = make_cxr_dataset(image, size=(256, 256), photometric=photometric)
+    del ds.WindowCenter, ds.WindowWidth
+    stored = ds.pixel_array.copy()
+    rest = stored[20:].astype(np.float64)
+    expected = (rest - rest.min()) / (rest.max() - rest.min())
+    stored[:20] = 0xFFFF
+    ds.BitsStored, ds.HighBit, ds.PixelPaddingValue, ds.PixelData = 16, 15, 0xFFFF, stored.tobytes()
+    display = dicom_to_grayscale(ds)
+    assert (display[:20] == 0).all()
+    np.testing.assert_allclose(display[20:], 1 - expected if photometric == "MONOCHROME1" else expected, atol=1e-6)
+
+
+def test_an_image_that_is_all_padding_is_refused(image):
+    ds = make_cxr_dataset(image, size=(256, 256))
+    del ds.WindowCenter, ds.WindowWidth
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 4095
+    with pytest.raises(UnreadableImageError, match="every pixel is padding"):
+        dicom_to_grayscale(ds)

@@ -91,3 +91,78 @@ def test_voi_lut_declaring_16_bits_with_12_bit_entries_is_scaled_by_its_real_dep
     was 0.06 (P 0.975, URGENT); Horos and Cornerstone scale it by the entries' 12 bits."""
     ds = with_voi_lut(cr(normal), [4096, 0, 16], np.arange(4096))
     assert_scores_like_clean(outcome_of(ds, tmp_path, settings, detectors), clean_probability)
+
+
+# --- 2. Pixel Padding Value ----------------------------------------------------------------------
+
+BORDER = 40
+"""Padded columns on each side of the 512-pixel-wide image."""
+
+
+def bordered(image: np.ndarray, *, photometric: str = "MONOCHROME2", fill=0, signed: bool = False,
+             window: bool = False, low: int = 1024, high: int = 4000) -> Dataset:
+    """A 16-bit-stored CR whose anatomy spans stored values low..high and whose left and right
+    BORDER columns hold `fill` (a value or an array), with or without its window."""
+    from worker.samples import upscale
+
+    ds = cr(image, photometric=photometric)
+    values = np.rint(low + upscale(image / 255.0, (512, 512)) * (high - low))
+    if photometric == "MONOCHROME1":
+        values = low + high - values
+    values[:, :BORDER] = np.asarray(fill)[..., :BORDER] if np.ndim(fill) else fill
+    values[:, -BORDER:] = np.asarray(fill)[..., -BORDER:] if np.ndim(fill) else fill
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, int(signed)
+    ds.PixelData = values.astype(np.int16 if signed else np.uint16).tobytes()
+    if not window:
+        del ds.WindowCenter, ds.WindowWidth
+    return ds
+
+
+def anatomy_black(ds: Dataset) -> int:
+    """The stored value that the anatomy's own full range displays black."""
+    anatomy = ds.pixel_array[:, BORDER:-BORDER]
+    return int(anatomy.max() if ds.PhotometricInterpretation == "MONOCHROME1" else anatomy.min())
+
+
+def assert_same_score(outcome, reference) -> None:
+    assert outcome.status == reference.status == "done", (outcome.reason, reference.reason)
+    assert abs(outcome.fields["probability"] - reference.fields["probability"]) < 1e-3, \
+        (outcome.fields["probability"], reference.fields["probability"])
+    assert outcome.fields["flag"] == reference.fields["flag"]
+
+
+@pytest.mark.parametrize("photometric, padding, signed", [
+    ("MONOCHROME1", 0xFFFF, False),  # the reviewer's case: P 1.0, URGENT
+    ("MONOCHROME2", 0xFFFF, False),
+    ("MONOCHROME2", -32768, True),
+])
+def test_padding_outside_the_image_range_takes_no_part_in_the_automatic_range(
+        tmp_path, normal, settings, detectors, photometric, padding, signed):
+    """No window (type 3 for CR): the full range must be the anatomy's; the padding shows black,
+    exactly like the same picture whose border holds the anatomy's own black value."""
+    padded = bordered(normal, photometric=photometric, fill=padding, signed=signed)
+    padded.PixelPaddingValue = padding
+    clean = bordered(normal, photometric=photometric, fill=0, signed=signed)
+    clean = bordered(normal, photometric=photometric, fill=anatomy_black(clean), signed=signed)
+    assert_same_score(outcome_of(padded, tmp_path, settings, detectors, "p.dcm"),
+                      outcome_of(clean, tmp_path, settings, detectors, "c.dcm"))
+
+
+def test_padding_range_limit_marks_every_value_between_the_two(tmp_path, normal, settings, detectors):
+    """Pixel Padding Range Limit: the border holds assorted values 0..100, all padding, in a
+    range below the anatomy's (1024..4000); left in, they stretched the range and greyed the chest."""
+    fill = np.random.default_rng(0).integers(0, 101, size=(512, 512))
+    padded = bordered(normal, fill=fill)
+    padded.PixelPaddingValue, padded.PixelPaddingRangeLimit = 100, 0  # either order is allowed
+    clean = bordered(normal, fill=anatomy_black(bordered(normal)))
+    assert_same_score(outcome_of(padded, tmp_path, settings, detectors, "p.dcm"),
+                      outcome_of(clean, tmp_path, settings, detectors, "c.dcm"))
+
+
+def test_padding_is_shown_black_under_a_window(tmp_path, normal, settings, detectors):
+    """With a window, a bright padding value (4095 in MONOCHROME2) would show white: it is black."""
+    padded = bordered(normal, fill=4095, window=True)
+    padded.PixelPaddingValue = 4095
+    clean = bordered(normal, fill=0, window=True)
+    assert_same_score(outcome_of(padded, tmp_path, settings, detectors, "p.dcm"),
+                      outcome_of(clean, tmp_path, settings, detectors, "c.dcm"))
