@@ -20,6 +20,13 @@ from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import MAX_ASPECT
 
 
+BLANK_SHARE = 0.99
+"""A displayed image with more than this share of its pixels (padding left out) at one 8-bit grey
+level is refused as blank: a constant or unexposed plate, or a window that saturates the whole
+picture. Not one of the 5,856 PneumoniaMNIST images has more than 31% of its pixels at one level,
+so the margin is wide; a radiograph with 1% of its area left to show carries nothing to score."""
+
+
 @dataclass(frozen=True)
 class PixelLimits:
     """Sizes outside these bounds are refused rather than guessed at."""
@@ -223,23 +230,43 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(((values - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5), 0.0, 1.0)
 
 
+def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> None:
+    """Refuse a displayed image (in [0, 1]) that is constant or almost entirely one grey level.
+
+    Checked after the window or VOI LUT, so a blank plate is refused whether or not its file
+    carries a window (with one, a constant image showed mid-grey and was scored).
+    """
+    shown = display if padding is None else display[~padding]
+    levels = np.bincount(np.rint(shown.ravel() * np.float32(255)).astype(np.intp), minlength=256)
+    level = int(levels.argmax())
+    share = levels[level] / shown.size
+    if share > BLANK_SHARE:
+        what = "black" if level == 0 else "white" if level == 255 else f"grey level {level}/255"
+        shown_share = np.floor(share * 1000) / 10  # rounded down: 100.0% means every pixel
+        raise UnreadableImageError(f"image is blank as displayed ({shown_share:.1f}% of pixels {what})")
+
+
 def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.ndarray:
     """One projection radiograph -> float32 2-D display image in [0, 1]."""
     check_geometry(ds, limits)
     stored = decode_pixels(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    padding = None
     if stored.ndim == 3:  # colour (pydicom already converted YBR to RGB)
         rgb = stored.astype(np.float64)
         bits = int(ds.get("BitsStored", 8) or 8)
         luma = (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114) / float(2**bits - 1)
-        return np.clip(luma, 0.0, 1.0).astype(np.float32)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        display = np.clip(luma, 0.0, 1.0).astype(np.float32)
+    elif photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_code(photometric)}")
-    padding = padding_mask(stored, ds)
-    values = modality_values(stored, ds)
-    display = window_to_unit(values, ds, padding)
-    if photometric == "MONOCHROME1":
-        display = 1.0 - display
-    if padding is not None:
-        display[padding] = 0.0  # padding is not image: black, as viewers paint it
-    return display.astype(np.float32)
+    else:
+        padding = padding_mask(stored, ds)
+        values = modality_values(stored, ds)
+        display = window_to_unit(values, ds, padding)
+        if photometric == "MONOCHROME1":
+            display = 1.0 - display
+        if padding is not None:
+            display[padding] = 0.0  # padding is not image: black, as viewers paint it
+        display = display.astype(np.float32)
+    check_not_blank(display, padding)
+    return display

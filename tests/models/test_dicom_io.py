@@ -193,3 +193,20 @@ def test_an_image_that_is_all_padding_is_refused(image):
     ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 4095
     with pytest.raises(UnreadableImageError, match="every pixel is padding"):
         dicom_to_grayscale(ds)
+
+
+def test_blank_share_counts_image_pixels_only(image):
+    """99% padding around a real picture is not blank; the same picture 99.9% one level is."""
+    from models.dicom_io import check_not_blank
+
+    display = np.zeros((100, 100), np.float32)
+    display[:5, :10] = np.linspace(0, 1, 50).reshape(5, 10)
+    padding = np.ones_like(display, dtype=bool)
+    padding[:5, :10] = False
+    check_not_blank(display, padding)
+    with pytest.raises(UnreadableImageError, match=r"blank as displayed \(99\.5% of pixels black\)"):
+        check_not_blank(display)
+    display[:] = 0.5
+    display[0, :5] = 1.0
+    with pytest.raises(UnreadableImageError, match=r"\(99\.9% of pixels grey level 128/255\)"):
+        check_not_blank(display)

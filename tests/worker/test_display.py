@@ -166,3 +166,42 @@ def test_padding_is_shown_black_under_a_window(tmp_path, normal, settings, detec
     clean = bordered(normal, fill=0, window=True)
     assert_same_score(outcome_of(padded, tmp_path, settings, detectors, "p.dcm"),
                       outcome_of(clean, tmp_path, settings, detectors, "c.dcm"))
+
+
+# --- 3. Blank after windowing --------------------------------------------------------------------
+
+def constant(image: np.ndarray, value: int, **kw) -> Dataset:
+    ds = cr(image, **kw)
+    ds.PixelData = np.full((512, 512), value, np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("window, photometric, shown", [
+    ((2048, 4096), "MONOCHROME2", "grey level"),  # the reviewer's case: P 0.668, URGENT
+    ((2048, 4096), "MONOCHROME1", "grey level"),
+    ((3000, 100), "MONOCHROME2", "black"),        # below the window
+    ((100, 100), "MONOCHROME2", "white"),         # above it
+])
+def test_a_constant_image_is_refused_with_a_window_too(tmp_path, normal, settings, detectors,
+                                                       window, photometric, shown):
+    ds = constant(normal, 300, photometric=photometric)
+    ds.WindowCenter, ds.WindowWidth = window
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert outcome.status == "failed"
+    assert outcome.reason.startswith("image is blank as displayed (100.0% of pixels") and shown in outcome.reason
+
+
+def test_a_window_that_saturates_almost_every_pixel_is_refused(tmp_path, normal, settings, detectors):
+    """A real image under a narrow window above 99.7% of its values: all but its brightest 0.3%
+    shows black, nothing left to score."""
+    ds = cr(normal)
+    ds.WindowCenter, ds.WindowWidth = float(np.percentile(ds.pixel_array, 99.7)), 2
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert outcome.status == "failed", outcome.fields.get("probability")
+    assert outcome.reason.startswith("image is blank as displayed (99.") and outcome.reason.endswith("black)")
+
+
+def test_a_constant_image_without_a_window_keeps_its_reason(tmp_path, normal, settings, detectors):
+    ds = constant(normal, 300)
+    del ds.WindowCenter, ds.WindowWidth
+    assert (outcome_of(ds, tmp_path, settings, detectors).reason == "image is blank (all pixels equal)")
