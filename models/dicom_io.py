@@ -3,7 +3,7 @@
 Order follows DICOM PS3.3 C.11: stored values -> Modality LUT (rescale slope/intercept
 or LUT) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted so that bone
 is bright, as in the training images). Padding pixels (Pixel Padding Value) are left out of
-the automatic range and shown black. Every refusal raises `UnreadableImageError` with
+the automatic range and shown black; Patient Orientation turns the picture upright. Every refusal raises `UnreadableImageError` with
 a reason that contains no patient data, because the worker stores it verbatim.
 """
 
@@ -230,6 +230,57 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(((values - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5), 0.0, 1.0)
 
 
+ROW_DIRECTIONS, COLUMN_DIRECTIONS = ("L", "R"), ("F", "H")
+"""Patient Orientation letters of a frontal chest: left/right across, feet/head down (PS3.3 C.7.6.1.1.1)."""
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How to bring a stored frontal chest into the standard display: rows toward the patient's
+    left, columns toward the feet (Patient Orientation L\\F, a PA chest as radiologists read it)."""
+
+    transpose: bool = False
+    flip_rows: bool = False  # upside down: top to bottom
+    flip_columns: bool = False  # mirrored: left to right
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            image = image.T
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_columns:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image)
+
+
+def display_orientation(ds: Dataset) -> Orientation:
+    """The transform from Patient Orientation (0020,0020), identity when it is absent or empty.
+
+    Its two values name the patient direction of the rows (increasing column index) and of the
+    columns (increasing row index); the first letter of each is the principal one. A frontal
+    chest has one value among L/R and the other among F/H: it is turned by a multiple of 90
+    degrees (and mirrored to L\\F: the model was trained with horizontal flips, so that part is
+    harmless). Anything else (a lateral's A/P, two left-right values, one value) is refused:
+    scored as stored it would be read sideways or upside down.
+    """
+    value = ds.get("PatientOrientation")
+    if value is None:
+        return Orientation()
+    values = [str(v).strip().upper() for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
+    if not any(values):
+        return Orientation()
+    shown = "\\".join(quoted_code(v) for v in values)
+    if len(values) != 2:
+        raise UnreadableImageError(f"patient orientation {shown} has {len(values)} value{'s' * (len(values) != 1)}, 2 expected")
+    across, down = (v[:1] for v in values)
+    transpose = across in COLUMN_DIRECTIONS and down in ROW_DIRECTIONS
+    if transpose:
+        across, down = down, across
+    if not (across in ROW_DIRECTIONS and down in COLUMN_DIRECTIONS):
+        raise UnreadableImageError(f"patient orientation {shown} is not a frontal chest orientation")
+    return Orientation(transpose=transpose, flip_rows=down == "H", flip_columns=across == "R")
+
+
 def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> None:
     """Refuse a displayed image (in [0, 1]) that is constant or almost entirely one grey level.
 
@@ -249,6 +300,7 @@ def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> N
 def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.ndarray:
     """One projection radiograph -> float32 2-D display image in [0, 1]."""
     check_geometry(ds, limits)
+    orientation = display_orientation(ds)
     stored = decode_pixels(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     padding = None
@@ -269,4 +321,4 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
             display[padding] = 0.0  # padding is not image: black, as viewers paint it
         display = display.astype(np.float32)
     check_not_blank(display, padding)
-    return display
+    return orientation.apply(display)

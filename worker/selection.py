@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 
-from models.errors import quoted_code
+from models.dicom_io import display_orientation
+from models.errors import UnreadableImageError, quoted_code
 
 ACCEPTED_MODALITIES = ("CR", "DX")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -25,7 +26,9 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
 
     Checks run from coarse to fine so the reason names the most basic mismatch.
     `missing_tag_policy="process"` lets an absent BodyPartExamined/ViewPosition through
-    (sites whose modalities leave them empty); present-but-wrong values are always skipped.
+    (sites whose modalities leave them empty); present-but-wrong values are always skipped,
+    and so is a Patient Orientation that is not a frontal chest's (L/R across, F/H down,
+    either way round; `models.dicom_io.display_orientation` turns those upright).
     """
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in ACCEPTED_MODALITIES:
@@ -42,6 +45,10 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
         return f"view position {quoted_code(view)} is not frontal (PA/AP)"
     if not view and missing_tag_policy == "skip":
         return "ViewPosition missing (policy: skip)"
+    try:
+        display_orientation(ds)  # a stored rotation is undone later; only a non-frontal one is skipped
+    except UnreadableImageError as exc:
+        return str(exc)
     return None
 
 

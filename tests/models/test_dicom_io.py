@@ -210,3 +210,26 @@ def test_blank_share_counts_image_pixels_only(image):
     display[0, :5] = 1.0
     with pytest.raises(UnreadableImageError, match=r"\(99\.9% of pixels grey level 128/255\)"):
         check_not_blank(display)
+
+
+@pytest.mark.parametrize("orientation, stored", [(["F", "R"], lambda a: np.rot90(a)),
+                                                 (["H", "L"], lambda a: np.rot90(a, -1)),
+                                                 (["R", "H"], lambda a: np.rot90(a, 2))])
+def test_patient_orientation_turns_a_non_square_picture_upright(image, orientation, stored):
+    ds = make_cxr_dataset(image, size=(448, 512))
+    upright = dicom_to_grayscale(ds)
+    pixels = np.ascontiguousarray(stored(ds.pixel_array))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData, ds.PatientOrientation = pixels.tobytes(), orientation
+    np.testing.assert_array_equal(dicom_to_grayscale(ds), upright)
+
+
+def test_detector_refuses_a_dicom_whose_orientation_is_not_frontal(tmp_path, image):
+    """Outside the worker (which skips it first) the detector's DICOM path refuses it with the reason."""
+    from models.detector import PneumoniaDetector
+    from worker.samples import save
+
+    ds = make_cxr_dataset(image, size=(256, 256))
+    ds.PatientOrientation = ["A", "F"]
+    with pytest.raises(UnreadableImageError, match=r"^patient orientation A\\F is not a frontal chest"):
+        PneumoniaDetector().predict(save(ds, tmp_path / "lateral.dcm"))

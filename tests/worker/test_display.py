@@ -205,3 +205,62 @@ def test_a_constant_image_without_a_window_keeps_its_reason(tmp_path, normal, se
     ds = constant(normal, 300)
     del ds.WindowCenter, ds.WindowWidth
     assert (outcome_of(ds, tmp_path, settings, detectors).reason == "image is blank (all pixels equal)")
+
+
+# --- 4. Patient Orientation ----------------------------------------------------------------------
+
+STORED_AS = {  # how a picture displayed L\F was stored, and the Patient Orientation that says so
+    "F\\R": lambda a: np.rot90(a, 1),   # turned 90 degrees anticlockwise
+    "R\\H": lambda a: np.rot90(a, 2),   # upside down
+    "H\\L": lambda a: np.rot90(a, -1),  # turned 90 degrees clockwise
+    "F\\L": lambda a: a.T,              # transposed
+    "L\\H": lambda a: a[::-1],          # flipped top to bottom
+    "R\\F": lambda a: a[:, ::-1],       # mirrored
+}
+
+
+def stored_as(ds: Dataset, orientation: str) -> Dataset:
+    pixels = np.ascontiguousarray(STORED_AS[orientation](ds.pixel_array))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    ds.PatientOrientation = orientation.split("\\")
+    return ds
+
+
+@pytest.mark.parametrize("orientation", list(STORED_AS))
+def test_a_frontal_chest_stored_turned_or_flipped_is_shown_upright(tmp_path, normal, settings, detectors,
+                                                                    clean_probability, orientation):
+    """The reviewer's case, a normal stored turned 90 degrees, scored 0.144 (URGENT); upside down
+    and turned the other way the test split lost 20 to 60 of its calls. Each now scores exactly
+    like the upright file."""
+    outcome = outcome_of(stored_as(cr(normal), orientation), tmp_path, settings, detectors)
+    assert outcome.status == "done", outcome.reason
+    assert abs(outcome.fields["probability"] - clean_probability) < 1e-6
+
+
+@pytest.mark.parametrize("orientation", [["L", "F"], ["LA", "FL"], "", None])
+def test_upright_or_absent_orientation_scores_as_before(tmp_path, normal, settings, detectors,
+                                                        clean_probability, orientation):
+    ds = cr(normal)
+    if orientation is not None:
+        ds.PatientOrientation = orientation
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert outcome.status == "done" and outcome.fields["probability"] == clean_probability
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")  # the patient's name, on purpose
+@pytest.mark.parametrize("orientation, reason", [
+    (["A", "F"], "patient orientation A\\F is not a frontal chest orientation"),  # a lateral
+    (["P", "H"], "patient orientation P\\H is not a frontal chest orientation"),
+    (["L", "R"], "patient orientation L\\R is not a frontal chest orientation"),
+    (["F", "H"], "patient orientation F\\H is not a frontal chest orientation"),
+    ("F", "patient orientation F has 1 value, 2 expected"),
+    (["L", "F", "A"], "patient orientation L\\F\\A has 3 values, 2 expected"),
+    (["Doe^Jane", "F"], "patient orientation (non-standard value)\\F is not a frontal chest orientation"),
+])
+def test_an_orientation_that_is_not_a_frontal_chest_is_skipped_with_its_reason(
+        tmp_path, normal, settings, detectors, orientation, reason):
+    ds = cr(normal)
+    ds.PatientOrientation = orientation
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert (outcome.status, outcome.reason) == ("skipped", reason)
