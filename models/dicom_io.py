@@ -3,7 +3,8 @@
 Order follows DICOM PS3.3 C.11: stored values -> Modality LUT (rescale slope/intercept
 or LUT) -> VOI LUT or window -> presentation (MONOCHROME1 is inverted so that bone
 is bright, as in the training images). Padding pixels (Pixel Padding Value) are left out of
-the automatic range and shown black; Patient Orientation turns the picture upright. Every refusal raises `UnreadableImageError` with
+the automatic range and shown black; non-square pixels are resampled to square ones and Patient
+Orientation turns the picture upright. Every refusal raises `UnreadableImageError` with
 a reason that contains no patient data, because the worker stores it verbatim.
 """
 
@@ -230,6 +231,66 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(((values - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5), 0.0, 1.0)
 
 
+SQUARE_TOLERANCE = 0.01
+"""Pixels whose height and width differ by at most this fraction count as square and are left
+untouched (bit for bit): the train/serve contract does not move for them."""
+
+
+def pixel_aspect(ds: Dataset) -> float | None:
+    """Height / width of a pixel, or None when nothing says (square is then assumed).
+
+    From Pixel Spacing (0028,0030: row spacing, i.e. vertical, then column spacing), else Imager
+    Pixel Spacing (0018,1164, same order), else Pixel Aspect Ratio (0028,0034: vertical\\horizontal).
+    An empty element counts as absent; one that is not two positive numbers is refused without
+    repeating it.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
+        if keyword not in ds:
+            continue
+        try:
+            value = ds[keyword].value
+            values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+            if not values or all(v is None or (isinstance(v, (str, bytes)) and not v.strip()) for v in values):
+                continue
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnreadableImageError(f"invalid {keyword}") from exc
+        if len(numbers) != 2 or not all(np.isfinite(n) and n > 0 for n in numbers):
+            raise UnreadableImageError(f"invalid {keyword}")
+        return numbers[0] / numbers[1]
+    return None
+
+
+def square_pixels(image: np.ndarray, aspect: float | None) -> np.ndarray:
+    """Resample a display image with non-square pixels (height/width `aspect`) to square ones.
+
+    The denser axis is area-averaged down to the other's spacing (no detail is invented, and the
+    contract area-shrinks to 28x28 next anyway), so the centre crop that follows is a square of
+    the patient, not of the detector's pixel grid. Within SQUARE_TOLERANCE the image is returned
+    as it is.
+    """
+    if aspect is None or abs(aspect - 1.0) <= SQUARE_TOLERANCE:
+        return image
+    rows, cols = image.shape
+    if aspect > 1:  # pixels taller than wide: the columns are denser
+        return area_resample(image, max(1, round(cols / aspect)), axis=1)
+    return area_resample(image, max(1, round(rows * aspect)), axis=0)
+
+
+def area_resample(image: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Area-average `image` to `size` samples along `axis`: the weights of `preprocess.area_weights`,
+    computed from the running sum in O(pixels) instead of a dense matrix product."""
+    moved = np.moveaxis(np.asarray(image, dtype=np.float64), axis, 0)
+    src = moved.shape[0]
+    running = np.concatenate([np.zeros((1,) + moved.shape[1:]), np.cumsum(moved, axis=0)])
+    edges = np.arange(size + 1) * (src / size)
+    whole = np.minimum(np.floor(edges).astype(np.intp), src - 1)
+    frac = (edges - whole).reshape((-1,) + (1,) * (moved.ndim - 1))
+    integral = running[whole] + frac * moved[whole]  # sum of the source up to each edge
+    resampled = np.diff(integral, axis=0) / (src / size)
+    return np.moveaxis(resampled, 0, axis).astype(image.dtype)
+
+
 ROW_DIRECTIONS, COLUMN_DIRECTIONS = ("L", "R"), ("F", "H")
 """Patient Orientation letters of a frontal chest: left/right across, feet/head down (PS3.3 C.7.6.1.1.1)."""
 
@@ -301,6 +362,7 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
     """One projection radiograph -> float32 2-D display image in [0, 1]."""
     check_geometry(ds, limits)
     orientation = display_orientation(ds)
+    aspect = pixel_aspect(ds)
     stored = decode_pixels(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     padding = None
@@ -321,4 +383,4 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
             display[padding] = 0.0  # padding is not image: black, as viewers paint it
         display = display.astype(np.float32)
     check_not_blank(display, padding)
-    return orientation.apply(display)
+    return orientation.apply(square_pixels(display, aspect))  # the spacing is the stored grid's

@@ -233,3 +233,23 @@ def test_detector_refuses_a_dicom_whose_orientation_is_not_frontal(tmp_path, ima
     ds.PatientOrientation = ["A", "F"]
     with pytest.raises(UnreadableImageError, match=r"^patient orientation A\\F is not a frontal chest"):
         PneumoniaDetector().predict(save(ds, tmp_path / "lateral.dcm"))
+
+
+@pytest.mark.parametrize("src, dst", [(512, 256), (100, 28), (97, 40)])
+def test_area_resample_uses_the_contract_s_area_weights(src, dst):
+    from models.dicom_io import area_resample
+    from models.preprocess import area_weights
+
+    rng = np.random.default_rng(src)
+    image = rng.random((30, src)).astype(np.float32)
+    np.testing.assert_allclose(area_resample(image, dst, axis=1), image @ area_weights(src, dst).T, atol=1e-6)
+    np.testing.assert_allclose(area_resample(image.T, dst, axis=0), area_weights(src, dst) @ image.T, atol=1e-6)
+
+
+def test_non_square_pixels_give_the_physical_aspect(image):
+    """256 rows x 512 columns of pixels twice as tall as wide is a square picture."""
+    ds = make_cxr_dataset(image, size=(256, 512))
+    ds.PixelSpacing = [0.278, 0.139]
+    display = dicom_to_grayscale(ds)
+    assert display.shape == (256, 256) and display.dtype == np.float32
+    assert np.abs(reduce_to_source(display).astype(int) - image.astype(int)).max() <= 3

@@ -264,3 +264,53 @@ def test_an_orientation_that_is_not_a_frontal_chest_is_skipped_with_its_reason(
     ds.PatientOrientation = orientation
     outcome = outcome_of(ds, tmp_path, settings, detectors)
     assert (outcome.status, outcome.reason) == ("skipped", reason)
+
+
+# --- 5. Non-square pixels ------------------------------------------------------------------------
+
+def non_square(image: np.ndarray, size: tuple[int, int], keyword: str, pair) -> Dataset:
+    """The picture of `cr(image)` (a 512x512 chest) stored on a grid of `size` with pixels `pair`."""
+    ds = cr(image, size=size)
+    del ds.PixelSpacing
+    setattr(ds, keyword, pair)
+    return ds
+
+
+@pytest.mark.parametrize("size, keyword, pair", [
+    ((256, 512), "PixelAspectRatio", [2, 1]),            # the reviewer's case: P 0.658, URGENT
+    ((256, 512), "PixelSpacing", [0.278, 0.139]),
+    ((256, 512), "ImagerPixelSpacing", [0.3, 0.15]),
+    ((512, 256), "PixelSpacing", [0.139, 0.278]),        # pixels twice as wide as tall
+    ((384, 512), "PixelAspectRatio", [4, 3]),
+])
+def test_non_square_pixels_are_resampled_to_the_physical_picture(tmp_path, normal, settings, detectors,
+                                                                  clean_probability, size, keyword, pair):
+    """Left as stored, the centre crop took half the chest and the model saw it squashed."""
+    outcome = outcome_of(non_square(normal, size, keyword, pair), tmp_path, settings, detectors)
+    assert_scores_like_clean(outcome, clean_probability)
+
+
+def test_pixel_spacing_is_the_stored_grid_s_before_the_picture_is_turned(tmp_path, normal, settings, detectors,
+                                                                          clean_probability):
+    """Stored turned 90 degrees on a 512-row x 256-column grid of pixels twice as wide as tall."""
+    ds = non_square(np.rot90(normal).copy(), (512, 256), "PixelSpacing", [0.139, 0.278])
+    ds.PatientOrientation = ["F", "R"]
+    assert_scores_like_clean(outcome_of(ds, tmp_path, settings, detectors), clean_probability)
+
+
+def test_nearly_square_pixels_are_left_bit_for_bit(tmp_path, normal, settings, detectors, clean_probability):
+    """Within 1% the display is untouched, so square-pixel images keep the contract exactly."""
+    ds = cr(normal)
+    ds.PixelSpacing = [0.139, 0.1395]
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert outcome.status == "done" and outcome.fields["probability"] == clean_probability
+
+
+@pytest.mark.parametrize("keyword, pair", [("PixelSpacing", [0, 0.139]), ("PixelAspectRatio", [1, -2]),
+                                           ("ImagerPixelSpacing", [0.1, 0.1, 0.1])])
+def test_an_impossible_pixel_size_is_refused_with_its_reason(tmp_path, normal, settings, detectors, keyword, pair):
+    ds = cr(normal)
+    del ds.PixelSpacing
+    setattr(ds, keyword, pair)
+    outcome = outcome_of(ds, tmp_path, settings, detectors)
+    assert (outcome.status, outcome.reason) == ("failed", f"invalid {keyword}")
