@@ -346,9 +346,16 @@ def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> N
     """Refuse a displayed image (in [0, 1]) that is constant or almost entirely one grey level.
 
     Checked after the window or VOI LUT, so a blank plate is refused whether or not its file
-    carries a window (with one, a constant image showed mid-grey and was scored).
+    carries a window (with one, a constant image showed mid-grey and was scored). The share is
+    counted on a grid of at most about 512 x 512 pixels: a full 3000 x 3000 plate took 30 ms,
+    a third of the worker's time per instance, for a share that the grid measures as well.
     """
+    step = max(1, max(display.shape[:2]) // 512)
+    display = display[::step, ::step]
+    padding = None if padding is None else padding[::step, ::step]
     shown = display if padding is None else display[~padding]
+    if shown.size == 0:
+        raise UnreadableImageError("image is blank (every pixel is padding)")
     levels = np.bincount(np.rint(shown.ravel() * np.float32(255)).astype(np.intp), minlength=256)
     level = int(levels.argmax())
     share = levels[level] / shown.size

@@ -187,9 +187,11 @@ def test_padding_pixels_are_black_and_the_rest_uses_the_anatomy_range(image, pho
     np.testing.assert_allclose(display[20:], 1 - expected if photometric == "MONOCHROME1" else expected, atol=1e-6)
 
 
-def test_an_image_that_is_all_padding_is_refused(image):
+@pytest.mark.parametrize("window", [False, True])
+def test_an_image_that_is_all_padding_is_refused(image, window):
     ds = make_cxr_dataset(image, size=(256, 256))
-    del ds.WindowCenter, ds.WindowWidth
+    if not window:
+        del ds.WindowCenter, ds.WindowWidth
     ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0, 4095
     with pytest.raises(UnreadableImageError, match="every pixel is padding"):
         dicom_to_grayscale(ds)
