@@ -3,6 +3,7 @@
     pneumonia-train run --data-root ../shared/data --weights ../shared/weights/resnet50_imagenet_v1.safetensors
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
+    pneumonia-train card models/pneumonia_resnet50.onnx --metrics results/metrics.json   (re-card a release)
     pneumonia-train soup runs/a runs/b runs/c --out-dir runs/soup ...   (runs trained with one --init-seed)
     pneumonia-train ensemble runs/a runs/b runs/c [--int8] --out-dir runs/ens ...   (exported runs, one ONNX graph)
 """
@@ -17,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from models.card import sha256_of
+from models.card import card_path_for, sha256_of
 from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_existing_run, resolve_data_root,
                              resolve_frozen, resolve_weights)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.evaluate import evaluate, load_evaluation, save_evaluation
-from training.export import export, release
+from training.export import export, refresh_card, release
 from training.quantize import quantize
 from training.report import write_results
 from training.seeds import summarize_seeds
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished, exported runs (members)")
     ensemble.add_argument("--int8", action="store_true", help="quantise each member (static QDQ, as `quantize`)")
     add_options(ensemble)
+    card = sub.add_parser("card", help="bring a released model's card up to this version's format from its run's "
+                                       "recorded evaluation (results/metrics.json); the model and its figures stay")
+    card.add_argument("onnx", type=Path, help="the released ONNX file; its card beside it is rewritten")
+    card.add_argument("--metrics", type=Path, required=True, help="that run's metrics.json (results/ of its out-dir)")
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
     seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
+        return 0
+    if args.stage == "card":
+        refresh_card(args.onnx, json.loads(args.metrics.read_text()), str(args.metrics)).save(card_path_for(args.onnx))
+        log.info("card of %s refreshed from %s", args.onnx, args.metrics)
         return 0
     config = config_from_args(args)
     if args.stage in ("evaluate", "export", "quantize"):

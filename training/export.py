@@ -8,6 +8,7 @@ tests/training/test_data.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import platform
@@ -78,30 +79,39 @@ def weights_origin(config: TrainConfig) -> dict:
     """What the card says the network started from: the file's sha256 and, where known, its provenance."""
     path = Path(config.weights).expanduser()
     if path.is_file():
-        sha256 = sha256_of(path)
-        return {"kind": "file", "name": path.name, "sha256": sha256, "resnet_v1_strides": config.resnet_v1_strides,
-                **KNOWN_WEIGHTS.get(sha256, {"source": "a local file of unknown provenance"})}
+        return with_provenance({"kind": "file", "name": path.name, "sha256": sha256_of(path),
+                                "resnet_v1_strides": config.resnet_v1_strides})
     if config.weights.lower() == "none":
         return {"kind": "none", "name": "none", "source": "random initialisation (trained from scratch)"}
-    return {"kind": "torchvision", "name": config.weights, **TORCHVISION_WEIGHTS.get(config.weights.upper(), {})}
+    return with_provenance({"kind": "torchvision", "name": config.weights})
+
+
+def with_provenance(origin: dict) -> dict:
+    """`origin` plus what this project knows of those weights: a file by its sha256, torchvision's by name."""
+    if origin.get("kind") == "file":
+        return {**origin, **KNOWN_WEIGHTS.get(origin.get("sha256", ""), {"source": "a local file of unknown provenance"})}
+    if origin.get("kind") == "torchvision":
+        return {**origin, **TORCHVISION_WEIGHTS.get(str(origin.get("name", "")).upper(), {})}
+    return dict(origin)
+
+
+def with_ci(test: dict, point: str, metric_names: list[str]) -> dict:
+    """Each test metric at `point` ("at_0.5", "at_operating_point") as {value, ci95}, as cards carry them."""
+    return {name: {"value": test[point]["point"][name], "ci95": test[point]["ci95"][name]} for name in metric_names}
 
 
 def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, parity: dict, version: str,
                timing: dict) -> ModelCard:
     file_name, md5 = dataset_file(config.image_size)
-    test = evaluation.metrics["test"]
-    def with_ci(point: str) -> dict:
-        return {name: {"value": test[point]["point"][name], "ci95": test[point]["ci95"][name]}
-                for name in evaluation.metrics["metric_names"]}
-
-    headline = with_ci("at_0.5")
+    test, names = evaluation.metrics["test"], evaluation.metrics["metric_names"]
+    headline = with_ci(test, "at_0.5", names)
     return ModelCard(
         name=DEFAULT_MODEL_NAME, version=version, sha256=sha256_of(onnx_path), labels=LABELS,
         preprocessing=preprocessing_id(config.image_size), input_shape=(-1, 3, INPUT_SIZE, INPUT_SIZE),
         source_size=config.image_size,
         temperature=evaluation.temperature, threshold=0.5, strata=evaluation.strata,
         metrics={"test_at_0.5": headline, "test_auc": test["at_0.5"]["point"]["auc"],
-                 "test_at_operating_point": with_ci("at_operating_point"),
+                 "test_at_operating_point": with_ci(test, "at_operating_point", names),
                  "test_calibration": {k: v for k, v in test["calibration"].items() if k != "reliability_after"},
                  "test_strata": test["strata"]},
         extra={
@@ -134,6 +144,31 @@ def export(checkpoint: Path, config: TrainConfig, evaluation: Evaluation, runtim
         raise RuntimeError(f"ONNX parity failed: {parity}")
     build_card(onnx_path, config, evaluation, parity, version, timing).save(card_path_for(onnx_path))
     return onnx_path
+
+
+def refresh_card(onnx_path: Path, metrics: dict, source: str) -> ModelCard:
+    """The released card brought up to this version's card format from its own run's evaluation.
+
+    Why: the card format gained fields after a model shipped (95% CIs at the operating point, the
+    start weights' provenance), and training again to re-card it would make another model. Nothing
+    is recomputed: the CIs come from the run's recorded `metrics.json` (`source` names it), the
+    provenance from the weights' sha256 already in the card. The evaluation must be this card's
+    own: same file sha256, same test AUC and operating threshold, else ValueError.
+    """
+    card = ModelCard.load(card_path_for(onnx_path))
+    if card.sha256 != sha256_of(onnx_path):
+        raise ValueError(f"{onnx_path.name} does not match its card's sha256")
+    test = metrics["test"]
+    recorded = (test["at_0.5"]["point"]["auc"], test["at_operating_point"]["threshold"])
+    carded = (card.metrics["test_auc"], card.extra["decision"]["operating_threshold_validation_youden"])
+    if recorded != carded:
+        raise ValueError(f"{source} is not this card's evaluation (test AUC, operating threshold {recorded} "
+                         f"against the card's {carded})")
+    metrics_out = {**card.metrics, "test_at_operating_point": with_ci(test, "at_operating_point", metrics["metric_names"])}
+    extra = {**card.extra, "weights_origin": with_provenance(card.extra.get("weights_origin", {})),
+             "card_refreshed": {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from": source,
+                                "fields": ["metrics.test_at_operating_point (95% CIs)", "weights_origin (provenance)"]}}
+    return dataclasses.replace(card, metrics=metrics_out, extra=extra)
 
 
 def release(onnx_path: Path, target_dir: Path) -> Path:

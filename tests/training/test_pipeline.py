@@ -215,3 +215,27 @@ def test_distilled_student_learns_from_the_runs_it_names(tiny_run, data_root, tm
     x = to_network_input(to_unit_tensor(images))
     np.testing.assert_allclose(teacher_logits(teacher, x, runtime).numpy(),
                                predict_logits(reference, images, runtime), atol=1e-5)
+
+
+def test_card_stage_recards_an_older_release_from_its_own_run_and_refuses_another(tiny_run, tmp_path):
+    """`pneumonia-train card`: an older card (no CIs at the operating point, no weights provenance) is
+    brought to what `export` writes today from the run's metrics.json; another run's figures are refused."""
+    out, release = tiny_run
+    fresh = json.loads((release / "pneumonia_resnet50.card.json").read_text())
+    older = dict(fresh, metrics=dict(fresh["metrics"], test_at_operating_point={
+        name: value["value"] for name, value in fresh["metrics"]["test_at_operating_point"].items()}),
+        weights_origin={k: fresh["weights_origin"][k] for k in ("kind", "name", "sha256", "resnet_v1_strides")
+                        if k in fresh["weights_origin"]})
+    (tmp_path / "pneumonia_resnet50.onnx").write_bytes((release / "pneumonia_resnet50.onnx").read_bytes())
+    card_path = tmp_path / "pneumonia_resnet50.card.json"
+    card_path.write_text(json.dumps(older))
+    assert main(["card", str(tmp_path / "pneumonia_resnet50.onnx"), "--metrics", str(out / "results" / "metrics.json")]) == 0
+    refreshed = json.loads(card_path.read_text())
+    assert refreshed["metrics"] == fresh["metrics"] and refreshed["weights_origin"] == fresh["weights_origin"]
+    assert {k: v for k, v in refreshed.items() if k != "card_refreshed"} == fresh
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    metrics["test"]["at_0.5"]["point"]["auc"] += 0.01
+    other = tmp_path / "other_metrics.json"
+    other.write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="not this card's evaluation"):
+        main(["card", str(tmp_path / "pneumonia_resnet50.onnx"), "--metrics", str(other)])
