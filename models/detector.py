@@ -46,8 +46,9 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 
 CUDA_OPTIONS = {"use_tf32": "0"}
 """IEEE fp32 on CUDA. onnxruntime's CUDA provider runs fp32 convolutions in TF32 by default on
-Ampere and later; on an H200 that moved the released model's probabilities by up to 0.0017 from
-the CPU's, enough to cross a stratum cut-point that was chosen on fp32 scores (README, "GPU hosts")."""
+Ampere and later; on an H200 that moved the released model's probabilities by up to 0.0054 from
+the CPU's over the 624 test images and changed one binary prediction, while the threshold and
+strata were chosen on fp32 scores (README, "GPU hosts"; benchmarks/cuda_parity.py)."""
 
 
 def session_providers(chosen: Sequence[str]) -> list[str | tuple[str, dict[str, str]]]:
@@ -62,8 +63,8 @@ def load_cuda_libraries(ort: Any, providers: Sequence[str]) -> bool:
     system loader, which does not search the site-packages where the `gpu` extra's nvidia-*
     wheels put them. `import torch` would load them first, but serving never imports torch,
     so without this a pip-only GPU host falls back to the CPU. `preload_dlls` (onnxruntime
-    1.21+) finds them there, and libraries already on the loader path (a CUDA base image)
-    still win: it leaves what it cannot find to the system.
+    1.21+) loads them from those wheels when they are installed (the gpu extra installs them,
+    so they are the ones used) and otherwise by name from the loader path (a CUDA base image).
     """
     if "CUDAExecutionProvider" not in providers or not hasattr(ort, "preload_dlls"):
         return False

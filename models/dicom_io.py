@@ -10,6 +10,7 @@ a reason that contains no patient data, because the worker stores it verbatim.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from pydicom.pixels import apply_modality_lut
 
 from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import MAX_ASPECT
+
+log = logging.getLogger(__name__)
 
 
 BLANK_SHARE = 0.99
@@ -237,28 +240,41 @@ untouched (bit for bit): the train/serve contract does not move for them."""
 
 
 def pixel_aspect(ds: Dataset) -> float | None:
-    """Height / width of a pixel, or None when nothing says (square is then assumed).
+    """Height / width of a pixel, or None when nothing usable says (square is then assumed).
 
     From Pixel Spacing (0028,0030: row spacing, i.e. vertical, then column spacing), else Imager
     Pixel Spacing (0018,1164, same order), else Pixel Aspect Ratio (0028,0034: vertical\\horizontal).
-    An empty element counts as absent; one that is not two positive numbers is refused without
-    repeating it.
+    All three are optional for CR and serve here only to find non-square pixels, so an empty or
+    unusable one (not two positive numbers: `0\\0`, comma decimals, one value) is passed over
+    for the next, and with none usable the pixels are taken as square, as before they were read.
     """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio"):
-        if keyword not in ds:
-            continue
-        try:
-            value = ds[keyword].value
-            values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
-            if not values or all(v is None or (isinstance(v, (str, bytes)) and not v.strip()) for v in values):
-                continue
-            numbers = [float(v) for v in values]
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise UnreadableImageError(f"invalid {keyword}") from exc
-        if len(numbers) != 2 or not all(np.isfinite(n) and n > 0 for n in numbers):
-            raise UnreadableImageError(f"invalid {keyword}")
-        return numbers[0] / numbers[1]
+        numbers = _positive_pair(ds, keyword)
+        if numbers is not None:
+            return numbers[0] / numbers[1]
+        if keyword in ds and not _is_empty(ds[keyword].value):
+            log.warning("unusable %s passed over (pixel shape taken from the next attribute or as square)", keyword)
     return None
+
+
+def _positive_pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
+    """The element's two values when both are finite positive numbers, else None."""
+    if keyword not in ds:
+        return None
+    try:
+        value = ds[keyword].value
+        values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(numbers) != 2 or not all(np.isfinite(n) and n > 0 for n in numbers):
+        return None
+    return numbers[0], numbers[1]
+
+
+def _is_empty(value: object) -> bool:
+    values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+    return not values or all(v is None or (isinstance(v, (str, bytes)) and not v.strip()) for v in values)
 
 
 def square_pixels(image: np.ndarray, aspect: float | None) -> np.ndarray:
@@ -315,7 +331,7 @@ class Orientation:
 
 
 def display_orientation(ds: Dataset) -> Orientation:
-    """The transform from Patient Orientation (0020,0020), identity when it is absent or empty.
+    """The transform from Patient Orientation (0020,0020), identity when it or one of its values is empty.
 
     Its two values name the patient direction of the rows (increasing column index) and of the
     columns (increasing row index); the first letter of each is the principal one. A frontal
@@ -328,7 +344,7 @@ def display_orientation(ds: Dataset) -> Orientation:
     if value is None:
         return Orientation()
     values = [str(v).strip().upper() for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
-    if not any(values):
+    if not all(values):  # Type 2C: an empty value (`L\`) says nothing of the orientation
         return Orientation()
     shown = "\\".join(quoted_code(v) for v in values)
     if len(values) != 2:

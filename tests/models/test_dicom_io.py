@@ -109,6 +109,16 @@ def test_empty_window_and_rescale_count_as_absent(image):
     np.testing.assert_array_equal(dicom_to_grayscale(ds), dicom_to_grayscale(reference))
 
 
+@pytest.mark.parametrize("value", [b"0,139\\0,139", b"0.139", b"Doe^Jane"])
+def test_a_garbled_pixel_spacing_is_passed_over_not_refused(image, value):
+    """Optional for CR and read only to find non-square pixels: comma decimals, one value or text
+    leave the pixels square, as before the spacing was read, instead of failing the image."""
+    reference = make_cxr_dataset(image, size=(256, 256))
+    ds = make_cxr_dataset(image, size=(256, 256))
+    raw_element(ds, "PixelSpacing", "DS", value)
+    np.testing.assert_array_equal(dicom_to_grayscale(ds), dicom_to_grayscale(reference))
+
+
 @pytest.mark.parametrize("keyword, vr", [("WindowCenter", "DS"), ("WindowWidth", "DS"), ("RescaleSlope", "DS"),
                                          ("RescaleIntercept", "DS"), ("NumberOfFrames", "IS")])
 def test_garbled_numbers_are_refused_without_repeating_them(image, keyword, vr):
