@@ -54,6 +54,10 @@ def make_celery_client(settings: GatewaySettings) -> celery.Celery:
     return app
 
 
+LOCK_POLL_SECONDS = 0.05
+"""How often a sender waiting for the publish lock looks whether the publish in hand is stuck."""
+
+
 class TaskPublisher:
     """Publishes contract tasks by name; never raises, never blocks longer than the timeout.
 
@@ -67,6 +71,7 @@ class TaskPublisher:
         self._backoff = settings.gateway_broker_backoff_seconds
         self._wait = settings.gateway_broker_timeout_seconds
         self._lock = threading.Lock()
+        self._busy_since: float | None = None  # when the publish holding the lock reached the broker
         self._down_until = 0.0
         self.last_error: str | None = None
 
@@ -81,18 +86,23 @@ class TaskPublisher:
         return time.monotonic() < self._down_until
 
     def _send(self, name: str, args: tuple, kwargs: dict, *, force: bool = False) -> bool:
-        """Publish once. Unforced sends (C-STORE, finalize) wait for the lock at most one broker
-        timeout and re-check the circuit once they hold it: publishes are serialised (kombu
-        producers are not shared safely between threads), and behind a hung broker each queued
-        sender used to pay its own full timeout in turn, so a C-STORE's answer grew with the number
-        of associations. A send given up here is not lost: the caller leaves it to the sweep."""
+        """Publish once. Publishes are serialised (kombu producers are not shared safely between
+        threads). An unforced send (C-STORE, finalize) waits its turn while the publish in hand is
+        making progress, but gives up once that publish has been in the broker's hands longer than
+        the broker timeout: behind a hung broker each queued sender used to pay its own full
+        timeout in turn, so a C-STORE's answer grew with the number of associations. It re-checks
+        the circuit once it holds the lock. A send given up here is not lost: the caller leaves it
+        to the sweep."""
         if not force and self.broker_blocked():
             return False
-        if not self._lock.acquire(timeout=-1 if force else self._wait):
-            return False  # another publish is stuck on the broker; it opens the circuit when it fails
+        if not self._acquire(force):
+            log.info("publish left to the sweep: the broker has not answered the publish in hand",
+                     extra={"task": name})
+            return False
         try:
             if not force and self.broker_blocked():  # the publish we waited for failed meanwhile
                 return False
+            self._busy_since = time.monotonic()
             try:
                 self._app.send_task(name, args=args, kwargs=kwargs, queue=QUEUE, retry=False)
             except Exception as exc:  # kombu/redis raise many types; all mean "not queued"
@@ -104,7 +114,18 @@ class TaskPublisher:
             self.last_error = None
             return True
         finally:
+            self._busy_since = None
             self._lock.release()
+
+    def _acquire(self, force: bool) -> bool:
+        """Take the publish lock; unforced, give up when its holder is stuck on the broker."""
+        if force:
+            return self._lock.acquire()
+        while not self._lock.acquire(timeout=LOCK_POLL_SECONDS):
+            started = self._busy_since
+            if started is not None and time.monotonic() - started > self._wait:
+                return False
+        return True
 
     def probe(self) -> bool:
         """Check broker reachability with one connection attempt (health check, sweep)."""

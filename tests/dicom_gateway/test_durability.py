@@ -261,3 +261,72 @@ def test_storescu_sees_failure_status_for_unwritable_spool(gateway, dcmtk, make_
     out = run_storescu(dcmtk("storescu"), gateway.port, [path])
     assert "Received Store Response (Refused: OutOfResources)" in out.stderr + out.stdout
     assert pending_files(gateway.spool.root) == []
+
+
+class SlowLink:
+    """A TCP relay to Redis that holds every chunk for `delay` seconds: a slow but healthy broker
+    (a congested WAN link, a busy Redis), as opposed to a hung one."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        import socket
+        import threading
+
+        self.delay, self.upstream = delay, upstream_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    def _pipe(self, source, target) -> None:
+        try:
+            while chunk := source.recv(65536):
+                time.sleep(self.delay)
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            target.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_slow_but_answering_broker_gets_every_publish(settings_factory, tmp_path):
+    """Publishes wait their turn behind one another while the broker keeps answering: only a
+    publish stuck longer than the broker timeout makes the others leave their instance to the
+    sweep. Eight parallel C-STORE publishes over a slow link used to give up after one timeout of
+    queueing (about half of them, with no error anywhere) although every publish would succeed."""
+    from dicom_gateway.queue import TaskPublisher
+
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    link = SlowLink(own.port, delay=0.1)
+    timeout, senders = 1.0, 8
+    publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
+                                               gateway_broker_timeout_seconds=timeout))
+    try:
+        assert publisher.process_instance("warm/up.dcm", "1.2.3", "2026-01-01T00:00:00+00:00")  # connects once
+        started = time.monotonic()
+        with ThreadPoolExecutor(senders) as pool:
+            sent = list(pool.map(lambda i: publisher.process_instance(f"s/{i}.dcm", f"1.2.{i}", "2026-01-01T00:00:00+00:00"),
+                                 range(senders)))
+        took = time.monotonic() - started
+        assert took > timeout, f"the link was not slow enough to queue the publishes ({took:.2f} s)"
+        assert sent == [True] * senders and publisher.last_error is None
+        assert len(_process_messages(own.client())) == senders + 1
+    finally:
+        publisher.close()
+        link.close()
+        own.stop()
