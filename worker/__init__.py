@@ -1,1 +1,1 @@
-"""Celery worker: spool DICOM -> selection -> ONNX inference -> one result row per SOP Instance UID."""
+"""Celery worker: spool DICOM -> selection -> ONNX inference -> one result row per instance (Study + SOP Instance UID)."""

@@ -296,12 +296,13 @@ def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every
 
 
 def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str, received_at: dt.datetime) -> None:
-    """A `queued` row for an instance the database has not seen, received when the gateway stored it."""
+    """A `queued` row for an instance (study, SOP) the database has not seen, received when the gateway
+    stored it; the same SOP UID finished in another study does not hide this one."""
     with engine.begin() as conn:
         stmt = db._insert(conn, db.instances).values(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, spool_relpath=relpath,
             status="queued", attempts=0, received_at=db.parse_timestamp(received_at))
-        conn.execute(stmt.on_conflict_do_nothing(index_elements=[db.instances.c.sop_instance_uid]))
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=list(db.INSTANCE_KEY)))
 
 
 def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Path | None) -> None:

@@ -1,4 +1,8 @@
-"""Result storage: one row per SOP Instance UID, written only through idempotent upserts.
+"""Result storage: one row per instance, written only through idempotent upserts.
+
+An instance is (Study Instance UID, SOP Instance UID), the study being the spool folder the
+gateway filed it under: a PACS re-sending an instance under a corrected study, or a modality
+reusing SOP UIDs, gives another study's image, which must be scored and flagged there.
 
 Why upserts with a status guard: Celery delivers at least once (acks_late), the gateway
 may resend, and the recovery sweep re-queues. The terminal write only lands while the
@@ -24,6 +28,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -48,8 +53,8 @@ metadata = MetaData()
 instances = Table(
     "instances",
     metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("study_instance_uid", String(64), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),  # "" where the spool path names none
     Column("series_instance_uid", String(64)),
     Column("accession_number", String(64)),
     Column("modality", String(16)),
@@ -70,6 +75,7 @@ instances = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("processing_ms", Float),
+    PrimaryKeyConstraint("study_instance_uid", "sop_instance_uid", name="instances_pkey"),  # migration 0003
     Index("ix_instances_study_received", "study_instance_uid", "received_at"),
     Index("ix_instances_accession", "accession_number"),
     Index("ix_instances_status_finished", "status", "finished_at"),
@@ -177,18 +183,25 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def get_instance(conn: Connection, sop_uid: str) -> dict[str, Any] | None:
-    row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_uid)).mappings().first()
+INSTANCE_KEY = (instances.c.study_instance_uid, instances.c.sop_instance_uid)
+"""The conflict target of every upsert: the primary key (migration 0003)."""
+KEY_COLUMNS = tuple(c.name for c in INSTANCE_KEY)
+
+
+def get_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, Any] | None:
+    row = conn.execute(select(instances).where(instances.c.study_instance_uid == study_uid,
+                                               instances.c.sop_instance_uid == sop_uid)).mappings().first()
     return dict(row) if row else None
 
 
-def terminal_sops(conn: Connection, sop_uids: list[str]) -> set[str]:
-    """Those of `sop_uids` that already have a terminal row."""
+def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[str]:
+    """Those of `sop_uids` that already have a terminal row in study `study_uid`."""
     found: set[str] = set()
     for start in range(0, len(sop_uids), 500):  # bound the IN list
         chunk = sop_uids[start : start + 500]
         rows = conn.execute(select(instances.c.sop_instance_uid)
-                            .where(instances.c.sop_instance_uid.in_(chunk), instances.c.status.in_(TERMINAL)))
+                            .where(instances.c.study_instance_uid == study_uid,
+                                   instances.c.sop_instance_uid.in_(chunk), instances.c.status.in_(TERMINAL)))
         found.update(row[0] for row in rows)
     return found
 
@@ -197,19 +210,20 @@ def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] |
     """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
 
     Returns the row after the claim, or None when the row is terminal (nothing to do).
+    `values` carry the instance's key: study_instance_uid and sop_instance_uid.
     """
     stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
-    update = {k: stmt.excluded[k] for k in values if k not in ("received_at",)}
+    update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["status"] = "processing"
     update["attempts"] = instances.c.attempts + 1
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[instances.c.sop_instance_uid],
+        index_elements=list(INSTANCE_KEY),
         set_=update,
         where=instances.c.status.notin_(TERMINAL),
     )
     conn.execute(stmt)
-    row = get_instance(conn, values["sop_instance_uid"])
+    row = get_instance(conn, values["study_instance_uid"], values["sop_instance_uid"])
     if row is None or row["status"] in TERMINAL:
         return None
     return row
@@ -218,10 +232,10 @@ def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] |
 def finish_instance(conn: Connection, values: dict[str, Any]) -> bool:
     """Write the terminal result unless another delivery already did; True if this one landed."""
     stmt = _insert(conn, instances).values(attempts=1, **values)
-    update = {k: stmt.excluded[k] for k in values if k not in ("sop_instance_uid", "received_at")}
+    update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[instances.c.sop_instance_uid],
+        index_elements=list(INSTANCE_KEY),
         set_=update,
         where=instances.c.status.notin_(TERMINAL),
     ).returning(instances.c.sop_instance_uid)

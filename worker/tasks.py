@@ -1,4 +1,8 @@
-"""Task bodies: exactly one terminal row per SOP Instance UID, whatever is delivered how often.
+"""Task bodies: exactly one terminal row per instance, whatever is delivered how often.
+
+An instance is (Study Instance UID, SOP Instance UID), the study read from the spool path
+`pending/<StudyUID>/<SOPUID>.dcm` (the gateway files each object under its own study): the same
+SOP UID arriving in another study is another instance, scored and flagged in that study.
 
 Protocol per delivery:
   1. a terminal row exists            -> no-op (re-archive the file if a crash left it).
@@ -91,10 +95,11 @@ def process_instance(
         # Cannot be a row key; the gateway validates UIDs, so this is a contract breach worth an error.
         log.error("rejected task with invalid SOP Instance UID (length %d) for %s", len(sop_uid or ""), relpath[:120])
         return {"sop_instance_uid": sop_uid, "status": "rejected", "noop": True}
+    study_uid = study_uid_from_relpath(relpath) or ""
     with rt.engine.begin() as conn:
-        existing = db.get_instance(conn, sop_uid)
+        existing = db.get_instance(conn, study_uid, sop_uid)
     if existing is not None and existing["status"] in db.TERMINAL:
-        _retire_quietly(rt, relpath, existing["study_instance_uid"], sop_uid)
+        _retire_quietly(rt, relpath, study_uid, sop_uid)
         return {"sop_instance_uid": sop_uid, "status": existing["status"], "noop": True}
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
@@ -104,7 +109,7 @@ def process_instance(
     started = time.time()
     base = {
         "sop_instance_uid": sop_uid,
-        "study_instance_uid": study_uid_from_relpath(relpath) or "",
+        "study_instance_uid": study_uid,
         "spool_relpath": relpath[:300],
         "received_at": received,
         "started_at": db.utcnow(),
@@ -182,13 +187,20 @@ def _finish(
 
     A row the database refuses (a value it cannot hold) is recorded as `failed` with the error's
     type instead, so it never stays `processing` until the sweep mistakes it for a lost delivery.
+    The row's key is the claimed one (study from the spool path): the file's own StudyInstanceUID
+    never moves the result to another row or study.
     """
+    study_uid = study_uid_from_relpath(relpath) or ""
+    header_study = outcome.fields.get("study_instance_uid")
+    if header_study and header_study != study_uid:
+        log.warning("instance %s filed under study %s carries StudyInstanceUID %s; recorded under %s",
+                    sop_uid, study_uid or "(none)", header_study, study_uid or "(none)")
     values = {
-        "sop_instance_uid": sop_uid,
-        "study_instance_uid": study_uid_from_relpath(relpath) or "",
         "spool_relpath": relpath[:300],
         "received_at": received,
         **{k: v for k, v in outcome.fields.items() if v is not None},
+        "sop_instance_uid": sop_uid,
+        "study_instance_uid": study_uid,
         "status": outcome.status,
         "reason": (outcome.reason or None) and outcome.reason[:1000],
         "finished_at": db.utcnow(),
@@ -246,8 +258,9 @@ def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) ->
 
 
 def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
-    """SOP Instance UIDs in pending/<study>/ without a terminal row (a file whose result is stored
-    but which was not yet retired does not hold the study back)."""
+    """SOP Instance UIDs in pending/<study>/ without a terminal row in that study (a file whose result
+    is stored but which was not yet retired does not hold the study back; a row of the same SOP UID
+    in another study says nothing about this one)."""
     if not valid_uid(study_uid):
         return []
     folder = Path(rt.settings.spool_dir) / SPOOL_PENDING / study_uid
@@ -255,5 +268,5 @@ def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
     if not waiting:
         return []
     with rt.engine.connect() as conn:
-        finished = db.terminal_sops(conn, waiting)
+        finished = db.terminal_sops(conn, study_uid, waiting)
     return [sop for sop in waiting if sop not in finished]

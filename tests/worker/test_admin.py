@@ -109,7 +109,7 @@ def test_requeue_keeps_the_gateway_receive_time_and_skips_files_archived_meanwhi
     engine = db.make_engine(sqlite_url)
     admin._mark_queued(engine, "1.2.3", "1.2.3.0", "pending/1.2.3/1.2.3.0.dcm", stale[0][1])
     with engine.connect() as conn:
-        assert db.get_instance(conn, "1.2.3.0")["received_at"] == dt.datetime(2023, 11, 14, 22, 13, 20)
+        assert db.get_instance(conn, "1.2.3", "1.2.3.0")["received_at"] == dt.datetime(2023, 11, 14, 22, 13, 20)
     engine.dispose()
 
 

@@ -91,7 +91,7 @@ def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sq
     result = task.apply(args=(relpath, str(ds.SOPInstanceUID)), kwargs={"received_at": None}).get()
     assert result["status"] == "done", "two claims, one of them followed by a counted retry: not a lost delivery"
     with app.conf.triage_runtime.engine.connect() as conn:
-        assert db.get_instance(conn, str(ds.SOPInstanceUID))["attempts"] == 2
+        assert db.get_instance(conn, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))["attempts"] == 2
 
 
 def test_finalize_waits_without_limit_and_bounds_only_its_own_transient_errors(tmp_path, monkeypatch):

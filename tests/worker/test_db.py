@@ -33,7 +33,7 @@ def _done(sop="1.2.3.4", study="1.2.3", stratum="high_suspicion", p=0.9):
 
 def test_migrations_are_idempotent_and_create_indexes(database_url, engine):
     upgrade(database_url)
-    assert current_revision(database_url) == "0002"
+    assert current_revision(database_url) == "0003"
     indexes = {i["name"] for i in inspect(engine).get_indexes("instances")}
     assert {"ix_instances_status_finished", "ix_instances_accession", "ix_instances_flag"} <= indexes
 
@@ -52,11 +52,11 @@ def test_claim_then_finish_then_everything_is_a_noop(engine):
         assert db.claim_instance(conn, _base())["attempts"] == 2  # redelivery after a crash
         assert db.finish_instance(conn, _done(p=0.9))
     with engine.begin() as conn:
-        before = db.get_instance(conn, "1.2.3.4")
+        before = db.get_instance(conn, "1.2.3", "1.2.3.4")
         assert db.claim_instance(conn, _base()) is None
         assert not db.finish_instance(conn, _done(p=0.1, stratum="likely_normal"))
         assert not db.finish_instance(conn, {**_base(), "status": "failed", "reason": "x"})
-        assert db.get_instance(conn, "1.2.3.4") == before
+        assert db.get_instance(conn, "1.2.3", "1.2.3.4") == before
         assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 1
 
 
@@ -123,4 +123,4 @@ def test_identifiers_with_nul_bytes_are_stored(engine):
     assert ids["accession_number"] == "ACC42" and ids["modality"] == "DX"
     with engine.begin() as conn:
         assert db.finish_instance(conn, {**_done(), **{k: v for k, v in ids.items() if v}})
-        assert db.get_instance(conn, "1.2.3.4")["accession_number"] == "ACC42"
+        assert db.get_instance(conn, "1.2.3", "1.2.3.4")["accession_number"] == "ACC42"

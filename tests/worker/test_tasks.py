@@ -9,6 +9,7 @@ from worker import contract, db, tasks
 from worker.config import WorkerSettings
 from worker.migrate import upgrade
 from worker.samples import make_cxr_dataset, save
+from worker.spool import study_uid_from_relpath
 
 
 @pytest.fixture
@@ -24,9 +25,10 @@ def stage(rt: tasks.Runtime, image, **kw) -> tuple[str, str, str]:
     return relpath, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
 
 
-def row(rt: tasks.Runtime, sop: str) -> dict | None:
+def row(rt: tasks.Runtime, relpath: str, sop: str) -> dict | None:
+    """The row of the instance filed at `relpath` (its study is the spool folder)."""
     with rt.engine.connect() as conn:
-        return db.get_instance(conn, sop)
+        return db.get_instance(conn, study_uid_from_relpath(relpath) or "", sop)
 
 
 def test_done_then_archived_then_noop(runtime, test_split):
@@ -34,9 +36,9 @@ def test_done_then_archived_then_noop(runtime, test_split):
     assert tasks.process_instance(runtime, relpath, sop, "2026-01-01T00:00:00Z")["status"] == "done"
     archived = runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm"
     assert archived.is_file() and not (runtime.settings.spool_dir / relpath).exists()
-    before = row(runtime, sop)
+    before = row(runtime, relpath, sop)
     again = tasks.process_instance(runtime, relpath, sop, "2026-03-01T00:00:00Z")
-    assert again["noop"] and row(runtime, sop) == before
+    assert again["noop"] and row(runtime, relpath, sop) == before
 
 
 def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split):
@@ -64,9 +66,10 @@ def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
 
 def test_path_outside_the_spool_is_refused_with_a_row(runtime):
     sop = generate_uid()
-    result = tasks.process_instance(runtime, "pending/../../etc/passwd", sop, None)
+    relpath = "pending/../../etc/passwd"
+    result = tasks.process_instance(runtime, relpath, sop, None)
     assert result["status"] == "failed" and "outside" in result["reason"]
-    assert row(runtime, sop)["status"] == "failed"
+    assert row(runtime, relpath, sop)["status"] == "failed"
 
 
 def test_invalid_sop_uid_is_rejected_without_a_row(runtime):
@@ -135,7 +138,7 @@ def test_an_unreadable_model_file_is_retried_before_any_claim(tmp_path, sqlite_u
     relpath, sop, _ = stage(rt, test_split[0][0])
     with pytest.raises(tasks.ModelUnavailableError, match="could not be loaded"):
         tasks.process_instance(rt, relpath, sop, None)
-    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file()
+    assert row(rt, relpath, sop) is None and (rt.settings.spool_dir / relpath).is_file()
     assert tasks.is_model_problem(tasks.ModelUnavailableError("x"))
 
 
@@ -161,12 +164,12 @@ def test_a_site_calibration_for_another_model_is_retried_not_failed(tmp_path, sq
     for delivery in range(rt.settings.max_attempts + 2):  # Celery retries and sweep re-sends during the outage
         with pytest.raises(ModelIntegrityError, match="fitted for model sha256"):
             tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z", retries_after_claim=delivery % 2)
-    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file(), "nothing claimed, file pending"
+    assert row(rt, relpath, sop) is None and (rt.settings.spool_dir / relpath).is_file(), "nothing claimed, file pending"
 
     fixed = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool"))
     result = tasks.process_instance(fixed, relpath, sop, "2026-01-01T00:00:00Z")  # the sweep's next delivery
     assert result["status"] == "done", "the outage must not read as worker-lost deliveries"
-    assert row(fixed, sop)["attempts"] == 1
+    assert row(fixed, relpath, sop)["attempts"] == 1
 
 
 def test_a_required_gpu_that_is_not_there_is_retried_not_failed(tmp_path, sqlite_url, test_split):
@@ -183,7 +186,7 @@ def test_a_required_gpu_that_is_not_there_is_retried_not_failed(tmp_path, sqlite
     relpath, sop, _ = stage(rt, test_split[0][0])
     with pytest.raises(ExecutionProviderError, match="CUDAExecutionProvider required"):
         tasks.process_instance(rt, relpath, sop, "2026-01-01T00:00:00Z")
-    assert row(rt, sop) is None and (rt.settings.spool_dir / relpath).is_file()
+    assert row(rt, relpath, sop) is None and (rt.settings.spool_dir / relpath).is_file()
 
 
 @pytest.mark.postgres
@@ -200,7 +203,7 @@ def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, te
 
     result = tasks.process_instance(rt, relpath, sop, None)
 
-    stored = row(rt, sop)
+    stored = row(rt, relpath, sop)
     assert result["status"] == stored["status"] == "failed"
     assert stored["reason"] == "result could not be stored (DataError)" and stored["modality"] is None
     assert (rt.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()

@@ -1,0 +1,275 @@
+"""An instance is (Study Instance UID, SOP Instance UID): the same SOP UID in another study is another instance.
+
+A PACS re-sends an instance under a corrected study after a split/merge, and some modalities reuse
+SOP UIDs. Keyed by the SOP UID alone, the second study's image was taken for a redelivery of the
+first and quietly retired: the second study never got a row or a flag and dropped off the worklist.
+Real SQLite and PostgreSQL databases, real Redis and `pneumonia-worker run` processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from tests.worker.support import wait_for
+from worker import admin, contract, db, tasks
+from worker.config import WorkerSettings
+from worker.migrate import current_revision, upgrade
+from worker.samples import make_cxr_dataset, save
+
+
+def _runtime(database_url: str, spool: Path) -> tasks.Runtime:
+    upgrade(database_url)
+    return tasks.Runtime(WorkerSettings(database_url=database_url, spool_dir=spool))
+
+
+def _stage(spool: Path, image, study: str, sop: str, accession: str) -> str:
+    ds = make_cxr_dataset(image, size=(256, 256), study_uid=study, sop_uid=sop, accession=accession)
+    relpath = contract.pending_relpath(study, sop)
+    save(ds, spool / relpath)
+    return relpath
+
+
+def _rows_of_sop(url: str, sop: str) -> dict[str, dict]:
+    """Rows of one SOP UID by study."""
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(db.instances).where(db.instances.c.sop_instance_uid == sop)).mappings()
+            return {r["study_instance_uid"]: dict(r) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def _study(url: str, study: str) -> dict | None:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == study)).mappings()
+            found = row.first()
+            return dict(found) if found else None
+    finally:
+        engine.dispose()
+
+
+def test_the_same_sop_in_another_study_is_scored_and_flagged_there(database_url, tmp_path, test_split):
+    images, _ = test_split
+    rt = _runtime(database_url, tmp_path / "spool")
+    sop, study_a, study_b = generate_uid(), generate_uid(), generate_uid()
+    relpath_a = _stage(rt.settings.spool_dir, images[0], study_a, sop, "ACC-A")
+    assert tasks.process_instance(rt, relpath_a, sop, "2026-01-01T00:00:00Z")["status"] == "done"
+    first = _rows_of_sop(database_url, sop)[study_a]
+
+    # The PACS re-sends the instance under study B (a study split corrected), with another image.
+    relpath_b = _stage(rt.settings.spool_dir, images[1], study_b, sop, "ACC-B")
+    result = tasks.process_instance(rt, relpath_b, sop, "2026-01-02T00:00:00Z")
+
+    assert result["status"] == "done" and not result["noop"], "study B's image must be scored, not retired"
+    rows = _rows_of_sop(database_url, sop)
+    assert set(rows) == {study_a, study_b}
+    assert rows[study_a] == first, "study A's result is untouched"
+    assert rows[study_b]["accession_number"] == "ACC-B" and rows[study_b]["flag"]
+    assert rows[study_b]["spool_relpath"] == relpath_b and rows[study_b]["attempts"] == 1
+    for study, accession in ((study_a, "ACC-A"), (study_b, "ACC-B")):
+        flags = _study(database_url, study)
+        assert flags is not None, f"study {accession} missing from the worklist"
+        assert flags["flag"] == rows[study]["flag"] and flags["accession_number"] == accession
+        assert flags["n_instances"] == flags["n_done"] == 1 and flags["n_pending"] == 0
+    spool = rt.settings.spool_dir
+    assert (spool / "archive" / study_a / f"{sop}.dcm").is_file() and (spool / "archive" / study_b / f"{sop}.dcm").is_file()
+    assert not (spool / relpath_a).exists() and not (spool / relpath_b).exists()
+
+    # Re-delivery within study B stays a no-op; its file is archived beside the first, not lost.
+    _stage(spool, images[1], study_b, sop, "ACC-B")
+    again = tasks.process_instance(rt, relpath_b, sop, "2026-03-01T00:00:00Z")
+    assert again["noop"] and again["status"] == "done"
+    assert _rows_of_sop(database_url, sop) == rows
+    assert len(list((spool / "archive" / study_b).glob("*.dcm"))) == 2
+    assert len(list((spool / "archive" / study_a).glob("*.dcm"))) == 1
+
+    tasks.finalize_study(rt, study_b, "2026-01-02T00:00:00Z")
+    assert _study(database_url, study_b)["final"]
+
+
+def test_a_pending_copy_in_another_study_holds_that_study_back(database_url, tmp_path, test_split):
+    """Study B's image waits in pending/ while the same SOP UID is done in study A: B is not final yet
+    (else it would read "final, no flag" and turn URGENT later)."""
+    images, _ = test_split
+    rt = _runtime(database_url, tmp_path / "spool")
+    sop, study_a, study_b = generate_uid(), generate_uid(), generate_uid()
+    relpath_a = _stage(rt.settings.spool_dir, images[0], study_a, sop, "ACC-A")
+    tasks.process_instance(rt, relpath_a, sop, None)
+    relpath_b = _stage(rt.settings.spool_dir, images[1], study_b, sop, "ACC-B")
+
+    assert tasks.outstanding_instances(rt, study_b) == [sop]
+    with pytest.raises(tasks.StudyNotSettledError):
+        tasks.finalize_study(rt, study_b, None)
+    assert _study(database_url, study_b) is None
+
+    assert tasks.process_instance(rt, relpath_b, sop, None)["status"] == "done"
+    assert tasks.outstanding_instances(rt, study_b) == []
+    tasks.finalize_study(rt, study_b, None)
+    assert _study(database_url, study_b)["final"]
+
+
+@pytest.mark.redis
+def test_requeue_records_a_pending_copy_in_another_study_as_queued(database_url, tmp_path, redis_server):
+    """`pneumonia-admin requeue` writes `queued` rows so nothing pending is invisible, also for a SOP
+    UID that is already finished in another study."""
+    spool = tmp_path / "spool"
+    sop, study_a, study_b = generate_uid(), generate_uid(), generate_uid()
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    try:
+        done = {"sop_instance_uid": sop, "study_instance_uid": study_a, "status": "done", "flag": "URGENT",
+                "severity": 2, "received_at": dt.datetime(2026, 1, 1), "finished_at": dt.datetime(2026, 1, 1)}
+        with engine.begin() as conn:
+            assert db.finish_instance(conn, done)
+        path = spool / contract.pending_relpath(study_b, sop)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        settings = WorkerSettings(database_url=database_url, spool_dir=spool, broker_url=redis_server.url)
+        redis_server.flush()
+        assert admin.requeue(settings, engine, older_than_s=0) == 0
+        admin.requeue(settings, engine, older_than_s=0)  # repeated: still one row
+        rows = _rows_of_sop(database_url, sop)
+        assert set(rows) == {study_a, study_b}, "the pending copy must have a row of its own"
+        assert rows[study_b]["status"] == "queued" and rows[study_a]["status"] == "done"
+        assert rows[study_b]["spool_relpath"] == contract.pending_relpath(study_b, sop)
+    finally:
+        engine.dispose()
+    import redis
+
+    assert redis.Redis(port=redis_server.port).llen(contract.QUEUE) == 2, "one task per requeue run"
+
+
+def test_db_upserts_are_per_study(database_url):
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    base = {"sop_instance_uid": "1.2.3.4", "received_at": dt.datetime(2026, 1, 1), "started_at": db.utcnow()}
+    try:
+        with engine.begin() as conn:
+            assert db.claim_instance(conn, {**base, "study_instance_uid": "1.1"})["attempts"] == 1
+            assert db.finish_instance(conn, {**base, "study_instance_uid": "1.1", "status": "done", "flag": "ROUTINE"})
+            claimed = db.claim_instance(conn, {**base, "study_instance_uid": "2.2"})
+            assert claimed is not None and claimed["attempts"] == 1, "terminal in 1.1 says nothing about 2.2"
+            assert db.finish_instance(conn, {**base, "study_instance_uid": "2.2", "status": "done", "flag": "URGENT"})
+            assert not db.finish_instance(conn, {**base, "study_instance_uid": "2.2", "status": "failed"})
+            assert db.claim_instance(conn, {**base, "study_instance_uid": "2.2"}) is None
+            assert db.terminal_sops(conn, "2.2", ["1.2.3.4", "9.9"]) == {"1.2.3.4"}
+            assert db.terminal_sops(conn, "3.3", ["1.2.3.4"]) == set()
+            assert db.get_instance(conn, "1.1", "1.2.3.4")["flag"] == "ROUTINE"
+            assert db.get_instance(conn, "2.2", "1.2.3.4")["flag"] == "URGENT"
+    finally:
+        engine.dispose()
+
+
+def test_migration_keeps_rows_of_the_previous_head_and_keys_by_study_and_sop(database_url):
+    upgrade(database_url, "0002")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, accession_number, status, attempts,"
+                " flag, severity, probability, site_calibration_sha256, received_at, finished_at)"
+                " VALUES (:sop, :study, 'ACC1', :status, 1, :flag, :severity, :p, :cal, :t, :t)"),
+                [{"sop": "1.2.1", "study": "1.3.1", "status": "done", "flag": "URGENT", "severity": 2, "p": 0.9,
+                  "cal": "c" * 64, "t": dt.datetime(2026, 1, 1)},
+                 {"sop": "1.2.2", "study": "1.3.1", "status": "skipped", "flag": None, "severity": None, "p": None,
+                  "cal": None, "t": dt.datetime(2026, 1, 2)},
+                 {"sop": "1.2.3", "study": "1.3.2", "status": "processing", "flag": None, "severity": None,
+                  "p": None, "cal": None, "t": dt.datetime(2026, 1, 3)}])
+            conn.execute(text("INSERT INTO studies (study_instance_uid, accession_number, final, flag, severity,"
+                              " max_probability) VALUES ('1.3.1', 'ACC1', :f, 'URGENT', 2, 0.9)"), {"f": True})
+            before = [dict(r) for r in conn.execute(text("SELECT * FROM instances ORDER BY sop_instance_uid")).mappings()]
+        engine.dispose()
+
+        upgrade(database_url)
+        upgrade(database_url)  # idempotent
+        assert current_revision(database_url) == "0003"
+        with engine.connect() as conn:
+            after = [dict(r) for r in conn.execute(text("SELECT * FROM instances ORDER BY sop_instance_uid")).mappings()]
+            assert after == before, "every row and value kept"
+            study = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "1.3.1")).mappings().one()
+            assert study["flag"] == "URGENT" and study["n_instances"] == 2 and study["n_done"] == 1
+            from sqlalchemy import inspect
+
+            assert inspect(conn).get_pk_constraint("instances")["constrained_columns"] == [
+                "study_instance_uid", "sop_instance_uid"]
+            indexes = {i["name"] for i in inspect(conn).get_indexes("instances")}
+            assert {"ix_instances_study_received", "ix_instances_status_finished", "ix_instances_flag"} <= indexes
+        with engine.begin() as conn:  # the same SOP UID in another study is now another row
+            conn.execute(db.instances.insert().values(sop_instance_uid="1.2.1", study_instance_uid="1.3.9",
+                                                      status="queued", attempts=0))
+        with pytest.raises(IntegrityError):  # within a study it is still one row
+            with engine.begin() as conn:
+                conn.execute(db.instances.insert().values(sop_instance_uid="1.2.1", study_instance_uid="1.3.1",
+                                                          status="queued", attempts=0))
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_refuses_to_merge_two_studies_instances(database_url):
+    """Back to the SOP-only key would have to drop one of two rows: refused, nothing lost."""
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for study in ("1.3.1", "1.3.2"):
+                conn.execute(db.instances.insert().values(sop_instance_uid="1.2.1", study_instance_uid=study,
+                                                          status="done", attempts=1))
+        with pytest.raises(Exception, match="more than one study"):
+            command.downgrade(alembic_config(database_url), "0002")
+        assert current_revision(database_url) == "0003"
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 2
+            conn.execute(text("DELETE FROM instances WHERE study_instance_uid = '1.3.2'"))
+        command.downgrade(alembic_config(database_url), "0002")
+        assert current_revision(database_url) == "0002"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT study_instance_uid FROM instances")).scalars().all() == ["1.3.1"]
+            assert conn.execute(text("SELECT n_instances FROM study_flags")).all() == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.redis
+def test_worker_scores_the_same_sop_in_two_studies(make_triage_env, database_url, test_split):
+    """Through Redis and a real worker process: both studies get their rows and flags, and a
+    re-send within study B changes nothing."""
+    images, _ = test_split
+    env = make_triage_env(database_url)
+    sop, study_a, study_b = generate_uid(), generate_uid(), generate_uid()
+    relpath_a = _stage(env.spool, images[2], study_a, sop, "ACC-A")
+    env.start_worker()
+    env.send(relpath_a, sop)
+    wait_for(lambda: _rows_of_sop(database_url, sop).get(study_a, {}).get("status") == "done", 120,
+             what="study A's row")
+    wait_for(lambda: not (env.spool / relpath_a).exists(), 30, what="study A's file archived")
+
+    relpath_b = _stage(env.spool, images[3], study_b, sop, "ACC-B")
+    env.send(relpath_b, sop, received_at="2026-01-02T00:00:00+00:00")
+    rows = wait_for(lambda: (r := _rows_of_sop(database_url, sop)).get(study_b, {}).get("status") in db.TERMINAL
+                    and r, 120, what="study B's row")
+    assert rows[study_b]["status"] == "done" and rows[study_b]["accession_number"] == "ACC-B"
+    for study in (study_a, study_b):
+        assert _study(database_url, study)["flag"] == rows[study]["flag"] is not None
+
+    _stage(env.spool, images[3], study_b, sop, "ACC-B")
+    env.send(relpath_b, sop, received_at="2026-02-02T00:00:00+00:00")
+    wait_for(lambda: not (env.spool / relpath_b).exists(), 60, what="re-sent copy retired")
+    time.sleep(1)
+    assert _rows_of_sop(database_url, sop) == rows, "a re-send within the study changes nothing"
+    assert len(list((env.spool / "archive" / study_b).glob("*.dcm"))) == 2
+    env.finalize(study_b)
+    wait_for(lambda: _study(database_url, study_b)["final"], 30, what="study B finalised")
