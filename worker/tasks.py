@@ -103,6 +103,8 @@ def process_instance(
         return {"sop_instance_uid": sop_uid, "status": existing["status"], "noop": True}
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
+        if not study_uid:  # the instance's identity is its study folder and its SOP UID
+            raise SpoolPathError("spool path is not pending/<StudyInstanceUID>/<SOPInstanceUID>.dcm")
     except SpoolPathError as exc:
         return _finish(rt, sop_uid, relpath, received, time.time(), Outcome("failed", str(exc)), None)
     _require_model(rt)

@@ -273,3 +273,17 @@ def test_worker_scores_the_same_sop_in_two_studies(make_triage_env, database_url
     assert len(list((env.spool / "archive" / study_b).glob("*.dcm"))) == 2
     env.finalize(study_b)
     wait_for(lambda: _study(database_url, study_b)["final"], 30, what="study B finalised")
+
+
+@pytest.mark.parametrize("relpath", ["pending/{sop}.dcm", "pending/not-a-uid/{sop}.dcm", "pending/{study}/x/{sop}.dcm"])
+def test_a_spool_path_without_a_study_folder_fails_with_its_reason(database_url, tmp_path, test_split, relpath):
+    """The study folder is half of the instance's identity: a task whose path has none (outside the
+    gateway's contract) is failed with a reason, not scored under an empty study that no worklist shows."""
+    images, _ = test_split
+    rt = _runtime(database_url, tmp_path / "spool")
+    sop, study = generate_uid(), generate_uid()
+    relpath = relpath.format(sop=sop, study=study)
+    save(make_cxr_dataset(images[0], size=(256, 256), study_uid=study, sop_uid=sop), rt.settings.spool_dir / relpath)
+    result = tasks.process_instance(rt, relpath, sop, None)
+    assert result["status"] == "failed"
+    assert result["reason"] == "spool path is not pending/<StudyInstanceUID>/<SOPInstanceUID>.dcm"
