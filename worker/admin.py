@@ -29,6 +29,7 @@ from sqlalchemy import Connection, func, select, text
 
 from worker import contract, db
 from worker.config import WorkerSettings
+from worker.spool import study_uid_from_relpath
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "prediction", "reason", "received_at", "finished_at", "processing_ms")
@@ -258,7 +259,8 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
     try:
         for path, received_at in files:
             relpath = path.relative_to(settings.spool_dir).as_posix()
-            _mark_queued(engine, path.parent.name, path.stem, relpath, received_at)
+            # the row the worker will write: its study is the folder when that is a UID (else "", failed)
+            _mark_queued(engine, study_uid_from_relpath(relpath) or "", path.stem, relpath, received_at)
             client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
                              kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
     finally:

@@ -215,6 +215,54 @@ def test_migration_keeps_rows_of_the_previous_head_and_keys_by_study_and_sop(dat
         engine.dispose()
 
 
+def test_a_site_view_on_instances_never_costs_the_worklist_view(database_url):
+    """A site's own view over `instances` (a report, a dashboard): the upgrade keeps it and the
+    worklist's study_flags view working. It used to drop and re-create study_flags around SQLite's
+    table copy, which the site view then made fail, leaving the worklist without its view; on
+    PostgreSQL the re-creation also dropped the view's grants and failed on views built on it."""
+    upgrade(database_url, "0002")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE VIEW site_report AS SELECT study_instance_uid, status FROM instances"))
+            conn.execute(text("CREATE VIEW site_worklist AS SELECT study_instance_uid, flag FROM study_flags"))
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
+                              " VALUES ('1.2.1', '1.3.1', 'done', 1)"))
+            conn.execute(text("INSERT INTO studies (study_instance_uid, final) VALUES ('1.3.1', :f)"), {"f": False})
+        upgrade(database_url)
+        assert current_revision(database_url) == "0003"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT n_instances FROM study_flags")).scalars().all() == [1]
+            assert conn.execute(text("SELECT study_instance_uid, status FROM site_report")).all() == [("1.3.1", "done")]
+            assert conn.execute(text("SELECT study_instance_uid FROM site_worklist")).scalars().all() == ["1.3.1"]
+        with engine.begin() as conn:  # the views read the new table
+            conn.execute(db.instances.insert().values(sop_instance_uid="1.2.1", study_instance_uid="1.3.2",
+                                                      status="queued", attempts=0))
+            assert conn.execute(text("SELECT COUNT(*) FROM site_report")).scalar() == 2
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP VIEW IF EXISTS site_worklist"))
+            conn.execute(text("DROP VIEW IF EXISTS site_report"))
+        engine.dispose()
+
+
+def test_requeue_of_a_folder_that_is_not_a_uid_leaves_no_row_queued_for_ever(database_url, tmp_path, redis_server,
+                                                                               test_split):
+    """Outside the gateway's contract: the worker fails such a path under study "", so requeue must
+    mark that row, not one under the folder's name that nothing would ever finish."""
+    images, _ = test_split
+    spool = tmp_path / "spool"
+    sop = generate_uid()
+    relpath = f"pending/STUDY-X/{sop}.dcm"
+    save(make_cxr_dataset(images[0], size=(256, 256), sop_uid=sop), spool / relpath)
+    settings = WorkerSettings(database_url=database_url, spool_dir=spool, broker_url=redis_server.url)
+    rt = _runtime(database_url, spool)
+    redis_server.flush()
+    assert admin.requeue(settings, rt.engine, older_than_s=0) == 0
+    assert tasks.process_instance(rt, relpath, sop, None)["status"] == "failed"
+    assert {study: row["status"] for study, row in _rows_of_sop(database_url, sop).items()} == {"": "failed"}
+
+
 def test_downgrade_refuses_to_merge_two_studies_instances(database_url):
     """Back to the SOP-only key would have to drop one of two rows: refused, nothing lost."""
     from alembic import command

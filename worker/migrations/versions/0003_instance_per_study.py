@@ -7,14 +7,18 @@ or a flag. Like Orthanc, which tells instances apart by Patient/Study/Series/SOP
 the same SOP UID in another study is now another instance.
 
 Every existing row is kept as it is: SOP UIDs were unique, so (study, SOP) pairs are too, and
-study_instance_uid was already NOT NULL. PostgreSQL swaps the primary key in place; SQLite,
-which cannot alter a key, copies the table (Alembic batch mode, indexes kept). The study_flags
-view reads `instances`, so it is dropped first and created again unchanged (SQLite refuses to
-drop or rename a table out from under a view that names it).
+study_instance_uid was already NOT NULL. PostgreSQL swaps the primary key in place (the
+study_flags view, its grants and anything built on it stay); SQLite, which cannot alter a key,
+copies the table (Alembic batch mode, indexes kept) in its legacy ALTER TABLE mode, so that the
+views over `instances` stay as they are (none is dropped and re-created).
 
-Stop workers of the previous version before upgrading: their upserts name the old key as the
-conflict target, which PostgreSQL refuses once it is gone (the tasks are retried and their files
-stay in pending/ for the sweep, so nothing is lost, but nothing is scored either).
+Stop every worker of the previous version before upgrading (and start the new ones after; with
+TRIAGE_MIGRATE_ON_START the first new worker migrates): their upserts name the old key as the
+conflict target. PostgreSQL refuses that once the key is gone, an error those workers do not
+retry: the task fails, its file stays in pending/ and the gateway's sweep re-sends it after
+TRIAGE_GATEWAY_REQUEUE_AFTER_SECONDS, to be scored by a new worker. Worse, an old worker that
+meets a SOP UID already stored under another study still retires the file as a duplicate, the
+defect this revision fixes.
 
 The downgrade refuses while any SOP UID has rows in more than one study: going back would have
 to drop one of them.
@@ -24,8 +28,6 @@ Revises: 0002
 """
 
 from __future__ import annotations
-
-import importlib
 
 import sqlalchemy as sa
 from alembic import op
@@ -37,10 +39,6 @@ branch_labels = None
 depends_on = None
 
 PK_NAME = "instances_pkey"  # PostgreSQL's name for the key 0001 created; SQLite keeps keys unnamed
-
-
-def _view_sql() -> str:
-    return importlib.import_module("worker.migrations.versions.0001_initial").STUDY_FLAGS_VIEW
 
 
 def _unkeyed_instances() -> sa.Table:
@@ -84,15 +82,20 @@ def _unkeyed_instances() -> sa.Table:
 
 
 def _set_primary_key(columns: list[str]) -> None:
-    bind = op.get_bind()
-    op.execute("DROP VIEW IF EXISTS study_flags")
-    if bind.dialect.name == "postgresql":
+    if op.get_bind().dialect.name == "postgresql":  # in place: the view, its grants and dependants stay
         op.drop_constraint(PK_NAME, "instances", type_="primary")
         op.create_primary_key(PK_NAME, "instances", columns)
-    else:
+        return
+    # SQLite copies the table and renames the copy into place; with a view naming `instances`
+    # (study_flags, a site's own report) its modern ALTER TABLE refuses that rename. The legacy
+    # mode renames without checking views, which then read the new table by its unchanged name:
+    # no view is dropped, so none can be lost when the copy fails (its driver commits DDL early).
+    op.execute("PRAGMA legacy_alter_table = ON")
+    try:
         with op.batch_alter_table("instances", recreate="always", copy_from=_unkeyed_instances()) as batch:
             batch.create_primary_key(PK_NAME, columns)
-    op.execute(_view_sql())
+    finally:
+        op.execute("PRAGMA legacy_alter_table = OFF")
 
 
 def upgrade() -> None:
