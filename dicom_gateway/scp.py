@@ -367,24 +367,25 @@ def _aid(event: evt.Event) -> int | None:
     return getattr(event.assoc, "gateway_id", None)
 
 
-def _is_loopback(peer: str) -> bool:
+def _peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address, an IPv4-mapped IPv6 one as IPv4 (a dual-stack listener reports those)."""
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
-        return False
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+        return address.ipv4_mapped
+    return address
+
+
+def _is_loopback(peer: str) -> bool:
+    address = _peer_address(peer)
+    return address is not None and address.is_loopback
 
 
 def _ip_allowed(peer: str, networks: list) -> bool:
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in net for net in networks)
+    address = _peer_address(peer)
+    return address is not None and any(address in net for net in networks)
 
 
 Callback = Callable[[], None]

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.worker.support import RedisServer, TriageEnv, temporary_pg_database
+from worker.config import WorkerSettings
+from worker.pipeline import DetectorCache
 from worker.samples import load_pneumoniamnist
 
 
@@ -70,3 +72,15 @@ def make_triage_env(redis_server: RedisServer, tmp_path: Path) -> Iterator[Calla
     yield factory
     for env in envs:
         env.close()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> WorkerSettings:
+    """Worker settings on a module's own SQLite file, for tests that call the pipeline directly."""
+    return WorkerSettings(database_url=f"sqlite:///{tmp_path_factory.mktemp('db') / 't.db'}")
+
+
+@pytest.fixture(scope="module")
+def detectors(settings: WorkerSettings) -> DetectorCache:
+    """One detector per module: the released model loads once."""
+    return DetectorCache(settings)

@@ -14,24 +14,13 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from worker.config import WorkerSettings
-from worker.pipeline import DetectorCache, analyse_file
+from worker.pipeline import analyse_file
 from worker.samples import make_cxr_dataset, save
 
 NORMAL = 3
 """PneumoniaMNIST test[3]: a normal study (28x28 probability about 0.002, ROUTINE)."""
 TOLERANCE = 0.01
 """|probability - clean probability| allowed for a variant that must display like the clean file."""
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> WorkerSettings:
-    return WorkerSettings(database_url=f"sqlite:///{tmp_path_factory.mktemp('db') / 't.db'}")
-
-
-@pytest.fixture(scope="module")
-def detectors(settings: WorkerSettings) -> DetectorCache:
-    return DetectorCache(settings)
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,6 @@ LOSSLESS_VARIANTS = [
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> WorkerSettings:
-    return WorkerSettings(database_url=f"sqlite:///{tmp_path_factory.mktemp('db') / 't.db'}")
-
-
-@pytest.fixture(scope="module")
-def detectors(settings: WorkerSettings) -> DetectorCache:
-    return DetectorCache(settings)
-
-
-@pytest.fixture(scope="module")
 def reference(test_split, detectors) -> dict[int, tuple[float, np.ndarray]]:
     """Probability and logits of the raw 28x28 thumbnails, the model's own domain."""
     images, _ = test_split
