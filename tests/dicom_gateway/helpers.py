@@ -77,6 +77,18 @@ def queued_tasks(client: redis.Redis, queue: str = QUEUE) -> list[dict[str, Any]
     return tasks
 
 
+def store_one(port: int, ds: Dataset, sent: Path | None = None, *, calling_ae: str = "TESTSCU") -> Dataset:
+    """One C-STORE of `ds` (or of the file `sent`, its bytes as they are) over its own association;
+    returns the response, whose status and error comment a test reads."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    try:
+        return assoc.send_c_store(ds if sent is None else sent)
+    finally:
+        assoc.release()
+
+
 def store_with_pynetdicom(
     port: int,
     datasets: list[Dataset],

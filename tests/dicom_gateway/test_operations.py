@@ -13,7 +13,15 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.dicom_gateway.conftest import small_dataset
-from tests.dicom_gateway.helpers import free_port, pending_files, queued_tasks, run_storescu, store_with_pynetdicom, wait_for
+from tests.dicom_gateway.helpers import (
+    free_port,
+    pending_files,
+    queued_tasks,
+    run_storescu,
+    store_one,
+    store_with_pynetdicom,
+    wait_for,
+)
 from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE
 
 pytestmark = pytest.mark.redis
@@ -65,17 +73,9 @@ def test_open_study_survives_restart(start_gateway, broker, images, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_invalid_study_uid_is_refused_with_reason(gateway, broker, images):
-    from pynetdicom import AE
-
     ds = small_dataset(images, 0)
     ds.StudyInstanceUID = "1.2.3/../../../etc"
-    ae = AE(ae_title="BADSCU")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
-    try:
-        rsp = assoc.send_c_store(ds)
-    finally:
-        assoc.release()
+    rsp = store_one(gateway.port, ds, calling_ae="BADSCU")
     assert rsp.Status == 0xC000
     assert "StudyInstanceUID" in rsp.ErrorComment
     assert pending_files(gateway.spool.root) == []
@@ -86,7 +86,7 @@ def test_invalid_study_uid_is_refused_with_reason(gateway, broker, images):
 def test_a_push_cut_inside_the_pixel_data_header_is_refused(gateway, broker, images, tmp_path, monkeypatch):
     """A pynetdicom SCU sends a file cut 4 bytes into its Pixel Data element's header: it was
     acknowledged with Success (pydicom stops silently short of 8 bytes) and spooled without an image."""
-    from pynetdicom import AE, _config
+    from pynetdicom import _config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes, not a re-encoding
 
@@ -96,13 +96,7 @@ def test_a_push_cut_inside_the_pixel_data_header_is_refused(gateway, broker, ima
     raw = save(ds, tmp_path / "whole.dcm").read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(raw[: raw.rindex(b"\xe0\x7f\x10\x00") + 4])
-    ae = AE(ae_title="CUTSCU")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
-    try:
-        rsp = assoc.send_c_store(cut)
-    finally:
-        assoc.release()
+    rsp = store_one(gateway.port, ds, cut, calling_ae="CUTSCU")
     assert rsp.Status == 0xC000 and "truncated" in rsp.ErrorComment
     assert pending_files(gateway.spool.root) == [] and queued_tasks(broker) == []
 
