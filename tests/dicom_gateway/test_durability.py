@@ -330,3 +330,45 @@ def test_a_slow_but_answering_broker_gets_every_publish(settings_factory, tmp_pa
         publisher.close()
         link.close()
         own.stop()
+
+
+def test_a_sweep_re_sending_a_backlog_lets_a_c_store_publish_through(settings_factory, tmp_path):
+    """The sweep's (forced) publishes give way to a waiting C-STORE, which gets the next turn
+    instead of waiting behind the backlog past its DIMSE timeout. With a plain lock that order
+    was left to the thread scheduler (a review reproduced 12 s of waiting with a broker stub); over
+    real Redis the C-STORE happened to get in too, so this guards the behaviour, it does not show
+    the old code failing."""
+    import threading
+
+    from dicom_gateway.queue import TaskPublisher
+
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    link = SlowLink(own.port, delay=0.05)
+    timeout, backlog = 1.0, 40
+    publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
+                                               gateway_broker_timeout_seconds=timeout))
+    sweep_done = []
+
+    def sweep() -> None:
+        for i in range(backlog):
+            publisher.process_instance(f"b/{i}.dcm", f"1.4.{i}", "2026-01-01T00:00:00+00:00", force=True)
+            sweep_done.append(i)
+
+    try:
+        assert publisher.process_instance("warm/up.dcm", "1.2.3", "2026-01-01T00:00:00+00:00")  # connects once
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        wait_for(lambda: len(sweep_done) >= 3, 10, what="the sweep to be under way")
+        started = time.monotonic()
+        assert publisher.process_instance("s/0.dcm", "1.2.9", "2026-01-01T00:00:00+00:00")
+        waited = time.monotonic() - started
+        left = backlog - len(sweep_done)
+        sweeper.join(60)
+        assert left > 10, f"the backlog was nearly sent before the C-STORE publish ({left} left): not a test"
+        assert waited < timeout, f"a C-STORE publish waited {waited:.2f} s behind the sweep's backlog"
+        assert len(_process_messages(own.client())) == backlog + 2
+    finally:
+        publisher.close()
+        link.close()
+        own.stop()
