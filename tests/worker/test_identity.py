@@ -246,6 +246,27 @@ def test_a_site_view_on_instances_never_costs_the_worklist_view(database_url):
         engine.dispose()
 
 
+def test_an_sqlite_upgrade_killed_part_way_can_be_run_again(sqlite_url):
+    """SQLite's driver commits the copy's new table on its own; a migration killed after that (the
+    rest rolls back, the database stays at 0002) left `_alembic_tmp_instances` behind, and every
+    later upgrade, so every worker start, failed on it."""
+    upgrade(sqlite_url, "0002")
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
+                              " VALUES ('1.2.1', '1.3.1', 'done', 1)"))
+            conn.execute(text("CREATE TABLE _alembic_tmp_instances (sop_instance_uid VARCHAR(64))"))  # the leftover
+        upgrade(sqlite_url)
+        assert current_revision(sqlite_url) == "0003"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT sop_instance_uid FROM instances")).scalars().all() == ["1.2.1"]
+            assert "_alembic_tmp_instances" not in conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'table'")).scalars().all()
+    finally:
+        engine.dispose()
+
+
 def test_requeue_of_a_folder_that_is_not_a_uid_leaves_no_row_queued_for_ever(database_url, tmp_path, redis_server,
                                                                                test_split):
     """Outside the gateway's contract: the worker fails such a path under study "", so requeue must
