@@ -263,8 +263,7 @@ def _positive_pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
         return None
     try:
         value = ds[keyword].value
-        values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
-        numbers = [float(v) for v in values]
+        numbers = [float(v) for v in _values(value)]
     except (TypeError, ValueError, OverflowError):
         return None
     if len(numbers) != 2 or not all(np.isfinite(n) and n > 0 for n in numbers):
@@ -272,8 +271,13 @@ def _positive_pair(ds: Dataset, keyword: str) -> tuple[float, float] | None:
     return numbers[0], numbers[1]
 
 
+def _values(value: object) -> list:
+    """An element's value as a list: a multi-valued one's values, else the one value."""
+    return list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+
+
 def _is_empty(value: object) -> bool:
-    values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+    values = _values(value)
     return not values or all(v is None or (isinstance(v, (str, bytes)) and not v.strip()) for v in values)
 
 
@@ -343,7 +347,7 @@ def display_orientation(ds: Dataset) -> Orientation:
     value = ds.get("PatientOrientation")
     if value is None:
         return Orientation()
-    values = [str(v).strip().upper() for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
+    values = [str(v).strip().upper() for v in _values(value)]
     if not all(values):  # Type 2C: an empty value (`L\`) says nothing of the orientation
         return Orientation()
     shown = "\\".join(quoted_code(v) for v in values)

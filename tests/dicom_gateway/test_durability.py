@@ -6,6 +6,7 @@ OSErrors: RLIMIT_FSIZE -> EFBIG, a file where a directory should be -> ENOTDIR).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -303,21 +304,33 @@ class SlowLink:
         self.server.close()
 
 
+@contextlib.contextmanager
+def publisher_over_slow_link(settings_factory, tmp_path, delay: float, timeout: float):
+    """A TaskPublisher to a private Redis through a SlowLink, already connected (one publish sent);
+    yields it and a client of that Redis."""
+    from dicom_gateway.queue import TaskPublisher
+
+    own = RedisServer(tmp_path / "redis-own")
+    own.start()
+    link = SlowLink(own.port, delay=delay)
+    publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
+                                               gateway_broker_timeout_seconds=timeout))
+    try:
+        assert publisher.process_instance("warm/up.dcm", "1.2.3", "2026-01-01T00:00:00+00:00")
+        yield publisher, own.client()
+    finally:
+        publisher.close()
+        link.close()
+        own.stop()
+
+
 def test_a_slow_but_answering_broker_gets_every_publish(settings_factory, tmp_path):
     """Publishes wait their turn behind one another while the broker keeps answering: only a
     publish stuck longer than the broker timeout makes the others leave their instance to the
     sweep. Eight parallel C-STORE publishes over a slow link used to give up after one timeout of
     queueing (about half of them, with no error anywhere) although every publish would succeed."""
-    from dicom_gateway.queue import TaskPublisher
-
-    own = RedisServer(tmp_path / "redis-own")
-    own.start()
-    link = SlowLink(own.port, delay=0.1)
     timeout, senders = 1.0, 8
-    publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
-                                               gateway_broker_timeout_seconds=timeout))
-    try:
-        assert publisher.process_instance("warm/up.dcm", "1.2.3", "2026-01-01T00:00:00+00:00")  # connects once
+    with publisher_over_slow_link(settings_factory, tmp_path, 0.1, timeout) as (publisher, client):
         started = time.monotonic()
         with ThreadPoolExecutor(senders) as pool:
             sent = list(pool.map(lambda i: publisher.process_instance(f"s/{i}.dcm", f"1.2.{i}", "2026-01-01T00:00:00+00:00"),
@@ -325,11 +338,7 @@ def test_a_slow_but_answering_broker_gets_every_publish(settings_factory, tmp_pa
         took = time.monotonic() - started
         assert took > timeout, f"the link was not slow enough to queue the publishes ({took:.2f} s)"
         assert sent == [True] * senders and publisher.last_error is None
-        assert len(_process_messages(own.client())) == senders + 1
-    finally:
-        publisher.close()
-        link.close()
-        own.stop()
+        assert len(_process_messages(client)) == senders + 1
 
 
 def test_a_sweep_re_sending_a_backlog_lets_a_c_store_publish_through(settings_factory, tmp_path):
@@ -340,23 +349,14 @@ def test_a_sweep_re_sending_a_backlog_lets_a_c_store_publish_through(settings_fa
     the old code failing."""
     import threading
 
-    from dicom_gateway.queue import TaskPublisher
-
-    own = RedisServer(tmp_path / "redis-own")
-    own.start()
-    link = SlowLink(own.port, delay=0.05)
     timeout, backlog = 1.0, 40
-    publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
-                                               gateway_broker_timeout_seconds=timeout))
     sweep_done = []
+    with publisher_over_slow_link(settings_factory, tmp_path, 0.05, timeout) as (publisher, client):
+        def sweep() -> None:
+            for i in range(backlog):
+                publisher.process_instance(f"b/{i}.dcm", f"1.4.{i}", "2026-01-01T00:00:00+00:00", force=True)
+                sweep_done.append(i)
 
-    def sweep() -> None:
-        for i in range(backlog):
-            publisher.process_instance(f"b/{i}.dcm", f"1.4.{i}", "2026-01-01T00:00:00+00:00", force=True)
-            sweep_done.append(i)
-
-    try:
-        assert publisher.process_instance("warm/up.dcm", "1.2.3", "2026-01-01T00:00:00+00:00")  # connects once
         sweeper = threading.Thread(target=sweep)
         sweeper.start()
         wait_for(lambda: len(sweep_done) >= 3, 10, what="the sweep to be under way")
@@ -367,8 +367,4 @@ def test_a_sweep_re_sending_a_backlog_lets_a_c_store_publish_through(settings_fa
         sweeper.join(60)
         assert left > 10, f"the backlog was nearly sent before the C-STORE publish ({left} left): not a test"
         assert waited < timeout, f"a C-STORE publish waited {waited:.2f} s behind the sweep's backlog"
-        assert len(_process_messages(own.client())) == backlog + 2
-    finally:
-        publisher.close()
-        link.close()
-        own.stop()
+        assert len(_process_messages(client)) == backlog + 2
