@@ -96,6 +96,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
                    help="label smoothing of the cross-entropy (0 = off)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables weight EMA")
+    p.add_argument("--swa-epochs", type=int, default=d.swa_epochs,
+                   help="stochastic weight averaging: the run's model is the mean of the (EMA) weights at the end of "
+                        "the last N epochs, BN statistics averaged too; the epoch validation picked is kept as "
+                        "best_epoch.pt (0 = off)")
     p.add_argument("--max-train-minutes", type=float,
                    help="wall-clock budget for fitting: the running epoch stops after its current step, is validated, "
                         "and training ends (default: none; the recipe runs to its last epoch)")
@@ -157,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, plateau_factor=args.plateau_factor,
         plateau_patience=args.plateau_patience, grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
-        ema_decay=args.ema_decay, max_train_minutes=args.max_train_minutes,
+        ema_decay=args.ema_decay, swa_epochs=args.swa_epochs, max_train_minutes=args.max_train_minutes,
         select_metric=args.select_metric, augment=augment_from_args(args),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
         distill_from=tuple(args.distill_from), distill_weight=args.distill_weight,
@@ -211,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs_run": len(result.history), "stop_reason": result.stop_reason, "train_seconds": result.seconds,
                     "train_img_per_s": result.train_images_per_s, "runtime": runtime.describe(),
                     "select_metric": config.select_metric,
-                    "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}}
+                    "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}, "swa": result.swa}
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
-        log.info("trained %d epochs in %.1f min (%.1f img/s), stopped by %s; best epoch %d", len(result.history),
-                 result.seconds / 60, result.train_images_per_s, result.stop_reason, result.best_epoch)
+        log.info("trained %d epochs in %.1f min (%.1f img/s), stopped by %s; best epoch %d%s", len(result.history),
+                 result.seconds / 60, result.train_images_per_s, result.stop_reason, result.best_epoch,
+                 f"; the model is the weight average of epochs {result.swa['epochs']}" if result.swa else "")
     if args.stage == "soup":
         run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
                                                                          recompute_bn=not args.keep_averaged_bn)}

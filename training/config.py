@@ -82,6 +82,11 @@ class TrainConfig:
     """Share of the loss given to matching the teachers; the rest is cross-entropy on the labels."""
     distill_temperature: float = 2.0
     ema_decay: float = 0.98
+    swa_epochs: int = 0
+    """Stochastic weight averaging (Izmailov et al. 2018): the run's model is the uniform mean of the
+    (EMA) weights at the end of the schedule's last N epochs, BatchNorm statistics averaged too, instead
+    of the one epoch validation picked (kept as best_epoch.pt). 0 = off. EMA averages about one epoch;
+    this spans several, like a soup along one trajectory (results/ablations/swa)."""
     max_train_minutes: float | None = None
     """Wall-clock budget for fitting (training and validation), like Lightning's `max_time`: the epoch
     running when it is spent stops after its current step, is validated like any other, and fitting
@@ -113,6 +118,8 @@ class TrainConfig:
             raise ValueError("select_metric must be auc, f1 or loss")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError("max_train_minutes must be positive (leave it unset for no budget)")
+        if not 0 <= self.swa_epochs <= self.epochs:
+            raise ValueError("swa_epochs must lie in [0, epochs]")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
             raise ValueError("distill_weight must lie in [0, 1] and distill_temperature be positive")
 
@@ -132,9 +139,10 @@ STAGE_FIELDS = ("data_root", "tta_hflip", "bootstrap", "strata", "device", "prec
                 "out_dir", "resume", "progress")
 """What a stage on a finished run takes from its own command: where the data is, the evaluation's choices and
 the runtime. Every other field says how the run was trained, so it comes from the run's config.json."""
-SAME_RESUME = (*SAME_RUN, "frozen")
+SAME_RESUME = (*SAME_RUN, "frozen", "swa_epochs")
 """What a resume must also repeat: the frozen set decides which parameters the saved optimizer state belongs
-to (and its default depends on --weights: none freezes nothing)."""
+to (and its default depends on --weights: none freezes nothing); the weight average in last.pt covers
+the last `swa_epochs` epochs, so that must stay too (and `epochs`, where it is on: train.check_resume)."""
 
 
 def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path,

@@ -50,13 +50,23 @@ def roc_point_lines(test: dict) -> list[str]:
               for name in point)]
 
 
+def kept_model(run_info: dict) -> str:
+    """What best.pt is: the epoch validation picked, or the weight average that replaced it (`--swa-epochs`)."""
+    picked = f"Best epoch (validation {run_info.get('select_metric')}): {run_info.get('best_epoch')}"
+    swa = run_info.get("swa")
+    if not swa:
+        return picked
+    return (f"Model: weight average of epochs {swa['epochs'][0]}-{swa['epochs'][-1]} (validation AUC {swa['val_auc']:.4f}, "
+            f"loss {swa['val_loss']:.4f}); {picked.lower()}, kept as best_epoch.pt")
+
+
 def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
     test = evaluation.metrics["test"]
     cal = test["calibration"]
     lines = [
         "# Evaluation summary", "",
         f"Run: `{run_info.get('command', '')}`  ",
-        f"Best epoch (validation {run_info.get('select_metric')}): {run_info.get('best_epoch')}; "
+        f"{kept_model(run_info)}; "
         f"train wall time {run_info.get('train_seconds', 0) / 60:.1f} min at {run_info.get('train_img_per_s', 0):.1f} img/s "
         f"({run_info.get('runtime')})" + (f"; stopped by {run_info['stop_reason']}" if "stop_reason" in run_info else "")
         + ".", "",

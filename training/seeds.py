@@ -121,6 +121,12 @@ def validation_comparison(candidate: dict[str, dict[str, float]], baseline: dict
                    "delta": candidate[name]["mean"] - baseline[name]["mean"]} for name in VALIDATION}
 
 
+def kept_epoch(run_info: dict) -> int | str | None:
+    """The picked epoch, or `swa A-B` where a weight average of those epochs is the run's model."""
+    swa = run_info.get("swa")
+    return f"swa {swa['epochs'][0]}-{swa['epochs'][-1]}" if swa else run_info["best_epoch"]
+
+
 def seed_table(runs: list[SeedRun]) -> dict:
     """Per-seed test figures at both thresholds, and their mean ± sd."""
     per_seed = {r.label: {point: {m: r.metrics["test"][point]["point"][m] for m in REPORTED} for point in POINTS}
@@ -128,7 +134,7 @@ def seed_table(runs: list[SeedRun]) -> dict:
     summary = {point: {m: mean_sd([per_seed[r.label][point][m] for r in runs]) for m in REPORTED}
                for point in POINTS}
     timing = {r.label: {"train_seconds": r.run_info["train_seconds"], "train_img_per_s": r.run_info["train_img_per_s"],
-                            "runtime": r.run_info["runtime"], "best_epoch": r.run_info["best_epoch"],
+                            "runtime": r.run_info["runtime"], "best_epoch": kept_epoch(r.run_info),
                             "validation_auc": r.metrics["validation"]["auc"],
                             "operating_threshold": r.metrics["selection"]["operating_threshold"]} for r in runs}
     roc = {}

@@ -30,6 +30,9 @@ from training.runtime import Runtime, restore_rng_states, rng_states, seed_every
 
 log = logging.getLogger(__name__)
 BEST = "best.pt"
+"""The run's model: the epoch validation picked or, with `swa_epochs`, the weight average."""
+BEST_EPOCH = "best_epoch.pt"
+"""With `swa_epochs`, the epoch validation picked, kept beside the average it was replaced by."""
 LAST = "last.pt"
 
 
@@ -43,6 +46,9 @@ class FitResult:
     train_images_per_s: float
     stop_reason: str
     """`epochs` (ran them all), `early_stop` (patience spent) or `time_limit` (`max_train_minutes` spent)."""
+    swa: dict | None = None
+    """With `swa_epochs`: the epochs averaged into best.pt and the average's validation row; None otherwise
+    (or when the run stopped before the window, and best.pt is the picked epoch)."""
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -172,7 +178,38 @@ def check_resume(config: TrainConfig) -> None:
                          f"is {config.out_dir}: resume into the checkpoint's own folder (leave --out-dir out)")
     saved = config.out_dir / "config.json"
     if saved.is_file():
-        check_same_run(config, json.loads(saved.read_text()), saved, SAME_RESUME)
+        recorded = json.loads(saved.read_text())
+        check_same_run(config, recorded, saved, SAME_RESUME)
+        if config.swa_epochs and recorded.get("epochs") != config.epochs:
+            raise ValueError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
+                             "--swa-epochs the weight average covers the schedule's last epochs, so a resume keeps them")
+
+
+def running_mean(average: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
+                 count: int) -> dict[str, torch.Tensor]:
+    """The uniform mean of `count` earlier state dicts (`average`) and `state`: floating tensors are averaged
+    (BatchNorm statistics included, as a soup with --keep-averaged-bn does), integer buffers (BN batch counters)
+    are the latest. Cloned, so later training steps do not move it."""
+    if average is None or count == 0:
+        return {key: value.detach().clone() for key, value in state.items()}
+    return {key: average[key] + (value.detach() - average[key]) / (count + 1) if value.is_floating_point()
+            else value.detach().clone() for key, value in state.items()}
+
+
+def keep_weight_average(out: Path, released: nn.Module, average: dict[str, torch.Tensor], epochs: list[int],
+                        val: Split, loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime) -> dict:
+    """Make the weight average the run's model (best.pt), keeping the picked epoch as best_epoch.pt.
+
+    The average is validated like an epoch, so its row can be compared with the picked epoch's; the
+    evaluation stage then chooses TTA, temperature, threshold and strata for it on validation as usual."""
+    (out / BEST).replace(out / BEST_EPOCH)
+    released.load_state_dict(average)
+    row = validate(released, val, loss_weights, config, runtime)
+    torch.save({"model": average, "epoch": epochs[-1], "score": selection_score(row, config.select_metric),
+                "swa_epochs": epochs}, out / BEST)
+    log.info("weight average of epochs %s -> %s (picked epoch kept as %s)  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()),
+             ",".join(map(str, epochs)), BEST, BEST_EPOCH)
+    return {"epochs": epochs, **row}
 
 
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
@@ -201,6 +238,8 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
                  config.distill_temperature)
     loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
     history, best_score, best_epoch, start_epoch, elapsed_before = [], -np.inf, 0, 1, 0.0
+    swa_from = config.epochs - config.swa_epochs + 1 if config.swa_epochs else None
+    swa_state, swa_epochs = None, []
     if config.resume:
         state = torch.load(config.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -214,6 +253,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
         elapsed_before = state.get("elapsed_seconds", 0.0)
+        swa_state, swa_epochs = state.get("swa") or None, list(state.get("swa_epochs", []))
         if "rng" in state:  # after building the network and the teachers, which drew from the re-seeded generator
             restore_rng_states(state["rng"])
         else:
@@ -238,10 +278,13 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         if score > best_score:
             best_score, best_epoch = score, epoch
             torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
+        if swa_from is not None and epoch >= swa_from:
+            swa_state = running_mean(swa_state, released.state_dict(), len(swa_epochs))
+            swa_epochs.append(epoch)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
                     "rng": rng_states(runtime.device), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                    "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
+                    "swa": swa_state or {}, "swa_epochs": swa_epochs, "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
         if row["time_limit"]:
@@ -253,8 +296,15 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
             stop_reason = "early_stop"
             log.info("early stop: no %s improvement for %d epochs", config.select_metric, config.patience)
             break
+    swa = None
+    if swa_epochs:
+        swa = keep_weight_average(out, ema.module if ema is not None else model, swa_state, swa_epochs, val,
+                                  loss_weights, config, runtime)
+    elif swa_from is not None:
+        log.warning("stopped (%s) before epoch %d, where the weight average starts: best.pt is the picked epoch %d",
+                    stop_reason, swa_from, best_epoch)
     seconds = elapsed_before + time.perf_counter() - started
     images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)
     return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0,
-                     stop_reason)
+                     stop_reason, swa)
