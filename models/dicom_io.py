@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 
 from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import MAX_ASPECT
@@ -124,20 +123,29 @@ def voi_lut_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _voi_lut(ds: Dataset) -> tuple[int, int, int, np.ndarray]:
     """(entries, first mapped input, bits per entry, LUT data) of the first VOI LUT, checked."""
+    return _first_lut(ds, "VOILUTSequence", "VOI LUT")
+
+
+def _first_lut(ds: Dataset, sequence: str, name: str) -> tuple[int, int, int, np.ndarray]:
+    """(entries, first mapped input, bits per entry, LUT data) of a LUT sequence's first item, checked.
+
+    Read here for both the Modality and the VOI LUT: LUT Data with 8-bit entries is packed two to
+    a 16-bit word when sent as OW (PS3.3 C.11.1.1.1, C.11.2.1.1), which pydicom reads as if each
+    entry had a word of its own (its `apply_modality_lut` fails on such a LUT)."""
     try:
-        item = ds.VOILUTSequence[0]
+        item = ds[sequence][0]
         descriptor = item.LUTDescriptor
         if isinstance(descriptor, bytes):  # ambiguous VR left unresolved: US, little endian
             descriptor = np.frombuffer(descriptor, "<u2").tolist()
         entries, first, bits = (int(v) for v in descriptor)
         data_element = item["LUTData"]
     except Exception as exc:  # absent items or elements, wrong multiplicity; values are not repeated
-        raise UnreadableImageError(f"VOI LUT could not be read ({type(exc).__name__})") from exc
+        raise UnreadableImageError(f"{name} could not be read ({type(exc).__name__})") from exc
     entries = entries or 65536  # PS3.3 C.11.2.1.1: 0 means 2**16 entries
     if int(ds.get("PixelRepresentation", 0) or 0) == 1 and first >= 32768:
         first -= 65536  # first mapped of signed input, stored as US
     if not 8 <= bits <= 16:
-        raise UnreadableImageError(f"VOI LUT with {bits} bits per entry (8 to 16 expected)")
+        raise UnreadableImageError(f"{name} with {bits} bits per entry (8 to 16 expected)")
     raw = data_element.value
     if isinstance(raw, (bytes, bytearray)):  # OW
         little = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -151,7 +159,7 @@ def _voi_lut(ds: Dataset) -> tuple[int, int, int, np.ndarray]:
     else:
         lut = np.atleast_1d(np.asarray(raw, dtype=np.int64))
     if lut.size != entries or (lut.size and lut.min() < 0):
-        raise UnreadableImageError(f"VOI LUT Data does not match its descriptor ({lut.size} entries, "
+        raise UnreadableImageError(f"{name} Data does not match its descriptor ({lut.size} entries, "
                                    f"{entries} declared)")
     return entries, first, bits, lut.astype(np.int64)
 
@@ -210,12 +218,14 @@ def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 
     Rescale is applied as pydicom's `apply_modality_lut` does (only with both slope and
     intercept present), but an empty slope or intercept counts as absent instead of failing.
+    A Modality LUT Sequence is looked up here (stored values below its first mapped value take the
+    first entry, above its last the last one, as pydicom does), because pydicom cannot read one
+    whose 8-bit entries are packed two to a word (`_first_lut`).
     """
     if "ModalityLUTSequence" in ds:
-        try:
-            return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-        except Exception as exc:  # a malformed LUT raises many types; its values are not repeated
-            raise UnreadableImageError(f"Modality LUT could not be applied ({type(exc).__name__})") from exc
+        entries, first, _, lut = _first_lut(ds, "ModalityLUTSequence", "Modality LUT")
+        index = np.clip(stored.astype(np.int64) - first, 0, entries - 1)
+        return lut[index].astype(np.float32)
     slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     if slope is None or intercept is None or (slope == 1.0 and intercept == 0.0):
         return stored.astype(np.float32)  # exact for <=24-bit values, and half the cost of float64 downstream

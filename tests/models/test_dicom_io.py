@@ -182,6 +182,46 @@ def test_voi_lut_whose_data_does_not_match_its_descriptor_is_refused(image):
         dicom_to_grayscale(ds)
 
 
+def modality_lut(ds, descriptor, data: bytes | list[int]):
+    """A Modality LUT Sequence of one item; bytes become OW (as a Part-10 file carries it), a list US."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.ModalityLUTType = "US"
+    item.add(DataElement(0x00283006, "OW" if isinstance(data, bytes) else "US", data))
+    ds.ModalityLUTSequence = Sequence([item])
+    for keyword in ("WindowCenter", "WindowWidth"):
+        del ds[keyword]
+    return ds
+
+
+@pytest.mark.parametrize("packing", ["8-bit entries packed two to a word (OW)", "8-bit entries one to a word (OW)",
+                                     "16-bit entries (US)"])
+def test_modality_lut_clips_its_input_to_the_mapped_range(image, packing):
+    """PS3.3 C.11.1.1.1: stored values below the first mapped one take the first entry, above the last
+    the last one. 12-bit input, 2048 entries from 1024. pydicom 3.0 could not read the packed LUT
+    (struct.error), so such a CR was failed."""
+    ds = make_cxr_dataset(image, size=(256, 256))
+    table = np.rint(np.arange(2048) / 2047 * 255).astype(np.uint8)
+    data = {"8-bit entries packed two to a word (OW)": table.tobytes(),
+            "8-bit entries one to a word (OW)": table.astype("<u2").tobytes(),
+            "16-bit entries (US)": [int(v) for v in table]}[packing]
+    stored = ds.pixel_array.astype(np.int64)
+    modality_lut(ds, [2048, 1024, 8 if packing.startswith("8") else 16], data)
+    expected = table[np.clip(stored - 1024, 0, 2047)].astype(np.float64)
+    expected = (expected - expected.min()) / (expected.max() - expected.min())  # no window: the full range
+    np.testing.assert_allclose(dicom_to_grayscale(ds), expected, atol=1e-6)
+
+
+def test_modality_lut_whose_data_does_not_match_its_descriptor_is_refused(image):
+    ds = modality_lut(make_cxr_dataset(image, size=(256, 256)), [4096, 0, 16], list(range(100)))
+    with pytest.raises(UnreadableImageError, match=r"Modality LUT Data does not match its descriptor \(100 entries"):
+        dicom_to_grayscale(ds)
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 def test_padding_pixels_are_black_and_the_rest_uses_the_anatomy_range(image, photometric):
     """PS3.3 C.7.5.1.1.2, no window: the other pixels display as if the padding were not there."""

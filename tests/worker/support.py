@@ -237,14 +237,19 @@ class TriageEnv:
         client.close()
 
     def rows(self) -> dict[str, dict[str, Any]]:
+        """Rows by SOP Instance UID. Instances are (Study, SOP) since migration 0003, so a SOP stored
+        under two studies would make this lookup drop one row: that is refused, not collapsed."""
         engine = db.make_engine(self.database_url)
         try:
             with engine.connect() as conn:
-                return {r["sop_instance_uid"]: dict(r) for r in conn.execute(select(db.instances)).mappings()}
-        except Exception:
+                found = [dict(r) for r in conn.execute(select(db.instances)).mappings()]
+        except Exception:  # not migrated yet
             return {}
         finally:
             engine.dispose()
+        by_sop = {r["sop_instance_uid"]: r for r in found}
+        assert len(by_sop) == len(found), "a SOP Instance UID under two studies: look rows up by (study, SOP)"
+        return by_sop
 
     def wait_terminal(self, sops: list[str], timeout: float = 120) -> dict[str, dict[str, Any]]:
         def done() -> dict[str, dict[str, Any]] | None:

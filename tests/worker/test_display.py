@@ -53,7 +53,7 @@ def assert_scores_like_clean(outcome, clean_probability: float) -> None:
     assert outcome.fields["flag"] == "ROUTINE"
 
 
-# --- 1. VOI LUT Sequence -------------------------------------------------------------------------
+# --- 1. VOI LUT and Modality LUT Sequences ------------------------------------------------------
 
 def with_voi_lut(ds: Dataset, descriptor: list[int], data: np.ndarray, vr: str = "US") -> Dataset:
     """Replace the window by a VOI LUT Sequence of one item."""
@@ -79,6 +79,22 @@ def test_voi_lut_declaring_16_bits_with_12_bit_entries_is_scaled_by_its_real_dep
     """Descriptor 4096\\0\\16 with entries 0..4095 (Agfa-style): read literally, the display's maximum
     was 0.06 (P 0.975, URGENT); Horos and Cornerstone scale it by the entries' 12 bits."""
     ds = with_voi_lut(cr(normal), [4096, 0, 16], np.arange(4096))
+    assert_scores_like_clean(outcome_of(ds, tmp_path, settings, detectors), clean_probability)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_modality_lut_with_8_bit_entries_scores_like_the_clean_file(
+        tmp_path, normal, settings, detectors, clean_probability, packed):
+    """Descriptor 4096\\0\\8 as OW, the window scaled to the LUT's output. Packed two entries to a word
+    (PS3.3 C.11.1.1.1), pydicom could not read it and the study was failed ("Modality LUT could not be
+    applied"); one entry to a word it could."""
+    ds = cr(normal)
+    table = np.rint(np.arange(4096) / 4095 * 255).astype(np.uint8)
+    item = Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [4096, 0, 8], "US"
+    item.add(DataElement(0x00283006, "OW", table.tobytes() if packed else table.astype("<u2").tobytes()))
+    ds.ModalityLUTSequence = Sequence([item])
+    ds.WindowCenter, ds.WindowWidth = 2048 * 255 / 4095, 4096 * 255 / 4095
     assert_scores_like_clean(outcome_of(ds, tmp_path, settings, detectors), clean_probability)
 
 
