@@ -77,7 +77,7 @@ def bilinear_weights(src: int, dst: int) -> np.ndarray:
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """Grayscale array -> float64 in [0, 1].
+    """Grayscale array -> float64 (float32 for float32 input) in [0, 1].
 
     Integer images are scaled by their dtype's full range (uint8 /255, uint16 /65535),
     which is how 8- and 16-bit PNG/JPEG files store display values. Float images must
@@ -105,9 +105,13 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
             raise UnreadableImageError(f"{info.bits}-bit image uses only its low {used} bits (maximum "
                                        f"{int(array.max())}): raw values stored without scaling? Export it "
                                        f"full-range (8 or {info.bits} bit) or send the DICOM")
-        return array.astype(np.float64) / float(info.max)
-    if np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
         values = array.astype(np.float64)
+        values /= float(info.max)  # in place: a second full-size float64 array is the worker's peak on big plates
+        return values
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
+        # A float32 display image (every DICOM) stays float32: `reduce_to_source` works in float32, and the
+        # clip gives the same float32 values either way, at a quarter of the memory (benchmarks/worker_memory.py).
+        values = array if array.dtype == np.float32 else array.astype(np.float64)
         if not np.isfinite(values).all():
             raise UnreadableImageError("image contains NaN or infinite values")
         if values.min() < -1e-6 or values.max() > 1 + 1e-6:
@@ -142,7 +146,7 @@ def reduce_to_source(image: np.ndarray, source_size: int = SOURCE_SIZE) -> np.nd
     if side < source_size:
         raise UnreadableImageError(f"image side {side} is smaller than the model's source size {source_size}")
     weights = area_weights(side, source_size).astype(np.float32)  # float32 halves the cost on 2048^2 inputs
-    small = (weights @ square.astype(np.float32) @ weights.T).astype(np.float64)
+    small = (weights @ np.asarray(square, dtype=np.float32) @ weights.T).astype(np.float64)
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 

@@ -104,6 +104,7 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
         image = dicom_to_grayscale(ds)
     except UnreadableImageError as exc:
         return Outcome("failed", str(exc), ids)
+    del ds  # its Pixel Data and decoded array (4 bytes a pixel) are not needed while the model runs
     return infer(image, ids, settings, detectors.get())
 
 

@@ -5,6 +5,7 @@ No Docker engine runs in CI, so these read the files the way compose and the Doc
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -78,3 +79,25 @@ def test_the_gpu_override_builds_the_gpu_extra_gives_the_worker_a_gpu_and_refuse
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices and all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert worker["build"]["dockerfile"] == COMPOSE["services"]["worker"]["build"]["dockerfile"]
+
+
+def memory_bytes(text: str) -> int:
+    """A compose memory value ("3g", "512m") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_every_service_built_from_the_image_has_a_memory_cap():
+    """One oversized image must not take the host, and Redis and PostgreSQL with it."""
+    for name, service in built_services().items():
+        assert memory_bytes(service["deploy"]["resources"]["limits"]["memory"]) > 0, name
+
+
+def test_the_worker_cap_holds_an_8192_pixel_plate_with_its_celery_main_process():
+    """Measured, not guessed: the pool process's peak on an 8192^2 CR (benchmarks/worker_memory.py) plus
+    256 MiB for the Celery main process (about 130 MiB measured) must fit under the cap."""
+    measured = json.loads((DEPLOY.parent / "benchmarks" / "results" / "worker_memory.json").read_text())
+    peak = measured["sizes"]["8192"]["peak_bytes"]
+    cap = memory_bytes(COMPOSE["services"]["worker"]["deploy"]["resources"]["limits"]["memory"])
+    assert peak + 256 * 1024**2 <= cap, (peak, cap)
+    assert COMPOSE["services"]["worker"]["deploy"]["replicas"] == 2

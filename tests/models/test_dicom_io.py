@@ -305,3 +305,21 @@ def test_non_square_pixels_give_the_physical_aspect(image):
     display = dicom_to_grayscale(ds)
     assert display.shape == (256, 256) and display.dtype == np.float32
     assert np.abs(reduce_to_source(display).astype(int) - image.astype(int)).max() <= 3
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_the_in_place_window_equals_its_formula_to_the_bit(function):
+    """`_window` overwrites its input to save the worker a full-size temporary per step (8192^2: 256 MiB
+    each); it must give exactly the values of the formulas of PS3.3 C.11.2.1.2 computed out of place."""
+    from models.dicom_io import _window
+
+    values = np.random.default_rng(0).uniform(-500, 5000, (64, 64)).astype(np.float32)
+    c, w = np.float32(2047.3), np.float32(3001.7)
+    expected = {
+        "LINEAR": np.clip(((values - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5), 0.0, 1.0),
+        "LINEAR_EXACT": np.clip((values - (c - w / 2)) / w, 0.0, 1.0),
+        "SIGMOID": 1.0 / (1.0 + np.exp(np.float32(-4.0) * (values - c) / w)),
+    }[function]
+    got = _window(values.copy(), float(c), float(w), function)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)

@@ -75,3 +75,12 @@ def test_larger_medmnist_sizes_use_their_own_source_size(pneumoniamnist):
     assert preprocess(image64, 64).shape == (3, INPUT_SIZE, INPUT_SIZE)
     with pytest.raises(ValueError, match="smaller than"):
         reduce_to_source(small, 64)
+
+
+def test_a_float32_display_image_reduces_as_through_float64():
+    """to_unit_range keeps float32 input float32 (a quarter of the worker's memory on big plates); the
+    28x28 reduction must be the one the float64 path gave, to the bit."""
+    from models.preprocess import reduce_to_source
+
+    display = np.random.default_rng(1).uniform(-1e-7, 1 + 1e-7, (300, 420)).astype(np.float32)
+    np.testing.assert_array_equal(reduce_to_source(display), reduce_to_source(display.astype(np.float64)))

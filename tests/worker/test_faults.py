@@ -6,6 +6,7 @@ one terminal row, and the spool's pending area drains.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -68,8 +69,10 @@ def test_sigkill_mid_task_is_redelivered_and_finishes_once(make_triage_env, sqli
 
 
 def _pg(action: str) -> None:
-    """Stop/start the local cluster, whatever PostgreSQL version Debian installed (as .ci/run finds it)."""
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
+    """Stop/start the local cluster, whatever PostgreSQL version Debian installed: the newest, the one
+    deploy/setup_dev.sh starts (`sort -V | tail -1`)."""
+    versions = [p.name for p in Path("/etc/postgresql").iterdir()]
+    version = max(versions, key=lambda name: [int(part) for part in re.findall(r"\d+", name)])
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True,
                    capture_output=True, timeout=120)
 
