@@ -10,6 +10,7 @@ a reason that contains no patient data, because the worker stores it verbatim.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from models.errors import UnreadableImageError, quoted_code, quoted_uid
+from models.errors import ImageAccessError, UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import MAX_ASPECT
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,18 @@ class PixelLimits:
 
 
 def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:
-    """Read a DICOM file, turning any parse failure into `UnreadableImageError`."""
+    """Read a DICOM file, turning any parse failure into `UnreadableImageError`.
+
+    An operating-system error (one with an errno: EACCES, EIO, ESTALE, EMFILE...) says nothing
+    about the file's content, so it becomes `ImageAccessError`, which the worker retries."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        if exc.errno is None:
+            raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+        raise ImageAccessError(f"file could not be read ({type(exc).__name__}, "
+                               f"{errno.errorcode.get(exc.errno, exc.errno)})") from exc
+    except (pydicom.errors.InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
 
 

@@ -31,6 +31,12 @@ class UnreadableImageError(ValueError):
     """The input cannot be turned into a chest X-ray image (bad file, no pixels, absurd size...)."""
 
 
+class ImageAccessError(UnreadableImageError):
+    """The file could not be read from its storage (permission denied, an I/O error, a stale network
+    mount, no file handles left): the host's problem, not the image's. Still an `UnreadableImageError`
+    for callers of `PneumoniaDetector`; the worker retries it instead of failing the instance."""
+
+
 class ModelIntegrityError(RuntimeError):
     """The ONNX file does not match its model card (wrong sha256, missing card)."""
 

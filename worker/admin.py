@@ -83,7 +83,7 @@ def _add_filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--study")
     cmd.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
     cmd.add_argument("--until", type=_timestamp, help="received before")
-    cmd.add_argument("--limit", type=int, default=None)
+    cmd.add_argument("--limit", type=positive_int, default=None, help="at most this many rows (a positive number)")
 
 
 def _timestamp(value: str) -> dt.datetime:
@@ -208,6 +208,14 @@ def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
     }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: `--limit 0` listed every row, and `--limit -1` did on SQLite but failed on PostgreSQL."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:
     if not rows:
         return {"finished": 0, "throughput_per_s": None, "latency_s": None, "processing_ms": None}
@@ -217,7 +225,8 @@ def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:
     span = (max(finished) - min(finished)).total_seconds() if len(finished) > 1 else 0.0
     return {
         "finished": len(rows),
-        "throughput_per_s": round(len(finished) / span, 3) if span > 0 else None,
+        # N finish times span N - 1 intervals: 5 results a second apart are 1.0/s, not 1.25/s
+        "throughput_per_s": round((len(finished) - 1) / span, 3) if span > 0 else None,
         "latency_s": _percentiles(latency),
         "processing_ms": _percentiles(processing),
     }

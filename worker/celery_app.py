@@ -24,13 +24,15 @@ from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
+from models.errors import ImageAccessError
 from worker import contract, tasks
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database or broker is unreachable, the model is not deployed yet, or its GPU is not up.
+    """Worth retrying: the database or broker is unreachable, the model is not deployed yet, its GPU is not up,
+    or the spool's storage failed to read a file (`ImageAccessError`: permissions, I/O, a stale mount).
 
     Integrity/data errors are bugs or bad input and are not retried; neither is anything
     about the image itself (those already became failed/skipped rows in `tasks`).
@@ -39,7 +41,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
-    return isinstance(exc, (ConnectionError, TimeoutError)) or tasks.is_model_problem(exc)
+    return isinstance(exc, (ConnectionError, TimeoutError, ImageAccessError)) or tasks.is_model_problem(exc)
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -91,8 +93,16 @@ def create_app(settings: WorkerSettings) -> Celery:
     return app
 
 
+POOL_PROCESS_START_TIMEOUT_S = 300.0
+"""How long Celery waits for a new pool process to report ready. Each one loads the model before it does
+(`_warm`); with Celery's default of 4 s, a load slower than that (a cold CUDA/cuDNN start, a slow mount, a
+busy host) got every replacement process killed and restarted without end, after the first pool process
+died (OOM under the compose memory cap, a hard time limit), while the main process looked healthy."""
+
+
 def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
     return {
+        "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,

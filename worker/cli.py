@@ -66,6 +66,7 @@ def check(settings: WorkerSettings) -> int:
     from models.detector import load_card
     from models.errors import ExecutionProviderError
     from worker.db import make_engine
+    from worker.migrate import current_revision, head_revision
 
     path = settings.resolved_model_path()
     if not path.is_file():
@@ -85,6 +86,13 @@ def check(settings: WorkerSettings) -> int:
         return 3
     finally:
         engine.dispose()
+    schema, expected = current_revision(settings.database_url), head_revision()
+    if schema != expected:
+        if not settings.migrate_on_start:  # every task would fail on the old tables (or, on SQLite, retry for long)
+            log.error("database schema is at %s, this worker needs %s: run `pneumonia-worker migrate` "
+                      "(TRIAGE_MIGRATE_ON_START is off)", schema or "none (empty database)", expected)
+            return 3
+        log.info("database schema is at %s; `run` migrates it to %s first", schema or "none (empty database)", expected)
     try:
         providers = probe_providers(settings)
     except ExecutionProviderError as exc:

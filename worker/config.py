@@ -8,7 +8,7 @@ process-wide state.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,7 +58,14 @@ class WorkerSettings(BaseSettings):
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime can start it, else CPU; cpu: CPU only; cuda: CUDA or refuse to run."""
     migrate_on_start: bool = True
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        """Any case, as Celery's --loglevel and the gateway take it: logging refuses `debug` (a traceback
+        from every command, a restart loop under compose)."""
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("flag_map")
     @classmethod

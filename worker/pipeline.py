@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
-from models.errors import UnreadableImageError
+from models.errors import ImageAccessError, UnreadableImageError
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import skip_reason
 
@@ -94,6 +94,8 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
     """Read, select, decode and infer one file; input problems become `failed`/`skipped`."""
     try:
         ds = read_dicom(str(path))
+    except ImageAccessError:
+        raise  # the spool's storage, not the image: retried, and the file stays in pending/
     except UnreadableImageError as exc:
         return Outcome("failed", str(exc))
     ids = identifiers(ds)

@@ -26,6 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
+from models.errors import ImageAccessError
 from worker import db
 from worker.config import WorkerSettings
 from worker.contract import SPOOL_PENDING, quiet_pydicom
@@ -150,6 +151,8 @@ def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
         return Outcome("failed", "spool file missing and no earlier result exists")
     try:
         return analyse_file(path, rt.settings, rt.detectors)  # type: ignore[arg-type]
+    except ImageAccessError:
+        raise  # retried (celery_app.is_transient); the file stays in pending/ for the sweep
     except SoftTimeLimitExceeded:
         return Outcome("failed", f"processing exceeded the {rt.settings.soft_time_limit_s}s time limit")
     except MemoryError:

@@ -159,3 +159,21 @@ def test_console_script_runs(sqlite_url):
     out = subprocess.run([sys.executable, "-m", "worker.admin", "--database-url", sqlite_url, "stats"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "by_status" in out.stdout
+
+
+def test_throughput_counts_the_intervals_between_finish_times():
+    """Five results a second apart are 1.0 per second: dividing 5 by the 4 s between the first and the
+    last gave 1.25 (and two results 0.1 s apart 20/s)."""
+    start = dt.datetime(2026, 1, 1, 8, 0, 0)
+    rows = [(start, start + dt.timedelta(seconds=i), 100.0) for i in range(5)]
+    assert admin._timing_stats(rows)["throughput_per_s"] == 1.0
+    assert admin._timing_stats(rows[:1])["throughput_per_s"] is None
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_must_be_positive(sqlite_url, limit, capsys):
+    """`--limit 0` listed every row; `--limit -1` did on SQLite and failed with a traceback on PostgreSQL."""
+    upgrade(sqlite_url)
+    with pytest.raises(SystemExit) as exited:
+        admin.main(["--database-url", sqlite_url, "list", "--limit", limit])
+    assert exited.value.code == 2 and "must be a positive number" in capsys.readouterr().err

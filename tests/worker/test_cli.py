@@ -156,3 +156,26 @@ def test_calibrate_refuses_bad_arguments_before_scoring_any_case(tmp_path, flags
     done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x",
                    *[flag.format(tmp=tmp_path) for flag in flags])
     assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr
+
+
+def test_check_refuses_an_old_schema_that_run_would_not_migrate(sqlite_url):
+    """With TRIAGE_MIGRATE_ON_START=false (a DBA migrates), a worker on a schema behind its code failed
+    every task (PostgreSQL) or retried each for about 25 minutes (SQLite) after `check` said ok."""
+    from worker.migrate import head_revision, upgrade
+
+    upgrade(sqlite_url, "0002")
+    behind = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MIGRATE_ON_START="false")
+    assert behind.returncode == 3
+    assert f"schema is at 0002, this worker needs {head_revision()}" in behind.stderr
+    will_migrate = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url)
+    assert will_migrate.returncode == 0 and "`run` migrates it" in will_migrate.stderr
+    upgrade(sqlite_url)
+    assert run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MIGRATE_ON_START="false").returncode == 0
+
+
+def test_the_log_level_may_be_written_in_any_case(sqlite_url):
+    """logging refused `debug`: every command, `run` included, died with a traceback (a restart loop)."""
+    done = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_LOG_LEVEL="debug")
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_LOG_LEVEL="loud")
+    assert refused.returncode != 0 and "log_level" in refused.stderr

@@ -124,3 +124,15 @@ def test_identifiers_with_nul_bytes_are_stored(engine):
     with engine.begin() as conn:
         assert db.finish_instance(conn, {**_done(), **{k: v for k, v in ids.items() if v}})
         assert db.get_instance(conn, "1.2.3", "1.2.3.4")["accession_number"] == "ACC42"
+
+
+def test_sqlite_commits_are_durable_before_the_file_leaves_pending(sqlite_url):
+    """synchronous=FULL: under WAL, NORMAL may lose the last commits on power loss while the file's rename
+    out of pending/ survives, leaving an instance with neither a row nor a pending file."""
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        engine.dispose()

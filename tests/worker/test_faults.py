@@ -140,3 +140,41 @@ def test_redis_restart_loses_nothing_with_spool_sweep(make_triage_env, sqlite_ur
         assert len(list((env.spool / "archive").rglob("*.dcm"))) == len(staged)
     finally:
         broker.stop()
+
+
+SLOW_MODEL_LOAD = '''"""Test hook on PYTHONPATH: every process of this worker takes 6 s to build its detector."""
+import time
+
+import worker.pipeline as pipeline
+
+_real = pipeline.make_detector
+
+
+def _slow(settings):
+    time.sleep(6)  # a cold CUDA/cuDNN start, a slow network mount, a busy host
+    return _real(settings)
+
+
+pipeline.make_detector = _slow
+'''
+
+
+def test_a_pool_process_that_replaces_a_dead_one_may_load_the_model_slowly(make_triage_env, sqlite_url, test_split,
+                                                                           tmp_path):
+    """Celery gave a new pool process 4 s to report ready, and each one loads the model first. So after the
+    first pool process died (OOM under the compose memory cap, a hard time limit), every replacement whose
+    load took longer was killed and restarted without end: the worker looked up and scored nothing."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_MODEL_LOAD)
+    env = make_triage_env(sqlite_url)
+    env.extra_env["PYTHONPATH"] = str(hooks)
+    worker = env.start_worker()
+    first = {child.pid for child in worker.pool_children()}
+    for child in worker.pool_children():
+        child.kill()
+    wait_for(lambda: {c.pid for c in worker.pool_children()} - first, 30, 0.2, "a replacement pool process")
+    relpath, sop = env.stage(make_cxr_dataset(test_split[0][0], size=(256, 256)))
+    env.send(relpath, sop)
+    assert env.wait_terminal([sop], timeout=60)[sop]["status"] == "done"
+    assert "Timed out waiting for UP message" not in worker.log()

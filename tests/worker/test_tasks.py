@@ -207,3 +207,30 @@ def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, te
     assert result["status"] == stored["status"] == "failed"
     assert stored["reason"] == "result could not be stored (DataError)" and stored["modality"] is None
     assert (rt.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()
+
+
+def test_a_spool_file_the_host_cannot_read_is_retried_not_failed(runtime, test_split, monkeypatch):
+    """EACCES, EIO or a stale mount says nothing about the image: before, it became a `failed` row and the
+    file left pending/, so neither the sweep nor `requeue` could ever send it again."""
+    import errno
+
+    import pydicom
+
+    from models.errors import ImageAccessError
+    from worker.celery_app import is_transient
+
+    relpath, sop, _ = stage(runtime, test_split[0][0])
+    real_read = pydicom.dcmread
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(pydicom, "dcmread", denied)
+    with pytest.raises(tasks.ClaimedDeliveryError) as raised:
+        tasks.process_instance(runtime, relpath, sop, None)
+    assert isinstance(raised.value.cause, ImageAccessError) and is_transient(raised.value.cause)
+    assert row(runtime, relpath, sop)["status"] == "processing"
+    assert (runtime.settings.spool_dir / relpath).is_file(), "still pending, where the sweep finds it"
+
+    monkeypatch.setattr(pydicom, "dcmread", real_read)  # the mount is back: Celery's retry scores it
+    assert tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1)["status"] == "done"
