@@ -28,6 +28,15 @@ def strict_json(data: Any, **dumps_options: Any) -> str:
     return json.dumps(_finite(data), allow_nan=False, **dumps_options)
 
 
+def nan_for_null(value: Any) -> Any:
+    """The inverse of `strict_json` for figures: null read back as NaN, as it was computed."""
+    if isinstance(value, Mapping):
+        return {key: nan_for_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [nan_for_null(item) for item in value]
+    return float("nan") if value is None else value
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {key: _finite(item) for key, item in value.items()}

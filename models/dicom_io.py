@@ -44,11 +44,12 @@ def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM file, turning any parse failure into `UnreadableImageError`.
 
     An operating-system error (one with an errno: EACCES, EIO, ESTALE, EMFILE...) says nothing
-    about the file's content, so it becomes `ImageAccessError`, which the worker retries."""
+    about the file's content, so it becomes `ImageAccessError`, which the worker retries; a path
+    that is not there or not a file is the caller's (the worker checks its spool file first)."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except OSError as exc:
-        if exc.errno is None:
+        if exc.errno is None or isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
         raise ImageAccessError(f"file could not be read ({type(exc).__name__}, "
                                f"{errno.errorcode.get(exc.errno, exc.errno)})") from exc
@@ -120,8 +121,8 @@ def voi_lut_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     bits whose entries stop at 4095, as some CR vendors write) is scaled by the depth its entries
     really use, as Horos and Cornerstone do: read literally it would display almost black, which
     no viewer shows the radiologist, and refusing it would refuse every image of such a modality.
-    This is the same threshold at which a 16-bit PNG is refused (`preprocess.to_unit_range`),
-    where nothing tells us the depth; here the LUT's own entries do.
+    A 16-bit PNG is refused below a quarter of its range (`preprocess.to_unit_range`), where
+    nothing tells us the depth; here the LUT's own entries do, so the looser eighth suffices.
     """
     entries, first, bits, lut = _voi_lut(ds)
     if bits - 3 >= int(lut.max()).bit_length():
@@ -444,4 +445,8 @@ def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.n
             display[padding] = 0.0  # padding is not image: black, as viewers paint it
         display = display.astype(np.float32)
     check_not_blank(display, padding)
-    return orientation.apply(square_pixels(display, aspect))  # the spacing is the stored grid's
+    shown = orientation.apply(square_pixels(display, aspect))  # the spacing is the stored grid's
+    rows, cols = shown.shape
+    if max(rows, cols) / min(rows, cols) > limits.max_aspect:  # square pixels can lengthen the picture
+        raise UnreadableImageError(f"aspect ratio of {rows}x{cols} (square pixels) exceeds {limits.max_aspect}")
+    return shown

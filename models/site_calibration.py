@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
-from models.card import ModelCard, Stratum, validate_strata
+from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_strata
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
@@ -75,7 +75,9 @@ class SiteCalibration:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Strict JSON (an empty stratum's PPV, NaN, is written null) that every parser reads; `load` reads
+        null back as NaN, so the file's sha256 identity is the one computed when it was fitted."""
+        Path(path).write_text(strict_json(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteCalibration":
@@ -104,7 +106,8 @@ class SiteCalibration:
             site=data["site"], model_sha256=data["model_sha256"],
             calibration=Calibration(temperature, threshold, strata),
             targets=StrataTargets(**data["targets"]), cases=data["cases"],
-            as_shipped=data.get("as_shipped", {}), cross_validated=data.get("cross_validated", {}),
+            as_shipped=nan_for_null(data.get("as_shipped", {})),
+            cross_validated=nan_for_null(data.get("cross_validated", {})),
             warnings=tuple(data.get("warnings", ())), created=data.get("created", ""),
         )
 
@@ -252,7 +255,7 @@ def with_rates(counts: Mapping[str, Mapping[str, int]], labels: np.ndarray) -> d
 def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
     """A CSV with columns `path` (DICOM, PNG or JPEG; relative to the CSV) and `label` (normal/pneumonia or 0/1)."""
     csv_path = Path(csv_path)
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{csv_path.name} needs a header with columns 'path' and 'label'")
@@ -286,14 +289,16 @@ def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,
     lines = lines if lines is not None else [index + 2 for index in range(len(paths))]
     unreadable, logits = [], []
     for start in range(0, len(paths), batch_size):
-        images = []
+        inputs = []
         for index, path in enumerate(paths[start:start + batch_size], start=start):
-            try:
-                images.append(read_image(path))
-            except (UnreadableImageError, OSError) as exc:
+            try:  # read and preprocess each case on its own, so a refusal names its line
+                inputs.append(detector.preprocess([read_image(path)])[0])
+            except UnreadableImageError as exc:  # its reasons quote no file content or path
+                unreadable.append(f"line {lines[index]} ({exc})")
+            except OSError as exc:  # its message holds the path
                 unreadable.append(f"line {lines[index]} ({type(exc).__name__})")
-        if images and not unreadable:
-            logits.append(detector.logits(detector.preprocess(images)))
+        if inputs and not unreadable:
+            logits.append(detector.logits(np.stack(inputs)))
     if unreadable:
         raise UnreadableImageError(f"{len(unreadable)} case(s) unreadable, fix or remove them: "
                                    + ", ".join(unreadable[:10]))

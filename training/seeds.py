@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.calibration import StrataTargets, calibrate, stratum_report
-from models.card import strict_json
+from models.card import nan_for_null, strict_json
 from training.evaluate import ROC_POINTS, calibration_report, full_report, roc_points
 from training.metrics import roc_auc, softmax_pneumonia
 
@@ -74,15 +74,7 @@ def load_seed_run(run_dir: Path) -> SeedRun:
 def read_metrics(path: Path) -> dict:
     """A metrics.json; null there is a number that had no finite value (an empty stratum's PPV, a
     precision without positive calls) and is read back as NaN, as it was computed."""
-    return _nan_for_null(json.loads(path.read_text()))
-
-
-def _nan_for_null(value):  # type: ignore[no-untyped-def]
-    if isinstance(value, dict):
-        return {key: _nan_for_null(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_nan_for_null(item) for item in value]
-    return float("nan") if value is None else value
+    return nan_for_null(json.loads(path.read_text()))
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:

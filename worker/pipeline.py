@@ -113,7 +113,11 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
 def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, detector: Any) -> Outcome:
     """Calibrated probability -> prediction, stratum and worklist flag from the model card."""
     card = detector.card
-    probability = float(detector.pneumonia_probability(detector.preprocess([image]))[0])
+    try:
+        inputs = detector.preprocess([image])
+    except UnreadableImageError as exc:  # the contract's own refusals (size, aspect) are the image's, not a bug
+        return Outcome("failed", str(exc), ids)
+    probability = float(detector.pneumonia_probability(inputs)[0])
     stratum = card.stratum_for(probability)
     normal, pneumonia = card.labels
     return Outcome(

@@ -131,6 +131,17 @@ def test_a_16_bit_png_holding_unscaled_12_bit_values_is_refused_not_misread(dete
     assert detector.predict(str(full))["stratum"]
 
 
+def test_raw_14_bit_values_in_a_16_bit_array_are_refused_not_read_at_a_quarter_brightness(detector, sample):
+    """A DR detector's 14-bit pixel_array passed as an array (or a raw 16-bit PNG export) was accepted and
+    read at a quarter of its brightness: over 120 test images every study was high_suspicion (specificity
+    0.91 -> 0.26). Full-range data whose brightest pixel is above a quarter of 65535 is still scored."""
+    raw14 = sample.astype(np.uint16) * 64 + 63  # 63..16383
+    with pytest.raises(UnreadableImageError, match="16-bit image uses only its low 14 bits"):
+        detector.predict(raw14)
+    dim = np.rint(sample / sample.max() * 20000).astype(np.uint16)  # up to 20000: a dim but plausible export
+    assert detector.predict(dim)["stratum"]
+
+
 def test_a_batch_names_the_input_it_refuses(detector, sample):
     with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
         detector.predict_batch([sample, sample[:20, :20], sample])

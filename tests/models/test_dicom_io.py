@@ -323,3 +323,12 @@ def test_the_in_place_window_equals_its_formula_to_the_bit(function):
     got = _window(values.copy(), float(c), float(w), function)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_picture_too_long_once_its_pixels_are_square_is_refused_with_its_reason(image):
+    """1024 x 256 stored (4:1, accepted) with pixels 0.15 mm tall and 0.139 mm wide is 4.3:1 as a
+    picture: preprocessing refused it later, and the worker recorded an 'internal error'."""
+    ds = make_cxr_dataset(image, size=(1024, 256))
+    ds.PixelSpacing = [0.15, 0.139]
+    with pytest.raises(UnreadableImageError, match=r"aspect ratio of 1024x237 \(square pixels\) exceeds 4"):
+        dicom_to_grayscale(ds)

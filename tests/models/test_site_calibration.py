@@ -219,3 +219,42 @@ def test_no_cases_left_gives_the_case_count_not_a_numpy_error(card):
     logits = case_logits(PneumoniaDetector(), [])
     with pytest.raises(ValueError, match="the smaller class has 0"):
         fit_site_calibration(np.zeros(0, dtype=np.int64), logits, card, "none", folds=5)
+
+
+def test_a_case_the_preprocessing_refuses_is_named_by_its_line(tmp_path, test_split):
+    """Images that read but that preprocessing refuses (too small, too long, 12-bit values unscaled)
+    stopped the fit with the first reason only and no line: with hundreds of cases, a hunt by hand."""
+    from PIL import Image
+
+    images, labels = test_split
+    csv_path = write_labelled_cases(tmp_path, images[:4], labels[:4])
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "case_00001.png")
+    Image.fromarray(images[3].astype(np.uint16) * 16).save(tmp_path / "case_00003.png")  # 12-bit, unscaled
+    paths, _ = read_cases(csv_path)
+    with pytest.raises(UnreadableImageError) as error:
+        case_logits(PneumoniaDetector(), paths)
+    message = str(error.value)
+    assert message.startswith("2 case(s) unreadable")
+    assert "line 3 (image side 20 is smaller" in message and "line 5 (16-bit image uses only its low 12 bits" in message
+
+
+def test_the_saved_file_is_strict_json_and_keeps_its_identity(tmp_path, card):
+    """An empty stratum's PPV (the 1.1.0 card's indeterminate band) was written as a bare NaN, which
+    JSON.parse, Go, serde and PostgreSQL's jsonb refuse. Read back, null is NaN again: same sha256."""
+    labels, logits = shifted_logits(200, seed=4)
+    site = fit_site_calibration(labels, logits, card, "site-b", folds=4)
+    empty = {**site.as_shipped, "strata": {**site.as_shipped.get("strata", {}), "indeterminate": {"ppv": float("nan")}}}
+    site = replace(site, as_shipped=empty)
+    path = tmp_path / "site.json"
+    site.save(path)
+    json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    loaded = SiteCalibration.load(path)
+    assert np.isnan(loaded.as_shipped["strata"]["indeterminate"]["ppv"])
+    assert loaded.sha256 == site.sha256
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path, test_split):
+    images, labels = test_split
+    csv_path = write_labelled_cases(tmp_path, images[:3], labels[:3])
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # Excel's "CSV UTF-8"
+    assert [int(v) for v in read_cases(csv_path)[1]] == [int(v) for v in labels[:3]]
