@@ -139,21 +139,24 @@ STAGE_FIELDS = ("data_root", "tta_hflip", "bootstrap", "strata", "device", "prec
                 "out_dir", "resume", "progress")
 """What a stage on a finished run takes from its own command: where the data is, the evaluation's choices and
 the runtime. Every other field says how the run was trained, so it comes from the run's config.json."""
-SAME_RESUME = (*SAME_RUN, "frozen", "swa_epochs")
-"""What a resume must also repeat: the frozen set decides which parameters the saved optimizer state belongs
-to (and its default depends on --weights: none freezes nothing); the weight average in last.pt covers
-the last `swa_epochs` epochs, so that must stay too (and `epochs`, where it is on: train.check_resume)."""
+RESUME_MAY_CHANGE = (*STAGE_FIELDS, "epochs", "max_train_minutes")
+"""What a resume may give anew: where the data is, how it runs, and how long the run may go on."""
+SAME_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_MAY_CHANGE)
+"""Everything else must be the run's own: the saved optimizer, scheduler and EMA state belong to its recipe
+(a different lr was silently overridden by the optimizer's state, a different select_metric compared an AUC
+with a saved -loss), and config.json, from which the card is written, must describe what was trained. The
+weight average in last.pt covers the last `swa_epochs` epochs, so with it on `epochs` stays too
+(train.check_resume)."""
 
 
-def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path,
-                   fields: tuple[str, ...] = SAME_RUN) -> None:
+def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path, fields: tuple[str, ...] = SAME_RUN,
+                   consequence: str = "or its checkpoint is read as another network or scored on other images") -> None:
     """Refuse a command whose `fields` differ from a run's saved config (as soup.py refuses its ingredients)."""
     asked = config.to_dict()
     differing = [key for key in fields if key in saved and asked[key] != saved[key]]
     if differing:
         said = ", ".join(f"{key}={saved[key]!r} (this command: {asked[key]!r})" for key in differing)
-        raise ValueError(f"{source} says {said}: pass the run's own flags, or its checkpoint is read as another "
-                         "network or scored on other images")
+        raise ValueError(f"{source} says {said}: pass the run's own flags, {consequence}")
 
 
 def for_existing_run(config: TrainConfig) -> TrainConfig:

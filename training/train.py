@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 BEST = "best.pt"
 """The run's model: the epoch validation picked or, with `swa_epochs`, the weight average."""
 BEST_EPOCH = "best_epoch.pt"
-"""With `swa_epochs`, the epoch validation picked, kept beside the average it was replaced by."""
+"""With `swa_epochs`, the epoch validation picked, written during fitting; best.pt is decided when fitting ends."""
 LAST = "last.pt"
 
 
@@ -179,7 +180,8 @@ def check_resume(config: TrainConfig) -> None:
     saved = config.out_dir / "config.json"
     if saved.is_file():
         recorded = json.loads(saved.read_text())
-        check_same_run(config, recorded, saved, SAME_RESUME)
+        check_same_run(config, recorded, saved, SAME_RESUME, "as a resume continues the run's own recipe (only "
+                       "--epochs, --max-train-minutes and where and how it runs may change)")
         if config.swa_epochs and recorded.get("epochs") != config.epochs:
             raise ValueError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
                              "--swa-epochs the weight average covers the schedule's last epochs, so a resume keeps them")
@@ -189,20 +191,29 @@ def running_mean(average: dict[str, torch.Tensor] | None, state: dict[str, torch
                  count: int) -> dict[str, torch.Tensor]:
     """The uniform mean of `count` earlier state dicts (`average`) and `state`: floating tensors are averaged
     (BatchNorm statistics included, as a soup with --keep-averaged-bn does), integer buffers (BN batch counters)
-    are the latest. Cloned, so later training steps do not move it."""
+    are the latest. Kept on the CPU as copies: later training steps do not move it, it costs no accelerator
+    memory, and the average a resume loads from last.pt (on the CPU) meets the live weights there."""
     if average is None or count == 0:
-        return {key: value.detach().clone() for key, value in state.items()}
-    return {key: average[key] + (value.detach() - average[key]) / (count + 1) if value.is_floating_point()
-            else value.detach().clone() for key, value in state.items()}
+        return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+    return {key: average[key] + (value.detach().cpu() - average[key]) / (count + 1) if value.is_floating_point()
+            else value.detach().to("cpu", copy=True) for key, value in state.items()}
 
 
-def keep_weight_average(out: Path, released: nn.Module, average: dict[str, torch.Tensor], epochs: list[int],
-                        val: Split, loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime) -> dict:
-    """Make the weight average the run's model (best.pt), keeping the picked epoch as best_epoch.pt.
+def finish_weight_average(out: Path, released: nn.Module, average: dict[str, torch.Tensor] | None, epochs: list[int],
+                          val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
+                          runtime: Runtime) -> dict | None:
+    """With `swa_epochs`, write the run's model (best.pt) once fitting has ended; the picked epoch is in best_epoch.pt.
 
-    The average is validated like an epoch, so its row can be compared with the picked epoch's; the
-    evaluation stage then chooses TTA, temperature, threshold and strata for it on validation as usual."""
-    (out / BEST).replace(out / BEST_EPOCH)
+    It is the weight average only when the whole window was averaged. A run that stopped early (patience spent,
+    time limit) has a shorter average, down to one unselected epoch that validation had already ranked below
+    the picked one, so it keeps the picked epoch. Rewritten from best_epoch.pt and the saved average each time,
+    so a resume of a finished run gives the same files. The average is validated like an epoch, and the
+    evaluation stage chooses TTA, temperature, threshold and strata for it on validation as usual."""
+    if len(epochs) < config.swa_epochs:
+        log.warning("the weight average covers epochs %s, not the last %d: best.pt is the picked epoch",
+                    epochs or "none", config.swa_epochs)
+        shutil.copyfile(out / BEST_EPOCH, out / BEST)
+        return None
     released.load_state_dict(average)
     row = validate(released, val, loss_weights, config, runtime)
     torch.save({"model": average, "epoch": epochs[-1], "score": selection_score(row, config.select_metric),
@@ -210,6 +221,15 @@ def keep_weight_average(out: Path, released: nn.Module, average: dict[str, torch
     log.info("weight average of epochs %s -> %s (picked epoch kept as %s)  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()),
              ",".join(map(str, epochs)), BEST, BEST_EPOCH)
     return {"epochs": epochs, **row}
+
+
+def stop_after(row: dict, epoch: int, best_epoch: int, config: TrainConfig) -> str | None:
+    """Why fitting ends after this epoch (`time_limit`, `early_stop`, `epochs`), or None to go on."""
+    if row["time_limit"]:
+        return "time_limit"
+    if epoch - best_epoch >= config.patience:
+        return "early_stop"
+    return "epochs" if epoch >= config.epochs else None
 
 
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
@@ -239,7 +259,8 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
     history, best_score, best_epoch, start_epoch, elapsed_before = [], -np.inf, 0, 1, 0.0
     swa_from = config.epochs - config.swa_epochs + 1 if config.swa_epochs else None
-    swa_state, swa_epochs = None, []
+    swa_state, swa_epochs, stopped = None, [], None
+    picked = out / (BEST_EPOCH if config.swa_epochs else BEST)
     if config.resume:
         state = torch.load(config.resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -253,7 +274,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
         elapsed_before = state.get("elapsed_seconds", 0.0)
-        swa_state, swa_epochs = state.get("swa") or None, list(state.get("swa_epochs", []))
+        swa_state, swa_epochs, stopped = state.get("swa") or None, list(state.get("swa_epochs", [])), state.get("stopped")
         if "rng" in state:  # after building the network and the teachers, which drew from the re-seeded generator
             restore_rng_states(state["rng"])
         else:
@@ -262,6 +283,9 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     # The budget covers the whole run, resumed parts included (Lightning's Timer keeps it in the checkpoint too).
     deadline = started + config.max_train_minutes * 60 - elapsed_before if config.max_train_minutes else None
     stop_reason = "epochs"
+    if stopped == "early_stop":  # its patience was spent: an unbroken run would not train on either
+        stop_reason, start_epoch = stopped, config.epochs + 1
+        log.info("%s had stopped early (patience spent): nothing more to train", config.resume)
     for epoch in range(start_epoch, config.epochs + 1):
         if history and deadline is not None and time.perf_counter() >= deadline:  # never stop before a first epoch
             stop_reason = "time_limit"
@@ -277,32 +301,31 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         scheduler.step(score)
         if score > best_score:
             best_score, best_epoch = score, epoch
-            torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, out / BEST)
+            torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, picked)
         if swa_from is not None and epoch >= swa_from:
             swa_state = running_mean(swa_state, released.state_dict(), len(swa_epochs))
             swa_epochs.append(epoch)
+        stopped = stop_after(row, epoch, best_epoch, config)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
                     "rng": rng_states(runtime.device), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                    "swa": swa_state or {}, "swa_epochs": swa_epochs, "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
+                    "swa": swa_state or {}, "swa_epochs": swa_epochs, "stopped": stopped,
+                    "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
         (out / "history.json").write_text(json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
-        if row["time_limit"]:
-            stop_reason = "time_limit"
+        if stopped == "time_limit":
+            stop_reason = stopped
             log.info("time limit: %.1f min spent during epoch %d (%d of its draws trained); it was validated above",
                      config.max_train_minutes, epoch, row["train_images"])
             break
-        if epoch - best_epoch >= config.patience:
-            stop_reason = "early_stop"
+        if stopped == "early_stop":
+            stop_reason = stopped
             log.info("early stop: no %s improvement for %d epochs", config.select_metric, config.patience)
             break
     swa = None
-    if swa_epochs:
-        swa = keep_weight_average(out, ema.module if ema is not None else model, swa_state, swa_epochs, val,
-                                  loss_weights, config, runtime)
-    elif swa_from is not None:
-        log.warning("stopped (%s) before epoch %d, where the weight average starts: best.pt is the picked epoch %d",
-                    stop_reason, swa_from, best_epoch)
+    if config.swa_epochs:
+        swa = finish_weight_average(out, ema.module if ema is not None else model, swa_state, swa_epochs, val,
+                                    loss_weights, config, runtime)
     seconds = elapsed_before + time.perf_counter() - started
     images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)

@@ -71,3 +71,22 @@ def test_resumed_run_reports_the_time_of_the_whole_run(tiny_network, data_root, 
     whole = torch.load(out / "last.pt", weights_only=True)["elapsed_seconds"]
     run_info = json.loads((out / "run_info.json").read_text())
     assert run_info["epochs_run"] == 2 and 0 < before < whole <= run_info["train_seconds"]
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"select_metric": "loss"}, {"ema_decay": 0.5}, {"seed": 7}])
+def test_fit_refuses_to_resume_with_another_recipe(tiny_network, data_root, tmp_path, change):
+    """The saved optimizer kept the old lr while config.json (and so the card) recorded the new one; another
+    select_metric compared an AUC with the saved -loss."""
+    run = tmp_path / "run"
+    tiny_config(run, data_root, epochs=1).dump(run / "config.json")
+    with pytest.raises(ValueError, match=f"{next(iter(change))}=.*resume continues the run's own recipe"):
+        fit(tiny_config(run, data_root, resume=run / "last.pt", **change), RUNTIME)
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(tiny_network, data_root, tmp_path):
+    """Its patience was spent; the resume trained another epoch and moved history and best.pt."""
+    run = tmp_path / "early"
+    first = fit(tiny_config(run, data_root, seed=1, epochs=6, patience=1), RUNTIME)
+    assert first.stop_reason == "early_stop"
+    again = fit(tiny_config(run, data_root, seed=1, epochs=6, patience=1, resume=run / "last.pt"), RUNTIME)
+    assert again.stop_reason == "early_stop" and len(again.history) == len(first.history)

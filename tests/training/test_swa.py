@@ -110,11 +110,49 @@ def test_a_resume_keeps_the_window(tiny_network, data_root, tmp_path):
         fit(tiny_config(run, data_root, epochs=3, swa_epochs=1, resume=run / LAST), RUNTIME)
 
 
+def same_weights(a, b) -> bool:
+    first, second = (torch.load(path, weights_only=True)["model"] for path in (a, b))
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_a_run_stopped_before_the_window_keeps_its_picked_epoch(tiny_network, data_root, tmp_path):
     run = tmp_path / "short"
     result = fit(tiny_config(run, data_root, epochs=3, swa_epochs=1, max_train_minutes=1e-6), RUNTIME)
     assert result.stop_reason == "time_limit" and result.swa is None
-    assert (run / BEST).is_file() and not (run / BEST_EPOCH).exists()
+    assert same_weights(run / BEST, run / BEST_EPOCH)
+
+
+def test_an_early_stop_inside_the_window_keeps_the_picked_epoch_not_a_short_average(tiny_network, data_root,
+                                                                                      tmp_path):
+    """Early stopping means the last epochs all scored below the picked one: averaging the one or two of them
+    inside the window made an unselected epoch the model."""
+    run = tmp_path / "early"
+    result = fit(tiny_config(run, data_root, seed=1, epochs=6, swa_epochs=4, patience=2), RUNTIME)
+    assert result.stop_reason == "early_stop" and len(result.history) < 6
+    assert result.swa is None and same_weights(run / BEST, run / BEST_EPOCH)
+    assert torch.load(run / BEST_EPOCH, weights_only=True)["epoch"] == result.best_epoch
+
+
+def test_resuming_a_finished_run_keeps_the_picked_epoch_and_the_average(tiny_network, data_root, tmp_path):
+    """`run --resume` again after a crash in evaluate or export: the average was renamed over best_epoch.pt."""
+    run = tmp_path / "done"
+    first = fit(tiny_config(run, data_root, epochs=3, swa_epochs=2), RUNTIME)
+    picked, average = (torch.load(run / name, weights_only=True) for name in (BEST_EPOCH, BEST))
+    again = fit(tiny_config(run, data_root, epochs=3, swa_epochs=2, resume=run / LAST), RUNTIME)
+    assert again.history == first.history and again.swa["epochs"] == [2, 3]
+    assert "swa_epochs" not in torch.load(run / BEST_EPOCH, weights_only=True)
+    for name, before in ((BEST_EPOCH, picked), (BEST, average)):
+        now = torch.load(run / name, weights_only=True)["model"]
+        assert all(torch.equal(now[key], value) for key, value in before["model"].items()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the device mix only exists there")
+def test_the_average_is_kept_on_the_cpu():
+    """A resume loads it from last.pt onto the CPU, where the live CUDA weights then met it."""
+    average = running_mean(None, {"w": torch.ones(2, device="cuda")}, 0)
+    assert average["w"].device.type == "cpu"
+    moved = running_mean(average, {"w": torch.full((2,), 3.0, device="cuda")}, 1)
+    assert torch.equal(moved["w"], torch.full((2,), 2.0)) and moved["w"].device.type == "cpu"
 
 
 def test_swa_epochs_must_fit_the_schedule():
