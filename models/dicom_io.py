@@ -234,7 +234,7 @@ def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """
     if "ModalityLUTSequence" in ds:
         entries, first, _, lut = _first_lut(ds, "ModalityLUTSequence", "Modality LUT")
-        index = np.clip(stored.astype(np.int64) - first, 0, entries - 1)
+        index = np.clip(stored.astype(np.int32) - first, 0, entries - 1)  # int32 holds any 16-bit value and offset
         return lut[index].astype(np.float32)
     slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     if slope is None or intercept is None or (slope == 1.0 and intercept == 0.0):

@@ -49,7 +49,7 @@ class FitResult:
     """`epochs` (ran them all), `early_stop` (patience spent) or `time_limit` (`max_train_minutes` spent)."""
     swa: dict | None = None
     """With `swa_epochs`: the epochs averaged into best.pt and the average's validation row; None otherwise
-    (or when the run stopped before the window, and best.pt is the picked epoch)."""
+    (or when the run stopped before it had averaged the whole window, and best.pt is the picked epoch)."""
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
