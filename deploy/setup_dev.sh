@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One set-up command for a development or CI machine (Debian/Ubuntu, run as root): the system
-# packages (DCMTK peers, openssl, Redis, PostgreSQL), the two services started and reachable the
+# packages (DCMTK peers, Orthanc as a PACS peer, openssl, Redis, PostgreSQL), the two services started and reachable the
 # way the tests expect them, then the Python packages. Safe to run again: each step is skipped
 # when it is already done, and nothing that already works is reconfigured.
 #
@@ -8,9 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== system packages (DCMTK: real DICOM peers for the tests; Redis; PostgreSQL; openssl)"
+echo "== system packages (DCMTK and Orthanc: real DICOM peers for the tests; Redis; PostgreSQL; openssl)"
 missing=()
-for package in dcmtk openssl redis-server postgresql; do
+for package in dcmtk orthanc openssl redis-server postgresql; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
