@@ -203,13 +203,17 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     Pixel Padding Value (0028,0120) marks them; with Pixel Padding Range Limit (0028,0121)
     every stored value between the two, inclusive, does. Both are stored values, compared
     before the modality LUT. A value written as US for signed pixels (or as SS for unsigned
-    ones) is read in the pixels' own representation.
+    ones) is read in the pixels' own representation. An unsigned value above Bits Stored
+    (0xFFFF over 12-bit pixels, as some writers fill whole words) is cut to Bits Stored, as the
+    decoder cuts the pixels that hold it; otherwise it would match no pixel and the padding would
+    take part in the image's range.
     """
     value = _number(ds, "PixelPaddingValue")
     if value is None:
         return None
     limit = _number(ds, "PixelPaddingRangeLimit")
     bits = int(ds.get("BitsAllocated", 16) or 16)
+    stored_max = 2 ** int(ds.get("BitsStored", bits) or bits) - 1
     bounds = []
     for number in (value, value if limit is None else limit):
         number = int(number)
@@ -217,6 +221,8 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
             number -= 2**bits
         elif stored.dtype.kind == "u" and number < 0:
             number += 2**bits
+        if stored.dtype.kind == "u" and number > stored_max:
+            number &= stored_max
         bounds.append(number)
     low, high = min(bounds), max(bounds)
     mask = (stored >= low) & (stored <= high)
