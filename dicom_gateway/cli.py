@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from dicom_gateway import logs
 from dicom_gateway.config import GatewaySettings, load_settings
+from worker.config import setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
 
@@ -99,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dicom-gateway: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.gateway_log_level)
+    for warning in unread_variables(os.environ, setting_names(GatewaySettings), gateway=True):
+        log.warning(warning)
     if args.command == "run":
         return cmd_run(settings)
     if args.command == "health":

@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from sqlalchemy import Connection, func, select, text
 
 from worker import contract, db
-from worker.config import WorkerSettings
+from worker.config import WorkerSettings, setting_names, unread_variables
 from worker.spool import study_uid_from_relpath
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -96,6 +97,8 @@ def _timestamp(value: str) -> dt.datetime:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = WorkerSettings()
+    for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
+        print(f"pneumonia-admin: {warning}", file=sys.stderr)  # stdout carries the data
     if args.command == "prune-archive":  # files only: no database needed
         return prune(settings, args.older_than_days, args.dry_run, args.every_hours)
     engine = db.make_engine(args.database_url or settings.database_url)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from worker import contract
-from worker.config import WorkerSettings
+from worker.config import WorkerSettings, setting_names, unread_variables
 
 if TYPE_CHECKING:
     from models.site_calibration import SiteCalibration
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = WorkerSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
+        log.warning(warning)
     if args.command == "migrate":
         return migrate(settings)
     if args.command == "check":

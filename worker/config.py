@@ -7,8 +7,9 @@ process-wide state.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,10 @@ STRATUM_SEVERITY = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
 """Rank used for the study-level flag: the most severe frontal image decides."""
 FLAG_MAX_LENGTH = 32
 """The `flag` columns' width (worker/db.py): a longer flag would fail to store on PostgreSQL."""
+GATEWAY_PREFIX = "TRIAGE_GATEWAY_"
+"""The gateway's own settings; every other `TRIAGE_*` name is the worker's (or both services')."""
+COMPOSE_ONLY_VARIABLES = frozenset({"TRIAGE_DB_PASSWORD"})
+"""Read by docker compose from deploy/.env to build the database URL, by no service."""
 
 
 class WorkerSettings(BaseSettings):
@@ -97,3 +102,28 @@ class WorkerSettings(BaseSettings):
         from models.card import default_model_path
 
         return Path(self.model_path) if self.model_path else default_model_path()
+
+
+def setting_names(settings_class: type[BaseSettings]) -> frozenset[str]:
+    """The environment names a `TRIAGE_`-prefixed settings class reads."""
+    return frozenset(f"TRIAGE_{name.upper()}" for name in settings_class.model_fields)
+
+
+def unread_variables(environ: Mapping[str, str], known: Iterable[str], *, gateway: bool) -> list[str]:
+    """One warning for each `TRIAGE_*` variable of this service that no setting reads.
+
+    Why: pydantic-settings ignores names it does not know, so a misspelt variable is dropped in
+    silence; `TRIAGE_GATEWAY_ALLOWED_CALLING_AE` (no S) would leave the allow-list empty and let
+    every caller in. The gateway checks the `TRIAGE_GATEWAY_*` names, the worker all the others,
+    so that each warns about its own and neither about the other's.
+    """
+    known = set(known) | COMPOSE_ONLY_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names in any case
+        if not upper.startswith("TRIAGE_") or upper.startswith(GATEWAY_PREFIX) != gateway or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"environment variable {name} is not a setting and is ignored{hint}")
+    return warnings

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker.config import WorkerSettings
+from dicom_gateway.config import GatewaySettings
+from worker.config import WorkerSettings, setting_names
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
@@ -63,7 +64,7 @@ def test_workers_wait_for_a_healthy_database():
 
 
 def test_compose_environment_names_real_settings():
-    fields = {f"TRIAGE_{name.upper()}" for name in WorkerSettings.model_fields}
+    fields = setting_names(WorkerSettings) | setting_names(GatewaySettings)
     for name, service in built_services().items():
         for key in service.get("environment", {}):
             assert key in fields, f"{name}: {key} is read by nothing"

@@ -53,3 +53,44 @@ def test_contract_module_is_light():
     code = "import sys, worker.contract; bad = {'celery','sqlalchemy','onnxruntime','torch','numpy'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_unread_variables_name_the_typo_and_the_setting_meant():
+    from dicom_gateway.config import GatewaySettings
+    from worker.config import setting_names, unread_variables
+
+    environ = {
+        "TRIAGE_GATEWAY_ALLOWED_CALLING_AE": "PACS",  # the gateway's, misspelt
+        "TRIAGE_MISSING_TAGS_POLICY": "process",  # the worker's, misspelt
+        "triage_log_level": "debug",  # read (any case)
+        "TRIAGE_BROKER_URL": "redis://r:6379/0",  # read by both
+        "TRIAGE_DB_PASSWORD": "x",  # compose's, read by no service
+        "PATH": "/usr/bin",
+    }
+    gateway = unread_variables(environ, setting_names(GatewaySettings), gateway=True)
+    worker = unread_variables(environ, setting_names(WorkerSettings), gateway=False)
+    assert gateway == ["environment variable TRIAGE_GATEWAY_ALLOWED_CALLING_AE is not a setting and is ignored; "
+                       "did you mean TRIAGE_GATEWAY_ALLOWED_CALLING_AES?"]
+    assert worker == ["environment variable TRIAGE_MISSING_TAGS_POLICY is not a setting and is ignored; "
+                      "did you mean TRIAGE_MISSING_TAG_POLICY?"]
+
+
+def test_every_command_warns_about_a_misspelt_variable(tmp_path):
+    """The services and the admin tool, as started in production, say which variable they ignore."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update(TRIAGE_GATEWAY_ALLOWED_CALLING_AE="PACS", TRIAGE_SPOOL_RETENTON="delete",
+               TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}")
+    commands = {
+        "dicom_gateway.cli": (["--spool-dir", str(tmp_path / "spool"), "sweep", "--min-age", "1e9"],
+                              "TRIAGE_GATEWAY_ALLOWED_CALLING_AES?"),
+        "worker.cli": (["migrate"], "TRIAGE_SPOOL_RETENTION?"),
+        "worker.admin": (["prune-archive", "--older-than-days", "30", "--dry-run"], "TRIAGE_SPOOL_RETENTION?"),
+    }
+    for module, (args, meant) in commands.items():
+        out = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (module, out.stderr)
+        assert f"did you mean {meant}" in out.stderr + out.stdout, (module, out.stderr)
