@@ -23,5 +23,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("instances") as batch:
-        batch.drop_column("site_calibration_sha256")
+    # A plain DROP COLUMN (PostgreSQL; SQLite since 3.35): a batch copy of the table would rename the
+    # copy into place, which modern SQLite refuses while the study_flags view names `instances`,
+    # and it would leave its half-made copy behind for the next attempt to fail on.
+    op.drop_column("instances", "site_calibration_sha256")
