@@ -16,10 +16,11 @@ import threading
 from typing import Any, Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
 from dicom_gateway.config import GatewaySettings, load_settings
-from worker.config import setting_names, unread_variables
+from worker.config import invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
 
@@ -97,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValidationError as exc:
-        print(f"dicom-gateway: invalid settings:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        print(invalid_settings_message("dicom-gateway", exc), file=sys.stderr)
         return 2
     logs.configure(settings.gateway_log_level)
     for warning in unread_variables(os.environ, setting_names(GatewaySettings), gateway=True):

@@ -23,13 +23,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import Connection, func, select, text
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from sqlalchemy import Connection, func, inspect, select, text
 
 from worker import contract, db
-from worker.config import WorkerSettings, setting_names, unread_variables
+from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 from worker.spool import study_uid_from_relpath
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -95,18 +97,41 @@ def _timestamp(value: str) -> dt.datetime:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = WorkerSettings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = WorkerSettings()
+    except (ValidationError, SettingsError) as exc:
+        print(invalid_settings_message(parser.prog, exc), file=sys.stderr)
+        return 2
     for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
         print(f"pneumonia-admin: {warning}", file=sys.stderr)  # stdout carries the data
     if args.command == "prune-archive":  # files only: no database needed
         return prune(settings, args.older_than_days, args.dry_run, args.every_hours)
-    engine = db.make_engine(args.database_url or settings.database_url)
+    url = args.database_url or settings.database_url
+    missing = db.sqlite_path(url)
+    if missing is not None and not missing.is_file():  # make_engine would create an empty one (a typo, another CWD)
+        print(f"{parser.prog}: no database file at {missing} (TRIAGE_DATABASE_URL or --database-url; "
+              "`pneumonia-worker migrate` creates it)", file=sys.stderr)
+        return 3
+    engine = db.make_engine(url)
     try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(db.instances.name):
+                print(f"{parser.prog}: the database has no triage tables: run `pneumonia-worker migrate`",
+                      file=sys.stderr)
+                return 3
         if args.command == "requeue":
             return requeue(settings, engine, args.older_than)
+        fetch, render = COMMANDS[args.command]
         with engine.connect() as conn:
-            return COMMANDS[args.command](conn, args)
+            found = fetch(conn, args)
+        # The read transaction has ended before any output: a pager or a stalled pipe that holds
+        # the output keeps no lock on PostgreSQL (an ALTER behind it would queue every worker's write).
+        return render(found, args)
+    except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         engine.dispose()
 
@@ -152,17 +177,21 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
-def cmd_list(conn: Connection, args: argparse.Namespace, columns: tuple[str, ...] = LIST_COLUMNS) -> int:
-    rows = query_rows(conn, args, columns)
-    _emit(rows, STUDY_COLUMNS if args.studies else columns, args.format, args.out)
+def fetch_list(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return query_rows(conn, args, LIST_COLUMNS)
+
+
+def fetch_export(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return query_rows(conn, args, EXPORT_COLUMNS)
+
+
+def render_list(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    columns = STUDY_COLUMNS if args.studies else EXPORT_COLUMNS if args.command == "export" else LIST_COLUMNS
+    _emit(rows, columns, args.format, args.out)
     return 0
 
 
-def cmd_export(conn: Connection, args: argparse.Namespace) -> int:
-    return cmd_list(conn, args, EXPORT_COLUMNS)
-
-
-def cmd_show(conn: Connection, args: argparse.Namespace) -> int:
+def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     v = db.study_flags
     study = conn.execute(select(*[v.c[c] for c in STUDY_COLUMNS])
                          .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
@@ -170,14 +199,19 @@ def cmd_show(conn: Connection, args: argparse.Namespace) -> int:
     instances = [dict(r) for r in conn.execute(
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
+    return (None if study is None else dict(study)), instances
+
+
+def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: argparse.Namespace) -> int:
+    study, instances = found
     if study is None and not instances:
         print(f"study {args.study_uid} not found", file=sys.stderr)
         return 1
     if args.format == "json":
-        print(json.dumps({"study": _jsonable(dict(study or {})), "instances": [_jsonable(r) for r in instances]},
+        print(json.dumps({"study": _jsonable(study or {}), "instances": [_jsonable(r) for r in instances]},
                          indent=2))
         return 0
-    for key, value in dict(study or {}).items():
+    for key, value in (study or {}).items():
         print(f"{key:>20}: {_fmt(value)}")
     print()
     _emit(instances, LIST_COLUMNS, "table", None)
@@ -243,8 +277,11 @@ def _percentiles(values: np.ndarray) -> dict[str, float] | None:
             "max": round(float(values.max()), 3)}
 
 
-def cmd_stats(conn: Connection, args: argparse.Namespace) -> int:
-    stats = compute_stats(conn, args.window_hours)
+def fetch_stats(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
+    return compute_stats(conn, args.window_hours)
+
+
+def render_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(stats, indent=2, default=str))
         return 0
@@ -361,7 +398,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-COMMANDS = {"list": cmd_list, "export": cmd_export, "show": cmd_show, "stats": cmd_stats}
+COMMANDS: dict[str, tuple[Callable[[Connection, argparse.Namespace], Any], Callable[[Any, argparse.Namespace], int]]] = {
+    "list": (fetch_list, render_list),
+    "export": (fetch_export, render_list),
+    "show": (fetch_show, render_show),
+    "stats": (fetch_stats, render_stats),
+}
+"""Read commands: what each fetches inside one read transaction, and how it prints it afterwards."""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from worker import contract
-from worker.config import WorkerSettings, setting_names, unread_variables
+from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 if TYPE_CHECKING:
     from models.site_calibration import SiteCalibration
@@ -40,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("check", help="load the model and card and reach the database, then exit")
     add_calibrate_parser(sub)
     args = parser.parse_args(argv)
-    settings = WorkerSettings()
+    try:
+        settings = WorkerSettings()
+    except (ValidationError, SettingsError) as exc:
+        print(invalid_settings_message(parser.prog, exc), file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
         log.warning(warning)
@@ -54,9 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def migrate(settings: WorkerSettings) -> int:
+    """Upgrade to head; a failure is one log line and exit 3, not a traceback (compose restarts the worker)."""
     from worker.migrate import upgrade
 
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        log.error("database migration failed: %s: %s", type(exc).__name__, first_line)
+        return 3
     log.info("database schema is at head")
     return 0
 
@@ -68,7 +80,7 @@ def check(settings: WorkerSettings) -> int:
     from models.detector import load_card
     from models.errors import ExecutionProviderError
     from worker.db import make_engine
-    from worker.migrate import current_revision, head_revision
+    from worker.migrate import current_revision, head_revision, is_known_revision
 
     path = settings.resolved_model_path()
     if not path.is_file():
@@ -79,7 +91,11 @@ def check(settings: WorkerSettings) -> int:
     except Exception as exc:
         log.error("model card problem: %s", exc)
         return 2
-    engine = make_engine(settings.database_url)
+    try:
+        engine = make_engine(settings.database_url)
+    except Exception as exc:  # a malformed URL; its text may hold a password, so only the kind is told
+        log.error("TRIAGE_DATABASE_URL cannot be used (%s)", type(exc).__name__)
+        return 3
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -89,6 +105,10 @@ def check(settings: WorkerSettings) -> int:
     finally:
         engine.dispose()
     schema, expected = current_revision(settings.database_url), head_revision()
+    if schema is not None and not is_known_revision(schema):  # a newer worker migrated it: `migrate` cannot help
+        log.error("database schema is at %s, newer than this worker's %s: deploy the worker release that "
+                  "migrated it, or downgrade the schema with that release", schema, expected)
+        return 3
     if schema != expected:
         if not settings.migrate_on_start:  # every task would fail on the old tables (or, on SQLite, retry for long)
             log.error("database schema is at %s, this worker needs %s: run `pneumonia-worker migrate` "
@@ -226,11 +246,14 @@ def summary(site: SiteCalibration) -> str:
 
 
 def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str | None) -> int:
-    if settings.migrate_on_start:
-        migrate(settings)
+    """Check first (model, database reachable, schema not newer than this worker), then migrate."""
     status = check(settings)
     if status:
         return status
+    if settings.migrate_on_start:
+        status = migrate(settings)
+        if status:
+            return status
     from worker.celery_app import get_app
 
     argv = [

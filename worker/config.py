@@ -8,6 +8,7 @@ process-wide state.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -48,18 +49,18 @@ class WorkerSettings(BaseSettings):
     flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))
     """Stratum -> worklist flag; JSON in the environment (TRIAGE_FLAG_MAP)."""
 
-    soft_time_limit_s: int = 120
+    soft_time_limit_s: int = Field(120, ge=1)
     time_limit_s: int = 180
     visibility_timeout_s: int = 3600
     """Must exceed the longest task, or Redis redelivers a task that is still running."""
-    unacked_restore_interval_s: int = 10
+    unacked_restore_interval_s: int = Field(10, ge=1)
     """How often a worker looks for unacknowledged messages of dead workers to restore."""
-    max_retries: int = 30
-    retry_backoff_max_s: int = 60
-    max_attempts: int = 3
+    max_retries: int = Field(30, ge=0)
+    retry_backoff_max_s: int = Field(60, ge=1)
+    max_attempts: int = Field(3, ge=1)
     """Worker-lost redeliveries allowed before an instance is failed as a poison message."""
-    concurrency: int = 1
-    intra_op_threads: int = 0
+    concurrency: int = Field(1, ge=1)
+    intra_op_threads: int = Field(0, ge=0)
     execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when onnxruntime can start it, else CPU; cpu: CPU only; cuda: CUDA or refuse to run."""
     migrate_on_start: bool = True
@@ -127,3 +128,26 @@ def unread_variables(environ: Mapping[str, str], known: Iterable[str], *, gatewa
         hint = f"; did you mean {close[0]}?" if close else ""
         warnings.append(f"environment variable {name} is not a setting and is ignored{hint}")
     return warnings
+
+
+def settings_problems(exc: Exception) -> list[str]:
+    """One line per invalid setting, naming its variable and never quoting its value.
+
+    Why not `str(exc)`: pydantic quotes each input, and a database or broker URL carries its
+    password into the log or the terminal scrollback.
+    """
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):  # pydantic-settings' SettingsError: a mapping's value is not valid JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"TRIAGE_{field.group(1).upper()}" if field else "a setting"
+        return [f"{name}: cannot be parsed ({type(exc.__cause__ or exc).__name__}; a mapping is written as JSON)"]
+    lines = []
+    for error in errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        lines.append(f"TRIAGE_{field.upper()}: {error['msg']}" if field else error["msg"])
+    return lines
+
+
+def invalid_settings_message(prog: str, exc: Exception) -> str:
+    """What a command prints (exit 2) when its settings do not validate: one line per variable."""
+    return f"{prog}: invalid settings:\n" + "\n".join(f"  {line}" for line in settings_problems(exc))

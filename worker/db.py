@@ -147,16 +147,24 @@ def parse_timestamp(value: str | dt.datetime | None) -> dt.datetime | None:
     return parsed
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other backends and in-memory databases)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
 def make_engine(url: str) -> Engine:
     """Engine for SQLite (file created, WAL, busy timeout) or PostgreSQL (pre-ping).
 
     `hide_parameters`: SQLAlchemy otherwise prints bound values (accession numbers) in the text
     of every database error, and Celery logs that text with the task's traceback.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if make_url(url).get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

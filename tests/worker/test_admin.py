@@ -177,3 +177,47 @@ def test_a_limit_must_be_positive(sqlite_url, limit, capsys):
     with pytest.raises(SystemExit) as exited:
         admin.main(["--database-url", sqlite_url, "list", "--limit", limit])
     assert exited.value.code == 2 and "must be a positive number" in capsys.readouterr().err
+
+
+def test_a_missing_or_unmigrated_database_is_named_and_not_created(tmp_path, capsys):
+    """The default URL is relative to the CWD: run elsewhere, `stats` created an empty var/triage.db
+    and died with `no such table`."""
+    path = tmp_path / "var" / "triage.db"
+    assert admin.main(["--database-url", f"sqlite:///{path}", "stats"]) == 3
+    assert f"no database file at {path}" in capsys.readouterr().err
+    assert not path.exists()
+    path.parent.mkdir()
+    path.touch()
+    assert admin.main(["--database-url", f"sqlite:///{path}", "list"]) == 3
+    assert "no triage tables: run `pneumonia-worker migrate`" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_output_held_by_a_stalled_pipe_holds_no_transaction_open(pg_url):
+    """`pneumonia-admin list | less`: the session sat idle in transaction holding locks on instances
+    while the pipe was full, and a migration's exclusive lock behind it would queue every worker."""
+    from sqlalchemy import text
+
+    populate(pg_url, 3000)
+    proc = subprocess.Popen([sys.executable, "-m", "worker.admin", "--database-url", pg_url, "list", "--format", "csv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    engine = db.make_engine(pg_url)
+    try:
+        time.sleep(1)
+        states = []
+        for _ in range(100):  # until the admin has connected, queried and blocked on the full pipe
+            with engine.connect() as conn:
+                states = conn.execute(text(
+                    "SELECT state FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )).scalars().all()
+            if proc.poll() is None and states and "active" not in states:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the output should not fit the pipe: the command is blocked writing it"
+        assert "idle in transaction" not in states
+    finally:
+        engine.dispose()
+        proc.stdout.read(100)
+        proc.stdout.close()  # a reader that stops early (`| head`): no traceback
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and b"Traceback" not in err, err

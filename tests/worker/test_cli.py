@@ -178,4 +178,59 @@ def test_the_log_level_may_be_written_in_any_case(sqlite_url):
     done = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_LOG_LEVEL="debug")
     assert done.returncode == 0, done.stderr[-2000:]
     refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_LOG_LEVEL="loud")
-    assert refused.returncode != 0 and "log_level" in refused.stderr
+    assert refused.returncode == 2 and "TRIAGE_LOG_LEVEL" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_invalid_settings_are_one_line_each_naming_the_variable_not_its_value(sqlite_url):
+    """A traceback per command (a compose restart loop with pydantic's dump), and pydantic quotes
+    each input: a database URL would carry its password into the log."""
+    secret = "postgresql+psycopg://triage:S3cret-pw@db/x"
+    for args in (("check",), ("migrate",), ("run",)):
+        out = run_cli(*args, TRIAGE_DATABASE_URL=secret, TRIAGE_MAX_ATTEMPTS="0", TRIAGE_FLAG_MAP="{bad")
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "TRIAGE_FLAG_MAP: cannot be parsed" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("check", TRIAGE_DATABASE_URL=secret, TRIAGE_MAX_ATTEMPTS="0", TRIAGE_SPOOL_RETENTION="S3cret-pw")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[1:] == [
+        "  TRIAGE_SPOOL_RETENTION: Input should be 'archive' or 'delete'",
+        "  TRIAGE_MAX_ATTEMPTS: Input should be greater than or equal to 1",
+    ]
+    assert "S3cret-pw" not in out.stderr
+
+
+def test_a_malformed_database_url_is_refused_by_check_without_quoting_it():
+    out = run_cli("check", TRIAGE_DATABASE_URL="postgres//triage:S3cret-pw@db/x")
+    assert out.returncode == 3 and "TRIAGE_DATABASE_URL cannot be used" in out.stderr
+    assert "S3cret-pw" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_and_migrate_with_the_database_down_exit_3_without_a_traceback():
+    """`run` migrated before checking, so a database still starting gave a psycopg traceback."""
+    from tests.dicom_gateway.helpers import free_port
+
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    for command in ("run", "migrate"):
+        out = run_cli(command, TRIAGE_DATABASE_URL=down)
+        assert out.returncode == 3, (command, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
+    assert "database unreachable" in run_cli("run", TRIAGE_DATABASE_URL=down).stderr
+
+
+def test_a_schema_newer_than_the_worker_is_refused_not_migrated(sqlite_url):
+    """After a rollback to an older worker: `migrate` cannot help (alembic does not know the
+    revision), so check and run say what to do instead of advising it and crashing."""
+    from sqlalchemy import text
+
+    from worker.db import make_engine
+    from worker.migrate import head_revision, upgrade
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    for command in ("check", "run"):
+        out = run_cli(command, TRIAGE_DATABASE_URL=sqlite_url)
+        assert out.returncode == 3, (command, out.stderr[-2000:])
+        assert f"schema is at 0099, newer than this worker's {head_revision()}" in out.stderr
+        assert "Traceback" not in out.stderr

@@ -39,6 +39,13 @@ def test_environment_overrides_and_frozen(monkeypatch):
         {"time_limit_s": 200, "visibility_timeout_s": 100},
         {"spool_retention": "shred"},
         {"missing_tag_policy": "guess"},
+        {"max_attempts": 0},  # the first delivery already exceeded it: every instance failed unscored
+        {"max_retries": -1},
+        {"retry_backoff_max_s": 0},  # retries spun without a pause
+        {"concurrency": 0},
+        {"soft_time_limit_s": 0, "time_limit_s": 10},
+        {"unacked_restore_interval_s": 0},
+        {"intra_op_threads": -1},
     ],
 )
 def test_unsafe_settings_are_refused(kw):
