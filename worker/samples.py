@@ -338,8 +338,9 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
                 "severity": None, "flag": None, "stratum": None, "max_probability": None})
             study["last_received_at"] = max(study["last_received_at"], r["received_at"])
             study["first_received_at"] = min(study["first_received_at"], r["received_at"])
-            if r["severity"] is not None and (r["severity"], r["probability"]) > (study["severity"] or -1,
-                                                                                 study["max_probability"] or -1):
+            kept = (-1 if study["severity"] is None else study["severity"],
+                    -1.0 if study["max_probability"] is None else study["max_probability"])
+            if r["severity"] is not None and (r["severity"], r["probability"]) > kept:  # 0 is a severity
                 study.update(severity=r["severity"], flag=r["flag"], stratum=r["stratum"],
                              max_probability=r["probability"])
         conn.execute(insert(db.studies), list(studies.values()))

@@ -198,8 +198,9 @@ def _finish(
     study_uid = study_uid_from_relpath(relpath) or ""
     header_study = outcome.fields.get("study_instance_uid")
     if header_study and header_study != study_uid:
+        shown = header_study if valid_uid(header_study) else "(not a UID)"  # free text could hold anything
         log.warning("instance %s filed under study %s carries StudyInstanceUID %s; recorded under %s",
-                    sop_uid, study_uid or "(none)", header_study, study_uid or "(none)")
+                    sop_uid, study_uid or "(none)", shown, study_uid or "(none)")
     values = {
         "spool_relpath": relpath[:300],
         "received_at": received,

@@ -221,3 +221,24 @@ def test_output_held_by_a_stalled_pipe_holds_no_transaction_open(pg_url):
         proc.stdout.close()  # a reader that stops early (`| head`): no traceback
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and b"Traceback" not in err, err
+
+
+def test_populated_studies_keep_their_most_severe_then_most_probable_image(sqlite_url):
+    """The benchmark and test data follow db.touch_study's rule; severity 0 (likely normal) counted
+    as none, so an all-normal study kept its last image's probability, not its highest."""
+    from sqlalchemy import select
+
+    rows = populate(sqlite_url, 400)
+    expected: dict[str, tuple[int, float]] = {}
+    for r in rows:
+        if r["severity"] is not None:
+            expected[r["study_instance_uid"]] = max(expected.get(r["study_instance_uid"], (-1, -1.0)),
+                                                    (r["severity"], r["probability"]))
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        stored = {s: (sev, p) for s, sev, p in conn.execute(
+            select(db.studies.c.study_instance_uid, db.studies.c.severity, db.studies.c.max_probability))
+            if sev is not None}
+    engine.dispose()
+    assert any(severity == 0 for severity, _ in expected.values())
+    assert stored == expected

@@ -383,3 +383,24 @@ def test_every_migration_goes_down_to_base_and_up_again_keeping_rows(database_ur
         assert current_revision(database_url) == head_revision()
     finally:
         engine.dispose()
+
+
+def test_a_header_study_uid_that_is_not_a_uid_is_not_logged(sqlite_url, tmp_path, test_split, caplog):
+    """The file's own StudyInstanceUID is free text when a sender ignores the VR (pydicom does not
+    validate here): it may hold anything, a patient's name included, so the log names no such value."""
+    import logging
+
+    from pydicom import config as pydicom_config
+
+    images, _ = test_split
+    rt = _runtime(sqlite_url, tmp_path / "spool")
+    study, sop = generate_uid(), generate_uid()
+    ds = make_cxr_dataset(images[0], size=(256, 256), study_uid=study, sop_uid=sop)
+    with pydicom_config.disable_value_validation():
+        ds.StudyInstanceUID = "DOE^JANE"
+    relpath = contract.pending_relpath(study, sop)
+    save(ds, rt.settings.spool_dir / relpath)
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        assert tasks.process_instance(rt, relpath, sop, None)["status"] == "done"
+    assert "carries StudyInstanceUID (not a UID)" in caplog.text
+    assert "DOE" not in caplog.text
