@@ -60,7 +60,7 @@ def cmd_run(settings: GatewaySettings) -> int:
     gateway = Gateway(settings)
     try:
         gateway.start()
-    except OSError as exc:
+    except Exception as exc:  # a taken port, an unreadable certificate...: one log line, not a traceback
         log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 2
     stop = threading.Event()

@@ -36,6 +36,12 @@ def _split_csv(value: Any) -> Any:
 CsvList = Annotated[list[str], NoDecode]
 
 
+MAX_PDU_FIELD = 0xFFFFFFFF
+"""The Maximum Length sub-item is 4 bytes (PS3.8 D.1): a larger value failed every association's answer."""
+MAX_TIMEOUT_S = 86400.0
+"""A day: a timeout beyond threading's limit failed every association (or the start) with OverflowError."""
+
+
 class GatewaySettings(BaseSettings):
     """All knobs of the DICOM gateway, read once from TRIAGE_* variables (README: gateway configuration table)."""
 
@@ -54,10 +60,11 @@ class GatewaySettings(BaseSettings):
     gateway_bind: str = "0.0.0.0"
     gateway_port: int = Field(11112, ge=0, le=65535)
     gateway_max_associations: int = Field(32, ge=1)
-    gateway_max_pdu: int = Field(262144, ge=0, description="max PDU we receive; 0 = unlimited, else at least 4096")
-    gateway_acse_timeout: float = Field(30.0, gt=0)
-    gateway_dimse_timeout: float = Field(60.0, gt=0)
-    gateway_network_timeout: float = Field(60.0, gt=0)
+    gateway_max_pdu: int = Field(262144, ge=0, le=MAX_PDU_FIELD,
+                                 description="max PDU we receive; 0 = unlimited, else at least 4096")
+    gateway_acse_timeout: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
+    gateway_dimse_timeout: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
+    gateway_network_timeout: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
     gateway_require_called_ae: bool = True
     gateway_allowed_calling_aes: CsvList = Field(default_factory=list)
     gateway_allowed_ips: CsvList = Field(default_factory=list)
@@ -69,7 +76,7 @@ class GatewaySettings(BaseSettings):
     gateway_sweep_grace_seconds: float = Field(120.0, ge=0)
     gateway_requeue_after_seconds: float = Field(1800.0, gt=0)
     gateway_min_free_bytes: int = Field(2 * 1024**3, ge=0)
-    gateway_broker_timeout_seconds: float = Field(2.0, gt=0)
+    gateway_broker_timeout_seconds: float = Field(2.0, gt=0, le=MAX_TIMEOUT_S)
     gateway_broker_backoff_seconds: float = Field(5.0, ge=0)
 
     # DICOM TLS (PS3.15 B.1): cert+key enable TLS; a CA additionally requires client certs.

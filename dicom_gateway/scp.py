@@ -158,6 +158,8 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset could not be parsed (no elements; truncated?)")
     if deflated and deflate_state != "complete":
         raise BadDatasetError(CANNOT_UNDERSTAND, "deflated dataset " + deflate_state)
+    if deflated and not header.study_uid and len(head) >= HEADER_INFLATE_LIMIT:  # not "missing": not looked at
+        raise BadDatasetError(CANNOT_UNDERSTAND, f"deflated: StudyInstanceUID not in first {HEADER_INFLATE_LIMIT >> 20} MiB")
     if not deflated and truncated(ds, stream):
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header

@@ -54,7 +54,7 @@ class Gateway:
     def start(self) -> int:
         """Prepare the spool, recover open studies, start listening and maintenance."""
         self.spool.ensure_layout()
-        removed = self.spool.clean_incoming(older_than_s=0.0)  # we are the only writer; a partial is never acknowledged
+        removed = self._remove_partials()
         self._recover_studies()
         if self.settings.gateway_http_port is not None:  # bind first: a taken port fails before any DICOM is accepted
             self.http = StatusServer(self, self.settings.gateway_http_bind, self.settings.gateway_http_port)
@@ -87,13 +87,31 @@ class Gateway:
             self.http.start()
         return self.port
 
+    def _remove_partials(self) -> int:
+        """Drop partial writes of a previous run (we are the only writer; a partial was never
+        acknowledged). On a spool that cannot be written (read-only after I/O errors, full) the
+        gateway starts anyway: it refuses senders as a transient condition and `/readyz` says why,
+        where a failed start would be restarted without end, with no listener and no probes."""
+        try:
+            return self.spool.clean_incoming(older_than_s=0.0)
+        except OSError as exc:
+            log.warning("partial writes not removed at start", extra={"error": type(exc).__name__})
+            return 0
+
     def _recover_studies(self) -> None:
         """Re-track studies left open by a previous run so their finalize is not lost."""
         latest: dict[str, float] = dict(self.spool.open_studies())
         for item in self.spool.iter_pending():
             latest[item.study_uid] = max(latest.get(item.study_uid, 0.0), item.mtime)
+        unmarked = 0
         for uid, wall in latest.items():
-            self.tracker.touch(uid, wall)  # quiet period restarts now: finalize late rather than early
+            try:
+                self.tracker.touch(uid, wall)  # quiet period restarts now: finalize late rather than early
+            except OSError:  # the marker is restart bookkeeping; the study is tracked in memory already
+                unmarked += 1
+        if unmarked:
+            log.warning("open-study markers not written at start (spool not writable?)",
+                        extra={"counts": {"studies": unmarked}})
 
     def _maintenance(self) -> None:
         """Sweep immediately (start-up recovery), then every interval; finalize quiet studies."""

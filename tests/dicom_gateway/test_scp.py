@@ -65,6 +65,22 @@ def test_a_deflated_dataset_cut_short_is_refused():
         assert refused.value.status == CANNOT_UNDERSTAND
 
 
+def test_a_deflated_header_beyond_the_inflate_limit_is_refused_for_what_it_is():
+    """A private element before (0020,000D) can push it past the 4 MiB parsed: the sender was told
+    "StudyInstanceUID is missing", which is false (the same instance uncompressed is accepted)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.add_new(0x00090010, "LO", "VENDOR")
+    ds.add_new(0x00091001, "OB", bytes(HEADER_INFLATE_LIMIT + (1 << 20)))
+    encoded = plain_stream(ds)
+    assert read_header(BytesIO(encoded), ExplicitVRLittleEndian).study_uid == ds.StudyInstanceUID
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with pytest.raises(BadDatasetError, match="StudyInstanceUID not in first 4 MiB") as refused:
+        read_header(BytesIO(deflater.compress(encoded) + deflater.flush()), DeflatedExplicitVRLittleEndian)
+    assert refused.value.status == CANNOT_UNDERSTAND
+
+
 def plain_stream(ds: Dataset) -> bytes:
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False

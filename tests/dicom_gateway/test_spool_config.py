@@ -82,6 +82,10 @@ def test_settings_from_environment(monkeypatch):
         ("TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS", "Infinity"),
         ("TRIAGE_GATEWAY_STABLE_STUDY_SECONDS", "nan"),
         ("TRIAGE_GATEWAY_SWEEP_GRACE_SECONDS", "nan"),
+        ("TRIAGE_GATEWAY_MAX_PDU", str(2**32)),  # the 4-byte field: every association's answer failed
+        ("TRIAGE_GATEWAY_ACSE_TIMEOUT", "1e10"),  # beyond threading's limit: OverflowError per association
+        ("TRIAGE_GATEWAY_NETWORK_TIMEOUT", "1e10"),  # ... or at start, with a traceback
+        ("TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS", "1e10"),
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(monkeypatch, name, value):
@@ -98,8 +102,9 @@ def test_log_level_and_unlimited_pdu_are_accepted(monkeypatch):
 
 
 @pytest.fixture
-def read_only_spool(tmp_path):
-    """A spool on a tmpfs remounted read-only, as a disk is after I/O errors (needs root to mount)."""
+def tmpfs_spool(tmp_path):
+    """A spool on its own tmpfs and a function that remounts it read-only, as a disk is after I/O
+    errors (needs root to mount; CI runs as root)."""
     import subprocess
 
     mount = tmp_path / "mnt"
@@ -110,10 +115,38 @@ def read_only_spool(tmp_path):
         spool = Spool(mount / "spool")
         spool.ensure_layout()
         assert spool.writable()
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        yield spool
+        yield spool, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def read_only_spool(tmpfs_spool):
+    spool, make_read_only = tmpfs_spool
+    make_read_only()
+    return spool
+
+
+def test_a_gateway_starts_on_a_read_only_spool_and_refuses_senders_as_transient(tmpfs_spool, start_gateway, broker):
+    """Start-up wrote a study marker for every pending study and removed partial writes; on a
+    read-only spool that raised, so the gateway exited and compose restarted it without end, with
+    no listener and no probes. It must come up, refuse associations, and keep what is pending."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    spool, make_read_only = tmpfs_spool
+    relpath = spool.store([b"\x00" * 128 + b"DICM", b"not parsed here"], "1.2.3", "1.2.3.4")
+    (spool.incoming / "partial.tmp").write_bytes(b"half")
+    make_read_only()
+
+    gateway = start_gateway(spool_dir=spool.root)
+
+    assert gateway.listening and gateway.tracker.open_studies() == ["1.2.3"]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+    assert assoc.is_rejected and assoc.acceptor.primitive.result == 0x02  # rejected-transient
+    assert (spool.root / relpath).is_file() and (spool.incoming / "partial.tmp").is_file()
 
 
 def test_a_read_only_spool_is_unhealthy_and_refuses_associations(read_only_spool):
