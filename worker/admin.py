@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 from sqlalchemy import Connection, func, inspect, select, text
 
 from worker import contract, db
-from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
+from worker.config import WorkerSettings, load_worker_settings
 from worker.spool import study_uid_from_relpath
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -99,13 +97,9 @@ def _timestamp(value: str) -> dt.datetime:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        settings = WorkerSettings()
-    except (ValidationError, SettingsError) as exc:
-        print(invalid_settings_message(parser.prog, exc), file=sys.stderr)
+    settings = load_worker_settings(parser.prog)  # warnings go to stderr: stdout carries the data
+    if settings is None:
         return 2
-    for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
-        print(f"pneumonia-admin: {warning}", file=sys.stderr)  # stdout carries the data
     if args.command == "prune-archive":  # files only: no database needed
         return prune(settings, args.older_than_days, args.dry_run, args.every_hours)
     url = args.database_url or settings.database_url

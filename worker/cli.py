@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-
 from worker import contract
-from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
+from worker.config import WorkerSettings, load_worker_settings
 
 if TYPE_CHECKING:
     from models.site_calibration import SiteCalibration
@@ -42,14 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("check", help="load the model and card and reach the database, then exit")
     add_calibrate_parser(sub)
     args = parser.parse_args(argv)
-    try:
-        settings = WorkerSettings()
-    except (ValidationError, SettingsError) as exc:
-        print(invalid_settings_message(parser.prog, exc), file=sys.stderr)
+    settings = load_worker_settings(parser.prog)
+    if settings is None:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
-        log.warning(warning)
     if args.command == "migrate":
         return migrate(settings)
     if args.command == "check":

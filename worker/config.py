@@ -151,3 +151,22 @@ def settings_problems(exc: Exception) -> list[str]:
 def invalid_settings_message(prog: str, exc: Exception) -> str:
     """What a command prints (exit 2) when its settings do not validate: one line per variable."""
     return f"{prog}: invalid settings:\n" + "\n".join(f"  {line}" for line in settings_problems(exc))
+
+
+def load_worker_settings(prog: str) -> WorkerSettings | None:
+    """The worker's settings, with a warning on stderr for each `TRIAGE_*` name no setting reads;
+    None after printing what is invalid (the command then exits 2)."""
+    import os
+    import sys
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        settings = WorkerSettings()
+    except (ValidationError, SettingsError) as exc:
+        print(invalid_settings_message(prog, exc), file=sys.stderr)
+        return None
+    for warning in unread_variables(os.environ, setting_names(WorkerSettings), gateway=False):
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    return settings
