@@ -22,6 +22,7 @@ from models.card import card_path_for, sha256_of
 from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_existing_run, resolve_data_root,
                              resolve_frozen, resolve_weights)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
+from training.errors import InputMissingError, RefusedError
 from training.evaluate import evaluate, load_evaluation, save_evaluation
 from training.export import export, refresh_card, release
 from training.quantize import quantize
@@ -143,7 +144,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
     p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
     p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
-    p.add_argument("--model-version", default="1.0.0")
+    p.add_argument("--model-version", default="0.0.0-dev",
+                   help="version written into the card (default 0.0.0-dev: a release names its own)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--calibration-images", type=int, default=256, help="quantize: validation images for int8 ranges")
 
@@ -194,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    try:
+        return run_stage(args, argv)
+    except (RefusedError, InputMissingError) as exc:  # what to fix is in the message; a defect keeps its traceback
+        print(f"pneumonia-train {args.stage}: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
+    """The stage `args.stage`, as parsed by `build_parser`."""
     if args.stage == "seeds":
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
@@ -207,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     if args.stage in ("evaluate", "export", "quantize"):
         config = for_existing_run(config)
+    needs = {"evaluate": BEST, "export": "evaluation.json", "quantize": "pneumonia_resnet50.onnx"}.get(args.stage)
+    if needs and not (config.out_dir / needs).is_file():
+        raise InputMissingError(f"{config.out_dir} holds no {needs}: give the --out-dir of a run that got that far "
+                                "(`pneumonia-train run` writes all three)")
     runtime = make_runtime(config.device, config.precision, config.threads)
     run_info_path = config.out_dir / "run_info.json"
     if args.stage in ("run", "train"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.calibration import StrataTargets
+from training.errors import RefusedError
 
 DATA_ROOT_ENV = "PNEUMONIA_DATA_ROOT"
 WEIGHTS_ENV = "PNEUMONIA_WEIGHTS"
@@ -111,17 +112,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.image_size not in MEDMNIST_SIZES:
-            raise ValueError(f"image_size must be one of {MEDMNIST_SIZES}")
+            raise RefusedError(f"image_size must be one of {MEDMNIST_SIZES}")
         if self.precision not in ("auto", "fp32", "bf16", "amp"):
-            raise ValueError("precision must be auto, fp32, bf16 or amp")
+            raise RefusedError("precision must be auto, fp32, bf16 or amp")
         if self.select_metric not in ("auc", "f1", "loss"):
-            raise ValueError("select_metric must be auc, f1 or loss")
+            raise RefusedError("select_metric must be auc, f1 or loss")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
-            raise ValueError("max_train_minutes must be positive (leave it unset for no budget)")
+            raise RefusedError("max_train_minutes must be positive (leave it unset for no budget)")
         if not 0 <= self.swa_epochs <= self.epochs:
-            raise ValueError("swa_epochs must lie in [0, epochs]")
+            raise RefusedError("swa_epochs must lie in [0, epochs]")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError("distill_weight must lie in [0, 1] and distill_temperature be positive")
+            raise RefusedError("distill_weight must lie in [0, 1] and distill_temperature be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -156,7 +157,7 @@ def check_same_run(config: TrainConfig, saved: dict[str, Any], source: Path, fie
     differing = [key for key in fields if key in saved and asked[key] != saved[key]]
     if differing:
         said = ", ".join(f"{key}={saved[key]!r} (this command: {asked[key]!r})" for key in differing)
-        raise ValueError(f"{source} says {said}: pass the run's own flags, {consequence}")
+        raise RefusedError(f"{source} says {said}: pass the run's own flags, {consequence}")
 
 
 def for_existing_run(config: TrainConfig) -> TrainConfig:

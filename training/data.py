@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 from training.config import DATA_ROOT_ENV, AugmentConfig
+from training.errors import InputMissingError, RefusedError
 
 FLAG = "pneumoniamnist"
 
@@ -59,14 +60,14 @@ def ensure_dataset(root: Path | None, size: int) -> tuple[Path, str]:
             root.mkdir(parents=True, exist_ok=True)
             load_medmnist(root, "val", size, download=True)
         except Exception as exc:
-            raise FileNotFoundError(
+            raise InputMissingError(
                 f"PneumoniaMNIST file {name} (md5 {md5}) is not in {root} and could not be "
                 f"downloaded ({type(exc).__name__}). Put it there, or point --data-root / "
                 f"${DATA_ROOT_ENV} at the folder holding it."
             ) from exc
     actual = md5_of(path)
     if actual != md5:
-        raise ValueError(f"{path} has md5 {actual}, expected {md5}: corrupt or wrong file")
+        raise RefusedError(f"{path} has md5 {actual}, expected {md5}: corrupt or wrong file")
     return path, md5
 
 

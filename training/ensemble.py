@@ -30,6 +30,7 @@ from models.calibration import calibrate
 from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
 from training.config import TrainConfig
 from training.data import load_split
+from training.errors import InputMissingError, RefusedError
 from training.evaluate import Evaluation, test_metrics, write_predictions
 from training.export import build_card
 from training.metrics import softmax_pneumonia
@@ -63,11 +64,11 @@ def combine(member_paths: list[Path], out_path: Path) -> None:
 
 def member_files(run_dirs: list[Path]) -> list[Path]:
     if len(run_dirs) < 2:
-        raise ValueError("an ensemble needs at least two runs")
+        raise RefusedError("an ensemble needs at least two runs")
     paths = [d / MEMBER_FILE for d in run_dirs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"exported model missing (run `pneumonia-train run` or `export` first): {', '.join(missing)}")
+        raise InputMissingError(f"exported model missing (run `pneumonia-train run` or `export` first): {', '.join(missing)}")
     return paths
 
 

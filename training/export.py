@@ -23,6 +23,7 @@ from models.preprocess import INPUT_SIZE, preprocess_batch, preprocessing_id
 from training.config import TrainConfig
 from training.data import dataset_file, load_split
 from training.engine import FlipAveraged, predict_logits
+from training.errors import RefusedError
 from training.evaluate import LABELS, Evaluation, load_trained
 from training.metrics import softmax_pneumonia
 from training.runtime import Runtime, make_runtime
@@ -157,12 +158,12 @@ def refresh_card(onnx_path: Path, metrics: dict, source: str) -> ModelCard:
     """
     card = ModelCard.load(card_path_for(onnx_path))
     if card.sha256 != sha256_of(onnx_path):
-        raise ValueError(f"{onnx_path.name} does not match its card's sha256")
+        raise RefusedError(f"{onnx_path.name} does not match its card's sha256")
     test = metrics["test"]
     recorded = (test["at_0.5"]["point"]["auc"], test["at_operating_point"]["threshold"])
     carded = (card.metrics["test_auc"], card.extra["decision"]["operating_threshold_validation_youden"])
     if recorded != carded:
-        raise ValueError(f"{source} is not this card's evaluation (test AUC, operating threshold {recorded} "
+        raise RefusedError(f"{source} is not this card's evaluation (test AUC, operating threshold {recorded} "
                          f"against the card's {carded})")
     metrics_out = {**card.metrics, "test_at_operating_point": with_ci(test, "at_operating_point", metrics["metric_names"])}
     extra = {**card.extra, "weights_origin": with_provenance(card.extra.get("weights_origin", {})),

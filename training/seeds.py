@@ -24,6 +24,7 @@ import numpy as np
 
 from models.calibration import StrataTargets, calibrate, stratum_report
 from models.card import nan_for_null, strict_json
+from training.errors import InputMissingError, RefusedError
 from training.evaluate import ROC_POINTS, calibration_report, full_report, roc_points
 from training.metrics import roc_auc, softmax_pneumonia
 
@@ -102,7 +103,7 @@ def baseline_metrics(baseline_dir: Path) -> list[dict]:
     """Per-seed metrics of an earlier summary, from the seed-*/ copies it left behind."""
     files = sorted(f for pattern in ("seed-*", "soup-*", "ensemble-*") for f in baseline_dir.glob(f"{pattern}/metrics.json"))
     if not files:
-        raise FileNotFoundError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
+        raise InputMissingError(f"no seed-*/metrics.json under {baseline_dir}: is it the --out of a `seeds` summary?")
     return [read_metrics(f) for f in files]
 
 
@@ -142,7 +143,7 @@ def ensemble(runs: list[SeedRun], targets: StrataTargets, rounds: int) -> dict:
     """Mean logits over seeds; temperature, threshold and strata re-chosen on validation."""
     for run in runs[1:]:
         if not (np.array_equal(run.val_labels, runs[0].val_labels) and np.array_equal(run.test_labels, runs[0].test_labels)):
-            raise ValueError(f"run {run.label} was evaluated on different images than run {runs[0].label}")
+            raise RefusedError(f"run {run.label} was evaluated on different images than run {runs[0].label}")
     val_logits = np.mean([r.val_logits for r in runs], axis=0)
     test_logits = np.mean([r.test_logits for r in runs], axis=0)
     val_labels, test_labels = runs[0].val_labels, runs[0].test_labels
@@ -178,7 +179,7 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
     """Write seeds.json, seeds.md and seed-*/ for the given finished runs; return the figures."""
     runs = [load_seed_run(d) for d in run_dirs]
     if len({r.label for r in runs}) != len(runs):
-        raise ValueError("each run must have its own seed (each soup its own --init-seed)")
+        raise RefusedError("each run must have its own seed (each soup its own --init-seed)")
     figures = {"run_dirs": [str(d) for d in run_dirs], **seed_table(runs), "ensemble": ensemble(runs, targets, rounds)}
     if baseline_dir is not None:
         baseline = validation_table(baseline_metrics(baseline_dir))

@@ -22,6 +22,7 @@ from models.card import sha256_of
 from training.config import TrainConfig
 from training.data import load_split, to_network_input, to_unit_tensor
 from training.engine import batches
+from training.errors import RefusedError
 from training.evaluate import serving_runtime
 from training.model import build_model, set_train_mode
 from training.runtime import Runtime
@@ -34,14 +35,14 @@ MUST_MATCH = ("weights", "resnet_v1_strides", "frozen", "hidden", "dropout", "in
 def check_ingredients(configs: list[dict], run_dirs: list[Path]) -> None:
     """Refuse runs whose weights cannot be meaningfully averaged."""
     if len(configs) < 2:
-        raise ValueError("a soup needs at least two runs")
+        raise RefusedError("a soup needs at least two runs")
     if configs[0].get("init_seed") is None:
-        raise ValueError(f"{run_dirs[0]} was not trained with --init-seed: runs must share the head's initialisation "
+        raise RefusedError(f"{run_dirs[0]} was not trained with --init-seed: runs must share the head's initialisation "
                          "for their weights to be averaged")
     for config, run_dir in zip(configs[1:], run_dirs[1:]):
         differing = [key for key in MUST_MATCH if config.get(key) != configs[0].get(key)]
         if differing:
-            raise ValueError(f"{run_dir} differs from {run_dirs[0]} in {', '.join(differing)}: not the same starting point")
+            raise RefusedError(f"{run_dir} differs from {run_dirs[0]} in {', '.join(differing)}: not the same starting point")
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
     asked = config.to_dict()
     mismatched = [key for key in MUST_MATCH if key != "init_seed" and asked[key] != first[key]]
     if mismatched:
-        raise ValueError(f"the soup's own flags differ from its runs in {', '.join(mismatched)}: pass the runs' flags, "
+        raise RefusedError(f"the soup's own flags differ from its runs in {', '.join(mismatched)}: pass the runs' flags, "
                          "which evaluation and the model card rely on")
     states = [torch.load(d / BEST, map_location="cpu", weights_only=True)["model"] for d in run_dirs]
     model = build_model("none", hidden=first["hidden"], dropout=first["dropout"], frozen=tuple(first["frozen"]),

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from training.config import SAME_RESUME, TrainConfig, check_same_run
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
+from training.errors import RefusedError
 from training.evaluate import load_trained
 from models.calibration import binary_metrics
 from training.metrics import roc_auc, softmax_pneumonia
@@ -175,7 +176,7 @@ def check_resume(config: TrainConfig) -> None:
     empty history and no best checkpoint, and evaluation would fail or rank against a record it lacks.
     """
     if config.resume.parent.resolve() != config.out_dir.resolve():
-        raise ValueError(f"resume checkpoint {config.resume} belongs to the run in {config.resume.parent}, but out_dir "
+        raise RefusedError(f"resume checkpoint {config.resume} belongs to the run in {config.resume.parent}, but out_dir "
                          f"is {config.out_dir}: resume into the checkpoint's own folder (leave --out-dir out)")
     saved = config.out_dir / "config.json"
     if saved.is_file():
@@ -183,7 +184,7 @@ def check_resume(config: TrainConfig) -> None:
         check_same_run(config, recorded, saved, SAME_RESUME, "as a resume continues the run's own recipe (only "
                        "--epochs, --max-train-minutes and where and how it runs may change)")
         if config.swa_epochs and recorded.get("epochs") != config.epochs:
-            raise ValueError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
+            raise RefusedError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
                              "--swa-epochs the weight average covers the schedule's last epochs, so a resume keeps them")
 
 

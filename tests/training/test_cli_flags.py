@@ -110,3 +110,34 @@ def test_an_explicit_frozen_is_kept_with_weights_none(frozen, expected):
 def test_pretrained_weights_keep_the_default_frozen_set(tmp_path):
     assert config_of("--weights", str(tmp_path / "resnet50.safetensors")).frozen == TrainConfig().frozen
     assert config_of("--weights", "IMAGENET1K_V2", "--frozen", "conv1").frozen == ("conv1",)
+
+
+def test_refusals_are_one_line_and_exit_2_not_a_traceback(tmp_path):
+    """A wrong --data-root, a stage on a folder that holds no run and a card refresh from another
+    model's metrics were refused with a Python traceback; the reason is all a user needs."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for name in ("pneumonia_resnet50.onnx", "pneumonia_resnet50.card.json"):
+        shutil.copy(repo / "models" / name, copy / name)
+    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    metrics["test"]["at_0.5"]["point"]["auc"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(metrics))
+    cases = {
+        ("run", "--data-root", str(tmp_path / "nodata"), "--weights", "none", "--out-dir", str(tmp_path / "r")):
+            "is not in",
+        ("evaluate", "--data-root", str(tmp_path / "nodata"), "--out-dir", str(tmp_path / "empty")): "holds no best.pt",
+        ("card", str(copy / "pneumonia_resnet50.onnx"), "--metrics", str(tmp_path / "other.json")):
+            "is not this card's evaluation",
+    }
+    for args, reason in cases.items():
+        out = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        assert f"pneumonia-train {args[0]}: " in out.stderr and reason in out.stderr
+        assert "Traceback" not in out.stderr
