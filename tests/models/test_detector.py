@@ -145,6 +145,21 @@ def test_raw_14_bit_values_in_a_16_bit_array_are_refused_not_read_at_a_quarter_b
 def test_a_batch_names_the_input_it_refuses(detector, sample):
     with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
         detector.predict_batch([sample, sample[:20, :20], sample])
+    with pytest.raises(FileNotFoundError, match=r"^input 3 of 3: no such image file"):  # a missing path too
+        detector.predict_batch([sample, sample, "missing.png"])
+
+
+def test_a_blank_picture_is_refused_as_a_blank_dicom_is(detector, sample, tmp_path):
+    """An all-black PNG was scored 0.73 pneumonia; a DICOM blank as displayed was already refused."""
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(tmp_path / "black.png")
+    grey = np.full((3000, 2000), 30000, np.uint16)
+    grey[:5, :5] = 65535  # a few pixels of another level do not make a picture
+    for image, what in ((str(tmp_path / "black.png"), "black"), (grey, "grey level 117/255")):
+        with pytest.raises(UnreadableImageError, match=f"image is blank as displayed .* {what}"):
+            detector.predict(image)
+    bordered = np.zeros((1024, 1024), np.uint8)  # a picture inside a wide black border is not blank
+    bordered[312:712, 312:712] = np.asarray(Image.fromarray(sample).resize((400, 400)))
+    assert detector.predict(bordered)["stratum"]
 
 
 def test_exif_orientation_is_honoured(detector, sample, tmp_path):
