@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on embedded defaults, on one host: a Celery worker and the DICOM gateway,
 # results in the SQLite file var/triage.db, spool in var/spool, broker = local Redis.
-#   deploy/run_local.sh            # Ctrl-C stops both
+#   deploy/run_local.sh            # Ctrl-C (or SIGTERM to this script) stops both
 # Override any TRIAGE_* setting in the environment (see README configuration tables).
 set -euo pipefail
 mkdir -p var
@@ -11,5 +11,18 @@ if ! redis-cli -u "${TRIAGE_BROKER_URL:-redis://127.0.0.1:6379/0}" ping >/dev/nu
 fi
 pneumonia-worker run &
 worker=$!
-trap 'kill $worker 2>/dev/null; wait $worker 2>/dev/null' EXIT INT TERM
-dicom-gateway run
+dicom-gateway run &
+gateway=$!
+# Both run in the background: bash runs a trap only between commands, so with the gateway in the
+# foreground a SIGTERM to this script (a supervisor, `timeout`, `kill`) waited for it forever.
+stop() { kill -TERM "$worker" "$gateway" 2>/dev/null || true; }
+asked=0
+trap 'asked=1; stop' INT TERM
+status=0
+wait -n "$worker" "$gateway" || status=$?   # a signal, or one of the two stopped: stop the other too
+stop
+wait "$worker" 2>/dev/null || true
+wait "$gateway" 2>/dev/null || true
+if [ "$asked" = 1 ]; then exit 0; fi       # stopped on request, as both services exit then
+echo "run_local.sh: a service stopped by itself (exit $status); the other was stopped too" >&2
+exit $(( status == 0 ? 1 : status ))

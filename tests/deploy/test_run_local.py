@@ -1,0 +1,66 @@
+"""The README's main job, `deploy/run_local.sh`, as a newcomer runs it: embedded defaults (SQLite and
+spool under ./var), a study pushed with DCMTK storescu, its flag read with `pneumonia-admin`, then a
+SIGTERM to the script stops both services."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.dicom_gateway.helpers import free_port, run_storescu, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.dcmtk]
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "run_local.sh"
+
+
+def _admin(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["pneumonia-admin", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _children(pid: int) -> list[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in found.read_text().split()] if found.exists() else []
+
+
+def test_run_local_scores_a_pushed_study_and_stops_on_sigterm(tmp_path, redis_server, make_study, dcmtk):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update(TRIAGE_BROKER_URL=redis_server.url, TRIAGE_GATEWAY_PORT=str(port), TRIAGE_GATEWAY_BIND="127.0.0.1",
+               TRIAGE_GATEWAY_STABLE_STUDY_SECONDS="2", TRIAGE_GATEWAY_MIN_FREE_BYTES="0")
+    redis_server.client().flushall()
+    with open(tmp_path / "run_local.log", "wb") as log:
+        script = subprocess.Popen(["bash", str(SCRIPT)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: run_storescu(dcmtk("echoscu"), port, []).returncode == 0 or script.poll() is not None, 120,
+                 interval=1.0, what="the gateway to answer C-ECHO")
+        assert script.poll() is None, (tmp_path / "run_local.log").read_text()[-3000:]
+        services = _children(script.pid)
+        assert len(services) == 2
+
+        paths = make_study(2, size=(512, 512))
+        assert run_storescu(dcmtk("storescu"), port, paths).returncode == 0
+
+        def final_study() -> list[dict]:
+            out = _admin(tmp_path, env, "list", "--studies", "--format", "json")
+            studies = json.loads(out.stdout) if out.returncode == 0 else []
+            return [s for s in studies if s.get("final")]
+
+        [study] = wait_for(final_study, 240, interval=2.0, what="the study's final flag in var/triage.db")
+        assert study["flag"] in ("URGENT", "PRIORITY", "ROUTINE") and study["n_instances"] == 2
+        assert (tmp_path / "var" / "triage.db").is_file()
+
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(90) == 0, (tmp_path / "run_local.log").read_text()[-3000:]
+        assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+                   for pid in services)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            for pid in _children(script.pid):
+                os.kill(pid, signal.SIGKILL)
