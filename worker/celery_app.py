@@ -62,7 +62,7 @@ def create_app(settings: WorkerSettings) -> Celery:
                          retries_after_claim: int = 0) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
-                                          retries_after_claim=retries_after_claim)
+                                          retries_after_claim=retries_after_claim, delivery=self.request.id)
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc

@@ -71,6 +71,8 @@ instances = Table(
     Column("status", String(16), nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
+    Column("credited_delivery", String(64)),  # migration 0004: see claim_instance
+    Column("credited_retries", Integer),
     Column("received_at", DateTime),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
@@ -218,16 +220,30 @@ def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[
     return found
 
 
-def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
+def claim_instance(conn: Connection, values: dict[str, Any], delivery: str | None = None,
+                   retries_after_claim: int = 0) -> dict[str, Any] | None:
     """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
 
     Returns the row after the claim, or None when the row is terminal (nothing to do).
     `values` carry the instance's key: study_instance_uid and sop_instance_uid.
+
+    `attempts` counts the deliveries that claimed the row and never finished (worker lost), the
+    poison-message count. A delivery's `retries_after_claim` (its earlier claims that failed
+    transiently, retried by Celery under the same task id, `delivery`) are taken off, each once:
+    the row keeps which delivery it has credited and how much, so a redelivery of the same
+    message after its worker died still counts, and a new message (the gateway's sweep after a
+    retry chain ran out) starts from the stored count instead of reading the chain as lost.
     """
-    stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
+    stmt = _insert(conn, instances).values(status="processing", attempts=1, credited_delivery=delivery,
+                                           credited_retries=retries_after_claim, **values)
     update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["status"] = "processing"
-    update["attempts"] = instances.c.attempts + 1
+    same_delivery = and_(instances.c.credited_delivery.is_not(None), instances.c.credited_delivery == delivery)
+    not_yet_credited = case((same_delivery, retries_after_claim - func.coalesce(instances.c.credited_retries, 0)),
+                            else_=retries_after_claim)
+    update["attempts"] = instances.c.attempts + 1 - not_yet_credited
+    update["credited_delivery"] = stmt.excluded.credited_delivery
+    update["credited_retries"] = stmt.excluded.credited_retries
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(INSTANCE_KEY),

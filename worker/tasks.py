@@ -67,7 +67,8 @@ class ClaimedDeliveryError(Exception):
     """A delivery failed after it claimed its row (the database went away while storing, say).
 
     The Celery wrapper retries `cause` if it is transient and counts that retry in the task's
-    `retries_after_claim`, which is what the attempt counter subtracts: a retry before any claim
+    `retries_after_claim`, which the next claim takes off the attempt counter (once per delivery,
+    `db.claim_instance`): a retry before any claim
     (model not deployed yet, database down at the first read) claimed nothing and must not raise
     the poison-message limit for the deliveries that follow.
     """
@@ -82,14 +83,16 @@ class StudyNotSettledError(Exception):
 
 
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0,
+    delivery: str | None = None,
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
-    `retries_after_claim` (transient failures after a claim, each retried by Celery) is
-    subtracted from the attempt counter, so database blips after a claim never make an
-    instance look like a poison message; any failure after the claim is raised as
-    `ClaimedDeliveryError` so that the wrapper can count it.
+    `retries_after_claim` (transient failures after a claim, each retried by Celery under the task
+    id `delivery`) is taken off the row's attempt counter once (`db.claim_instance`), so database
+    blips after a claim never make an instance look like a poison message, in this message or in
+    the sweep's next one; any failure after the claim is raised as `ClaimedDeliveryError` so that
+    the wrapper can count it.
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -118,11 +121,11 @@ def process_instance(
         "started_at": db.utcnow(),
     }
     with rt.engine.begin() as conn:
-        claimed = db.claim_instance(conn, base)
+        claimed = db.claim_instance(conn, base, delivery, retries_after_claim)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:
-        outcome = _analyse(rt, path, claimed["attempts"] - retries_after_claim)
+        outcome = _analyse(rt, path, claimed["attempts"])
         return _finish(rt, sop_uid, relpath, received, started, outcome, path)
     except Exception as exc:
         raise ClaimedDeliveryError(exc) from exc

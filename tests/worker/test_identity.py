@@ -190,8 +190,8 @@ def test_migration_keeps_rows_of_the_previous_head_and_keys_by_study_and_sop(dat
             before = [dict(r) for r in conn.execute(text("SELECT * FROM instances ORDER BY sop_instance_uid")).mappings()]
         engine.dispose()
 
-        upgrade(database_url)
-        upgrade(database_url)  # idempotent
+        upgrade(database_url, "0003")
+        upgrade(database_url, "0003")  # idempotent
         assert current_revision(database_url) == "0003"
         with engine.connect() as conn:
             after = [dict(r) for r in conn.execute(text("SELECT * FROM instances ORDER BY sop_instance_uid")).mappings()]
@@ -229,7 +229,7 @@ def test_a_site_view_on_instances_never_costs_the_worklist_view(database_url):
             conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
                               " VALUES ('1.2.1', '1.3.1', 'done', 1)"))
             conn.execute(text("INSERT INTO studies (study_instance_uid, final) VALUES ('1.3.1', :f)"), {"f": False})
-        upgrade(database_url)
+        upgrade(database_url, "0003")
         assert current_revision(database_url) == "0003"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT n_instances FROM study_flags")).scalars().all() == [1]
@@ -257,7 +257,7 @@ def test_an_sqlite_upgrade_killed_part_way_can_be_run_again(sqlite_url):
             conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
                               " VALUES ('1.2.1', '1.3.1', 'done', 1)"))
             conn.execute(text("CREATE TABLE _alembic_tmp_instances (sop_instance_uid VARCHAR(64))"))  # the leftover
-        upgrade(sqlite_url)
+        upgrade(sqlite_url, "0003")
         assert current_revision(sqlite_url) == "0003"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT sop_instance_uid FROM instances")).scalars().all() == ["1.2.1"]
@@ -290,7 +290,7 @@ def test_downgrade_refuses_to_merge_two_studies_instances(database_url):
 
     from worker.migrate import alembic_config
 
-    upgrade(database_url)
+    upgrade(database_url, "0003")
     engine = db.make_engine(database_url)
     try:
         with engine.begin() as conn:

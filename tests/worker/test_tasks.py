@@ -64,6 +64,37 @@ def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
     assert result["status"] == "done"
 
 
+def test_a_retry_chain_that_ran_out_is_not_read_as_lost_deliveries_by_the_next_message(runtime, test_split):
+    """Claims that failed transiently were taken off the count only inside their own Celery message:
+    once a chain of retries ran out (a database that took every claim and refused every result for
+    ~25 min), the sweep's new message read all of them as lost deliveries and the instance was failed
+    "abandoned" unscored. The row now keeps what each delivery has credited."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+            "received_at": db.utcnow(), "started_at": db.utcnow()}
+    for retries in range(runtime.settings.max_attempts + 3):  # one message, Celery retrying it after each claim
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, base, "celery-task-a", retries)
+    result = tasks.process_instance(runtime, relpath, sop, None, delivery="celery-task-b")  # the sweep's re-send
+    assert result["status"] == "done"
+    assert row(runtime, relpath, sop)["attempts"] == 2, "the chain's last claim, never retried, and this one"
+
+
+def test_a_redelivered_retry_still_counts_as_a_lost_delivery(runtime, test_split):
+    """The poison-message limit must hold for a retry message too: a worker that dies on it gets the
+    same message again (same task id, same retries_after_claim), which must not be credited twice."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+            "received_at": db.utcnow(), "started_at": db.utcnow()}
+    with runtime.engine.begin() as conn:
+        db.claim_instance(conn, base, "celery-task-a", 0)  # the first delivery claims, then fails transiently
+    for _ in range(runtime.settings.max_attempts):  # its retry claims, and its worker dies, again and again
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, base, "celery-task-a", 1)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1, delivery="celery-task-a")
+    assert result["status"] == "failed" and "abandoned" in result["reason"]
+
+
 def test_path_outside_the_spool_is_refused_with_a_row(runtime):
     sop = generate_uid()
     relpath = "pending/../../etc/passwd"
