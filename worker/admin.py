@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import Connection, func, inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
@@ -126,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OperationalError as exc:  # down, refused, wrong password: its text may quote the host, never the rows
+        print(f"{parser.prog}: database unreachable ({type(exc.orig).__name__ if exc.orig else 'OperationalError'})",
+              file=sys.stderr)
+        return 3
     finally:
         engine.dispose()
 

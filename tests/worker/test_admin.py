@@ -192,6 +192,14 @@ def test_a_missing_or_unmigrated_database_is_named_and_not_created(tmp_path, cap
     assert "no triage tables: run `pneumonia-worker migrate`" in capsys.readouterr().err
 
 
+def test_a_database_that_is_down_is_one_line_not_a_traceback(capsys):
+    from tests.dicom_gateway.helpers import free_port
+
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    assert admin.main(["--database-url", down, "stats"]) == 3
+    assert capsys.readouterr().err.startswith("pneumonia-admin: database unreachable (OperationalError)")
+
+
 @pytest.mark.postgres
 def test_output_held_by_a_stalled_pipe_holds_no_transaction_open(pg_url):
     """`pneumonia-admin list | less`: the session sat idle in transaction holding locks on instances
