@@ -230,18 +230,25 @@ def claim_instance(conn: Connection, values: dict[str, Any], delivery: str | Non
     `attempts` counts the deliveries that claimed the row and never finished (worker lost), the
     poison-message count. A delivery's `retries_after_claim` (its earlier claims that failed
     transiently, retried by Celery under the same task id, `delivery`) are taken off, each once:
-    the row keeps which delivery it has credited and how much, so a redelivery of the same
+    the row keeps which delivery it last credited and how much, so a redelivery of the same
     message after its worker died still counts, and a new message (the gateway's sweep after a
-    retry chain ran out) starts from the stored count instead of reading the chain as lost.
+    retry chain ran out) starts from the stored count instead of reading the chain as lost. The
+    last claim of a chain that ran out is never credited (no retry follows it): it counts once.
     """
     stmt = _insert(conn, instances).values(status="processing", attempts=1, credited_delivery=delivery,
                                            credited_retries=retries_after_claim, **values)
     update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["status"] = "processing"
+    # Only the row's last claimer's credit is known: another delivery may have claimed in between
+    # (a gateway restart re-sends what is pending while a chain still retries), and crediting a
+    # delivery's whole count again then drove `attempts` below zero and switched the poison limit
+    # off. Without that knowledge nothing is taken off (its transient claims count as lost), and the
+    # count never drops below this claim.
     same_delivery = and_(instances.c.credited_delivery.is_not(None), instances.c.credited_delivery == delivery)
     not_yet_credited = case((same_delivery, retries_after_claim - func.coalesce(instances.c.credited_retries, 0)),
-                            else_=retries_after_claim)
-    update["attempts"] = instances.c.attempts + 1 - not_yet_credited
+                            else_=0)
+    counted = instances.c.attempts + 1 - not_yet_credited
+    update["attempts"] = case((counted < 1, 1), else_=counted)
     update["credited_delivery"] = stmt.excluded.credited_delivery
     update["credited_retries"] = stmt.excluded.credited_retries
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)

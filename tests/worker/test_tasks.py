@@ -57,10 +57,11 @@ def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
     relpath, sop, study = stage(runtime, test_split[0][0])
     base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
             "received_at": db.utcnow(), "started_at": db.utcnow()}
-    for _ in range(runtime.settings.max_attempts):  # claims followed by database errors, each retried
-        with runtime.engine.begin() as conn:
-            db.claim_instance(conn, base)
-    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts)
+    for retries in range(runtime.settings.max_attempts):  # claims followed by database errors, each retried
+        with runtime.engine.begin() as conn:  # by Celery under the same task id, counting its retries after a claim
+            db.claim_instance(conn, base, "celery-task", retries)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts,
+                                    delivery="celery-task")
     assert result["status"] == "done"
 
 
@@ -92,6 +93,26 @@ def test_a_redelivered_retry_still_counts_as_a_lost_delivery(runtime, test_split
         with runtime.engine.begin() as conn:
             db.claim_instance(conn, base, "celery-task-a", 1)
     result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1, delivery="celery-task-a")
+    assert result["status"] == "failed" and "abandoned" in result["reason"]
+
+
+def test_overlapping_deliveries_never_credit_twice_or_drop_below_one(runtime, test_split):
+    """A gateway restart re-sends what is pending while an older chain still retries: the row's
+    credit then belongs to the other delivery, and crediting the whole count again drove attempts
+    to -5 (the poison limit off). Interleaved as a review found it, every claim leaves at least 1,
+    and a worker then killed on the same message again and again still ends failed."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+            "received_at": db.utcnow(), "started_at": db.utcnow()}
+    seen = []
+    for delivery, retries in [("d", 0), ("d", 1), ("e", 0), ("d", 2), ("e", 1), ("d", 3), ("e", 2), ("d", 4)]:
+        with runtime.engine.begin() as conn:
+            seen.append(db.claim_instance(conn, base, delivery, retries)["attempts"])
+    assert min(seen) >= 1 and seen == sorted(seen), seen
+    for _ in range(runtime.settings.max_attempts):  # d's next retry kills its worker every time
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, base, "d", 5)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=5, delivery="d")
     assert result["status"] == "failed" and "abandoned" in result["reason"]
 
 
