@@ -204,9 +204,9 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     every stored value between the two, inclusive, does. Both are stored values, compared
     before the modality LUT. A value written as US for signed pixels (or as SS for unsigned
     ones) is read in the pixels' own representation. An unsigned value above Bits Stored
-    (0xFFFF over 12-bit pixels, as some writers fill whole words) is cut to Bits Stored, as the
-    decoder cuts the pixels that hold it; otherwise it would match no pixel and the padding would
-    take part in the image's range.
+    (0xFFFF around 12-bit pixels, as some writers fill whole words) is looked for in the words as
+    written, since the decoder cuts every pixel to Bits Stored and 0xFFFF padding would then be
+    4095, a real white pixel too (a lead marker, metal).
     """
     value = _number(ds, "PixelPaddingValue")
     if value is None:
@@ -221,12 +221,28 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
             number -= 2**bits
         elif stored.dtype.kind == "u" and number < 0:
             number += 2**bits
-        if stored.dtype.kind == "u" and number > stored_max:
-            number &= stored_max
         bounds.append(number)
     low, high = min(bounds), max(bounds)
-    mask = (stored >= low) & (stored <= high)
+    searched = stored
+    if stored.dtype.kind == "u" and high > stored_max:
+        searched = _words_as_written(ds, stored.shape)
+        if searched is None:  # compressed: the codec holds Bits Stored only, so no pixel can hold the value
+            return None
+    mask = (searched >= low) & (searched <= high)
     return mask if mask.any() else None
+
+
+def _words_as_written(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The 16-bit words of native, single-frame, single-sample Pixel Data before the decoder cuts
+    them to Bits Stored, or None for anything else."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or int(ds.get("BitsAllocated", 0) or 0) != 16 or len(shape) != 2:
+        return None
+    data = ds.get("PixelData")
+    count = shape[0] * shape[1]
+    if data is None or len(data) < 2 * count:
+        return None
+    return np.frombuffer(data, dtype="<u2" if syntax.is_little_endian else ">u2", count=count).reshape(shape)
 
 
 def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -238,18 +238,19 @@ def test_padding_pixels_are_black_and_the_rest_uses_the_anatomy_range(image, pho
 
 
 def test_a_padding_value_written_in_whole_words_over_12_bit_pixels_is_recognised(image):
-    """0xFFFF fills 16-bit words around 12-bit pixels: the decoder keeps Bits Stored (0x0FFF), so
-    the padding value must be cut the same way, or the border joins the range and greys the image."""
+    """0xFFFF fills 16-bit words around 12-bit pixels, and the decoder cuts every pixel to Bits Stored
+    (0x0FFF): the padding is found in the words as written, or the border joins the range and greys
+    the image; a real pixel at 4095 (a lead marker) stays white, not taken for padding."""
     ds = make_cxr_dataset(image, size=(256, 256), bits_stored=12)
     del ds.WindowCenter, ds.WindowWidth
     stored = ds.pixel_array.copy()
+    stored[100:110, 100:110] = 0x0FFF  # the marker: the brightest value 12 bits hold
     rest = stored[20:].astype(np.float64)
-    assert rest.max() < 0x0FFF
     expected = (rest - rest.min()) / (rest.max() - rest.min())
     stored[:20] = 0xFFFF
     ds.PixelPaddingValue, ds.PixelData = 0xFFFF, stored.tobytes()
     display = dicom_to_grayscale(ds)
-    assert (display[:20] == 0).all()
+    assert (display[:20] == 0).all() and (display[100:110, 100:110] == 1).all()
     np.testing.assert_allclose(display[20:], expected, atol=1e-6)
 
 
