@@ -160,6 +160,9 @@ def test_a_blank_picture_is_refused_as_a_blank_dicom_is(detector, sample, tmp_pa
     bordered = np.zeros((1024, 1024), np.uint8)  # a picture inside a wide black border is not blank
     bordered[312:712, 312:712] = np.asarray(Image.fromarray(sample).resize((400, 400)))
     assert detector.predict(bordered)["stratum"]
+    sparse = np.rint(np.asarray(Image.fromarray(sample).resize((2048, 2048))) / 255 * 14000 + 2000).astype(np.uint16)
+    sparse[1001] = 65535  # full-range through one row only, which a grid that skips rows would miss
+    assert detector.predict(sparse)["stratum"]
 
 
 def test_exif_orientation_is_honoured(detector, sample, tmp_path):
