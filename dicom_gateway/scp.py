@@ -97,6 +97,7 @@ inflating a whole upload at once would let a small deflate bomb exhaust the gate
 INFLATED_LIMIT = 1 << 30
 """A Deflated dataset is inflated to its end (in chunks, the output discarded) to check that the
 stream is complete; one inflating beyond this is refused, as no chest radiograph is that large."""
+HEADER_BEYOND_LIMIT = f"deflated: StudyInstanceUID not in first {HEADER_INFLATE_LIMIT >> 20} MiB"
 INPUT_SLICE = 64 << 10
 """Compressed bytes handed to zlib per call while inflating a Deflated dataset (see `inflate_head`)."""
 
@@ -140,6 +141,7 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     """The identifying tags of the received dataset (no pixel decode). A plain stream is read to its
     end, raw, so that one cut short is refused here rather than acknowledged and failed later."""
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    head = b""
     try:
         if deflated:  # its head only (the first 4 MiB inflated), after checking the whole stream ends
             with stream.getbuffer() as body:
@@ -151,6 +153,8 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
         header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
         empty = len(ds) == 0 and len(stream.getbuffer()) > 0
     except Exception as exc:  # malformed streams raise anything from struct to zlib errors
+        if deflated and len(head) >= HEADER_INFLATE_LIMIT:  # cut inside an element (a long private sequence)
+            raise BadDatasetError(CANNOT_UNDERSTAND, HEADER_BEYOND_LIMIT) from exc
         raise BadDatasetError(CANNOT_UNDERSTAND, f"dataset could not be parsed ({type(exc).__name__})") from exc
     finally:
         stream.seek(0)
@@ -159,7 +163,7 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
     if deflated and deflate_state != "complete":
         raise BadDatasetError(CANNOT_UNDERSTAND, "deflated dataset " + deflate_state)
     if deflated and not header.study_uid and len(head) >= HEADER_INFLATE_LIMIT:  # not "missing": not looked at
-        raise BadDatasetError(CANNOT_UNDERSTAND, f"deflated: StudyInstanceUID not in first {HEADER_INFLATE_LIMIT >> 20} MiB")
+        raise BadDatasetError(CANNOT_UNDERSTAND, HEADER_BEYOND_LIMIT)
     if not deflated and truncated(ds, stream):
         raise BadDatasetError(CANNOT_UNDERSTAND, "dataset ends inside an element (truncated)")
     return header

@@ -35,7 +35,8 @@ def test_run_local_scores_a_pushed_study_and_stops_on_sigterm(tmp_path, redis_se
                TRIAGE_GATEWAY_STABLE_STUDY_SECONDS="2", TRIAGE_GATEWAY_MIN_FREE_BYTES="0")
     redis_server.client().flushall()
     with open(tmp_path / "run_local.log", "wb") as log:
-        script = subprocess.Popen(["bash", str(SCRIPT)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        script = subprocess.Popen(["bash", str(SCRIPT)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # its own process group: a failed test kills all of it
     try:
         wait_for(lambda: run_storescu(dcmtk("echoscu"), port, []).returncode == 0 or script.poll() is not None, 120,
                  interval=1.0, what="the gateway to answer C-ECHO")
@@ -60,7 +61,8 @@ def test_run_local_scores_a_pushed_study_and_stops_on_sigterm(tmp_path, redis_se
         assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
                    for pid in services)
     finally:
-        if script.poll() is None:
-            script.kill()
-            for pid in _children(script.pid):
-                os.kill(pid, signal.SIGKILL)
+        try:  # the script, both services and Celery's pool: whatever is left of the group
+            os.killpg(script.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        script.wait(30)

@@ -80,6 +80,18 @@ def test_a_deflated_header_beyond_the_inflate_limit_is_refused_for_what_it_is():
         read_header(BytesIO(deflater.compress(encoded) + deflater.flush()), DeflatedExplicitVRLittleEndian)
     assert refused.value.status == CANNOT_UNDERSTAND
 
+    item = Dataset()  # the same length inside an undefined-length private sequence: the cut falls in it
+    item.add_new(0x00091002, "OB", bytes(HEADER_INFLATE_LIMIT + (1 << 20)))
+    del ds[0x00091001]
+    ds.add_new(0x00091001, "SQ", [item])
+    ds[0x00091001].is_undefined_length = True
+    encoded = plain_stream(ds)
+    assert encoded.count(SEQUENCE_DELIMITER) == 1
+    assert read_header(BytesIO(encoded), ExplicitVRLittleEndian).study_uid == ds.StudyInstanceUID
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with pytest.raises(BadDatasetError, match="StudyInstanceUID not in first 4 MiB"):
+        read_header(BytesIO(deflater.compress(encoded) + deflater.flush()), DeflatedExplicitVRLittleEndian)
+
 
 def plain_stream(ds: Dataset) -> bytes:
     encoded = DicomBytesIO()
