@@ -111,11 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     engine = db.make_engine(url)
     try:
-        with engine.connect() as conn:
-            if not inspect(conn).has_table(db.instances.name):
-                print(f"{parser.prog}: the database has no triage tables: run `pneumonia-worker migrate`",
-                      file=sys.stderr)
-                return 3
+        try:
+            with engine.connect() as conn:
+                migrated = inspect(conn).has_table(db.instances.name)
+        except OperationalError as exc:  # down, refused, wrong password: its text may quote the host
+            print(f"{parser.prog}: cannot open the database ({type(exc.orig or exc).__name__})", file=sys.stderr)
+            return 3
+        if not migrated:
+            print(f"{parser.prog}: the database has no triage tables: run `pneumonia-worker migrate`", file=sys.stderr)
+            return 3
         if args.command == "requeue":
             return requeue(settings, engine, args.older_than)
         fetch, render = COMMANDS[args.command]
@@ -127,10 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OperationalError as exc:  # down, refused, wrong password: its text may quote the host, never the rows
-        print(f"{parser.prog}: database unreachable ({type(exc.orig).__name__ if exc.orig else 'OperationalError'})",
-              file=sys.stderr)
-        return 3
     finally:
         engine.dispose()
 

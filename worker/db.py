@@ -150,9 +150,12 @@ def parse_timestamp(value: str | dt.datetime | None) -> dt.datetime | None:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL (None for other backends and in-memory databases)."""
+    """The file of a SQLite URL (None for other backends, in-memory databases and `file:` URIs,
+    whose path and options only SQLite reads)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    if parsed.database.startswith("file:") or parsed.query.get("uri") == "true":
         return None
     return Path(parsed.database)
 

@@ -192,12 +192,20 @@ def test_a_missing_or_unmigrated_database_is_named_and_not_created(tmp_path, cap
     assert "no triage tables: run `pneumonia-worker migrate`" in capsys.readouterr().err
 
 
+def test_a_sqlite_uri_is_opened_as_sqlite_reads_it(sqlite_url, tmp_path):
+    """`file:...?mode=ro&uri=true` (a read-only look at a live database) was refused as a missing file."""
+    populate(sqlite_url, 20)
+    path = sqlite_url.removeprefix("sqlite:///")
+    rows = json.loads(run_admin(f"sqlite:///file:{path}?mode=ro&uri=true", "list", "--format", "json"))
+    assert len(rows) == 20
+
+
 def test_a_database_that_is_down_is_one_line_not_a_traceback(capsys):
     from tests.dicom_gateway.helpers import free_port
 
     down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
     assert admin.main(["--database-url", down, "stats"]) == 3
-    assert capsys.readouterr().err.startswith("pneumonia-admin: database unreachable (OperationalError)")
+    assert capsys.readouterr().err.startswith("pneumonia-admin: cannot open the database (OperationalError)")
 
 
 @pytest.mark.postgres
@@ -222,6 +230,7 @@ def test_output_held_by_a_stalled_pipe_holds_no_transaction_open(pg_url):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the output should not fit the pipe: the command is blocked writing it"
+        assert states, "the command's session was never seen: nothing was checked"
         assert "idle in transaction" not in states
     finally:
         engine.dispose()
