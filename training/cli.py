@@ -218,10 +218,12 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     config = config_from_args(args)
     if args.stage in ("evaluate", "export", "quantize"):
         config = for_existing_run(config)
-    needs = {"evaluate": BEST, "export": "evaluation.json", "quantize": "pneumonia_resnet50.onnx"}.get(args.stage)
-    if needs and not (config.out_dir / needs).is_file():
-        raise InputMissingError(f"{config.out_dir} holds no {needs}: give the --out-dir of a run that got that far "
-                                "(`pneumonia-train run` writes all three)")
+    needs = {"evaluate": (BEST, "run_info.json", "history.json"), "export": (BEST, "evaluation.json", "run_info.json"),
+             "quantize": ("pneumonia_resnet50.onnx",)}.get(args.stage, ())
+    missing = [name for name in needs if not (config.out_dir / name).is_file()]
+    if missing:
+        raise InputMissingError(f"{config.out_dir} holds no {', '.join(missing)}: give the --out-dir of a run that got "
+                                "that far (`pneumonia-train run` writes them all)")
     runtime = make_runtime(config.device, config.precision, config.threads)
     run_info_path = config.out_dir / "run_info.json"
     if args.stage in ("run", "train"):

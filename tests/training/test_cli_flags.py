@@ -132,7 +132,7 @@ def test_refusals_are_one_line_and_exit_2_not_a_traceback(tmp_path):
     cases = {
         ("run", "--data-root", str(tmp_path / "nodata"), "--weights", "none", "--out-dir", str(tmp_path / "r")):
             "is not in",
-        ("evaluate", "--data-root", str(tmp_path / "nodata"), "--out-dir", str(tmp_path / "empty")): "holds no best.pt",
+        ("evaluate", "--data-root", str(tmp_path / "nodata"), "--out-dir", str(tmp_path / "empty")): "holds no best.pt, run_info.json, history.json",
         ("card", str(copy / "pneumonia_resnet50.onnx"), "--metrics", str(tmp_path / "other.json")):
             "is not this card's evaluation",
     }

@@ -24,7 +24,7 @@ from worker import contract, db
 from worker.samples import save
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_DSN = os.environ.get("TRIAGE_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+PG_ADMIN_DSN = os.environ.get("PYTEST_TRIAGE_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
 def free_port() -> int:
@@ -130,7 +130,7 @@ class WorkerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            cwd=self.env["TRIAGE_TEST_CWD"], start_new_session=True,
+            cwd=self.env["PYTEST_TRIAGE_CWD"], start_new_session=True,
         )
         log.close()
         wait_for(lambda: self._ready_count() >= self.starts or self._died(), timeout, 0.2, "worker ready")
@@ -201,7 +201,7 @@ class TriageEnv:
             TRIAGE_BROKER_URL=self.broker_url,
             TRIAGE_DATABASE_URL=self.database_url,
             TRIAGE_SPOOL_DIR=str(self.spool),
-            TRIAGE_TEST_CWD=str(self.workdir),
+            PYTEST_TRIAGE_CWD=str(self.workdir),
             TRIAGE_INTRA_OP_THREADS="2",
             **self.extra_env,
         )
