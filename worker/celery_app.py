@@ -69,6 +69,8 @@ def create_app(settings: WorkerSettings) -> Celery:
             if not is_transient(cause):
                 raise cause
             log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, self.request.retries + 1)
+            if claimed:
+                tasks.credit_failed_claim(runtime, spool_relpath, sop_instance_uid, self.request.id, retries_after_claim)
             kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
             raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 

@@ -267,6 +267,22 @@ def claim_instance(conn: Connection, values: dict[str, Any], delivery: str | Non
     return row
 
 
+def credit_failed_claim(conn: Connection, study_uid: str, sop_uid: str, delivery: str, retries_after_claim: int) -> bool:
+    """Take a claim that failed transiently off the count now, as the retry that follows would (its
+    `retries_after_claim` is one more). Only when this delivery is still the row's last claimer at the
+    count it claimed with; True if the row was changed. Done at once while the database answers, so a
+    retry chain that runs out leaves no claim of its own counted as a lost delivery."""
+    t = instances
+    stmt = (t.update()
+            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status.notin_(TERMINAL),
+                   t.c.credited_delivery == delivery,
+                   func.coalesce(t.c.credited_retries, 0) == retries_after_claim)
+            .values(attempts=case((t.c.attempts > 0, t.c.attempts - 1), else_=0),
+                    credited_retries=retries_after_claim + 1)
+            .returning(t.c.sop_instance_uid))
+    return conn.execute(stmt).first() is not None
+
+
 def finish_instance(conn: Connection, values: dict[str, Any]) -> bool:
     """Write the terminal result unless another delivery already did; True if this one landed."""
     stmt = _insert(conn, instances).values(attempts=1, **values)

@@ -131,6 +131,21 @@ def process_instance(
         raise ClaimedDeliveryError(exc) from exc
 
 
+def credit_failed_claim(rt: Runtime, relpath: str, sop_uid: str, delivery: str | None, retries_after_claim: int) -> None:
+    """Best effort, before Celery retries a delivery that failed after its claim: take that claim off
+    the row's count now (`db.credit_failed_claim`). When the database does not answer (often why the
+    delivery failed), the retry's own claim takes it off instead; only a chain's last claim is then
+    left counted."""
+    study_uid = study_uid_from_relpath(relpath)
+    if delivery is None or not study_uid:
+        return
+    try:
+        with rt.engine.begin() as conn:
+            db.credit_failed_claim(conn, study_uid, sop_uid, delivery, retries_after_claim)
+    except Exception as exc:  # the retry's claim will credit it
+        log.debug("claim of %s not credited now (%s)", sop_uid, type(exc).__name__)
+
+
 def _require_model(rt: Runtime) -> None:
     """Raise a deployment problem (model missing or not matching its card, a required GPU absent)
     before the row is claimed. Each claim counts a delivery; were the claim first, an outage longer

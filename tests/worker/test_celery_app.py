@@ -96,6 +96,31 @@ def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sq
     assert (stored["attempts"], stored["credited_retries"]) == (1, 1) and stored["credited_delivery"]
 
 
+def test_a_retry_chain_that_runs_out_leaves_no_claim_counted_as_lost(tmp_path, sqlite_url, test_split, monkeypatch):
+    """Every store fails (the database takes claims and refuses results) until Celery's retries run
+    out; the sweep's next message must score the instance, even with TRIAGE_MAX_ATTEMPTS=1: each
+    failed claim is taken off the row at once, the chain's last one included (no retry follows it)."""
+    from worker import db, tasks
+
+    _, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0], max_attempts=1,
+                                                      max_retries=2)
+    real_finish, calls = tasks._finish, []
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(tasks, "_finish", refused)
+    task = app.tasks[contract.PROCESS_INSTANCE]
+    chain = task.apply(args=(relpath, str(ds.SOPInstanceUID)), kwargs={"received_at": None})
+    assert chain.failed() and len(calls) == 3, "the first delivery and its two retries, all refused"
+    monkeypatch.setattr(tasks, "_finish", real_finish)
+    result = task.apply(args=(relpath, str(ds.SOPInstanceUID)), kwargs={"received_at": None}).get()  # the sweep
+    assert result["status"] == "done", result
+    with app.conf.triage_runtime.engine.connect() as conn:
+        assert db.get_instance(conn, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))["attempts"] == 1
+
+
 def test_finalize_waits_without_limit_and_bounds_only_its_own_transient_errors(tmp_path, monkeypatch):
     """A study whose images wait longer than the backoff schedule must still be finalised (the gateway
     sends finalize once), and after many waits a database blip must still be retried, up to
