@@ -62,7 +62,7 @@ def create_app(settings: WorkerSettings) -> Celery:
                          retries_after_claim: int = 0) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
-                                          retries_after_claim=retries_after_claim, delivery=self.request.id)
+                                          retries_after_claim=retries_after_claim)
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc
@@ -70,7 +70,7 @@ def create_app(settings: WorkerSettings) -> Celery:
                 raise cause
             log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, self.request.retries + 1)
             if claimed:
-                tasks.credit_failed_claim(runtime, spool_relpath, sop_instance_uid, self.request.id, retries_after_claim)
+                tasks.credit_failed_claim(runtime, spool_relpath, sop_instance_uid)
             kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
             raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 

@@ -71,8 +71,7 @@ instances = Table(
     Column("status", String(16), nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("credited_delivery", String(64)),  # migration 0004: see claim_instance
-    Column("credited_retries", Integer),
+    Column("transient_claims", Integer),  # migration 0004: claims that failed transiently (see lost_deliveries)
     Column("received_at", DateTime),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
@@ -223,37 +222,17 @@ def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[
     return found
 
 
-def claim_instance(conn: Connection, values: dict[str, Any], delivery: str | None = None,
-                   retries_after_claim: int = 0) -> dict[str, Any] | None:
+def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
     """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
 
     Returns the row after the claim, or None when the row is terminal (nothing to do).
     `values` carry the instance's key: study_instance_uid and sop_instance_uid.
-
-    `attempts` counts the deliveries that claimed the row and never finished (worker lost), the
-    poison-message count. A delivery's `retries_after_claim` (its earlier claims that failed
-    transiently, retried by Celery under the same task id, `delivery`) are taken off, each once:
-    the row keeps which delivery it last credited and how much, so a redelivery of the same
-    message after its worker died still counts, and a new message (the gateway's sweep after a
-    retry chain ran out) starts from the stored count instead of reading the chain as lost. The
-    last claim of a chain that ran out is never credited (no retry follows it): it counts once.
+    `attempts` counts every claim; `lost_deliveries` says how many of them never finished.
     """
-    stmt = _insert(conn, instances).values(status="processing", attempts=1, credited_delivery=delivery,
-                                           credited_retries=retries_after_claim, **values)
+    stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
     update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["status"] = "processing"
-    # Only the row's last claimer's credit is known: another delivery may have claimed in between
-    # (a gateway restart re-sends what is pending while a chain still retries), and crediting a
-    # delivery's whole count again then drove `attempts` below zero and switched the poison limit
-    # off. Without that knowledge nothing is taken off (its transient claims count as lost), and the
-    # count never drops below this claim.
-    same_delivery = and_(instances.c.credited_delivery.is_not(None), instances.c.credited_delivery == delivery)
-    not_yet_credited = case((same_delivery, retries_after_claim - func.coalesce(instances.c.credited_retries, 0)),
-                            else_=0)
-    counted = instances.c.attempts + 1 - not_yet_credited
-    update["attempts"] = case((counted < 1, 1), else_=counted)
-    update["credited_delivery"] = stmt.excluded.credited_delivery
-    update["credited_retries"] = stmt.excluded.credited_retries
+    update["attempts"] = instances.c.attempts + 1
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(INSTANCE_KEY),
@@ -267,18 +246,25 @@ def claim_instance(conn: Connection, values: dict[str, Any], delivery: str | Non
     return row
 
 
-def credit_failed_claim(conn: Connection, study_uid: str, sop_uid: str, delivery: str, retries_after_claim: int) -> bool:
-    """Take a claim that failed transiently off the count now, as the retry that follows would (its
-    `retries_after_claim` is one more). Only when this delivery is still the row's last claimer at the
-    count it claimed with; True if the row was changed. Done at once while the database answers, so a
-    retry chain that runs out leaves no claim of its own counted as a lost delivery."""
+def lost_deliveries(claimed: dict[str, Any], retries_after_claim: int) -> int:
+    """The claims of a row, this one included, that are not known to have failed transiently: the
+    poison-message count (deliveries whose worker died). What is known: the row's
+    `transient_claims`, counted by every delivery that failed transiently while the database
+    answered, whatever its message, and this message's own `retries_after_claim`, counted by Celery
+    even when the database did not answer. Each counts a subset of the same failed claims, so the
+    larger is taken, never their sum: a worker's death is never counted as transient."""
+    return claimed["attempts"] - max(claimed.get("transient_claims") or 0, retries_after_claim)
+
+
+def credit_failed_claim(conn: Connection, study_uid: str, sop_uid: str) -> bool:
+    """Count a claim whose delivery failed transiently (Celery retries it); True if the row was
+    there to count it. Done before the retry, while the database answers, so neither a retry chain
+    that runs out nor another message for the same instance (a gateway restart re-sends what is
+    pending) reads those claims as lost deliveries."""
     t = instances
     stmt = (t.update()
-            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status.notin_(TERMINAL),
-                   t.c.credited_delivery == delivery,
-                   func.coalesce(t.c.credited_retries, 0) == retries_after_claim)
-            .values(attempts=case((t.c.attempts > 0, t.c.attempts - 1), else_=0),
-                    credited_retries=retries_after_claim + 1)
+            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status.notin_(TERMINAL))
+            .values(transient_claims=func.coalesce(t.c.transient_claims, 0) + 1)
             .returning(t.c.sop_instance_uid))
     return conn.execute(stmt).first() is not None
 

@@ -67,8 +67,8 @@ class ClaimedDeliveryError(Exception):
     """A delivery failed after it claimed its row (the database went away while storing, say).
 
     The Celery wrapper retries `cause` if it is transient and counts that retry in the task's
-    `retries_after_claim`, which the next claim takes off the attempt counter (once per delivery,
-    `db.claim_instance`): a retry before any claim
+    `retries_after_claim` and, while the database answers, on the row (`db.credit_failed_claim`):
+    neither is a lost delivery (`db.lost_deliveries`). A retry before any claim
     (model not deployed yet, database down at the first read) claimed nothing and must not raise
     the poison-message limit for the deliveries that follow.
     """
@@ -83,16 +83,14 @@ class StudyNotSettledError(Exception):
 
 
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0,
-    delivery: str | None = None,
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
-    `retries_after_claim` (transient failures after a claim, each retried by Celery under the task
-    id `delivery`) is taken off the row's attempt counter once (`db.claim_instance`), so database
-    blips after a claim never make an instance look like a poison message, in this message or in
-    the sweep's next one; any failure after the claim is raised as `ClaimedDeliveryError` so that
-    the wrapper can count it.
+    `retries_after_claim` (transient failures after a claim, each retried by Celery) and the row's
+    `transient_claims` (the same, counted on the row while the database answered) keep database
+    blips after a claim from making an instance look like a poison message (`db.lost_deliveries`);
+    any failure after the claim is raised as `ClaimedDeliveryError` so that the wrapper can count it.
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -121,29 +119,28 @@ def process_instance(
         "started_at": db.utcnow(),
     }
     with rt.engine.begin() as conn:
-        claimed = db.claim_instance(conn, base, delivery, retries_after_claim)
+        claimed = db.claim_instance(conn, base)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:
-        outcome = _analyse(rt, path, claimed["attempts"])
+        outcome = _analyse(rt, path, db.lost_deliveries(claimed, retries_after_claim))
         return _finish(rt, sop_uid, relpath, received, started, outcome, path)
     except Exception as exc:
         raise ClaimedDeliveryError(exc) from exc
 
 
-def credit_failed_claim(rt: Runtime, relpath: str, sop_uid: str, delivery: str | None, retries_after_claim: int) -> None:
-    """Best effort, before Celery retries a delivery that failed after its claim: take that claim off
-    the row's count now (`db.credit_failed_claim`). When the database does not answer (often why the
-    delivery failed), the retry's own claim takes it off instead; only a chain's last claim is then
-    left counted."""
+def credit_failed_claim(rt: Runtime, relpath: str, sop_uid: str) -> None:
+    """Best effort, before Celery retries a delivery that failed after its claim: count that claim as
+    transient on the row (`db.credit_failed_claim`). When the database does not answer (often why
+    the delivery failed), the retry's `retries_after_claim` still counts it within its own message."""
     study_uid = study_uid_from_relpath(relpath)
-    if delivery is None or not study_uid:
+    if not study_uid:
         return
     try:
         with rt.engine.begin() as conn:
-            db.credit_failed_claim(conn, study_uid, sop_uid, delivery, retries_after_claim)
-    except Exception as exc:  # the retry's claim will credit it
-        log.debug("claim of %s not credited now (%s)", sop_uid, type(exc).__name__)
+            db.credit_failed_claim(conn, study_uid, sop_uid)
+    except Exception as exc:  # the message's own count stands in for it
+        log.debug("transient claim of %s not counted on its row (%s)", sop_uid, type(exc).__name__)
 
 
 def _require_model(rt: Runtime) -> None:

@@ -53,67 +53,80 @@ def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split
     assert (runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file(), "kept for inspection"
 
 
-def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
-    relpath, sop, study = stage(runtime, test_split[0][0])
-    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+def _base(relpath: str, sop: str, study: str) -> dict:
+    return {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
             "received_at": db.utcnow(), "started_at": db.utcnow()}
-    for retries in range(runtime.settings.max_attempts):  # claims followed by database errors, each retried
-        with runtime.engine.begin() as conn:  # by Celery under the same task id, counting its retries after a claim
-            db.claim_instance(conn, base, "celery-task", retries)
-    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts,
-                                    delivery="celery-task")
+
+
+def _claim(runtime, base: dict) -> dict:
+    with runtime.engine.begin() as conn:
+        return db.claim_instance(conn, base)
+
+
+def _credit(runtime, base: dict) -> None:
+    with runtime.engine.begin() as conn:
+        db.credit_failed_claim(conn, base["study_instance_uid"], base["sop_instance_uid"])
+
+
+def test_transient_retries_do_not_count_as_lost_deliveries(runtime, test_split):
+    """Claims followed by database errors, each retried by Celery, with the database down each time
+    the failure would be counted on the row: the message's own count keeps them from being lost."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = _base(relpath, sop, study)
+    for _ in range(runtime.settings.max_attempts):
+        _claim(runtime, base)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts)
     assert result["status"] == "done"
 
 
 def test_a_retry_chain_that_ran_out_is_not_read_as_lost_deliveries_by_the_next_message(runtime, test_split):
-    """Claims that failed transiently were taken off the count only inside their own Celery message:
-    once a chain of retries ran out (a database that took every claim and refused every result for
-    ~25 min), the sweep's new message read all of them as lost deliveries and the instance was failed
-    "abandoned" unscored. The row now keeps what each delivery has credited."""
+    """The failed claims were counted only inside their own Celery message: once a chain of retries
+    ran out (a database that took every claim and refused every result for ~25 min), the sweep's
+    new message read all of them as lost deliveries and the instance was failed "abandoned" unscored."""
     relpath, sop, study = stage(runtime, test_split[0][0])
-    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-            "received_at": db.utcnow(), "started_at": db.utcnow()}
-    for retries in range(runtime.settings.max_attempts + 3):  # one message, Celery retrying it after each claim
-        with runtime.engine.begin() as conn:
-            db.claim_instance(conn, base, "celery-task-a", retries)
-    result = tasks.process_instance(runtime, relpath, sop, None, delivery="celery-task-b")  # the sweep's re-send
+    base = _base(relpath, sop, study)
+    for _ in range(runtime.settings.max_attempts + 3):  # each claim fails transiently, counted on the row
+        _claim(runtime, base)
+        _credit(runtime, base)
+    result = tasks.process_instance(runtime, relpath, sop, None)  # the sweep's re-send: a new message, count 0
     assert result["status"] == "done"
-    assert row(runtime, relpath, sop)["attempts"] == 2, "the chain's last claim, never retried, and this one"
 
 
-def test_a_redelivered_retry_still_counts_as_a_lost_delivery(runtime, test_split):
-    """The poison-message limit must hold for a retry message too: a worker that dies on it gets the
-    same message again (same task id, same retries_after_claim), which must not be credited twice."""
+def test_two_messages_failing_side_by_side_are_not_abandoned(runtime, test_split):
+    """A gateway restart re-sends what is pending while an older chain still retries; both fail
+    transiently (a flapping spool mount), interleaved as a review found them. Counted per message
+    only, they were failed "abandoned" with no worker ever lost."""
     relpath, sop, study = stage(runtime, test_split[0][0])
-    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-            "received_at": db.utcnow(), "started_at": db.utcnow()}
-    with runtime.engine.begin() as conn:
-        db.claim_instance(conn, base, "celery-task-a", 0)  # the first delivery claims, then fails transiently
-    for _ in range(runtime.settings.max_attempts):  # its retry claims, and its worker dies, again and again
-        with runtime.engine.begin() as conn:
-            db.claim_instance(conn, base, "celery-task-a", 1)
-    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1, delivery="celery-task-a")
-    assert result["status"] == "failed" and "abandoned" in result["reason"]
+    base = _base(relpath, sop, study)
+    for _ in range(runtime.settings.max_attempts + 2):  # d and e each claim, then each fails and is retried
+        _claim(runtime, base)
+        _claim(runtime, base)
+        _credit(runtime, base)
+        _credit(runtime, base)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=runtime.settings.max_attempts + 2)
+    assert result["status"] == "done"
 
 
-def test_overlapping_deliveries_never_credit_twice_or_drop_below_one(runtime, test_split):
-    """A gateway restart re-sends what is pending while an older chain still retries: the row's
-    credit then belongs to the other delivery, and crediting the whole count again drove attempts
-    to -5 (the poison limit off). Interleaved as a review found it, every claim leaves at least 1,
-    and a worker then killed on the same message again and again still ends failed."""
+def test_worker_deaths_still_fail_a_poison_image_whatever_was_counted_as_transient(runtime, test_split):
+    """The poison limit holds when transient failures came first, on this message or another, and
+    for a redelivered retry (its worker died: same message, same retries_after_claim)."""
     relpath, sop, study = stage(runtime, test_split[0][0])
-    base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-            "received_at": db.utcnow(), "started_at": db.utcnow()}
-    seen = []
-    for delivery, retries in [("d", 0), ("d", 1), ("e", 0), ("d", 2), ("e", 1), ("d", 3), ("e", 2), ("d", 4)]:
-        with runtime.engine.begin() as conn:
-            seen.append(db.claim_instance(conn, base, delivery, retries)["attempts"])
-    assert min(seen) >= 1 and seen == sorted(seen), seen
-    for _ in range(runtime.settings.max_attempts):  # d's next retry kills its worker every time
-        with runtime.engine.begin() as conn:
-            db.claim_instance(conn, base, "d", 5)
-    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=5, delivery="d")
-    assert result["status"] == "failed" and "abandoned" in result["reason"]
+    base = _base(relpath, sop, study)
+    for _ in range(4):  # transient failures, counted on the row and in the message
+        _claim(runtime, base)
+        _credit(runtime, base)
+    for _ in range(runtime.settings.max_attempts):  # the retry (count 4) kills its worker, again and again
+        _claim(runtime, base)
+    result = tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=4)
+    assert result["status"] == "failed" and "abandoned after 3 deliveries" in result["reason"]
+
+
+def test_lost_deliveries_take_the_larger_count_never_the_sum():
+    claimed = {"attempts": 7, "transient_claims": 3}
+    assert db.lost_deliveries(claimed, 0) == 4
+    assert db.lost_deliveries(claimed, 5) == 2  # this message knows of more (the database was down)
+    assert db.lost_deliveries(claimed, 2) == 4  # a subset of what the row counted: not taken off twice
+    assert db.lost_deliveries({"attempts": 2, "transient_claims": None}, 1) == 1  # a 0003 row
 
 
 def test_path_outside_the_spool_is_refused_with_a_row(runtime):

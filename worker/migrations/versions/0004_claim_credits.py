@@ -1,16 +1,15 @@
-"""Keep each delivery's count of transient retries after a claim on the row, not only in its message.
+"""Count on the row the claims whose delivery failed transiently, not only in the Celery message.
 
 Why: `attempts` counts claims, and a claim whose delivery then failed transiently (the database
-went away while storing) is not a lost delivery. That correction travelled in the Celery message
-alone (`retries_after_claim`), so when a retry chain ran out and the gateway's sweep re-sent the
-instance as a new message, the chain's claims were counted as lost deliveries and the instance was
-failed "abandoned" without being scored. The row now records the task id whose correction it has
-applied and how much of it (`credited_delivery`, `credited_retries`), so a claim applies only what
-that delivery has not applied yet: a redelivery of the same message (its worker died) counts, a
-retry of it does not, and a new message starts from what is stored.
+refused the result, the spool mount went stale) is not a lost delivery. That count travelled in
+the Celery message alone (`retries_after_claim`), so when a retry chain ran out and the gateway's
+sweep re-sent the instance as a new message, or when two messages for the same instance failed
+side by side (a gateway restart re-sends what is pending), the failed claims read as lost
+deliveries and the instance was failed "abandoned" without being scored. `transient_claims` is
+counted by every such delivery while the database answers (`db.credit_failed_claim`).
 
-Both columns are nullable and added in place: workers of the previous version keep running
-during the upgrade (they do not write them).
+The column is nullable and added in place: workers of the previous version keep running during
+the upgrade (they neither write nor read it).
 
 Revision ID: 0004
 Revises: 0003
@@ -28,11 +27,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("instances", sa.Column("credited_delivery", sa.String(64), nullable=True))
-    op.add_column("instances", sa.Column("credited_retries", sa.Integer, nullable=True))
+    op.add_column("instances", sa.Column("transient_claims", sa.Integer, nullable=True))
 
 
 def downgrade() -> None:
     # In place, as 0002's downgrade: a batch copy would rename a table that the study_flags view names.
-    op.drop_column("instances", "credited_retries")
-    op.drop_column("instances", "credited_delivery")
+    op.drop_column("instances", "transient_claims")
