@@ -123,7 +123,7 @@ def process_instance(
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:
-        outcome = _analyse(rt, path, db.lost_deliveries(claimed, retries_after_claim))
+        outcome = _analyse(rt, path, db.lost_deliveries(claimed, retries_after_claim), claimed.get("transient_claims") or 0)
         return _finish(rt, sop_uid, relpath, received, started, outcome, path)
     except Exception as exc:
         raise ClaimedDeliveryError(exc) from exc
@@ -158,10 +158,18 @@ def _require_model(rt: Runtime) -> None:
         raise ModelUnavailableError(f"the model could not be loaded ({type(exc).__name__})") from exc
 
 
-def _analyse(rt: Runtime, path: Path, attempts: int) -> Outcome:
-    """Input problems, time limits and unexpected bugs all end in a recorded outcome."""
+def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) -> Outcome:
+    """Input problems, time limits and unexpected bugs all end in a recorded outcome.
+
+    Transient failures after a claim are retried, but not without end: as many as
+    `max_attempts` whole retry chains (a file the host never manages to read, a bad sector) fail
+    the instance, so its study can still be finalised; a database that refuses results that long
+    cannot record this either, and the next delivery after it recovers does."""
     if attempts > rt.settings.max_attempts:
         return Outcome("failed", f"abandoned after {attempts - 1} deliveries that did not finish (worker lost)")
+    if transient_claims >= rt.settings.max_attempts * (rt.settings.max_retries + 1):
+        return Outcome("failed", f"abandoned after {transient_claims} deliveries that failed transiently "
+                                 "(unreadable file or storage error that did not clear)")
     if not path.is_file():
         return Outcome("failed", "spool file missing and no earlier result exists")
     try:

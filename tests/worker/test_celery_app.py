@@ -97,11 +97,12 @@ def test_a_transient_failure_after_the_claim_is_retried_and_counted(tmp_path, sq
 
 def test_a_retry_chain_that_runs_out_leaves_no_claim_counted_as_lost(tmp_path, sqlite_url, test_split, monkeypatch):
     """Every store fails (the database takes claims and refuses results) until Celery's retries run
-    out; the sweep's next message must score the instance, even with TRIAGE_MAX_ATTEMPTS=1: each
-    failed claim is taken off the row at once, the chain's last one included (no retry follows it)."""
+    out; the sweep's next message must score the instance: each failed claim is counted as
+    transient on the row at once, the chain's last one included (no retry follows it). Two whole
+    chains would end it (`max_attempts` of them); one is a database outage to ride out."""
     from worker import db, tasks
 
-    _, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0], max_attempts=1,
+    _, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0], max_attempts=2,
                                                       max_retries=2)
     real_finish, calls = tasks._finish, []
 

@@ -121,6 +121,26 @@ def test_worker_deaths_still_fail_a_poison_image_whatever_was_counted_as_transie
     assert result["status"] == "failed" and "abandoned after 3 deliveries" in result["reason"]
 
 
+def test_transient_failures_that_never_clear_end_in_a_failed_row(runtime, test_split):
+    """Counted as transient, a file the host never reads (a bad sector: EIO every time) was retried
+    chain after chain without end, and its study never finalised; after `max_attempts` whole chains
+    it is failed with what happened."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    base = _base(relpath, sop, study)
+    chains = runtime.settings.max_attempts * (runtime.settings.max_retries + 1)
+    for _ in range(chains - 1):
+        _claim(runtime, base)
+        _credit(runtime, base)
+    assert tasks.process_instance(runtime, relpath, sop, None)["status"] == "done", "one chain short: still scored"
+    relpath, sop, study = stage(runtime, test_split[0][1])
+    base = _base(relpath, sop, study)
+    for _ in range(chains):
+        _claim(runtime, base)
+        _credit(runtime, base)
+    result = tasks.process_instance(runtime, relpath, sop, None)
+    assert result["status"] == "failed" and f"abandoned after {chains} deliveries that failed transiently" in result["reason"]
+
+
 def test_lost_deliveries_take_the_larger_count_never_the_sum():
     claimed = {"attempts": 7, "transient_claims": 3}
     assert db.lost_deliveries(claimed, 0) == 4
