@@ -8,12 +8,14 @@ process-wide state.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 DEFAULT_FLAG_MAP = {
     "high_suspicion": "URGENT",
@@ -156,12 +158,6 @@ def invalid_settings_message(prog: str, exc: Exception) -> str:
 def load_worker_settings(prog: str) -> WorkerSettings | None:
     """The worker's settings, with a warning on stderr for each `TRIAGE_*` name no setting reads;
     None after printing what is invalid (the command then exits 2)."""
-    import os
-    import sys
-
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
     try:
         settings = WorkerSettings()
     except (ValidationError, SettingsError) as exc:
