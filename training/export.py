@@ -83,7 +83,7 @@ def weights_origin(config: TrainConfig) -> dict:
         return with_provenance({"kind": "file", "name": path.name, "sha256": sha256_of(path),
                                 "resnet_v1_strides": config.resnet_v1_strides})
     if config.weights.lower() == "none":
-        return {"kind": "none", "name": "none", "source": "random initialisation (trained from scratch)"}
+        return with_provenance({"kind": "none", "name": "none"})
     return with_provenance({"kind": "torchvision", "name": config.weights})
 
 
@@ -93,6 +93,8 @@ def with_provenance(origin: dict) -> dict:
         return {**origin, **KNOWN_WEIGHTS.get(origin.get("sha256", ""), {"source": "a local file of unknown provenance"})}
     if origin.get("kind") == "torchvision":
         return {**origin, **TORCHVISION_WEIGHTS.get(str(origin.get("name", "")).upper(), {})}
+    if origin.get("kind") == "none":
+        return {**origin, "source": "random initialisation (trained from scratch)"}
     return dict(origin)
 
 

@@ -18,7 +18,9 @@ def linear_member(path, seed: int):
         [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 2])],
         initializer=[numpy_helper.from_array(rng.normal(size=(12, 2)).astype(np.float32), "w"),
                      numpy_helper.from_array(rng.normal(size=2).astype(np.float32), "b")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    # IR 8 is what opset 18 needs; onnx's own default follows the onnx release and can be newer than
+    # the installed onnxruntime reads (onnx 1.23 wrote IR 14, onnxruntime 1.30 reads up to 13)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
     return path
 
 
