@@ -135,7 +135,7 @@ class PneumoniaDetector:
         return calibrated_probability(self.logits(batch), self.card.temperature)
 
     def predict(self, image: ImageLike) -> dict[str, Any]:
-        return self.describe(float(self.pneumonia_probability(self._input(image)[None])[0]))
+        return self.describe(float(self.pneumonia_probability(self.network_input(image)[None])[0]))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The contract's preprocessing at this model's source size -> (N, 3, 224, 224)."""
@@ -147,13 +147,13 @@ class PneumoniaDetector:
         inputs = []
         for index, image in enumerate(images):
             try:
-                inputs.append(self._input(image))
+                inputs.append(self.network_input(image))
             except (UnreadableImageError, FileNotFoundError) as exc:
                 raise type(exc)(f"input {index + 1} of {len(images)}: {exc}") from exc
         batch = np.stack(inputs) if inputs else self.preprocess([])
         return [self.describe(float(p)) for p in self.pneumonia_probability(batch)]
 
-    def _input(self, image: ImageLike) -> np.ndarray:
+    def network_input(self, image: ImageLike) -> np.ndarray:
         """One path or array -> its (3, 224, 224) network input.
 
         A blank picture (99% of it one grey level) is refused, as a blank DICOM is: an all-black PNG

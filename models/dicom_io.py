@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,13 +48,17 @@ def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:
     about the file's content, so it becomes `ImageAccessError`, which the worker retries; a path
     that is not there or not a file is the caller's (the worker checks its spool file first)."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        for _ in ds.iterall():  # values decode lazily: a corrupt one is refused here, not halfway through display
+            pass
+        return ds
     except OSError as exc:
         if exc.errno is None or isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
         raise ImageAccessError(f"file could not be read ({type(exc).__name__}, "
                                f"{errno.errorcode.get(exc.errno, exc.errno)})") from exc
-    except (pydicom.errors.InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except (pydicom.errors.InvalidDicomError, pydicom.errors.BytesLengthException, EOFError, ValueError, KeyError,
+            TypeError, NotImplementedError, struct.error) as exc:  # NotImplementedError: an unknown VR
         raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
 
 
@@ -94,7 +99,7 @@ def window_to_unit(values: np.ndarray, ds: Dataset, padding: np.ndarray | None =
     the full range of the modality values, which is what viewers do. Padding pixels (a mask,
     see `padding_mask`) take no part in that range.
     """
-    if "VOILUTSequence" in ds:
+    if ds.get("VOILUTSequence"):  # an empty sequence is absent, as for pydicom and viewers
         return voi_lut_to_unit(values, ds)
     center, width = _number(ds, "WindowCenter"), _number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
@@ -206,7 +211,10 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     ones) is read in the pixels' own representation. An unsigned value above Bits Stored
     (0xFFFF around 12-bit pixels, as some writers fill whole words) is looked for in the words as
     written, since the decoder cuts every pixel to Bits Stored and 0xFFFF padding would then be
-    4095, a real white pixel too (a lead marker, metal).
+    4095, a real white pixel too (a lead marker, metal). Compressed data has no such words: where
+    the codec cut every value to Bits Stored (RLE, JPEG lossless) the padding is looked for as cut,
+    so a real top-value pixel is painted black with it; left in, the padding would stretch the
+    displayed range and dim the picture, which moved a normal plate to high suspicion.
     """
     value = _number(ds, "PixelPaddingValue")
     if value is None:
@@ -225,9 +233,12 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     low, high = min(bounds), max(bounds)
     searched = stored
     if stored.dtype.kind == "u" and high > stored_max:
-        searched = _words_as_written(ds, stored.shape)
-        if searched is None:  # compressed: the codec holds Bits Stored only, so no pixel can hold the value
-            return None
+        written = _words_as_written(ds, stored.shape)
+        if written is not None:
+            searched = written
+        elif int(stored.max()) <= stored_max:  # a codec (RLE, JPEG lossless) cut every value, the padding's too
+            low, high = sorted((low & stored_max, high & stored_max))
+        # else the decoder kept whole words (JPEG-LS gives 0xFFFF back): the values are searched as they are
     mask = (searched >= low) & (searched <= high)
     return mask if mask.any() else None
 
@@ -254,7 +265,7 @@ def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     first entry, above its last the last one, as pydicom does), because pydicom cannot read one
     whose 8-bit entries are packed two to a word (`_first_lut`).
     """
-    if "ModalityLUTSequence" in ds:
+    if ds.get("ModalityLUTSequence"):  # an empty sequence is absent, as for pydicom and viewers
         entries, first, _, lut = _first_lut(ds, "ModalityLUTSequence", "Modality LUT")
         index = np.clip(stored.astype(np.int32) - first, 0, entries - 1)  # int32 holds any 16-bit value and offset
         return lut[index].astype(np.float32)

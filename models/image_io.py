@@ -14,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import UnreadableImageError
 
+TIFF_PHOTOMETRIC = 262
+TIFF_WHITE_IS_ZERO = 0
+
 
 def is_dicom(path: Path) -> bool:
     try:
@@ -31,7 +34,10 @@ def read_raster(path: Path) -> np.ndarray:
             stored.load()
             image = ImageOps.exif_transpose(stored)  # the picture as viewers show it (phone photos of films)
             if image.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(image, dtype=np.uint16)
+                values = np.asarray(image, dtype=np.uint16)
+                if getattr(stored, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == TIFF_WHITE_IS_ZERO:  # the file's tags, not the copy's
+                    return np.uint16(65535) - values  # Pillow inverts WhiteIsZero up to 8 bits only
+                return values
             if image.mode == "I":
                 values = np.asarray(image)
                 if values.min() < 0 or values.max() > 65535:
@@ -40,6 +46,8 @@ def read_raster(path: Path) -> np.ndarray:
             if image.mode in ("F",):
                 raise UnreadableImageError("floating-point rasters are not supported; export 8 or 16 bit")
             return np.asarray(image.convert("L"), dtype=np.uint8)
+    except UnreadableImageError:  # our own reason (a float raster, say), not to be reworded
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
 

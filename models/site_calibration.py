@@ -34,7 +34,6 @@ from models.calibration import Calibration, StrataTargets, binary_metrics, boots
 from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_strata
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
-from models.image_io import read_image
 
 FORMAT = "pneumonia-triage/site-calibration/1"
 MIN_CASES_PER_CLASS = 10
@@ -252,15 +251,18 @@ def with_rates(counts: Mapping[str, Mapping[str, int]], labels: np.ndarray) -> d
             for name, row in counts.items()}
 
 
-def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
-    """A CSV with columns `path` (DICOM, PNG or JPEG; relative to the CSV) and `label` (normal/pneumonia or 0/1)."""
+def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray, list[int]]:
+    """A CSV with columns `path` (DICOM, PNG or JPEG; relative to the CSV) and `label` (normal/pneumonia or 0/1)
+    -> paths, labels and each case's line in the file (blank lines counted; a case with a quoted line break
+    is named by its last line), by which every later problem is named."""
     csv_path = Path(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{csv_path.name} needs a header with columns 'path' and 'label'")
-        paths, labels, first_line = [], [], {}
-        for line, row in enumerate(reader, start=2):
+        paths, labels, lines, first_line = [], [], [], {}
+        for row in reader:
+            line = reader.line_num  # csv skips blank lines, so counting rows would name the wrong line
             word = (row["label"] or "").strip().lower()
             if word not in LABEL_WORDS:
                 raise ValueError(f"{csv_path.name} line {line}: label must be one of {sorted(LABEL_WORDS)}")
@@ -274,7 +276,8 @@ def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray]:
             first_line[key] = line
             paths.append(path)
             labels.append(LABEL_WORDS[word])
-    return paths, np.asarray(labels, dtype=np.int64)
+            lines.append(line)
+    return paths, np.asarray(labels, dtype=np.int64), lines
 
 
 def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,
@@ -286,13 +289,13 @@ def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,
     """
     if not paths:
         return np.zeros((0, 2))
-    lines = lines if lines is not None else [index + 2 for index in range(len(paths))]
+    lines = lines if lines is not None else [index + 2 for index in range(len(paths))]  # a CSV without blank lines
     unreadable, logits = [], []
     for start in range(0, len(paths), batch_size):
         inputs = []
         for index, path in enumerate(paths[start:start + batch_size], start=start):
             try:  # read and preprocess each case on its own, so a refusal names its line
-                inputs.append(detector.preprocess([read_image(path)])[0])
+                inputs.append(detector.network_input(path))  # the detector's checks too (a blank picture)
             except UnreadableImageError as exc:  # its reasons quote no file content or path
                 unreadable.append(f"line {lines[index]} ({exc})")
             except OSError as exc:  # its message holds the path

@@ -161,7 +161,9 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.detector import PneumoniaDetector
     from models.errors import ModelIntegrityError, UnreadableImageError
     from models.site_calibration import case_logits, fit_site_calibration, read_cases
+    from worker.contract import quiet_pydicom
 
+    quiet_pydicom()  # the cases are read whole: a malformed element's warning would quote its value
     out_dir = Path(args.out).parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,11 +174,11 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
         return 2
     try:
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
-        paths, labels = read_cases(args.cases)
+        paths, labels, lines = read_cases(args.cases)
         keep, excluded = cases_the_worker_would_score(paths, settings)
         kept = np.flatnonzero(keep)
         detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
-        logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[int(i) + 2 for i in kept])
+        logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[lines[i] for i in kept])
         site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
     except OSError as exc:  # its text names the file, and case paths may carry patient identifiers
         log.error("site calibration not written: %s (%s)", type(exc).__name__, exc.strerror or "I/O error")

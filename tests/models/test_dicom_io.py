@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from models.dicom_io import dicom_to_grayscale
 from models.errors import UnreadableImageError, quoted_code, quoted_uid
 from models.preprocess import reduce_to_source
-from worker.samples import make_cxr_dataset
+from worker.samples import encode, make_cxr_dataset
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,23 @@ def test_a_padding_value_written_in_whole_words_over_12_bit_pixels_is_recognised
     np.testing.assert_allclose(display[20:], expected, atol=1e-6)
 
 
+@pytest.mark.dcmtk
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEGLosslessSV1])
+def test_whole_word_padding_is_recognised_in_lossless_compressed_pixels(image, syntax):
+    """The same plate losslessly compressed displays as it does uncompressed. RLE and JPEG lossless
+    give the padding back cut to Bits Stored (4095), JPEG-LS whole (65535); left in either way it
+    stretched the range and dimmed the picture (a normal plate went from ROUTINE to URGENT)."""
+    ds = make_cxr_dataset(image, size=(256, 256), bits_stored=12)
+    del ds.WindowCenter, ds.WindowWidth
+    stored = ds.pixel_array.copy()
+    stored[:20] = 0xFFFF
+    ds.PixelPaddingValue, ds.PixelData = 0xFFFF, stored.tobytes()
+    native = dicom_to_grayscale(ds)
+    display = dicom_to_grayscale(encode(ds, syntax))
+    assert (display[:20] == 0).all()
+    np.testing.assert_allclose(display, native, atol=1e-6)
+
+
 @pytest.mark.parametrize("window", [False, True])
 def test_an_image_that_is_all_padding_is_refused(image, window):
     ds = make_cxr_dataset(image, size=(256, 256))
@@ -349,3 +366,31 @@ def test_a_picture_too_long_once_its_pixels_are_square_is_refused_with_its_reaso
     ds.PixelSpacing = [0.15, 0.139]
     with pytest.raises(UnreadableImageError, match=r"aspect ratio of 1024x237 \(square pixels\) exceeds 4"):
         dicom_to_grayscale(ds)
+
+
+@pytest.mark.parametrize("sequence", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_an_empty_lut_sequence_counts_as_absent(image, sequence):
+    """An empty VOI or Modality LUT Sequence is no LUT, as for pydicom and viewers (it was refused)."""
+    from pydicom.sequence import Sequence
+
+    ds = make_cxr_dataset(image, size=(256, 256))
+    reference = dicom_to_grayscale(ds)
+    setattr(ds, sequence, Sequence([]))
+    np.testing.assert_array_equal(dicom_to_grayscale(ds), reference)
+
+
+def test_a_corrupt_element_is_refused_when_read_not_halfway_through_display(image, tmp_path):
+    """pydicom decodes values lazily: an unknown VR in a header element raised NotImplementedError from
+    inside the display chain, past the detector's promise that every refusal is UnreadableImageError."""
+    from models.dicom_io import read_dicom
+
+    path = tmp_path / "corrupt.dcm"
+    ds = make_cxr_dataset(image, size=(256, 256))
+    ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+    encode(ds, "1.2.840.10008.1.2.1").save_as(path, enforce_file_format=True)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\x28\x00\x52\x10")  # (0028,1052) Rescale Intercept, explicit VR: its VR follows the tag
+    raw[at + 4:at + 6] = b"\x44\xa4"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UnreadableImageError, match=r"not a readable DICOM file \(NotImplementedError\)"):
+        read_dicom(str(path))

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from models.calibration import StrataTargets, binary_metrics, calibrate
 from models.card import default_model_path
@@ -131,7 +132,7 @@ def test_cases_csv_errors_name_the_line(tmp_path, test_split):
     with pytest.raises(ValueError, match="'path' and 'label'"):
         read_cases(tmp_path / "nolabel.csv")
     (tmp_path / "case_00001.png").write_bytes(b"not an image")
-    paths, _ = read_cases(csv_path)
+    paths, _, _ = read_cases(csv_path)
     with pytest.raises(UnreadableImageError, match="line 3") as error:
         case_logits(PneumoniaDetector(), paths)
     assert "case_00001" not in str(error.value)
@@ -196,6 +197,21 @@ def test_a_file_listed_twice_or_a_row_without_path_is_refused(tmp_path, test_spl
         read_cases(tmp_path / "short.csv")
 
 
+def test_lines_are_the_files_own_after_blank_lines(tmp_path, test_split):
+    """csv skips blank lines: counting rows sent the admin to remove a valid case on the line above."""
+    images, labels = test_split
+    write_labelled_cases(tmp_path, images[:3], labels[:3])
+    (tmp_path / "gaps.csv").write_text("path,label\n\ncase_00000.png,normal\n\ncase_00001.png,maybe\n")
+    with pytest.raises(ValueError, match="line 5: label"):
+        read_cases(tmp_path / "gaps.csv")
+    (tmp_path / "gaps.csv").write_text("path,label\n\ncase_00000.png,normal\n\ncase_00001.png,1\ncase_00002.png,0\n")
+    paths, _, lines = read_cases(tmp_path / "gaps.csv")
+    assert lines == [3, 5, 6]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(paths[1])  # a blank picture, which the detector refuses
+    with pytest.raises(UnreadableImageError, match=r"1 case\(s\) unreadable.*: line 5 \(image is blank"):
+        case_logits(PneumoniaDetector(), paths, lines=lines)
+
+
 @pytest.mark.parametrize("damage", ["strata_reversed", "negative_temperature", "no_targets", "strata_gap"])
 def test_load_refuses_implausible_files_as_integrity_errors(tmp_path, card, damage):
     """The worker retries a ModelIntegrityError as a deployment fault; anything else would fail instances."""
@@ -230,7 +246,7 @@ def test_a_case_the_preprocessing_refuses_is_named_by_its_line(tmp_path, test_sp
     csv_path = write_labelled_cases(tmp_path, images[:4], labels[:4])
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "case_00001.png")
     Image.fromarray(images[3].astype(np.uint16) * 16).save(tmp_path / "case_00003.png")  # 12-bit, unscaled
-    paths, _ = read_cases(csv_path)
+    paths, _, _ = read_cases(csv_path)
     with pytest.raises(UnreadableImageError) as error:
         case_logits(PneumoniaDetector(), paths)
     message = str(error.value)

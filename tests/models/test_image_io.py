@@ -1,0 +1,34 @@
+"""Raster reading (`models/image_io.py`): the picture as viewers show it, or a reason."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import UnreadableImageError
+from models.image_io import read_image
+
+TIFF_PHOTOMETRIC = 262
+
+
+def gradient16() -> np.ndarray:
+    return (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("white_is_zero", [False, True])
+def test_a_16_bit_tiff_is_read_as_displayed_whatever_its_photometric(tmp_path, white_is_zero):
+    """Pillow inverts WhiteIsZero TIFFs of up to 8 bits only: a 16-bit one was scored as a negative."""
+    values = gradient16()
+    written = 65535 - values if white_is_zero else values
+    path = tmp_path / "plate.tif"
+    Image.fromarray(written).save(path, tiffinfo={TIFF_PHOTOMETRIC: 0 if white_is_zero else 1})
+    with Image.open(path) as check:  # the file says what the test means
+        assert check.tag_v2[TIFF_PHOTOMETRIC] == (0 if white_is_zero else 1) and check.mode.startswith("I;16")
+    np.testing.assert_array_equal(read_image(path), values)
+
+
+def test_a_float_raster_is_refused_with_its_own_reason(tmp_path):
+    """The specific reason was re-wrapped as 'not a readable image file (UnreadableImageError)'."""
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(path)
+    with pytest.raises(UnreadableImageError, match="^floating-point rasters are not supported"):
+        read_image(path)
