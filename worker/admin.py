@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import Connection, func, inspect, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("study_uid")
     show.add_argument("--format", choices=("table", "json"), default="table")
     stats = sub.add_parser("stats", help="counts, failure reasons, throughput and latency")
-    stats.add_argument("--window-hours", type=float, default=24.0)
+    stats.add_argument("--window-hours", type=_window_hours, default=24.0, help="hours back (at most 100 years)")
     stats.add_argument("--format", choices=("table", "json"), default="table")
     requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
     requeue.add_argument("--older-than", type=float, default=300.0, help="seconds since the file was written")
@@ -70,10 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number: {value!r}")
     return number
+
+
+def _window_hours(value: str) -> float:
+    hours = _positive(value)
+    if hours > MAX_WINDOW_HOURS:  # datetime cannot reach that far back (and nan is not positive)
+        raise argparse.ArgumentTypeError(f"at most {MAX_WINDOW_HOURS} hours (100 years): {value!r}")
+    return hours
+
+
+MAX_WINDOW_HOURS = 100 * 366 * 24
 
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
@@ -104,17 +117,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prune-archive":  # files only: no database needed
         return prune(settings, args.older_than_days, args.dry_run, args.every_hours)
     url = args.database_url or settings.database_url
-    missing = db.sqlite_path(url)
-    if missing is not None and not missing.is_file():  # make_engine would create an empty one (a typo, another CWD)
+    try:
+        missing = db.sqlite_path(url)
+        engine = None if missing is not None and not missing.is_file() else db.make_engine(url)
+    except (ArgumentError, NoSuchModuleError) as exc:  # a malformed URL or an unknown dialect; the URL may hold a password
+        print(f"{parser.prog}: invalid database URL ({type(exc).__name__}; e.g. postgresql+psycopg://user:pass@host/db)",
+              file=sys.stderr)
+        return 3
+    if engine is None:  # make_engine would create an empty one (a typo, another CWD)
         print(f"{parser.prog}: no database file at {missing} (TRIAGE_DATABASE_URL or --database-url; "
               "`pneumonia-worker migrate` creates it)", file=sys.stderr)
         return 3
-    engine = db.make_engine(url)
     try:
         try:
             with engine.connect() as conn:
                 migrated = inspect(conn).has_table(db.instances.name)
-        except OperationalError as exc:  # down, refused, wrong password: its text may quote the host
+        except DBAPIError as exc:  # down, refused, wrong password, not a database file: its text may quote the host
             print(f"{parser.prog}: cannot open the database ({type(exc.orig or exc).__name__})", file=sys.stderr)
             return 3
         if not migrated:
@@ -131,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # --out cannot be written (no such folder, permissions, disk full)
+        print(f"{parser.prog}: cannot write the output ({type(exc).__name__}: {exc.strerror or 'I/O error'})",
+              file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
 

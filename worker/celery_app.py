@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from models.errors import ImageAccessError
-from worker import contract, tasks
+from worker import contract, db, tasks
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ def create_app(settings: WorkerSettings) -> Celery:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
                                           retries_after_claim=retries_after_claim)
+        except tasks.InstanceBusyError as exc:  # nothing claimed: a wait, not a failure
+            wait = (exc.free_at - db.utcnow()).total_seconds() + 1
+            raise self.retry(exc=exc, countdown=min(max(wait, 1), settings.retry_backoff_max_s),
+                             kwargs=dict(self.request.kwargs or {}))
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc
@@ -78,15 +82,18 @@ def create_app(settings: WorkerSettings) -> Celery:
     def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None,
                        transient_retries: int = 0) -> Any:
         """Retried without limit while the study's images wait (`StudyNotSettledError`), however long
-        that lasts; database/broker errors have their own count, `transient_retries`, bounded by
-        TRIAGE_MAX_RETRIES (Celery's own count includes the waits)."""
+        that lasts, and while the database, the broker or the spool's storage fails (transient
+        errors): the gateway sends finalize once and nothing else re-sends it, so a bounded retry
+        left every study that went quiet during a long outage not final for good. The task is
+        idempotent and cheap; `transient_retries`, its own count (Celery's includes the waits),
+        spaces the retries out to TRIAGE_RETRY_BACKOFF_MAX_S."""
         kwargs = dict(self.request.kwargs or {})
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
         except tasks.StudyNotSettledError as exc:
             raise self.retry(exc=exc, countdown=backoff(self.request.retries), kwargs=kwargs)
         except Exception as exc:
-            if not is_transient(exc) or transient_retries >= settings.max_retries:
+            if not is_transient(exc):
                 raise
             kwargs["transient_retries"] = transient_retries + 1
             raise self.retry(exc=exc, countdown=backoff(transient_retries), kwargs=kwargs)

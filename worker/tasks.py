@@ -15,7 +15,11 @@ Database and broker errors propagate to the Celery wrapper, which retries with b
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import logging
+import os
+import stat
 import time
 import traceback
 from dataclasses import dataclass
@@ -78,6 +82,16 @@ class ClaimedDeliveryError(Exception):
         self.cause = cause
 
 
+class InstanceBusyError(Exception):
+    """Another delivery of the instance claimed it and may still be running (a re-send, a requeue, a
+    gateway restart's sweep): this one waits, without a claim, until that one has finished (its result
+    is then found) or cannot be running any more (`free_at`, its claim plus the hard time limit)."""
+
+    def __init__(self, free_at: dt.datetime) -> None:
+        super().__init__("another delivery of this instance may still be running")
+        self.free_at = free_at
+
+
 class StudyNotSettledError(Exception):
     """Images of the study still wait in pending/ without a result, so the study cannot be final yet."""
 
@@ -118,8 +132,12 @@ def process_instance(
         "received_at": received,
         "started_at": db.utcnow(),
     }
-    with rt.engine.begin() as conn:
-        claimed = db.claim_instance(conn, base)
+    running_since = base["started_at"] - dt.timedelta(seconds=rt.settings.time_limit_s)  # the hard limit ends any
+    try:
+        with rt.engine.begin() as conn:
+            claimed = db.claim_instance(conn, base, running_since)
+    except db.InstanceBusyError as exc:  # retried once that delivery has finished or its time limit has passed
+        raise InstanceBusyError(exc.started_at + dt.timedelta(seconds=rt.settings.time_limit_s)) from exc
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:
@@ -170,7 +188,7 @@ def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) 
     if transient_claims >= rt.settings.max_attempts * (rt.settings.max_retries + 1):
         return Outcome("failed", f"abandoned after {transient_claims} deliveries that failed transiently "
                                  "(unreadable file or storage error that did not clear)")
-    if not path.is_file():
+    if not spool_file_exists(path):
         return Outcome("failed", "spool file missing and no earlier result exists")
     try:
         return analyse_file(path, rt.settings, rt.detectors)  # type: ignore[arg-type]
@@ -186,6 +204,24 @@ def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) 
         return _internal_error(exc, path)
     except Exception as exc:  # a bug must not turn into a crash loop or a lost instance
         return _internal_error(exc, path)
+
+
+def spool_file_exists(path: Path) -> bool:
+    """Whether the spool file is there. Only "no such file" says it is not: any other error of the
+    storage (a stale network mount, EIO) is the host's, retried as `ImageAccessError`, where
+    `Path.is_file` raised a plain OSError that failed the delivery unretried."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise storage_error("spool file", exc) from exc
+
+
+def storage_error(what: str, exc: OSError) -> ImageAccessError:
+    """The error's type and errno name only: its text holds the path (a study's UID)."""
+    return ImageAccessError(f"{what} could not be read ({type(exc).__name__}, "
+                            f"{errno.errorcode.get(exc.errno or 0, exc.errno)})")
 
 
 def _internal_error(exc: BaseException, path: Path) -> Outcome:
@@ -247,7 +283,8 @@ def _finish(
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
                rt.settings.spool_retention)
-    log.info("instance %s -> %s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
+    log.info("instance %s -> %s%s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "",
+             "" if landed else " [not stored: another delivery's result was there first]")
     return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,
             "stratum": outcome.fields.get("stratum"), "noop": not landed}
 
@@ -293,7 +330,13 @@ def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
     if not valid_uid(study_uid):
         return []
     folder = Path(rt.settings.spool_dir) / SPOOL_PENDING / study_uid
-    waiting = sorted(p.stem for p in folder.glob("*.dcm")) if folder.is_dir() else []
+    try:  # not glob: it takes a folder it cannot list (a stale mount) for an empty one, and the study went final
+        with os.scandir(folder) as entries:
+            waiting = sorted(entry.name[:-4] for entry in entries if entry.name.endswith(".dcm"))
+    except (FileNotFoundError, NotADirectoryError):
+        waiting = []
+    except OSError as exc:
+        raise storage_error("spool folder", exc) from exc
     if not waiting:
         return []
     with rt.engine.connect() as conn:

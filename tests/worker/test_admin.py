@@ -208,6 +208,32 @@ def test_a_database_that_is_down_is_one_line_not_a_traceback(capsys):
     assert capsys.readouterr().err.startswith("pneumonia-admin: cannot open the database (OperationalError)")
 
 
+@pytest.mark.parametrize("url,says", [
+    ("sqlite:///{tmp}/garbage.db", "cannot open the database (DatabaseError)"),
+    ("postgres+psycopg://user:secret@host/db", "invalid database URL (NoSuchModuleError"),
+    (":::", "invalid database URL (ArgumentError"),
+])
+def test_a_database_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path, capsys, url, says):
+    """A file that is not SQLite, a misspelt dialect and a malformed URL were tracebacks (exit 1)."""
+    (tmp_path / "garbage.db").write_bytes(bytes(range(256)) * 20)
+    assert admin.main(["--database-url", url.format(tmp=tmp_path), "stats"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"pneumonia-admin: {says}") and err.count("\n") == 1 and "secret" not in err
+
+
+@pytest.mark.parametrize("hours", ["nan", "1e10", "-1", "x"])
+def test_a_window_out_of_range_is_refused_by_the_parser(small_db, hours, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(["--database-url", small_db[0], "stats", "--window-hours", hours])
+    assert exit_.value.code == 2 and "--window-hours" in capsys.readouterr().err
+
+
+def test_an_export_that_cannot_be_written_is_one_line(small_db, tmp_path, capsys):
+    assert admin.main(["--database-url", small_db[0], "export", "--out", str(tmp_path / "no" / "such.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err == "pneumonia-admin: cannot write the output (FileNotFoundError: No such file or directory)\n"
+
+
 @pytest.mark.postgres
 def test_output_held_by_a_stalled_pipe_holds_no_transaction_open(pg_url):
     """`pneumonia-admin list | less`: the session sat idle in transaction holding locks on instances

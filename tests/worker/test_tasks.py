@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from pydicom.uid import generate_uid
 
@@ -44,7 +46,7 @@ def test_done_then_archived_then_noop(runtime, test_split):
 def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split):
     relpath, sop, study = stage(runtime, test_split[0][0])
     base = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-            "received_at": db.utcnow(), "started_at": db.utcnow()}
+            "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(hours=1)}  # died an hour ago
     for _ in range(runtime.settings.max_attempts):  # deliveries that died mid-task
         with runtime.engine.begin() as conn:
             db.claim_instance(conn, base)
@@ -55,7 +57,7 @@ def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split
 
 def _base(relpath: str, sop: str, study: str) -> dict:
     return {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-            "received_at": db.utcnow(), "started_at": db.utcnow()}
+            "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(hours=1)}  # claimed an hour ago
 
 
 def _claim(runtime, base: dict) -> dict:
@@ -317,5 +319,100 @@ def test_a_spool_file_the_host_cannot_read_is_retried_not_failed(runtime, test_s
     assert row(runtime, relpath, sop)["status"] == "processing"
     assert (runtime.settings.spool_dir / relpath).is_file(), "still pending, where the sweep finds it"
 
+    tasks.credit_failed_claim(runtime, relpath, sop)  # as the Celery wrapper does before it retries
     monkeypatch.setattr(pydicom, "dcmread", real_read)  # the mount is back: Celery's retry scores it
     assert tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1)["status"] == "done"
+
+
+def test_a_spool_the_host_cannot_stat_is_retried_for_the_instance_and_the_study(runtime, test_split, monkeypatch):
+    """A stale NFS handle fails stat() itself, before the file is opened: `Path.is_file` raised a plain
+    OSError, which was not retried, so the row stayed `processing`, the claim later read as a lost
+    delivery, and finalize was dropped for good (a glob over the folder would have found it empty)."""
+    import errno
+    from pathlib import Path
+
+    from models.errors import ImageAccessError
+    from worker.celery_app import is_transient
+
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    real_stat, real_scandir = Path.stat, tasks.os.scandir
+
+    def stale(path, *args, **kwargs):
+        if study in str(path):
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    def stale_folder(path):
+        if study in str(path):
+            raise OSError(errno.ESTALE, "Stale file handle", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(Path, "stat", stale)
+    monkeypatch.setattr(tasks.os, "scandir", stale_folder)
+    with pytest.raises(tasks.ClaimedDeliveryError) as raised:
+        tasks.process_instance(runtime, relpath, sop, None)
+    assert isinstance(raised.value.cause, ImageAccessError) and is_transient(raised.value.cause)
+    assert "ESTALE" in str(raised.value.cause) and study not in str(raised.value.cause)
+    with pytest.raises(ImageAccessError) as refused:
+        tasks.finalize_study(runtime, study, None)
+    assert is_transient(refused.value)
+    assert row(runtime, relpath, sop)["status"] == "processing"
+
+    tasks.credit_failed_claim(runtime, relpath, sop)
+    monkeypatch.undo()  # the mount is back
+    assert tasks.process_instance(runtime, relpath, sop, None, retries_after_claim=1)["status"] == "done"
+    assert tasks.finalize_study(runtime, study, None)["final"]
+
+
+def test_a_duplicate_in_flight_waits_instead_of_counting_as_a_lost_delivery(tmp_path, sqlite_url, test_split, caplog):
+    """Two messages for one instance (a re-send, a requeue, a gateway restart's sweep): the second claimed
+    over the first, still running, and with TRIAGE_MAX_ATTEMPTS=1 failed it as 'abandoned (worker lost)'
+    at once; the first's result then lost to that row while its log said 'done'. A claim younger than the
+    hard time limit is now waited for (nothing claimed); an older one is a delivery that died."""
+    upgrade(sqlite_url)
+    runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", max_attempts=1))
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    running = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+               "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(seconds=5)}
+    with runtime.engine.begin() as conn:
+        db.claim_instance(conn, running)  # the first delivery, 5 s into its work
+
+    with pytest.raises(tasks.InstanceBusyError) as busy:
+        tasks.process_instance(runtime, relpath, sop, None)
+    expected = running["started_at"] + dt.timedelta(seconds=runtime.settings.time_limit_s)
+    assert busy.value.free_at == expected
+    assert (row(runtime, relpath, sop)["status"], row(runtime, relpath, sop)["attempts"]) == ("processing", 1)
+
+    with runtime.engine.begin() as conn:  # the first delivery stores its result; the wait then finds it
+        db.finish_instance(conn, {**running, "status": "done", "probability": 0.9, "stratum": "high_suspicion"})
+    assert tasks.process_instance(runtime, relpath, sop, None)["noop"]
+    assert row(runtime, relpath, sop)["status"] == "done"
+
+
+def test_a_claim_older_than_the_hard_time_limit_is_a_lost_delivery(tmp_path, sqlite_url, test_split):
+    upgrade(sqlite_url)
+    runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", max_attempts=1))
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    died = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath, "received_at": db.utcnow(),
+            "started_at": db.utcnow() - dt.timedelta(seconds=runtime.settings.time_limit_s + 5)}
+    with runtime.engine.begin() as conn:
+        db.claim_instance(conn, died)
+    result = tasks.process_instance(runtime, relpath, sop, None)
+    assert result["status"] == "failed" and "abandoned after 1 deliveries" in result["reason"]
+
+
+def test_a_result_that_lost_the_race_says_so_in_the_log(runtime, test_split, caplog, monkeypatch):
+    """The log said 'done' for a result the database did not take (another delivery's was there)."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    real_store = tasks._store
+
+    def other_delivery_first(rt, values, received, counts_for_study):
+        with rt.engine.begin() as conn:
+            db.finish_instance(conn, {**values, "status": "failed", "reason": "the other delivery's"})
+        return real_store(rt, values, received, counts_for_study)
+
+    monkeypatch.setattr(tasks, "_store", other_delivery_first)
+    with caplog.at_level("INFO", logger="worker.tasks"):
+        result = tasks.process_instance(runtime, relpath, sop, None)
+    assert result["noop"] and row(runtime, relpath, sop)["reason"] == "the other delivery's"
+    assert any("-> done" in r.getMessage() and "not stored" in r.getMessage() for r in caplog.records)
