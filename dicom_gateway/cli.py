@@ -20,7 +20,7 @@ from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
 from dicom_gateway.config import GatewaySettings, load_settings
-from worker.config import invalid_settings_message, setting_names, unread_variables
+from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
 
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(invalid_settings_message("dicom-gateway", exc), file=sys.stderr)
         return 2
     logs.configure(settings.gateway_log_level)
-    for warning in unread_variables(os.environ, setting_names(GatewaySettings), gateway=True):
+    for warning in unread_variables(os.environ, setting_names(GatewaySettings) | setting_names(WorkerSettings),
+                                    gateway=True):
         log.warning(warning)
     if args.command == "run":
         return cmd_run(settings)

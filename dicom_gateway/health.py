@@ -37,7 +37,9 @@ def echo(settings: GatewaySettings, host: str, *, calling_ae: str = HEALTH_CALLI
     assoc = ae.associate(host, settings.gateway_port, ae_title=settings.gateway_ae_title, tls_args=tls_args)
     try:
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "no association (connection refused or timed out)"
+            why = "rejected" if assoc.is_rejected else (
+                "no association (connection refused, timed out or TLS handshake failed: see the gateway's log)"
+                if tls_args else "no association (connection refused or timed out)")
             return {"ok": False, "error": why}
         status = assoc.send_c_echo()
         code = int(status.Status) if status is not None and "Status" in status else None

@@ -29,8 +29,14 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Client context trusting `ca` (used by the health check's C-ECHO and by tests)."""
+    """Client context trusting `ca` (used by the health check's C-ECHO and by tests).
+
+    `ca` may be the server's own certificate rather than a CA (the health check without
+    `TRIAGE_GATEWAY_TLS_CA`): partial chains are accepted, so that certificate is itself the trust
+    anchor even when a hospital CA issued it, whose root the check does not have; without that
+    flag OpenSSL looked for the issuer and every check of such a gateway failed."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.check_hostname = False  # DICOM peers are addressed by IP; the CA pins identity
     if cert is not None and key is not None:
         context.load_cert_chain(certfile=str(cert), keyfile=str(key))

@@ -35,7 +35,9 @@ COMPOSE_ONLY_VARIABLES = frozenset({"TRIAGE_DB_PASSWORD"})
 class WorkerSettings(BaseSettings):
     """Everything the worker, its CLI and the admin CLI need to know."""
 
-    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", frozen=True, extra="ignore", env_ignore_empty=True)
+    """An empty variable is an unset one, as for the gateway: `TRIAGE_SITE_CALIBRATION=` in the shared
+    triage.env reverted the calibration to the path '.' and the worker refused to start."""
 
     broker_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "sqlite:///var/triage.db"
@@ -117,14 +119,16 @@ def unread_variables(environ: Mapping[str, str], known: Iterable[str], *, gatewa
 
     Why: pydantic-settings ignores names it does not know, so a misspelt variable is dropped in
     silence; `TRIAGE_GATEWAY_ALLOWED_CALLING_AE` (no S) would leave the allow-list empty and let
-    every caller in. The gateway checks the `TRIAGE_GATEWAY_*` names, the worker all the others,
-    so that each warns about its own and neither about the other's.
+    every caller in. The worker checks every name but the `TRIAGE_GATEWAY_*` ones; the gateway
+    checks them all, against `known` = its own names and the worker's (it reads the shared
+    `TRIAGE_SPOOL_DIR` and `TRIAGE_BROKER_URL` too, and a misspelt one on a gateway-only host sent its
+    spool to ./var/spool in silence), so that neither warns about the other's settings.
     """
     known = set(known) | COMPOSE_ONLY_VARIABLES
     warnings = []
     for name in sorted(environ):
         upper = name.upper()  # pydantic-settings matches names in any case
-        if not upper.startswith("TRIAGE_") or upper.startswith(GATEWAY_PREFIX) != gateway or upper in known:
+        if not upper.startswith("TRIAGE_") or (upper.startswith(GATEWAY_PREFIX) and not gateway) or upper in known:
             continue
         close = difflib.get_close_matches(upper, sorted(known), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""

@@ -102,3 +102,9 @@ def test_the_worker_cap_holds_an_8192_pixel_plate_with_its_celery_main_process()
     cap = memory_bytes(COMPOSE["services"]["worker"]["deploy"]["resources"]["limits"]["memory"])
     assert peak + 256 * 1024**2 <= cap, (peak, cap)
     assert COMPOSE["services"]["worker"]["deploy"]["replicas"] == 2
+
+
+def test_the_archive_pruner_gets_sigterm_as_pid_1():
+    """pneumonia-admin prune-archive installs no SIGTERM handler; as a container's PID 1 the kernel does not
+    deliver the signal, and every stop waited the grace period for a SIGKILL. An init process forwards it."""
+    assert COMPOSE["services"]["archive-pruner"].get("init") is True

@@ -205,6 +205,17 @@ def test_tls_mutual_auth(start_gateway, broker, images, pki):
     assert len(pending_files(gateway.spool.root)) == 1
 
 
+def test_tls_health_check_trusts_a_ca_issued_certificate_without_the_ca(start_gateway, broker, pki):
+    """TLS without client certificates (no TRIAGE_GATEWAY_TLS_CA): the check trusts the gateway's own
+    certificate. Issued by a hospital CA, it failed every check (OpenSSL looked for its issuer), so the
+    compose gateway stayed unhealthy while modalities that trust the CA got in."""
+    from dicom_gateway.health import echo
+
+    gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"])
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    assert echo(settings, "127.0.0.1")["ok"] is True
+
+
 @pytest.mark.dcmtk
 def test_tls_with_dcmtk_echoscu(start_gateway, broker, dcmtk, pki):
     gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"], gateway_tls_ca=pki["ca_pem"])

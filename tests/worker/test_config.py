@@ -72,12 +72,15 @@ def test_unread_variables_name_the_typo_and_the_setting_meant():
         "triage_log_level": "debug",  # read (any case)
         "TRIAGE_BROKER_URL": "redis://r:6379/0",  # read by both
         "TRIAGE_DB_PASSWORD": "x",  # compose's, read by no service
+        "TRIAGE_CONCURRENCY": "2",  # the worker's only: no warning from the gateway
         "PATH": "/usr/bin",
     }
-    gateway = unread_variables(environ, setting_names(GatewaySettings), gateway=True)
+    gateway = unread_variables(environ, setting_names(GatewaySettings) | setting_names(WorkerSettings), gateway=True)
     worker = unread_variables(environ, setting_names(WorkerSettings), gateway=False)
     assert gateway == ["environment variable TRIAGE_GATEWAY_ALLOWED_CALLING_AE is not a setting and is ignored; "
-                       "did you mean TRIAGE_GATEWAY_ALLOWED_CALLING_AES?"]
+                       "did you mean TRIAGE_GATEWAY_ALLOWED_CALLING_AES?",
+                       "environment variable TRIAGE_MISSING_TAGS_POLICY is not a setting and is ignored; "
+                       "did you mean TRIAGE_MISSING_TAG_POLICY?"]  # a typo of a shared name matters on its host too
     assert worker == ["environment variable TRIAGE_MISSING_TAGS_POLICY is not a setting and is ignored; "
                       "did you mean TRIAGE_MISSING_TAG_POLICY?"]
 
@@ -89,15 +92,26 @@ def test_every_command_warns_about_a_misspelt_variable(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    env.update(TRIAGE_GATEWAY_ALLOWED_CALLING_AE="PACS", TRIAGE_SPOOL_RETENTON="delete",
+    env.update(TRIAGE_GATEWAY_ALLOWED_CALLING_AE="PACS", TRIAGE_SPOOL_RETENTON="delete", TRIAGE_BROKER_ULR="redis://x",
                TRIAGE_SPOOL_DIR=str(tmp_path / "spool"), TRIAGE_DATABASE_URL=f"sqlite:///{tmp_path / 't.db'}")
     commands = {
         "dicom_gateway.cli": (["--spool-dir", str(tmp_path / "spool"), "sweep", "--min-age", "1e9"],
                               "TRIAGE_GATEWAY_ALLOWED_CALLING_AES?"),
+        "dicom_gateway.cli ": (["--spool-dir", str(tmp_path / "spool"), "sweep", "--min-age", "1e9"],
+                               "TRIAGE_BROKER_URL?"),  # a shared name's typo, on a gateway-only host
         "worker.cli": (["migrate"], "TRIAGE_SPOOL_RETENTION?"),
         "worker.admin": (["prune-archive", "--older-than-days", "30", "--dry-run"], "TRIAGE_SPOOL_RETENTION?"),
     }
     for module, (args, meant) in commands.items():
-        out = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", module.strip(), *args], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (module, out.stderr)
         assert f"did you mean {meant}" in out.stderr + out.stdout, (module, out.stderr)
+
+
+def test_an_empty_variable_is_an_unset_one(monkeypatch):
+    """`TRIAGE_SITE_CALIBRATION=` in the shared triage.env (the gateway reads that as unset) became the path
+    '.', and the worker refused to start: a restart loop under compose."""
+    monkeypatch.setenv("TRIAGE_SITE_CALIBRATION", "")
+    monkeypatch.setenv("TRIAGE_MODEL_PATH", "")
+    settings = WorkerSettings()
+    assert settings.site_calibration is None and settings.model_path is None
