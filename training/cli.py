@@ -23,7 +23,7 @@ from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_exis
                              resolve_frozen, resolve_weights)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.errors import InputMissingError, RefusedError
-from training.evaluate import evaluate, load_evaluation, save_evaluation
+from training.evaluate import evaluate, evaluation_of, save_evaluation
 from training.export import export, refresh_card, release
 from training.quantize import quantize
 from training.report import write_results
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--metrics", type=Path, required=True, help="that run's metrics.json (results/ of its out-dir)")
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
-    seeds.add_argument("--out", type=Path, default=Path("results/seeds"))
+    seeds.add_argument("--out", type=Path, required=True, help="folder for seeds.json, seeds.md and each run's small files")
     seeds.add_argument("--bootstrap", type=int, default=TrainConfig().bootstrap)
     seeds.add_argument("--baseline", type=Path, help="--out of an earlier `seeds` summary to compare validation against")
     seeds.add_argument("--rule-out-sensitivity", type=float, default=StrataTargets().rule_out_sensitivity)
@@ -169,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         distill_from=tuple(args.distill_from), distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
         tta_hflip=not args.no_tta, bootstrap=args.bootstrap,
-        strata=StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity), seed=args.seed,
+        strata=strata_targets(args), seed=args.seed,
         deterministic=args.deterministic, device=args.device, precision=args.precision, threads=args.threads,
         out_dir=out_dir_from_args(args), resume=args.resume, progress=not args.no_progress,
     )
@@ -203,15 +203,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def strata_targets(args: argparse.Namespace) -> StrataTargets:
+    try:
+        return StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
+    except ValueError as exc:  # 98 for 0.98: its message says so
+        raise RefusedError(str(exc)) from exc
+
+
+def check_run_dirs(args: argparse.Namespace) -> None:
+    """The runs a summary, soup or ensemble reads must be run folders (a typo was a FileNotFoundError)."""
+    for run_dir in getattr(args, "run_dirs", None) or ():
+        if not (run_dir / "config.json").is_file():
+            raise InputMissingError(f"{run_dir} is not a run folder (no config.json): give the --out-dir of a finished run")
+
+
 def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     """The stage `args.stage`, as parsed by `build_parser`."""
+    check_run_dirs(args)
     if args.stage == "seeds":
-        targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
+        targets = strata_targets(args)
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
         return 0
     if args.stage == "card":
+        if not args.metrics.is_file():
+            raise InputMissingError(f"no metrics file {args.metrics} (a run writes results/metrics.json)")
         refresh_card(args.onnx, json.loads(args.metrics.read_text()), str(args.metrics)).save(card_path_for(args.onnx))
         log.info("card of %s refreshed from %s", args.onnx, args.metrics)
         return 0
@@ -246,7 +263,7 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     if args.stage in ("run", "evaluate", "soup"):
         started = time.perf_counter()
         evaluation = evaluate(config.out_dir / BEST, config, runtime)
-        save_evaluation(evaluation, config.out_dir / "evaluation.json")
+        save_evaluation(evaluation, config.out_dir / "evaluation.json", config, sha256_of(config.out_dir / BEST))
         run_info = json.loads(run_info_path.read_text())
         run_info["evaluate_seconds"] = time.perf_counter() - started
         run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
@@ -255,7 +272,7 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
         log.info("test AUC %.4f, accuracy %.4f (threshold 0.5)", evaluation.metrics["test"]["at_0.5"]["point"]["auc"],
                  evaluation.metrics["test"]["at_0.5"]["point"]["accuracy"])
     if args.stage in ("run", "export", "soup"):
-        evaluation = load_evaluation(config.out_dir / "evaluation.json")
+        evaluation, config = evaluation_of(config.out_dir / "evaluation.json", config.out_dir / BEST, config)
         run_info = json.loads(run_info_path.read_text())
         onnx_path = export(config.out_dir / BEST, config, evaluation, runtime, args.model_version, run_info)
         if args.release_dir:
@@ -273,7 +290,7 @@ def ship_ensemble(args: argparse.Namespace, config: TrainConfig, argv: list[str]
                 **build_ensemble(args.run_dirs, config, args.int8, args.calibration_images)}
     started = time.perf_counter()
     evaluation, parity = evaluate_ensemble(args.run_dirs, config, args.int8)
-    save_evaluation(evaluation, config.out_dir / "evaluation.json")
+    save_evaluation(evaluation, config.out_dir / "evaluation.json", config)
     run_info["evaluate_seconds"] = time.perf_counter() - started
     (config.out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
     write_results(args.results_dir or config.out_dir / "results", evaluation, [], run_info, config.out_dir)

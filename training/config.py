@@ -123,6 +123,16 @@ class TrainConfig:
             raise RefusedError("swa_epochs must lie in [0, epochs]")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
             raise RefusedError("distill_weight must lie in [0, 1] and distill_temperature be positive")
+        counts = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                  "bootstrap": self.bootstrap}
+        for name, value in counts.items():  # 0 failed deep inside a stage, some after writing files
+            if value < 1:
+                raise RefusedError(f"{name} must be at least 1")
+        if self.samples_per_epoch < 0:
+            raise RefusedError("samples_per_epoch must be 0 (one pass over the split) or more")
+        unknown = sorted(set(self.frozen) - set(FREEZABLE))
+        if unknown:
+            raise RefusedError(f"frozen: no module {', '.join(unknown)} (the ResNet-50's are {', '.join(FREEZABLE)})")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -132,6 +142,8 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+FREEZABLE = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+"""The backbone's top-level modules that `frozen` may name (the head is always trained)."""
 SAME_RUN = ("resnet_v1_strides", "hidden", "dropout", "image_size", "subset")
 """What a checkpoint's network and its images are. Later stages and resumes must repeat them: stride
 placement changes no shapes, so best.pt would load strictly into another network (and its ONNX pass

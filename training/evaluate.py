@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 
-from models.calibration import (binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature, nll,
-                                stratum_report, temperature_at_edge)
-from models.card import Stratum, strict_json
+from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature,
+                                nll, stratum_report, temperature_at_edge)
+from models.card import Stratum, sha256_of, strict_json
 from training.config import TrainConfig
+from training.errors import RefusedError
 from training.data import Split, load_split
 from training.engine import predict_logits
 from training.metrics import (THRESHOLD_METRICS, brier, expected_calibration_error, reliability_curve, roc_auc,
@@ -168,11 +169,39 @@ def write_predictions(out: Path, val: Split, val_logits: np.ndarray, test: Split
                         test_labels=test.labels, test_logits=test_logits)
 
 
-def save_evaluation(evaluation: Evaluation, path: Path) -> None:
+EVALUATION_SETTINGS = ("tta_hflip", "bootstrap", "strata")
+"""The evaluation stage's own flags (a later `export` may be given others): recorded beside its figures, so
+the card states the settings its temperature, strata and CIs were chosen with."""
+
+
+def save_evaluation(evaluation: Evaluation, path: Path, config: TrainConfig | None = None,
+                    checkpoint_sha256: str | None = None) -> None:
+    """`evaluation.json`: the validation choices and figures, with the sha256 of the checkpoint they
+    describe and the settings they were made with (`EVALUATION_SETTINGS` of `config`)."""
     payload = {"tta_hflip": evaluation.tta_hflip, "temperature": evaluation.temperature,
                "operating_threshold": evaluation.operating_threshold,
-               "strata": [s.__dict__ for s in evaluation.strata], "metrics": evaluation.metrics}
+               "strata": [s.__dict__ for s in evaluation.strata], "metrics": evaluation.metrics,
+               "checkpoint_sha256": checkpoint_sha256,
+               "settings": None if config is None else {k: config.to_dict()[k] for k in EVALUATION_SETTINGS}}
     path.write_text(strict_json(payload, indent=2) + "\n")
+
+
+def evaluation_of(path: Path, checkpoint: Path, config: TrainConfig) -> tuple[Evaluation, TrainConfig]:
+    """The evaluation in `path`, refused unless it was made from `checkpoint`, and `config` with the
+    evaluation's own settings. Why: `train` into a folder that held an evaluated run rewrote best.pt and
+    left evaluation.json, and `export` then shipped the new weights with the old model's temperature,
+    strata, TTA choice and test figures; and the card recorded the export command's strata targets and
+    bootstrap, not the ones the cut-points and CIs came from. A file from before these fields is taken
+    as it is."""
+    data = json.loads(path.read_text())
+    recorded = data.get("checkpoint_sha256")
+    if recorded is not None and recorded != sha256_of(checkpoint):
+        raise RefusedError(f"{path} was computed from another {checkpoint.name} (trained again into this folder?): "
+                           "run `pneumonia-train evaluate` on it first")
+    settings = data.get("settings") or {}
+    if "strata" in settings:
+        settings = {**settings, "strata": StrataTargets(**settings["strata"])}
+    return load_evaluation(path), replace(config, **settings)
 
 
 def load_evaluation(path: Path) -> Evaluation:

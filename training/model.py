@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from training.errors import InputMissingError, RefusedError
+
 
 def build_model(weights: str, *, hidden: int = 512, dropout: float = 0.5, frozen: tuple[str, ...] = (),
                 resnet_v1_strides: bool = False) -> nn.Module:
@@ -37,7 +39,29 @@ def load_backbone_state(weights: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state) if isinstance(state, dict) else state
     enum = tv_models.ResNet50_Weights[weights]
-    return enum.get_state_dict(progress=False)
+    try:
+        return enum.get_state_dict(progress=False)
+    except OSError as exc:  # URLError: offline (no cache either)
+        raise InputMissingError(f"torchvision's {weights} weights could not be downloaded ({type(exc).__name__}): "
+                                "offline, pass a local file with --weights or PNEUMONIA_WEIGHTS") from exc
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def check_weights(weights: str) -> None:
+    """Refuse start weights that cannot be loaded, before a run writes anything: a missing file or an
+    unknown name was a traceback from safetensors or an enum lookup, after config.json was written."""
+    if weights.lower() == "none":
+        return
+    path = Path(weights).expanduser()
+    if path.suffix in WEIGHT_FILE_SUFFIXES:
+        if not path.is_file():
+            raise InputMissingError(f"weights file {path} not found (--weights or PNEUMONIA_WEIGHTS)")
+        return
+    if weights not in tv_models.ResNet50_Weights.__members__:
+        raise RefusedError(f"weights {weights!r}: neither 'none', a file ({', '.join(WEIGHT_FILE_SUFFIXES)}) nor one "
+                           f"of torchvision's {', '.join(tv_models.ResNet50_Weights.__members__)}")
 
 
 def use_v1_strides(model: nn.Module) -> None:

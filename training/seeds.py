@@ -168,8 +168,7 @@ def keep_run_files(runs: list[SeedRun], run_dirs: list[Path], out_dir: Path) -> 
         for name in KEPT_FILES:
             source = run_dir / name
             if source.exists():
-                folder = f"seed-{run.label}" if is_seed(run.label) else run.label
-                target = out_dir / folder / Path(name).name
+                target = out_dir / run_folder(run.label) / Path(name).name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
 
@@ -185,11 +184,29 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
         baseline = validation_table(baseline_metrics(baseline_dir))
         figures["validation"]["against_baseline"] = {
             "baseline": str(baseline_dir), **validation_comparison(figures["validation"]["mean_sd"], baseline)}
+    refuse_other_runs(out_dir, {run_folder(r.label) for r in runs})
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_run_files(runs, run_dirs, out_dir)
     (out_dir / "seeds.json").write_text(strict_json(figures, indent=2) + "\n")
     (out_dir / "seeds.md").write_text(seeds_markdown(figures))
     return figures
+
+
+def run_folder(label: str) -> str:
+    """Where a run's kept files go in a summary: seed-N/, or the soup's or ensemble's own label."""
+    return f"seed-{label}" if is_seed(label) else label
+
+
+def refuse_other_runs(out_dir: Path, folders: set[str]) -> None:
+    """A summary's folder holds its own runs only: those of an earlier summary into the same --out stayed
+    beside the new seeds.json, and a later --baseline on it averaged runs the summary no longer lists."""
+    if not out_dir.is_dir():
+        return
+    others = sorted(entry.name for entry in out_dir.iterdir() if entry.is_dir() and entry.name not in folders
+                    and entry.name.split("-")[0] in ("seed", "soup", "ensemble"))
+    if others:
+        raise RefusedError(f"{out_dir} holds runs this summary does not list ({', '.join(others)}): give another --out "
+                           "or remove them")
 
 
 def is_seed(label: str) -> bool:

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from training.config import SAME_RESUME, TrainConfig, check_same_run
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
-from training.errors import RefusedError
+from training.errors import InputMissingError, RefusedError
 from training.evaluate import load_trained
 from models.calibration import binary_metrics
 from training.metrics import roc_auc, softmax_pneumonia
-from training.model import build_model, count_parameters, set_train_mode
+from training.model import build_model, check_weights, count_parameters, set_train_mode
 from training.runtime import Runtime, restore_rng_states, rng_states, seed_everything
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,26 @@ def check_resume(config: TrainConfig) -> None:
         if config.swa_epochs and recorded.get("epochs") != config.epochs:
             raise RefusedError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
                              "--swa-epochs the weight average covers the schedule's last epochs, so a resume keeps them")
+    check_resume_checkpoint(config.resume)
+
+
+RESUME_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "best_score", "best_epoch")
+
+
+def check_resume_checkpoint(path: Path) -> None:
+    """Refuse what cannot be resumed before anything is written: a mistyped path or best.pt (weights only)
+    got as far as loading after config.json had been rewritten with the command's --epochs and --resume,
+    and the run's later cards then described a recipe that never ran."""
+    if not path.is_file():
+        raise InputMissingError(f"resume checkpoint {path} does not exist (a run writes last.pt in its --out-dir)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or holding more than tensors and plain values
+        raise RefusedError(f"{path} cannot be read as a checkpoint ({type(exc).__name__})") from exc
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise RefusedError(f"{path} is not a resume checkpoint (it has no {', '.join(missing)}): resume from "
+                           "last.pt, which a run writes after every epoch")
 
 
 def running_mean(average: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
@@ -236,6 +256,7 @@ def stop_after(row: dict, epoch: int, best_epoch: int, config: TrainConfig) -> s
 def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     """Train with early stopping; keep the best-on-validation weights in `best.pt`."""
     out = config.out_dir
+    check_weights(config.weights)
     if config.resume:
         check_resume(config)
     out.mkdir(parents=True, exist_ok=True)

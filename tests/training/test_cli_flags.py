@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from training.cli import build_parser, config_from_args
+from training.cli import build_parser, config_from_args, main
 from training.config import WEIGHTS_ENV, AugmentConfig, TrainConfig
 
 AUGMENT_FLAGS = {
@@ -141,3 +141,29 @@ def test_refusals_are_one_line_and_exit_2_not_a_traceback(tmp_path):
         assert out.returncode == 2, (args, out.stderr[-2000:])
         assert f"pneumonia-train {args[0]}: " in out.stderr and reason in out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--bootstrap", "0"], "bootstrap must be at least 1"),
+    (["--frozen", "conv1,layer5"], "frozen: no module layer5"),
+    (["--rule-out-sensitivity", "98"], "rule_out_sensitivity"),
+    (["--weights", "missing.safetensors"], "weights file missing.safetensors not found"),
+    (["--weights", "IMAGENET1K_V3"], "weights 'IMAGENET1K_V3': neither"),
+])
+def test_user_mistakes_are_refused_in_one_line_before_anything_is_written(tmp_path, data_root, flags, says, capsys):
+    """Each was a traceback (exit 1), some after config.json was written into the new --out-dir."""
+    out = tmp_path / "run"
+    args = ["train", "--data-root", str(data_root), "--subset", "40", "--weights", "none", "--no-progress",
+            "--out-dir", str(out), *flags]
+    assert main(args) == 2
+    assert says in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+
+
+def test_stages_name_a_missing_run_folder_or_metrics_file(tmp_path, capsys):
+    assert main(["seeds", str(tmp_path / "typo"), "--out", str(tmp_path / "s")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["card", str(tmp_path / "m.onnx"), "--metrics", str(tmp_path / "none.json")]) == 2
+    assert "no metrics file" in capsys.readouterr().err

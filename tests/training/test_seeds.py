@@ -130,3 +130,17 @@ def test_baseline_comparison_reads_the_kept_seed_files(tmp_path):
     assert "| accuracy_at_0.5 | 0.9000 ± 0.0000 | 0.9500 ± 0.0000 | +0.0500 |" in (tmp_path / "candidate" / "seeds.md").read_text()
     with pytest.raises(FileNotFoundError, match="seed-"):
         summarize_seeds(new, tmp_path / "again", StrataTargets(), 20, tmp_path / "old")
+
+
+def test_a_summary_into_a_folder_holding_other_runs_is_refused(tmp_path):
+    """The runs of an earlier summary into the same --out stayed beside the new seeds.json, and a later
+    --baseline on that folder averaged runs the summary no longer listed. The same runs again are fine."""
+    from training.errors import RefusedError
+
+    val_labels, val_logits = separable(200, 1)
+    test_labels, test_logits = separable(100, 2)
+    dirs = [write_run(tmp_path, seed, 0.9, val_logits, test_logits, val_labels, test_labels) for seed in (1, 2)]
+    summarize_seeds(dirs, tmp_path / "out", StrataTargets(), 20)
+    summarize_seeds(dirs, tmp_path / "out", StrataTargets(), 20)
+    with pytest.raises(RefusedError, match=r"holds runs this summary does not list \(seed-1\)"):
+        summarize_seeds(dirs[1:], tmp_path / "out", StrataTargets(), 20)

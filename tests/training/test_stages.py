@@ -51,3 +51,47 @@ def test_export_cards_the_runs_saved_training_config(v1_run, data_root):
     assert {k: v for k, v in training.items() if k not in COMMAND_FIELDS} == \
            {k: v for k, v in saved.items() if k not in COMMAND_FIELDS}
     assert ModelCard.load(v1_run / "pneumonia_resnet50.card.json").extra["weights_origin"]["kind"] == "none"
+
+
+@pytest.fixture
+def evaluated_run(tmp_path, data_root, monkeypatch):
+    """A tiny run trained and evaluated with its own strata targets, bootstrap and no flip TTA."""
+    use_tiny_network(monkeypatch)
+    out = tmp_path / "run"
+    flags = ["--data-root", str(data_root), *TINY_FLAGS, "--epochs", "1", "--out-dir", str(out)]
+    assert main(["train", *flags]) == 0
+    assert main(["evaluate", *flags, "--rule-out-sensitivity", "0.9", "--high-suspicion-specificity", "0.8",
+                 "--bootstrap", "7", "--no-tta"]) == 0
+    return out, flags
+
+
+def test_the_card_records_the_settings_the_evaluation_used(evaluated_run):
+    """`export` without the evaluation's flags carded the defaults (0.98/0.95, 2000 rounds, flip TTA on)
+    beside cut-points fitted at 0.9/0.8 and CIs of 7 rounds."""
+    out, flags = evaluated_run
+    assert main(["export", *flags]) == 0
+    training = ModelCard.load(out / "pneumonia_resnet50.card.json").extra["training"]
+    assert training["strata"] == {"rule_out_sensitivity": 0.9, "high_suspicion_specificity": 0.8}
+    assert (training["bootstrap"], training["tta_hflip"]) == (7, False)
+
+
+def test_export_refuses_an_evaluation_of_other_weights(evaluated_run, capsys):
+    """`train` again into an evaluated run's folder rewrote best.pt and left evaluation.json; `export` then
+    shipped the new weights with the old model's temperature, strata, TTA choice and test figures."""
+    out, flags = evaluated_run
+    assert main(["train", *flags, "--seed", "7"]) == 0
+    assert main(["export", *flags]) == 2
+    assert "was computed from another best.pt" in capsys.readouterr().err
+    assert not (out / "pneumonia_resnet50.onnx").exists()
+    assert main(["evaluate", *flags]) == 0 and main(["export", *flags]) == 0
+
+
+@pytest.mark.parametrize("checkpoint, says", [("nothere.pt", "does not exist"), ("best.pt", "is not a resume checkpoint")])
+def test_a_resume_that_cannot_work_is_refused_before_config_json_changes(evaluated_run, checkpoint, says, capsys):
+    """The command's --epochs and --resume were written to config.json before the checkpoint failed to load,
+    and the run's later cards described a recipe that never ran."""
+    out, flags = evaluated_run
+    before = (out / "config.json").read_text()
+    assert main(["train", *flags, "--epochs", "9", "--resume", str(out / checkpoint)]) == 2
+    assert says in capsys.readouterr().err
+    assert (out / "config.json").read_text() == before
