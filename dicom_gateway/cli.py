@@ -84,9 +84,14 @@ def cmd_sweep(settings: GatewaySettings, min_age: float) -> int:
     from dicom_gateway.queue import Outbox, TaskPublisher
     from dicom_gateway.spool import Spool
 
+    spool = Spool(settings.spool_dir)
+    if not spool.pending.is_dir():  # a typo or another working directory: "nothing to send" would be false comfort
+        print(f"dicom-gateway sweep: no spool at {spool.root} (no pending/ folder): set TRIAGE_SPOOL_DIR or "
+              "--spool-dir to the gateway's", file=sys.stderr)
+        return 2
     publisher = TaskPublisher(settings)
     try:
-        outbox = Outbox(Spool(settings.spool_dir), publisher, min_age, settings.gateway_requeue_after_seconds)
+        outbox = Outbox(spool, publisher, min_age, settings.gateway_requeue_after_seconds)
         counts = outbox.sweep(min_age_s=min_age)
     finally:
         publisher.close()

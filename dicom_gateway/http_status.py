@@ -66,8 +66,13 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REQUEST_TIMEOUT_S = 10.0
+"""Seconds a probe connection may stay silent: probes answer in milliseconds."""
+
+
 class StatusServer:
-    """A small threaded HTTP server bound beside the DICOM listener."""
+    """A small threaded HTTP server bound beside the DICOM listener (a connection that sends no request
+    within `REQUEST_TIMEOUT_S` is closed)."""
 
     def __init__(self, gateway: Gateway, bind: str, port: int) -> None:
         self.gateway = gateway
@@ -110,6 +115,8 @@ class StatusServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S  # an idle or vanished client held a thread and a descriptor for ever
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 self._answer(with_body=True)
 

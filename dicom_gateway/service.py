@@ -72,6 +72,7 @@ class Gateway:
             server_class=HandshakeInThreadServer,
         )
         self._server.handshake_timeout = self.settings.gateway_acse_timeout
+        self._server.read_timeout = self.settings.gateway_network_timeout
         ae._servers.append(self._server)  # as ae.start_server does; the server's shutdown() removes it
         threading.Thread(target=self._server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self.port = int(self._server.server_address[1])

@@ -44,7 +44,8 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
 
 
 class HandshakeInThreadServer(ThreadedAssociationServer):
-    """pynetdicom's server, with the TLS handshake moved out of its single accept loop.
+    """pynetdicom's server, with the TLS handshake moved out of its single accept loop and a read
+    timeout on every connection (`read_timeout`).
 
     pynetdicom wraps each accepted socket (handshake included) in the loop that accepts
     connections, with no timeout: one peer that connects and sends nothing (a half-open
@@ -54,10 +55,17 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
     """
 
     handshake_timeout: float = 30.0
+    read_timeout: float = 60.0
+    """Longest silence inside a PDU (the network timeout): pynetdicom reads a PDU it has begun with blocking
+    calls, so a sender that stopped part-way (a DR unit losing its Wi-Fi, a VPN drop) held its thread and
+    an association slot for ever, and SIGTERM could not end the process. With a socket timeout the read
+    fails, and pynetdicom aborts that association."""
     daemon_threads = True  # stop() must not wait out a stalled handshake; it bounds associations itself
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()  # type: ignore[union-attr]
+        client_socket.settimeout(self.read_timeout)
+        client_socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a peer that vanished is found too
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(client_socket, server_side=True,
                                                          do_handshake_on_connect=False)
@@ -65,11 +73,10 @@ class HandshakeInThreadServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         if isinstance(request, ssl.SSLSocket):
-            blocking = request.gettimeout()
             try:
                 request.settimeout(self.handshake_timeout)
                 request.do_handshake()
-                request.settimeout(blocking)
+                request.settimeout(self.read_timeout)
             except OSError as exc:  # ssl.SSLError and socket timeouts included
                 log.warning("TLS handshake failed", extra={"peer": client_address[0], "error": type(exc).__name__})
                 self.shutdown_request(request)

@@ -121,3 +121,22 @@ def test_gateway_process_serves_probes_from_its_environment(redis_server, broker
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_an_idle_probe_connection_is_closed(start_gateway, broker, monkeypatch):
+    """A connection that never sends its request (or whose client vanished mid-scrape) held a thread and a
+    file descriptor for ever: 200 of them, 200 threads."""
+    import socket
+    import time
+
+    import dicom_gateway.http_status as http_status
+
+    monkeypatch.setattr(http_status, "REQUEST_TIMEOUT_S", 0.5)
+    gateway = start_gateway(gateway_http_port=0)
+    idle = socket.create_connection(("127.0.0.1", gateway.http.port))
+    idle.settimeout(10)
+    started = time.monotonic()
+    try:
+        assert idle.recv(1024) == b"" and time.monotonic() - started < 5
+    finally:
+        idle.close()

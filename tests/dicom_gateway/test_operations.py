@@ -251,6 +251,41 @@ def test_a_store_on_another_sop_classes_context_is_refused(gateway, broker, imag
     assert pending_files(gateway.spool.root) == [] and queued_tasks(broker) == []
 
 
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_sender_that_stalls_inside_a_pdu_is_dropped_after_the_network_timeout(start_gateway, broker, images, pki, tls):
+    """pynetdicom reads a PDU it has begun with blocking calls on a socket without a timeout: a sender that
+    stopped part-way (Wi-Fi lost mid-transfer) held its thread and an association slot for ever, enough of
+    them refused every sender while the probes stayed green, and the process could not exit."""
+    import socket
+    import struct
+    import time
+
+    from dicom_gateway.tls import client_context
+
+    tls_settings = dict(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"]) if tls else {}
+    gateway = start_gateway(gateway_network_timeout=1, gateway_acse_timeout=2, gateway_max_associations=1, **tls_settings)
+    raw = socket.create_connection(("127.0.0.1", gateway.port))
+    stalled = raw
+    if tls:
+        stalled = client_context(pki["server_pem"]).wrap_socket(raw)
+    try:
+        stalled.sendall(struct.pack(">BBL", 0x01, 0, 256) + b"\x00" * 10)  # an A-ASSOCIATE-RQ cut short, then silence
+        stalled.settimeout(10)
+        started = time.monotonic()
+        try:
+            assert stalled.recv(1024) == b""  # the gateway closes it ...
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 8  # ... after the network timeout, not never
+        while gateway._ae.active_associations and time.monotonic() - started < 15:  # its thread ends at the ACSE timeout
+            time.sleep(0.1)
+        ctx = client_context(pki["server_pem"]) if tls else None
+        assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0)],
+                                     tls_args=(ctx, None) if tls else None) == [0], "its slot is free again"
+    finally:
+        stalled.close()
+
+
 def test_tls_a_silent_connection_does_not_block_other_senders_or_the_stop(start_gateway, broker, images, pki):
     """A peer that connects and never starts its TLS handshake (a half-open connection, a port
     scan) used to hold pynetdicom's accept loop: nobody else got in, and stop() hung."""
@@ -270,3 +305,11 @@ def test_tls_a_silent_connection_does_not_block_other_senders_or_the_stop(start_
             stopped.result(timeout=20)
     finally:
         silent.close()
+
+
+def test_sweep_refuses_a_spool_that_is_not_there(tmp_path):
+    """From another working directory (the default spool is relative) or with a typo, sweep said
+    {"queued": 0, "failed": 0, "pending": 0} and exit 0: nothing re-queued, and told all was well."""
+    out = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "--spool-dir", str(tmp_path / "typo"), "sweep"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and "no spool at" in out.stderr and str(tmp_path / "typo") in out.stderr

@@ -102,6 +102,7 @@ def test_every_command_warns_about_a_misspelt_variable(tmp_path):
         "worker.cli": (["migrate"], "TRIAGE_SPOOL_RETENTION?"),
         "worker.admin": (["prune-archive", "--older-than-days", "30", "--dry-run"], "TRIAGE_SPOOL_RETENTION?"),
     }
+    (tmp_path / "spool" / "pending").mkdir(parents=True)  # sweep refuses a spool that is not there
     for module, (args, meant) in commands.items():
         out = subprocess.run([sys.executable, "-m", module.strip(), *args], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (module, out.stderr)
