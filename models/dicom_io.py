@@ -41,6 +41,11 @@ class PixelLimits:
     max_aspect: float = MAX_ASPECT
 
 
+LAZY_DECODE_ERRORS = (pydicom.errors.BytesLengthException, NotImplementedError, struct.error)
+"""What pydicom raises when it first decodes a corrupt value (a value length its VR cannot hold, an
+unknown VR), which it does lazily, on first access: only the elements the display chain reads are
+decoded, so a vendor's private element that pydicom's dictionary misreads does not refuse a plate."""
+
 def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM file, turning any parse failure into `UnreadableImageError`.
 
@@ -48,18 +53,15 @@ def read_dicom(path: str, *, stop_before_pixels: bool = False) -> Dataset:
     about the file's content, so it becomes `ImageAccessError`, which the worker retries; a path
     that is not there or not a file is the caller's (the worker checks its spool file first)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-        for _ in ds.iterall():  # values decode lazily: a corrupt one is refused here, not halfway through display
-            pass
-        return ds
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except OSError as exc:
         if exc.errno is None or isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
         raise ImageAccessError(f"file could not be read ({type(exc).__name__}, "
                                f"{errno.errorcode.get(exc.errno, exc.errno)})") from exc
-    except (pydicom.errors.InvalidDicomError, pydicom.errors.BytesLengthException, EOFError, ValueError, KeyError,
-            TypeError, NotImplementedError, struct.error) as exc:  # NotImplementedError: an unknown VR
+    except (pydicom.errors.InvalidDicomError, *LAZY_DECODE_ERRORS, EOFError, ValueError, KeyError, TypeError) as exc:
         raise UnreadableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+
 
 
 def check_geometry(ds: Dataset, limits: PixelLimits) -> None:
@@ -237,7 +239,9 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
         if written is not None:
             searched = written
         elif int(stored.max()) <= stored_max:  # a codec (RLE, JPEG lossless) cut every value, the padding's too
-            low, high = sorted((low & stored_max, high & stored_max))
+            if low & stored_max != high & stored_max:  # a range cut apart maps onto no range of cut values
+                return None
+            low = high = high & stored_max
         # else the decoder kept whole words (JPEG-LS gives 0xFFFF back): the values are searched as they are
     mask = (searched >= low) & (searched <= high)
     return mask if mask.any() else None
@@ -454,7 +458,15 @@ def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> N
 
 
 def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.ndarray:
-    """One projection radiograph -> float32 2-D display image in [0, 1]."""
+    """One projection radiograph -> float32 2-D display image in [0, 1]; a corrupt element it reads is
+    refused as `UnreadableImageError`, not raised as whatever pydicom's lazy decoding raised."""
+    try:
+        return _dicom_to_grayscale(ds, limits)
+    except LAZY_DECODE_ERRORS as exc:
+        raise UnreadableImageError(f"a DICOM element could not be read ({type(exc).__name__})") from exc
+
+
+def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits) -> np.ndarray:
     check_geometry(ds, limits)
     orientation = display_orientation(ds)
     aspect = pixel_aspect(ds)

@@ -36,7 +36,7 @@ def read_raster(path: Path) -> np.ndarray:
             if image.mode in ("I;16", "I;16B", "I;16L"):
                 values = np.asarray(image, dtype=np.uint16)
                 if getattr(stored, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == TIFF_WHITE_IS_ZERO:  # the file's tags, not the copy's
-                    return np.uint16(65535) - values  # Pillow inverts WhiteIsZero up to 8 bits only
+                    return white_is_zero_16(values)
                 return values
             if image.mode == "I":
                 values = np.asarray(image)
@@ -50,6 +50,20 @@ def read_raster(path: Path) -> np.ndarray:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
+
+
+def white_is_zero_16(values: np.ndarray) -> np.ndarray:
+    """A 16-bit WhiteIsZero raster as display values (Pillow inverts WhiteIsZero up to 8 bits only).
+
+    Inverted against the full 16-bit range, which is right only for full-range data: 12- or 14-bit
+    values stored unscaled would turn into a nearly white picture that passes `to_unit_range`'s
+    low-bits check (normal plates scored high suspicion), so such a file is refused, as it was
+    before the inversion; nothing in it says where its white is."""
+    used = int(values.max()).bit_length()
+    if used <= 14:
+        raise UnreadableImageError(f"16-bit WhiteIsZero image uses only its low {used} bits: its white level is "
+                                   "unknown; export it full-range or BlackIsZero")
+    return np.uint16(65535) - values
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -379,18 +379,51 @@ def test_an_empty_lut_sequence_counts_as_absent(image, sequence):
     np.testing.assert_array_equal(dicom_to_grayscale(ds), reference)
 
 
-def test_a_corrupt_element_is_refused_when_read_not_halfway_through_display(image, tmp_path):
-    """pydicom decodes values lazily: an unknown VR in a header element raised NotImplementedError from
-    inside the display chain, past the detector's promise that every refusal is UnreadableImageError."""
-    from models.dicom_io import read_dicom
+def corrupt_copy(image, tmp_path, tag: bytes, vr: bytes, name: str):
+    from worker.samples import encode
 
-    path = tmp_path / "corrupt.dcm"
+    path = tmp_path / name
     ds = make_cxr_dataset(image, size=(256, 256))
     ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
     encode(ds, "1.2.840.10008.1.2.1").save_as(path, enforce_file_format=True)
     raw = bytearray(path.read_bytes())
-    at = raw.index(b"\x28\x00\x52\x10")  # (0028,1052) Rescale Intercept, explicit VR: its VR follows the tag
-    raw[at + 4:at + 6] = b"\x44\xa4"
+    at = raw.index(tag)  # explicit VR little endian: the VR follows the tag
+    raw[at + 4:at + 6] = vr
     path.write_bytes(bytes(raw))
-    with pytest.raises(UnreadableImageError, match=r"not a readable DICOM file \(NotImplementedError\)"):
-        read_dicom(str(path))
+    return path
+
+
+def test_a_corrupt_element_the_display_reads_is_refused_as_unreadable(image, tmp_path):
+    """pydicom decodes values lazily: an unknown VR in Rescale Intercept raised NotImplementedError from
+    inside the display chain, past the detector's promise that every refusal is UnreadableImageError."""
+    from models.dicom_io import read_dicom
+
+    path = corrupt_copy(image, tmp_path, b"\x28\x00\x52\x10", b"\x44\xa4", "corrupt.dcm")
+    with pytest.raises(UnreadableImageError, match=r"a DICOM element could not be read \(NotImplementedError\)"):
+        dicom_to_grayscale(read_dicom(str(path)))
+
+
+def test_a_private_element_pydicom_misreads_does_not_refuse_the_plate(image, tmp_path):
+    """A vendor's private element whose length pydicom's private dictionary does not expect (UN after
+    an implicit-VR hop) is never read for display, so it must not refuse the image."""
+    from pydicom.tag import Tag
+
+    from models.dicom_io import read_dicom
+
+    path = tmp_path / "private.dcm"
+    ds = make_cxr_dataset(image, size=(256, 256))
+    reference = dicom_to_grayscale(ds)
+    ds.add_new(Tag(0x0027, 0x0010), "LO", "GEMS_IMAG_01")
+    ds.add_new(Tag(0x0027, 0x1006), "UN", b"12")  # the dictionary says SL, 4 bytes
+    encode(ds, "1.2.840.10008.1.2.1").save_as(path, enforce_file_format=True)
+    np.testing.assert_array_equal(dicom_to_grayscale(read_dicom(str(path))), reference)
+
+
+def test_a_padding_range_cut_apart_by_a_codec_masks_nothing(image):
+    """0xF000-0xFFFF around 12-bit pixels, RLE-compressed: cut to 12 bits the range would be 0-4095,
+    every pixel, and the plate was refused as all padding."""
+    from models.dicom_io import padding_mask
+
+    ds = encode(make_cxr_dataset(image, size=(256, 256), bits_stored=12), RLELossless)
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 0xFFFF, 0xF000
+    assert padding_mask(ds.pixel_array, ds) is None

@@ -32,3 +32,13 @@ def test_a_float_raster_is_refused_with_its_own_reason(tmp_path):
     Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)).save(path)
     with pytest.raises(UnreadableImageError, match="^floating-point rasters are not supported"):
         read_image(path)
+
+
+def test_a_16_bit_white_is_zero_tiff_of_12_bit_data_is_refused(tmp_path):
+    """Inverted against 65535, 12-bit WhiteIsZero values became a nearly white picture that passed the
+    low-bits check, and normal plates scored high suspicion; nothing says where such a file's white is."""
+    values = (gradient16() >> 4)  # 12-bit data, stored unscaled
+    path = tmp_path / "plate.tif"
+    Image.fromarray(4095 - values).save(path, tiffinfo={TIFF_PHOTOMETRIC: 0})
+    with pytest.raises(UnreadableImageError, match="WhiteIsZero image uses only its low 12 bits"):
+        read_image(path)
