@@ -149,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as exc:  # --out cannot be written (no such folder, permissions, disk full)
-        print(f"{parser.prog}: cannot write the output ({type(exc).__name__}: {exc.strerror or 'I/O error'})",
-              file=sys.stderr)
+    except OutputError as exc:  # only --out's own errors: a spool read error of requeue is not "the output"
+        print(f"{parser.prog}: cannot write the output ({exc})", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
@@ -377,24 +376,33 @@ def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str, receiv
         conn.execute(stmt.on_conflict_do_nothing(index_elements=list(db.INSTANCE_KEY)))
 
 
+class OutputError(Exception):
+    """`--out` could not be written (no such folder, permissions, disk full)."""
+
+
 def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Path | None) -> None:
-    columns = list(columns)
-    handle = open(out, "w", newline="") if out else sys.stdout
+    if out is None:
+        _write(rows, list(columns), fmt, sys.stdout)
+        return
     try:
-        if fmt == "json":
-            json.dump([_jsonable(r) for r in rows], handle, indent=2)
-            handle.write("\n")
-        elif fmt == "csv":
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: _spreadsheet_safe(_jsonable(r).get(k)) for k in columns} for r in rows)
-        else:
-            handle.write("  ".join(columns) + "\n")
-            for row in rows:
-                handle.write("  ".join(_fmt(row.get(c)) for c in columns) + "\n")
-    finally:
-        if out:
-            handle.close()
+        with open(out, "w", newline="") as handle:
+            _write(rows, list(columns), fmt, handle)
+    except OSError as exc:
+        raise OutputError(f"{type(exc).__name__}: {exc.strerror or 'I/O error'}") from exc
+
+
+def _write(rows: list[dict[str, Any]], columns: list[str], fmt: str, handle: Any) -> None:
+    if fmt == "json":
+        json.dump([_jsonable(r) for r in rows], handle, indent=2)
+        handle.write("\n")
+    elif fmt == "csv":
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _spreadsheet_safe(_jsonable(r).get(k)) for k in columns} for r in rows)
+    else:
+        handle.write("  ".join(columns) + "\n")
+        for row in rows:
+            handle.write("  ".join(_fmt(row.get(c)) for c in columns) + "\n")
 
 
 def _spreadsheet_safe(value: Any) -> Any:

@@ -72,6 +72,7 @@ instances = Table(
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("transient_claims", Integer),  # migration 0004: claims that failed transiently (see lost_deliveries)
+    Column("claim_id", String(64)),  # migration 0005: the Celery task id of the delivery holding the claim
     Column("received_at", DateTime),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
@@ -237,10 +238,13 @@ def claim_instance(conn: Connection, values: dict[str, Any],
     Returns the row after the claim, or None when the row is terminal (nothing to do).
     `values` carry the instance's key: study_instance_uid and sop_instance_uid.
     `attempts` counts every claim; `lost_deliveries` says how many of them never finished.
-    With `running_since`, a claim made at or after it (`started_at`) is taken to be running still and
-    is not claimed over: `InstanceBusyError`. Claimed over, a duplicate in flight (a re-send, a
-    requeue, a gateway restart's sweep) read as a lost delivery and could fail a scored instance as
-    abandoned. A delivery that failed transiently clears `started_at` (`credit_failed_claim`).
+    With `running_since`, a claim made at or after it (`started_at`) by another delivery (`claim_id`,
+    the Celery task id, in `values`) is taken to be running still and is not claimed over:
+    `InstanceBusyError`. Claimed over, a duplicate in flight (a re-send, a requeue, a gateway
+    restart's sweep) read as a lost delivery and could fail a scored instance as abandoned. A claim
+    of the same task id is that task's earlier delivery, dead (Celery re-queues a dead pool process's
+    message at once, and its retries keep the id): it is claimed over at once, and counts as lost.
+    A delivery that failed transiently clears `started_at` (`credit_failed_claim`).
     """
     stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
     update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
@@ -249,7 +253,8 @@ def claim_instance(conn: Connection, values: dict[str, Any],
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
     claimable = instances.c.status.notin_(TERMINAL)
     if running_since is not None:
-        claimable = claimable & or_(instances.c.started_at.is_(None), instances.c.started_at < running_since)
+        claimable = claimable & or_(instances.c.started_at.is_(None), instances.c.started_at < running_since,
+                                    instances.c.claim_id == stmt.excluded.claim_id)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(INSTANCE_KEY),
         set_=update,

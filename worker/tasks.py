@@ -97,7 +97,8 @@ class StudyNotSettledError(Exception):
 
 
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0,
+    delivery_id: str | None = None,
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
@@ -105,6 +106,8 @@ def process_instance(
     `transient_claims` (the same, counted on the row while the database answered) keep database
     blips after a claim from making an instance look like a poison message (`db.lost_deliveries`);
     any failure after the claim is raised as `ClaimedDeliveryError` so that the wrapper can count it.
+    `delivery_id` (the Celery task id, kept by redeliveries and retries) tells this task's own earlier,
+    dead claim from another delivery's running one (`db.claim_instance`).
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -131,6 +134,7 @@ def process_instance(
         "spool_relpath": relpath[:300],
         "received_at": received,
         "started_at": db.utcnow(),
+        "claim_id": (delivery_id or "")[:64] or None,
     }
     running_since = base["started_at"] - dt.timedelta(seconds=rt.settings.time_limit_s)  # the hard limit ends any
     try:

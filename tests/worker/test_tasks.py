@@ -416,3 +416,22 @@ def test_a_result_that_lost_the_race_says_so_in_the_log(runtime, test_split, cap
         result = tasks.process_instance(runtime, relpath, sop, None)
     assert result["noop"] and row(runtime, relpath, sop)["reason"] == "the other delivery's"
     assert any("-> done" in r.getMessage() and "not stored" in r.getMessage() for r in caplog.records)
+
+
+def test_the_redelivery_of_a_dead_pool_process_claims_at_once_and_counts_the_death(tmp_path, sqlite_url, test_split):
+    """Celery re-queues a dead pool process's message at once, with its task id: waiting for that claim as if it
+    ran still held the image back for the hard time limit (3 min). The same task id is the dead delivery's
+    own claim: claimed over at once, and counted as a lost delivery (the poison-message limit)."""
+    upgrade(sqlite_url)
+    for max_attempts, status in ((3, "done"), (1, "failed")):
+        runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / f"spool{max_attempts}",
+                                               max_attempts=max_attempts))
+        relpath, sop, study = stage(runtime, test_split[0][0])
+        died = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
+                "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(seconds=2), "claim_id": "task-1"}
+        with runtime.engine.begin() as conn:
+            db.claim_instance(conn, died)
+        with pytest.raises(tasks.InstanceBusyError):  # another message for it waits ...
+            tasks.process_instance(runtime, relpath, sop, None, delivery_id="task-2")
+        result = tasks.process_instance(runtime, relpath, sop, None, delivery_id="task-1")  # ... its own does not
+        assert result["status"] == status and row(runtime, relpath, sop)["attempts"] == 2
