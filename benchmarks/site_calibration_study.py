@@ -110,8 +110,8 @@ def main() -> None:
     images, labels = load_pneumoniamnist(args.data_root, "test")
     detector = PneumoniaDetector()
     with tempfile.TemporaryDirectory() as scratch:  # through files, as a site would: PNG + cases.csv
-        paths, case_labels = read_cases(write_labelled_cases(scratch, images, labels))
-        logits = case_logits(detector, paths)
+        paths, case_labels, lines = read_cases(write_labelled_cases(scratch, images, labels))
+        logits = case_logits(detector, paths, lines=lines)
     site = fit_site_calibration(case_labels, logits, detector.card, "pneumoniamnist-test")
     site.save(args.out / "site_calibration.json")
     print(summary(site))

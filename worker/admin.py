@@ -132,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with engine.connect() as conn:
                 migrated = inspect(conn).has_table(db.instances.name)
-        except DBAPIError as exc:  # down, refused, wrong password, not a database file: its text may quote the host
-            print(f"{parser.prog}: cannot open the database ({type(exc.orig or exc).__name__})", file=sys.stderr)
+        except (DBAPIError, UnicodeError) as exc:  # down, refused, wrong password, not a database file, a host name
+            # with an empty label (psycopg's idna error): its text may quote the host
+            cause = getattr(exc, "orig", None) or exc
+            print(f"{parser.prog}: cannot open the database ({type(cause).__name__})", file=sys.stderr)
             return 3
         if not migrated:
             print(f"{parser.prog}: the database has no triage tables: run `pneumonia-worker migrate`", file=sys.stderr)

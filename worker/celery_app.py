@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from models.errors import ImageAccessError
-from worker import contract, db, tasks
+from worker import contract, tasks
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -59,31 +59,20 @@ def create_app(settings: WorkerSettings) -> Celery:
 
     @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries, shared=False)
     def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None,
-                         retries_after_claim: int = 0, busy_waits: int = 0) -> Any:
-        """Transient errors are retried up to TRIAGE_MAX_RETRIES times. Waits for another delivery's claim
-        (`InstanceBusyError`, counted in `busy_waits`) claim nothing and are not part of that budget:
-        counted in it, a chain could run out, unscored, while it waited."""
-        kwargs = dict(self.request.kwargs or {})
+                         retries_after_claim: int = 0) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
-                                          retries_after_claim=retries_after_claim, delivery_id=self.request.id)
-        except tasks.InstanceBusyError as exc:  # nothing claimed: a wait, not a failure
-            wait = (exc.free_at - db.utcnow()).total_seconds() + 1
-            kwargs["busy_waits"] = busy_waits + 1
-            raise self.retry(exc=exc, countdown=min(max(wait, 1), settings.retry_backoff_max_s), kwargs=kwargs,
-                             max_retries=self.request.retries + 1)
+                                          retries_after_claim=retries_after_claim)
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc
             if not is_transient(cause):
                 raise cause
-            transient = self.request.retries - busy_waits  # Celery's count holds the waits too
-            log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, transient + 1)
+            log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, self.request.retries + 1)
             if claimed:
                 tasks.credit_failed_claim(runtime, spool_relpath, sop_instance_uid)
-            kwargs["retries_after_claim"] = retries_after_claim + int(claimed)
-            raise self.retry(exc=cause, countdown=backoff(transient), kwargs=kwargs,
-                             max_retries=settings.max_retries + busy_waits)
+            kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
+            raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 
     @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=None, shared=False)
     def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None,

@@ -72,7 +72,6 @@ instances = Table(
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Column("transient_claims", Integer),  # migration 0004: claims that failed transiently (see lost_deliveries)
-    Column("claim_id", String(64)),  # migration 0005: the Celery task id of the delivery holding the claim
     Column("received_at", DateTime),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
@@ -223,49 +222,27 @@ def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[
     return found
 
 
-class InstanceBusyError(Exception):
-    """Another delivery claimed the instance recently enough that it may still be running."""
-
-    def __init__(self, started_at: dt.datetime) -> None:
-        super().__init__("another delivery of this instance may still be running")
-        self.started_at = started_at
-
-
-def claim_instance(conn: Connection, values: dict[str, Any],
-                   running_since: dt.datetime | None = None) -> dict[str, Any] | None:
+def claim_instance(conn: Connection, values: dict[str, Any]) -> dict[str, Any] | None:
     """Mark an instance `processing` (insert or bump attempts) unless it is already terminal.
 
     Returns the row after the claim, or None when the row is terminal (nothing to do).
     `values` carry the instance's key: study_instance_uid and sop_instance_uid.
     `attempts` counts every claim; `lost_deliveries` says how many of them never finished.
-    With `running_since`, a claim made at or after it (`started_at`) by another delivery (`claim_id`,
-    the Celery task id, in `values`) is taken to be running still and is not claimed over:
-    `InstanceBusyError`. Claimed over, a duplicate in flight (a re-send, a requeue, a gateway
-    restart's sweep) read as a lost delivery and could fail a scored instance as abandoned. A claim
-    of the same task id is that task's earlier delivery, dead (Celery re-queues a dead pool process's
-    message at once, and its retries keep the id): it is claimed over at once, and counts as lost.
-    A delivery that failed transiently clears `started_at` (`credit_failed_claim`).
     """
     stmt = _insert(conn, instances).values(status="processing", attempts=1, **values)
     update = {k: stmt.excluded[k] for k in values if k not in ("received_at", *KEY_COLUMNS)}
     update["status"] = "processing"
     update["attempts"] = instances.c.attempts + 1
     update["received_at"] = func.coalesce(instances.c.received_at, stmt.excluded.received_at)
-    claimable = instances.c.status.notin_(TERMINAL)
-    if running_since is not None:
-        claimable = claimable & or_(instances.c.started_at.is_(None), instances.c.started_at < running_since,
-                                    instances.c.claim_id == stmt.excluded.claim_id)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(INSTANCE_KEY),
         set_=update,
-        where=claimable,
-    ).returning(instances.c.sop_instance_uid)
-    took = conn.execute(stmt).first() is not None  # RETURNING: rowcount is unreliable for upserts
+        where=instances.c.status.notin_(TERMINAL),
+    )
+    conn.execute(stmt)
     row = get_instance(conn, values["study_instance_uid"], values["sop_instance_uid"])
     if row is None or row["status"] in TERMINAL:
         return None
-    if not took:
-        raise InstanceBusyError(row["started_at"])
     return row
 
 
@@ -287,7 +264,7 @@ def credit_failed_claim(conn: Connection, study_uid: str, sop_uid: str) -> bool:
     t = instances
     stmt = (t.update()
             .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status.notin_(TERMINAL))
-            .values(transient_claims=func.coalesce(t.c.transient_claims, 0) + 1, started_at=None)  # no longer running
+            .values(transient_claims=func.coalesce(t.c.transient_claims, 0) + 1)
             .returning(t.c.sop_instance_uid))
     return conn.execute(stmt).first() is not None
 

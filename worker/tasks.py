@@ -15,7 +15,6 @@ Database and broker errors propagate to the Celery wrapper, which retries with b
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import logging
 import os
@@ -82,23 +81,12 @@ class ClaimedDeliveryError(Exception):
         self.cause = cause
 
 
-class InstanceBusyError(Exception):
-    """Another delivery of the instance claimed it and may still be running (a re-send, a requeue, a
-    gateway restart's sweep): this one waits, without a claim, until that one has finished (its result
-    is then found) or cannot be running any more (`free_at`, its claim plus the hard time limit)."""
-
-    def __init__(self, free_at: dt.datetime) -> None:
-        super().__init__("another delivery of this instance may still be running")
-        self.free_at = free_at
-
-
 class StudyNotSettledError(Exception):
     """Images of the study still wait in pending/ without a result, so the study cannot be final yet."""
 
 
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0,
-    delivery_id: str | None = None,
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
@@ -106,8 +94,6 @@ def process_instance(
     `transient_claims` (the same, counted on the row while the database answered) keep database
     blips after a claim from making an instance look like a poison message (`db.lost_deliveries`);
     any failure after the claim is raised as `ClaimedDeliveryError` so that the wrapper can count it.
-    `delivery_id` (the Celery task id, kept by redeliveries and retries) tells this task's own earlier,
-    dead claim from another delivery's running one (`db.claim_instance`).
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -134,14 +120,9 @@ def process_instance(
         "spool_relpath": relpath[:300],
         "received_at": received,
         "started_at": db.utcnow(),
-        "claim_id": (delivery_id or "")[:64] or None,
     }
-    running_since = base["started_at"] - dt.timedelta(seconds=rt.settings.time_limit_s)  # the hard limit ends any
-    try:
-        with rt.engine.begin() as conn:
-            claimed = db.claim_instance(conn, base, running_since)
-    except db.InstanceBusyError as exc:  # retried once that delivery has finished or its time limit has passed
-        raise InstanceBusyError(exc.started_at + dt.timedelta(seconds=rt.settings.time_limit_s)) from exc
+    with rt.engine.begin() as conn:
+        claimed = db.claim_instance(conn, base)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:

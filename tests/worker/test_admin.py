@@ -212,6 +212,7 @@ def test_a_database_that_is_down_is_one_line_not_a_traceback(capsys):
     ("sqlite:///{tmp}/garbage.db", "cannot open the database (DatabaseError)"),
     ("postgres+psycopg://user:secret@host/db", "invalid database URL (NoSuchModuleError"),
     (":::", "invalid database URL (ArgumentError"),
+    ("postgresql+psycopg://user:secret@db..hospital.org/triage", "cannot open the database (UnicodeError)"),
 ])
 def test_a_database_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path, capsys, url, says):
     """A file that is not SQLite, a misspelt dialect and a malformed URL were tracebacks (exit 1)."""

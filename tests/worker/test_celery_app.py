@@ -157,32 +157,3 @@ def test_finalize_waits_and_rides_out_transient_errors_without_limit(tmp_path, m
     monkeypatch.setattr(tasks, "finalize_study", scripted([ValueError("a bug"), None]))
     with pytest.raises(ValueError):
         task.apply(args=("1.2.3",)).get()
-
-
-def test_waits_for_another_deliverys_claim_do_not_use_up_the_transient_retries(tmp_path, monkeypatch):
-    """Each wait (`InstanceBusyError`) went through Celery's retry count: after a pool process died, enough
-    waits ran the chain out and the instance was dropped unscored. Waits are now outside that budget, which
-    still ends a chain of transient errors after TRIAGE_MAX_RETRIES retries."""
-    from worker import tasks
-
-    app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:1/0", database_url=f"sqlite:///{tmp_path / 'x.db'}",
-                                    max_retries=2))
-    busy = tasks.InstanceBusyError(free_at=dt.datetime(2000, 1, 1))
-    blip = OperationalError("SELECT", {}, Exception("server closed the connection"))
-
-    def scripted(outcomes):
-        def body(rt, relpath, sop, received_at, retries_after_claim=0, delivery_id=None):
-            outcome = outcomes.pop(0)
-            if outcome is not None:
-                raise outcome
-            return {"sop_instance_uid": sop, "status": "done"}
-        return body
-
-    task = app.tasks[contract.PROCESS_INSTANCE]
-    outcomes = [busy] * 5 + [blip, blip, None]  # more waits than TRIAGE_MAX_RETRIES, then two transient errors
-    monkeypatch.setattr(tasks, "process_instance", scripted(outcomes))
-    assert task.apply(args=("pending/1.2/3.4.dcm", "3.4")).get()["status"] == "done" and outcomes == []
-
-    monkeypatch.setattr(tasks, "process_instance", scripted([busy, blip, blip, blip, None]))
-    with pytest.raises(OperationalError):
-        task.apply(args=("pending/1.2/3.4.dcm", "3.4")).get()

@@ -364,43 +364,6 @@ def test_a_spool_the_host_cannot_stat_is_retried_for_the_instance_and_the_study(
     assert tasks.finalize_study(runtime, study, None)["final"]
 
 
-def test_a_duplicate_in_flight_waits_instead_of_counting_as_a_lost_delivery(tmp_path, sqlite_url, test_split, caplog):
-    """Two messages for one instance (a re-send, a requeue, a gateway restart's sweep): the second claimed
-    over the first, still running, and with TRIAGE_MAX_ATTEMPTS=1 failed it as 'abandoned (worker lost)'
-    at once; the first's result then lost to that row while its log said 'done'. A claim younger than the
-    hard time limit is now waited for (nothing claimed); an older one is a delivery that died."""
-    upgrade(sqlite_url)
-    runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", max_attempts=1))
-    relpath, sop, study = stage(runtime, test_split[0][0])
-    running = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-               "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(seconds=5)}
-    with runtime.engine.begin() as conn:
-        db.claim_instance(conn, running)  # the first delivery, 5 s into its work
-
-    with pytest.raises(tasks.InstanceBusyError) as busy:
-        tasks.process_instance(runtime, relpath, sop, None)
-    expected = running["started_at"] + dt.timedelta(seconds=runtime.settings.time_limit_s)
-    assert busy.value.free_at == expected
-    assert (row(runtime, relpath, sop)["status"], row(runtime, relpath, sop)["attempts"]) == ("processing", 1)
-
-    with runtime.engine.begin() as conn:  # the first delivery stores its result; the wait then finds it
-        db.finish_instance(conn, {**running, "status": "done", "probability": 0.9, "stratum": "high_suspicion"})
-    assert tasks.process_instance(runtime, relpath, sop, None)["noop"]
-    assert row(runtime, relpath, sop)["status"] == "done"
-
-
-def test_a_claim_older_than_the_hard_time_limit_is_a_lost_delivery(tmp_path, sqlite_url, test_split):
-    upgrade(sqlite_url)
-    runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", max_attempts=1))
-    relpath, sop, study = stage(runtime, test_split[0][0])
-    died = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath, "received_at": db.utcnow(),
-            "started_at": db.utcnow() - dt.timedelta(seconds=runtime.settings.time_limit_s + 5)}
-    with runtime.engine.begin() as conn:
-        db.claim_instance(conn, died)
-    result = tasks.process_instance(runtime, relpath, sop, None)
-    assert result["status"] == "failed" and "abandoned after 1 deliveries" in result["reason"]
-
-
 def test_a_result_that_lost_the_race_says_so_in_the_log(runtime, test_split, caplog, monkeypatch):
     """The log said 'done' for a result the database did not take (another delivery's was there)."""
     relpath, sop, study = stage(runtime, test_split[0][0])
@@ -416,22 +379,3 @@ def test_a_result_that_lost_the_race_says_so_in_the_log(runtime, test_split, cap
         result = tasks.process_instance(runtime, relpath, sop, None)
     assert result["noop"] and row(runtime, relpath, sop)["reason"] == "the other delivery's"
     assert any("-> done" in r.getMessage() and "not stored" in r.getMessage() for r in caplog.records)
-
-
-def test_the_redelivery_of_a_dead_pool_process_claims_at_once_and_counts_the_death(tmp_path, sqlite_url, test_split):
-    """Celery re-queues a dead pool process's message at once, with its task id: waiting for that claim as if it
-    ran still held the image back for the hard time limit (3 min). The same task id is the dead delivery's
-    own claim: claimed over at once, and counted as a lost delivery (the poison-message limit)."""
-    upgrade(sqlite_url)
-    for max_attempts, status in ((3, "done"), (1, "failed")):
-        runtime = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / f"spool{max_attempts}",
-                                               max_attempts=max_attempts))
-        relpath, sop, study = stage(runtime, test_split[0][0])
-        died = {"sop_instance_uid": sop, "study_instance_uid": study, "spool_relpath": relpath,
-                "received_at": db.utcnow(), "started_at": db.utcnow() - dt.timedelta(seconds=2), "claim_id": "task-1"}
-        with runtime.engine.begin() as conn:
-            db.claim_instance(conn, died)
-        with pytest.raises(tasks.InstanceBusyError):  # another message for it waits ...
-            tasks.process_instance(runtime, relpath, sop, None, delivery_id="task-2")
-        result = tasks.process_instance(runtime, relpath, sop, None, delivery_id="task-1")  # ... its own does not
-        assert result["status"] == status and row(runtime, relpath, sop)["attempts"] == 2
