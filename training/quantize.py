@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.card import ModelCard, card_path_for, sha256_of
+from models.card import ModelCard, card_path_for
 from models.preprocess import preprocess_batch
 from training.config import TrainConfig
 from training.data import Split, load_split

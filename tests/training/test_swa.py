@@ -38,11 +38,6 @@ def test_running_mean_is_the_uniform_mean_and_keeps_the_latest_counters():
     assert average["bn.num_batches_tracked"] == 3
 
 
-def untimed(history: list[dict]) -> list[dict]:
-    """History rows without their wall-clock fields, which differ between identical runs."""
-    return [{k: v for k, v in row.items() if k not in ("train_seconds", "train_img_per_s")} for row in history]
-
-
 def test_running_mean_is_a_copy_that_later_steps_do_not_move():
     weights = torch.ones(2)
     average = running_mean(None, {"w": weights}, 0)
