@@ -163,7 +163,7 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.site_calibration import case_logits, fit_site_calibration, read_cases
     from worker.contract import quiet_pydicom
 
-    quiet_pydicom()  # the cases are read whole: a malformed element's warning would quote its value
+    quiet_pydicom()  # as the worker does: a malformed element's warning would quote its value (a name, say)
     out_dir = Path(args.out).parent
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
