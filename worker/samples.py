@@ -350,7 +350,7 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
 
 ADMIN_QUERIES = {
     "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
-    "list_accession": ("list", "--accession", "A777"),
+    "list_accession": ("list", "--accession", "A321"),
     "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
     "show": ("show", "1.3.123"),
     "stats": ("stats", "--window-hours", "2", "--format", "json"),
