@@ -73,4 +73,10 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"no such image file: {path}")
     if is_dicom(path):
         return dicom_to_grayscale(read_dicom(str(path)))
-    return read_raster(path)
+    try:
+        return read_raster(path)
+    except UnreadableImageError as exc:
+        if isinstance(exc.__cause__, UnidentifiedImageError):  # neither format: say what DICOM must look like
+            raise UnreadableImageError(f"{exc}: not an image Pillow reads, nor a DICOM Part 10 file (no 'DICM' "
+                                       "prefix at byte 128; export with the file meta header)") from exc.__cause__
+        raise

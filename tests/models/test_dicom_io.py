@@ -332,6 +332,61 @@ def test_area_resample_uses_the_contract_s_area_weights(src, dst):
     np.testing.assert_allclose(area_resample(image.T, dst, axis=0), area_weights(src, dst) @ image.T, atol=1e-6)
 
 
+@pytest.mark.parametrize("strip", [1, 7, 256])
+def test_area_resample_does_not_depend_on_its_strip(strip):
+    from models.dicom_io import area_resample
+
+    image = np.random.default_rng(3).random((300, 97)).astype(np.float32)
+    for axis, size in ((0, 151), (1, 40)):
+        assert np.array_equal(area_resample(image, size, axis=axis, strip=strip), area_resample(image, size, axis=axis, strip=10**6))
+
+
+def test_area_resample_peak_memory_stays_near_the_image_size():
+    """Whole-plate float64 running sums took about 40 bytes a pixel (2.9 GiB for an 8192-square plate
+    with 0.1 x 0.2 mm pixels, at the worker's 3 GiB cap); strips keep the extra to the output's size."""
+    import tracemalloc
+
+    from models.dicom_io import area_resample
+
+    image = np.random.default_rng(4).random((2048, 2048)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        resampled = area_resample(image, 1024, axis=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert resampled.shape == (2048, 1024) and resampled.dtype == np.float32
+    assert peak < 2 * image.nbytes, peak / image.nbytes  # the output is half the image; the old way took about 8 times
+
+
+@pytest.mark.parametrize("photometric, shape", [("MONOCHROME2", "INVERSE"), ("MONOCHROME1", "IDENTITY")])
+def test_a_presentation_lut_shape_that_contradicts_the_photometric_interpretation_is_refused(image, photometric, shape):
+    """DCMTK follows the shape, pydicom and web viewers the photometric interpretation: the two pictures
+    are negatives of each other, and scoring either one turned normal plates into high suspicion."""
+    ds = make_cxr_dataset(image, photometric=photometric, size=(256, 256))
+    ds.PresentationLUTShape = shape
+    with pytest.raises(UnreadableImageError, match=f"^Photometric Interpretation {photometric} contradicts "
+                                                   f"Presentation LUT Shape {shape}"):
+        dicom_to_grayscale(ds)
+
+
+@pytest.mark.parametrize("photometric, shape", [("MONOCHROME2", "IDENTITY"), ("MONOCHROME1", "INVERSE"), ("MONOCHROME1", "")])
+def test_a_consistent_presentation_lut_shape_changes_nothing(image, photometric, shape):
+    """MONOCHROME1 with INVERSE (the DX pair) is inverted once, by the photometric interpretation."""
+    ds = make_cxr_dataset(image, photometric=photometric, size=(256, 256))
+    reference = dicom_to_grayscale(ds)
+    ds.PresentationLUTShape = shape
+    np.testing.assert_array_equal(dicom_to_grayscale(ds), reference)
+
+
+def test_a_high_bit_other_than_bits_stored_less_one_is_refused(image):
+    """pydicom keeps the low Bits Stored bits: data in the high bits decoded as noise and was scored."""
+    ds = make_cxr_dataset(image, bits_stored=12, size=(256, 256))
+    ds.HighBit = 15
+    with pytest.raises(UnreadableImageError, match="^High Bit 15 with Bits Stored 12"):
+        dicom_to_grayscale(ds)
+
+
 def test_non_square_pixels_give_the_physical_aspect(image):
     """256 rows x 512 columns of pixels twice as tall as wide is a square picture."""
     ds = make_cxr_dataset(image, size=(256, 512))

@@ -42,3 +42,15 @@ def test_a_16_bit_white_is_zero_tiff_of_12_bit_data_is_refused(tmp_path):
     Image.fromarray(4095 - values).save(path, tiffinfo={TIFF_PHOTOMETRIC: 0})
     with pytest.raises(UnreadableImageError, match="WhiteIsZero image uses only its low 12 bits"):
         read_image(path)
+
+
+def test_a_dicom_file_without_its_part_10_header_is_refused_saying_so(tmp_path, pneumoniamnist):
+    """A raw dataset (no preamble, no 'DICM') read as 'not a readable image file' only, which sent
+    the operator looking at the image, not at the export."""
+    from worker.samples import make_cxr_dataset, save
+
+    written = save(make_cxr_dataset(pneumoniamnist["test_images"][0], size=(256, 256)), tmp_path / "plate.dcm")
+    raw = tmp_path / "raw.dcm"
+    raw.write_bytes(written.read_bytes()[132:])
+    with pytest.raises(UnreadableImageError, match=r"nor a DICOM Part 10 file \(no 'DICM' prefix at byte 128"):
+        read_image(raw)
