@@ -19,7 +19,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from models.errors import ImageAccessError, UnreadableImageError, quoted_code, quoted_uid
+from models.errors import (PHOTOMETRIC_INTERPRETATIONS, ImageAccessError, UnreadableImageError, quoted_orientation,
+                           quoted_term, quoted_uid)
 from models.preprocess import MAX_ASPECT
 
 log = logging.getLogger(__name__)
@@ -462,7 +463,7 @@ def display_orientation(ds: Dataset) -> Orientation:
     values = [str(v).strip().upper() for v in _values(value)]
     if not all(values):  # Type 2C: an empty value (`L\`) says nothing of the orientation
         return Orientation()
-    shown = "\\".join(quoted_code(v) for v in values)
+    shown = "\\".join(quoted_orientation(v) for v in values)
     if len(values) != 2:
         raise UnreadableImageError(f"patient orientation {shown} has {len(values)} value{'s' * (len(values) != 1)}, 2 expected")
     across, down = (v[:1] for v in values)
@@ -519,7 +520,7 @@ def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits) -> np.ndarray:
         luma = (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114) / float(2**bits - 1)
         display = np.clip(luma, 0.0, 1.0).astype(np.float32)
     elif photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_code(photometric)}")
+        raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}")
     else:
         check_presentation_lut_shape(ds, photometric)
         padding = padding_mask(stored, ds)

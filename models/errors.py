@@ -6,19 +6,50 @@ so each message must name the problem without quoting patient data.
 
 import re
 
-CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
-"""DICOM's Code String (CS) repertoire: capitals, digits, space and underscore, 16 characters at most."""
 UID_STRING = re.compile(r"[0-9]{1,64}(\.[0-9]{1,64})*")
 
+MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR
+    PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR
+    SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
+"""Modality (0008,0060) defined terms, current and retired (PS3.3 C.7.3.1.1.1)."""
+VIEW_POSITIONS = frozenset("AP PA LL RL RLD LLD RLO LLO LATERAL LAT".split())
+"""View Position (0018,5101) defined terms of CR/DX (PS3.3 C.8.11.5), and the LATERAL/LAT some vendors write."""
+BODY_PARTS = frozenset("""
+    SKULL HEAD FACE ORBIT SINUS NOSE JAW MANDIBLE TMJ NECK CSPINE TSPINE LSPINE SSPINE COCCYX SPINE
+    CHEST THORAX RIB STERNUM CLAVICLE SCAPULA SHOULDER BREAST HEART LUNG ABDOMEN PELVIS ABDOMENPELVIS
+    CHESTABDOMEN CHESTABDPELVIS KIDNEY HIP SIJOINT ARM HUMERUS ELBOW FOREARM WRIST HAND FINGER THUMB
+    LEG FEMUR KNEE PATELLA TIBIA FIBULA ANKLE HEEL FOOT TOE EXTREMITY UPRLIMB LWRLIMB WHOLEBODY
+""".split())
+"""Common Body Part Examined (0018,0015) terms (PS3.16 Annex L); others are described, not repeated."""
+PHOTOMETRIC_INTERPRETATIONS = frozenset("""
+    MONOCHROME1 MONOCHROME2 RGB HSV ARGB CMYK YBR_FULL YBR_FULL_422 YBR_PARTIAL_422 YBR_PARTIAL_420
+    YBR_ICT YBR_RCT XYB
+""".split()) | {"PALETTE COLOR"}
+"""Photometric Interpretation (0028,0004) enumerated values, current and retired (PS3.3 C.7.6.3.1.2)."""
+ORIENTATION_CODE = re.compile(r"[APLRHF]{1,3}")
+"""One Patient Orientation (0020,0020) value: patient directions, the principal one first (PS3.3 C.7.6.1.1.1)."""
 
-def quoted_code(value: object) -> str:
-    """A coded value (Modality, ViewPosition...) as a reason may repeat it.
 
-    With pydicom's validation off (the worker's setting) a CS element can hold any text, a
-    patient's name included; a value outside the CS repertoire is described, not repeated.
+def quoted_term(value: object, terms: frozenset[str]) -> str:
+    """A coded value (Modality, View Position...) as a reason may repeat it: one of its element's
+    defined `terms`, else "(non-standard value)".
+
+    With pydicom's validation off (the worker's setting) a CS element can hold any text, and the
+    CS repertoire alone (capitals and digits, 16 characters) admits a medical record number or a
+    short name, so only the standard's own terms are repeated into reasons, logs and exports.
     """
-    text = str(value).strip()
-    return text if CODE_STRING.fullmatch(text) else "(non-standard value)"
+    text = str(value).strip().upper()
+    return text if text in terms else "(non-standard value)"
+
+
+def quoted_orientation(value: object) -> str:
+    """One Patient Orientation value as a reason may repeat it (letters A, P, L, R, H, F only)."""
+    text = str(value).strip().upper()
+    return text if ORIENTATION_CODE.fullmatch(text) else "(non-standard value)"
 
 
 def quoted_uid(value: object) -> str:

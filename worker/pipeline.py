@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
-from models.errors import ImageAccessError, UnreadableImageError
+from models.errors import MODALITIES, UID_STRING, ImageAccessError, UnreadableImageError
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import skip_reason
 
@@ -74,12 +74,17 @@ class DetectorCache:
 
 
 def identifiers(ds: Dataset) -> dict[str, Any]:
-    """The only identifiers stored: UIDs, accession number and modality (no patient data)."""
+    """The only identifiers stored: UIDs, accession number and modality (no patient data).
+
+    A series UID that is not a UID, or a modality that is not one of the standard's terms, is not
+    stored: with validation off either element can hold any text, a patient's name included, and
+    `list`, `show` and `export` print the modality."""
+    series, modality = _text(ds, "SeriesInstanceUID", 64), _text(ds, "Modality", 16)
     return {
         "study_instance_uid": _text(ds, "StudyInstanceUID", 64),
-        "series_instance_uid": _text(ds, "SeriesInstanceUID", 64),
+        "series_instance_uid": series if series and UID_STRING.fullmatch(series) else None,
         "accession_number": _text(ds, "AccessionNumber", 64),
-        "modality": _text(ds, "Modality", 16),
+        "modality": modality.upper() if modality and modality.upper() in MODALITIES else None,
     }
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydicom.dataset import Dataset
 
 from models.dicom_io import display_orientation
-from models.errors import UnreadableImageError, quoted_code
+from models.errors import BODY_PARTS, MODALITIES, VIEW_POSITIONS, UnreadableImageError, quoted_term
 
 ACCEPTED_MODALITIES = ("CR", "DX")
 FRONTAL_VIEWS = ("PA", "AP")
@@ -32,17 +32,17 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     """
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in ACCEPTED_MODALITIES:
-        return f"modality {quoted_code(modality) if modality else '(missing)'} is not CR or DX"
+        return f"modality {quoted_term(modality, MODALITIES) if modality else '(missing)'} is not CR or DX"
     if _is_for_processing(ds):
         return "DX For Processing image (not for presentation)"
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
     if body_part and body_part not in CHEST_BODY_PARTS:
-        return f"body part {quoted_code(body_part)} is not CHEST"
+        return f"body part {quoted_term(body_part, BODY_PARTS)} is not CHEST"
     if not body_part and missing_tag_policy == "skip":
         return "BodyPartExamined missing (policy: skip)"
     view = str(ds.get("ViewPosition", "") or "").upper().strip()
     if view and view not in FRONTAL_VIEWS:
-        return f"view position {quoted_code(view)} is not frontal (PA/AP)"
+        return f"view position {quoted_term(view, VIEW_POSITIONS)} is not frontal (PA/AP)"
     if not view and missing_tag_policy == "skip":
         return "ViewPosition missing (policy: skip)"
     try:

@@ -3,7 +3,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from models.dicom_io import dicom_to_grayscale
-from models.errors import UnreadableImageError, quoted_code, quoted_uid
+from models.errors import PHOTOMETRIC_INTERPRETATIONS, UnreadableImageError, quoted_orientation, quoted_term, quoted_uid
 from models.preprocess import reduce_to_source
 from worker.samples import encode, make_cxr_dataset
 
@@ -73,11 +73,19 @@ def test_reasons_repeat_coded_values_only(image):
 
 
 @pytest.mark.parametrize("value, shown", [
-    ("MONOCHROME2", "MONOCHROME2"), ("RGB", "RGB"), ("Doe^Jane", "(non-standard value)"),
+    ("MONOCHROME2", "MONOCHROME2"), ("RGB", "RGB"), ("PALETTE COLOR", "PALETTE COLOR"), (" ybr_full ", "YBR_FULL"),
+    ("Doe^Jane", "(non-standard value)"), ("DOE JANE", "(non-standard value)"), ("1234567", "(non-standard value)"),
     ("MONOCHROME2 EXTRA LONG", "(non-standard value)"), ("", "(non-standard value)"),
 ])
-def test_quoted_code(value, shown):
-    assert quoted_code(value) == shown
+def test_quoted_term_repeats_the_element_s_defined_terms_only(value, shown):
+    """The CS repertoire alone (capitals, digits, 16 characters) let a record number or a short name through."""
+    assert quoted_term(value, PHOTOMETRIC_INTERPRETATIONS) == shown
+
+
+@pytest.mark.parametrize("value, shown", [("L", "L"), ("fl", "FL"), ("AFL", "AFL"), ("DOE", "(non-standard value)"),
+                                          ("X", "(non-standard value)"), ("LFAP", "(non-standard value)")])
+def test_quoted_orientation(value, shown):
+    assert quoted_orientation(value) == shown
 
 
 @pytest.mark.parametrize("value, shown", [

@@ -126,6 +126,21 @@ def test_identifiers_with_nul_bytes_are_stored(engine):
         assert db.get_instance(conn, "1.2.3", "1.2.3.4")["accession_number"] == "ACC42"
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # the test writes the bad values on purpose
+def test_identifiers_store_no_free_text_in_the_modality_or_series_columns():
+    """With validation off both can hold a patient's name; `list`, `show` and `export` print the modality."""
+    from pydicom.dataset import Dataset
+
+    from worker.pipeline import identifiers
+
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.AccessionNumber = "1.2.3", "ACC42"
+    ds.Modality, ds.SeriesInstanceUID = "ZZPHINAME^ALICE", "ZZPHINAME^ALICE^SERIES"
+    assert (identifiers(ds)["modality"], identifiers(ds)["series_instance_uid"]) == (None, None)
+    ds.Modality, ds.SeriesInstanceUID = "cr ", "1.2.3.9"
+    assert (identifiers(ds)["modality"], identifiers(ds)["series_instance_uid"]) == ("CR", "1.2.3.9")
+
+
 def test_sqlite_commits_are_durable_before_the_file_leaves_pending(sqlite_url):
     """synchronous=FULL: under WAL, NORMAL may lose the last commits on power loss while the file's rename
     out of pending/ survives, leaving an instance with neither a row nor a pending file."""

@@ -262,6 +262,7 @@ def test_upright_or_absent_orientation_scores_as_before(tmp_path, normal, settin
     ("F", "patient orientation F has 1 value, 2 expected"),
     (["L", "F", "A"], "patient orientation L\\F\\A has 3 values, 2 expected"),
     (["Doe^Jane", "F"], "patient orientation (non-standard value)\\F is not a frontal chest orientation"),
+    (["ZZPHINAME", "F"], "patient orientation (non-standard value)\\F is not a frontal chest orientation"),
 ])
 def test_an_orientation_that_is_not_a_frontal_chest_is_skipped_with_its_reason(
         tmp_path, normal, settings, detectors, orientation, reason):
