@@ -30,6 +30,10 @@ from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+READ_ONLY_SQL_TRANSACTION = "25006"
+"""PostgreSQL's SQLSTATE for a write in a read-only transaction (a hot standby, `default_transaction_read_only`)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: the database or broker is unreachable, the model is not deployed yet, its GPU is not up,
     or the spool's storage failed to read a file (`ImageAccessError`: permissions, I/O, a stale mount).
@@ -39,8 +43,8 @@ def is_transient(exc: BaseException) -> bool:
     """
     if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, SATimeoutError)):
         return True
-    if isinstance(exc, DBAPIError):
-        return bool(exc.connection_invalidated)
+    if isinstance(exc, DBAPIError):  # a standby refusing writes (SQLSTATE 25006): a failover under way
+        return bool(exc.connection_invalidated) or getattr(exc.orig, "sqlstate", None) == READ_ONLY_SQL_TRANSACTION
     return isinstance(exc, (ConnectionError, TimeoutError, ImageAccessError)) or tasks.is_model_problem(exc)
 
 

@@ -23,6 +23,8 @@ from worker import contract
 from worker.config import WorkerSettings, load_worker_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from models.site_calibration import SiteCalibration
 
 log = logging.getLogger("worker.cli")
@@ -74,6 +76,7 @@ def check(settings: WorkerSettings) -> int:
     from models.errors import ExecutionProviderError
     from worker.db import make_engine
     from worker.migrate import current_revision, head_revision, is_known_revision
+    from worker.pipeline import check_card_fits_results
 
     path = settings.resolved_model_path()
     if not path.is_file():
@@ -81,6 +84,7 @@ def check(settings: WorkerSettings) -> int:
         return 2
     try:
         card = load_card(path, site_calibration=settings.site_calibration)
+        check_card_fits_results(card)
     except Exception as exc:
         log.error("model card problem: %s", exc)
         return 2
@@ -92,11 +96,16 @@ def check(settings: WorkerSettings) -> int:
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            read_only = database_read_only(conn)
     except Exception as exc:
         log.error("database unreachable (%s)", type(exc).__name__)
         return 3
     finally:
         engine.dispose()
+    if read_only:  # every claim would fail: a URL left on a standby after a failover, a read-only mount
+        log.error("database is read-only (%s): the worker writes every result; point TRIAGE_DATABASE_URL at the "
+                  "primary", read_only)
+        return 3
     schema, expected = current_revision(settings.database_url), head_revision()
     if schema is not None and not is_known_revision(schema):  # a newer worker migrated it: `migrate` cannot help
         log.error("database schema is at %s, newer than this worker's %s: deploy the worker release that "
@@ -121,6 +130,25 @@ def check(settings: WorkerSettings) -> int:
     log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],
              calibration, ",".join(providers))
     return 0
+
+
+def database_read_only(conn: Connection) -> str | None:
+    """Why the database cannot take writes, or None: a PostgreSQL hot standby or read-only session,
+    or an SQLite file (or its folder, where WAL writes its journal) that this process cannot write."""
+    from sqlalchemy import text
+
+    from worker.db import sqlite_path
+
+    if conn.dialect.name == "postgresql":
+        if conn.execute(text("SHOW transaction_read_only")).scalar() == "on":
+            return "PostgreSQL transaction_read_only is on: a standby, or a read-only default"
+        return None
+    path = sqlite_path(str(conn.engine.url))
+    if path is not None and path.is_file():
+        for what, target in (("file", path), ("folder", path.parent)):
+            if not os.access(target, os.W_OK):
+                return f"the SQLite {what} is not writable"
+    return None
 
 
 def probe_providers(settings: WorkerSettings) -> list[str]:

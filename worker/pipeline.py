@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import MODALITIES, UID_STRING, ImageAccessError, UnreadableImageError
@@ -44,8 +45,28 @@ def make_detector(settings: WorkerSettings) -> Any:
     from models.detector import PneumoniaDetector
 
     providers, required = PROVIDERS[settings.execution_provider]
-    return PneumoniaDetector(settings.resolved_model_path(), providers, intra_op_threads=settings.intra_op_threads,
-                             site_calibration=settings.site_calibration, require_provider=required)
+    detector = PneumoniaDetector(settings.resolved_model_path(), providers, intra_op_threads=settings.intra_op_threads,
+                                 site_calibration=settings.site_calibration, require_provider=required)
+    check_card_fits_results(detector.card)
+    return detector
+
+
+def check_card_fits_results(card: Any) -> None:
+    """Refuse a card whose name, version or labels the results table cannot hold.
+
+    PostgreSQL refuses a value longer than its column (SQLite keeps it), so a retrained model
+    carded `--model-version 1.2.0+g<sha>.site-retrain...` failed every image "result could not be
+    stored" while `check` said ok. As a model problem it is retried and claims nothing."""
+    from models.errors import ModelIntegrityError
+    from worker.db import instances
+
+    fields = [("model_name", "name", card.name), ("model_version", "version", card.version),
+              *(("prediction", "label", label) for label in card.labels)]
+    for column, what, value in fields:
+        limit = instances.c[column].type.length
+        if len(value) > limit:
+            raise ModelIntegrityError(f"the model card's {what} is {len(value)} characters; the results table "
+                                      f"holds {limit} (`{column}`): re-card the model with a shorter one")
 
 
 def active_providers(settings: dict[str, Any]) -> list[str]:
@@ -92,6 +113,8 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     """The element as stored text; NUL bytes are dropped (PostgreSQL refuses them in text columns,
     and pydicom keeps them when validation is off)."""
     value = ds.get(keyword)
+    if isinstance(value, MultiValue):  # `ACC1\ACC2` as written, not Python's "['ACC1', 'ACC2']"
+        value = "\\".join(str(v) for v in value)
     return str(value).replace("\x00", "").strip()[:limit] or None if value is not None else None
 
 

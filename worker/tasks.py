@@ -262,8 +262,8 @@ def _finish(
         log.error("result of %s could not be stored (%s); recording the failure instead", sop_uid, type(exc).__name__)
         outcome = Outcome("failed", f"result could not be stored ({type(exc).__name__})")
         keys = ("sop_instance_uid", "study_instance_uid", "spool_relpath", "received_at", "processing_ms")
-        values = {**{k: values[k] for k in keys}, "status": outcome.status, "reason": outcome.reason,
-                  "finished_at": db.utcnow()}
+        values = {**{k: values[k] for k in keys}, **_identifiers_that_fit(values), "status": outcome.status,
+                  "reason": outcome.reason, "finished_at": db.utcnow()}
         landed = _store(rt, values, received, False)
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
@@ -272,6 +272,14 @@ def _finish(
              "" if landed else " [not stored: another delivery's result was there first]")
     return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,
             "stratum": outcome.fields.get("stratum"), "noop": not landed}
+
+
+def _identifiers_that_fit(values: dict[str, Any]) -> dict[str, str]:
+    """The refused row's identifiers that fit their columns: without its accession number a failure
+    cannot be found from the worklist (`list --accession`)."""
+    keys = ("accession_number", "series_instance_uid", "modality")
+    return {k: values[k] for k in keys
+            if isinstance(values.get(k), str) and len(values[k]) <= db.instances.c[k].type.length}
 
 
 def _store(rt: Runtime, values: dict[str, Any], received: Any, counts_for_study: bool) -> bool:

@@ -234,3 +234,45 @@ def test_a_schema_newer_than_the_worker_is_refused_not_migrated(sqlite_url):
         assert out.returncode == 3, (command, out.stderr[-2000:])
         assert f"schema is at 0099, newer than this worker's {head_revision()}" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+@pytest.mark.postgres
+def test_check_refuses_a_read_only_database_and_its_refusal_is_retried(pg_url):
+    """A URL left on a hot standby after a failover: `check` said "database ok" and every claim then
+    failed unretried (InternalError, ReadOnlySqlTransaction), left to the gateway's sweep."""
+    import psycopg
+    from sqlalchemy import text
+
+    from tests.worker.support import PG_ADMIN_DSN
+    from worker.celery_app import is_transient
+    from worker.db import make_engine
+    from worker.migrate import upgrade
+
+    upgrade(pg_url)
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    result = run_cli("check", TRIAGE_DATABASE_URL=pg_url)
+    assert result.returncode == 3 and "database is read-only (PostgreSQL transaction_read_only is on" in result.stderr
+    engine = make_engine(pg_url)
+    try:
+        with pytest.raises(Exception) as refused, engine.begin() as conn:
+            conn.execute(text("UPDATE studies SET final = final"))
+    finally:
+        engine.dispose()
+    assert is_transient(refused.value)
+
+
+def test_check_refuses_a_card_whose_fields_the_results_table_cannot_hold(tmp_path, sqlite_url):
+    """PostgreSQL refuses a version longer than `model_version` (50): every image failed "result could
+    not be stored" while `check` said ok; SQLite stored it. Refused up front, as a model problem."""
+    import json
+
+    from models.card import card_path_for, default_model_path
+    model = tmp_path / "model.onnx"
+    model.symlink_to(default_model_path())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    card_path_for(model).write_text(json.dumps(card | {"version": "1.2.0+g0123abcd.site-retrain-2026-11-28-northwing-hospital"}))
+    result = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(model))
+    assert result.returncode == 2
+    assert "the model card's version is 58 characters; the results table holds 50 (`model_version`)" in result.stderr

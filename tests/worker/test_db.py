@@ -141,6 +141,17 @@ def test_identifiers_store_no_free_text_in_the_modality_or_series_columns():
     assert (identifiers(ds)["modality"], identifiers(ds)["series_instance_uid"]) == ("CR", "1.2.3.9")
 
 
+def test_a_multi_valued_accession_number_is_stored_as_written():
+    """It was stored as Python's "['ACC1', 'ACC2']", which no `list --accession` could find."""
+    from pydicom.dataset import Dataset
+
+    from worker.pipeline import identifiers
+
+    ds = Dataset()
+    ds.AccessionNumber = ["ACC1", "ACC2"]
+    assert identifiers(ds)["accession_number"] == "ACC1\\ACC2"
+
+
 def test_sqlite_commits_are_durable_before_the_file_leaves_pending(sqlite_url):
     """synchronous=FULL: under WAL, NORMAL may lose the last commits on power loss while the file's rename
     out of pending/ survives, leaving an instance with neither a row nor a pending file."""

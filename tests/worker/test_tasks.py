@@ -283,7 +283,7 @@ def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, te
     upgrade(pg_url)
     rt = tasks.Runtime(WorkerSettings(database_url=pg_url, spool_dir=tmp_path / "spool"))
     relpath, sop, study = stage(rt, test_split[0][0])
-    unstorable = pipeline.Outcome("done", None, {"modality": "X" * 40, "probability": 0.5})
+    unstorable = pipeline.Outcome("done", None, {"modality": "X" * 40, "probability": 0.5, "accession_number": "ACC1"})
     monkeypatch.setattr(tasks, "analyse_file", lambda *args: unstorable)
 
     result = tasks.process_instance(rt, relpath, sop, None)
@@ -291,6 +291,7 @@ def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, te
     stored = row(rt, relpath, sop)
     assert result["status"] == stored["status"] == "failed"
     assert stored["reason"] == "result could not be stored (DataError)" and stored["modality"] is None
+    assert stored["accession_number"] == "ACC1"  # still found from the worklist (it was dropped before)
     assert (rt.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()
 
 
