@@ -31,7 +31,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
-from worker.spool import study_uid_from_relpath
+from worker.spool import study_uid_from_relpath, valid_uid
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "prediction", "reason", "received_at", "finished_at", "processing_ms")
@@ -104,7 +104,7 @@ def _add_filters(cmd: argparse.ArgumentParser) -> None:
 def _timestamp(value: str) -> dt.datetime:
     parsed = db.parse_timestamp(value)
     if parsed is None:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 date/time: {value!r}")
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 date/time within years 1-9999 (UTC): {value!r}")
     return parsed
 
 
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with engine.connect() as conn:
                 migrated = inspect(conn).has_table(db.instances.name)
+                behind = migrated and schema_behind(conn)
         except (DBAPIError, UnicodeError) as exc:  # down, refused, wrong password, not a database file, a host name
             # with an empty label (psycopg's idna error): its text may quote the host
             cause = getattr(exc, "orig", None) or exc
@@ -139,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3
         if not migrated:
             print(f"{parser.prog}: the database has no triage tables: run `pneumonia-worker migrate`", file=sys.stderr)
+            return 3
+        if behind:  # the queries name columns the old tables lack: a traceback ("no such column") before
+            print(f"{parser.prog}: the database schema is at {behind[0]}, this release needs {behind[1]}: "
+                  "run `pneumonia-worker migrate`", file=sys.stderr)
             return 3
         if args.command == "requeue":
             return requeue(settings, engine, args.older_than)
@@ -156,6 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         engine.dispose()
+
+
+def schema_behind(conn: Connection) -> tuple[str, str] | None:
+    """(stamped, head) when the database's schema is an older revision than this release's; None when it
+    is at head or newer (a newer release migrated it: the columns named here are still there)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from worker.migrate import head_revision, is_known_revision
+
+    stamped, head = MigrationContext.configure(conn).get_current_revision(), head_revision()
+    if stamped == head or (stamped is not None and not is_known_revision(stamped)):
+        return None
+    return stamped or "none (unstamped)", head
 
 
 def query_rows(conn: Connection, args: argparse.Namespace,
@@ -270,9 +288,12 @@ def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
 def positive_int(text: str) -> int:
     """An argparse type: `--limit 0` listed every row, and `--limit -1` did on SQLite but failed on PostgreSQL."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    if not 1 <= value <= MAX_LIMIT:  # above a 64-bit integer: OverflowError on SQLite, DataError on PostgreSQL
+        raise argparse.ArgumentTypeError(f"must be a positive number up to {MAX_LIMIT}, got {value}")
     return value
+
+
+MAX_LIMIT = 2**63 - 1
 
 
 def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:
@@ -325,33 +346,42 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
     """
     from celery import Celery
 
-    files = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
+    files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
     client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
     try:
         for path, received_at in files:
             relpath = path.relative_to(settings.spool_dir).as_posix()
-            # the row the worker will write: its study is the folder when that is a UID (else "", failed)
+            # the row the worker will write, under the study folder (a UID: others were left out)
             _mark_queued(engine, study_uid_from_relpath(relpath) or "", path.stem, relpath, received_at)
             client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
                              kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
     finally:
         client.close()
     print(f"requeued {len(files)} pending instance(s)")
+    if foreign:
+        print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
+              "did not write them, and the worker would refuse them", file=sys.stderr)
     return 0
 
 
-def stale_pending(spool_dir: Path, cutoff: float) -> list[tuple[Path, dt.datetime]]:
-    """Pending files last written before `cutoff`, with that time (when the gateway received them).
+def stale_pending(spool_dir: Path, cutoff: float) -> tuple[list[tuple[Path, dt.datetime]], int]:
+    """Pending files last written before `cutoff`, with that time (when the gateway received them),
+    and the number of files left out because their study folder or name is not a UID, as the
+    gateway's sweep leaves them out (a row keyed by such a name stayed `queued` for good, and on
+    PostgreSQL one too long for its column stopped the requeue with a traceback).
     A running worker may archive a file between the listing and its stat: that one is skipped."""
-    stale = []
+    stale, foreign = [], 0
     for path in sorted((spool_dir / contract.SPOOL_PENDING).glob("*/*.dcm")):
+        if not (valid_uid(path.stem) and valid_uid(path.parent.name)):
+            foreign += 1
+            continue
         try:
             mtime = path.stat().st_mtime
         except FileNotFoundError:
             continue
         if mtime <= cutoff:
             stale.append((path, dt.datetime.fromtimestamp(mtime, dt.timezone.utc)))
-    return stale
+    return stale, foreign
 
 
 def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every_hours: float | None) -> int:

@@ -136,15 +136,16 @@ def utcnow() -> dt.datetime:
 
 
 def parse_timestamp(value: str | dt.datetime | None) -> dt.datetime | None:
-    """ISO-8601 (any offset) -> naive UTC; None and garbage -> None (never fail a task on it)."""
+    """ISO-8601 (any offset) -> naive UTC; None and garbage -> None (never fail a task on it), and so
+    is a time whose UTC falls outside year 1..9999 (`0001-01-01T00:00+01:00`: OverflowError before)."""
     if value is None or value == "":
         return None
     try:
         parsed = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return parsed
 
 

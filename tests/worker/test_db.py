@@ -98,6 +98,7 @@ def test_timestamps_normalise_to_naive_utc():
     assert db.parse_timestamp("2026-01-01T01:00:00+01:00") == dt.datetime(2026, 1, 1)
     assert db.parse_timestamp("2026-01-01T00:00:00Z") == dt.datetime(2026, 1, 1)
     assert db.parse_timestamp("garbage") is None and db.parse_timestamp(None) is None
+    assert db.parse_timestamp("0001-01-01T00:00:00+01:00") is None  # before year 1 in UTC: OverflowError before
 
 
 def test_database_errors_do_not_quote_bound_values(engine):
