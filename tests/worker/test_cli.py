@@ -276,3 +276,33 @@ def test_check_refuses_a_card_whose_fields_the_results_table_cannot_hold(tmp_pat
     result = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(model))
     assert result.returncode == 2
     assert "the model card's version is 58 characters; the results table holds 50 (`model_version`)" in result.stderr
+
+
+def test_workers_migrating_one_sqlite_file_at_once_all_succeed(tmp_path):
+    """Workers started together each run `upgrade head`: on schema 0002 each rebuilt `instances` (0003),
+    and one or two of three failed ("table _alembic_tmp_instances already exists"), leaving that table."""
+    from sqlalchemy import inspect, text
+
+    from worker.db import make_engine
+    from worker.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    upgrade(url, "0002")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts) "
+                          "VALUES (:s, :t, 'done', 1)"), [{"s": f"1.2.{i}", "t": f"1.3.{i // 4}"} for i in range(20000)])
+    engine.dispose()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    procs = [subprocess.Popen([sys.executable, "-m", "worker.cli", "migrate"], env={**base, "TRIAGE_DATABASE_URL": url},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert current_revision(url) == head_revision()
+    engine = make_engine(url)
+    try:
+        assert "_alembic_tmp_instances" not in inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 20000
+    finally:
+        engine.dispose()

@@ -110,6 +110,8 @@ def downgrade() -> None:
         "SELECT COUNT(*) FROM (SELECT sop_instance_uid FROM instances GROUP BY sop_instance_uid"
         " HAVING COUNT(*) > 1) AS s")).scalar()
     if shared:
+        # PostgreSQL rolls the whole downgrade back; SQLite has already committed the steps above this one
         raise RuntimeError(f"{shared} SOP Instance UID(s) have rows in more than one study; a downgrade would"
-                           " have to drop rows (nothing was changed)")
+                           " have to drop rows, so it stops before 0003 (on SQLite the steps after 0003 are"
+                           " already undone: the schema is at 0003; on PostgreSQL nothing was changed)")
     _set_primary_key(["sop_instance_uid"])
