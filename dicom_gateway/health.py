@@ -22,6 +22,16 @@ from dicom_gateway.tls import client_context
 HEALTH_CALLING_AE = "TRIAGE-HEALTH"
 
 
+def rejection_text(assoc: Any) -> str:
+    """The A-ASSOCIATE-RJ as DICOM words ("Rejected Transient, Service Provider (Presentation), Local limit
+    exceeded"): a bare "rejected" read like an allow-list problem when the gateway was only full."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    try:
+        return f"{primitive.result_str}, {primitive.source_str}, {primitive.reason_str}"
+    except (AttributeError, KeyError, ValueError):
+        return "no reason received"
+
+
 def echo(settings: GatewaySettings, host: str, *, calling_ae: str = HEALTH_CALLING_AE, timeout: float = 5.0) -> dict[str, Any]:
     """C-ECHO the listener; returns {"ok", "status"|"error", "latency_ms"}."""
     ae = AE(ae_title=calling_ae)
@@ -37,7 +47,7 @@ def echo(settings: GatewaySettings, host: str, *, calling_ae: str = HEALTH_CALLI
     assoc = ae.associate(host, settings.gateway_port, ae_title=settings.gateway_ae_title, tls_args=tls_args)
     try:
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else (
+            why = f"rejected ({rejection_text(assoc)})" if assoc.is_rejected else (
                 "no association (connection refused, timed out or TLS handshake failed: see the gateway's log)"
                 if tls_args else "no association (connection refused or timed out)")
             return {"ok": False, "error": why}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_gateway.health import broker_state, disk_state
 from dicom_gateway.queue import TaskPublisher
+from dicom_gateway.scp import REJECTION_KINDS
 
 if TYPE_CHECKING:
     from dicom_gateway.service import Gateway
@@ -63,6 +64,9 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
     lines = []
     for name, kind, text, value in samples:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    name, rejected = "triage_gateway_associations_rejected_total", status.get("associations_rejected", {})
+    lines += [f"# HELP {name} associations refused since start, by reason", f"# TYPE {name} counter"]
+    lines += [f'{name}{{reason="{kind}"}} {rejected.get(kind, 0)}' for kind in sorted({*REJECTION_KINDS.values(), "other"})]
     return "\n".join(lines) + "\n"
 
 

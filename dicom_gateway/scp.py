@@ -13,8 +13,10 @@ import errno
 import ipaddress
 import itertools
 import logging
+import threading
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Callable
@@ -36,7 +38,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -89,6 +91,15 @@ RJ_CALLING_AE = (0x01, 0x01, 0x03)
 RJ_CALLED_AE = (0x01, 0x01, 0x07)
 RJ_NO_REASON = (0x01, 0x01, 0x01)
 RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+TOO_MANY_ASSOCIATIONS = "too many associations (TRIAGE_GATEWAY_MAX_ASSOCIATIONS)"
+REJECTION_KINDS = {"source IP": "ip_not_allowed", "calling AE": "calling_ae_not_allowed", "called AE": "called_ae_not_ours",
+                   "spool free space": "disk_low", "spool not writable": "spool_not_writable",
+                   TOO_MANY_ASSOCIATIONS: "too_many_associations"}
+
+
+def reason_kind(reason: str) -> str:
+    """A rejection reason as a metric label (the reason itself carries numbers)."""
+    return next((kind for prefix, kind in REJECTION_KINDS.items() if reason.startswith(prefix)), "other")
 
 _HEADER_END = 0x0020000D  # StudyInstanceUID: the last tag we need from the dataset
 HEADER_INFLATE_LIMIT = 4 << 20
@@ -111,7 +122,10 @@ def storage_classes(settings: GatewaySettings) -> tuple[UID, ...]:
 def build_ae(settings: GatewaySettings) -> AE:
     """An AE with our contexts, limits and timeouts (association policy is in the handlers)."""
     ae = AE(ae_title=settings.gateway_ae_title)
-    ae.maximum_associations = settings.gateway_max_associations
+    # The limit is ours (`StoreSCP.on_requested`); pynetdicom's own check counts every acceptor thread
+    # alive, those being rejected at the same moment included, so at the limit a burst of senders was
+    # turned away below it, unlogged. It stays as a looser cap on threads.
+    ae.maximum_associations = pynetdicom_thread_cap(settings.gateway_max_associations)
     ae.maximum_pdu_size = settings.gateway_max_pdu
     ae.acse_timeout = settings.gateway_acse_timeout
     ae.dimse_timeout = settings.gateway_dimse_timeout
@@ -120,6 +134,11 @@ def build_ae(settings: GatewaySettings) -> AE:
     for sop_class in storage_classes(settings):
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
+
+
+def pynetdicom_thread_cap(limit: int) -> int:
+    """pynetdicom's limit on acceptor threads: room above ours for rejections in flight and the health probe."""
+    return max(2 * limit, limit + 16)
 
 
 class BadDatasetError(ValueError):
@@ -257,6 +276,9 @@ class StoreSCP:
         self._allowed_aes = set(settings.gateway_allowed_calling_aes)
         self._ids = itertools.count(1)
         self.stored = 0  # instances acknowledged since start (health/bench)
+        self.rejected: Counter[str] = Counter()  # associations refused since start, by reason (metrics)
+        self._admitted: set[Association] = set()
+        self._admit_lock = threading.Lock()
 
     def handlers(self) -> list[tuple]:
         return [
@@ -277,15 +299,31 @@ class StoreSCP:
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         peer = assoc.requestor.address
         reason, rsd = self._policy(calling, called, peer)
+        if reason is None and not self._admit(assoc, calling, peer):
+            reason, rsd = TOO_MANY_ASSOCIATIONS, RJ_LOCAL_LIMIT
         assoc.gateway_echo_only = self._health_probe_only(calling, peer)  # type: ignore[attr-defined]
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
             log.info("association requested", extra=ctx)
             return
+        self.rejected[reason_kind(reason)] += 1
         log.warning("association rejected", extra={**ctx, "reason": reason})
         assoc.acse.send_reject(*rsd)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+    def _admit(self, assoc: Association, calling: str, peer: str) -> bool:
+        """Count `assoc` against TRIAGE_GATEWAY_MAX_ASSOCIATIONS if there is room; only associations let
+        in count, until they end. The loopback health probe is let in beyond the limit: a busy gateway
+        is not a dead one, and a liveness probe that failed at the limit would restart it mid-transfer."""
+        if calling == HEALTH_CALLING_AE and _is_loopback(peer):
+            return True
+        with self._admit_lock:
+            self._admitted = {a for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted)}
+            if len(self._admitted) >= self.settings.gateway_max_associations:
+                return False
+            self._admitted.add(assoc)
+            return True
 
     def _health_probe_only(self, calling: str, peer: str) -> bool:
         """Let in by the loopback exception alone: `dicom-gateway health` (the container healthcheck)
@@ -307,7 +345,7 @@ class StoreSCP:
             free = 0
         if free < self.settings.gateway_min_free_bytes:
             return f"spool free space {free} below threshold", RJ_LOCAL_LIMIT
-        if not self.spool.writable():
+        if not self.spool.writable() and not (self.spool.restore_layout() and self.spool.writable()):
             return "spool not writable (read-only file system?)", RJ_LOCAL_LIMIT
         return None, RJ_NO_REASON
 

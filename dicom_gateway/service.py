@@ -121,6 +121,9 @@ class Gateway:
         while not self._stop.is_set():
             now = time.monotonic()
             try:
+                restored = self.spool.restore_layout()
+                if restored:
+                    log.warning("spool folders were missing and have been recreated: %s", ", ".join(restored))
                 if now >= next_sweep:
                     # At start-up nothing is in flight, so everything pending is due (grace 0).
                     self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first else None), "at": time.time()}
@@ -171,6 +174,7 @@ class Gateway:
             "listening": self.listening,
             "port": self.port,
             "stored": self.scp.stored,
+            "associations_rejected": dict(self.scp.rejected),
             "open_studies": len(self.tracker.open_studies()),
             "last_sweep": self.last_sweep,
             **self.spool.depth(),

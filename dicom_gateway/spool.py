@@ -92,6 +92,20 @@ class Spool:
         if made_root:
             fsync_dir(self.root.parent)
 
+    def restore_layout(self) -> list[str]:
+        """Recreate spool folders that went missing while running (a clean-up job emptying `incoming/`,
+        an operator's `rm -r`); returns the names recreated, [] when none was missing or the spool
+        cannot be written. Without it every association was refused until a restart, while the
+        liveness probe stayed green."""
+        missing = [path.name for path in (self.incoming, self.pending, self.archive, self.studies) if not path.is_dir()]
+        if not missing:
+            return []
+        try:
+            self.ensure_layout()
+        except OSError:
+            return []
+        return missing
+
     def store(self, chunks: list[bytes | memoryview], study_uid: str, sop_uid: str) -> str:
         """Durably write one instance and return its spool-relative path.
 

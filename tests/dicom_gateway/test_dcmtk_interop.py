@@ -110,6 +110,7 @@ def test_unknown_calling_ae_is_rejected(start_gateway, dcmtk, make_study, broker
     ok = run_storescu(dcmtk("storescu"), gateway.port, [path], calling="PACS")
     assert ok.returncode == 0, ok.stderr
     assert len(pending_files(gateway.spool.root)) == 1
+    assert gateway.status()["associations_rejected"] == {"calling_ae_not_allowed": 1}
 
 
 def test_wrong_called_ae_is_rejected(gateway, dcmtk, make_study):

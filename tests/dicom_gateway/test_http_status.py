@@ -38,6 +38,7 @@ def test_probes_status_and_metrics_follow_real_stores_without_phi(start_gateway,
     assert code == 200
     assert "triage_gateway_instances_stored_total 3" in metrics.splitlines()
     assert "triage_gateway_ready 1" in metrics.splitlines()
+    assert 'triage_gateway_associations_rejected_total{reason="too_many_associations"} 0' in metrics.splitlines()
     bodies = [get(port, p)[1] for p in ("/healthz", "/readyz", "/status", "/metrics")]
     for ds in datasets:
         for text in bodies:

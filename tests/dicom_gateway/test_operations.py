@@ -313,3 +313,78 @@ def test_sweep_refuses_a_spool_that_is_not_there(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "--spool-dir", str(tmp_path / "typo"), "sweep"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 2 and "no spool at" in out.stderr and str(tmp_path / "typo") in out.stderr
+
+
+def test_the_association_limit_admits_its_number_in_a_burst_says_why_and_lets_the_health_probe_in(
+        start_gateway, broker, images, caplog):
+    """pynetdicom's own limit counted every acceptor thread alive, those being rejected at the same
+    moment included: at limit 2, bursts of 3 senders got 0 or 1 in, unlogged ("association requested"
+    only), and the health probe was refused too ("rejected"), as if the gateway were dead."""
+    import logging
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_gateway.health import echo
+
+    gateway = start_gateway(gateway_max_associations=2)
+    hold, results, lock = threading.Event(), [], threading.Lock()
+    all_answered = threading.Barrier(4)
+
+    def sender() -> None:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE")
+        with lock:
+            results.append(assoc)
+        all_answered.wait(timeout=60)
+        hold.wait(timeout=60)
+        if assoc.is_established:
+            assoc.release()
+
+    with caplog.at_level(logging.INFO, logger="dicom_gateway"):
+        for _round in range(3):
+            results.clear()
+            threads = [threading.Thread(target=sender) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            all_answered.wait(timeout=60)
+            try:
+                assert sorted(a.is_established for a in results) == [False, True, True]
+                [refused] = [a for a in results if not a.is_established]
+                assert refused.is_rejected and refused.acceptor.primitive.result == 0x02  # transient: retry later
+                probe = echo(gateway.settings.model_copy(update={"gateway_port": gateway.port}), "127.0.0.1")
+                assert probe["ok"], probe  # at the limit, the probe still gets in
+            finally:
+                hold.set()
+                for thread in threads:
+                    thread.join(timeout=60)
+                hold.clear()
+                all_answered.reset()
+    assert gateway.status()["associations_rejected"] == {"too_many_associations": 3}
+    refusals = [r for r in caplog.records if r.getMessage() == "association rejected"]
+    assert len(refusals) == 3 and all(r.reason == "too many associations (TRIAGE_GATEWAY_MAX_ASSOCIATIONS)" for r in refusals)
+
+
+def test_a_rejected_health_check_says_how_it_was_rejected(start_gateway, broker):
+    """A bare "rejected" read like an allow-list problem whatever the cause (a full spool disk, say)."""
+    from dicom_gateway.health import echo
+
+    gateway = start_gateway(gateway_allowed_calling_aes=["PACS"])
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    probe = echo(settings, "127.0.0.1", calling_ae="INTRUDER")
+    assert probe == {"ok": False, "error": "rejected (Rejected Permanent, Service User, Calling AE title not recognised)"}
+
+
+@pytest.mark.parametrize("folder", ["incoming", "pending"])
+def test_a_spool_folder_removed_while_running_is_recreated(start_gateway, broker, images, folder):
+    """A clean-up job emptying incoming/ (or an operator's rm -r): every association was refused
+    ("spool not writable") until a restart, while /healthz stayed 200."""
+    import shutil
+
+    gateway = start_gateway()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0)]) == [0]
+    shutil.rmtree(gateway.spool.root / folder)
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 1)]) == [0]
+    assert len(pending_files(gateway.spool.root)) == (1 if folder == "pending" else 2)
