@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.contract import check_broker_url
+
 UID_MAX_LEN = 64
 AE_TITLE_MAX_LEN = 16
 MIN_PDU = 4096
@@ -89,6 +91,11 @@ class GatewaySettings(BaseSettings):
     gateway_http_port: int | None = Field(None, ge=0, le=65535)
 
     gateway_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_broker(cls, value: str) -> str:
+        return check_broker_url(value)
 
     @field_validator("gateway_allowed_calling_aes", "gateway_allowed_ips", mode="before")
     @classmethod

@@ -30,12 +30,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("worker.cli")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: `-c 0` fell back to TRIAGE_CONCURRENCY unannounced, `-c -3` ran the checks and
+    the migration and then failed in Celery with a traceback."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pneumonia-worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the Celery worker on the triage queue")
-    run.add_argument("-c", "--concurrency", type=int, default=None, help="pool processes (default TRIAGE_CONCURRENCY)")
+    run.add_argument("-c", "--concurrency", type=positive_int, default=None,
+                     help="pool processes, 1 or more (default TRIAGE_CONCURRENCY)")
     run.add_argument("--hostname", default=None, help="Celery node name (default triage@%%h)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     sub.add_parser("check", help="load the model and card and reach the database, then exit")
@@ -283,7 +293,7 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
         "worker",
         "-Q", contract.QUEUE,
         "--pool", "prefork",
-        "-c", str(concurrency or settings.concurrency),
+        "-c", str(concurrency if concurrency is not None else settings.concurrency),
         "--loglevel", settings.log_level,
         "-n", hostname or "triage@%h",
         "--without-gossip", "--without-mingle",

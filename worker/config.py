@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from worker.contract import check_broker_url
 
 DEFAULT_FLAG_MAP = {
     "high_suspicion": "URGENT",
@@ -69,6 +70,11 @@ class WorkerSettings(BaseSettings):
     """auto: CUDA when onnxruntime can start it, else CPU; cpu: CPU only; cuda: CUDA or refuse to run."""
     migrate_on_start: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_broker(cls, value: str) -> str:
+        return check_broker_url(value)
 
     @field_validator("log_level", mode="before")
     @classmethod

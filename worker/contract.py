@@ -35,3 +35,17 @@ def quiet_pydicom() -> None:
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     warnings.filterwarnings("ignore", module="pydicom")
+
+
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+"""Broker URL schemes both sides accept: Redis over TCP, TLS or a Unix socket, and Redis Sentinel."""
+
+
+def check_broker_url(value: str) -> str:
+    """Refuse a broker URL that is not Redis's: Celery reads `127.0.0.1:6379/0` (no scheme) as an AMQP
+    host and retries for ever, while the gateway answered Success and only its readiness probe showed it."""
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in BROKER_SCHEMES:
+        raise ValueError(f"broker_url must start with one of {', '.join(s + '://' for s in BROKER_SCHEMES)} "
+                         "(e.g. redis://127.0.0.1:6379/0)")
+    return value

@@ -86,6 +86,7 @@ def test_settings_from_environment(monkeypatch):
         ("TRIAGE_GATEWAY_ACSE_TIMEOUT", "1e10"),  # beyond threading's limit: OverflowError per association
         ("TRIAGE_GATEWAY_NETWORK_TIMEOUT", "1e10"),  # ... or at start, with a traceback
         ("TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS", "1e10"),
+        ("TRIAGE_BROKER_URL", "127.0.0.1:6379/0"),  # no scheme: Success to senders, nothing ever queued
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(monkeypatch, name, value):

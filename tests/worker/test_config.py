@@ -46,6 +46,8 @@ def test_environment_overrides_and_frozen(monkeypatch):
         {"soft_time_limit_s": 0, "time_limit_s": 10},
         {"unacked_restore_interval_s": 0},
         {"intra_op_threads": -1},
+        {"broker_url": "127.0.0.1:6379/0"},  # no scheme: Celery took it for an AMQP host and retried for ever
+        {"broker_url": "amqp://guest@127.0.0.1//"},  # the gateway publishes to Redis only
     ],
 )
 def test_unsafe_settings_are_refused(kw):
@@ -116,3 +118,14 @@ def test_an_empty_variable_is_an_unset_one(monkeypatch):
     monkeypatch.setenv("TRIAGE_MODEL_PATH", "")
     settings = WorkerSettings()
     assert settings.site_calibration is None and settings.model_path is None
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_run_refuses_a_concurrency_below_one_before_anything_runs(value):
+    """`-c 0` fell back to TRIAGE_CONCURRENCY unannounced; `-c -3` migrated, then failed in Celery."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "run", "-c", value], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "TRIAGE_DATABASE_URL": "sqlite:////nonexistent/x.db"})
+    assert done.returncode == 2 and f"must be 1 or more, got {value}" in done.stderr and "Traceback" not in done.stderr
