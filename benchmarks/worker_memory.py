@@ -9,6 +9,9 @@ in the same run, is the same process's peak after loading the detector alone; th
 peak resident set (VmHWM) and what one image adds to it, in bytes per pixel.
 
     python benchmarks/worker_memory.py --sizes 2048 4096 8192 --out benchmarks/results/worker_memory.json
+
+`--pixel-spacing 0.1 0.2` writes non-square pixels (row and column spacing in mm), which the
+display chain resamples to square ones before the crop.
 """
 
 from __future__ import annotations
@@ -48,16 +51,21 @@ def measure_one(path: Path) -> dict:
             "reason": outcome.reason}
 
 
-def write_image(size: int, folder: Path) -> Path:
+def write_image(size: int, folder: Path, pixel_spacing: list[float] | None = None) -> Path:
     from worker.samples import make_cxr_dataset, save
 
     thumbnail = (np.add.outer(np.arange(28), np.arange(28)) * 4 % 256).astype(np.uint8)
-    return save(make_cxr_dataset(thumbnail, size=(size, size), bits_stored=14), folder / f"cxr-{size}.dcm")
+    ds = make_cxr_dataset(thumbnail, size=(size, size), bits_stored=14)
+    if pixel_spacing:
+        ds.PixelSpacing = [str(v) for v in pixel_spacing]
+    return save(ds, folder / f"cxr-{size}.dcm")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="square image sides")
+    parser.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COLUMN_MM"),
+                        help="write non-square pixels (default: none written, i.e. square)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/worker_memory.json"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            path = write_image(size, Path(folder))
+            path = write_image(size, Path(folder), args.pixel_spacing)
             done = subprocess.run([sys.executable, __file__, "--child", str(path)], check=True, capture_output=True,
                                   text=True)
             row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"the detector alone, {row['detector_only_peak_bytes'] / MIB:.0f} MiB); the image adds "
                   f"{added / MIB:.0f} MiB, {row['added_bytes_per_pixel']:.1f} bytes/pixel; {row['status']}")
     results = {"benchmark": "worker_memory", "host": platform.processor() or platform.machine(),
-               "python": platform.python_version(), "sizes": rows}
+               "python": platform.python_version(), "pixel_spacing_mm": args.pixel_spacing, "sizes": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {args.out}")
