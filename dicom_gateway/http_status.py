@@ -66,7 +66,7 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
     name, rejected = "triage_gateway_associations_rejected_total", status.get("associations_rejected", {})
     lines += [f"# HELP {name} associations refused since start, by reason", f"# TYPE {name} counter"]
-    lines += [f'{name}{{reason="{kind}"}} {rejected.get(kind, 0)}' for kind in sorted({*REJECTION_KINDS.values(), "other"})]
+    lines += [f'{name}{{reason="{kind}"}} {rejected.get(kind, 0)}' for kind in sorted({*REJECTION_KINDS.values(), "thread_cap", "other"})]
     return "\n".join(lines) + "\n"
 
 

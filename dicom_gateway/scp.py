@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Callable
+from typing import Callable, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -95,6 +95,7 @@ TOO_MANY_ASSOCIATIONS = "too many associations (TRIAGE_GATEWAY_MAX_ASSOCIATIONS)
 REJECTION_KINDS = {"source IP": "ip_not_allowed", "calling AE": "calling_ae_not_allowed", "called AE": "called_ae_not_ours",
                    "spool free space": "disk_low", "spool not writable": "spool_not_writable",
                    TOO_MANY_ASSOCIATIONS: "too_many_associations"}
+"""Reason prefixes -> metric labels; pynetdicom's own rejections are "thread_cap" or "other" (`on_rejected`)."""
 
 
 def reason_kind(reason: str) -> str:
@@ -137,8 +138,17 @@ def build_ae(settings: GatewaySettings) -> AE:
 
 
 def pynetdicom_thread_cap(limit: int) -> int:
-    """pynetdicom's limit on acceptor threads: room above ours for rejections in flight and the health probe."""
-    return max(2 * limit, limit + 16)
+    """pynetdicom's limit on acceptor threads: room above ours for rejections in flight, health probes and
+    connections that have not sent their request yet (each holds a thread up to the ACSE timeout)."""
+    return limit + max(64, 2 * limit)
+
+
+HEALTH_PROBE_SLOTS = 2
+"""Health probes let in at once beyond TRIAGE_GATEWAY_MAX_ASSOCIATIONS (echo only)."""
+
+
+def _running(associations: set[Association]) -> set[Association]:
+    return {a for a in associations if a.is_alive() and not (a.is_released or a.is_aborted)}
 
 
 class BadDatasetError(ValueError):
@@ -278,11 +288,13 @@ class StoreSCP:
         self.stored = 0  # instances acknowledged since start (health/bench)
         self.rejected: Counter[str] = Counter()  # associations refused since start, by reason (metrics)
         self._admitted: set[Association] = set()
+        self._probes: set[Association] = set()  # health probes let in beyond the limit
         self._admit_lock = threading.Lock()
 
     def handlers(self) -> list[tuple]:
         return [
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_RELEASED, self.on_closed, ["released"]),
             (evt.EVT_ABORTED, self.on_closed, ["aborted"]),
@@ -299,31 +311,52 @@ class StoreSCP:
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         peer = assoc.requestor.address
         reason, rsd = self._policy(calling, called, peer)
-        if reason is None and not self._admit(assoc, calling, peer):
+        admission = None if reason is not None else self._admit(assoc, calling, peer)
+        if reason is None and admission is None:
             reason, rsd = TOO_MANY_ASSOCIATIONS, RJ_LOCAL_LIMIT
-        assoc.gateway_echo_only = self._health_probe_only(calling, peer)  # type: ignore[attr-defined]
+        # echo only: a probe let in by the loopback exception to the IP allow-list, or beyond the limit
+        assoc.gateway_echo_only = self._health_probe_only(calling, peer) or admission == "probe"  # type: ignore[attr-defined]
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
             log.info("association requested", extra=ctx)
             return
         self.rejected[reason_kind(reason)] += 1
         log.warning("association rejected", extra={**ctx, "reason": reason})
+        assoc.gateway_rejected = True  # type: ignore[attr-defined]  (on_rejected counts pynetdicom's own only)
         assoc.acse.send_reject(*rsd)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
-    def _admit(self, assoc: Association, calling: str, peer: str) -> bool:
-        """Count `assoc` against TRIAGE_GATEWAY_MAX_ASSOCIATIONS if there is room; only associations let
-        in count, until they end. The loopback health probe is let in beyond the limit: a busy gateway
-        is not a dead one, and a liveness probe that failed at the limit would restart it mid-transfer."""
-        if calling == HEALTH_CALLING_AE and _is_loopback(peer):
-            return True
+    def _admit(self, assoc: Association, calling: str, peer: str) -> Literal["counted", "probe"] | None:
+        """Count `assoc` against TRIAGE_GATEWAY_MAX_ASSOCIATIONS if there is room ("counted"); only
+        associations let in count, until they end. At the limit the loopback health probe still gets
+        one of HEALTH_PROBE_SLOTS, echo only ("probe"): a busy gateway is not a dead one, and a liveness
+        probe failing at the limit would restart it mid-transfer. None: refused."""
         with self._admit_lock:
-            self._admitted = {a for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted)}
-            if len(self._admitted) >= self.settings.gateway_max_associations:
-                return False
-            self._admitted.add(assoc)
-            return True
+            self._admitted = _running(self._admitted)
+            if len(self._admitted) < self.settings.gateway_max_associations:
+                self._admitted.add(assoc)
+                return "counted"
+            if calling == HEALTH_CALLING_AE and _is_loopback(peer):
+                self._probes = _running(self._probes)
+                if len(self._probes) < HEALTH_PROBE_SLOTS:
+                    self._probes.add(assoc)
+                    return "probe"
+            return None
+
+    def on_rejected(self, event: evt.Event) -> None:
+        """Log and count a rejection that pynetdicom made itself after our handler let the association in:
+        its cap on acceptor threads, which connections that never sent a request also hold (a port
+        scanner, a load balancer's TCP check) until the ACSE timeout."""
+        assoc = event.assoc
+        if getattr(assoc, "gateway_rejected", False):
+            return
+        acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
+        kind = "thread_cap" if len(acceptors) > assoc.ae.maximum_associations else "other"
+        self.rejected[kind] += 1
+        log.warning("association rejected", extra={"assoc": getattr(assoc, "gateway_id", None), "reason": (
+            f"pynetdicom's cap of {assoc.ae.maximum_associations} connections (open connections count before "
+            "they associate)" if kind == "thread_cap" else "rejected by pynetdicom")})
 
     def _health_probe_only(self, calling: str, peer: str) -> bool:
         """Let in by the loopback exception alone: `dicom-gateway health` (the container healthcheck)
@@ -345,8 +378,12 @@ class StoreSCP:
             free = 0
         if free < self.settings.gateway_min_free_bytes:
             return f"spool free space {free} below threshold", RJ_LOCAL_LIMIT
-        if not self.spool.writable() and not (self.spool.restore_layout() and self.spool.writable()):
-            return "spool not writable (read-only file system?)", RJ_LOCAL_LIMIT
+        if not self.spool.writable():
+            restored = self.spool.restore_layout()
+            if restored:
+                log.warning("spool folders were missing and have been recreated: %s", ", ".join(restored))
+            if not (restored and self.spool.writable()):
+                return "spool not writable (read-only file system?)", RJ_LOCAL_LIMIT
         return None, RJ_NO_REASON
 
     def on_established(self, event: evt.Event) -> None:

@@ -79,6 +79,7 @@ class Spool:
         self.pending = self.root / SPOOL_PENDING
         self.archive = self.root / SPOOL_ARCHIVE
         self.studies = self.root / STUDIES
+        self._root_device: int | None = None  # the spool's file system, recorded by ensure_layout
 
     def ensure_layout(self) -> None:
         """Create the spool directories (raises OSError if the spool is unusable), durably: the first
@@ -91,6 +92,7 @@ class Spool:
             fsync_dir(self.root)
         if made_root:
             fsync_dir(self.root.parent)
+        self._root_device = self.root.stat().st_dev
 
     def restore_layout(self) -> list[str]:
         """Recreate spool folders that went missing while running (a clean-up job emptying `incoming/`,
@@ -98,13 +100,22 @@ class Spool:
         cannot be written. Without it every association was refused until a restart, while the
         liveness probe stayed green."""
         missing = [path.name for path in (self.incoming, self.pending, self.archive, self.studies) if not path.is_dir()]
-        if not missing:
+        if not missing or not self._root_still_mounted():
             return []
         try:
             self.ensure_layout()
         except OSError:
             return []
         return missing
+
+    def _root_still_mounted(self) -> bool:
+        """The spool root is there, on the file system it was on at start. A volume that went away
+        (unmounted, a lost network mount) leaves the mount point's empty folder behind: folders made
+        there would take instances that the worker, on the real volume, never sees."""
+        try:
+            return self._root_device is not None and self.root.stat().st_dev == self._root_device
+        except OSError:
+            return False
 
     def store(self, chunks: list[bytes | memoryview], study_uid: str, sop_uid: str) -> str:
         """Durably write one instance and return its spool-relative path.

@@ -388,3 +388,65 @@ def test_a_spool_folder_removed_while_running_is_recreated(start_gateway, broker
     shutil.rmtree(gateway.spool.root / folder)
     assert store_with_pynetdicom(gateway.port, [small_dataset(images, 1)]) == [0]
     assert len(pending_files(gateway.spool.root)) == (1 if folder == "pending" else 2)
+
+
+def test_spool_folders_are_not_recreated_on_another_file_system(start_gateway, broker, images):
+    """A spool volume that went away leaves its mount point's folder behind: folders recreated there took
+    instances (Success) that the worker, on the real volume, never saw. Refused as before instead."""
+    import shutil
+
+    gateway = start_gateway(gateway_sweep_interval_seconds=0.5)
+    gateway.spool._root_device = -1  # what an unmounted volume's root looks like: another device
+    shutil.rmtree(gateway.spool.root / "incoming")
+    with pytest.raises(ConnectionError):
+        store_with_pynetdicom(gateway.port, [small_dataset(images, 0)])
+    assert not (gateway.spool.root / "incoming").exists()
+    assert gateway.status()["associations_rejected"] == {"spool_not_writable": 1}
+
+
+def test_health_probes_beyond_the_limit_are_few_and_echo_only(start_gateway, broker, images):
+    """The loopback TRIAGE-HEALTH exception to the limit let any number of associations in, and they could
+    store: behind a local relay every sender looks like loopback."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_gateway.health import HEALTH_CALLING_AE
+
+    gateway = start_gateway(gateway_max_associations=1)
+    ds = small_dataset(images, 0)
+    held = []
+    try:
+        for _ in range(4):
+            ae = AE(ae_title=HEALTH_CALLING_AE)
+            ae.add_requested_context(Verification)
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            held.append(ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE"))
+        assert [a.is_established for a in held] == [True, True, True, False]  # 1 counted + 2 probe slots
+        assert held[0].send_c_store(ds).Status == 0x0000  # within the limit: an ordinary association
+        assert all(a.send_c_echo().Status == 0x0000 for a in held[1:3])
+        assert held[1].send_c_store(ds).Status != 0x0000  # beyond the limit: echo only
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+
+
+def test_a_rejection_by_pynetdicom_s_own_thread_cap_is_logged_and_counted(start_gateway, broker, images, caplog):
+    """Connections that never send a request hold an acceptor thread up to the ACSE timeout (a port
+    scanner, a load balancer's TCP check); beyond pynetdicom's cap senders were refused, unlogged."""
+    import logging
+    import socket
+
+    from dicom_gateway.scp import pynetdicom_thread_cap
+
+    gateway = start_gateway(gateway_max_associations=1, gateway_acse_timeout=30)
+    silent = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(pynetdicom_thread_cap(1) + 1)]
+    try:
+        wait_for(lambda: len(gateway._ae.active_associations) > pynetdicom_thread_cap(1), 20, what="acceptor threads")
+        with caplog.at_level(logging.WARNING, logger="dicom_gateway"), pytest.raises(ConnectionError):
+            store_with_pynetdicom(gateway.port, [small_dataset(images, 0)])
+    finally:
+        for sock in silent:
+            sock.close()
+    assert gateway.status()["associations_rejected"] == {"thread_cap": 1}
+    assert any(r.getMessage() == "association rejected" and "cap of" in r.reason for r in caplog.records)
