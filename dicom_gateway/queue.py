@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import celery
 
@@ -187,7 +188,8 @@ class Outbox:
                 self.unsent[relpath] = (sop_uid, received_at)
         return ok
 
-    def sweep(self, *, min_age_s: float | None = None) -> dict[str, int]:
+    def sweep(self, *, min_age_s: float | None = None,
+              on_published: Callable[[str, float], None] = lambda study_uid, mtime: None) -> dict[str, int]:
         """Publish every pending instance that has no live task; return counts.
 
         Due: failed before, never published by this process and older than the grace
@@ -199,6 +201,9 @@ class Outbox:
         pending file, so `pending` is the whole spool and the bookkeeping of files after the
         failure is kept (forgetting it made them "never published" and re-sent after the grace
         period: duplicates).
+
+        `on_published(study_uid, mtime)` is told of each instance re-sent: its study's finalize may
+        have been lost with it (a Redis restart), so the gateway tracks the study again.
         """
         grace = self.grace_s if min_age_s is None else min_age_s
         now_wall, now_mono = time.time(), time.monotonic()
@@ -210,6 +215,7 @@ class Outbox:
                 continue
             if not failed and self.publish(item.relpath, item.sop_uid, utc_iso(item.mtime), force=True):
                 queued += 1
+                on_published(item.study_uid, item.mtime)
             else:
                 failed += 1
         self._forget_done(present, now_mono)

@@ -114,6 +114,15 @@ class Gateway:
             log.warning("open-study markers not written at start (spool not writable?)",
                         extra={"counts": {"studies": unmarked}})
 
+    def _track_again(self, study_uid: str, mtime: float) -> None:
+        """A re-sent instance's study gets its finalize again after a quiet period: the first one may have
+        been lost with the instance's message (Redis restarted without persistence), and the study then
+        stayed not final for good. Finalize is idempotent and waits for the study's images."""
+        try:
+            self.tracker.touch(study_uid, mtime)
+        except OSError:  # the open-study marker; the study is tracked in memory already
+            pass
+
     def _maintenance(self) -> None:
         """Sweep immediately (start-up recovery), then every interval; finalize quiet studies."""
         next_sweep, next_clean = 0.0, time.monotonic() + STALE_PARTIAL_SECONDS
@@ -126,7 +135,8 @@ class Gateway:
                     log.warning("spool folders were missing and have been recreated: %s", ", ".join(restored))
                 if now >= next_sweep:
                     # At start-up nothing is in flight, so everything pending is due (grace 0).
-                    self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first else None), "at": time.time()}
+                    self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first else None,
+                                                           on_published=self._track_again), "at": time.time()}
                     if self.last_sweep["queued"] or self.last_sweep["failed"]:
                         log.info("sweep", extra={"counts": self.last_sweep})
                     first = False

@@ -45,8 +45,8 @@ class StudyTracker:
         mono = time.monotonic() - age_s
         with self._lock:
             previous = self._last.get(study_uid)
-            if previous is None or previous[0] < mono:
-                self._last[study_uid] = (mono, wall)  # tracked first: finalize must not hang on the marker
+            if previous is None or previous[0] < mono:  # tracked first: finalize must not hang on the marker
+                self._last[study_uid] = (mono, wall if previous is None else max(wall, previous[1]))
             if previous is None:
                 self._on_open(study_uid)  # may raise (marker not written); the study stays tracked in memory
 
@@ -72,6 +72,6 @@ class StudyTracker:
                 if current is not None and current[1] == wall:
                     del self._last[uid]
                     self._on_closed(uid)
-            log.info("study finalized", extra={"study_uid": uid, "last_received_at": utc_iso(wall)})
+            log.info("finalize sent", extra={"study_uid": uid, "last_received_at": utc_iso(wall)})
             sent += 1
         return sent

@@ -348,6 +348,7 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
 
     files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
     client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
+    latest: dict[str, dt.datetime] = {}
     try:
         for path, received_at in files:
             relpath = path.relative_to(settings.spool_dir).as_posix()
@@ -355,9 +356,15 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
             _mark_queued(engine, study_uid_from_relpath(relpath) or "", path.stem, relpath, received_at)
             client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
                              kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
+            latest[path.parent.name] = max(received_at, latest.get(path.parent.name, received_at))
+        # their studies' finalize may have been lost with them (a Redis restart): idempotent, and it
+        # waits for the study's images, so it is sent again for each
+        for study_uid, last in latest.items():
+            client.send_task(contract.FINALIZE_STUDY, args=(study_uid,), kwargs={"last_received_at": last.isoformat()},
+                             queue=contract.QUEUE)
     finally:
         client.close()
-    print(f"requeued {len(files)} pending instance(s)")
+    print(f"requeued {len(files)} pending instance(s) and the finalize of their {len(latest)} study(ies)")
     if foreign:
         print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
               "did not write them, and the worker would refuse them", file=sys.stderr)

@@ -288,7 +288,7 @@ def touch_study(conn: Connection, study_uid: str, accession: str | None, receive
     """Create the study row, widen its received window and raise its flag if this result is worse.
 
     The study flag is kept on the row (not computed per query) so a worklist filtered by
-    flag is an index lookup even with 100k studies. Never un-finalises, never lowers a flag.
+    flag is an index lookup even with 100k studies. Never lowers a flag; un-finalising is `reopen_study`'s.
     """
     stamp = received_at or utcnow()
     result = result or {}
@@ -322,6 +322,16 @@ def touch_study(conn: Connection, study_uid: str, accession: str | None, receive
         },
     )
     conn.execute(stmt)
+
+
+def reopen_study(conn: Connection, study_uid: str) -> bool:
+    """Mark a final study not final again: an image of it arrived after its finalisation. True if it was final.
+
+    Without it a late image turned a "final, ROUTINE" study URGENT with no sign in between; the
+    gateway finalises the study again once it is quiet, and `finalize_study` waits for that image."""
+    stmt = (studies.update().where(studies.c.study_instance_uid == study_uid, studies.c.final.is_(True))
+            .values(final=False, finalized_at=None).returning(studies.c.study_instance_uid))
+    return conn.execute(stmt).first() is not None
 
 
 def finalize_study(conn: Connection, study_uid: str, last_received_at: dt.datetime | None) -> None:

@@ -123,6 +123,9 @@ def process_instance(
     }
     with rt.engine.begin() as conn:
         claimed = db.claim_instance(conn, base)
+        # an image's first claim after its study was finalised: the study is not final until it is scored
+        if claimed is not None and claimed["attempts"] == 1 and db.reopen_study(conn, study_uid):
+            log.info("study %s reopened: instance %s arrived after it was final", study_uid, sop_uid)
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:

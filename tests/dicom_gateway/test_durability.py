@@ -368,3 +368,16 @@ def test_a_sweep_re_sending_a_backlog_lets_a_c_store_publish_through(settings_fa
         assert left > 10, f"the backlog was nearly sent before the C-STORE publish ({left} left): not a test"
         assert waited < timeout, f"a C-STORE publish waited {waited:.2f} s behind the sweep's backlog"
         assert len(_process_messages(client)) == backlog + 2
+
+
+def test_a_finalize_lost_with_its_instances_is_sent_again_when_the_sweep_re_sends_them(start_gateway, broker, images):
+    """Redis restarted without persistence after the study's finalize was published: the sweep re-sent
+    the instances, but nothing re-sent the finalize, and the study stayed not final for good."""
+    gateway = start_gateway(gateway_requeue_after_seconds=2)
+    study = generate_uid()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+    wait_for(lambda: [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 10, what="first finalize")
+    broker.flushdb()  # the restart: both messages gone, the file still pending (no worker here)
+    wait_for(lambda: _process_messages(broker), 10, what="the sweep to re-send the instance")
+    finals = wait_for(lambda: [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 10, what="finalize again")
+    assert [f["args"] for f in finals] == [[study]]

@@ -135,9 +135,11 @@ def test_requeue_leaves_out_files_the_gateway_did_not_write(tmp_path, database_u
     monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(spool))
     monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
     assert admin.main(["--database-url", database_url, "requeue"]) == 0
-    assert redis.Redis.from_url(redis_server.url).llen(contract.QUEUE) == 1
+    messages = [json.loads(m) for m in redis.Redis.from_url(redis_server.url).lrange(contract.QUEUE, 0, -1)]
+    # the instance, and its study's finalize, which a Redis restart may have lost with it
+    assert sorted(m["headers"]["task"] for m in messages) == [contract.FINALIZE_STUDY, contract.PROCESS_INSTANCE]
     out, err = capsys.readouterr()
-    assert out == "requeued 1 pending instance(s)\n"
+    assert out == "requeued 1 pending instance(s) and the finalize of their 1 study(ies)\n"
     assert err.startswith("skipped 3 file(s) in pending/ whose folder or name is not a UID")
     engine = db.make_engine(database_url)
     with engine.connect() as conn:

@@ -9,6 +9,7 @@ Real SQLite and PostgreSQL databases, real Redis and `pneumonia-worker run` proc
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def test_requeue_records_a_pending_copy_in_another_study_as_queued(database_url,
         engine.dispose()
     import redis
 
-    assert redis.Redis(port=redis_server.port).llen(contract.QUEUE) == 2, "one task per requeue run"
+    messages = [json.loads(m)["headers"]["task"] for m in redis.Redis(port=redis_server.port).lrange(contract.QUEUE, 0, -1)]
+    assert messages.count(contract.PROCESS_INSTANCE) == 2, "one task per requeue run"
 
 
 def test_db_upserts_are_per_study(database_url):

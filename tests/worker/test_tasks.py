@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
@@ -194,6 +195,38 @@ def test_a_study_is_not_final_while_its_images_wait_for_a_result(runtime, test_s
     tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
     with runtime.engine.connect() as conn:
         assert conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one()["final"]
+
+
+def test_an_image_arriving_after_its_study_was_final_reopens_it_until_it_is_scored(runtime, test_split):
+    """A late pneumonia image turned a "final, ROUTINE" study URGENT with no sign that it had reopened,
+    and with the workers down the study read final while the image waited."""
+    images, labels = test_split
+    normal, pneumonia = images[int(np.flatnonzero(labels == 0)[0])], images[int(np.flatnonzero(labels == 1)[0])]
+    relpath, sop, study = stage(runtime, normal)
+    tasks.process_instance(runtime, relpath, sop, "2026-01-01T00:00:00Z")
+    tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
+
+    def study_row() -> dict:
+        with runtime.engine.connect() as conn:
+            return dict(conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one())
+
+    first = study_row()
+    assert first["final"] and first["finalized_at"] is not None
+    late, late_sop, _ = stage(runtime, pneumonia, study_uid=study)
+    seen_while_scoring = []
+    analyse = tasks._analyse
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks, "_analyse", lambda *args: (seen_while_scoring.append(study_row()["final"]), analyse(*args))[1])
+        assert tasks.process_instance(runtime, late, late_sop, "2026-01-01T00:05:00Z")["status"] == "done"
+    assert seen_while_scoring == [False]
+    assert not study_row()["final"] and study_row()["finalized_at"] is None
+    tasks.finalize_study(runtime, study, "2026-01-01T00:05:00Z")  # the gateway's second finalize
+    again = study_row()
+    assert again["final"] and again["finalized_at"] > first["finalized_at"]
+    # a duplicate of an image already scored changes nothing
+    dup, dup_sop, _ = stage(runtime, pneumonia, study_uid=study, sop_uid=late_sop)
+    tasks.process_instance(runtime, dup, dup_sop, "2026-01-01T00:06:00Z")
+    assert study_row()["final"]
 
 
 def test_a_stored_result_whose_file_was_not_retired_does_not_hold_the_study(runtime, test_split):
