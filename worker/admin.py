@@ -39,7 +39,7 @@ EXPORT_COLUMNS = LIST_COLUMNS + ("model_name", "model_version", "model_sha256", 
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
-                 "n_instances", "n_done", "n_pending", "last_received_at")
+                 "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at", "finalized_at")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,6 +122,8 @@ study_flags = Table(
     Column("n_instances", Integer),
     Column("n_done", Integer),
     Column("n_pending", Integer),
+    Column("n_failed", Integer),  # migration 0005
+    Column("n_skipped", Integer),
 )
 """The study-level view (created by migration 0001): most severe flag over a study's done frontals.
 

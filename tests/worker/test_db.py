@@ -72,6 +72,10 @@ def test_study_view_takes_most_severe_done_flag_and_finalises(engine):
     with engine.begin() as conn:
         row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.9")).mappings().one()
         assert row["flag"] == "PRIORITY" and row["n_done"] == 3 and row["n_instances"] == 4
+        assert (row["n_skipped"], row["n_failed"]) == (1, 0)  # migration 0005: a skipped lateral is told apart
+        db.finish_instance(conn, {**_base("1.5", "9.9"), "status": "failed", "reason": "image is blank"})
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "9.9")).mappings().one()
+        assert (row["n_instances"], row["n_skipped"], row["n_failed"]) == (5, 1, 1)  # ... from a failed frontal
         assert row["max_probability"] == 0.5, "ties in severity break on probability"
         assert not row["final"]
         db.finalize_study(conn, "9.9", dt.datetime(2026, 1, 2))
