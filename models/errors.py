@@ -7,6 +7,9 @@ so each message must name the problem without quoting patient data.
 import re
 
 UID_STRING = re.compile(r"[0-9]{1,64}(\.[0-9]{1,64})*")
+STRICT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+"""A UID as PS3.5 9.1 writes one: two components or more, none with a leading zero (a bare number,
+a record number say, is not one)."""
 
 MODALITIES = frozenset("""
     AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL

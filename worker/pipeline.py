@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
-from models.errors import MODALITIES, UID_STRING, ImageAccessError, UnreadableImageError
+from models.errors import MODALITIES, STRICT_UID, ImageAccessError, UnreadableImageError
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import skip_reason
 
@@ -103,7 +103,7 @@ def identifiers(ds: Dataset) -> dict[str, Any]:
     series, modality = _text(ds, "SeriesInstanceUID", 64), _text(ds, "Modality", 16)
     return {
         "study_instance_uid": _text(ds, "StudyInstanceUID", 64),
-        "series_instance_uid": series if series and UID_STRING.fullmatch(series) else None,
+        "series_instance_uid": series if series and STRICT_UID.fullmatch(series) else None,
         "accession_number": _text(ds, "AccessionNumber", 64),
         "modality": modality.upper() if modality and modality.upper() in MODALITIES else None,
     }

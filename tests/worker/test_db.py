@@ -142,6 +142,8 @@ def test_identifiers_store_no_free_text_in_the_modality_or_series_columns():
     ds.StudyInstanceUID, ds.AccessionNumber = "1.2.3", "ACC42"
     ds.Modality, ds.SeriesInstanceUID = "ZZPHINAME^ALICE", "ZZPHINAME^ALICE^SERIES"
     assert (identifiers(ds)["modality"], identifiers(ds)["series_instance_uid"]) == (None, None)
+    ds.SeriesInstanceUID = "004711"  # digits alone, a record number say: not a UID
+    assert identifiers(ds)["series_instance_uid"] is None
     ds.Modality, ds.SeriesInstanceUID = "cr ", "1.2.3.9"
     assert (identifiers(ds)["modality"], identifiers(ds)["series_instance_uid"]) == ("CR", "1.2.3.9")
 
