@@ -14,6 +14,7 @@ import errno
 import logging
 import struct
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -99,21 +100,34 @@ def check_bit_layout(ds: Dataset) -> None:
 PRESENTATION_LUT_SHAPES = {"MONOCHROME1": "INVERSE", "MONOCHROME2": "IDENTITY"}
 """The Presentation LUT Shape (2050,0020) each Photometric Interpretation requires (DX IOD, PS3.3 C.8.11.7)."""
 
+LutShapeConflict = Literal["refuse", "follow_photometric", "follow_shape"]
+"""What to do when the Presentation LUT Shape contradicts the Photometric Interpretation: refuse the
+image (the default), or follow one of the two, for a site whose modality is known to write the
+other wrongly (dcm4chee offers the same switch for such CR/DX objects)."""
 
-def check_presentation_lut_shape(ds: Dataset, photometric: str) -> None:
-    """Refuse a Presentation LUT Shape that contradicts the Photometric Interpretation.
 
-    Such a file means one of two opposite pictures and viewers disagree on which: DCMTK follows the
-    shape, pydicom and most web viewers the photometric interpretation (some CR/DX vendors write a
-    wrong shape). Either guess scores the negative of the other for some sites, so neither is made."""
+def inverted_for_display(ds: Dataset, photometric: str, conflict: LutShapeConflict = "refuse") -> bool:
+    """Whether the windowed image is inverted to show bone bright: MONOCHROME1, unless a contradicting
+    Presentation LUT Shape says otherwise and the site chose to follow it.
+
+    A contradicting file means one of two opposite pictures and viewers disagree on which: DCMTK
+    follows the shape, pydicom and most web viewers the photometric interpretation (some CR/DX
+    vendors write a wrong shape). Either guess scores the negative of the other for some sites, so
+    by default neither is made."""
+    by_photometric = photometric == "MONOCHROME1"
     value = ds.get("PresentationLUTShape")
     if _is_empty(value):
-        return
+        return by_photometric
     shape = str(_values(value)[0]).strip().upper()
     expected = PRESENTATION_LUT_SHAPES.get(photometric)
-    if expected is not None and shape in PRESENTATION_LUT_SHAPES.values() and shape != expected:
-        raise UnreadableImageError(f"Photometric Interpretation {photometric} contradicts Presentation LUT Shape "
-                                   f"{shape}: whether the image is inverted cannot be told")
+    if expected is None or shape not in PRESENTATION_LUT_SHAPES.values() or shape == expected:
+        return by_photometric
+    if conflict == "follow_photometric":
+        return by_photometric
+    if conflict == "follow_shape":
+        return shape == "INVERSE"
+    raise UnreadableImageError(f"Photometric Interpretation {photometric} contradicts Presentation LUT Shape "
+                               f"{shape}: whether the image is inverted cannot be told (TRIAGE_PRESENTATION_LUT_CONFLICT)")
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
@@ -498,16 +512,17 @@ def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> N
         raise UnreadableImageError(f"image is blank as displayed ({shown_share:.1f}% of pixels {what})")
 
 
-def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits()) -> np.ndarray:
+def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits(),
+                       lut_shape_conflict: LutShapeConflict = "refuse") -> np.ndarray:
     """One projection radiograph -> float32 2-D display image in [0, 1]; a corrupt element it reads is
     refused as `UnreadableImageError`, not raised as whatever pydicom's lazy decoding raised."""
     try:
-        return _dicom_to_grayscale(ds, limits)
+        return _dicom_to_grayscale(ds, limits, lut_shape_conflict)
     except LAZY_DECODE_ERRORS as exc:
         raise UnreadableImageError(f"a DICOM element could not be read ({type(exc).__name__})") from exc
 
 
-def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits) -> np.ndarray:
+def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits, lut_shape_conflict: LutShapeConflict) -> np.ndarray:
     check_geometry(ds, limits)
     orientation = display_orientation(ds)
     aspect = pixel_aspect(ds)
@@ -522,11 +537,11 @@ def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits) -> np.ndarray:
     elif photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}")
     else:
-        check_presentation_lut_shape(ds, photometric)
+        invert = inverted_for_display(ds, photometric, lut_shape_conflict)
         padding = padding_mask(stored, ds)
         values = modality_values(stored, ds)
         display = window_to_unit(values, ds, padding)
-        if photometric == "MONOCHROME1":
+        if invert:
             display = 1.0 - display
         if padding is not None:
             display[padding] = 0.0  # padding is not image: black, as viewers paint it

@@ -49,6 +49,9 @@ class WorkerSettings(BaseSettings):
     site_calibration: Path | None = None
     """A site calibration for this model (`pneumonia-worker calibrate`); None keeps the card's own."""
 
+    presentation_lut_conflict: Literal["refuse", "follow_photometric", "follow_shape"] = "refuse"
+    """A Presentation LUT Shape that contradicts the Photometric Interpretation: refuse the image, or
+    follow one of the two for a modality known to write the other wrongly (`models.dicom_io`)."""
     missing_tag_policy: Literal["skip", "process"] = "skip"
     """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""
     flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))

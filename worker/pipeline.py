@@ -131,7 +131,7 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
     if reason is not None:
         return Outcome("skipped", reason, ids)
     try:
-        image = dicom_to_grayscale(ds)
+        image = dicom_to_grayscale(ds, lut_shape_conflict=settings.presentation_lut_conflict)
     except UnreadableImageError as exc:
         return Outcome("failed", str(exc), ids)
     del ds  # its Pixel Data and decoded array (4 bytes a pixel) are not needed while the model runs

@@ -378,6 +378,16 @@ def test_a_presentation_lut_shape_that_contradicts_the_photometric_interpretatio
         dicom_to_grayscale(ds)
 
 
+@pytest.mark.parametrize("photometric, shape", [("MONOCHROME2", "INVERSE"), ("MONOCHROME1", "IDENTITY")])
+def test_a_site_may_follow_either_side_of_a_contradicting_presentation_lut_shape(image, photometric, shape):
+    """For a modality known to write one of the two wrongly: following the shape shows what DCMTK shows."""
+    ds = make_cxr_dataset(image, photometric=photometric, size=(256, 256))
+    as_photometric = dicom_to_grayscale(ds)
+    ds.PresentationLUTShape = shape
+    np.testing.assert_array_equal(dicom_to_grayscale(ds, lut_shape_conflict="follow_photometric"), as_photometric)
+    np.testing.assert_allclose(dicom_to_grayscale(ds, lut_shape_conflict="follow_shape"), 1.0 - as_photometric, atol=1e-6)
+
+
 @pytest.mark.parametrize("photometric, shape", [("MONOCHROME2", "IDENTITY"), ("MONOCHROME1", "INVERSE"), ("MONOCHROME1", "")])
 def test_a_consistent_presentation_lut_shape_changes_nothing(image, photometric, shape):
     """MONOCHROME1 with INVERSE (the DX pair) is inverted once, by the photometric interpretation."""

@@ -157,3 +157,19 @@ def test_empty_or_garbled_window_is_scored_or_refused_with_a_reason(tmp_path, te
             ds._dict[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
         outcome = analyse_file(save(ds, tmp_path / "w.dcm"), settings, detectors)
         assert (outcome.status, outcome.reason) == (status, reason)
+
+
+def test_a_contradicting_presentation_lut_shape_fails_unless_the_site_chose_a_side(tmp_path, test_split, detectors,
+                                                                                   monkeypatch):
+    """TRIAGE_PRESENTATION_LUT_CONFLICT, read from the environment as a deployment sets it."""
+    images, _ = test_split
+    ds = make_cxr_dataset(images[0], size=(256, 256), photometric="MONOCHROME1")
+    ds.PresentationLUTShape = "IDENTITY"
+    path = save(ds, tmp_path / "fuji.dcm")
+    refused = analyse_file(path, WorkerSettings(), detectors)
+    assert refused.status == "failed" and "contradicts Presentation LUT Shape IDENTITY" in refused.reason
+    monkeypatch.setenv("TRIAGE_PRESENTATION_LUT_CONFLICT", "follow_photometric")
+    followed = analyse_file(path, WorkerSettings(), detectors)
+    untagged = analyse_file(save(make_cxr_dataset(images[0], size=(256, 256), photometric="MONOCHROME1"),
+                                 tmp_path / "plain.dcm"), WorkerSettings(), detectors)
+    assert followed.status == "done" and followed.fields["probability"] == untagged.fields["probability"]
