@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from models.card import card_path_for, sha256_of
-from training.config import (AugmentConfig, StrataTargets, TrainConfig, for_existing_run, resolve_data_root,
-                             resolve_frozen, resolve_weights)
+from training.config import (SAME_RUN, AugmentConfig, StrataTargets, TrainConfig, for_existing_run, for_members,
+                             resolve_data_root, resolve_frozen, resolve_weights, weights_file_sha256)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.errors import InputMissingError, RefusedError
 from training.evaluate import evaluate, evaluation_of, save_evaluation
@@ -158,7 +158,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                  "freeze anyway)", weights, ",".join(TrainConfig().frozen))
     return TrainConfig(
         data_root=resolve_data_root(args.data_root), image_size=args.image_size, subset=args.subset,
-        weights=weights, resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
+        weights=weights, weights_sha256=weights_file_sha256(weights) if args.stage in ("run", "train") else None,
+        resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
         frozen=frozen, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, patience=args.patience, plateau_factor=args.plateau_factor,
@@ -211,30 +212,62 @@ def strata_targets(args: argparse.Namespace) -> StrataTargets:
 
 
 def check_run_dirs(args: argparse.Namespace) -> None:
-    """The runs a summary, soup or ensemble reads must be run folders (a typo was a FileNotFoundError)."""
+    """The runs a summary, soup, ensemble or distillation reads must be run folders (a typo was a
+    FileNotFoundError, for --distill-from after config.json was written)."""
     for run_dir in getattr(args, "run_dirs", None) or ():
         if not (run_dir / "config.json").is_file():
             raise InputMissingError(f"{run_dir} is not a run folder (no config.json): give the --out-dir of a finished run")
+    for run_dir in getattr(args, "distill_from", None) or ():
+        missing = [name for name in ("config.json", BEST) if not (run_dir / name).is_file()]
+        if missing:
+            raise InputMissingError(f"--distill-from {run_dir} holds no {', '.join(missing)}: give the --out-dir of a "
+                                    "finished run")
+
+
+COMBINED_MUST_REPEAT = {"soup": SAME_RUN, "ensemble": ("image_size", "subset")}
+"""What a soup's or ensemble's command must repeat of its runs: a soup is scored as one network of theirs,
+an ensemble graph only on their images (each member keeps its own network)."""
+
+
+def refresh_release_card(onnx: Path, metrics_path: Path) -> None:
+    """`card`: refuse a missing card or a file that is not a run's metrics.json in one line (each was a traceback)."""
+    if not metrics_path.is_file():
+        raise InputMissingError(f"no metrics file {metrics_path} (a run writes results/metrics.json)")
+    if not card_path_for(onnx).is_file() or not onnx.is_file():
+        raise InputMissingError(f"no model {onnx} with its card {card_path_for(onnx).name} beside it")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except ValueError as exc:
+        raise RefusedError(f"{metrics_path} is not JSON ({exc})") from exc
+    try:
+        card = refresh_card(onnx, metrics, str(metrics_path))
+    except (KeyError, TypeError, IndexError) as exc:
+        raise RefusedError(f"{metrics_path} is not a run's metrics.json (it has no {exc})") from exc
+    card.save(card_path_for(onnx))
 
 
 def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     """The stage `args.stage`, as parsed by `build_parser`."""
     check_run_dirs(args)
     if args.stage == "seeds":
+        if args.bootstrap < 1:
+            raise RefusedError("bootstrap must be at least 1")
+        if len(args.run_dirs) < 2:
+            raise RefusedError("a summary needs at least two runs: one run has no spread (its sd would read 0)")
         targets = strata_targets(args)
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
         return 0
     if args.stage == "card":
-        if not args.metrics.is_file():
-            raise InputMissingError(f"no metrics file {args.metrics} (a run writes results/metrics.json)")
-        refresh_card(args.onnx, json.loads(args.metrics.read_text()), str(args.metrics)).save(card_path_for(args.onnx))
+        refresh_release_card(args.onnx, args.metrics)
         log.info("card of %s refreshed from %s", args.onnx, args.metrics)
         return 0
     config = config_from_args(args)
     if args.stage in ("evaluate", "export", "quantize"):
         config = for_existing_run(config)
+    if args.stage in COMBINED_MUST_REPEAT:
+        config = for_members(config, args.run_dirs, COMBINED_MUST_REPEAT[args.stage])
     needs = {"evaluate": (BEST, "run_info.json", "history.json"), "export": (BEST, "evaluation.json", "run_info.json"),
              "quantize": ("pneumonia_resnet50.onnx",)}.get(args.stage, ())
     missing = [name for name in needs if not (config.out_dir / name).is_file()]

@@ -41,6 +41,21 @@ class AugmentConfig:
     """Shift-robust option: Gaussian noise of this std (in [0, 1] units) at source size; 0 = off."""
     enabled: bool = True
 
+    def __post_init__(self) -> None:
+        """Out-of-range values trained silently (a flip probability of 5 flips every image, an erase range
+        given MAX MIN drew nothing sensible), so they are refused before a run writes anything."""
+        for name in ("hflip_p", "erase_p", "brightness", "contrast"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RefusedError(f"aug {name} must lie in [0, 1]")
+        for name in ("rotation_deg", "translate", "shear_deg", "gamma", "noise_std"):
+            if not getattr(self, name) >= 0.0:
+                raise RefusedError(f"aug {name} must be 0 (off) or more")
+        if not 0.0 < self.scale_min <= self.scale_max:
+            raise RefusedError("aug scale_min must be positive and at most scale_max")
+        low, high = self.erase_area
+        if not 0.0 < low <= high <= 1.0:
+            raise RefusedError("aug erase_area MIN MAX must satisfy 0 < MIN <= MAX <= 1")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -50,6 +65,10 @@ class TrainConfig:
     subset: int | None = None
     # model
     weights: str = "IMAGENET1K_V2"
+    """torchvision's enum name, "none", or a weight file's absolute path (`resolve_weights`)."""
+    weights_sha256: str | None = None
+    """sha256 of a weight file, taken when the run is configured: the card names the file the run started
+    from even when a later stage runs where the path no longer leads to it."""
     resnet_v1_strides: bool = False
     frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
     hidden: int = 512
@@ -124,15 +143,33 @@ class TrainConfig:
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
             raise RefusedError("distill_weight must lie in [0, 1] and distill_temperature be positive")
         counts = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-                  "bootstrap": self.bootstrap}
+                  "bootstrap": self.bootstrap, "hidden": self.hidden, "patience": self.patience,
+                  "subset": 1 if self.subset is None else self.subset}
         for name, value in counts.items():  # 0 failed deep inside a stage, some after writing files
             if value < 1:
                 raise RefusedError(f"{name} must be at least 1")
         if self.samples_per_epoch < 0:
             raise RefusedError("samples_per_epoch must be 0 (one pass over the split) or more")
+        self.check_ranges()
         unknown = sorted(set(self.frozen) - set(FREEZABLE))
         if unknown:
             raise RefusedError(f"frozen: no module {', '.join(unknown)} (the ResNet-50's are {', '.join(FREEZABLE)})")
+
+    def check_ranges(self) -> None:
+        """Values torch rejects only once training has started (a traceback after config.json was written)
+        or that train nonsense silently (negative lr, dropout >= 1 zeroes the head)."""
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise RefusedError("lr must be positive and weight_decay 0 or more")
+        ranges = {"dropout": self.dropout, "ema_decay": self.ema_decay, "label_smoothing": self.label_smoothing}
+        for name, value in ranges.items():
+            if not 0.0 <= value < 1.0:
+                raise RefusedError(f"{name} must lie in [0, 1)")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise RefusedError("plateau_factor must lie in (0, 1)")
+        others = {"plateau_patience": self.plateau_patience, "grad_clip": self.grad_clip, "threads": self.threads}
+        for name, value in others.items():
+            if not value >= 0:
+                raise RefusedError(f"{name} must be 0 or more")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -178,15 +215,56 @@ def for_existing_run(config: TrainConfig) -> TrainConfig:
     A separate stage's flags default to the recipe's defaults, not to the run's: the `SAME_RUN` fields
     are checked against its config.json, the training fields (which the card records) are read from it,
     and only `STAGE_FIELDS` stay the command's. A folder without config.json (a copied ONNX model and
-    card, to quantize) keeps the command's config.
+    card, to quantize) reads them from the card's `training` instead: the command's defaults had been
+    carded as the model's recipe. With neither, the command's config is kept.
     """
     path = config.out_dir / "config.json"
-    if not path.is_file():
-        return config
-    saved = json.loads(path.read_text())
+    if path.is_file():
+        saved = json.loads(path.read_text())
+    else:
+        path = config.out_dir / CARD_FILE
+        saved = json.loads(path.read_text()).get("training") if path.is_file() else None
+        if not isinstance(saved, dict):
+            return config
     check_same_run(config, saved, path)
+    return with_trained_fields(config, saved)
+
+
+CARD_FILE = "pneumonia_resnet50.card.json"
+"""The card `export` writes beside the fp32 model (models.card.card_path_for of pneumonia_resnet50.onnx)."""
+MEMBERS_MUST_MATCH = ("image_size", "subset", "weights", "weights_sha256")
+"""What the runs combined by `soup` or `ensemble` must share for one card to describe them: the images
+they were trained and scored on, and the start weights the card's `weights_origin` names."""
+
+
+def with_trained_fields(config: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+    """`config` with every training field (all but `STAGE_FIELDS`) taken from a run's saved config."""
     trained = {f.name for f in dataclasses.fields(TrainConfig)} - set(STAGE_FIELDS)
     return dataclasses.replace(config, **{key: from_json(key, value) for key, value in saved.items() if key in trained})
+
+
+def for_members(config: TrainConfig, run_dirs: list[Path], fields: tuple[str, ...]) -> TrainConfig:
+    """The config of a `soup` or `ensemble` of `run_dirs`: the training fields of its first run, as
+    `for_existing_run` takes a run's.
+
+    Why: the combining command's own defaults were written into config.json and the card as the model's
+    recipe (an ensemble of runs trained from random weights was carded as IMAGENET1K_V2). Runs that
+    differ in `MEMBERS_MUST_MATCH` are refused, and so is a command whose `fields` differ from them.
+    """
+    saved = [json.loads((run_dir / "config.json").read_text()) for run_dir in run_dirs]
+    for recipe, run_dir in zip(saved[1:], run_dirs[1:]):
+        differing = [key for key in MEMBERS_MUST_MATCH if recipe.get(key) != saved[0].get(key)]
+        if differing:
+            said = ", ".join(f"{key}={recipe.get(key)!r} ({run_dirs[0]}: {saved[0].get(key)!r})" for key in differing)
+            raise RefusedError(f"{run_dir} says {said}: runs combined into one model must share their images and "
+                               "start weights")
+    check_same_run(config, saved[0], run_dirs[0] / "config.json", fields)
+    return with_trained_fields(config, saved[0])
+
+
+def trained_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config without `STAGE_FIELDS`: the recipe a run was trained with."""
+    return {key: value for key, value in saved.items() if key not in STAGE_FIELDS}
 
 
 def from_json(name: str, value: Any) -> Any:
@@ -207,8 +285,20 @@ def resolve_data_root(flag: str | None) -> Path | None:
 
 
 def resolve_weights(flag: str | None) -> str:
-    """Flag beats env; default is torchvision's IMAGENET1K_V2 (needs internet or its cache)."""
-    return flag or os.environ.get(WEIGHTS_ENV) or "IMAGENET1K_V2"
+    """Flag beats env; default is torchvision's IMAGENET1K_V2 (needs internet or its cache). A weight file
+    is given as its absolute path: config.json kept the path as typed, and a stage run from another
+    working directory no longer found the file and carded a relative path as a torchvision name."""
+    value = flag or os.environ.get(WEIGHTS_ENV) or "IMAGENET1K_V2"
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.is_file() else value
+
+
+def weights_file_sha256(weights: str) -> str | None:
+    """sha256 of a weight file (about a second for ResNet-50's); None for "none" and torchvision's names."""
+    from models.card import sha256_of
+
+    path = Path(weights)
+    return sha256_of(path) if path.is_file() else None
 
 
 def resolve_frozen(flag: str | None, weights: str) -> tuple[str, ...]:

@@ -56,12 +56,15 @@ def ensure_dataset(root: Path | None, size: int) -> tuple[Path, str]:
     name, md5 = dataset_file(size)
     path = root / name
     if not path.is_file():
+        created = not root.exists()
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(exist_ok=True)  # the leaf only: a mistyped --data-root made its whole path
             load_medmnist(root, "val", size, download=True)
         except Exception as exc:
+            if created and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # leave no empty folder behind a failed download
             raise InputMissingError(
-                f"PneumoniaMNIST file {name} (md5 {md5}) is not in {root} and could not be "
+                f"PneumoniaMNIST file {name} (--image-size {size}, md5 {md5}) is not in {root} and could not be "
                 f"downloaded ({type(exc).__name__}). Put it there, or point --data-root / "
                 f"${DATA_ROOT_ENV} at the folder holding it."
             ) from exc

@@ -28,7 +28,7 @@ from onnx import compose, helper
 
 from models.calibration import calibrate
 from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
-from training.config import TrainConfig
+from training.config import TrainConfig, trained_fields
 from training.data import load_split
 from training.errors import InputMissingError, RefusedError
 from training.evaluate import Evaluation, test_metrics, write_predictions
@@ -88,14 +88,21 @@ def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibr
     combine(members, out / MEMBER_FILE)
     config.dump(out / "config.json")
     (out / "history.json").write_text("[]\n")
-    seeds = [json.loads((d / "config.json").read_text())["seed"] for d in run_dirs]
-    log.info("ensemble of %d runs (seeds %s, %s) -> %s", len(run_dirs), seeds, "int8" if int8 else "fp32", out)
-    return {"ensemble_of": [{"run": str(d), "seed": seed, "fp32_sha256": sha256_of(p),
-                             "card_version": ModelCard.load(card_path_for(p)).version}
-                            for d, p, seed in zip(run_dirs, fp32_members, seeds)],
+    recipes = [json.loads((d / "config.json").read_text()) for d in run_dirs]
+    log.info("ensemble of %d runs (seeds %s, %s) -> %s", len(run_dirs), [r["seed"] for r in recipes],
+             "int8" if int8 else "fp32", out)
+    return {"ensemble_of": [member_record(d, p, recipe) for d, p, recipe in zip(run_dirs, fp32_members, recipes)],
             "members": "int8" if int8 else "fp32", "calibration_images": calibration_images if int8 else 0,
             "best_epoch": None, "epochs_run": 0, "train_seconds": time.perf_counter() - started,
             "train_img_per_s": 0.0, "runtime": f"cpu/{'int8' if int8 else 'fp32'}", "select_metric": config.select_metric}
+
+
+def member_record(run_dir: Path, fp32: Path, recipe: dict) -> dict:
+    """One member as the ensemble's run_info and card name it: its model, and the recipe and start weights
+    it was trained with (the card's `training` is the first member's; seeds and more may differ)."""
+    card = ModelCard.load(card_path_for(fp32))
+    return {"run": str(run_dir), "seed": recipe["seed"], "fp32_sha256": sha256_of(fp32), "card_version": card.version,
+            "weights_origin": card.extra.get("weights_origin"), "training": trained_fields(recipe)}
 
 
 def int8_member_files(config: TrainConfig, count: int) -> list[Path]:
@@ -142,7 +149,7 @@ def write_card(config: TrainConfig, evaluation: Evaluation, parity: dict, versio
     path = config.out_dir / MEMBER_FILE
     if run_info["members"] == "fp32" and not parity["passed"]:
         raise RuntimeError(f"ensemble graph differs from its members' mean: {parity}")
-    card = build_card(path, config, evaluation, parity, version, run_info)
+    card = build_card(path, config, evaluation, parity, version, run_info, run_info["ensemble_of"][0].get("weights_origin"))
     card = ModelCard.from_dict({**card.to_dict(), "ensemble": {"members": run_info["ensemble_of"],
                                                                "precision": run_info["members"],
                                                                "combination": "mean of the members' logits"}})

@@ -73,7 +73,7 @@ def full_report(labels: np.ndarray, probability: np.ndarray, threshold: float, r
         "ci95": ci,
         "confusion": confusion(labels, predicted),
         "per_class": classification_report(labels, predicted, target_names=list(LABELS), output_dict=True,
-                                           zero_division=0),
+                                           zero_division=np.nan),  # undefined is null, as in `point`, not 0.0
     }
 
 
@@ -119,13 +119,22 @@ def evaluate(checkpoint: Path, config: TrainConfig, runtime: Runtime) -> Evaluat
     model = load_trained(checkpoint, config, scoring)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
     val_logits = logits_plain_and_flipped(model, val, config, scoring)
+    check_finite(val_logits, checkpoint)
     tta, temperature, threshold, strata = choose_on_validation(val, val_logits, config)
     log.info("chosen on validation: tta=%s T=%.3f threshold=%.3f", tta, temperature, threshold)
     test = load_split(config.data_root, "test", config.image_size, config.subset)
     test_logits = logits_plain_and_flipped(model, test, config, scoring)  # the single look at test
+    check_finite(test_logits, checkpoint)
     metrics = test_metrics(val, val_logits, test, test_logits, tta, temperature, threshold, strata, config)
     write_predictions(config.out_dir, val, val_logits[tta], test, test_logits[tta])
     return Evaluation(tta, temperature, threshold, strata, metrics)
+
+
+def check_finite(logits: dict, checkpoint: Path) -> None:
+    """Refuse a diverged model: sklearn failed on NaN logits with a traceback, and the metrics at a
+    threshold counted NaN probabilities as Normal."""
+    if not all(np.isfinite(value).all() for value in logits.values()):
+        raise RefusedError(f"{checkpoint} gives non-finite logits: its training diverged (train again with a lower --lr)")
 
 
 def serving_runtime(runtime: Runtime) -> Runtime:

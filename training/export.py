@@ -26,6 +26,7 @@ from training.engine import FlipAveraged, predict_logits
 from training.errors import RefusedError
 from training.evaluate import LABELS, Evaluation, load_trained
 from training.metrics import softmax_pneumonia
+from training.model import WEIGHT_FILE_SUFFIXES
 from training.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,22 @@ TORCHVISION_WEIGHTS = {
 
 
 def weights_origin(config: TrainConfig) -> dict:
-    """What the card says the network started from: the file's sha256 and, where known, its provenance."""
+    """What the card says the network started from: the file's sha256 and, where known, its provenance.
+
+    The sha256 recorded when the run was configured wins: the file may since have moved or changed."""
     path = Path(config.weights).expanduser()
+    if config.weights_sha256:
+        return with_provenance({"kind": "file", "name": path.name, "sha256": config.weights_sha256,
+                                "resnet_v1_strides": config.resnet_v1_strides})
     if path.is_file():
         return with_provenance({"kind": "file", "name": path.name, "sha256": sha256_of(path),
                                 "resnet_v1_strides": config.resnet_v1_strides})
     if config.weights.lower() == "none":
         return with_provenance({"kind": "none", "name": "none"})
+    if path.suffix in WEIGHT_FILE_SUFFIXES:  # a run from before the path was absolute and its sha256 recorded
+        return with_provenance({"kind": "file", "name": path.name, "sha256": None,
+                                "resnet_v1_strides": config.resnet_v1_strides,
+                                "note": f"{config.weights} was not found when this card was written"})
     return with_provenance({"kind": "torchvision", "name": config.weights})
 
 
@@ -104,7 +114,9 @@ def with_ci(test: dict, point: str, metric_names: list[str]) -> dict:
 
 
 def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, parity: dict, version: str,
-               timing: dict) -> ModelCard:
+               timing: dict, origin: dict | None = None) -> ModelCard:
+    """`origin`: the start weights as an existing card names them (a variant's, an ensemble's members'),
+    else taken from `config`."""
     file_name, md5 = dataset_file(config.image_size)
     test, names = evaluation.metrics["test"], evaluation.metrics["metric_names"]
     headline = with_ci(test, "at_0.5", names)
@@ -125,7 +137,7 @@ def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, par
                          "operating_threshold_validation_youden": evaluation.operating_threshold},
             "data": {"dataset": "PneumoniaMNIST (MedMNIST v2)", "file": file_name, "md5": md5,
                      "license": "CC BY 4.0", "selection": "validation split only; test scored once"},
-            "weights_origin": weights_origin(config),
+            "weights_origin": with_provenance(origin) if origin else weights_origin(config),
             "training": config.to_dict(),
             "timing": timing,
             "environment": {"torch": torch.__version__, "python": platform.python_version()},

@@ -63,7 +63,8 @@ def variant_card(path: Path, fp32_card: ModelCard, config: TrainConfig, val: Spl
                  val_logits: np.ndarray, test_logits: np.ndarray, check: dict) -> ModelCard:
     """The variant's own card: int8 moves single probabilities, so its temperature, operating point and
     strata are refitted on validation from its own logits and test is scored with them, as `evaluate`
-    does for a trained model. Nothing is inherited from the fp32 card's figures."""
+    does for a trained model. Nothing is inherited from the fp32 card's figures; its start weights are
+    the fp32 card's (`config` names them by a path that may not lead anywhere here)."""
     from models.calibration import calibrate
     from training.evaluate import Evaluation, test_metrics
     from training.export import build_card
@@ -75,7 +76,8 @@ def variant_card(path: Path, fp32_card: ModelCard, config: TrainConfig, val: Spl
     evaluation = Evaluation(tta_hflip, fit.temperature, fit.threshold, fit.strata, metrics)
     parity = {"against": "the fp32 model it was quantised from (int8 is not expected to match to 1e-4)",
               "max_abs_delta_probability": check["max_abs_delta_probability_vs_fp32"]}
-    return build_card(path, config, evaluation, parity, fp32_card.version, fp32_card.extra.get("timing", {}))
+    return build_card(path, config, evaluation, parity, fp32_card.version, fp32_card.extra.get("timing", {}),
+                      fp32_card.extra.get("weights_origin"))
 
 
 def quantize(fp32_path: Path, config: TrainConfig, calibration_images: int = 256) -> Path:

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from training.errors import RefusedError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -74,13 +76,28 @@ def cpu_has_native_bf16() -> bool:
 def make_runtime(device: str = "auto", precision: str = "auto", threads: int = 0) -> Runtime:
     if threads:
         torch.set_num_threads(threads)
-    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    chosen = chosen_device(device)
     if precision == "auto":
         if chosen.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "amp"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
     return Runtime(device=chosen, precision=precision)
+
+
+def chosen_device(device: str) -> torch.device:
+    """`device` as torch names it ("auto": CUDA when present); a name torch does not know, or a GPU this
+    machine lacks, is refused here, before a run writes anything (each was a traceback mid-stage)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise RefusedError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from exc
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise RefusedError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                           "(--device cpu or auto)")
+    return chosen
 
 
 def seed_everything(seed: int, deterministic: bool) -> torch.Generator:

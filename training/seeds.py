@@ -56,6 +56,7 @@ class SeedRun:
 
 def load_seed_run(run_dir: Path) -> SeedRun:
     """A finished run's out-dir, or the seed-*/ folder a summary kept of it (metrics.json at its top)."""
+    check_finished(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     predictions = np.load(run_dir / "predictions.npz")
     run_info = json.loads((run_dir / "run_info.json").read_text())
@@ -70,6 +71,16 @@ def load_seed_run(run_dir: Path) -> SeedRun:
                    run_info=run_info,
                    val_labels=predictions["val_labels"], val_logits=predictions["val_logits"],
                    test_labels=predictions["test_labels"], test_logits=predictions["test_logits"])
+
+
+def check_finished(run_dir: Path) -> None:
+    """Refuse a run that was trained but not evaluated in one line (it was a FileNotFoundError traceback)."""
+    evaluated = (run_dir / "results" / "metrics.json").is_file() or (run_dir / "metrics.json").is_file()
+    missing = [name for name in ("config.json", "run_info.json", "predictions.npz") if not (run_dir / name).is_file()]
+    missing += [] if evaluated else ["results/metrics.json"]
+    if missing:
+        raise InputMissingError(f"{run_dir} holds no {', '.join(missing)}: summarise runs that were evaluated "
+                                "(`pneumonia-train run`, or `evaluate` after `train`)")
 
 
 def read_metrics(path: Path) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from training.config import SAME_RESUME, TrainConfig, check_same_run
+from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights
 from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.errors import InputMissingError, RefusedError
@@ -61,12 +61,14 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
 
 
 def epoch_indices(labels: np.ndarray, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """WeightedRandomSampler's draw (balanced classes, with replacement) or a plain shuffle."""
+    """WeightedRandomSampler's draw (balanced classes, with replacement) or a plain shuffle: as many
+    back-to-back permutations as `samples_per_epoch` needs (one permutation capped it at the split's size)."""
     n = config.samples_per_epoch or len(labels)
     if config.weighted_sampler:
         per_sample = class_weights(labels)[torch.as_tensor(labels)].double()
         return torch.multinomial(per_sample, n, replacement=True, generator=generator)
-    return torch.randperm(len(labels), generator=generator)[:n]
+    passes = -(-n // len(labels))
+    return torch.cat([torch.randperm(len(labels), generator=generator) for _ in range(passes)])[:n]
 
 
 def load_teachers(run_dirs: tuple[Path, ...], runtime: Runtime) -> list[nn.Module]:
@@ -144,8 +146,12 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
 
 
 def validate(model: nn.Module, val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
-             runtime: Runtime) -> dict:
+             runtime: Runtime, epoch: int | str = "the end") -> dict:
+    """Validation figures of `model`; non-finite logits (a diverged run) are refused: sklearn failed on them
+    with a traceback, and the metrics at 0.5 counted NaN probabilities as Normal."""
     logits = predict_logits(model, val.images, runtime, config.eval_batch_size)
+    if not np.isfinite(logits).all():
+        raise RefusedError(f"training diverged at epoch {epoch}: its validation logits are not finite (lower --lr)")
     probability = softmax_pneumonia(logits)
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(val.labels)))
     at_half = binary_metrics(val.labels, probability, 0.5)
@@ -181,21 +187,28 @@ def check_resume(config: TrainConfig) -> None:
     saved = config.out_dir / "config.json"
     if saved.is_file():
         recorded = json.loads(saved.read_text())
+        if "weights" in recorded:  # a run from before weight files were recorded by absolute path and sha256
+            recorded["weights"] = resolve_weights(recorded["weights"])
+        if recorded.get("weights_sha256") is None:
+            recorded.pop("weights_sha256", None)
         check_same_run(config, recorded, saved, SAME_RESUME, "as a resume continues the run's own recipe (only "
                        "--epochs, --max-train-minutes and where and how it runs may change)")
         if config.swa_epochs and recorded.get("epochs") != config.epochs:
             raise RefusedError(f"{saved} says epochs={recorded.get('epochs')!r} (this command: {config.epochs}): with "
                              "--swa-epochs the weight average covers the schedule's last epochs, so a resume keeps them")
-    check_resume_checkpoint(config.resume)
+    trained = check_resume_checkpoint(config.resume)["epoch"]
+    if config.epochs < trained:
+        raise RefusedError(f"{config.resume} has trained {trained} epochs, more than --epochs {config.epochs}: a resume "
+                           "cannot undo them (config.json and the card would describe a schedule that never ran)")
 
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "best_score", "best_epoch")
 
 
-def check_resume_checkpoint(path: Path) -> None:
+def check_resume_checkpoint(path: Path) -> dict:
     """Refuse what cannot be resumed before anything is written: a mistyped path or best.pt (weights only)
     got as far as loading after config.json had been rewritten with the command's --epochs and --resume,
-    and the run's later cards then described a recipe that never ran."""
+    and the run's later cards then described a recipe that never ran. Returns the checkpoint."""
     if not path.is_file():
         raise InputMissingError(f"resume checkpoint {path} does not exist (a run writes last.pt in its --out-dir)")
     try:
@@ -206,6 +219,7 @@ def check_resume_checkpoint(path: Path) -> None:
     if missing:
         raise RefusedError(f"{path} is not a resume checkpoint (it has no {', '.join(missing)}): resume from "
                            "last.pt, which a run writes after every epoch")
+    return state
 
 
 def running_mean(average: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
@@ -236,7 +250,7 @@ def finish_weight_average(out: Path, released: nn.Module, average: dict[str, tor
         shutil.copyfile(out / BEST_EPOCH, out / BEST)
         return None
     released.load_state_dict(average)
-    row = validate(released, val, loss_weights, config, runtime)
+    row = validate(released, val, loss_weights, config, runtime, f"the weight average of epochs {epochs}")
     torch.save({"model": average, "epoch": epochs[-1], "score": selection_score(row, config.select_metric),
                 "swa_epochs": epochs}, out / BEST)
     log.info("weight average of epochs %s -> %s (picked epoch kept as %s)  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()),
@@ -317,7 +331,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         row |= train_one_epoch(model, ema, teachers, train, optimizer, scaler, loss_weights, config, runtime, generator,
                                epoch, deadline)
         released = ema.module if ema is not None else model
-        row |= validate(released, val, loss_weights, config, runtime)
+        row |= validate(released, val, loss_weights, config, runtime, epoch)
         history.append(row)
         score = selection_score(row, config.select_metric)
         scheduler.step(score)
