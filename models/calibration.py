@@ -71,8 +71,12 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float]:
-    """Threshold metrics; a case is called pneumonia when probability >= threshold."""
-    c = confusion(labels, np.asarray(probability) >= threshold)
+    """Threshold metrics; a case is called pneumonia when probability >= threshold. A probability that
+    is not a number is refused: `nan >= threshold` is False, so it was counted as a normal call."""
+    probability = np.asarray(probability)
+    if not np.all(np.isfinite(probability)):
+        raise ValueError(f"{int(np.sum(~np.isfinite(probability)))} probabilities are not finite numbers")
+    c = confusion(labels, probability >= threshold)
     tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
     precision, sensitivity = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     return {

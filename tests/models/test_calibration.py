@@ -33,6 +33,12 @@ def test_undefined_ratios_are_nan():
     assert math.isnan(m["sensitivity"]) and math.isnan(m["precision"]) and m["specificity"] == 1.0
 
 
+def test_a_probability_that_is_not_a_number_is_refused_not_called_normal():
+    """`nan >= 0.5` is False: a diverged model's NaN was counted as a normal call."""
+    with pytest.raises(ValueError, match="1 probabilities are not finite"):
+        binary_metrics(np.array([1, 0]), np.array([np.nan, 0.2]), 0.5)
+
+
 def test_fitted_temperature_recovers_overconfidence():
     rng = np.random.default_rng(0)
     true_logit = rng.normal(0, 2, 4000)
