@@ -358,17 +358,31 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
                              kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
             latest[path.parent.name] = max(received_at, latest.get(path.parent.name, received_at))
         # their studies' finalize may have been lost with them (a Redis restart): idempotent, and it
-        # waits for the study's images, so it is sent again for each
+        # waits for the study's images, so it is sent again for each; so is the finalize of a study
+        # left not final with nothing pending (lost after its images were all scored)
+        for study_uid, last in unfinished_studies(engine, dt.datetime.now(dt.timezone.utc) - dt.timedelta(
+                seconds=older_than_s)):
+            latest.setdefault(study_uid, last)
         for study_uid, last in latest.items():
             client.send_task(contract.FINALIZE_STUDY, args=(study_uid,), kwargs={"last_received_at": last.isoformat()},
                              queue=contract.QUEUE)
     finally:
         client.close()
-    print(f"requeued {len(files)} pending instance(s) and the finalize of their {len(latest)} study(ies)")
+    print(f"requeued {len(files)} pending instance(s) and the finalize of {len(latest)} study(ies)")
     if foreign:
         print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
               "did not write them, and the worker would refuse them", file=sys.stderr)
     return 0
+
+
+def unfinished_studies(engine: Any, cutoff: dt.datetime) -> list[tuple[str, dt.datetime]]:
+    """Studies not final whose last image arrived before `cutoff` (aware UTC): their finalize is overdue."""
+    t = db.studies
+    naive = cutoff.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.study_instance_uid, t.c.last_received_at)
+                            .where(t.c.final.is_(False), t.c.last_received_at < naive)).all()
+    return [(uid, last.replace(tzinfo=dt.timezone.utc)) for uid, last in rows]
 
 
 def stale_pending(spool_dir: Path, cutoff: float) -> tuple[list[tuple[Path, dt.datetime]], int]:

@@ -315,6 +315,13 @@ def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) ->
         raise StudyNotSettledError(f"{len(waiting)} instance(s) of the study still wait for a result")
     with rt.engine.begin() as conn:
         db.finalize_study(conn, study_uid, db.parse_timestamp(last_received_at))
+    # An image that arrived after the listing above and was claimed before the commit saw the study
+    # not final, so its claim reopened nothing: look again, now that a later claim would reopen it.
+    waiting = outstanding_instances(rt, study_uid)
+    if waiting:
+        with rt.engine.begin() as conn:
+            db.reopen_study(conn, study_uid)
+        raise StudyNotSettledError(f"{len(waiting)} instance(s) of the study arrived while it was finalised")
     log.info("study %s finalised", study_uid)
     return {"study_instance_uid": study_uid, "final": True}
 

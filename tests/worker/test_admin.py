@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
 import io
@@ -139,7 +140,7 @@ def test_requeue_leaves_out_files_the_gateway_did_not_write(tmp_path, database_u
     # the instance, and its study's finalize, which a Redis restart may have lost with it
     assert sorted(m["headers"]["task"] for m in messages) == [contract.FINALIZE_STUDY, contract.PROCESS_INSTANCE]
     out, err = capsys.readouterr()
-    assert out == "requeued 1 pending instance(s) and the finalize of their 1 study(ies)\n"
+    assert out == "requeued 1 pending instance(s) and the finalize of 1 study(ies)\n"
     assert err.startswith("skipped 3 file(s) in pending/ whose folder or name is not a UID")
     engine = db.make_engine(database_url)
     with engine.connect() as conn:
@@ -345,3 +346,30 @@ def test_populated_studies_keep_their_most_severe_then_most_probable_image(sqlit
     engine.dispose()
     assert any(severity == 0 for severity, _ in expected.values())
     assert stored == expected
+
+
+def test_requeue_sends_the_finalize_of_a_study_left_not_final_with_nothing_pending(tmp_path, database_url,
+                                                                                 redis_server, monkeypatch, capsys):
+    """Redis lost the finalize after the study's images were all scored: nothing pending to re-send, and
+    the study read not final for good."""
+    import redis
+
+    from worker import contract
+
+    upgrade(database_url)
+    old, recent = dt.datetime(2026, 1, 1), db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        db.touch_study(conn, "1.3.1", "ACC1", old)  # left not final
+        db.touch_study(conn, "1.3.2", "ACC2", recent)  # still within --older-than: its finalize may be coming
+        db.touch_study(conn, "1.3.3", "ACC3", old)
+        db.finalize_study(conn, "1.3.3", old)  # final already
+    engine.dispose()
+    redis_server.flush()
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
+    assert admin.main(["--database-url", database_url, "requeue", "--older-than", "3600"]) == 0
+    messages = [json.loads(m) for m in redis.Redis.from_url(redis_server.url).lrange(contract.QUEUE, 0, -1)]
+    assert [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages] == [
+        (contract.FINALIZE_STUDY, ["1.3.1"])]
+    assert capsys.readouterr().out == "requeued 0 pending instance(s) and the finalize of 1 study(ies)\n"

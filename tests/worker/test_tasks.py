@@ -229,6 +229,31 @@ def test_an_image_arriving_after_its_study_was_final_reopens_it_until_it_is_scor
     assert study_row()["final"]
 
 
+def test_an_image_claimed_while_its_study_is_being_finalised_reopens_it(runtime, test_split, monkeypatch):
+    """The claim landed between finalize's listing of pending/ and its commit: it saw the study not
+    final and reopened nothing, and the study read final while the image was being scored."""
+    images, _ = test_split
+    relpath, sop, study = stage(runtime, images[0])
+    tasks.process_instance(runtime, relpath, sop, None)
+    late = {}
+    listing = tasks.outstanding_instances
+
+    def late_image_arrives_after_the_listing(rt, study_uid):
+        found = listing(rt, study_uid)
+        if not late:  # the gateway writes it, a worker claims it, then finalize commits
+            late["relpath"], late["sop"], _ = stage(runtime, images[1], study_uid=study)
+            with runtime.engine.begin() as conn:
+                db.claim_instance(conn, {"sop_instance_uid": late["sop"], "study_instance_uid": study,
+                                         "spool_relpath": late["relpath"]})
+        return found
+
+    monkeypatch.setattr(tasks, "outstanding_instances", late_image_arrives_after_the_listing)
+    with pytest.raises(tasks.StudyNotSettledError, match="arrived while it was finalised"):
+        tasks.finalize_study(runtime, study, None)
+    with runtime.engine.connect() as conn:
+        assert not conn.execute(db.studies.select().where(db.studies.c.study_instance_uid == study)).mappings().one()["final"]
+
+
 def test_a_stored_result_whose_file_was_not_retired_does_not_hold_the_study(runtime, test_split):
     relpath, sop, study = stage(runtime, test_split[0][0])
     tasks.process_instance(runtime, relpath, sop, None)
