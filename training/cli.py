@@ -252,8 +252,6 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     if args.stage == "seeds":
         if args.bootstrap < 1:
             raise RefusedError("bootstrap must be at least 1")
-        if len(args.run_dirs) < 2:
-            raise RefusedError("a summary needs at least two runs: one run has no spread (its sd would read 0)")
         targets = strata_targets(args)
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),

@@ -221,20 +221,33 @@ def for_existing_run(config: TrainConfig) -> TrainConfig:
     path = config.out_dir / "config.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-    else:
-        path = config.out_dir / CARD_FILE
-        saved = json.loads(path.read_text()).get("training") if path.is_file() else None
-        if not isinstance(saved, dict):
-            return config
-    check_same_run(config, saved, path)
+        check_same_run(config, saved, path)
+        return with_trained_fields(config, saved)
+    path = config.out_dir / CARD_FILE
+    saved = json.loads(path.read_text()).get("training") if path.is_file() else None
+    if not isinstance(saved, dict):
+        return config
+    # an ONNX graph, not a checkpoint: only the images it is scored on must be the command's
+    check_same_run(config, saved, path, ("image_size", "subset"), "or it is scored on other images")
     return with_trained_fields(config, saved)
 
 
 CARD_FILE = "pneumonia_resnet50.card.json"
 """The card `export` writes beside the fp32 model (models.card.card_path_for of pneumonia_resnet50.onnx)."""
-MEMBERS_MUST_MATCH = ("image_size", "subset", "weights", "weights_sha256")
+MEMBERS_MUST_MATCH = ("image_size", "subset")
 """What the runs combined by `soup` or `ensemble` must share for one card to describe them: the images
-they were trained and scored on, and the start weights the card's `weights_origin` names."""
+they were trained and scored on, and (`same_start_weights`) the start weights the card's `weights_origin` names."""
+COMBINING_COMMAND_KEEPS = ("seed",)
+"""What a soup or ensemble takes from its own command, beyond `STAGE_FIELDS`: the seed of its bootstrap
+CIs and int8 calibration pick (the published soups passed `--seed 0`)."""
+
+
+def same_start_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs started from the same weights: by sha256 when both recorded one (a file's path
+    differs between machines and folders), else by the file's name or the torchvision enum."""
+    if a.get("weights_sha256") and b.get("weights_sha256"):
+        return a["weights_sha256"] == b["weights_sha256"]
+    return Path(str(a.get("weights"))).name == Path(str(b.get("weights"))).name
 
 
 def with_trained_fields(config: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
@@ -251,15 +264,26 @@ def for_members(config: TrainConfig, run_dirs: list[Path], fields: tuple[str, ..
     recipe (an ensemble of runs trained from random weights was carded as IMAGENET1K_V2). Runs that
     differ in `MEMBERS_MUST_MATCH` are refused, and so is a command whose `fields` differ from them.
     """
-    saved = [json.loads((run_dir / "config.json").read_text()) for run_dir in run_dirs]
+    saved = [member_recipe(run_dir) for run_dir in run_dirs]
     for recipe, run_dir in zip(saved[1:], run_dirs[1:]):
         differing = [key for key in MEMBERS_MUST_MATCH if recipe.get(key) != saved[0].get(key)]
+        if not same_start_weights(recipe, saved[0]):
+            differing.append("weights")
         if differing:
             said = ", ".join(f"{key}={recipe.get(key)!r} ({run_dirs[0]}: {saved[0].get(key)!r})" for key in differing)
             raise RefusedError(f"{run_dir} says {said}: runs combined into one model must share their images and "
                                "start weights")
     check_same_run(config, saved[0], run_dirs[0] / "config.json", fields)
-    return with_trained_fields(config, saved[0])
+    combined = with_trained_fields(config, saved[0])
+    return dataclasses.replace(combined, **{key: getattr(config, key) for key in COMBINING_COMMAND_KEEPS})
+
+
+def member_recipe(run_dir: Path) -> dict[str, Any]:
+    """A combined run's recipe: its config.json over its card's `training` (a folder whose config.json
+    holds only a few fields, as the cost probes' do, is otherwise carded with the command's defaults)."""
+    card = run_dir / CARD_FILE
+    carded = json.loads(card.read_text()).get("training") if card.is_file() else None
+    return {**(carded if isinstance(carded, dict) else {}), **json.loads((run_dir / "config.json").read_text())}
 
 
 def trained_fields(saved: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights
-from training.data import Split, augment_batch, load_split, to_network_input, to_unit_tensor
+from training.data import Split, augment_batch, ensure_dataset, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.errors import InputMissingError, RefusedError
 from training.evaluate import load_trained
@@ -273,6 +273,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     check_weights(config.weights)
     if config.resume:
         check_resume(config)
+    ensure_dataset(config.data_root, config.image_size)  # a missing or corrupt file refused before config.json is written
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
     generator = seed_everything(config.seed, config.deterministic)
