@@ -13,6 +13,7 @@ import signal
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -215,14 +216,9 @@ def test_duplicate_sop_instance_is_one_spool_file(gateway, images, broker):
     wait_for(lambda: {t["args"][1] for t in _process_messages(broker)} == {str(ds.SOPInstanceUID)}, 5, what="message")
 
 
-def test_spool_not_writable_answers_out_of_resources(gateway, images, broker):
-    """incoming/ replaced by a file: the open() fails with ENOTDIR -> 0xA700, never Success.
-
-    The file is renamed into place (retried): the maintenance loop recreates a missing incoming/
-    folder, and did so between an rmdir and a write on a loaded CI machine."""
-    import os
-
-    incoming = gateway.spool.incoming
+def replace_incoming_with_a_file(incoming: Path) -> None:
+    """Put a file where incoming/ was, renamed into place and retried: the gateway's maintenance loop
+    recreates a missing incoming/ folder, and did so between an rmdir and a write on a loaded CI machine."""
     blocker = incoming.with_name("blocker")
     blocker.write_text("not a directory")
     for _ in range(100):
@@ -231,9 +227,14 @@ def test_spool_not_writable_answers_out_of_resources(gateway, images, broker):
                 incoming.rmdir()
             os.rename(blocker, incoming)
             break
-        except (IsADirectoryError, FileNotFoundError, OSError):
+        except OSError:  # recreated in between (IsADirectoryError) or already gone: again
             continue
     assert incoming.is_file()
+
+
+def test_spool_not_writable_answers_out_of_resources(gateway, images, broker):
+    """incoming/ replaced by a file: the open() fails with ENOTDIR -> 0xA700, never Success."""
+    replace_incoming_with_a_file(gateway.spool.incoming)
     ds = small_dataset(images, 0)
     assert store_with_pynetdicom(gateway.port, [ds]) == [0xA700]
     assert pending_files(gateway.spool.root) == []
@@ -270,8 +271,7 @@ def test_file_size_limit_answers_failure_and_leaves_no_partial(tmp_path, images,
 
 
 def test_storescu_sees_failure_status_for_unwritable_spool(gateway, dcmtk, make_study):
-    (gateway.spool.incoming).rmdir()
-    gateway.spool.incoming.write_text("x")
+    replace_incoming_with_a_file(gateway.spool.incoming)
     [path] = make_study(1)
     out = run_storescu(dcmtk("storescu"), gateway.port, [path])
     assert "Received Store Response (Refused: OutOfResources)" in out.stderr + out.stdout
