@@ -16,6 +16,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from models.dicom_io import LutShapeConflict
 from worker.contract import check_broker_url
 
 DEFAULT_FLAG_MAP = {
@@ -49,7 +51,7 @@ class WorkerSettings(BaseSettings):
     site_calibration: Path | None = None
     """A site calibration for this model (`pneumonia-worker calibrate`); None keeps the card's own."""
 
-    presentation_lut_conflict: Literal["refuse", "follow_photometric", "follow_shape"] = "refuse"
+    presentation_lut_conflict: LutShapeConflict = "refuse"
     """A Presentation LUT Shape that contradicts the Photometric Interpretation: refuse the image, or
     follow one of the two for a modality known to write the other wrongly (`models.dicom_io`)."""
     missing_tag_policy: Literal["skip", "process"] = "skip"
