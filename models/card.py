@@ -20,6 +20,8 @@ MODEL_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_NAME = "pneumonia_resnet50"
 STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
 """Ordered from least to most severe."""
+LABELS = ("Normal", "Pneumonia")
+"""The network's two outputs, in order: serving reads index 1 as pneumonia."""
 
 
 def strict_json(data: Any, **dumps_options: Any) -> str:
@@ -94,6 +96,17 @@ class ModelCard:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse a card that would score every study wrong rather than fail loudly.
+
+        The sha256 binds the card to the ONNX file, not the card's own numbers: an edited
+        temperature of -2 turns every pneumonia into a routine read, swapped labels name the
+        pneumonia output Normal, and reversed strata send clear pneumonias to likely_normal.
+        """
+        if tuple(self.labels) != LABELS:
+            raise ValueError(f"labels must be {list(LABELS)} in the network's output order, not {list(self.labels)}")
+        validate_calibration(self.temperature, self.threshold, self.strata)
+
     def stratum_for(self, probability: float) -> str:
         """Name of the stratum holding this calibrated pneumonia probability."""
         for stratum in self.strata:
@@ -137,6 +150,19 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def validate_calibration(temperature: float, threshold: float, strata: tuple[Stratum, ...]) -> None:
+    """What serving needs of a card's or a site's calibration: a positive finite temperature, a
+    threshold that is a probability, and the three named strata tiling [0, 1] from low to high."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, not {temperature!r}")
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ValueError(f"threshold must be a probability in [0, 1], not {threshold!r}")
+    validate_strata(strata)
+    if tuple(s.name for s in strata) != STRATUM_NAMES:
+        raise ValueError(f"strata must be {', '.join(STRATUM_NAMES)} from low to high probability, "
+                         f"not {', '.join(s.name for s in strata)}")
 
 
 def validate_strata(strata: tuple[Stratum, ...]) -> None:

@@ -200,8 +200,9 @@ def load_card(model_path: Path, *, verify_sha256: bool = True,
         raise ModelIntegrityError(f"model card missing: {card_path}")
     try:
         card = ModelCard.load(card_path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # truncated JSON, a field missing or mistyped
-        raise ModelIntegrityError(f"model card {card_path.name} is unreadable or incomplete ({type(exc).__name__})") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # truncated JSON, a field missing, mistyped or implausible
+        raise ModelIntegrityError(f"model card {card_path.name} is unreadable, incomplete or implausible "
+                                  f"({type(exc).__name__}: {exc})") from exc
     expected = preprocessing_id(card.source_size)
     if card.preprocessing != expected:
         raise ModelIntegrityError(f"card preprocessing {card.preprocessing!r} differs from this code's {expected!r}")

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
-from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_strata
+from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_calibration
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
 
@@ -43,7 +43,6 @@ ADVISED_CASES_PER_CLASS = 50
 REPORTED = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1")
 BOOTSTRAP_ROUNDS = 2000
 LABEL_WORDS = {"0": 0, "normal": 0, "1": 1, "pneumonia": 1}
-STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
 SEPARATED = ("the local cases are separated perfectly (every pneumonia scores above every normal): the "
              "temperature cannot be fitted (the likelihood keeps rising as it shrinks, saturating every "
              "probability), so the card's is kept; cut-points fitted on clear-cut cases are optimistic: "
@@ -95,12 +94,8 @@ class SiteCalibration:
     def from_dict(cls, data: Mapping[str, Any]) -> "SiteCalibration":
         fit = data["calibration"]
         strata = tuple(sorted((Stratum(**s) for s in fit["strata"]), key=lambda s: s.lower))
-        validate_strata(strata)
         temperature, threshold = float(fit["temperature"]), float(fit["threshold"])
-        if tuple(s.name for s in strata) != STRATUM_NAMES:
-            raise ValueError(f"strata must be {', '.join(STRATUM_NAMES)} from low to high probability")
-        if not (np.isfinite(temperature) and temperature > 0 and 0 <= threshold <= 1):
-            raise ValueError("temperature must be positive and the threshold in [0, 1]")
+        validate_calibration(temperature, threshold, strata)
         return cls(
             site=data["site"], model_sha256=data["model_sha256"],
             calibration=Calibration(temperature, threshold, strata),
@@ -117,7 +112,7 @@ class SiteCalibration:
                 f"site calibration {self.site!r} was fitted for model sha256 {self.model_sha256[:12]}..., "
                 f"not {card.name} {card.version} ({card.sha256[:12]}...)")
         provenance = {"site": self.site, "sha256": self.sha256, "created": self.created,
-                      "cases": dict(self.cases)}
+                      "cases": dict(self.cases), "warnings": list(self.warnings)}
         return replace(card, temperature=self.calibration.temperature, threshold=self.calibration.threshold,
                        strata=self.calibration.strata, extra={**card.extra, "site_calibration": provenance})
 

@@ -18,7 +18,7 @@ from sklearn.metrics import classification_report
 
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature,
                                 nll, stratum_report, temperature_at_edge)
-from models.card import Stratum, sha256_of, strict_json
+from models.card import LABELS, Stratum, sha256_of, strict_json
 from training.config import TrainConfig
 from training.errors import RefusedError
 from training.data import Split, load_split
@@ -29,7 +29,6 @@ from training.model import build_model
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
-LABELS = ("Normal", "Pneumonia")
 CLAIMED_SENSITIVITY, CLAIMED_SPECIFICITY = 0.9718, 0.8547
 """The original design's reported test operating point. Each run's test ROC is read at it
 (sensitivity at that specificity, specificity at that sensitivity), so the claim can be

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
+from models.card import DEFAULT_MODEL_NAME, LABELS, ModelCard, card_path_for, sha256_of
 from models.preprocess import INPUT_SIZE, preprocess_batch, preprocessing_id
 from training.config import TrainConfig
 from training.data import dataset_file, load_split
 from training.engine import FlipAveraged, predict_logits
 from training.errors import RefusedError
-from training.evaluate import LABELS, Evaluation, load_trained
+from training.evaluate import Evaluation, load_trained
 from training.metrics import softmax_pneumonia
 from training.model import WEIGHT_FILE_SUFFIXES
 from training.runtime import Runtime, make_runtime

@@ -137,6 +137,8 @@ def check(settings: WorkerSettings) -> int:
         return 2
     site = card.extra.get("site_calibration")
     calibration = f"site calibration {site['site']!r} ({site['sha256'][:12]}...)" if site else "card calibration"
+    for warning in (site or {}).get("warnings", ()):  # written once by `calibrate`; shown wherever it is deployed
+        log.warning("site calibration %r: %s", site["site"], warning)
     log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],
              calibration, ",".join(providers))
     return 0
@@ -190,7 +192,10 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--rule-out-sensitivity", type=float, default=defaults.rule_out_sensitivity)
     p.add_argument("--high-suspicion-specificity", type=float, default=defaults.high_suspicion_specificity)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--allow-separated", action="store_true",
+                   help="write the file even when the model separates the cases perfectly (clear-cut studies); "
+                        "its cut-points are then optimistic and may send many pneumonias to likely_normal")
 
 
 def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
@@ -198,11 +203,14 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     from models.calibration import StrataTargets
     from models.detector import PneumoniaDetector
     from models.errors import ModelIntegrityError, UnreadableImageError
-    from models.site_calibration import case_logits, fit_site_calibration, read_cases
+    from models.site_calibration import SEPARATED, case_logits, fit_site_calibration, read_cases
     from worker.contract import quiet_pydicom
 
     quiet_pydicom()  # as the worker does: a malformed element's warning would quote its value (a name, say)
     out_dir = Path(args.out).parent
+    if Path(args.out).is_dir():
+        log.error("site calibration not written: --out names a folder; give a file name such as site.json")
+        return 2
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -224,9 +232,16 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     except (ValueError, UnreadableImageError, ModelIntegrityError) as exc:  # our own texts: CSV lines, no paths
         log.error("site calibration not written: %s", exc)
         return 2
+    if SEPARATED in site.warnings and not args.allow_separated:
+        log.error("site calibration not written: %s (--allow-separated writes it anyway)", SEPARATED)
+        return 2
     if excluded:
         site = replace(site, cases={**site.cases, "excluded": excluded})
-    site.save(args.out)
+    try:
+        site.save(args.out)
+    except OSError as exc:  # its text names the file; the folder was writable a moment ago (disk full, say)
+        log.error("site calibration not written: %s (%s)", type(exc).__name__, exc.strerror or "I/O error")
+        return 2
     print(summary(site))
     return 0
 

@@ -1,5 +1,6 @@
 """PneumoniaDetector on every supported input kind, against the released (packaged) model."""
 
+import json
 import shutil
 import struct
 import zlib
@@ -194,13 +195,36 @@ def test_model_not_matching_its_card_is_refused(tmp_path):
     with pytest.raises(ModelIntegrityError, match="sha256"):
         PneumoniaDetector(model)
     card_path_for(model).write_text(card[:500])  # truncated while being copied
-    with pytest.raises(ModelIntegrityError, match="unreadable or incomplete"):
+    with pytest.raises(ModelIntegrityError, match="unreadable, incomplete or implausible"):
         PneumoniaDetector(model)
     card_path_for(model).write_text(card.replace('"sha256"', '"sha256_"', 1))  # a field missing
-    with pytest.raises(ModelIntegrityError, match="unreadable or incomplete"):
+    with pytest.raises(ModelIntegrityError, match="unreadable, incomplete or implausible"):
         PneumoniaDetector(model)
     card_path_for(model).unlink()
     with pytest.raises(ModelIntegrityError, match="card missing"):
+        PneumoniaDetector(model)
+
+
+@pytest.mark.parametrize("edit,reason", [
+    (lambda c: {**c, "temperature": -c["temperature"]}, "temperature must be a positive finite number"),
+    (lambda c: {**c, "temperature": 0}, "temperature must be a positive finite number"),
+    (lambda c: {**c, "threshold": 1.5}, "threshold must be a probability"),
+    (lambda c: {**c, "labels": c["labels"][::-1]}, "labels must be"),
+    (lambda c: {**c, "strata": [{**s, "name": n} for s, n in zip(c["strata"], ("high_suspicion", "indeterminate",
+                                                                                 "likely_normal"))]},
+     "strata must be likely_normal, indeterminate, high_suspicion from low to high"),
+    (lambda c: {**c, "strata": [{**s, "name": n} for s, n in zip(c["strata"], ("low", "mid", "high"))]},
+     "strata must be likely_normal"),
+])
+def test_a_card_edited_into_wrong_numbers_is_refused_with_its_reason(tmp_path, edit, reason):
+    """The sha256 binds the card to the ONNX file, not the card's own numbers: an edited card that
+    would score every study wrong (a negative temperature makes every pneumonia likely_normal) must
+    stop the detector, naming what is wrong."""
+    model = tmp_path / "m.onnx"
+    model.symlink_to(default_model_path())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    card_path_for(model).write_text(json.dumps(edit(card)))
+    with pytest.raises(ModelIntegrityError, match=reason):
         PneumoniaDetector(model)
 
 

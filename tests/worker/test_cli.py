@@ -150,12 +150,58 @@ def test_calibrate_io_errors_do_not_print_paths(tmp_path):
 @pytest.mark.parametrize("flags, reason", [
     (["--out", "{tmp}/cases.csv/s.json"], "--out folder cannot be made or is not writable"),
     (["--out", "{tmp}/s.json", "--rule-out-sensitivity", "98"], "must be a share in (0, 1]"),
+    (["--out", "{tmp}"], "--out names a folder"),  # it failed with IsADirectoryError after scoring every case
+    (["--out", "{tmp}/s.json", "--batch-size", "0"], "must be 1 or more"),
 ])
 def test_calibrate_refuses_bad_arguments_before_scoring_any_case(tmp_path, flags, reason):
     (tmp_path / "cases.csv").write_text("path,label\n")
     done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x",
                    *[flag.format(tmp=tmp_path) for flag in flags])
     assert done.returncode == 2 and reason in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_refuses_cases_the_model_separates_unless_told(tmp_path, test_split, sqlite_url):
+    """Clear-cut cases (every pneumonia above every normal) fit a rule-out cut just under the
+    lowest pneumonia: on 10 + 10 such cases it sat at 0.999 and sent 78% of the test split's
+    pneumonias to likely_normal (ROUTINE), written with exit 0 and deployed with `check` silent."""
+    import numpy as np
+
+    from models.detector import PneumoniaDetector
+    from models.site_calibration import SiteCalibration
+    from worker.samples import make_cxr_dataset, save
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:40], np.flatnonzero(labels == 0)[:40]])
+    p = np.array([row["probabilities"]["Pneumonia"] for row in PneumoniaDetector().predict_batch(list(images[chosen]))])
+    positives, negatives = chosen[:40][np.argsort(-p[:40])[:10]], chosen[40:][np.argsort(p[40:])[:10]]
+    rows = ["path,label"]
+    for i in np.concatenate([positives, negatives]):
+        save(make_cxr_dataset(images[i], size=(64, 64)), tmp_path / f"{i}.dcm")
+        rows.append(f"{i}.dcm,{int(labels[i])}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    args = ["calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "clear-cut", "--out", str(tmp_path / "s.json")]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "separated perfectly" in refused.stderr and "--allow-separated" in refused.stderr
+    assert not (tmp_path / "s.json").exists()
+    written = run_cli(*args, "--allow-separated")
+    assert written.returncode == 0, written.stderr
+    assert any("separated perfectly" in w for w in SiteCalibration.load(tmp_path / "s.json").warnings)
+    checked = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "s.json"))
+    assert checked.returncode == 0 and "site calibration 'clear-cut': the local cases are separated" in checked.stderr
+
+
+def test_check_refuses_an_edited_card_that_would_score_every_study_wrong(tmp_path, sqlite_url):
+    """`check` said ok for a card whose temperature was negated: every pneumonia became likely_normal."""
+    import json
+
+    from models.card import card_path_for, default_model_path
+
+    model = tmp_path / "m.onnx"
+    model.symlink_to(default_model_path())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    card_path_for(model).write_text(json.dumps(card | {"temperature": -card["temperature"]}))
+    done = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(model))
+    assert done.returncode == 2 and "temperature must be a positive finite number" in done.stderr
 
 
 def test_check_refuses_an_old_schema_that_run_would_not_migrate(sqlite_url):
