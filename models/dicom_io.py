@@ -20,6 +20,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from pydicom.encaps import generate_frames
+
+from models.codestream import JPEG2000_SYNTAXES, JPEG_SYNTAXES, CodestreamError, check_frame
 from models.errors import (PHOTOMETRIC_INTERPRETATIONS, ImageAccessError, UnreadableImageError, quoted_orientation,
                            quoted_term, quoted_uid)
 from models.preprocess import MAX_ASPECT
@@ -41,6 +44,11 @@ class PixelLimits:
     min_side: int = 64
     max_side: int = 16384
     max_aspect: float = MAX_ASPECT
+    max_pixels: int = 12000 * 12000
+    """The display chain holds about 12 bytes a pixel at its peak (14 with non-square pixels): a
+    16384 x 16384 plate took 3.2 GB, past the worker's 3 GiB cap, where it would be killed three
+    times and then recorded as lost instead of refused with a reason. A chest plate is under 20
+    megapixels (43 cm at 0.1 mm is 4300 pixels a side)."""
 
 
 LAZY_DECODE_ERRORS = (pydicom.errors.BytesLengthException, NotImplementedError, struct.error)
@@ -80,10 +88,43 @@ def check_geometry(ds: Dataset, limits: PixelLimits) -> None:
         )
     if max(rows, cols) / min(rows, cols) > limits.max_aspect:
         raise UnreadableImageError(f"aspect ratio of {rows}x{cols} exceeds {limits.max_aspect}")
+    if rows * cols > limits.max_pixels:
+        raise UnreadableImageError(f"image size {rows}x{cols} exceeds {limits.max_pixels // 1_000_000} megapixels")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples not in (1, 3):
         raise UnreadableImageError(f"unsupported SamplesPerPixel {samples}")
+    check_samples_match_photometric(ds, samples)
     check_bit_layout(ds)
+    check_encapsulated_frame(ds, rows, cols, samples)
+
+
+def check_samples_match_photometric(ds: Dataset, samples: int) -> None:
+    """A monochrome image has one sample a pixel, a colour one three: a one-sample codestream
+    labelled YBR_FULL aborted the process inside GDCM, and a native one would be read askew."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    expected = 1 if photometric.startswith("MONOCHROME") else 3 if photometric in COLOUR else None
+    if expected is not None and samples != expected:
+        raise UnreadableImageError(f"Samples per Pixel {samples} contradicts Photometric Interpretation "
+                                   f"{quoted_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}")
+
+
+def check_encapsulated_frame(ds: Dataset, rows: int, cols: int, samples: int) -> None:
+    """Compressed pixel data: 8 or 16 bits allocated, a complete codestream that agrees with the
+    dataset (`models.codestream`: decoders trust the codestream's own header, and some abort the
+    process on a contradiction)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax not in JPEG_SYNTAXES | JPEG2000_SYNTAXES | {pydicom.uid.RLELossless}:
+        return
+    allocated = int(_number(ds, "BitsAllocated") or 0)
+    if allocated not in (8, 16):
+        raise UnreadableImageError(f"Bits Allocated {allocated} with compressed pixel data; 8 or 16 expected")
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        check_frame(frame, syntax, rows, cols, samples)
+    except CodestreamError as exc:
+        raise UnreadableImageError(str(exc)) from exc
+    except (ValueError, KeyError, TypeError, struct.error, StopIteration) as exc:  # items without tags, lengths past the end
+        raise UnreadableImageError(f"encapsulated pixel data is malformed ({type(exc).__name__})") from exc
 
 
 def check_bit_layout(ds: Dataset) -> None:
@@ -96,6 +137,9 @@ def check_bit_layout(ds: Dataset) -> None:
         raise UnreadableImageError(f"High Bit {int(high_bit)} with Bits Stored {int(bits_stored)}: only High Bit = "
                                    "Bits Stored - 1 is supported")
 
+
+COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
+"""Photometric interpretations of three samples a pixel (PS3.3 C.7.6.3.1.2)."""
 
 PRESENTATION_LUT_SHAPES = {"MONOCHROME1": "INVERSE", "MONOCHROME2": "IDENTITY"}
 """The Presentation LUT Shape (2050,0020) each Photometric Interpretation requires (DX IOD, PS3.3 C.8.11.7)."""
@@ -131,10 +175,19 @@ def inverted_for_display(ds: Dataset, photometric: str, conflict: LutShapeConfli
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
-    """Decode stored values (any supported transfer syntax) into a numpy array."""
+    """Decode stored values (any supported transfer syntax) into a numpy array.
+
+    Decoders raise many types, and pylibjpeg-rle's Rust code raises a panic, which is a
+    BaseException: it escaped every handler and left the instance `processing` with its message
+    acknowledged. Only an interpreter exit and billiard's time limits (the worker records those
+    itself) pass through."""
     try:
         return ds.pixel_array
-    except Exception as exc:  # decoders raise many types; the reason is what matters
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        if type(exc).__module__.split(".")[0] == "billiard":  # SoftTimeLimitExceeded: not the image's fault
+            raise
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise UnreadableImageError(
             f"pixel data could not be decoded (transfer syntax {quoted_uid(syntax)}: {type(exc).__name__})"
@@ -323,7 +376,11 @@ def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     if slope is None or intercept is None or (slope == 1.0 and intercept == 0.0):
         return stored.astype(np.float32)  # exact for <=24-bit values, and half the cost of float64 downstream
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    if not np.isfinite(values).all():  # a slope of 1e39 read as "blank", one of 1e308 as an internal error
+        raise UnreadableImageError("Rescale Slope and Intercept give values beyond single precision")
+    return values
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:

@@ -190,8 +190,10 @@ def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) 
         if is_model_problem(exc):
             raise
         return _internal_error(exc, path)
-    except Exception as exc:  # a bug must not turn into a crash loop or a lost instance
-        return _internal_error(exc, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a bug must not turn into a crash loop or a lost instance; a native
+        return _internal_error(exc, path)  # library's panic (pyo3's PanicException) is a BaseException
 
 
 def spool_file_exists(path: Path) -> bool:

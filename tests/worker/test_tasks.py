@@ -353,6 +353,24 @@ def test_a_result_the_database_refuses_becomes_a_failed_row(tmp_path, pg_url, te
     assert (rt.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()
 
 
+def test_a_panic_from_a_native_library_becomes_a_failed_row(runtime, test_split, monkeypatch):
+    """A Rust panic surfaces as pyo3's PanicException, a BaseException: it escaped `except Exception`,
+    Celery acknowledged the message and the row stayed `processing` until the sweep's third round."""
+
+    class PanicException(BaseException):
+        pass
+
+    def panics(*args):
+        raise PanicException("index out of bounds")
+
+    relpath, sop, _ = stage(runtime, test_split[0][0])
+    monkeypatch.setattr(tasks, "analyse_file", panics)
+    result = tasks.process_instance(runtime, relpath, sop, None)
+    stored = row(runtime, relpath, sop)
+    assert result["status"] == stored["status"] == "failed"
+    assert stored["reason"] == "internal error (PanicException)"
+
+
 def test_a_spool_file_the_host_cannot_read_is_retried_not_failed(runtime, test_split, monkeypatch):
     """EACCES, EIO or a stale mount says nothing about the image: before, it became a `failed` row and the
     file left pending/, so neither the sweep nor `requeue` could ever send it again."""
