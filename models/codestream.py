@@ -88,10 +88,15 @@ def jpeg2000_frame_header(data: bytes) -> FrameHeader:
     return FrameHeader(height - y_origin, width - x_origin, components, precision)
 
 
+EOI_TAIL = 16
+"""How far before the end EOI may sit: DICOM pads an odd-length frame with one zero byte, and some
+writers pad more (zeros, or fill bytes). Entropy-coded data never holds 0xFF 0xD9 (JPEG stuffs a zero
+after 0xFF, JPEG-LS a zero bit), so finding it near the end cannot be a coincidence."""
+
+
 def ends_with_eoi(data: bytes) -> bool:
-    """A complete JPEG codestream ends with EOI; DICOM pads an odd-length one with one zero byte,
-    and some writers pad more, so trailing zeros are allowed."""
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    """A complete JPEG codestream ends with EOI, give or take a few bytes of padding."""
+    return b"\xff\xd9" in data[-EOI_TAIL:]
 
 
 def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int) -> None:

@@ -141,5 +141,6 @@ def test_a_plate_over_the_pixel_budget_is_refused_before_decoding(image):
 def test_padding_after_the_end_of_image_marker_is_accepted(encoded):
     """DICOM pads an odd-length frame with one zero byte, some writers with more."""
     ds = encoded[JPEGLSLossless]
-    padded = with_frame(ds, frame_of(ds).rstrip(b"\x00") + b"\x00" * 4)
-    np.testing.assert_array_equal(dicom_to_grayscale(padded), dicom_to_grayscale(ds))
+    for padding in (b"\x00" * 4, b"\xff" * 2, b"\x00" * 13):
+        padded = with_frame(ds, frame_of(ds).rstrip(b"\x00") + padding)
+        np.testing.assert_array_equal(dicom_to_grayscale(padded), dicom_to_grayscale(ds))
