@@ -29,9 +29,6 @@ FRAME_HEADERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA,
                            0xF7})  # SOF0..SOF15 without DHT (C4), JPG (C8), DAC (CC); F7 is JPEG-LS SOF55
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
-HEADER_SEARCH = 1 << 16
-"""A JP2 wrapper (not allowed in DICOM, but written by some encoders) puts boxes before the
-codestream; its SIZ is searched for in the first 64 kB."""
 
 
 class CodestreamError(ValueError):
@@ -74,8 +71,9 @@ def jpeg_frame_header(data: bytes) -> FrameHeader:
 
 
 def jpeg2000_frame_header(data: bytes) -> FrameHeader:
-    """Image and component sizes from the SIZ segment (ISO 15444-1 A.5.1)."""
-    at = data.find(J2K_SOC_SIZ, 0, HEADER_SEARCH)
+    """Image and component sizes from the SIZ segment (ISO 15444-1 A.5.1). A JP2 wrapper (not allowed in
+    DICOM, but written by some encoders, and decoded by openjpeg) puts boxes of any size before it."""
+    at = data.find(J2K_SOC_SIZ)
     if at < 0:
         raise CodestreamError("JPEG 2000 codestream has no SOC and SIZ marker")
     siz = data[at + 4:at + 4 + 38]
@@ -88,15 +86,11 @@ def jpeg2000_frame_header(data: bytes) -> FrameHeader:
     return FrameHeader(height - y_origin, width - x_origin, components, precision)
 
 
-EOI_TAIL = 16
-"""How far before the end EOI may sit: DICOM pads an odd-length frame with one zero byte, and some
-writers pad more (zeros, or fill bytes). Entropy-coded data never holds 0xFF 0xD9 (JPEG stuffs a zero
-after 0xFF, JPEG-LS a zero bit), so finding it near the end cannot be a coincidence."""
-
-
 def ends_with_eoi(data: bytes) -> bool:
-    """A complete JPEG codestream ends with EOI, give or take a few bytes of padding."""
-    return b"\xff\xd9" in data[-EOI_TAIL:]
+    """A complete JPEG codestream ends with EOI. DICOM pads an odd-length frame with one zero byte and
+    some writers pad to a fixed size, with zeros or fill bytes, so any such tail is passed over.
+    Entropy-coded data never holds 0xFF 0xD9 (JPEG stuffs a zero after 0xFF, JPEG-LS a zero bit)."""
+    return data.rstrip(b"\x00\xff").endswith(b"\xff\xd9")
 
 
 def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int) -> None:
@@ -104,12 +98,13 @@ def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int)
     if syntax in JPEG_SYNTAXES:
         header = jpeg_frame_header(data)
         if not ends_with_eoi(data):
-            raise CodestreamError("JPEG codestream is cut short (no end-of-image marker)")
+            raise CodestreamError("JPEG codestream has no end-of-image marker: cut short, or written by an "
+                                  "encoder that omits it")
     elif syntax in JPEG2000_SYNTAXES:
         header = jpeg2000_frame_header(data)
     else:
         return
-    if (header.rows, header.columns) != (rows, columns):
+    if (header.rows or rows, header.columns) != (rows, columns):  # 0 lines: the height comes in a DNL segment
         raise CodestreamError(f"codestream is {header.rows}x{header.columns} pixels but the dataset says "
                               f"{rows}x{columns}")
     if header.components != samples:

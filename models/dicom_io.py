@@ -116,7 +116,7 @@ def check_encapsulated_frame(ds: Dataset, rows: int, cols: int, samples: int) ->
     if syntax is None or syntax not in JPEG_SYNTAXES | JPEG2000_SYNTAXES | {pydicom.uid.RLELossless}:
         return
     allocated = int(_number(ds, "BitsAllocated") or 0)
-    if allocated not in (8, 16):
+    if allocated not in (8, 16) and syntax != pydicom.uid.RLELossless:  # GDCM aborted on 32-bit JPEG; RLE decodes it
         raise UnreadableImageError(f"Bits Allocated {allocated} with compressed pixel data; 8 or 16 expected")
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
