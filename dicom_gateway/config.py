@@ -12,10 +12,10 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.contract import check_broker_url
+from worker.contract import check_broker_options, check_broker_url
 
 UID_MAX_LEN = 64
 AE_TITLE_MAX_LEN = 16
@@ -55,6 +55,9 @@ class GatewaySettings(BaseSettings):
 
     # Shared with the worker (same names, same defaults).
     broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_sentinel_master: str | None = None  # sentinel:// only (worker.contract.check_broker_options)
+    broker_sentinel_password: SecretStr | None = None
+    broker_tls_ca: Path | None = None  # rediss:// only; unset: the system's CAs
     spool_dir: Path = Path("var/spool")
 
     # Listener.
@@ -62,6 +65,8 @@ class GatewaySettings(BaseSettings):
     gateway_bind: str = "0.0.0.0"
     gateway_port: int = Field(11112, ge=0, le=65535)
     gateway_max_associations: int = Field(32, ge=1)
+    gateway_max_connections_per_peer: int | None = Field(
+        None, ge=1, description="open connections one source IP may hold; unset = half of pynetdicom's connection cap")
     gateway_max_pdu: int = Field(262144, ge=0, le=MAX_PDU_FIELD,
                                  description="max PDU we receive; 0 = unlimited, else at least 4096")
     gateway_acse_timeout: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
@@ -132,6 +137,12 @@ class GatewaySettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _broker_options(self) -> "GatewaySettings":
+        check_broker_options(self.broker_url, self.broker_sentinel_master, self.broker_sentinel_password,
+                             self.broker_tls_ca)
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> "GatewaySettings":
         if (self.gateway_tls_cert is None) != (self.gateway_tls_key is None):
             raise ValueError("TRIAGE_GATEWAY_TLS_CERT and TRIAGE_GATEWAY_TLS_KEY must be set together")
@@ -156,6 +167,22 @@ def _check_ae_title(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
         raise ValueError(f"AE title has characters outside the AE VR repertoire: {value!r}")
     return title
+
+
+class StartupError(RuntimeError):
+    """A start-up failure pinned on the setting and value at fault.
+
+    Why: the bare OSError said "[Errno 2] No such file or directory" or "Address already in use" with
+    neither the file nor the port, and a gateway has several of each (TLS cert, key and CA; the DICOM and
+    HTTP ports). `dicom-gateway run` logs the message as it is, on its one "cannot start" line."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"{what}: {type(cause).__name__}: {cause}")
+
+
+def endpoint(host: str, port: int) -> str:
+    """`host:port` as people write it, an IPv6 address in brackets (`[::]:11112`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_settings(**overrides: Any) -> GatewaySettings:

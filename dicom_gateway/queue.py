@@ -18,7 +18,7 @@ from typing import Callable
 
 import celery
 
-from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE, QUEUE
+from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE, QUEUE, broker_celery_options
 
 from dicom_gateway.config import GatewaySettings
 from dicom_gateway.spool import Spool
@@ -35,19 +35,17 @@ def utc_iso(timestamp: float | None = None) -> str:
 
 
 def make_celery_client(settings: GatewaySettings) -> celery.Celery:
-    """A bare Celery client (no worker code imported) that fails fast when the broker is down."""
+    """A bare Celery client (no worker code imported) that fails fast when the broker is down. Its
+    transport options and TLS come from the helper the worker uses (a sentinel master, a verified rediss://)."""
     timeout = settings.gateway_broker_timeout_seconds
     app = celery.Celery("dicom_gateway", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
+        broker_celery_options(settings, {"socket_connect_timeout": timeout, "socket_timeout": timeout,
+                                         "max_retries": 0}),
         broker_connection_timeout=timeout,
         broker_connection_retry=False,
         broker_connection_retry_on_startup=False,
         broker_connection_max_retries=0,
-        broker_transport_options={
-            "socket_connect_timeout": timeout,
-            "socket_timeout": timeout,
-            "max_retries": 0,
-        },
         task_publish_retry=False,
         task_default_queue=QUEUE,
         task_serializer="json",

@@ -332,9 +332,9 @@ def render_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:
         if key == "top_reasons":
             print("top_reasons:")
             for item in value:
-                print(f"  {item['count']:>7}  {item['status']:<8} {item['reason']}")
+                print(f"  {item['count']:>7}  {_printable(str(item['status'])):<8} {_printable(str(item['reason']))}")
         else:
-            print(f"{key}: {value}")
+            print(f"{key}: {_printable(str(value))}")
     return 0
 
 
@@ -348,6 +348,9 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
 
     files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
     client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
+    # the worker's broker options (a sentinel master, a verified rediss://): without them a sentinel://
+    # requeue failed with a traceback and a rediss:// one trusted any certificate
+    client.conf.update(contract.broker_celery_options(settings, {"socket_timeout": 10, "socket_connect_timeout": 10}))
     latest: dict[str, dt.datetime] = {}
     try:
         for path, received_at in files:
@@ -471,13 +474,22 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(value: Any) -> str:
+    """One table cell: always one line of printable text (see `_printable`)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, dt.datetime):
         return value.isoformat(timespec="seconds")
-    return str(value)
+    return _printable(str(value))
+
+
+def _printable(text: str) -> str:
+    """`text` with each unprintable character (newline, carriage return, tab, escape, U+2028...) written as
+    its Python escape (`\\n`, `\\x1b`). Why: the values come from the modality (an accession number "ACC1\\nX"),
+    and a raw newline split a table row over two lines, the second one able to pass for another worklist
+    row; an escape sequence could rewrite the terminal. CSV and JSON quote such values already."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 COMMANDS: dict[str, tuple[Callable[[Connection, argparse.Namespace], Any], Callable[[Any, argparse.Namespace], int]]] = {

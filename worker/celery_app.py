@@ -110,7 +110,20 @@ died (OOM under the compose memory cap, a hard time limit), while the main proce
 
 
 def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    """The hardened settings above; the broker's transport options and TLS come from the helper the
+    gateway's publisher and `pneumonia-admin requeue` use too (a sentinel master, a verified rediss://)."""
+    broker = contract.broker_celery_options(settings, {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # A killed worker's message comes back after visibility_timeout plus at most one
+        # restore interval (the throttle of 1 checks on every tick; default would be 10 ticks).
+        "unacked_restore_interval": settings.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 10,
+        "retry_on_timeout": True,
+    })
     return {
+        **broker,
         "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -118,16 +131,6 @@ def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.time_limit_s,
         "task_soft_time_limit": settings.soft_time_limit_s,
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout_s,
-            # A killed worker's message comes back after visibility_timeout plus at most one
-            # restore interval (the throttle of 1 checks on every tick; default would be 10 ticks).
-            "unacked_restore_interval": settings.unacked_restore_interval_s,
-            "unacked_restore_throttle": 1,
-            "socket_timeout": 10,
-            "socket_connect_timeout": 10,
-            "retry_on_timeout": True,
-        },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_default_queue": contract.QUEUE,

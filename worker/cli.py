@@ -23,6 +23,7 @@ from worker import contract
 from worker.config import WorkerSettings, load_worker_settings
 
 if TYPE_CHECKING:
+    from celery import Celery
     from sqlalchemy.engine import Connection
 
     from models.site_calibration import SiteCalibration
@@ -313,8 +314,30 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
         "-n", hostname or "triage@%h",
         "--without-gossip", "--without-mingle",
     ]
-    get_app().worker_main(argv)
-    return 0
+    return celery_exit_status(get_app(), argv)
+
+
+def celery_exit_status(app: "Celery", argv: list[str]) -> int:
+    """Run Celery's command line for `app` and return its exit status, as the `celery` command would exit.
+
+    Why not `app.worker_main`: it drops the status (and so does `app.start`, which runs click without its
+    standalone mode, where the status is returned, not raised), so a worker that died of an unrecoverable
+    error (a broker ACL refusing its commands, say) exited 0, and a supervisor that restarts on failure
+    (compose `on-failure`, systemd `Restart=on-failure`) left it down. The app is handed over as
+    `app.start` does it, as the default of the command's --app option."""
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app
+    try:
+        celery_command.main(args=argv, prog_name="celery", standalone_mode=True)
+        status: object = 0  # click's standalone mode always exits; this is not reached
+    except SystemExit as exc:
+        status = exc.code
+    finally:
+        celery_command.params[0].default = None
+    if status is None or isinstance(status, int):
+        return status or 0
+    return 1  # sys.exit("message") means failure
 
 
 if __name__ == "__main__":

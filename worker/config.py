@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from models.dicom_io import LutShapeConflict
-from worker.contract import check_broker_url
+from worker.contract import check_broker_options, check_broker_url
 
 DEFAULT_FLAG_MAP = {
     "high_suspicion": "URGENT",
@@ -43,6 +43,12 @@ class WorkerSettings(BaseSettings):
     triage.env reverted the calibration to the path '.' and the worker refused to start."""
 
     broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_sentinel_master: str | None = None
+    """The master's name for a sentinel:// broker (required there, refused elsewhere); shared with the gateway."""
+    broker_sentinel_password: SecretStr | None = None
+    """The sentinels' own password (their `requirepass`), if any; the master's goes in the URL."""
+    broker_tls_ca: Path | None = None
+    """CA certificate(s), PEM, that a rediss:// broker's certificate must chain to; unset: the system's CAs."""
     database_url: str = "sqlite:///var/triage.db"
     spool_dir: Path = Path("var/spool")
     spool_retention: Literal["archive", "delete"] = "archive"
@@ -80,6 +86,12 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _redis_broker(cls, value: str) -> str:
         return check_broker_url(value)
+
+    @model_validator(mode="after")
+    def _broker_options(self) -> "WorkerSettings":
+        check_broker_options(self.broker_url, self.broker_sentinel_master, self.broker_sentinel_password,
+                             self.broker_tls_ca)
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -373,3 +373,24 @@ def test_requeue_sends_the_finalize_of_a_study_left_not_final_with_nothing_pendi
     assert [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages] == [
         (contract.FINALIZE_STUDY, ["1.3.1"])]
     assert capsys.readouterr().out == "requeued 0 pending instance(s) and the finalize of 1 study(ies)\n"
+
+
+def test_table_output_keeps_each_row_on_one_line_whatever_the_modality_wrote(sqlite_url):
+    """An AccessionNumber "ACC1\\nX" split its row over two lines, the second one able to pass for another
+    worklist row; an escape sequence could rewrite the terminal. Table cells write them as escapes."""
+    upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(insert(db.instances).values(
+            sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3", spool_relpath="pending/1.2.3/1.2.3.4.dcm",
+            accession_number="ACC1\n1.9.9.9  1.9.9  URGENT\x1b[2J\u2028", status="failed", attempts=1,
+            reason="bad\rvalue", received_at=db.utcnow()))
+    engine.dispose()
+    for args in (("list",), ("show", "1.2.3"), ("list", "--studies"), ("stats",)):
+        out = run_admin(sqlite_url, *args)
+        assert "\x1b" not in out and "\r" not in out and "\u2028" not in out, args
+        rows = [line for line in out.splitlines() if "ACC1" in line]
+        assert all("URGENT" in line for line in rows), (args, out)  # the injected text stayed on the row
+    listed = run_admin(sqlite_url, "list").splitlines()
+    assert len(listed) == 2 and "ACC1\\n1.9.9.9  1.9.9  URGENT\\x1b[2J\\u2028" in listed[1]
+    assert json.loads(run_admin(sqlite_url, "list", "--format", "json"))[0]["accession_number"].startswith("ACC1\n")

@@ -32,3 +32,25 @@ def test_quiet_pydicom_stops_warnings_that_quote_element_values(monkeypatch):
         quiet_pydicom()
         str(read_dataset(BytesIO(encoded.getvalue()), False, True).StudyInstanceUID)
     assert not [w for w in after if "Doe" in str(w.message)]
+
+
+def test_quiet_pydicom_keeps_pydicom_s_own_log_lines_out_too(caplog):
+    """pydicom's warn_and_log writes each warning to its "pydicom" logger as well: the warnings filter alone
+    let `Unknown encoding 'DOE^JOHN MRN12345'` (a Specific Character Set holds any text) into the log.
+    The gateway (`dicom-gateway run`) and the worker both call this function before reading DICOM."""
+    import logging
+
+    from pydicom.charset import convert_encodings
+
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    try:
+        with warnings.catch_warnings():
+            quiet_pydicom()
+            with caplog.at_level(logging.DEBUG):  # the root's level: pydicom's own must still hold them back
+                convert_encodings(["DOE^JOHN MRN12345"])
+                logger.error("structural problem")  # errors (no element values) still reach the log
+    finally:
+        logger.setLevel(level)
+    assert "MRN12345" not in caplog.text
+    assert "structural problem" in caplog.text
