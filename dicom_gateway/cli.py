@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
-from dicom_gateway.config import GatewaySettings, load_settings
+from dicom_gateway.config import GatewaySettings, StartupError, load_settings
 from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
@@ -61,7 +61,8 @@ def cmd_run(settings: GatewaySettings) -> int:
     try:
         gateway.start()
     except Exception as exc:  # a taken port, an unreadable certificate...: one log line, not a traceback
-        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        # a StartupError already says which setting and value, and the underlying error's class
+        log.error("cannot start", extra={"error": str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"})
         return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -13,15 +13,20 @@ no patient data, nothing from a DICOM header.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from dicom_gateway.config import StartupError, endpoint
+from dicom_gateway.connections import REFUSAL_KINDS
 from dicom_gateway.health import broker_state, disk_state
 from dicom_gateway.queue import TaskPublisher
-from dicom_gateway.scp import REJECTION_KINDS
+from dicom_gateway.scp import CSTORE_FAILURES, REJECTION_KINDS, status_label
+from dicom_gateway.tls import LISTEN_BACKLOG
 
 if TYPE_CHECKING:
     from dicom_gateway.service import Gateway
@@ -67,11 +72,45 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
     name, rejected = "triage_gateway_associations_rejected_total", status.get("associations_rejected", {})
     lines += [f"# HELP {name} associations refused since start, by reason", f"# TYPE {name} counter"]
     lines += [f'{name}{{reason="{kind}"}} {rejected.get(kind, 0)}' for kind in sorted({*REJECTION_KINDS.values(), "thread_cap", "other"})]
+    lines += labelled("triage_gateway_cstore_failures_total", "C-STOREs answered with a failure status since start, by status",
+                      "status", status.get("cstore_failures", {}), [status_label(code) for code in CSTORE_FAILURES])
+    lines += labelled("triage_gateway_connections_refused_total", "connections closed at accept time since start "
+                      "(source outside the allow-list, or a peer holding its share of connections), by reason",
+                      "reason", status.get("connections_refused", {}), REFUSAL_KINDS)
+    name = "triage_gateway_connections_without_request_total"
+    lines += [f"# HELP {name} connections that closed without sending an association request (scans, TCP checks, timeouts)",
+              f"# TYPE {name} counter", f"{name} {status.get('connections_without_request', 0)}"]
     return "\n".join(lines) + "\n"
+
+
+def labelled(name: str, text: str, label: str, counts: dict[str, int], known: Any) -> list[str]:
+    """A counter with one series per label value: the known ones at 0 until they happen (so rate() works
+    from the start), then any other value seen."""
+    values = sorted({*known, *counts})
+    return [f"# HELP {name} {text}", f"# TYPE {name} counter",
+            *(f'{name}{{{label}="{value}"}} {counts.get(value, 0)}' for value in values)]
 
 
 REQUEST_TIMEOUT_S = 10.0
 """Seconds a probe connection may stay silent: probes answer in milliseconds."""
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """The family of the bind address: http.server listens on IPv4 only, so TRIAGE_GATEWAY_HTTP_BIND=::
+    could not start while the DICOM listener took `::`."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # "" (every IPv4 address, as before) or a name: what it resolves to first
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # socketserver's 5 made a burst of scrapes wait out SYN retransmits
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.address_family = address_family(address[0])
+        super().__init__(address, handler)
 
 
 class StatusServer:
@@ -81,8 +120,12 @@ class StatusServer:
     def __init__(self, gateway: Gateway, bind: str, port: int) -> None:
         self.gateway = gateway
         self.probe = TaskPublisher(gateway.settings)  # its own broker connection, not the SCP's
-        self._httpd = ThreadingHTTPServer((bind, port), self._handler_class())
-        self._httpd.daemon_threads = True
+        try:
+            self._httpd = _HTTPServer((bind, port), self._handler_class())
+        except OSError as exc:  # a taken port, an address not on this host: say which
+            self.probe.close()
+            raise StartupError(f"cannot listen on {endpoint(bind, port)} (TRIAGE_GATEWAY_HTTP_BIND, TRIAGE_GATEWAY_HTTP_PORT)",
+                               exc) from exc
         self._thread: threading.Thread | None = None
 
     @property

@@ -10,7 +10,6 @@ ErrorComment giving the reason (never patient data).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import itertools
 import logging
 import threading
@@ -49,6 +48,8 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_gateway.config import GatewaySettings
+from dicom_gateway.connections import ip_allowed as _ip_allowed
+from dicom_gateway.connections import is_loopback as _is_loopback
 from dicom_gateway.health import HEALTH_CALLING_AE
 from dicom_gateway.queue import Outbox, utc_iso
 from dicom_gateway.spool import InvalidUIDError, Spool, validate_uid
@@ -85,6 +86,8 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 NOT_AUTHORIZED = 0x0124
+CSTORE_FAILURES = (OUT_OF_RESOURCES, DATASET_MISMATCH, CANNOT_UNDERSTAND, SOP_CLASS_NOT_SUPPORTED, NOT_AUTHORIZED)
+"""The failures `StoreSCP.on_store` answers; `/metrics` shows each, at 0 until it happens."""
 
 # A-ASSOCIATE-RJ (result, source, diagnostic).
 RJ_CALLING_AE = (0x01, 0x01, 0x03)
@@ -287,6 +290,7 @@ class StoreSCP:
         self._ids = itertools.count(1)
         self.stored = 0  # instances acknowledged since start (health/bench)
         self.rejected: Counter[str] = Counter()  # associations refused since start, by reason (metrics)
+        self.store_failures: Counter[str] = Counter()  # C-STOREs answered with a failure, by status ("0xA700")
         self._admitted: set[Association] = set()
         self._probes: set[Association] = set()  # health probes let in beyond the limit
         self._admit_lock = threading.Lock()
@@ -415,8 +419,8 @@ class StoreSCP:
                 raise BadDatasetError(SOP_CLASS_NOT_SUPPORTED, "SOP class not negotiated on this presentation context")
             study, sop = check_header(read_header(stream, syntax), request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
         except BadDatasetError as exc:
-            log.warning("C-STORE refused", extra={**ctx, "status": f"0x{exc.status:04X}", "reason": str(exc)})
-            return failure(exc.status, str(exc))
+            log.warning("C-STORE refused", extra={**ctx, "status": status_label(exc.status), "reason": str(exc)})
+            return self._failed(exc.status, str(exc))
         ctx.update(study_uid=study, sop_uid=sop)
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()
@@ -428,8 +432,8 @@ class StoreSCP:
                 relpath = self.spool.store([header, body], study, sop)
         except OSError as exc:
             reason = f"spool write failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
-            log.error("C-STORE not persisted", extra={**ctx, "status": f"0x{OUT_OF_RESOURCES:04X}", "reason": reason})
-            return failure(OUT_OF_RESOURCES, reason)
+            log.error("C-STORE not persisted", extra={**ctx, "status": status_label(OUT_OF_RESOURCES), "reason": reason})
+            return self._failed(OUT_OF_RESOURCES, reason)
         if earlier is not None:  # a re-send replaces the copy still waiting; a different one is worth a look
             log.warning("C-STORE replaced a pending copy of this instance",
                         extra={**ctx, "counts": {"earlier_file_bytes": earlier, "file_bytes": len(header) + size}})
@@ -443,30 +447,20 @@ class StoreSCP:
         log.info("C-STORE stored", extra={**ctx, "status": "0x0000", "bytes": size, "relpath": relpath, "queued": queued})
         return 0x0000
 
+    def _failed(self, status: int, reason: str) -> Dataset:
+        """Count a refused C-STORE by status: a sender told 0xA700 (spool write failed) or 0xC000 at every
+        instance showed in no counter, so monitoring saw a quiet gateway while a modality was failing."""
+        self.store_failures[status_label(status)] += 1
+        return failure(status, reason)
+
+
+def status_label(status: int) -> str:
+    """A DIMSE status as logged and as the metric label: "0xA700"."""
+    return f"0x{status:04X}"
+
 
 def _aid(event: evt.Event) -> int | None:
     return getattr(event.assoc, "gateway_id", None)
-
-
-def _peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The peer's address, an IPv4-mapped IPv6 one as IPv4 (a dual-stack listener reports those)."""
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _is_loopback(peer: str) -> bool:
-    address = _peer_address(peer)
-    return address is not None and address.is_loopback
-
-
-def _ip_allowed(peer: str, networks: list) -> bool:
-    address = _peer_address(peer)
-    return address is not None and any(address in net for net in networks)
 
 
 Callback = Callable[[], None]

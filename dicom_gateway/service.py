@@ -8,14 +8,16 @@ everything left in `pending/` by a previous, possibly killed, process) runs righ
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from typing import Any
 
-from dicom_gateway.config import GatewaySettings
+from dicom_gateway.config import GatewaySettings, StartupError, endpoint
+from dicom_gateway.connections import ConnectionGate, per_peer_default
 from dicom_gateway.http_status import StatusServer
 from dicom_gateway.queue import Outbox, TaskPublisher
-from dicom_gateway.scp import StoreSCP, build_ae
+from dicom_gateway.scp import StoreSCP, build_ae, pynetdicom_thread_cap
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyTracker
 from dicom_gateway.tls import HandshakeInThreadServer, server_context
@@ -43,6 +45,8 @@ class Gateway:
             on_closed=self.spool.mark_study_closed,
         )
         self.scp = StoreSCP(settings, self.spool, self.outbox, self.tracker)
+        self.gate = ConnectionGate(settings.networks(), settings.gateway_max_connections_per_peer
+                                   or per_peer_default(pynetdicom_thread_cap(settings.gateway_max_associations)))
         self._server: Any = None
         self._ae: Any = None
         self._stop = threading.Event()
@@ -59,18 +63,8 @@ class Gateway:
         if self.settings.gateway_http_port is not None:  # bind first: a taken port fails before any DICOM is accepted
             self.http = StatusServer(self, self.settings.gateway_http_bind, self.settings.gateway_http_port)
         ae = self._ae = build_ae(self.settings)
-        ssl_context = None
-        if self.settings.tls_enabled:
-            assert self.settings.gateway_tls_cert and self.settings.gateway_tls_key
-            ssl_context = server_context(
-                self.settings.gateway_tls_cert, self.settings.gateway_tls_key, self.settings.gateway_tls_ca
-            )
-        self._server = ae.make_server(
-            (self.settings.gateway_bind, self.settings.gateway_port),
-            ssl_context=ssl_context,
-            evt_handlers=self.scp.handlers(),
-            server_class=HandshakeInThreadServer,
-        )
+        self._server = self._listen(ae)
+        self._server.gate = self.gate
         self._server.handshake_timeout = self.settings.gateway_acse_timeout
         self._server.read_timeout = self.settings.gateway_network_timeout
         ae._servers.append(self._server)  # as ae.start_server does; the server's shutdown() removes it
@@ -87,6 +81,23 @@ class Gateway:
         if self.http is not None:
             self.http.start()
         return self.port
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.settings.tls_enabled:
+            return None
+        assert self.settings.gateway_tls_cert and self.settings.gateway_tls_key
+        return server_context(self.settings.gateway_tls_cert, self.settings.gateway_tls_key, self.settings.gateway_tls_ca)
+
+    def _listen(self, ae: Any) -> HandshakeInThreadServer:
+        """The bound DICOM server; a failed bind names the address and port ("Address already in use" alone
+        did not say which of the gateway's ports was taken)."""
+        address = (self.settings.gateway_bind, self.settings.gateway_port)
+        ssl_context = self._ssl_context()
+        try:
+            return ae.make_server(address, ssl_context=ssl_context, evt_handlers=self.scp.handlers() + self.gate.handlers(),
+                                  server_class=HandshakeInThreadServer)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot listen on {endpoint(*address)} (TRIAGE_GATEWAY_BIND, TRIAGE_GATEWAY_PORT)", exc) from exc
 
     def _remove_partials(self) -> int:
         """Drop partial writes of a previous run (we are the only writer; a partial was never
@@ -185,6 +196,8 @@ class Gateway:
             "port": self.port,
             "stored": self.scp.stored,
             "associations_rejected": dict(self.scp.rejected),
+            "cstore_failures": dict(self.scp.store_failures),
+            **self.gate.status(),
             "open_studies": len(self.tracker.open_studies()),
             "last_sweep": self.last_sweep,
             **self.spool.depth(),

@@ -239,6 +239,7 @@ def test_spool_not_writable_answers_out_of_resources(gateway, images, broker):
     assert store_with_pynetdicom(gateway.port, [ds]) == [0xA700]
     assert pending_files(gateway.spool.root) == []
     assert _process_messages(broker) == []
+    assert gateway.status()["cstore_failures"] == {"0xA700": 1}  # counted for /metrics, not only logged
 
 
 def test_file_size_limit_answers_failure_and_leaves_no_partial(tmp_path, images, broker, redis_server):

@@ -141,3 +141,47 @@ def test_an_idle_probe_connection_is_closed(start_gateway, broker, monkeypatch):
         assert idle.recv(1024) == b"" and time.monotonic() - started < 5
     finally:
         idle.close()
+
+
+def test_the_http_listener_takes_an_ipv6_bind_address(start_gateway, broker):
+    """http.server listens on IPv4 only: TRIAGE_GATEWAY_HTTP_BIND=:: could not start (the DICOM bind could)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    gateway = start_gateway(gateway_http_port=0, gateway_http_bind="::1")
+    with urllib.request.urlopen(f"http://[::1]:{gateway.http.port}/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_refused_c_stores_are_counted_by_status(start_gateway, broker, images):
+    """A modality told 0xC000 (or 0xA700: the spool could not be written) at every instance showed in no
+    counter: /metrics looked like a quiet gateway."""
+    import re
+
+    from tests.dicom_gateway.helpers import store_one
+
+    gateway = start_gateway(gateway_http_port=0)
+    bad = small_dataset(images, 0)
+    bad.StudyInstanceUID = "not a uid"
+    assert store_one(gateway.port, bad).Status == 0xC000
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 1)]) == [0]
+    status = json.loads(get(gateway.http.port, "/status")[1])
+    assert status["cstore_failures"] == {"0xC000": 1} and status["stored"] == 1
+    lines = get(gateway.http.port, "/metrics")[1].splitlines()
+    assert 'triage_gateway_cstore_failures_total{status="0xC000"} 1' in lines
+    assert 'triage_gateway_cstore_failures_total{status="0xA700"} 0' in lines
+    assert 'triage_gateway_connections_refused_total{reason="ip_not_allowed"} 0' in lines
+    typed = {line.split()[2]: line.split()[3] for line in lines if line.startswith("# TYPE ")}
+    helped = {line.split()[2] for line in lines if line.startswith("# HELP ")}
+    assert len(typed) == len([line for line in lines if line.startswith("# TYPE ")]), "one TYPE per metric"
+    samples = [line for line in lines if not line.startswith("#")]
+    assert len(samples) == len(set(line.rsplit(" ", 1)[0] for line in samples)), "no series twice"
+    for line in samples:
+        match = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[^"\\]*"\})? (\d+)', line)
+        assert match and match[1] in typed and match[1] in helped, line
+        assert typed[match[1]] == "gauge" or match[1].endswith("_total"), line

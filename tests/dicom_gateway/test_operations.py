@@ -230,6 +230,49 @@ def test_tls_with_dcmtk_echoscu(start_gateway, broker, dcmtk, pki):
     assert "Received Echo Response (Success)" in out.stderr + out.stdout
 
 
+def test_a_failed_tls_handshake_is_logged_with_openssl_s_reason(start_gateway, broker, pki, tmp_path, caplog):
+    """The log said only "SSLError": a sender without TLS, one without a client certificate and one whose
+    certificate the CA did not issue all read the same."""
+    import logging
+    import socket
+    import ssl
+    import struct
+
+    from dicom_gateway.tls import client_context
+
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "foreign.key", "-out", "foreign.pem",
+             "-days", "2", "-subj", "/CN=foreign", cwd=tmp_path)
+    gateway = start_gateway(gateway_tls_cert=pki["server_pem"], gateway_tls_key=pki["server_key"], gateway_tls_ca=pki["ca_pem"])
+
+    def attempt(context: ssl.SSLContext | None) -> None:
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+        try:
+            if context is None:  # plain DICOM to the TLS port: an A-ASSOCIATE-RQ header
+                sock.sendall(struct.pack(">BBL", 0x01, 0, 68) + b"\x00" * 68)
+                sock.recv(1024)
+            else:
+                with context.wrap_socket(sock) as tls:
+                    tls.sendall(struct.pack(">BBL", 0x01, 0, 68))
+                    tls.recv(1024)  # TLS 1.3: the server judges the client's certificate after the client's handshake
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def reasons() -> list[str]:
+        return [r.reason for r in caplog.records if r.getMessage() == "TLS handshake failed"]
+
+    with caplog.at_level(logging.WARNING, logger="dicom_gateway"):
+        for n, context in enumerate([None, client_context(pki["ca_pem"]),
+                                     client_context(pki["ca_pem"], tmp_path / "foreign.pem", tmp_path / "foreign.key")], 1):
+            attempt(context)
+            wait_for(lambda: len(reasons()) == n, 20, what=f"handshake failure {n} logged")
+    plain, no_cert, foreign = reasons()
+    assert plain in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"), plain
+    assert no_cert == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    assert foreign.startswith("CERTIFICATE_VERIFY_FAILED: ") and "certificate" in foreign, foreign
+
+
 def test_a_store_on_another_sop_classes_context_is_refused(gateway, broker, images, monkeypatch):
     """PS3.7: a C-STORE's SOP class is its presentation context's abstract syntax. A sender that
     negotiated CR and then sends CT on that context gets 0x0122, and nothing is queued."""
@@ -439,7 +482,8 @@ def test_a_rejection_by_pynetdicom_s_own_thread_cap_is_logged_and_counted(start_
 
     from dicom_gateway.scp import pynetdicom_thread_cap
 
-    gateway = start_gateway(gateway_max_associations=1, gateway_acse_timeout=30)
+    # one peer here (loopback) stands for many: the per-peer limit would close these at accept time
+    gateway = start_gateway(gateway_max_associations=1, gateway_acse_timeout=30, gateway_max_connections_per_peer=1000)
     silent = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(pynetdicom_thread_cap(1) + 1)]
     try:
         wait_for(lambda: len(gateway._ae.active_associations) > pynetdicom_thread_cap(1), 20, what="acceptor threads")
