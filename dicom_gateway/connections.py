@@ -96,6 +96,10 @@ class ConnectionGate:
         self.refused: Counter[str] = Counter()
         self.without_request = 0  # connections closed before their A-ASSOCIATE-RQ (a scan, a TCP check)
         self._opening: set[Connection] = set()
+        self._closed: set[Connection] = set()
+        """Connections gone without a request whose acceptor thread waits out the ACSE timeout: pynetdicom
+        still lists them as live for up to 30 s, and a TCP check twice a second filled the peer's share
+        and refused the modality behind the same address."""
         self._lock = threading.Lock()
         self._throttle = throttle or LogThrottle()
 
@@ -108,7 +112,9 @@ class ConnectionGate:
         if self.networks and not ip_allowed(host, self.networks) and not is_loopback(host):
             return self._refuse("ip_not_allowed", key, "source IP not in allow-list (TRIAGE_GATEWAY_ALLOWED_IPS)")
         with self._lock:
-            held = len({c for c in self._opening if c[0] == key} | {(k, port) for k, port in map(_keyed, live()) if k == key})
+            running = set(map(_keyed, live()))
+            self._closed &= running  # a thread that has ended needs no more exclusion
+            held = len({c for c in self._opening | running - self._closed if c[0] == key})
             if held < self.per_peer_limit:
                 self._opening.add((key, peer[1]))
                 return True
@@ -140,6 +146,7 @@ class ConnectionGate:
             return
         with self._lock:
             self.without_request += 1
+            self._closed.add(_keyed((str(assoc.requestor.address), int(assoc.requestor.port))))
         left_out = self._throttle.allow("without_request")
         if left_out is not None:
             log.info("connection closed without an association request",

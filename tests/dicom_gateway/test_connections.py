@@ -119,6 +119,17 @@ def test_connections_that_never_send_a_request_are_counted_and_logged(start_gate
     assert lines and lines[0].peer == "127.0.0.1"
 
 
+def test_connections_closed_without_a_request_do_not_count_against_their_peer(start_gateway, broker, images):
+    """Their acceptor threads wait out the ACSE timeout and pynetdicom lists them as live: a load balancer's
+    TCP check twice a second from the modality's address filled its share, and its stores were refused."""
+    gateway = start_gateway(gateway_max_connections_per_peer=3, gateway_acse_timeout=60)
+    for checks in range(1, 7):  # one after another, as a checker's interval spaces them
+        socket.create_connection(("127.0.0.1", gateway.port)).close()
+        wait_for(lambda: gateway.status()["connections_without_request"] == checks, 20, what="the check counted")
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0)]) == [0]
+    assert gateway.status()["connections_refused"] == {}
+
+
 def test_log_throttle_lets_one_line_through_per_interval_and_counts_the_rest():
     from dicom_gateway.connections import LogThrottle
 
