@@ -172,6 +172,50 @@ def test_a_sentinel_broker_carries_gateway_and_admin_tasks_to_a_worker(sentinel,
     assert process is not None and process.returncode == 0, worker.log()[-3000:]
 
 
+def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_env, sqlite_url, test_split,
+                                                                   tmp_path):
+    """The master and the sentinel the worker had asked both die; the others promote the replica. The
+    worker's remote-control (pidbox) pub/sub connection, which redis-py re-opens to the new master by
+    itself, then blocked the worker in a read with no timeout: nothing more was consumed, SIGTERM did not
+    end it, nothing was logged (3 of 3 tries). With remote control off on a sentinel broker it goes on."""
+    master, replica = free_port(), free_port()
+    ports = [free_port() for _ in range(3)]
+    server = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    with contextlib.ExitStack() as stack:
+        killed = stack.enter_context(redis_process(["--port", str(master), *server], {"port": master}))
+        stack.enter_context(redis_process(["--port", str(replica), "--replicaof", "127.0.0.1", str(master), *server],
+                                          {"port": replica}))
+        sentinels = []
+        for port in ports:
+            conf = tmp_path / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsentinel monitor {MASTER} 127.0.0.1 "
+                            f"{master} 2\nsentinel down-after-milliseconds {MASTER} 1000\n"
+                            f"sentinel failover-timeout {MASTER} 5000\n")
+            sentinels.append(stack.enter_context(redis_process([str(conf), "--sentinel"], {"port": port})))
+        url = ";".join(f"sentinel://127.0.0.1:{port}/0" for port in ports)
+        env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER)
+        worker = env.start_worker()
+
+        def publish(image: int) -> str:
+            publisher = TaskPublisher(GatewaySettings(broker_url=url, broker_sentinel_master=MASTER, spool_dir=env.spool))
+            relpath, sop = env.stage(make_cxr_dataset(test_split[0][image], size=(256, 256)))
+            try:
+                assert publisher.process_instance(relpath, sop, utc_iso(), force=True), publisher.last_error
+            finally:
+                publisher.close()
+            return sop
+
+        first = publish(0)
+        assert env.wait_terminal([first])[first]["status"] == "done"
+        killed.kill()
+        sentinels[0].kill()  # the first sentinel of the URL: the one the worker asked
+        promoted = redis.Redis(port=ports[1], decode_responses=True)
+        wait_for(lambda: promoted.sentinel_get_master_addr_by_name(MASTER) == ("127.0.0.1", replica), 60, 0.2,
+                 "the replica to be promoted")
+        second = publish(1)
+        assert env.wait_terminal([second], timeout=90)[second]["status"] == "done", worker.log()[-3000:]
+
+
 # --- the worker's exit status -----------------------------------------------------------------------
 
 
