@@ -69,9 +69,8 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
     lines = []
     for name, kind, text, value in samples:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    name, rejected = "triage_gateway_associations_rejected_total", status.get("associations_rejected", {})
-    lines += [f"# HELP {name} associations refused since start, by reason", f"# TYPE {name} counter"]
-    lines += [f'{name}{{reason="{kind}"}} {rejected.get(kind, 0)}' for kind in sorted({*REJECTION_KINDS.values(), "thread_cap", "other"})]
+    lines += labelled("triage_gateway_associations_rejected_total", "associations refused since start, by reason",
+                      "reason", status.get("associations_rejected", {}), {*REJECTION_KINDS.values(), "thread_cap", "other"})
     lines += labelled("triage_gateway_cstore_failures_total", "C-STOREs answered with a failure status since start, by status",
                       "status", status.get("cstore_failures", {}), [status_label(code) for code in CSTORE_FAILURES])
     lines += labelled("triage_gateway_connections_refused_total", "connections closed at accept time since start "

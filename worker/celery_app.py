@@ -143,7 +143,7 @@ def _celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "task_track_started": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "worker_enable_remote_control": not settings.broker_url.lower().startswith("sentinel"),
+        "worker_enable_remote_control": contract.broker_scheme(settings.broker_url) != "sentinel",  # README: failover
     }
 
 
