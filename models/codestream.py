@@ -29,6 +29,7 @@ FRAME_HEADERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA,
                            0xF7})  # SOF0..SOF15 without DHT (C4), JPG (C8), DAC (CC); F7 is JPEG-LS SOF55
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+EOI_BYTES = b"\xff\xd9"
 
 
 class CodestreamError(ValueError):
@@ -87,10 +88,12 @@ def jpeg2000_frame_header(data: bytes) -> FrameHeader:
 
 
 def ends_with_eoi(data: bytes) -> bool:
-    """A complete JPEG codestream ends with EOI. DICOM pads an odd-length frame with one zero byte and
-    some writers pad to a fixed size, with zeros or fill bytes, so any such tail is passed over.
-    Entropy-coded data never holds 0xFF 0xD9 (JPEG stuffs a zero after 0xFF, JPEG-LS a zero bit)."""
-    return data.rstrip(b"\x00\xff").endswith(b"\xff\xd9")
+    """A complete JPEG codestream ends with EOI. DICOM pads an odd-length frame with one byte, which
+    should be zero but is not always (DCMTK 3.6.7's JPEG-LS encoder, used by Orthanc to transcode, leaves
+    whatever byte follows), and some writers pad to a fixed size with zeros or fill bytes, so any such
+    tail is passed over. Entropy-coded data never holds 0xFF 0xD9 (JPEG stuffs a zero after 0xFF, JPEG-LS
+    a zero bit), so a codestream cut short cannot pass for one followed by a padding byte."""
+    return data.rstrip(b"\x00\xff").endswith(EOI_BYTES) or data[-3:-1] == EOI_BYTES
 
 
 def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int) -> None:

@@ -146,6 +146,27 @@ def test_padding_after_the_end_of_image_marker_is_accepted(encoded):
         np.testing.assert_array_equal(dicom_to_grayscale(padded), dicom_to_grayscale(ds))
 
 
+def test_one_padding_byte_of_any_value_after_the_end_of_image_marker_is_accepted(encoded):
+    """Orthanc's JPEG-LS transcoding (DCMTK 3.6.7) pads an odd-length frame with whatever byte follows
+    (0x70, 0xFE seen): refused as cut short, 9 of 46 frames, and a pneumonia study went ROUTINE."""
+    ds = encoded[JPEGLSLossless]
+    codestream = frame_of(ds).rstrip(b"\x00")
+    comment = b"\xff\xfe\x00\x03x" if len(codestream) % 2 == 0 else b"\xff\xfe\x00\x04xy"
+    odd = codestream[:2] + comment + codestream[2:]  # SOI, a comment segment making the length odd, the rest
+    assert len(odd) % 2 == 1
+    for padding in (b"\x70", b"\xfe", b"\x01"):
+        padded = with_frame(ds, odd + padding)
+        np.testing.assert_array_equal(dicom_to_grayscale(padded), dicom_to_grayscale(ds))
+
+
+def test_a_codestream_cut_short_is_still_refused_whatever_its_last_bytes(encoded):
+    ds = encoded[JPEGLSLossless]
+    codestream = frame_of(ds).rstrip(b"\x00")
+    for cut in (0.3, 0.5, 0.9):
+        with pytest.raises(UnreadableImageError, match="no end-of-image marker"):
+            dicom_to_grayscale(with_frame(ds, codestream[:int(len(codestream) * cut)] + b"\x70\x00"))
+
+
 def test_a_height_given_in_a_dnl_segment_is_not_a_contradiction(encoded):
     """T.81 allows a frame header of 0 lines, the height following the first scan in DNL."""
     frame = bytearray(frame_of(encoded[JPEGLossless]))
