@@ -45,6 +45,10 @@ def quiet_pydicom() -> None:
     # filter above let `Unknown encoding 'DOE^JOHN MRN12345'` (a Specific Character Set holds any text)
     # into the worker's log. Its errors (structural: a bad delimiter, an unsupported encoding) stay.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # The decoder logs each plugin that fails with a traceback at ERROR, then tries the next: every 12-bit
+    # JPEG Extended image (GDCM refuses it, pylibjpeg decodes it) put a false alarm in the log. When no
+    # plugin succeeds the decoder raises and the instance is recorded with its reason.
+    logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)
 
 
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")

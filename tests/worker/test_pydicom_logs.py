@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from pydicom.uid import JPEGExtended12Bit
+
 from worker.samples import make_cxr_dataset
 
 pytestmark = [pytest.mark.redis]
@@ -30,3 +32,21 @@ def test_a_character_set_holding_patient_text_never_reaches_the_worker_log(make_
     assert " ready." in log  # the log is the worker's, and it was read after the instances were done
     for secret in ("MRN12345", "DOE^JOHN", "SMITH", "MÜLLER", "ÄKTE"):
         assert secret not in log, secret
+
+
+def test_a_decoding_plugin_that_declines_before_another_succeeds_logs_no_error(make_triage_env, sqlite_url, test_split):
+    """GDCM refuses 12-bit JPEG Extended and pylibjpeg decodes it; pydicom logged the refusal at ERROR with
+    a traceback for every such image (common from CR systems and Orthanc's transcoding), a false alarm for
+    log-based alerting."""
+    env = make_triage_env(sqlite_url)
+    worker = env.start_worker()
+    ds = make_cxr_dataset(test_split[0][30], size=(256, 256), transfer_syntax=JPEGExtended12Bit)
+    assert ds.BitsStored == 12
+    relpath, sop = env.stage(ds)
+    env.send(relpath, sop)
+    rows = env.wait_terminal([sop])
+    assert rows[sop]["status"] == "done", rows[sop]
+    log = worker.log()
+    assert " ready." in log
+    assert "GDCM does not support" not in log
+    assert "ERROR" not in log
