@@ -322,7 +322,10 @@ class StoreSCP:
         assoc.gateway_echo_only = self._health_probe_only(calling, peer) or admission == "probe"  # type: ignore[attr-defined]
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
-            log.info("association requested", extra=ctx)
+            # the container healthcheck's echo, every 30 s: three INFO lines each would bury the modalities'
+            assoc.gateway_log_level = (logging.DEBUG if calling == HEALTH_CALLING_AE and _is_loopback(peer)  # type: ignore[attr-defined]
+                                       else logging.INFO)
+            log.log(assoc.gateway_log_level, "association requested", extra=ctx)  # type: ignore[attr-defined]
             return
         self.rejected[reason_kind(reason)] += 1
         log.warning("association rejected", extra={**ctx, "reason": reason})
@@ -391,13 +394,22 @@ class StoreSCP:
         return None, RJ_NO_REASON
 
     def on_established(self, event: evt.Event) -> None:
+        """Log what was accepted and what was refused: a PACS pushing a whole study (a CT among its
+        X-rays, say) otherwise saw its refusals only on its own side, and the gateway's log named none.
+        Not a metric: some senders propose every class they know (DCMTK storescu without -R), so a
+        refused proposal is not a refused instance."""
         event.assoc.gateway_stored = 0  # type: ignore[attr-defined]
         accepted = sorted({str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts})
-        log.info("association established", extra={"assoc": _aid(event), "counts": {"accepted_classes": accepted}})
+        refused = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts} - set(accepted))
+        counts: dict[str, object] = {"accepted_classes": accepted}
+        if refused:
+            counts["refused_classes"] = [_class_name(uid) for uid in refused[:REFUSED_CLASSES_LOGGED]]
+            counts["refused_class_count"] = len(refused)
+        log.log(_log_level(event), "association established", extra={"assoc": _aid(event), "counts": counts})
 
     def on_closed(self, event: evt.Event, how: str) -> None:
         stored = getattr(event.assoc, "gateway_stored", 0)
-        log.info(f"association {how}", extra={"assoc": _aid(event), "counts": {"stored": stored}})
+        log.log(_log_level(event), f"association {how}", extra={"assoc": _aid(event), "counts": {"stored": stored}})
 
     # ---- DIMSE --------------------------------------------------------------------
     def on_echo(self, event: evt.Event) -> int:
@@ -461,6 +473,22 @@ def status_label(status: int) -> str:
 
 def _aid(event: evt.Event) -> int | None:
     return getattr(event.assoc, "gateway_id", None)
+
+
+def _log_level(event: evt.Event) -> int:
+    """DEBUG for the local health probe's association, INFO for everyone else's (set when requested)."""
+    return getattr(event.assoc, "gateway_log_level", logging.INFO)
+
+
+REFUSED_CLASSES_LOGGED = 16
+"""Distinct refused SOP classes named in one association's log line (a peer may offer up to 128)."""
+
+
+def _class_name(uid: str) -> str:
+    """"CT Image Storage (1.2.840.10008.5.1.4.1.1.2)": the name for the admin, the UID for the PACS config.
+    A UID pydicom does not know is shown as it came (it is a UID, not a patient identifier)."""
+    name = UID(uid).name
+    return uid if name == uid else f"{name} ({uid})"
 
 
 Callback = Callable[[], None]

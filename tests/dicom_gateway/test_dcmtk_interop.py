@@ -202,3 +202,41 @@ def test_a_resent_instance_replaces_its_pending_copy_with_a_warning(gateway, dcm
     assert warning.sop_uid == ds.SOPInstanceUID and warning.counts["earlier_file_bytes"] > 0
     spooled = gateway.spool.root / pending_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
     assert dataset_bytes(spooled) == dataset_bytes(changed)
+
+
+def test_sop_classes_refused_in_negotiation_are_named_in_the_log(gateway, dcmtk, make_study, tmp_path, caplog):
+    """A PACS pushing a whole study offered a CT among the X-rays: the gateway logged only the classes it
+    accepted, so the admin could not tell from this side what was refused."""
+    import logging
+
+    from pydicom.uid import CTImageStorage
+
+    [cr, ct] = make_study(2)
+    ds = pydicom.dcmread(ct)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    ds.save_as(ct)
+    with caplog.at_level(logging.INFO, logger="dicom_gateway"):
+        out = run_storescu(dcmtk("storescu"), gateway.port, [cr, ct], "--required")  # propose what it sends
+    assert "Success" in out.stderr + out.stdout
+    assert len(pending_files(gateway.spool.root)) == 1, "the CR is stored, the CT is not"
+    [established] = [r for r in caplog.records if r.getMessage() == "association established"]
+    assert established.counts["refused_classes"] == [f"CT Image Storage ({CTImageStorage})"]
+    assert established.counts["refused_class_count"] == 1
+
+
+def test_the_local_health_probe_does_not_fill_the_log(gateway, caplog):
+    """The compose healthcheck echoes every 30 s: three INFO lines each (8,640 a day) buried the modalities'
+    associations. The probe's lines go to DEBUG; a modality's echo still logs at INFO."""
+    import logging
+
+    from dicom_gateway.health import echo
+
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    with caplog.at_level(logging.INFO, logger="dicom_gateway"):
+        assert echo(settings, "127.0.0.1")["ok"] is True
+        assert echo(settings, "127.0.0.1", calling_ae="MODALITY1")["ok"] is True
+    association_lines = [r for r in caplog.records if r.getMessage().startswith("association ")]
+    requested = [r for r in association_lines if r.getMessage() == "association requested"]
+    assert [r.calling_ae for r in requested] == ["MODALITY1"]
+    assert len(association_lines) == 3, [r.getMessage() for r in association_lines]
