@@ -43,6 +43,13 @@ if [ "$databases" = "0" ]; then
 fi
 
 echo "== python packages"
+# Debian's and Ubuntu's own python3 has no `python` and refuses pip installs (PEP 668): run this with
+# a Python of 3.11 or later, with pip, first on PATH as `python` (a venv, pyenv, or the CI image's).
+if ! python -c 'import sys, pip; assert sys.version_info >= (3, 11)' >/dev/null 2>&1; then
+  echo "needs Python >= 3.11 with pip as 'python' on PATH (e.g. python3 -m venv .venv && . .venv/bin/activate;" \
+       "Debian's python3 itself refuses pip installs); found: $(command -v python || echo none)" >&2
+  exit 1
+fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch/torchvision are a pinned pair served from local disk here; install them first so the
 # extras below resolve against them instead of pulling another build.

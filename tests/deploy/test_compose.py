@@ -108,3 +108,32 @@ def test_the_archive_pruner_gets_sigterm_as_pid_1():
     """pneumonia-admin prune-archive installs no SIGTERM handler; as a container's PID 1 the kernel does not
     deliver the signal, and every stop waited the grace period for a SIGKILL. An init process forwards it."""
     assert COMPOSE["services"]["archive-pruner"].get("init") is True
+
+
+@pytest.mark.parametrize("service", sorted(COMPOSE["services"]))
+def test_every_service_rotates_its_log(service):
+    """Docker's default json-file driver keeps every line: the gateway's healthcheck alone logged three
+    lines every 30 s, and nothing bounded the file."""
+    logging = COMPOSE["services"][service].get("logging", {})
+    assert logging.get("driver") == "json-file"
+    assert memory_bytes(logging["options"]["max-size"]) <= 100 * 1024**2
+    assert 1 <= int(logging["options"]["max-file"]) <= 10
+
+
+def test_the_serving_image_has_no_training_command():
+    """The image holds only training/__init__.py; `pneumonia-train --help` there failed with a traceback."""
+    [install] = [run for run in re.findall(r"^RUN (.*?)(?<!\\)$", DOCKERFILE, flags=re.M | re.S) if "pip install" in run]
+    assert re.search(r"rm -f \"\$\(command -v pneumonia-train\)\"", install)
+
+
+def test_a_sites_tls_keys_stay_out_of_git_and_the_build_context():
+    """The README mounts ./tls into the gateway, so deploy/tls/ holds its private key."""
+    import shutil
+    import subprocess
+
+    root = DEPLOY.parent
+    assert "deploy/tls/" in (root / ".dockerignore").read_text().splitlines()
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/tls/gateway.key"], cwd=root)
+    assert ignored.returncode == 0
