@@ -5,8 +5,11 @@
 # Override any TRIAGE_* setting in the environment (see README configuration tables).
 set -euo pipefail
 mkdir -p var
-if ! redis-cli -u "${TRIAGE_BROKER_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1; then
-  echo "Redis is not reachable at ${TRIAGE_BROKER_URL:-redis://127.0.0.1:6379/0}; start it (redis-server) or set TRIAGE_BROKER_URL" >&2
+broker="${TRIAGE_BROKER_URL:-redis://127.0.0.1:6379/0}"
+# A quick look for the common case only: redis-cli knows no sentinel:// (the services check any broker
+# URL themselves at start), and the message never shows a password.
+if [[ "$broker" == redis://* ]] && ! redis-cli -u "$broker" ping >/dev/null 2>&1; then
+  echo "Redis is not reachable at $(sed -E 's#//[^@/]*@#//***@#' <<<"$broker"); start it (redis-server) or set TRIAGE_BROKER_URL" >&2
   exit 2
 fi
 pneumonia-worker run &

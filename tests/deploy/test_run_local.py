@@ -66,3 +66,12 @@ def test_run_local_scores_a_pushed_study_and_stops_on_sigterm(tmp_path, redis_se
         except ProcessLookupError:
             pass
         script.wait(30)
+
+
+def test_an_unreachable_broker_is_named_without_its_password(tmp_path):
+    """The pre-check printed the whole broker URL, password included, to the terminal."""
+    env = {**os.environ, "TRIAGE_BROKER_URL": f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"}
+    out = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "Redis is not reachable at redis://***@127.0.0.1:" in out.stderr
+    assert "s3cret-pw" not in out.stderr + out.stdout
