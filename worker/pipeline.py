@@ -8,6 +8,8 @@ infrastructure problems (database, broker) escape as exceptions, to be retried.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import MODALITIES, STRICT_UID, ImageAccessError, UnreadableImageError
@@ -116,6 +120,48 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     if isinstance(value, MultiValue):  # `ACC1\ACC2` as written, not Python's "['ACC1', 'ACC2']"
         value = "\\".join(str(v) for v in value)
     return str(value).replace("\x00", "").strip()[:limit] or None if value is not None else None
+
+
+HEADER_BYTES = 1 << 20
+"""How much of a file `header_identifiers` reads: its identifiers sit in groups 0008 and 0020, near
+the start, and a file that may have killed its worker is read no further than that."""
+
+LAST_IDENTIFIER = Tag(0x0020, 0x000E)  # Series Instance UID: accession (0008,0050), modality (0008,0060) before it
+
+
+def header_identifiers(path: Path) -> dict[str, Any]:
+    """The stored identifiers of a file that was never scored (a delivery lost, a time limit), {} when
+    they cannot be read: without its accession number a failure cannot be found from the worklist.
+
+    The file may be the poison one that killed its workers: only its first `HEADER_BYTES` are read,
+    parsing stops after Series Instance UID, no pixel is decoded, and no error escapes (a recorded
+    failure must never turn into a retry or a crash because its identifiers could not be read)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER_BYTES)
+        ds = pydicom.filereader.read_partial(io.BytesIO(head), stop_when=_after_identifiers)
+        return identifiers(ds)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # a truncated, corrupt or unreadable header: the row goes without identifiers
+        return {}
+
+
+def _after_identifiers(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > LAST_IDENTIFIER
+
+
+def pixel_data_digest(path: Path) -> tuple[str, str]:
+    """(transfer syntax UID, SHA-256 of the Pixel Data element's bytes as stored), never decoded.
+
+    Why: a duplicate of a scored instance is not scored again; this tells an identical re-send
+    (Orthanc re-pushing what it stored: same bytes in the same transfer syntax, whatever its meta
+    header says) from one whose image changed. Raises on an unreadable file or one without pixels."""
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("no PixelData element")
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    return syntax, hashlib.sha256(ds["PixelData"].value).hexdigest()
 
 
 def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache) -> Outcome:

@@ -33,8 +33,9 @@ from models.errors import ImageAccessError
 from worker import db
 from worker.config import WorkerSettings
 from worker.contract import SPOOL_PENDING, quiet_pydicom
-from worker.pipeline import DetectorCache, Outcome, analyse_file
-from worker.spool import SpoolPathError, resolve_pending, retire, study_uid_from_relpath, valid_uid
+from worker.pipeline import DetectorCache, Outcome, analyse_file, header_identifiers, pixel_data_digest
+from worker.spool import (SpoolPathError, archive_path, resolve_pending, retire, study_uid_from_relpath,
+                          valid_uid)
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def process_instance(
     with rt.engine.begin() as conn:
         existing = db.get_instance(conn, study_uid, sop_uid)
     if existing is not None and existing["status"] in db.TERMINAL:
-        _retire_quietly(rt, relpath, study_uid, sop_uid)
+        _retire_quietly(rt, relpath, study_uid, sop_uid, existing["status"])
         return {"sop_instance_uid": sop_uid, "status": existing["status"], "noop": True}
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
@@ -165,6 +166,16 @@ def _require_model(rt: Runtime) -> None:
 
 
 def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) -> Outcome:
+    """`_outcome`, where a failure that never read the file's identifiers (deliveries abandoned, a
+    time limit, a bug) gets those its header holds: without its accession number a failure cannot
+    be found from the worklist (`list --accession`)."""
+    outcome = _outcome(rt, path, attempts, transient_claims)
+    if outcome.status != "failed" or outcome.fields:
+        return outcome
+    return Outcome(outcome.status, outcome.reason, _identifiers_that_fit(header_identifiers(path)))
+
+
+def _outcome(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) -> Outcome:
     """Input problems, time limits and unexpected bugs all end in a recorded outcome.
 
     Transient failures after a claim are retried, but not without end: as many as
@@ -172,7 +183,8 @@ def _analyse(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) 
     the instance, so its study can still be finalised; a database that refuses results that long
     cannot record this either, and the next delivery after it recovers does."""
     if attempts > rt.settings.max_attempts:
-        return Outcome("failed", f"abandoned after {attempts - 1} deliveries that did not finish (worker lost)")
+        return Outcome("failed", f"abandoned after {attempts - 1} deliveries that did not finish "
+                                 "(worker lost or hard time limit exceeded)")
     if transient_claims >= rt.settings.max_attempts * (rt.settings.max_retries + 1):
         return Outcome("failed", f"abandoned after {transient_claims} deliveries that failed transiently "
                                  "(unreadable file or storage error that did not clear)")
@@ -297,12 +309,43 @@ def _store(rt: Runtime, values: dict[str, Any], received: Any, counts_for_study:
     return landed
 
 
-def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str) -> None:
+def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, status: str) -> None:
+    """A delivery of an instance whose result is stored: its file (left by a crash, or a re-send) is
+    archived beside the first, and said to differ from the first when its pixel data does."""
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
     except SpoolPathError:
         return
+    if study_uid:
+        _compare_with_first(rt, path, study_uid, sop_uid, status)
     retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention)
+
+
+def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, status: str) -> None:
+    """The first result of an instance is kept, but a re-send whose image changed (the same SOP UID
+    re-sent with other pixels) went unnoticed: the gateway logged it stored, the worker a no-op.
+    Its Pixel Data is compared, as stored, with the archived first copy's; a difference is a
+    WARNING, a copy that cannot be compared (none kept, another transfer syntax) is logged at INFO.
+    Logged by SOP UID only, as elsewhere; nothing here may fail the delivery."""
+    first = archive_path(rt.settings.spool_dir, study_uid, sop_uid)
+    try:
+        if not path.is_file():  # a redelivered message whose file was retired already
+            return
+        if rt.settings.spool_retention == "delete" or not first.is_file():
+            log.info("instance %s delivered again after its result (%s) was stored; no archived copy to "
+                     "compare its pixel data with; first result kept", sop_uid, status)
+            return
+        (syntax, digest), (first_syntax, first_digest) = pixel_data_digest(path), pixel_data_digest(first)
+    except Exception as exc:
+        log.info("instance %s delivered again after its result (%s) was stored; pixel data not compared (%s); "
+                 "first result kept", sop_uid, status, type(exc).__name__)
+        return
+    if syntax != first_syntax:
+        log.info("instance %s delivered again after its result (%s) was stored, in another transfer syntax; "
+                 "pixel data not compared; first result kept", sop_uid, status)
+    elif digest != first_digest:
+        log.warning("instance %s re-sent with different pixel data after its result (%s) was stored; "
+                    "first result kept", sop_uid, status)
 
 
 def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) -> dict[str, Any]:

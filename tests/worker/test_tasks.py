@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -454,3 +457,118 @@ def test_a_result_that_lost_the_race_says_so_in_the_log(runtime, test_split, cap
         result = tasks.process_instance(runtime, relpath, sop, None)
     assert result["noop"] and row(runtime, relpath, sop)["reason"] == "the other delivery's"
     assert any("-> done" in r.getMessage() and "not stored" in r.getMessage() for r in caplog.records)
+
+
+def _abandon(runtime, relpath: str, sop: str, study: str) -> dict:
+    """Claims that never finished, as many as the poison limit allows, then the sweep's re-send."""
+    for _ in range(runtime.settings.max_attempts):
+        _claim(runtime, _base(relpath, sop, study))
+    return tasks.process_instance(runtime, relpath, sop, None)
+
+
+def test_an_abandoned_instance_keeps_its_identifiers(tmp_path, database_url, test_split):
+    """An instance failed "abandoned" (or by a time limit, or a bug) was stored without accession
+    number, series UID and modality, so `list --accession` did not find it."""
+    upgrade(database_url)
+    runtime = tasks.Runtime(WorkerSettings(database_url=database_url, spool_dir=tmp_path / "spool"))
+    relpath, sop, study = stage(runtime, test_split[0][0], accession="ACC-LOST", modality="DX")
+    series = str(pydicom.dcmread(runtime.settings.spool_dir / relpath).SeriesInstanceUID)
+    result = _abandon(runtime, relpath, sop, study)
+    stored = row(runtime, relpath, sop)
+    assert result["status"] == stored["status"] == "failed" and "abandoned" in stored["reason"]
+    assert (stored["accession_number"], stored["modality"], stored["series_instance_uid"]) == ("ACC-LOST", "DX", series)
+
+
+def test_the_abandoned_reason_names_a_hard_time_limit_as_well_as_a_lost_worker(runtime, test_split):
+    """A task killed by Celery's hard time limit is acknowledged, re-sent by the sweep and ends the same
+    way as a worker lost; the reason sent admins looking for an OOM kill or a crash only."""
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    assert _abandon(runtime, relpath, sop, study)["reason"] == (
+        "abandoned after 3 deliveries that did not finish (worker lost or hard time limit exceeded)")
+
+
+def test_a_soft_time_limit_or_a_bug_keeps_the_identifiers(runtime, test_split, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def too_slow(*args):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(tasks, "analyse_file", too_slow)
+    relpath, sop, _ = stage(runtime, test_split[0][0], accession="ACC-SLOW")
+    assert "time limit" in tasks.process_instance(runtime, relpath, sop, None)["reason"]
+    assert row(runtime, relpath, sop)["accession_number"] == "ACC-SLOW"
+    monkeypatch.setattr(tasks, "analyse_file", lambda *args: 1 / 0)
+    relpath, sop, _ = stage(runtime, test_split[0][1], accession="ACC-BUG")
+    assert tasks.process_instance(runtime, relpath, sop, None)["reason"] == "internal error (ZeroDivisionError)"
+    assert row(runtime, relpath, sop)["accession_number"] == "ACC-BUG"
+
+
+def test_an_abandoned_file_whose_header_cannot_be_read_is_still_failed(runtime, test_split):
+    """The identifiers come from a guarded header read: a poison file's garbage, a file cut short in
+    its header or one without a Part-10 preamble must still end in the failed row, only without them."""
+    for content in (b"\x00" * 128 + b"DICM" + b"\xff" * 300, b"not dicom at all", None):
+        relpath, sop, study = stage(runtime, test_split[0][0], accession="ACC-POISON")
+        path = runtime.settings.spool_dir / relpath
+        path.write_bytes(content if content is not None else path.read_bytes()[:300])
+        result = _abandon(runtime, relpath, sop, study)
+        assert result["status"] == "failed" and "abandoned" in result["reason"]
+        assert row(runtime, relpath, sop)["accession_number"] is None
+
+
+def test_the_header_read_stops_before_the_pixels(tmp_path, test_split):
+    """A poison image's pixels are never decoded nor even loaded to find its identifiers."""
+    from worker import pipeline
+
+    ds = make_cxr_dataset(test_split[0][0], size=(256, 256), accession="ACC-HDR")
+    path = save(ds, tmp_path / "a.dcm")
+    raw = path.read_bytes()
+    cut = raw[: raw.rindex(b"\xe0\x7f\x10\x00") + 12]  # Pixel Data's header, none of its value
+    path.write_bytes(cut)
+    assert pipeline.header_identifiers(path)["accession_number"] == "ACC-HDR"
+
+
+def _resend(runtime, relpath: str, image, study: str, sop: str, series: str, **kw) -> None:
+    ds = make_cxr_dataset(image, size=(256, 256), study_uid=study, series_uid=series, sop_uid=sop, **kw)
+    save(ds, runtime.settings.spool_dir / relpath)
+
+
+def _scored_then_resent(runtime, test_split, caplog, second, **kw) -> tuple[str, list]:
+    relpath, sop, study = stage(runtime, test_split[0][0], accession="ACC-SAME")
+    series = str(pydicom.dcmread(runtime.settings.spool_dir / relpath).SeriesInstanceUID)
+    assert tasks.process_instance(runtime, relpath, sop, None)["status"] == "done"
+    before = row(runtime, relpath, sop)
+    _resend(runtime, relpath, second, study, sop, series, accession="ACC-SAME", **kw)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="worker.tasks"):
+        again = tasks.process_instance(runtime, relpath, sop, None)
+    assert again["noop"] and row(runtime, relpath, sop) == before, "the first result is kept"
+    assert not any("ACC-SAME" in r.getMessage() for r in caplog.records), "no accession number in the logs"
+    return sop, [r for r in caplog.records if sop in r.getMessage()]
+
+
+def test_a_scored_instance_re_sent_with_other_pixels_is_a_warning(runtime, test_split, caplog):
+    """The same SOP UID re-sent with another image after it was scored was dropped without a sign:
+    the gateway logged it stored, the worker a no-op, and the study kept the first image's flag."""
+    sop, records = _scored_then_resent(runtime, test_split, caplog, test_split[0][5])
+    seen = [(r.levelname, "re-sent with different pixel data" in r.getMessage()) for r in records]
+    assert seen == [("WARNING", True)]
+    assert "first result kept" in records[0].getMessage()
+
+
+def test_an_identical_re_send_is_not_a_warning(runtime, test_split, caplog):
+    _, records = _scored_then_resent(runtime, test_split, caplog, test_split[0][0])
+    assert not [r for r in records if r.levelno >= logging.INFO and "pixel data" in r.getMessage()]
+
+
+def test_a_re_send_in_another_transfer_syntax_is_not_compared(runtime, test_split, caplog):
+    from pydicom.uid import RLELossless
+
+    _, records = _scored_then_resent(runtime, test_split, caplog, test_split[0][5], transfer_syntax=RLELossless)
+    assert [(r.levelname, "another transfer syntax" in r.getMessage()) for r in records] == [("INFO", True)]
+
+
+def test_a_re_send_without_an_archived_first_copy_says_it_was_not_compared(tmp_path, sqlite_url, test_split, caplog):
+    upgrade(sqlite_url)
+    rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", spool_retention="delete"))
+    _, records = _scored_then_resent(rt, test_split, caplog, test_split[0][5])
+    assert [(r.levelname, "no archived copy" in r.getMessage()) for r in records] == [("INFO", True)]

@@ -174,3 +174,26 @@ def test_same_image_in_every_encoding_scores_the_same_through_the_worker(make_tr
     assert all(rows[sop]["status"] == "done" for _, sop in staged)
     assert max(probabilities) - min(probabilities) < 1e-3, probabilities
     assert len({rows[sop]["stratum"] for _, sop in staged}) == 1
+
+
+def test_a_scored_instance_re_sent_with_other_pixels_is_logged_by_a_real_worker(make_triage_env, database_url,
+                                                                                test_split):
+    """The same Study and SOP UID re-sent with another image after it was scored: the first result is
+    kept, as documented, but the worker now says so at WARNING (before: a silent no-op)."""
+    images, _ = test_split
+    env = make_triage_env(database_url)
+    worker = env.start_worker()
+    kw = {"study_uid": generate_uid(), "series_uid": generate_uid(), "sop_uid": generate_uid(),
+          "accession": "ACC-RESENT", "size": (512, 512)}
+    relpath, sop = env.stage(make_cxr_dataset(images[0], **kw))
+    env.send(relpath, sop)
+    first = env.wait_terminal([sop])[sop]
+    assert first["status"] == "done"
+    env.stage(make_cxr_dataset(images[5], **kw))
+    env.send(relpath, sop)
+    wait_for(lambda: not (env.spool / relpath).exists(), 60, 0.2, "the re-sent copy archived")
+    wait_for(lambda: "re-sent with different pixel data" in worker.log(), 30, 0.2, "the warning in the worker log")
+    log = worker.log()
+    assert f"instance {sop} re-sent with different pixel data" in log and "ACC-RESENT" not in log
+    assert env.rows()[sop]["probability"] == first["probability"], "first result kept"
+    assert list((env.spool / "archive" / kw["study_uid"]).glob(f"{sop}.dup-*.dcm")), "both copies kept"
