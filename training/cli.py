@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from models.card import card_path_for, sha256_of
+from training.atomic import write_text
 from training.config import (SAME_RUN, AugmentConfig, StrataTargets, TrainConfig, for_existing_run, for_members,
                              resolve_data_root, resolve_frozen, resolve_weights, weights_file_sha256)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
@@ -143,6 +144,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, help=f"default: the folder of --resume's checkpoint, else {d.out_dir}")
     p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
     p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run/train: start afresh in an --out-dir that already holds a run (its best.pt, best_epoch.pt "
+                        "and last.pt are removed first; without it such a folder is refused)")
     p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
     p.add_argument("--model-version", default="0.0.0-dev",
                    help="version written into the card (default 0.0.0-dev: a release names its own)")
@@ -275,20 +279,22 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
     runtime = make_runtime(config.device, config.precision, config.threads)
     run_info_path = config.out_dir / "run_info.json"
     if args.stage in ("run", "train"):
-        result = fit(config, runtime)
+        result = fit(config, runtime, overwrite=args.overwrite)
         run_info = {"command": "pneumonia-train " + shlex.join(argv), "best_epoch": result.best_epoch,
                     "epochs_run": len(result.history), "stop_reason": result.stop_reason, "train_seconds": result.seconds,
                     "train_img_per_s": result.train_images_per_s, "runtime": runtime.describe(),
                     "select_metric": config.select_metric,
-                    "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}, "swa": result.swa}
-        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
-        log.info("trained %d epochs in %.1f min (%.1f img/s), stopped by %s; best epoch %d%s", len(result.history),
+                    "teachers": {str(d): sha256_of(d / BEST) for d in config.distill_from}, "swa": result.swa,
+                    "truncated_epochs": list(result.truncated_epochs)}
+        write_text(run_info_path, json.dumps(run_info, indent=2) + "\n")
+        log.info("trained %d epochs in %.1f min (%.1f img/s), stopped by %s; best epoch %d%s%s", len(result.history),
                  result.seconds / 60, result.train_images_per_s, result.stop_reason, result.best_epoch,
-                 f"; the model is the weight average of epochs {result.swa['epochs']}" if result.swa else "")
+                 f"; the model is the weight average of epochs {result.swa['epochs']}" if result.swa else "",
+                 f"; epochs {result.truncated_epochs} were cut short by --max-train-minutes" if result.truncated_epochs else "")
     if args.stage == "soup":
         run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
                                                                          recompute_bn=not args.keep_averaged_bn)}
-        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        write_text(run_info_path, json.dumps(run_info, indent=2) + "\n")
     if args.stage == "ensemble":
         return ship_ensemble(args, config, argv)
     if args.stage in ("run", "evaluate", "soup"):
@@ -297,7 +303,7 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
         save_evaluation(evaluation, config.out_dir / "evaluation.json", config, sha256_of(config.out_dir / BEST))
         run_info = json.loads(run_info_path.read_text())
         run_info["evaluate_seconds"] = time.perf_counter() - started
-        run_info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        write_text(run_info_path, json.dumps(run_info, indent=2) + "\n")
         history = json.loads((config.out_dir / "history.json").read_text())
         write_results(args.results_dir or config.out_dir / "results", evaluation, history, run_info, config.out_dir)
         log.info("test AUC %.4f, accuracy %.4f (threshold 0.5)", evaluation.metrics["test"]["at_0.5"]["point"]["auc"],
@@ -323,7 +329,7 @@ def ship_ensemble(args: argparse.Namespace, config: TrainConfig, argv: list[str]
     evaluation, parity = evaluate_ensemble(args.run_dirs, config, args.int8)
     save_evaluation(evaluation, config.out_dir / "evaluation.json", config)
     run_info["evaluate_seconds"] = time.perf_counter() - started
-    (config.out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_text(config.out_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
     write_results(args.results_dir or config.out_dir / "results", evaluation, [], run_info, config.out_dir)
     onnx_path = write_card(config, evaluation, parity, args.model_version, run_info)
     log.info("ensemble: test AUC %.4f, accuracy %.4f (threshold 0.5); parity against the members' mean %.2e",

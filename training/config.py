@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.calibration import StrataTargets
+from training.atomic import write_text
 from training.errors import RefusedError
 
 DATA_ROOT_ENV = "PNEUMONIA_DATA_ROOT"
@@ -175,8 +176,9 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def dump(self, path: Path) -> None:
+        """config.json, replaced whole (`training.atomic`): a kill while writing it left a run no stage could read."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 FREEZABLE = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")

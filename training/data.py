@@ -70,7 +70,9 @@ def ensure_dataset(root: Path | None, size: int) -> tuple[Path, str]:
             ) from exc
     actual = md5_of(path)
     if actual != md5:
-        raise RefusedError(f"{path} has md5 {actual}, expected {md5}: corrupt or wrong file")
+        raise RefusedError(f"{path} has md5 {actual}, expected {md5} for {name} (--image-size {size}): corrupt or "
+                           f"wrong file. Replace it, or point --data-root / ${DATA_ROOT_ENV} at the folder holding "
+                           "the right one.")
     return path, md5
 
 

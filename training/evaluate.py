@@ -19,6 +19,7 @@ from sklearn.metrics import classification_report
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature,
                                 nll, stratum_report, temperature_at_edge)
 from models.card import LABELS, Stratum, sha256_of, strict_json
+from training.atomic import write_text
 from training.config import TrainConfig
 from training.errors import RefusedError
 from training.data import Split, load_split
@@ -191,7 +192,7 @@ def save_evaluation(evaluation: Evaluation, path: Path, config: TrainConfig | No
                "strata": [s.__dict__ for s in evaluation.strata], "metrics": evaluation.metrics,
                "checkpoint_sha256": checkpoint_sha256,
                "settings": None if config is None else {k: config.to_dict()[k] for k in EVALUATION_SETTINGS}}
-    path.write_text(strict_json(payload, indent=2) + "\n")
+    write_text(path, strict_json(payload, indent=2) + "\n")
 
 
 def evaluation_of(path: Path, checkpoint: Path, config: TrainConfig) -> tuple[Evaluation, TrainConfig]:

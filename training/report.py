@@ -50,6 +50,15 @@ def roc_point_lines(test: dict) -> list[str]:
               for name in point)]
 
 
+def truncated_note(run_info: dict) -> str:
+    """'; epoch 1 cut short by --max-train-minutes': a time-limited run that was resumed ends with stop_reason
+    `epochs`, and without this the summary presented its shortened schedule as the full recipe."""
+    epochs = run_info.get("truncated_epochs") or []
+    if not epochs:
+        return ""
+    return f"; epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))} cut short by --max-train-minutes"
+
+
 def kept_model(run_info: dict) -> str:
     """What best.pt is: the epoch validation picked, or the weight average that replaced it (`--swa-epochs`)."""
     picked = f"Best epoch (validation {run_info.get('select_metric')}): {run_info.get('best_epoch')}"
@@ -69,7 +78,7 @@ def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
         f"{kept_model(run_info)}; "
         f"train wall time {run_info.get('train_seconds', 0) / 60:.1f} min at {run_info.get('train_img_per_s', 0):.1f} img/s "
         f"({run_info.get('runtime')})" + (f"; stopped by {run_info['stop_reason']}" if "stop_reason" in run_info else "")
-        + ".", "",
+        + truncated_note(run_info) + ".", "",
         f"Chosen on validation: flip TTA = {evaluation.tta_hflip}, temperature = {evaluation.temperature:.3f}, "
         f"operating threshold (Youden) = {evaluation.operating_threshold:.3f}.", "",
         f"## Test (n = {test['n']}), threshold 0.5 on calibrated probability", *metric_table(test["at_0.5"]), "",

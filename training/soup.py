@@ -24,6 +24,7 @@ from training.data import load_split, to_network_input, to_unit_tensor
 from training.engine import batches
 from training.errors import RefusedError
 from training.evaluate import serving_runtime
+from training.atomic import save_torch
 from training.model import build_model, set_train_mode
 from training.runtime import Runtime
 from training.train import BEST
@@ -100,7 +101,7 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     config.dump(out / "config.json")
-    torch.save({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / BEST)
+    save_torch({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / BEST)
     (out / "history.json").write_text("[]\n")
     log.info("soup of %d runs -> %s (BN statistics: %s)", len(run_dirs), out,
              f"recomputed on {counted} training images" if recompute_bn else "averaged")

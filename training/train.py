@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from training.atomic import copy_file, save_torch, write_text
 from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights
 from training.data import Split, augment_batch, ensure_dataset, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
@@ -36,6 +36,8 @@ BEST = "best.pt"
 BEST_EPOCH = "best_epoch.pt"
 """With `swa_epochs`, the epoch validation picked, written during fitting; best.pt is decided when fitting ends."""
 LAST = "last.pt"
+RUN_FILES = (BEST, BEST_EPOCH, LAST, "evaluation.json")
+"""What shows that a folder holds a started or finished run, which a fresh (non-resume) run must not mix into."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class FitResult:
     swa: dict | None = None
     """With `swa_epochs`: the epochs averaged into best.pt and the average's validation row; None otherwise
     (or when the run stopped before it had averaged the whole window, and best.pt is the picked epoch)."""
+    truncated_epochs: tuple[int, ...] = ()
+    """Epochs `max_train_minutes` cut short, those before a resume included: a run stopped by the time limit
+    and resumed ends with stop_reason `epochs`, yet one of its epochs trained only part of its draws."""
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -247,11 +252,11 @@ def finish_weight_average(out: Path, released: nn.Module, average: dict[str, tor
     if len(epochs) < config.swa_epochs:
         log.warning("the weight average covers epochs %s, not the last %d: best.pt is the picked epoch",
                     epochs or "none", config.swa_epochs)
-        shutil.copyfile(out / BEST_EPOCH, out / BEST)
+        copy_file(out / BEST_EPOCH, out / BEST)
         return None
     released.load_state_dict(average)
     row = validate(released, val, loss_weights, config, runtime, f"the weight average of epochs {epochs}")
-    torch.save({"model": average, "epoch": epochs[-1], "score": selection_score(row, config.select_metric),
+    save_torch({"model": average, "epoch": epochs[-1], "score": selection_score(row, config.select_metric),
                 "swa_epochs": epochs}, out / BEST)
     log.info("weight average of epochs %s -> %s (picked epoch kept as %s)  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()),
              ",".join(map(str, epochs)), BEST, BEST_EPOCH)
@@ -267,19 +272,51 @@ def stop_after(row: dict, epoch: int, best_epoch: int, config: TrainConfig) -> s
     return "epochs" if epoch >= config.epochs else None
 
 
-def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
-    """Train with early stopping; keep the best-on-validation weights in `best.pt`."""
+def check_fresh_out_dir(config: TrainConfig, overwrite: bool) -> None:
+    """A run that is not a resume starts in a folder without another run's checkpoints or evaluation, unless
+    `overwrite` says to replace it. Why: a fresh `train` into a finished run's folder rewrote config.json and,
+    when it failed before its first epoch, left the old best.pt and evaluation.json, which `export` then
+    carded with the failed command's recipe; into an interrupted run's folder it discarded last.pt."""
+    held = [name for name in RUN_FILES if (config.out_dir / name).exists()]
+    if held and not overwrite:
+        resume = f"continue it with --resume {config.out_dir / LAST}, " if LAST in held else ""
+        raise RefusedError(f"--out-dir {config.out_dir} already holds a run ({', '.join(held)}): {resume}replace it "
+                           "with --overwrite, or give another --out-dir")
+
+
+def start_out_dir(config: TrainConfig, overwrite: bool) -> None:
+    """Create the run's folder and write config.json, once every check has passed; with `overwrite` the old
+    run's checkpoints go first, so a run that fails early leaves none that config.json does not describe.
+    A folder that cannot be made or written (/proc/x, a path under a file, no permission) is refused in one line."""
+    out = config.out_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not config.resume:
+            for name in (BEST, BEST_EPOCH, LAST):
+                (out / name).unlink(missing_ok=True)
+        config.dump(out / "config.json")
+    except OSError as exc:
+        raise RefusedError(f"--out-dir {out} cannot be written ({type(exc).__name__}: {exc.strerror or exc})") from exc
+
+
+def fit(config: TrainConfig, runtime: Runtime, overwrite: bool = False) -> FitResult:
+    """Train with early stopping; keep the best-on-validation weights in `best.pt`.
+
+    Everything that can be refused (the start weights, loaded strictly into the network; the resume
+    checkpoint; the data; the folder) is, before config.json is written. `overwrite` lets a fresh run
+    replace a run already in `out_dir` (`check_fresh_out_dir`)."""
     out = config.out_dir
     check_weights(config.weights)
     if config.resume:
         check_resume(config)
+    else:
+        check_fresh_out_dir(config, overwrite)
     ensure_dataset(config.data_root, config.image_size)  # a missing or corrupt file refused before config.json is written
-    out.mkdir(parents=True, exist_ok=True)
-    config.dump(out / "config.json")
     generator = seed_everything(config.seed, config.deterministic)
     train = load_split(config.data_root, "train", config.image_size, config.subset)
     val = load_split(config.data_root, "val", config.image_size, config.subset)
-    model = build_network(config)
+    model = build_network(config)  # loads the start weights strictly: another network's are refused here
+    start_out_dir(config, overwrite)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     total, trainable = count_parameters(model)
     log.info("model: %.1fM parameters, %.1fM trainable; runtime %s", total / 1e6, trainable / 1e6, runtime.describe())
@@ -296,7 +333,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     loss_weights = class_weights(train.labels).to(runtime.device) if config.class_weighted_loss else None
     history, best_score, best_epoch, start_epoch, elapsed_before = [], -np.inf, 0, 1, 0.0
     swa_from = config.epochs - config.swa_epochs + 1 if config.swa_epochs else None
-    swa_state, swa_epochs, stopped = None, [], None
+    swa_state, swa_epochs, stopped, truncated = None, [], None, []
     picked = out / (BEST_EPOCH if config.swa_epochs else BEST)
     if config.resume:
         state = torch.load(config.resume, map_location="cpu", weights_only=True)
@@ -312,6 +349,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         best_score, best_epoch, start_epoch = state["best_score"], state["best_epoch"], state["epoch"] + 1
         elapsed_before = state.get("elapsed_seconds", 0.0)
         swa_state, swa_epochs, stopped = state.get("swa") or None, list(state.get("swa_epochs", [])), state.get("stopped")
+        truncated = list(state.get("truncated_epochs", [r["epoch"] for r in history if r.get("time_limit")]))
         if "rng" in state:  # after building the network and the teachers, which drew from the re-seeded generator
             restore_rng_states(state["rng"])
         else:
@@ -338,17 +376,19 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
         scheduler.step(score)
         if score > best_score:
             best_score, best_epoch = score, epoch
-            torch.save({"model": released.state_dict(), "epoch": epoch, "score": score}, picked)
+            save_torch({"model": released.state_dict(), "epoch": epoch, "score": score}, picked)
         if swa_from is not None and epoch >= swa_from:
             swa_state = running_mean(swa_state, released.state_dict(), len(swa_epochs))
             swa_epochs.append(epoch)
         stopped = stop_after(row, epoch, best_epoch, config)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        if row["time_limit"]:
+            truncated.append(epoch)
+        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else {}, "generator": generator.get_state(),
                     "rng": rng_states(runtime.device), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                    "swa": swa_state or {}, "swa_epochs": swa_epochs, "stopped": stopped,
+                    "swa": swa_state or {}, "swa_epochs": swa_epochs, "stopped": stopped, "truncated_epochs": truncated,
                     "elapsed_seconds": elapsed_before + time.perf_counter() - started}, out / LAST)
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+        write_text(out / "history.json", json.dumps(history, indent=2))
         log.info("epoch %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"), epoch)
         if stopped == "time_limit":
             stop_reason = stopped
@@ -367,4 +407,4 @@ def fit(config: TrainConfig, runtime: Runtime) -> FitResult:
     images = sum(r["train_img_per_s"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)
     return FitResult(out / BEST, best_epoch, history, seconds, images / train_seconds if train_seconds else 0.0,
-                     stop_reason, swa)
+                     stop_reason, swa, tuple(truncated))

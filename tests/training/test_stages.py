@@ -77,9 +77,10 @@ def test_the_card_records_the_settings_the_evaluation_used(evaluated_run):
 
 def test_export_refuses_an_evaluation_of_other_weights(evaluated_run, capsys):
     """`train` again into an evaluated run's folder rewrote best.pt and left evaluation.json; `export` then
-    shipped the new weights with the old model's temperature, strata, TTA choice and test figures."""
+    shipped the new weights with the old model's temperature, strata, TTA choice and test figures. (A fresh
+    `train` into a run's folder now needs --overwrite.)"""
     out, flags = evaluated_run
-    assert main(["train", *flags, "--seed", "7"]) == 0
+    assert main(["train", *flags, "--seed", "7", "--overwrite"]) == 0
     assert main(["export", *flags]) == 2
     assert "was computed from another best.pt" in capsys.readouterr().err
     assert not (out / "pneumonia_resnet50.onnx").exists()
