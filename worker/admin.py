@@ -280,9 +280,24 @@ def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
         "by_stratum": by_stratum,
         "by_flag": by_flag,
         "outstanding": pending,
+        "overdue_studies": overdue_studies(conn, since),
         "top_reasons": [{"status": s, "reason": r, "count": n} for s, r, n in reasons],
         **_timing_stats(timing),
     }
+
+
+OVERDUE_AFTER = dt.timedelta(hours=1)
+"""A study still not final this long after its last image has most likely lost its finalize."""
+
+
+def overdue_studies(conn: Connection, since: dt.datetime) -> int:
+    """Studies of the window still not final `OVERDUE_AFTER` after their last image. Why: a finalize lost
+    with the broker's queue (a Redis restart without persistence) is never sent again, and such a study
+    stayed provisional on the worklist for good with nothing to show for it; `requeue` re-sends it."""
+    s = db.studies
+    return conn.execute(select(func.count()).where(
+        s.c.last_received_at >= since, s.c.last_received_at < db.utcnow() - OVERDUE_AFTER, s.c.final.is_(False),
+    )).scalar_one()
 
 
 def positive_int(text: str) -> int:

@@ -159,6 +159,22 @@ def test_stats_counts_and_percentiles(small_db):
     assert stats["top_reasons"][0]["count"] >= 1
 
 
+def test_stats_counts_studies_whose_finalize_is_overdue(database_url):
+    """A finalize lost with the broker's queue (a Redis restart without persistence) is never sent again:
+    the study stayed provisional for good and nothing said so. `stats` counts such studies of its window."""
+    upgrade(database_url)
+    now = db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for uid, hours_ago in (("1.9.1", 3), ("1.9.2", 3), ("1.9.3", 0.1), ("1.9.4", 30)):
+            db.touch_study(conn, uid, None, now - dt.timedelta(hours=hours_ago))
+        db.finalize_study(conn, "1.9.2", now - dt.timedelta(hours=3))
+    engine.dispose()
+    stats = json.loads(run_admin(database_url, "stats", "--window-hours", "24", "--format", "json"))
+    assert stats["overdue_studies"] == 1  # 1.9.1: not final 3 h after its last image; 1.9.3 is recent, 1.9.4 older
+    assert "overdue_studies: 1" in run_admin(database_url, "stats")
+
+
 def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
     """Every query of list/show/stats searches an index, so it stays fast at 100k+ rows (timed in
     `benchmarks/admin_queries.py`). In SQLite's plan `SCAN t` reads every row, and so does `SCAN t
