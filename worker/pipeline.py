@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -139,7 +140,7 @@ def header_identifiers(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             head = fh.read(HEADER_BYTES)
-        ds = pydicom.filereader.read_partial(io.BytesIO(head), stop_when=_after_identifiers)
+        ds = read_partial(io.BytesIO(head), stop_when=_after_identifiers)
         return identifiers(ds)
     except (KeyboardInterrupt, SystemExit):
         raise
