@@ -64,6 +64,7 @@ def prometheus_text(status: dict[str, Any], ready: dict[str, Any]) -> str:
         ("triage_gateway_spool_incoming_partials", "gauge", "partial writes in progress or left by a crash", status["incoming_partials"]),
         ("triage_gateway_open_studies", "gauge", "studies waiting for their quiet period", status["open_studies"]),
         ("triage_gateway_last_sweep_failed", "gauge", "instances due for a publish that the last sweep left unqueued (broker down)", sweep.get("failed", 0)),
+        ("triage_gateway_broker_queue_losses_total", "counter", "times the broker was found to have lost its queued messages (restart without persistence, failover, flush) since start; each time the gateway re-sent what was pending", status.get("broker_queue_losses", 0)),
         ("triage_gateway_spool_disk_free_bytes", "gauge", "free bytes on the spool's file system", ready["disk_free_bytes"]),
     ]
     lines = []

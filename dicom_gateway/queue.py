@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import celery
 
@@ -24,6 +24,8 @@ from dicom_gateway.config import GatewaySettings
 from dicom_gateway.spool import Spool
 
 log = logging.getLogger("dicom_gateway.queue")
+
+T = TypeVar("T")
 
 
 def utc_iso(timestamp: float | None = None) -> str:
@@ -154,6 +156,13 @@ class TaskPublisher:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return False
 
+    def with_broker_client(self, use: Callable[[Any], T]) -> T:
+        """Run `use` with a Redis client of the broker (one connection attempt; raises when unreachable).
+        For the broker watch: a look at the broker's own state, beside the publishes."""
+        with self._app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=self._app.conf.broker_connection_timeout)
+            return use(conn.default_channel.client)
+
     def close(self) -> None:
         self._app.close()
 
@@ -218,6 +227,11 @@ class Outbox:
                 failed += 1
         self._forget_done(present, now_mono)
         return {"queued": queued, "failed": failed, "pending": len(present)}
+
+    def forget_published(self) -> None:
+        """Make every pending instance due at the next sweep: the broker lost the messages (`BrokerWatch`)."""
+        with self.lock:
+            self.sent_at.clear()
 
     def _due(self, relpath: str, age_s: float, now_mono: float, grace: float) -> bool:
         with self.lock:

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from dicom_gateway.broker_watch import BrokerWatch
 from dicom_gateway.config import GatewaySettings, StartupError, endpoint
 from dicom_gateway.connections import ConnectionGate, per_peer_default
 from dicom_gateway.http_status import StatusServer
@@ -44,6 +45,7 @@ class Gateway:
             on_open=self.spool.mark_study_open,
             on_closed=self.spool.mark_study_closed,
         )
+        self.watch = BrokerWatch(self.publisher)
         self.scp = StoreSCP(settings, self.spool, self.outbox, self.tracker)
         self.gate = ConnectionGate(settings.networks(), settings.gateway_max_connections_per_peer
                                    or per_peer_default(pynetdicom_thread_cap(settings.gateway_max_associations)))
@@ -134,6 +136,24 @@ class Gateway:
         except OSError:  # the open-study marker; the study is tracked in memory already
             pass
 
+    def _look_at_broker(self) -> bool:
+        """True when the broker has lost its queued messages (`BrokerWatch`): every pending instance and
+        every finalize not known to have been taken is then due again at once, not 30 minutes later
+        (instances) or never (a finalize whose study's images were all scored)."""
+        look = self.watch.look()
+        if look is None:
+            return False
+        if look.queue_empty:
+            self.tracker.taken_before(look.started)
+        if not look.lost:
+            return False
+        self.outbox.forget_published()
+        studies = self.tracker.finalize_again()
+        log.warning("the broker lost its queued messages (restarted without persistence, failed over or flushed): "
+                    "every pending instance is sent again now (the sweep's count follows), and the finalize of "
+                    "studies not known to have been taken", extra={"counts": {"finalizes": studies}})
+        return True
+
     def _maintenance(self) -> None:
         """Sweep immediately (start-up recovery), then every interval; finalize quiet studies."""
         next_sweep, next_clean = 0.0, time.monotonic() + STALE_PARTIAL_SECONDS
@@ -145,8 +165,10 @@ class Gateway:
                 if restored:
                     log.warning("spool folders were missing and have been recreated: %s", ", ".join(restored))
                 if now >= next_sweep:
-                    # At start-up nothing is in flight, so everything pending is due (grace 0).
-                    self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first else None,
+                    lost = self._look_at_broker()
+                    # At start-up nothing is in flight, so everything pending is due (grace 0); so it is
+                    # once the broker has lost its queue.
+                    self.last_sweep = {**self.outbox.sweep(min_age_s=0.0 if first or lost else None,
                                                            on_published=self._track_again), "at": time.time()}
                     if self.last_sweep["queued"] or self.last_sweep["failed"]:
                         log.info("sweep", extra={"counts": self.last_sweep})
@@ -174,6 +196,7 @@ class Gateway:
                 assoc.abort()  # what they already got Success for is on disk; the rest is re-sent
         if self._thread is not None:
             self._thread.join(timeout)
+        self.watch.remove()
         self.publisher.close()
         if self.http is not None:  # last, so probes see "not live" while the listener drains
             self.http.stop()
@@ -200,5 +223,6 @@ class Gateway:
             **self.gate.status(),
             "open_studies": len(self.tracker.open_studies()),
             "last_sweep": self.last_sweep,
+            "broker_queue_losses": self.watch.losses,
             **self.spool.depth(),
         }

@@ -17,6 +17,11 @@ from dicom_gateway.queue import utc_iso
 
 log = logging.getLogger("dicom_gateway.studies")
 
+MAX_UNCONFIRMED_FINALIZES = 100_000
+"""Finalizes remembered until the queue is seen empty after them (about 200 bytes each). A queue that
+never empties keeps the newest this many: a study older than that whose finalize a broker loses waits
+for `pneumonia-admin requeue`, as `stats` (`overdue_studies`) shows."""
+
 FinalizeFn = Callable[[str, str], bool]
 """(study_uid, last_received_at ISO) -> published?"""
 
@@ -38,6 +43,7 @@ class StudyTracker:
         self._on_closed = on_closed
         self._lock = threading.Lock()
         self._last: dict[str, tuple[float, float]] = {}  # uid -> (monotonic, wall time)
+        self._sent: dict[str, tuple[float, float]] = {}  # finalized uid -> (monotonic sent, wall of its last arrival)
 
     def touch(self, study_uid: str, wall_time: float | None = None, *, age_s: float = 0.0) -> None:
         """Record an arrival now (or `age_s` seconds ago, for studies recovered at start-up)."""
@@ -68,6 +74,7 @@ class StudyTracker:
             if not self._finalize(uid, utc_iso(wall)):
                 break  # broker down; keep them all and retry on the next tick
             with self._lock:
+                self._remember_sent(uid, wall)
                 current = self._last.get(uid)
                 if current is not None and current[1] == wall:
                     del self._last[uid]
@@ -75,3 +82,29 @@ class StudyTracker:
             log.info("finalize sent", extra={"study_uid": uid, "last_received_at": utc_iso(wall)})
             sent += 1
         return sent
+
+    def _remember_sent(self, uid: str, wall: float) -> None:
+        """Keep a sent finalize until the queue has been seen empty after it (under the lock)."""
+        self._sent.pop(uid, None)
+        self._sent[uid] = (time.monotonic(), wall)
+        while len(self._sent) > MAX_UNCONFIRMED_FINALIZES:
+            del self._sent[next(iter(self._sent))]  # the oldest: the bound on a queue that never empties
+
+    def taken_before(self, moment: float) -> None:
+        """The queue was seen empty at `moment` (monotonic): finalizes sent before it had been taken."""
+        with self._lock:
+            for uid in [uid for uid, (sent, _) in self._sent.items() if sent < moment]:
+                del self._sent[uid]
+
+    def finalize_again(self) -> int:
+        """The broker lost its queue: every finalize not known to have been taken is due again at once
+        (the worker waits for the study's images, and a study already final is recomputed to the same flag)."""
+        with self._lock:
+            lost = list(self._sent.items())
+            self._sent.clear()
+        for uid, (_, wall) in lost:
+            try:
+                self.touch(uid, wall, age_s=self._stable)
+            except OSError:  # the open-study marker; the study is tracked in memory already
+                pass
+        return len(lost)

@@ -28,11 +28,13 @@ from worker.samples import make_cxr_dataset, save
 
 
 class RedisServer:
-    """A throwaway redis-server (no persistence) that tests may stop and start."""
+    """A throwaway redis-server that tests may stop and start: no persistence (a restart loses
+    everything) unless `appendonly` (as compose runs it: a restart keeps what was written)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -45,7 +47,8 @@ class RedisServer:
             pytest.fail("redis-server not installed: the gateway tests need a real Redis (.ci/run installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "yes" if self.appendonly else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

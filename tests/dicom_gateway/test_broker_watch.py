@@ -1,0 +1,127 @@
+"""The gateway notices a broker that lost its queue (a real redis-server restarted without persistence)
+and re-sends at once what was lost; a broker that kept its data (appendonly) gets nothing twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import redis
+from pydicom.uid import generate_uid
+
+from dicom_gateway.config import GatewaySettings
+from dicom_gateway.service import Gateway
+from tests.dicom_gateway.conftest import RedisServer, small_dataset
+from tests.dicom_gateway.helpers import pending_files, queued_tasks, store_with_pynetdicom, wait_for
+from worker.contract import FINALIZE_STUDY, PROCESS_INSTANCE, QUEUE
+
+pytestmark = pytest.mark.redis
+
+
+def _tasks(client: redis.Redis, name: str) -> list[list]:
+    return [t["args"] for t in queued_tasks(client) if t["task"] == name]
+
+
+@pytest.fixture
+def own_gateway(settings_factory: Callable[..., GatewaySettings],
+                tmp_path: Path) -> Iterator[Callable[[RedisServer], Gateway]]:
+    """A gateway on a private redis-server; the sweep's own re-send (requeue after) is an hour away, so
+    anything re-sent within the test was re-sent because the broker's loss was noticed."""
+    running: list[Gateway] = []
+
+    def start(server: RedisServer) -> Gateway:
+        gateway = Gateway(settings_factory(broker_url=server.url, gateway_requeue_after_seconds=3600,
+                                           gateway_stable_study_seconds=0.5))
+        gateway.start()
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in running:
+        gateway.stop(timeout=2)
+
+
+def _scored_study_and_pending_study(gateway: Gateway, client: redis.Redis, images) -> tuple[str, str]:
+    """Study A: its image scored (message taken, file archived), its finalize still queued behind a
+    backlog. Study B: its image still pending. Returns (A, B)."""
+    scored, pending = generate_uid(), generate_uid()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=scored)]) == [0]
+    wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[scored]], 15, what="study A's finalize")
+    for raw in client.lrange(QUEUE, 0, -1):  # the worker took A's image and archived its file
+        if b"process_instance" in raw:
+            client.lrem(QUEUE, 1, raw)
+    for path in pending_files(gateway.settings.spool_dir):
+        path.unlink()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 1, study_uid=pending)]) == [0]
+    wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[scored], [pending]], 15, what="study B's finalize")
+    return scored, pending
+
+
+def test_a_broker_restarted_without_persistence_gets_what_it_lost_at_once(own_gateway, tmp_path, images):
+    """Before: the pending image was re-sent only after TRIAGE_GATEWAY_REQUEUE_AFTER_SECONDS (30 min),
+    and study A's finalize never (its image was scored, nothing pending): A stayed not final for good."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        gateway = own_gateway(server)
+        client = server.client()
+        scored, pending = _scored_study_and_pending_study(gateway, client, images)
+        server.stop()
+        server.start()  # empty: no persistence
+        assert client.llen(QUEUE) == 0
+        wait_for(lambda: _tasks(client, PROCESS_INSTANCE), 15, what="the pending image sent again")
+        finals = wait_for(lambda: sorted(map(tuple, _tasks(client, FINALIZE_STUDY))) == sorted([(scored,), (pending,)]),
+                          15, what="both finalizes sent again")
+        assert finals
+        assert [args[1] for args in _tasks(client, PROCESS_INSTANCE)] == [p.stem for p in
+                                                                          pending_files(gateway.settings.spool_dir)]
+        assert gateway.status()["broker_queue_losses"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_broker_that_kept_its_data_gets_nothing_twice(own_gateway, tmp_path, images):
+    """Redis restarted with appendonly (as compose runs it): the queue is intact, and re-sending it would
+    only make duplicate deliveries."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        gateway = own_gateway(server)
+        client = server.client()
+        _scored_study_and_pending_study(gateway, client, images)
+        before = client.lrange(QUEUE, 0, -1)
+        server.stop()
+        server.start()
+        assert client.lrange(QUEUE, 0, -1) == before, "not a test: the restart lost the queue"
+        wait_for(lambda: gateway.last_sweep.get("at", 0) > time.time() - 0.2, 10, what="a sweep after the restart")
+        time.sleep(1.5)  # three more sweeps
+        assert client.lrange(QUEUE, 0, -1) == before
+        assert gateway.status()["broker_queue_losses"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_finalize_taken_before_the_loss_is_not_sent_again(own_gateway, tmp_path, images):
+    """Once the queue was seen empty, the finalizes sent before had been taken by a worker (which keeps one
+    that waits for its study): the gateway forgets them rather than re-sending every study it ever saw."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        gateway = own_gateway(server)
+        client = server.client()
+        study = generate_uid()
+        assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+        wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+        client.delete(QUEUE)  # a worker took both messages
+        for path in pending_files(gateway.settings.spool_dir):
+            path.unlink()
+        time.sleep(1.5)  # sweeps every 0.5 s: the queue is seen empty
+        server.stop()
+        server.start()
+        wait_for(lambda: gateway.status()["broker_queue_losses"] == 1, 15, what="the loss noticed")
+        time.sleep(1.5)  # past the stable-study period
+        assert queued_tasks(client) == []
+    finally:
+        server.stop()
