@@ -347,6 +347,28 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+def within_bits_stored(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Each pixel cut to its Bits Stored bits, and sign-extended from the top one when Pixel Representation is
+    signed, as pydicom already does for native data and as PS3.5 8.1.1 asks of a receiver (the bits above
+    Bits Stored are not image: an overlay in bit 12, a writer's leftovers). Why here too: a JPEG-LS or
+    JPEG 2000 codestream of precision 16 (DCMTK's `dcmcjpls` in its default raw mode) keeps those bits,
+    and the decoders give them back; the same plate with an overlay in bit 12 scored 0.0015 sent native
+    and 0.235, URGENT, sent as JPEG-LS. Likewise, signed 12-bit pixels came back from JPEG-LS without
+    their sign (8 to 4087 for -2048 to 1662)."""
+    if stored.dtype.kind not in "iu":
+        return stored
+    bits = int(ds.get("BitsStored", 0) or 0)
+    if not 0 < bits < 8 * stored.dtype.itemsize:
+        return stored
+    top = 1 << (bits - 1)
+    if stored.dtype.kind == "u":
+        return stored if int(stored.max()) < 2 * top else stored & np.array(2 * top - 1, dtype=stored.dtype)
+    if -top <= int(stored.min()) and int(stored.max()) < top:
+        return stored
+    cut = stored.astype(np.int64) & (2 * top - 1)
+    return ((cut ^ top) - top).astype(stored.dtype)
+
+
 def _words_as_written(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray | None:
     """The 16-bit words of native, single-frame, single-sample Pixel Data before the decoder cuts
     them to Bits Stored, or None for anything else."""
@@ -595,8 +617,8 @@ def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits, lut_shape_conflict: Lu
         raise UnreadableImageError(f"unsupported PhotometricInterpretation {quoted_term(photometric, PHOTOMETRIC_INTERPRETATIONS)}")
     else:
         invert = inverted_for_display(ds, photometric, lut_shape_conflict)
-        padding = padding_mask(stored, ds)
-        values = modality_values(stored, ds)
+        padding = padding_mask(stored, ds)  # before the cut: padding may be written in whole words
+        values = modality_values(within_bits_stored(stored, ds), ds)
         display = window_to_unit(values, ds, padding)
         if invert:
             display = 1.0 - display

@@ -279,6 +279,54 @@ def test_whole_word_padding_is_recognised_in_lossless_compressed_pixels(image, s
     np.testing.assert_allclose(display, native, atol=1e-6)
 
 
+def _with_high_bits(ds):
+    """Random values in bits 12-15 above 12 stored bits: not image (PS3.5 8.1.1), ignored by any receiver."""
+    stored = ds.pixel_array.copy()
+    noise = np.random.default_rng(0).integers(0, 16, stored.shape).astype(np.uint16) << 12
+    ds.PixelData = (stored | noise).tobytes()
+    return ds
+
+
+def _jpeg2000_of_precision_16(ds):
+    """A lossless JPEG 2000 codestream that keeps all 16 bits of each word, as some encoders write it."""
+    import openjpeg
+    from pydicom.encaps import encapsulate
+
+    words = np.frombuffer(ds.PixelData, dtype="<u2").reshape(ds.Rows, ds.Columns)
+    ds.PixelData = encapsulate([openjpeg.encode(words, bits_stored=16)])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    return ds
+
+
+@pytest.mark.dcmtk
+@pytest.mark.parametrize("encoding", ["jpeg-ls", "jpeg2000"])
+def test_bits_above_bits_stored_are_not_image_whatever_the_encoding(image, encoding):
+    """DCMTK's dcmcjpls (raw mode) and a JPEG 2000 codestream of precision 16 keep the bits above Bits Stored,
+    and the decoders gave them back: the plate displayed as noise (a normal image scored URGENT), while
+    the same file sent native displays as its 12 bits."""
+    ds = make_cxr_dataset(image, size=(256, 256), bits_stored=12)
+    reference = dicom_to_grayscale(ds)
+    dirty = _with_high_bits(ds)
+    np.testing.assert_allclose(dicom_to_grayscale(dirty), reference, atol=1e-6)  # pydicom cuts native words itself
+    encoded = encode(dirty, JPEGLSLossless) if encoding == "jpeg-ls" else _jpeg2000_of_precision_16(dirty)
+    assert int(encoded.pixel_array.max()) > 4095, "not a test: the decoder cut the words itself"
+    np.testing.assert_allclose(dicom_to_grayscale(encoded), reference, atol=1e-6)
+
+
+@pytest.mark.dcmtk
+def test_signed_pixels_from_jpeg_ls_keep_their_sign(image):
+    """Signed 12-bit pixels written without sign extension (-5 as 0x0FFB: bits above High Bit are not part of
+    the value) came back from JPEG-LS as 0 to 4095, the negative half wrapped to the top."""
+    ds = make_cxr_dataset(image, size=(256, 256), bits_stored=12)
+    del ds.WindowCenter, ds.WindowWidth
+    signed = ds.pixel_array.astype(np.int32) - 2048
+    ds.PixelRepresentation, ds.PixelData = 1, (signed & 0x0FFF).astype(np.uint16).tobytes()
+    reference = dicom_to_grayscale(ds)
+    encoded = encode(ds, JPEGLSLossless)
+    assert int(encoded.pixel_array.min()) >= 0, "not a test: the decoder sign-extended the pixels itself"
+    np.testing.assert_allclose(dicom_to_grayscale(encoded), reference, atol=1e-6)
+
+
 @pytest.mark.parametrize("window", [False, True])
 def test_an_image_that_is_all_padding_is_refused(image, window):
     ds = make_cxr_dataset(image, size=(256, 256))
