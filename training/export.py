@@ -136,14 +136,25 @@ def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, par
             "decision": {"threshold": 0.5, "applies_to": "temperature-calibrated P(pneumonia)",
                          "operating_threshold_validation_youden": evaluation.operating_threshold},
             "data": {"dataset": "PneumoniaMNIST (MedMNIST v2)", "file": file_name, "md5": md5,
-                     "license": "CC BY 4.0", "selection": "validation split only; test scored once"},
+                     "license": "CC BY 4.0", "selection": "validation split only; test scored once",
+                     "population": POPULATION},
             "weights_origin": with_provenance(origin) if origin else weights_origin(config),
             "training": config.to_dict(),
             "timing": timing,
             "environment": {"torch": torch.__version__, "python": platform.python_version()},
-            "intended_use": "Worklist triage aid for frontal (PA/AP) chest radiographs; not a diagnosis.",
+            "intended_use": INTENDED_USE,
         },
     )
+
+
+POPULATION = ("paediatric: anterior-posterior chest radiographs of children aged one to five, from one centre "
+              "(Guangzhou Women and Children's Medical Center; Kermany et al., Cell 2018), the source of "
+              "PneumoniaMNIST's training, validation and test splits")
+"""Who the model learnt from, in its card. Why: nothing said the data were paediatric, and a worklist of
+adults was scored with no hint that the figures were measured on children."""
+INTENDED_USE = ("Worklist triage aid for frontal (PA/AP) chest radiographs; not a diagnosis. Trained and tested "
+                "on children aged one to five only (data.population): performance on adults and older children "
+                "is not established; measure it on the site's own studies (pneumonia-worker calibrate) before use.")
 
 
 def export(checkpoint: Path, config: TrainConfig, evaluation: Evaluation, runtime: Runtime, version: str,
@@ -181,8 +192,10 @@ def refresh_card(onnx_path: Path, metrics: dict, source: str) -> ModelCard:
                          f"against the card's {carded})")
     metrics_out = {**card.metrics, "test_at_operating_point": with_ci(test, "at_operating_point", metrics["metric_names"])}
     extra = {**card.extra, "weights_origin": with_provenance(card.extra.get("weights_origin", {})),
+             "data": {**card.extra.get("data", {}), "population": POPULATION}, "intended_use": INTENDED_USE,
              "card_refreshed": {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "from": source,
-                                "fields": ["metrics.test_at_operating_point (95% CIs)", "weights_origin (provenance)"]}}
+                                "fields": ["metrics.test_at_operating_point (95% CIs)", "weights_origin (provenance)",
+                                           "data.population", "intended_use (population)"]}}
     return dataclasses.replace(card, metrics=metrics_out, extra=extra)
 
 

@@ -50,6 +50,8 @@ def test_card_describes_the_model(tiny_run):
     assert [s.name for s in card.strata] == ["likely_normal", "indeterminate", "high_suspicion"]
     assert card.extra["onnx"]["parity"]["max_abs_delta_probability"] <= 1e-4
     assert card.extra["data"]["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
+    assert "aged one to five" in card.extra["data"]["population"]  # who it learnt from: children only
+    assert "adults" in card.extra["intended_use"]
     assert card.extra["training"]["epochs"] == 2
     metrics = json.loads((out / "results" / "metrics.json").read_text())
     for key in ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "auc", "fnr", "fpr"):
@@ -226,7 +228,9 @@ def test_card_stage_recards_an_older_release_from_its_own_run_and_refuses_anothe
     older = dict(fresh, metrics=dict(fresh["metrics"], test_at_operating_point={
         name: value["value"] for name, value in fresh["metrics"]["test_at_operating_point"].items()}),
         weights_origin={k: fresh["weights_origin"][k] for k in ("kind", "name", "sha256", "resnet_v1_strides")
-                        if k in fresh["weights_origin"]})
+                        if k in fresh["weights_origin"]},
+        data={k: v for k, v in fresh["data"].items() if k != "population"},
+        intended_use="Worklist triage aid for frontal (PA/AP) chest radiographs; not a diagnosis.")
     (tmp_path / "pneumonia_resnet50.onnx").write_bytes((release / "pneumonia_resnet50.onnx").read_bytes())
     card_path = tmp_path / "pneumonia_resnet50.card.json"
     card_path.write_text(json.dumps(older))
