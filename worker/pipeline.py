@@ -165,6 +165,23 @@ def pixel_data_digest(path: Path) -> tuple[str, str]:
     return syntax, hashlib.sha256(ds["PixelData"].value).hexdigest()
 
 
+RESEND_COMPARED = ("AccessionNumber", "PatientID", "Modality", "BodyPartExamined", "ViewPosition",
+                   "PatientOrientation", "PresentationIntentType", "ImageType")
+"""Header elements that find a result on the worklist (accession, patient) or decide whether it is scored
+(the selection's): a re-send that corrects one of them after the result is stored is not re-evaluated."""
+
+
+def header_differences(path: Path, first: Path) -> list[str]:
+    """Keywords of `RESEND_COMPARED` whose values differ between two copies of an instance (headers only)."""
+    resent, kept = (pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(RESEND_COMPARED)) for p in (path, first))
+    return [keyword for keyword in RESEND_COMPARED if _compared(resent, keyword) != _compared(kept, keyword)]
+
+
+def _compared(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
 def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache) -> Outcome:
     """Read, select, decode and infer one file; input problems become `failed`/`skipped`."""
     try:

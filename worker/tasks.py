@@ -33,7 +33,8 @@ from models.errors import ImageAccessError
 from worker import db
 from worker.config import WorkerSettings
 from worker.contract import SPOOL_PENDING, quiet_pydicom
-from worker.pipeline import DetectorCache, Outcome, analyse_file, header_identifiers, pixel_data_digest
+from worker.pipeline import (DetectorCache, Outcome, analyse_file, header_differences, header_identifiers,
+                             pixel_data_digest)
 from worker.spool import (SpoolPathError, archive_path, resolve_pending, retire, study_uid_from_relpath,
                           valid_uid)
 
@@ -326,6 +327,8 @@ def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, s
     re-sent with other pixels) went unnoticed: the gateway logged it stored, the worker a no-op.
     Its Pixel Data is compared, as stored, with the archived first copy's; a difference is a
     WARNING, a copy that cannot be compared (none kept, another transfer syntax) is logged at INFO.
+    So is a header that changed what finds or selects the result (`RESEND_COMPARED`: a PACS correcting
+    a temporary accession number, adding a missing BodyPartExamined), named by element only.
     Logged by SOP UID only, as elsewhere; nothing here may fail the delivery."""
     first = archive_path(rt.settings.spool_dir, study_uid, sop_uid)
     try:
@@ -335,11 +338,15 @@ def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, s
             log.info("instance %s delivered again after its result (%s) was stored; no archived copy to "
                      "compare its pixel data with; first result kept", sop_uid, status)
             return
+        changed = header_differences(path, first)
         (syntax, digest), (first_syntax, first_digest) = pixel_data_digest(path), pixel_data_digest(first)
     except Exception as exc:
         log.info("instance %s delivered again after its result (%s) was stored; pixel data not compared (%s); "
                  "first result kept", sop_uid, status, type(exc).__name__)
         return
+    if changed:  # element names only: the values are identifiers
+        log.warning("instance %s re-sent after its result (%s) was stored with another %s; not re-evaluated, "
+                    "first result kept", sop_uid, status, ", ".join(changed))
     if syntax != first_syntax:
         log.info("instance %s delivered again after its result (%s) was stored, in another transfer syntax; "
                  "pixel data not compared; first result kept", sop_uid, status)
