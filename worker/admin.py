@@ -1,7 +1,8 @@
 """`pneumonia-admin`: look at, summarise and export triage results; re-queue stranded work.
 
     pneumonia-admin list [--studies] [--flag URGENT] [--stratum S] [--status failed]
-                         [--since 2026-01-01] [--until ...] [--accession ACC] [--limit 50] [--format table|csv|json]
+                         [--since 2026-01-01] [--until ...] [--final-since ...] [--accession ACC] [--limit 50]
+                         [--format table|csv|json]
     pneumonia-admin show <StudyInstanceUID>
     pneumonia-admin stats [--window-hours 24]
     pneumonia-admin export --format csv|json [--out FILE] [same filters as list]
@@ -9,8 +10,9 @@
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
-times) and pages with LIMIT, so it stays fast on 100k+ rows. Output holds only the stored
-identifiers (UIDs, accession number), never patient data.
+times; a study's `finalized_at` has no index of its own) and pages with LIMIT, so it stays fast on
+100k+ rows. Output holds only the stored identifiers (UIDs, accession number), never patient data.
+Times are printed in UTC with their offset (`+00:00`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from sqlalchemy import Connection, func, inspect, select, text
+from sqlalchemy import Connection, exists, func, inspect, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
 from worker.spool import study_uid_from_relpath, valid_uid
@@ -91,13 +95,17 @@ MAX_WINDOW_HOURS = 100 * 366 * 24
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--studies", action="store_true", help="one line per study (most severe flag)")
-    cmd.add_argument("--flag")
-    cmd.add_argument("--stratum")
+    cmd.add_argument("--flag", help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database")
+    cmd.add_argument("--stratum", help=f"one of {', '.join(STRATUM_NAMES)} (any case)")
     cmd.add_argument("--status", choices=db.STATUSES)
     cmd.add_argument("--accession")
     cmd.add_argument("--study")
     cmd.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
     cmd.add_argument("--until", type=_timestamp, help="received before")
+    cmd.add_argument("--final-since", type=_timestamp, metavar="TIMESTAMP",
+                     help="with --studies: final studies finalised at or after (ISO-8601, UTC if no offset; a RIS "
+                          "polls with it: a study re-finalised after a late image appears again); per instance: "
+                          "results finished at or after")
     cmd.add_argument("--limit", type=positive_int, default=None, help="at most this many rows (a positive number)")
 
 
@@ -149,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return requeue(settings, engine, args.older_than)
         fetch, render = COMMANDS[args.command]
         with engine.connect() as conn:
+            if args.command in ("list", "export"):
+                args = resolve_filters(conn, args, settings)
             found = fetch(conn, args)
         # The read transaction has ended before any output: a pager or a stalled pipe that holds
         # the output keeps no lock on PostgreSQL (an ALTER behind it would queue every worker's write).
@@ -156,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` stopped reading: no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except UnknownChoice as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except OutputError as exc:  # only --out's own errors: a spool read error of requeue is not "the output"
         print(f"{parser.prog}: cannot write the output ({exc})", file=sys.stderr)
         return 2
@@ -176,6 +189,45 @@ def schema_behind(conn: Connection) -> tuple[str, str] | None:
     return stamped or "none (unstamped)", head
 
 
+class UnknownChoice(ValueError):
+    """A --flag or --stratum that no row can have: exit 2, as argparse does for `--status bogus`."""
+
+
+def resolve_filters(conn: Connection, args: argparse.Namespace, settings: WorkerSettings) -> argparse.Namespace:
+    """`args` with --flag and --stratum spelt as stored, or UnknownChoice naming the accepted values.
+
+    Why: a typo (`--flag URGNT`) printed an empty worklist with exit 0, which reads as "nothing urgent".
+    Any case is accepted where it names one value only (`urgent` is URGENT). A flag outside today's
+    TRIAGE_FLAG_MAP is still accepted when stored rows hold it: results scored under an earlier map keep
+    their flag, and must stay listable."""
+    flags = list(dict.fromkeys(settings.flag_map.values()))
+    flag = args.flag and (_spelling(args.flag, flags) or _stored_flag(conn, args.flag))
+    if args.flag and not flag:
+        raise UnknownChoice(f"argument --flag: invalid choice: {args.flag!r} (choose from "
+                            f"{', '.join(map(repr, flags))}, in any case, or a flag stored in the database)")
+    stratum = args.stratum and _spelling(args.stratum, STRATUM_NAMES)
+    if args.stratum and not stratum:
+        raise UnknownChoice(f"argument --stratum: invalid choice: {args.stratum!r} (choose from "
+                            f"{', '.join(map(repr, STRATUM_NAMES))}, in any case)")
+    return argparse.Namespace(**{**vars(args), "flag": flag, "stratum": stratum})
+
+
+def _spelling(value: str, accepted: Sequence[str]) -> str | None:
+    """`value` as `accepted` spells it: itself, or its only match in any case (None: no match, or two)."""
+    if value in accepted:
+        return value
+    matches = [a for a in accepted if a.casefold() == value.casefold()]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _stored_flag(conn: Connection, flag: str) -> str | None:
+    """`flag` if an instance or a study holds it (two index lookups), else None."""
+    for column in (db.instances.c.flag, db.studies.c.flag):
+        if conn.execute(select(exists().where(column == flag))).scalar():
+            return flag
+    return None
+
+
 def query_rows(conn: Connection, args: argparse.Namespace,
                columns: tuple[str, ...] = LIST_COLUMNS) -> list[dict[str, Any]]:
     """Instances (or studies with --studies) matching the filters, newest first."""
@@ -191,6 +243,8 @@ def query_rows(conn: Connection, args: argparse.Namespace,
         stmt = stmt.where(t.c.received_at >= args.since)
     if args.until:
         stmt = stmt.where(t.c.received_at < args.until)
+    if args.final_since:  # a result is final once written (the first terminal write wins)
+        stmt = stmt.where(t.c.status.in_(db.TERMINAL), t.c.finished_at >= args.final_since)
     stmt = stmt.order_by(t.c.received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
@@ -211,6 +265,10 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
         stmt = stmt.where(v.c.last_received_at >= args.since)
     if args.until:
         stmt = stmt.where(v.c.last_received_at < args.until)
+    if args.final_since:
+        # Why not --since: a study becomes final (or final again after a late image, with a new
+        # finalized_at) well after its images arrived, so a RIS polling on arrival never saw it final.
+        stmt = stmt.where(v.c.final.is_(True), v.c.finalized_at >= args.final_since)
     stmt = stmt.order_by(v.c.last_received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
@@ -358,32 +416,24 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
 
     The same sweep the gateway runs on start-up; safe to repeat because the worker is
     idempotent. Rows not yet present are recorded as `queued` so nothing is invisible.
+    A broker that cannot be reached is one line on stderr and exit 3, as a database that cannot be opened.
     """
     from celery import Celery
+    from kombu.exceptions import OperationalError as BrokerError
 
     files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
     client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
     # the worker's broker options (a sentinel master, a verified rediss://): without them a sentinel://
     # requeue failed with a traceback and a rediss:// one trusted any certificate
     client.conf.update(contract.broker_celery_options(settings, {"socket_timeout": 10, "socket_connect_timeout": 10}))
-    latest: dict[str, dt.datetime] = {}
+    sent: list[Path] = []
     try:
-        for path, received_at in files:
-            relpath = path.relative_to(settings.spool_dir).as_posix()
-            # the row the worker will write, under the study folder (a UID: others were left out)
-            _mark_queued(engine, study_uid_from_relpath(relpath) or "", path.stem, relpath, received_at)
-            client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
-                             kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
-            latest[path.parent.name] = max(received_at, latest.get(path.parent.name, received_at))
-        # their studies' finalize may have been lost with them (a Redis restart): idempotent, and it
-        # waits for the study's images, so it is sent again for each; so is the finalize of a study
-        # left not final with nothing pending (lost after its images were all scored)
-        for study_uid, last in unfinished_studies(engine, dt.datetime.now(dt.timezone.utc) - dt.timedelta(
-                seconds=older_than_s)):
-            latest.setdefault(study_uid, last)
-        for study_uid, last in latest.items():
-            client.send_task(contract.FINALIZE_STUDY, args=(study_uid,), kwargs={"last_received_at": last.isoformat()},
-                             queue=contract.QUEUE)
+        latest = _send_pending(client, engine, Path(settings.spool_dir), files, sent)
+        _send_finalizes(client, engine, latest, older_than_s)
+    except (BrokerError, OSError) as exc:  # kombu wraps redis' connection errors; a socket's may come bare
+        print(f"pneumonia-admin: cannot send to the broker ({_broker_problem(exc, settings)}); re-sent {len(sent)} "
+              f"of {len(files)} pending instance(s): run requeue again once it answers", file=sys.stderr)
+        return 3
     finally:
         client.close()
     print(f"requeued {len(files)} pending instance(s) and the finalize of {len(latest)} study(ies)")
@@ -391,6 +441,49 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
         print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
               "did not write them, and the worker would refuse them", file=sys.stderr)
     return 0
+
+
+def _send_pending(client: Any, engine: Any, spool_dir: Path, files: list[tuple[Path, dt.datetime]],
+                  sent: list[Path]) -> dict[str, dt.datetime]:
+    """Send each file's `process_instance`, then record its `queued` row; each one sent is appended to
+    `sent`. Returns the latest receive time per study. Why the row after the send: with the broker
+    down, a row written first read `queued` for a message never sent. After is safe: a worker that
+    claimed or finished the instance meanwhile keeps its row (the insert does nothing on a row that is there)."""
+    latest: dict[str, dt.datetime] = {}
+    for path, received_at in files:
+        relpath = path.relative_to(spool_dir).as_posix()
+        client.send_task(contract.PROCESS_INSTANCE, args=(relpath, path.stem),
+                         kwargs={"received_at": received_at.isoformat()}, queue=contract.QUEUE)
+        # the row the worker will write, under the study folder (a UID: others were left out)
+        _mark_queued(engine, study_uid_from_relpath(relpath) or "", path.stem, relpath, received_at)
+        sent.append(path)
+        latest[path.parent.name] = max(received_at, latest.get(path.parent.name, received_at))
+    return latest
+
+
+def _send_finalizes(client: Any, engine: Any, latest: dict[str, dt.datetime], older_than_s: float) -> None:
+    """Send the finalize of each study in `latest` (adding those overdue) and fill `latest` with them.
+    Their studies' finalize may have been lost with them (a Redis restart): idempotent, and it waits for
+    the study's images, so it is sent again for each; so is the finalize of a study left not final
+    with nothing pending (lost after its images were all scored)."""
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+    for study_uid, last in unfinished_studies(engine, cutoff):
+        latest.setdefault(study_uid, last)
+    for study_uid, last in latest.items():
+        client.send_task(contract.FINALIZE_STUDY, args=(study_uid,), kwargs={"last_received_at": last.isoformat()},
+                         queue=contract.QUEUE)
+
+
+def _broker_problem(exc: BaseException, settings: WorkerSettings) -> str:
+    """The error's kind and text, with the broker's passwords blanked: redis-py names only host and
+    port, but nothing should print a secret should a message ever quote the URL."""
+    problem = f"{type(exc).__name__}: {exc}"
+    passwords = [urlsplit(address).password or "" for address in settings.broker_url.split(";")]
+    sentinel = settings.broker_sentinel_password
+    for secret in [*passwords, *map(unquote, passwords), sentinel.get_secret_value() if sentinel else ""]:
+        if secret:
+            problem = problem.replace(secret, "***")
+    return problem
 
 
 def unfinished_studies(engine: Any, cutoff: dt.datetime) -> list[tuple[str, dt.datetime]]:
@@ -456,10 +549,17 @@ def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Pat
         _write(rows, list(columns), fmt, sys.stdout)
         return
     try:
-        with open(out, "w", newline="") as handle:
+        with open(_create_private(out), "w", newline="") as handle:
             _write(rows, list(columns), fmt, handle)
     except OSError as exc:
         raise OutputError(f"{type(exc).__name__}: {exc.strerror or 'I/O error'}") from exc
+
+
+def _create_private(path: Path) -> int:
+    """`path` opened for writing (a descriptor), truncated, created 0640 if new (owner rw, group r).
+    Why: an export holds accession numbers, and open() made it 0644 (world-readable) under the usual
+    umask 022 while the gateway writes its spool 0640; a file that exists keeps the mode its owner gave it."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
 
 
 def _write(rows: list[dict[str, Any]], columns: list[str], fmt: str, handle: Any) -> None:
@@ -485,7 +585,13 @@ def _spreadsheet_safe(value: Any) -> Any:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
+    return {k: (_utc(v).isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """A stored time (naive UTC, see worker.db) made aware, so it prints with `+00:00`. Why: printed
+    without an offset, an ISO-8601 reader in another zone took `11:56` for its own local time."""
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
 def _fmt(value: Any) -> str:
@@ -495,7 +601,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, dt.datetime):
-        return value.isoformat(timespec="seconds")
+        return _utc(value).isoformat(timespec="seconds")
     return _printable(str(value))
 
 

@@ -15,6 +15,7 @@ Timestamps are stored as naive UTC everywhere (SQLite has no time zones).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Any, Iterator
 from contextlib import contextmanager
@@ -172,10 +173,23 @@ def make_engine(url: str) -> Engine:
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, hide_parameters=True)
+
+
+def _create_private(path: Path) -> None:
+    """Create an absent SQLite file empty (SQLite takes an empty file for a new database) as 0640, owner
+    rw and group r, at most (the umask may take more). Why: the results hold accession numbers, and SQLite
+    created the file 0644, world-readable under the usual umask 022, while the gateway spools 0640; SQLite
+    gives the -wal and -shm files the main file's mode. A file that exists keeps the mode its owner chose.
+    Any other failure (a read-only folder) is left to SQLite to report at the first connection, as before."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+    except OSError:
+        pass
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

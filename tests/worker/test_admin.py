@@ -410,3 +410,149 @@ def test_table_output_keeps_each_row_on_one_line_whatever_the_modality_wrote(sql
     listed = run_admin(sqlite_url, "list").splitlines()
     assert len(listed) == 2 and "ACC1\\n1.9.9.9  1.9.9  URGENT\\x1b[2J\\u2028" in listed[1]
     assert json.loads(run_admin(sqlite_url, "list", "--format", "json"))[0]["accession_number"].startswith("ACC1\n")
+
+
+def test_final_since_finds_a_study_that_became_final_after_its_images(database_url):
+    """A RIS polling `--studies --since <last poll>` never saw a study final whose images arrived before the
+    poll and whose finalize came after it: --since filters on arrival. --final-since filters on finalized_at,
+    and a study re-finalised after a late image appears again with its new finalisation time."""
+    from sqlalchemy import update
+
+    upgrade(database_url)
+    poll = db.utcnow()
+    before, after = poll - dt.timedelta(hours=1), poll + dt.timedelta(minutes=1)
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for uid, received in (("1.5.1", before), ("1.5.2", before), ("1.5.3", after), ("1.5.4", before)):
+            db.touch_study(conn, uid, f"ACC{uid}", received)
+            db.finalize_study(conn, uid, received)
+        # 1.5.1 became final after the poll (its finalize is later than `poll`); 1.5.2 and 1.5.4 before it
+        conn.execute(update(db.studies).where(db.studies.c.study_instance_uid.in_(("1.5.2", "1.5.4")))
+                     .values(finalized_at=before))
+        db.reopen_study(conn, "1.5.4")  # a late image: final again only after the poll
+        db.finalize_study(conn, "1.5.4", before)
+        db.touch_study(conn, "1.5.5", "ACC5", after)  # arrived after the poll, not final
+        for sop, study, finished in (("1.5.1.1", "1.5.1", after), ("1.5.2.1", "1.5.2", before)):
+            conn.execute(insert(db.instances).values(
+                sop_instance_uid=sop, study_instance_uid=study, status="done", attempts=1, received_at=before,
+                finished_at=finished, flag="ROUTINE", stratum="likely_normal"))
+        conn.execute(insert(db.instances).values(sop_instance_uid="1.5.1.2", study_instance_uid="1.5.1",
+                                                 status="processing", attempts=1, received_at=before))
+    engine.dispose()
+    since = poll.replace(tzinfo=dt.timezone.utc).astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+
+    def studies(*args: str) -> list[str]:
+        return sorted(s["study_instance_uid"] for s in json.loads(run_admin(
+            database_url, "export", "--studies", "--format", "json", *args)))
+
+    assert studies("--final-since", since) == ["1.5.1", "1.5.3", "1.5.4"]
+    assert studies("--since", since) == ["1.5.3", "1.5.5"]  # what a RIS polling on arrival saw
+    assert studies("--final-since", poll.isoformat(), "--flag", "ROUTINE") == []
+    listed = json.loads(run_admin(database_url, "list", "--final-since", since, "--format", "json"))
+    assert [r["sop_instance_uid"] for r in listed] == ["1.5.1.1"]  # per instance: results finished since
+
+
+def test_an_unknown_flag_or_stratum_is_refused_naming_the_accepted_values(small_db, capsys):
+    """`--flag urgnt` printed an empty worklist with exit 0 (read as "nothing urgent"), while `--status bogus`
+    exits 2. Any case names a value when it names one only."""
+    url, rows = small_db
+    for args, named in ((("--flag", "URGNT"), "'URGENT', 'PRIORITY', 'ROUTINE'"),
+                        (("--studies", "--stratum", "high"), "'likely_normal', 'indeterminate', 'high_suspicion'")):
+        assert admin.main(["--database-url", url, "list", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pneumonia-admin list: error: argument {args[-2]}: invalid choice: {args[-1]!r}")
+        assert named in err and err.count("\n") == 1
+    urgent = {r["sop_instance_uid"] for r in rows if r["flag"] == "URGENT"}
+    assert {r["sop_instance_uid"] for r in json.loads(run_admin(url, "list", "--flag", "urgent", "--format", "json"))
+            } == urgent
+    high = json.loads(run_admin(url, "export", "--stratum", "HIGH_SUSPICION", "--format", "json"))
+    assert len(high) == sum(r["stratum"] == "high_suspicion" for r in rows)
+
+
+def test_a_flag_of_an_earlier_flag_map_stays_listable(small_db, monkeypatch, capsys):
+    """Results scored under an earlier TRIAGE_FLAG_MAP keep their flag: refusing it would hide them."""
+    url, rows = small_db
+    monkeypatch.setenv("TRIAGE_FLAG_MAP", json.dumps({"high_suspicion": "STAT", "indeterminate": "SOON",
+                                                      "likely_normal": "ROUTINE"}))
+    assert len(json.loads(run_admin(url, "list", "--flag", "URGENT", "--format", "json"))) == sum(
+        r["flag"] == "URGENT" for r in rows)
+    assert json.loads(run_admin(url, "list", "--flag", "stat", "--format", "json")) == []  # configured, none yet
+    assert admin.main(["--database-url", url, "list", "--flag", "urgent"]) == 2  # stored values: exact only
+    assert "'STAT', 'SOON', 'ROUTINE'" in capsys.readouterr().err
+
+
+def test_printed_times_carry_their_utc_offset(sqlite_url, tmp_path):
+    """Stored times are UTC; printed without an offset an ISO-8601 reader in another zone took them for local."""
+    upgrade(sqlite_url)
+    received = dt.datetime(2026, 11, 28, 11, 56, 36, 344551)
+    engine = db.make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(insert(db.instances).values(sop_instance_uid="1.2.3.4", study_instance_uid="1.2.3",
+                                                 status="done", attempts=1, received_at=received))
+        db.touch_study(conn, "1.2.3", "ACC", received)
+    engine.dispose()
+    aware = received.replace(tzinfo=dt.timezone.utc)
+    (row,) = json.loads(run_admin(sqlite_url, "list", "--format", "json"))
+    assert row["received_at"] == "2026-11-28T11:56:36.344551+00:00"
+    assert dt.datetime.fromisoformat(row["received_at"]) == aware
+    (study,) = json.loads(run_admin(sqlite_url, "list", "--studies", "--format", "json"))
+    assert study["last_received_at"] == "2026-11-28T11:56:36.344551+00:00"
+    (exported,) = list(csv.DictReader(io.StringIO(run_admin(sqlite_url, "export", "--format", "csv"))))
+    assert exported["received_at"] == "2026-11-28T11:56:36.344551+00:00"
+    shown = json.loads(run_admin(sqlite_url, "show", "1.2.3", "--format", "json"))
+    assert shown["study"]["last_received_at"] == shown["instances"][0]["received_at"] == row["received_at"]
+    assert "2026-11-28T11:56:36+00:00" in run_admin(sqlite_url, "list").splitlines()[1]
+
+
+def test_requeue_with_the_broker_down_is_one_line_and_records_nothing_unsent(tmp_path, database_url, monkeypatch,
+                                                                            capsys):
+    """A broker that did not answer was a 114-line traceback (kombu OperationalError), after a `queued` row
+    had been written for a file never sent. The line names the problem, not the URL's password."""
+    import os
+
+    from tests.dicom_gateway.helpers import free_port
+    from worker import contract
+
+    upgrade(database_url)
+    path = tmp_path / "spool" / contract.pending_relpath("1.2.3", "1.2.3.4")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("TRIAGE_BROKER_URL", f"redis://:s3cret@127.0.0.1:{free_port()}/0")
+    assert admin.main(["--database-url", database_url, "requeue"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "s3cret" not in err
+    assert err.startswith("pneumonia-admin: cannot send to the broker (OperationalError: ")
+    assert "re-sent 0 of 1 pending instance(s)" in err
+    engine = db.make_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(db.instances.c.sop_instance_uid)).all() == []
+    engine.dispose()
+
+
+def test_broker_problem_blanks_the_broker_passwords():
+    from worker.config import WorkerSettings
+
+    settings = WorkerSettings(broker_url="redis://user:p%40ss@127.0.0.1:6379/0")
+    said = admin._broker_problem(ConnectionError("auth p@ss and p%40ss failed"), settings)
+    assert said == "ConnectionError: auth *** and *** failed"
+
+
+def test_an_export_file_is_created_owner_and_group_readable_only(small_db, tmp_path):
+    """An export holds accession numbers: open() created it 0644 (world-readable) under umask 022, where the
+    gateway spools 0640. A file that exists keeps the mode its owner gave it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        new, kept = tmp_path / "new.csv", tmp_path / "kept.csv"
+        kept.write_text("old\n")
+        kept.chmod(0o604)
+        for out in (new, kept):
+            run_admin(small_db[0], "export", "--out", str(out))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and kept.read_text().startswith("sop_instance_uid,")

@@ -169,3 +169,28 @@ def test_sqlite_commits_are_durable_before_the_file_leaves_pending(sqlite_url):
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         engine.dispose()
+
+
+def test_a_new_sqlite_file_is_owner_and_group_readable_only(tmp_path):
+    """The results hold accession numbers: SQLite created the file (and its -wal, -shm) 0644, world-readable
+    under umask 022, while the gateway spools 0640. An existing file keeps the mode its owner chose."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        for name, mode in (("new.db", None), ("kept.db", 0o600)):
+            path = tmp_path / "var" / name
+            if mode is not None:
+                path.parent.mkdir(exist_ok=True)
+                path.touch(mode)
+            engine = db.make_engine(f"sqlite:///{path}")
+            with engine.begin() as conn:
+                conn.execute(text("CREATE TABLE t (a)"))
+                conn.execute(text("INSERT INTO t VALUES (1)"))
+                files = [p for p in (path, path.with_name(name + "-wal"), path.with_name(name + "-shm")) if p.exists()]
+                assert len(files) == 3  # WAL: the journal files are open beside it
+                assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {mode or 0o640}, name
+            engine.dispose()
+    finally:
+        os.umask(old)
