@@ -10,7 +10,7 @@
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
-times; a study's `finalized_at` has no index of its own) and pages with LIMIT, so it stays fast on
+times, a study's `finalized_at`) and pages with LIMIT, so it stays fast on
 100k+ rows. Output holds only the stored identifiers (UIDs, accession number), never patient data.
 Times are printed in UTC with their offset (`+00:00`).
 """
@@ -43,7 +43,10 @@ EXPORT_COLUMNS = LIST_COLUMNS + ("model_name", "model_version", "model_sha256", 
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
-                 "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at", "finalized_at")
+                 "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at", "finalized_at",
+                 "reopened_count", "flag_before_reopen", "first_finalized_at")
+"""`reopened_count` > 0: the study was final before a late image reopened it, with `flag_before_reopen`
+(the flag a reader may have seen as final) since `first_finalized_at` (migration 0006)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +248,8 @@ def query_rows(conn: Connection, args: argparse.Namespace,
         stmt = stmt.where(t.c.received_at < args.until)
     if args.final_since:  # a result is final once written (the first terminal write wins)
         stmt = stmt.where(t.c.status.in_(db.TERMINAL), t.c.finished_at >= args.final_since)
-    stmt = stmt.order_by(t.c.received_at.desc())
+    # a poll by --final-since reads in the order it filters (newest finished first), on the same index
+    stmt = stmt.order_by((t.c.finished_at if args.final_since else t.c.received_at).desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
     return [dict(r) for r in conn.execute(stmt).mappings()]
@@ -269,7 +273,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
         # Why not --since: a study becomes final (or final again after a late image, with a new
         # finalized_at) well after its images arrived, so a RIS polling on arrival never saw it final.
         stmt = stmt.where(v.c.final.is_(True), v.c.finalized_at >= args.final_since)
-    stmt = stmt.order_by(v.c.last_received_at.desc())
+    stmt = stmt.order_by((v.c.finalized_at if args.final_since else v.c.last_received_at).desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
     return [dict(r) for r in conn.execute(stmt).mappings()]

@@ -100,7 +100,11 @@ studies = Table(
     Column("flag", String(FLAG_MAX_LENGTH)),
     Column("stratum", String(32)),
     Column("max_probability", Float),
+    Column("reopened_count", Integer, nullable=False, default=0, server_default="0"),  # migration 0006
+    Column("flag_before_reopen", String(FLAG_MAX_LENGTH)),
+    Column("first_finalized_at", DateTime),
     Index("ix_studies_accession", "accession_number"),
+    Index("ix_studies_finalized", "finalized_at"),
     Index("ix_studies_last_received", "last_received_at"),
     Index("ix_studies_flag_received", "flag", "last_received_at"),
     Index("ix_studies_stratum_received", "stratum", "last_received_at"),
@@ -125,6 +129,9 @@ study_flags = Table(
     Column("n_pending", Integer),
     Column("n_failed", Integer),  # migration 0005
     Column("n_skipped", Integer),
+    Column("reopened_count", Integer),  # migration 0006
+    Column("flag_before_reopen", String(FLAG_MAX_LENGTH)),
+    Column("first_finalized_at", DateTime),
 )
 """The study-level view (created by migration 0001): most severe flag over a study's done frontals.
 
@@ -344,9 +351,14 @@ def reopen_study(conn: Connection, study_uid: str) -> bool:
     """Mark a final study not final again: an image of it arrived after its finalisation. True if it was final.
 
     Without it a late image turned a "final, ROUTINE" study URGENT with no sign in between; the
-    gateway finalises the study again once it is quiet, and `finalize_study` waits for that image."""
-    stmt = (studies.update().where(studies.c.study_instance_uid == study_uid, studies.c.final.is_(True))
-            .values(final=False, finalized_at=None).returning(studies.c.study_instance_uid))
+    gateway finalises the study again once it is quiet, and `finalize_study` waits for that image.
+    The flag it had as final is kept (`flag_before_reopen`) and the reopenings counted: a radiologist
+    may have read it from the ROUTINE list, and its new final state alone did not say so."""
+    t = studies.c
+    stmt = (studies.update().where(t.study_instance_uid == study_uid, t.final.is_(True))
+            .values(final=False, finalized_at=None, flag_before_reopen=t.flag,
+                    reopened_count=func.coalesce(t.reopened_count, 0) + 1)
+            .returning(t.study_instance_uid))
     return conn.execute(stmt).first() is not None
 
 
@@ -359,9 +371,11 @@ def finalize_study(conn: Connection, study_uid: str, last_received_at: dt.dateti
         last_received_at=last_received_at,
         final=True,
         finalized_at=now,
+        first_finalized_at=now,
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=[studies.c.study_instance_uid],
-        set_={"final": True, "finalized_at": func.coalesce(studies.c.finalized_at, stmt.excluded.finalized_at)},
+        set_={"final": True, "finalized_at": func.coalesce(studies.c.finalized_at, stmt.excluded.finalized_at),
+              "first_finalized_at": func.coalesce(studies.c.first_finalized_at, stmt.excluded.finalized_at)},
     )
     conn.execute(stmt)

@@ -556,3 +556,28 @@ def test_an_export_file_is_created_owner_and_group_readable_only(small_db, tmp_p
         os.umask(old)
     assert stat.S_IMODE(new.stat().st_mode) == 0o640
     assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and kept.read_text().startswith("sop_instance_uid,")
+
+
+def test_a_final_since_poll_searches_the_finalized_index(sqlite_url):
+    """The RIS's poll runs every minute or so over the whole history: it must search `finalized_at`
+    (migration 0006) and read in that order, not walk the studies in arrival order."""
+    from sqlalchemy import event
+
+    populate(sqlite_url, 2000, seed=1)
+    engine = db.make_engine(sqlite_url)
+    with engine.begin() as conn:
+        for uid in conn.execute(select(db.studies.c.study_instance_uid)).scalars().all()[::2]:
+            db.finalize_study(conn, uid, None)
+    statements: list[tuple[str, tuple]] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, params, context, many: statements.append((sql, params)))
+    for argv, index in ((["list", "--studies", "--final-since", "2026-01-01"], "ix_studies_finalized"),
+                        (["list", "--final-since", "2026-01-01"], "ix_instances_status_finished")):
+        with engine.connect() as conn:
+            rows = admin.fetch_list(conn, admin.build_parser().parse_args(argv))
+        assert rows
+        sql, params = statements[-1]
+        with engine.connect() as conn:
+            plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+        assert plan[0].startswith("SEARCH ") and index in plan[0], (argv, plan)
+    engine.dispose()

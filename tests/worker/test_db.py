@@ -194,3 +194,64 @@ def test_a_new_sqlite_file_is_owner_and_group_readable_only(tmp_path):
             engine.dispose()
     finally:
         os.umask(old)
+
+
+def test_a_reopened_study_keeps_the_flag_it_had_as_final(engine):
+    """Final and ROUTINE, then a late pneumonia image: the study went final again as URGENT and nothing
+    said that it had been final ROUTINE (a radiologist may have read it from that list)."""
+    with engine.begin() as conn:
+        db.finish_instance(conn, _done("1.1", "7.7", "likely_normal", 0.05))
+        db.touch_study(conn, "7.7", "ACC7", dt.datetime(2026, 1, 1), _done("1.1", "7.7", "likely_normal", 0.05))
+        db.finalize_study(conn, "7.7", dt.datetime(2026, 1, 1))
+        first = conn.execute(select(db.studies.c.finalized_at).where(db.studies.c.study_instance_uid == "7.7")).scalar()
+        assert db.reopen_study(conn, "7.7")
+        assert not db.reopen_study(conn, "7.7"), "not final: nothing to reopen, nothing counted"
+        db.finish_instance(conn, _done("1.2", "7.7", "high_suspicion", 0.9))
+        db.touch_study(conn, "7.7", "ACC7", dt.datetime(2026, 1, 2), _done("1.2", "7.7", "high_suspicion", 0.9))
+        db.finalize_study(conn, "7.7", dt.datetime(2026, 1, 2))
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "7.7")).mappings().one()
+    assert row["final"] and row["flag"] == "URGENT"
+    assert (row["reopened_count"], row["flag_before_reopen"]) == (1, "ROUTINE")
+    assert row["first_finalized_at"] == first <= row["finalized_at"]
+
+
+def test_a_study_never_reopened_says_so(engine):
+    with engine.begin() as conn:
+        db.touch_study(conn, "7.8", "ACC8", dt.datetime(2026, 1, 1), _done("1.1", "7.8"))
+        db.finalize_study(conn, "7.8", dt.datetime(2026, 1, 1))
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "7.8")).mappings().one()
+    assert (row["reopened_count"], row["flag_before_reopen"]) == (0, None)
+    assert row["first_finalized_at"] == row["finalized_at"] is not None
+
+
+def test_migration_0006_keeps_final_studies_and_goes_back(database_url):
+    """Studies of 0005 get no reopenings and their first finalisation from `finalized_at`; workers of 0005
+    (which do not name the new columns) keep writing; the downgrade gives 0005's view back."""
+    upgrade(database_url, "0005")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (study_instance_uid, final, finalized_at, flag) VALUES"
+                              " ('5.1', :t, :at, 'URGENT'), ('5.2', :f, NULL, NULL)"),
+                         {"t": True, "f": False, "at": dt.datetime(2026, 1, 3)})
+        upgrade(database_url)
+        assert current_revision(database_url) == "0006"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (study_instance_uid, final) VALUES ('5.3', :f)"), {"f": False})
+            rows = conn.execute(select(db.study_flags.c.study_instance_uid, db.study_flags.c.reopened_count,
+                                       db.study_flags.c.first_finalized_at)
+                                .order_by(db.study_flags.c.study_instance_uid)).all()
+            assert rows == [("5.1", 0, dt.datetime(2026, 1, 3)), ("5.2", 0, None), ("5.3", 0, None)]
+            assert "ix_studies_finalized" in {i["name"] for i in inspect(conn).get_indexes("studies")}
+        engine.dispose()
+        upgrade(database_url, "0006")  # idempotent
+        from alembic import command
+
+        from worker.migrate import alembic_config
+
+        command.downgrade(alembic_config(database_url), "0005")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM study_flags WHERE n_failed = 0")).scalar() == 3
+            assert "reopened_count" not in {c["name"] for c in inspect(conn).get_columns("studies")}
+    finally:
+        engine.dispose()
