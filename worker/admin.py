@@ -38,8 +38,11 @@ from worker.config import WorkerSettings, load_worker_settings
 from worker.spool import study_uid_from_relpath, valid_uid
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
-                "flag", "probability", "prediction", "reason", "received_at", "finished_at", "processing_ms")
-EXPORT_COLUMNS = LIST_COLUMNS + ("model_name", "model_version", "model_sha256", "site_calibration_sha256",
+                "flag", "probability", "reason", "received_at", "finished_at", "processing_ms")
+"""The worklist's view of a result: the triage follows the stratum. The binary prediction (the card's 0.5
+threshold) is left to the export: the high-suspicion band starts below 0.5, and a worklist row read
+"URGENT, high_suspicion, Normal" with nothing there to explain it."""
+EXPORT_COLUMNS = LIST_COLUMNS + ("prediction", "model_name", "model_version", "model_sha256", "site_calibration_sha256",
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
