@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from worker.contract import QUEUE
 
 from dicom_gateway.queue import TaskPublisher
@@ -56,6 +58,7 @@ class BrokerWatch:
         self._publisher = publisher
         self.key = MARKER_PREFIX + (token or uuid.uuid4().hex)
         self._placed = False
+        self._warned = False
         self.losses = 0
 
     def look(self) -> BrokerLook | None:
@@ -64,13 +67,24 @@ class BrokerWatch:
         try:
             existed, depth = self._publisher.with_broker_client(self._exchange)
         except Exception as exc:  # broker down: the sweep's publishes fail and say so; look again next sweep
-            log.debug("broker not looked at", extra={"error": type(exc).__name__})
+            self._refused(exc)
             return None
         lost = self._placed and not existed
         self._placed = True
         if lost:
             self.losses += 1
         return BrokerLook(lost=lost, queue_empty=depth == 0 and not lost, started=started)
+
+    def _refused(self, exc: Exception) -> None:
+        """A broker that answers but refuses the key (a Redis ACL that allows Celery's keys only: NOPERM) turns
+        the watch off for good, which is worth one warning; a broker that is down is the sweep's to report."""
+        if isinstance(exc, ResponseError) and not self._warned:
+            self._warned = True
+            log.warning("the broker refuses the gateway's key %s (%s: a Redis ACL?): a broker that loses its queue "
+                        "is noticed only by the sweep, after TRIAGE_GATEWAY_REQUEUE_AFTER_SECONDS", self.key,
+                        type(exc).__name__)
+        else:
+            log.debug("broker not looked at", extra={"error": type(exc).__name__})
 
     def _exchange(self, client: Any) -> tuple[bool, int]:
         pipe = client.pipeline(transaction=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis
@@ -26,12 +27,13 @@ def _tasks(client: redis.Redis, name: str) -> list[list]:
 
 @pytest.fixture
 def own_gateway(settings_factory: Callable[..., GatewaySettings],
-                tmp_path: Path) -> Iterator[Callable[[RedisServer], Gateway]]:
+                tmp_path: Path) -> Iterator[Callable[[Any], Gateway]]:
     """A gateway on a private redis-server; the sweep's own re-send (requeue after) is an hour away, so
     anything re-sent within the test was re-sent because the broker's loss was noticed."""
     running: list[Gateway] = []
 
-    def start(server: RedisServer) -> Gateway:
+    def start(server: Any) -> Gateway:
+        """`server`: anything with the broker's `url`."""
         gateway = Gateway(settings_factory(broker_url=server.url, gateway_requeue_after_seconds=3600,
                                            gateway_stable_study_seconds=0.5))
         gateway.start()
@@ -123,5 +125,29 @@ def test_a_finalize_taken_before_the_loss_is_not_sent_again(own_gateway, tmp_pat
         wait_for(lambda: gateway.status()["broker_queue_losses"] == 1, 15, what="the loss noticed")
         time.sleep(1.5)  # past the stable-study period
         assert queued_tasks(client) == []
+    finally:
+        server.stop()
+
+
+def test_a_broker_that_refuses_the_key_is_one_warning_and_publishing_goes_on(own_gateway, tmp_path, images, caplog):
+    """A Redis ACL that allows Celery's keys only (its queue and priority lists, kombu's bindings and unacked
+    messages; NOPERM on ours): the watch is off, which is said once,
+    and nothing else changes (every sweep failed quietly before the warning was there)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "celery", "on", ">secret", "~_kombu*", f"~{QUEUE}", f"~{QUEUE}[^:]*", "~unacked*",
+                              "&*", "+@all")
+        as_celery = SimpleNamespace(url=f"redis://celery:secret@127.0.0.1:{server.port}/0")
+        with caplog.at_level("WARNING", logger="dicom_gateway.broker_watch"):
+            gateway = own_gateway(as_celery)
+            study = generate_uid()
+            assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+            wait_for(lambda: _tasks(admin, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+            time.sleep(1.5)  # three more sweeps
+        warnings = [r for r in caplog.records if "refuses the gateway's key" in r.getMessage()]
+        assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
+        assert gateway.status()["broker_queue_losses"] == 0
     finally:
         server.stop()
