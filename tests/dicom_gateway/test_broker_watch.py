@@ -4,15 +4,13 @@ and re-sends at once what was lost; a broker that kept its data (appendonly) get
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import redis
 from pydicom.uid import generate_uid
 
-from dicom_gateway.config import GatewaySettings
 from dicom_gateway.service import Gateway
 from tests.dicom_gateway.conftest import RedisServer, small_dataset
 from tests.dicom_gateway.helpers import pending_files, queued_tasks, store_with_pynetdicom, wait_for
@@ -26,23 +24,12 @@ def _tasks(client: redis.Redis, name: str) -> list[list]:
 
 
 @pytest.fixture
-def own_gateway(settings_factory: Callable[..., GatewaySettings],
-                tmp_path: Path) -> Iterator[Callable[[Any], Gateway]]:
-    """A gateway on a private redis-server; the sweep's own re-send (requeue after) is an hour away, so
-    anything re-sent within the test was re-sent because the broker's loss was noticed."""
-    running: list[Gateway] = []
-
-    def start(server: Any) -> Gateway:
-        """`server`: anything with the broker's `url`."""
-        gateway = Gateway(settings_factory(broker_url=server.url, gateway_requeue_after_seconds=3600,
-                                           gateway_stable_study_seconds=0.5))
-        gateway.start()
-        running.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in running:
-        gateway.stop(timeout=2)
+def own_gateway(start_gateway: Callable[..., Gateway]) -> Callable[[Any], Gateway]:
+    """A gateway on a private redis-server (`server`: anything with the broker's `url`); the sweep's own
+    re-send (requeue after) is an hour away, so anything re-sent within the test was re-sent because the
+    broker's loss was noticed."""
+    return lambda server: start_gateway(broker_url=server.url, gateway_requeue_after_seconds=3600,
+                                        gateway_stable_study_seconds=0.5)
 
 
 def _scored_study_and_pending_study(gateway: Gateway, client: redis.Redis, images) -> tuple[str, str]:
