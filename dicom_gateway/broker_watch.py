@@ -12,8 +12,11 @@ it is still there. A restart with persistence (compose runs Redis with `appendon
 replica that had it keeps the key, so a broker that lost nothing causes no re-send; a key that is
 gone means whatever was queued is gone too. The same round trip reads the queue's length: once
 the queue has been seen empty, every message published before that look had been taken by a
-worker (a taken finalize that waits for its study lives in the worker, not in the queue), so only
-finalizes sent since the queue was last seen empty need remembering.
+worker; and once no delivered message is unacknowledged either, it had been done with. A finalize
+that waits for its study is retried with a countdown: the worker holds the retry as a timer, off the
+queue but unacknowledged, and drops it when the broker connection breaks, expecting the broker's
+unacknowledged store back, which a broker without persistence has lost too. So only finalizes sent
+since the queue and the unacknowledged store were last seen empty together need remembering.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ class BrokerLook:
 
     lost: bool
     """The key placed by an earlier look is gone: the broker's queued messages are gone with it."""
-    queue_empty: bool
+    idle: bool
+    """Nothing queued and nothing delivered but unacknowledged: what was published before the look is done with."""
     started: float
-    """`time.monotonic()` before the look was sent: what was published before it was taken, if the queue was empty."""
+    """`time.monotonic()` before the look was sent."""
 
 
 class BrokerWatch:
@@ -62,10 +66,11 @@ class BrokerWatch:
         self.losses = 0
 
     def look(self) -> BrokerLook | None:
-        """Renew the key and read the queue's length; None while the broker cannot be reached."""
+        """Renew the key and read the queue's and the unacknowledged store's lengths; None while the broker
+        cannot be reached."""
         started = time.monotonic()
         try:
-            existed, depth = self._publisher.with_broker_client(self._exchange)
+            existed, in_flight = self._publisher.with_broker_channel(self._exchange)
         except Exception as exc:  # broker down: the sweep's publishes fail and say so; look again next sweep
             self._refused(exc)
             return None
@@ -73,7 +78,7 @@ class BrokerWatch:
         self._placed = True
         if lost:
             self.losses += 1
-        return BrokerLook(lost=lost, queue_empty=depth == 0 and not lost, started=started)
+        return BrokerLook(lost=lost, idle=in_flight == 0 and not lost, started=started)
 
     def _refused(self, exc: Exception) -> None:
         """A broker that answers but refuses the key (a Redis ACL that allows Celery's keys only: NOPERM) turns
@@ -86,19 +91,21 @@ class BrokerWatch:
         else:
             log.debug("broker not looked at", extra={"error": type(exc).__name__})
 
-    def _exchange(self, client: Any) -> tuple[bool, int]:
-        pipe = client.pipeline(transaction=False)
+    def _exchange(self, channel: Any) -> tuple[bool, int]:
+        """(the key was there, messages queued or delivered but not acknowledged)."""
+        pipe = channel.client.pipeline(transaction=False)
         pipe.exists(self.key)
         pipe.set(self.key, "1", ex=MARKER_TTL_SECONDS)
         pipe.llen(QUEUE)
-        existed, _, depth = pipe.execute()
-        return bool(existed), int(depth)
+        pipe.hlen(channel.unacked_key)
+        existed, _, queued, unacked = pipe.execute()
+        return bool(existed), int(queued) + int(unacked)
 
     def remove(self) -> None:
         """Delete the key at a clean stop (best effort: a key left behind expires)."""
         if not self._placed:
             return
         try:
-            self._publisher.with_broker_client(lambda client: client.delete(self.key))
+            self._publisher.with_broker_channel(lambda channel: channel.client.delete(self.key))
         except Exception as exc:
             log.debug("broker key not removed", extra={"error": type(exc).__name__})

@@ -156,12 +156,12 @@ class TaskPublisher:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return False
 
-    def with_broker_client(self, use: Callable[[Any], T]) -> T:
-        """Run `use` with a Redis client of the broker (one connection attempt; raises when unreachable).
-        For the broker watch: a look at the broker's own state, beside the publishes."""
+    def with_broker_channel(self, use: Callable[[Any], T]) -> T:
+        """Run `use` with kombu's Redis channel of the broker (its `client`, its key names; one connection
+        attempt; raises when unreachable). For the broker watch: a look at the broker's own state."""
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=self._app.conf.broker_connection_timeout)
-            return use(conn.default_channel.client)
+            return use(conn.default_channel)
 
     def close(self) -> None:
         self._app.close()

@@ -143,7 +143,7 @@ class Gateway:
         look = self.watch.look()
         if look is None:
             return False
-        if look.queue_empty:
+        if look.idle:
             self.tracker.taken_before(look.started)
         if not look.lost:
             return False

@@ -18,7 +18,7 @@ from dicom_gateway.queue import utc_iso
 log = logging.getLogger("dicom_gateway.studies")
 
 MAX_UNCONFIRMED_FINALIZES = 100_000
-"""Finalizes remembered until the queue is seen empty after them (about 200 bytes each). A queue that
+"""Finalizes remembered until the broker is seen holding nothing after them (about 200 bytes each). A queue that
 never empties keeps the newest this many: a study older than that whose finalize a broker loses waits
 for `pneumonia-admin requeue`, as `stats` (`overdue_studies`) shows."""
 
@@ -84,14 +84,15 @@ class StudyTracker:
         return sent
 
     def _remember_sent(self, uid: str, wall: float) -> None:
-        """Keep a sent finalize until the queue has been seen empty after it (under the lock)."""
+        """Keep a sent finalize until the broker has been seen idle after it (under the lock)."""
         self._sent.pop(uid, None)
         self._sent[uid] = (time.monotonic(), wall)
         while len(self._sent) > MAX_UNCONFIRMED_FINALIZES:
             del self._sent[next(iter(self._sent))]  # the oldest: the bound on a queue that never empties
 
     def taken_before(self, moment: float) -> None:
-        """The queue was seen empty at `moment` (monotonic): finalizes sent before it had been taken."""
+        """The broker held nothing, queued or unacknowledged, at `moment` (monotonic): finalizes sent before
+        it are done with."""
         with self._lock:
             for uid in [uid for uid, (sent, _) in self._sent.items() if sent < moment]:
                 del self._sent[uid]

@@ -101,11 +101,11 @@ MAX_WINDOW_HOURS = 100 * 366 * 24
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--studies", action="store_true", help="one line per study (most severe flag)")
-    cmd.add_argument("--flag", help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database")
-    cmd.add_argument("--stratum", help=f"one of {', '.join(STRATUM_NAMES)} (any case)")
+    cmd.add_argument("--flag", type=_given, help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database")
+    cmd.add_argument("--stratum", type=_given, help=f"one of {', '.join(STRATUM_NAMES)} (any case)")
     cmd.add_argument("--status", choices=db.STATUSES)
-    cmd.add_argument("--accession")
-    cmd.add_argument("--study")
+    cmd.add_argument("--accession", type=_given)
+    cmd.add_argument("--study", type=_given)
     cmd.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
     cmd.add_argument("--until", type=_timestamp, help="received before")
     cmd.add_argument("--final-since", type=_timestamp, metavar="TIMESTAMP",
@@ -113,6 +113,14 @@ def _add_filters(cmd: argparse.ArgumentParser) -> None:
                           "polls with it: a study re-finalised after a late image appears again); per instance: "
                           "results finished at or after")
     cmd.add_argument("--limit", type=positive_int, default=None, help="at most this many rows (a positive number)")
+
+
+def _given(value: str) -> str:
+    """A filter's value, refused when empty. Why: an empty one read as no filter, so `--accession "$ACC"`
+    with the variable unset printed every study's results, exit 0."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?): leave the option out to list everything")
+    return value
 
 
 def _timestamp(value: str) -> dt.datetime:

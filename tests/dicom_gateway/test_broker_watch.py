@@ -93,8 +93,8 @@ def test_a_broker_that_kept_its_data_gets_nothing_twice(own_gateway, tmp_path, i
 
 
 def test_a_finalize_taken_before_the_loss_is_not_sent_again(own_gateway, tmp_path, images):
-    """Once the queue was seen empty, the finalizes sent before had been taken by a worker (which keeps one
-    that waits for its study): the gateway forgets them rather than re-sending every study it ever saw."""
+    """Once the broker held nothing, queued or unacknowledged, the finalizes sent before were done with: the
+    gateway forgets them rather than re-sending every study it ever saw."""
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
@@ -106,7 +106,7 @@ def test_a_finalize_taken_before_the_loss_is_not_sent_again(own_gateway, tmp_pat
         client.delete(QUEUE)  # a worker took both messages
         for path in pending_files(gateway.settings.spool_dir):
             path.unlink()
-        time.sleep(1.5)  # sweeps every 0.5 s: the queue is seen empty
+        time.sleep(1.5)  # sweeps every 0.5 s: the broker is seen idle
         server.stop()
         server.start()
         wait_for(lambda: gateway.status()["broker_queue_losses"] == 1, 15, what="the loss noticed")
@@ -137,4 +137,37 @@ def test_a_broker_that_refuses_the_key_is_one_warning_and_publishing_goes_on(own
         assert len(warnings) == 1 and "secret" not in warnings[0].getMessage()
         assert gateway.status()["broker_queue_losses"] == 0
     finally:
+        server.stop()
+
+
+def test_a_finalize_a_worker_holds_unacknowledged_is_sent_again(own_gateway, tmp_path, images):
+    """A finalize that waits for its study is retried with a countdown: the worker takes the retry off the
+    queue and holds it unacknowledged, and drops it when the connection breaks. The gateway took the empty
+    queue for "taken" and forgot it; after a restart without persistence the study stayed not final."""
+    from kombu import Connection
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    consumer = Connection(server.url)
+    try:
+        gateway = own_gateway(server)
+        client = server.client()
+        study = generate_uid()
+        assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+        wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+        for raw in client.lrange(QUEUE, 0, -1):  # a worker took the image and scored it ...
+            if b"process_instance" in raw:
+                client.lrem(QUEUE, 1, raw)
+        for path in pending_files(gateway.settings.spool_dir):
+            path.unlink()
+        held = consumer.SimpleQueue(QUEUE)  # ... and holds the finalize: a real kombu delivery, not acknowledged
+        assert held.get(timeout=10).headers["task"] == FINALIZE_STUDY
+        assert client.llen(QUEUE) == 0 and client.hlen("unacked") == 1
+        time.sleep(1.5)  # sweeps every 0.5 s: the queue is seen empty, the unacknowledged store is not
+        server.stop()
+        server.start()
+        wait_for(lambda: gateway.status()["broker_queue_losses"] == 1, 15, what="the loss noticed")
+        wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the held finalize sent again")
+    finally:
+        consumer.release()
         server.stop()

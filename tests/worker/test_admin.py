@@ -469,6 +469,17 @@ def test_an_unknown_flag_or_stratum_is_refused_naming_the_accepted_values(small_
     assert len(high) == sum(r["stratum"] == "high_suspicion" for r in rows)
 
 
+@pytest.mark.parametrize("option", ["--flag", "--stratum", "--accession", "--study"])
+def test_an_empty_filter_is_refused_not_read_as_no_filter(small_db, capsys, option):
+    """`--accession "$ACC"` with the variable unset printed every study's results, exit 0."""
+    url, _ = small_db
+    for command in (["list"], ["list", "--studies"], ["export"]):
+        with pytest.raises(SystemExit) as exited:
+            admin.main(["--database-url", url, *command, option, ""])
+        assert exited.value.code == 2
+        assert f"argument {option}: empty" in capsys.readouterr().err
+
+
 def test_a_flag_of_an_earlier_flag_map_stays_listable(small_db, monkeypatch, capsys):
     """Results scored under an earlier TRIAGE_FLAG_MAP keep their flag: refusing it would hide them."""
     url, rows = small_db
