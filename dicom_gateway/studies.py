@@ -18,8 +18,8 @@ from dicom_gateway.queue import utc_iso
 log = logging.getLogger("dicom_gateway.studies")
 
 MAX_UNCONFIRMED_FINALIZES = 100_000
-"""Finalizes remembered until the broker is seen holding nothing after them (about 200 bytes each). A queue that
-never empties keeps the newest this many: a study older than that whose finalize a broker loses waits
+"""Finalizes remembered until the broker is seen holding nothing after them (about 200 bytes each). A broker
+never seen idle keeps the newest this many: a study older than that whose finalize a broker loses waits
 for `pneumonia-admin requeue`, as `stats` (`overdue_studies`) shows."""
 
 FinalizeFn = Callable[[str, str], bool]
@@ -88,7 +88,7 @@ class StudyTracker:
         self._sent.pop(uid, None)
         self._sent[uid] = (time.monotonic(), wall)
         while len(self._sent) > MAX_UNCONFIRMED_FINALIZES:
-            del self._sent[next(iter(self._sent))]  # the oldest: the bound on a queue that never empties
+            del self._sent[next(iter(self._sent))]  # the oldest: the bound on a broker never idle
 
     def taken_before(self, moment: float) -> None:
         """The broker held nothing, queued or unacknowledged, at `moment` (monotonic): finalizes sent before
