@@ -32,6 +32,17 @@ def own_gateway(start_gateway: Callable[..., Gateway]) -> Callable[[Any], Gatewa
                                         gateway_stable_study_seconds=0.5)
 
 
+def _one_study_finalized(own_gateway: Callable[[Any], Gateway], server: RedisServer,
+                         images) -> tuple[Gateway, redis.Redis, str]:
+    """A gateway on `server` that stored one image and sent its study's finalize: (gateway, client, study)."""
+    gateway = own_gateway(server)
+    client = server.client()
+    study = generate_uid()
+    assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
+    wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+    return gateway, client, study
+
+
 def _scored_study_and_pending_study(gateway: Gateway, client: redis.Redis, images) -> tuple[str, str]:
     """Study A: its image scored (message taken, file archived), its finalize still queued behind a
     backlog. Study B: its image still pending. Returns (A, B)."""
@@ -98,11 +109,7 @@ def test_a_finalize_taken_before_the_loss_is_not_sent_again(own_gateway, tmp_pat
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:
-        gateway = own_gateway(server)
-        client = server.client()
-        study = generate_uid()
-        assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
-        wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+        gateway, client, study = _one_study_finalized(own_gateway, server, images)
         client.delete(QUEUE)  # a worker took both messages
         for path in pending_files(gateway.settings.spool_dir):
             path.unlink()
@@ -150,11 +157,7 @@ def test_a_finalize_a_worker_holds_unacknowledged_is_sent_again(own_gateway, tmp
     server.start()
     consumer = Connection(server.url)
     try:
-        gateway = own_gateway(server)
-        client = server.client()
-        study = generate_uid()
-        assert store_with_pynetdicom(gateway.port, [small_dataset(images, 0, study_uid=study)]) == [0]
-        wait_for(lambda: _tasks(client, FINALIZE_STUDY) == [[study]], 15, what="the finalize")
+        gateway, client, study = _one_study_finalized(own_gateway, server, images)
         for raw in client.lrange(QUEUE, 0, -1):  # a worker took the image and scored it ...
             if b"process_instance" in raw:
                 client.lrem(QUEUE, 1, raw)
