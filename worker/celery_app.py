@@ -11,6 +11,8 @@ Why each setting:
                                      any task could have finished.
   retries with backoff               database or broker blips are transient; bad input is not
                                      retried (it becomes a failed/skipped row instead).
+  hard time limit -> re-send         the main process re-sends an instance whose pool process it
+                                     killed, marked, and the next delivery records that failure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
@@ -48,6 +51,42 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, ImageAccessError)) or tasks.is_model_problem(exc)
 
 
+class ProcessInstanceTask(Task):
+    """`triage.process_instance`, which hears of its deliveries killed at the hard time limit.
+
+    Celery acknowledges such a delivery and (5.7, the version this project requires) calls `on_failure`
+    in the worker's main process once it has given up on the pool process, which it then kills. The
+    main process holds no database connection and must not block on one: it re-sends the message,
+    marked `hard_time_limit_s`, and the pool process that takes it records the failure
+    (`tasks.hard_time_limit_outcome`), with the retries every delivery has. Before, nothing heard of
+    it: the row stayed `processing` until the gateway's sweep had re-sent the file `TRIAGE_MAX_ATTEMPTS`
+    times (about 1.5 h with the defaults). Should the re-send fail (the broker gone too), that sweep
+    still ends it as before."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        seconds = _limit_seconds(exc, self.app.conf.task_time_limit)
+        sop = args[1] if len(args) > 1 else (kwargs or {}).get("sop_instance_uid", "?")
+        try:
+            self.apply_async(args=args, kwargs={**(kwargs or {}), "hard_time_limit_s": seconds}, queue=contract.QUEUE)
+        except Exception as resend_error:  # the sweep re-sends the file; it ends as abandoned
+            log.error("instance %s was killed at the %ss hard time limit and could not be re-sent to record it "
+                      "(%s); the gateway's sweep re-sends it", sop, seconds, type(resend_error).__name__)
+            return
+        log.warning("instance %s was killed at the %ss hard time limit; re-sent to record the failure", sop, seconds)
+
+
+def _limit_seconds(exc: TimeLimitExceeded, configured: float | None) -> int:
+    """The limit billiard reports (its first argument), else the configured one, in whole seconds."""
+    for value in (*exc.args[:1], configured):
+        try:
+            return max(1, round(float(value)))
+        except (TypeError, ValueError):
+            continue
+    return 1
+
+
 def create_app(settings: WorkerSettings) -> Celery:
     """Build the Celery app and register the two contract tasks bound to `settings`.
 
@@ -61,12 +100,13 @@ def create_app(settings: WorkerSettings) -> Celery:
     def backoff(retries: int) -> int:
         return min(settings.retry_backoff_max_s, 2 ** min(retries, 10))
 
-    @app.task(name=contract.PROCESS_INSTANCE, bind=True, max_retries=settings.max_retries, shared=False)
+    @app.task(name=contract.PROCESS_INSTANCE, bind=True, base=ProcessInstanceTask, max_retries=settings.max_retries,
+              shared=False)
     def process_instance(self: Task, spool_relpath: str, sop_instance_uid: str, received_at: str | None = None,
-                         retries_after_claim: int = 0) -> Any:
+                         retries_after_claim: int = 0, hard_time_limit_s: int | None = None) -> Any:
         try:
             return tasks.process_instance(runtime, spool_relpath, sop_instance_uid, received_at,
-                                          retries_after_claim=retries_after_claim)
+                                          retries_after_claim=retries_after_claim, hard_time_limit_s=hard_time_limit_s)
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc

@@ -6,6 +6,7 @@ SOP UID arriving in another study is another instance, scored and flagged in tha
 
 Protocol per delivery:
   1. a terminal row exists            -> no-op (re-archive the file if a crash left it).
+     a claimed row re-sent after Celery killed its delivery at the hard time limit -> failed, reason.
   2. the model is loadable, else raise (retried; nothing claimed, so an outage costs no attempts).
   3. claim the row as `processing`    -> attempts += 1; too many worker-lost attempts -> failed.
   4. analyse the file                 -> done / skipped / failed with reason.
@@ -88,7 +89,8 @@ class StudyNotSettledError(Exception):
 
 
 def process_instance(
-    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0
+    rt: Runtime, relpath: str, sop_uid: str, received_at: str | None, retries_after_claim: int = 0,
+    hard_time_limit_s: int | None = None,
 ) -> dict[str, Any]:
     """Run one delivery of `triage.process_instance` (see module docstring).
 
@@ -96,6 +98,8 @@ def process_instance(
     `transient_claims` (the same, counted on the row while the database answered) keep database
     blips after a claim from making an instance look like a poison message (`db.lost_deliveries`);
     any failure after the claim is raised as `ClaimedDeliveryError` so that the wrapper can count it.
+    `hard_time_limit_s` marks the message Celery's main process re-sends after it killed the pool
+    process that ran this instance past the hard time limit (`celery_app.ProcessInstanceTask`).
     """
     received = db.parse_timestamp(received_at) or db.utcnow()
     if not sop_uid or len(sop_uid) > 64:
@@ -114,6 +118,9 @@ def process_instance(
             raise SpoolPathError("spool path is not pending/<StudyInstanceUID>/<SOPInstanceUID>.dcm")
     except SpoolPathError as exc:
         return _finish(rt, sop_uid, relpath, received, time.time(), Outcome("failed", str(exc)), None)
+    if hard_time_limit_s and existing is not None and existing["status"] == "processing":
+        return _finish(rt, sop_uid, relpath, received, time.time() - hard_time_limit_s,
+                       hard_time_limit_outcome(path, hard_time_limit_s), path)
     _require_model(rt)
     started = time.time()
     base = {
@@ -135,6 +142,19 @@ def process_instance(
         return _finish(rt, sop_uid, relpath, received, started, outcome, path)
     except Exception as exc:
         raise ClaimedDeliveryError(exc) from exc
+
+
+def hard_time_limit_outcome(path: Path, seconds: int) -> Outcome:
+    """The result of a delivery that Celery killed at the hard time limit, recorded at once.
+
+    The pool process was past the soft limit too, whose exception cannot interrupt native code (a
+    decoder stuck in C), so sending the file again would most likely stall and kill another pool process;
+    a soft time limit fails the instance at once too. Before, the row stayed `processing` until the
+    gateway's sweep had re-sent the file `TRIAGE_MAX_ATTEMPTS` times (about 1.5 h with the defaults) and
+    its study could not go final. Only a claimed row is failed this way: a delivery killed before it
+    claimed the instance spent its time elsewhere (the database, the model), and is processed again."""
+    reason = f"processing exceeded the {seconds}s hard time limit (its worker process was killed)"
+    return Outcome("failed", reason, _identifiers_that_fit(header_identifiers(path)))
 
 
 def credit_failed_claim(rt: Runtime, relpath: str, sop_uid: str) -> None:

@@ -251,6 +251,17 @@ class TriageEnv:
         assert len(by_sop) == len(found), "a SOP Instance UID under two studies: look rows up by (study, SOP)"
         return by_sop
 
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        """The study's worklist row (`study_flags`), None while it has none."""
+        engine = db.make_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                found = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == study_uid))
+                first = found.mappings().first()
+        finally:
+            engine.dispose()
+        return dict(first) if first else None
+
     def wait_terminal(self, sops: list[str], timeout: float = 120) -> dict[str, dict[str, Any]]:
         def done() -> dict[str, dict[str, Any]] | None:
             rows = self.rows()

@@ -155,3 +155,28 @@ def test_finalize_waits_and_rides_out_transient_errors_without_limit(tmp_path, m
     monkeypatch.setattr(tasks, "finalize_study", scripted([ValueError("a bug"), None]))
     with pytest.raises(ValueError):
         task.apply(args=("1.2.3",)).get()
+
+
+def test_a_hard_time_limit_that_cannot_be_resent_is_logged_and_left_to_the_sweep(caplog):
+    """`on_failure` runs in the worker's main process, inside billiard's timeout handling: a broker that
+    does not answer there must cost a log line, never an exception. Other failures (raised in a pool
+    process, already recorded by the task) re-send nothing."""
+    import logging
+    import time
+
+    from celery.exceptions import TimeLimitExceeded
+
+    app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:1/0"))
+    app.conf.broker_connection_max_retries = 0
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_retries": 0}
+    task = app.tasks[contract.PROCESS_INSTANCE]
+    args = ("pending/1.2.3/4.5.6.dcm", "4.5.6")
+    with caplog.at_level(logging.WARNING, logger="worker.celery_app"):
+        task.on_failure(ValueError("a bug"), "id-1", args, {}, None)
+        assert not caplog.records
+        started = time.monotonic()
+        task.on_failure(TimeLimitExceeded(180.0), "id-2", args, {"received_at": None}, None)
+    assert time.monotonic() - started < 60
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert caplog.records[0].getMessage().startswith(
+        "instance 4.5.6 was killed at the 180s hard time limit and could not be re-sent to record it")

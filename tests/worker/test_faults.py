@@ -68,6 +68,34 @@ def test_sigkill_mid_task_is_redelivered_and_finishes_once(make_triage_env, sqli
     assert len(archived) == len(staged), "each file archived exactly once"
 
 
+def test_a_hard_time_limit_is_recorded_at_once_and_the_study_goes_final(make_triage_env, sqlite_url, test_split):
+    """A pool process stuck past the hard time limit (stopped here with SIGSTOP, like one stuck in a
+    decoder's native code, which the soft limit's signal cannot interrupt) is killed by Celery, which
+    acknowledges its message. The main process re-sends it marked, and the instance is failed at once with
+    the reason, its file archived and its study final. Before, its row stayed `processing` and its study
+    not final until the gateway's sweep had re-sent the file TRIAGE_MAX_ATTEMPTS times (about 1.5 h)."""
+    images, _ = test_split
+    env = make_triage_env(sqlite_url, soft_time_limit_s="6", time_limit_s="8", visibility_timeout_s="600")
+    (stuck_path, stuck), (other_path, other) = _stage_study(env, images, 2, (4096, 4096), JPEG2000Lossless)
+    study = stuck_path.split("/")[1]
+    worker = env.start_worker()
+    env.send(stuck_path, stuck)
+    wait_for(lambda: _processing(env), 60, 0.03, "the task in progress")
+    for child in worker.pool_children():
+        child.suspend()
+    row = env.wait_terminal([stuck], timeout=60)[stuck]
+    assert row["status"] == "failed", row
+    assert row["reason"] == "processing exceeded the 8s hard time limit (its worker process was killed)"
+    assert row["accession_number"] == "ACC-F0" and row["attempts"] == 1
+    assert not (env.spool / stuck_path).exists()
+    assert "killed at the 8s hard time limit; re-sent to record the failure" in worker.log()
+    env.send(other_path, other)  # the replacement pool process scores the study's other image
+    assert env.wait_terminal([other], timeout=60)[other]["status"] == "done"
+    env.finalize(study)
+    wait_for(lambda: (env.study(study) or {}).get("final"), 30, 0.3, "the study final")
+    assert not _pending_files(env)
+
+
 def _pg(action: str) -> None:
     """Stop/start the local cluster, whatever PostgreSQL version Debian installed: the newest, the one
     deploy/setup_dev.sh starts (`sort -V | tail -1`)."""

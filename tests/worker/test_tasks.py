@@ -487,6 +487,37 @@ def test_the_abandoned_reason_names_a_hard_time_limit_as_well_as_a_lost_worker(r
         "abandoned after 3 deliveries that did not finish (worker lost or hard time limit exceeded)")
 
 
+def test_a_claimed_instance_resent_after_a_hard_time_limit_is_failed_at_once(runtime, test_split, monkeypatch):
+    """The main process re-sends a delivery it killed at the hard time limit (`hard_time_limit_s`): its
+    claimed row is failed with that reason, keeps its identifiers, and its file is archived, without
+    loading the model or decoding the file again (it stalled a pool process once already)."""
+    relpath, sop, study = stage(runtime, test_split[0][0], accession="ACC-STUCK")
+    _claim(runtime, _base(relpath, sop, study))
+
+    def decoded(*args):
+        raise AssertionError("the file must not be decoded again")
+
+    monkeypatch.setattr(tasks, "analyse_file", decoded)
+    monkeypatch.setattr(tasks, "_require_model", decoded)
+    result = tasks.process_instance(runtime, relpath, sop, None, hard_time_limit_s=180)
+    stored = row(runtime, relpath, sop)
+    assert result["status"] == stored["status"] == "failed"
+    assert stored["reason"] == "processing exceeded the 180s hard time limit (its worker process was killed)"
+    assert stored["accession_number"] == "ACC-STUCK" and stored["processing_ms"] >= 180_000
+    assert not (runtime.settings.spool_dir / relpath).exists()
+    assert (runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm").is_file()
+
+
+def test_a_hard_time_limit_resend_of_an_unclaimed_or_finished_instance_is_an_ordinary_delivery(runtime, test_split):
+    """A delivery killed before it claimed the instance spent its time elsewhere (the database, the
+    model), not on the image: the re-send scores it. One whose result is stored changes nothing."""
+    relpath, sop, _ = stage(runtime, test_split[0][0])
+    assert tasks.process_instance(runtime, relpath, sop, None, hard_time_limit_s=180)["status"] == "done"
+    before = row(runtime, relpath, sop)
+    again = tasks.process_instance(runtime, relpath, sop, None, hard_time_limit_s=180)
+    assert again["noop"] and row(runtime, relpath, sop) == before
+
+
 def test_a_soft_time_limit_or_a_bug_keeps_the_identifiers(runtime, test_split, monkeypatch):
     from celery.exceptions import SoftTimeLimitExceeded
 
