@@ -184,7 +184,18 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, hide_parameters=True)
+    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, hide_parameters=True,
+                         connect_args=connect_args)
+
+
+POSTGRES_CONNECT_TIMEOUT_S = 10
+"""libpq's `connect_timeout` unless the URL sets one (`?connect_timeout=N`). Without it libpq waits for
+ever on a server that accepts the connection and never answers (a hung PostgreSQL, a proxy in front
+of a dead one): each task sat until its soft time limit, which failed it as non-transient and left the
+file to the gateway's sweep, and `pneumonia-admin`, `pneumonia-worker check` and `migrate`, which have
+no time limit, hung without a word. With it the connection fails as a database error: tasks retry it,
+the commands say it in one line."""
 
 
 def _create_private(path: Path) -> None:

@@ -87,6 +87,49 @@ class RedisServer:
         redis.Redis(port=self.port).flushall()
 
 
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung server, a proxy in front of a dead
+    one); yields the port. The connections stay open until the block ends."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+def call_within(seconds: float, call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """`call()`'s result or exception, or an AssertionError if it is still running after `seconds` (a hang
+    must fail the test, not stall the suite; the call's daemon thread is left behind)."""
+    import threading
+
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((call(), None))
+        except BaseException as exc:
+            outcome.append((None, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
 def drop_pg_database(name: str) -> None:
     import psycopg
 

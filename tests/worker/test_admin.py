@@ -282,6 +282,17 @@ def test_a_database_that_is_down_is_one_line_not_a_traceback(capsys):
     assert capsys.readouterr().err.startswith("pneumonia-admin: cannot open the database (OperationalError)")
 
 
+def test_a_database_that_never_answers_is_one_line_not_a_hang(capsys):
+    """A PostgreSQL that accepts and never answers (hung, or a proxy before a dead one) hung `stats` for ever."""
+    from tests.worker.support import call_within, silent_server
+
+    with silent_server() as port:
+        stats = ["--database-url", f"postgresql+psycopg://postgres@127.0.0.1:{port}/test", "stats"]
+        status, error = call_within(db.POSTGRES_CONNECT_TIMEOUT_S + 10, lambda: admin.main(stats))
+    assert (status, error) == (3, None)
+    assert capsys.readouterr().err.startswith("pneumonia-admin: cannot open the database (ConnectionTimeout)")
+
+
 @pytest.mark.parametrize("url,says", [
     ("sqlite:///{tmp}/garbage.db", "cannot open the database (DatabaseError)"),
     ("postgres+psycopg://user:secret@host/db", "invalid database URL (NoSuchModuleError"),

@@ -255,3 +255,29 @@ def test_migration_0006_keeps_final_studies_and_goes_back(database_url):
             assert "reopened_count" not in {c["name"] for c in inspect(conn).get_columns("studies")}
     finally:
         engine.dispose()
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_hanging():
+    """libpq waited for ever on a server that accepts and never answers: tasks sat until their soft time
+    limit and `pneumonia-admin` hung. The engine sets `connect_timeout`, and a URL's own value wins."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from tests.worker.support import call_within, silent_server
+
+    def connect(url: str) -> None:
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+
+    with silent_server() as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/test"
+        for own, limit in ((f"{url}?connect_timeout=1", 5), (url, db.POSTGRES_CONNECT_TIMEOUT_S + 10)):
+            started = time.monotonic()
+            _, error = call_within(limit, lambda: connect(own))
+            assert isinstance(error, OperationalError), error
+        assert time.monotonic() - started >= db.POSTGRES_CONNECT_TIMEOUT_S - 1, "the default is not the URL's 1 s"
