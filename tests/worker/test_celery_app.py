@@ -167,8 +167,6 @@ def test_a_hard_time_limit_that_cannot_be_resent_is_logged_and_left_to_the_sweep
     from celery.exceptions import TimeLimitExceeded
 
     app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:1/0"))
-    app.conf.broker_connection_max_retries = 0
-    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_retries": 0}
     task = app.tasks[contract.PROCESS_INSTANCE]
     args = ("pending/1.2.3/4.5.6.dcm", "4.5.6")
     with caplog.at_level(logging.WARNING, logger="worker.celery_app"):
