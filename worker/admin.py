@@ -7,6 +7,8 @@
     pneumonia-admin stats [--window-hours 24]
     pneumonia-admin export --format csv|json [--out FILE] [same filters as list]
     pneumonia-admin requeue [--older-than SECONDS]
+    pneumonia-admin reprocess [--status failed|skipped] [--study UID] [--accession ACC] [--sop UID]
+                              [--reason-contains TEXT] [--since ...] [--until ...] [--limit N] [--dry-run]
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
@@ -35,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
+from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.spool import study_uid_from_relpath, valid_uid
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -71,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--format", choices=("table", "json"), default="table")
     requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
     requeue.add_argument("--older-than", type=float, default=300.0, help="seconds since the file was written")
+    again = sub.add_parser("reprocess", help="analyse failed or skipped instances again from their archived copy")
+    again.add_argument("--status", choices=REPROCESSABLE, default="failed",
+                       help="the rows to analyse again (default failed; done results are never re-scored here)")
+    again.add_argument("--study", type=_given)
+    again.add_argument("--accession", type=_given)
+    again.add_argument("--sop", type=_given, help="one SOP Instance UID")
+    again.add_argument("--reason-contains", type=_given, metavar="TEXT",
+                       help="only rows whose reason contains TEXT (case as stored), e.g. 'ViewPosition'")
+    again.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
+    again.add_argument("--until", type=_timestamp, help="received before")
+    again.add_argument("--limit", type=positive_int, default=None, help="at most this many instances, oldest first")
+    again.add_argument("--dry-run", action="store_true", help="list what would be analysed again, change nothing")
     prune = sub.add_parser("prune-archive", help="delete archived DICOM files received more than N days ago")
     prune.add_argument("--older-than-days", type=_positive, required=True)
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
@@ -169,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 3
         if args.command == "requeue":
             return requeue(settings, engine, args.older_than)
+        if args.command == "reprocess":
+            selection = Selection(status=args.status, study=args.study, accession=args.accession, sop=args.sop,
+                                  reason_contains=args.reason_contains, since=args.since, until=args.until,
+                                  limit=args.limit)
+            return reprocess(settings, engine, selection, args.dry_run, lambda: broker_client(settings))
         fetch, render = COMMANDS[args.command]
         with engine.connect() as conn:
             if args.command in ("list", "export"):
@@ -433,14 +453,10 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
     idempotent. Rows not yet present are recorded as `queued` so nothing is invisible.
     A broker that cannot be reached is one line on stderr and exit 3, as a database that cannot be opened.
     """
-    from celery import Celery
     from kombu.exceptions import OperationalError as BrokerError
 
     files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
-    client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
-    # the worker's broker options (a sentinel master, a verified rediss://): without them a sentinel://
-    # requeue failed with a traceback and a rediss:// one trusted any certificate
-    client.conf.update(contract.broker_celery_options(settings, {"socket_timeout": 10, "socket_connect_timeout": 10}))
+    client = broker_client(settings)
     sent: list[Path] = []
     try:
         latest = _send_pending(client, engine, Path(settings.spool_dir), files, sent)
@@ -456,6 +472,17 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
         print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
               "did not write them, and the worker would refuse them", file=sys.stderr)
     return 0
+
+
+def broker_client(settings: WorkerSettings) -> Any:
+    """A Celery client of the worker's broker with the worker's broker options (a sentinel master, a
+    verified rediss://): without them a sentinel:// requeue failed with a traceback and a rediss:// one
+    trusted any certificate."""
+    from celery import Celery
+
+    client = Celery("pneumonia-admin", broker=settings.broker_url, set_as_current=False)
+    client.conf.update(contract.broker_celery_options(settings, {"socket_timeout": 10, "socket_connect_timeout": 10}))
+    return client
 
 
 def _send_pending(client: Any, engine: Any, spool_dir: Path, files: list[tuple[Path, dt.datetime]],

@@ -373,6 +373,25 @@ def reopen_study(conn: Connection, study_uid: str) -> bool:
     return conn.execute(stmt).first() is not None
 
 
+RESULT_COLUMNS = ("model_name", "model_version", "model_sha256", "site_calibration_sha256", "probability",
+                  "prediction", "stratum", "severity", "flag", "started_at", "finished_at", "processing_ms")
+"""What an analysis writes on a row, beside its status and reason (identifiers are the image's, and stay)."""
+
+
+def requeue_terminal_instance(conn: Connection, study_uid: str, sop_uid: str, was: str, relpath: str,
+                              reason: str) -> bool:
+    """Put a terminal row back to `queued`, its attempts and results cleared, for `pneumonia-admin
+    reprocess`; True if the row was still in status `was`. Only that status is matched: a row that another
+    delivery finished or that was reprocessed meanwhile is left alone."""
+    t = instances
+    stmt = (t.update()
+            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status == was)
+            .values(status="queued", reason=reason, attempts=0, transient_claims=None, spool_relpath=relpath,
+                    **{column: None for column in RESULT_COLUMNS})
+            .returning(t.c.sop_instance_uid))
+    return conn.execute(stmt).first() is not None
+
+
 def finalize_study(conn: Connection, study_uid: str, last_received_at: dt.datetime | None) -> None:
     """Mark a study final (idempotent: the first finalisation time is kept)."""
     now = utcnow()

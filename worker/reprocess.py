@@ -1,0 +1,218 @@
+"""`pneumonia-admin reprocess`: analyse failed or skipped instances again from their archived copy.
+
+Why: a failed or skipped row is final, and every later delivery of the instance is a no-op (the
+first result wins, `worker.db`). After the cause is fixed (a decoder bug, a time limit raised, a
+modality's missing ViewPosition accepted with `TRIAGE_MISSING_TAG_POLICY=process`), a PACS would have
+to re-send the study under new UIDs to get it scored. This puts each archived copy back in the spool,
+opens its row again and queues it, as the gateway does for a new image.
+
+Only `failed` and `skipped` rows: a study's flag never goes down (`db.touch_study`), so scoring them
+can only add to what the worklist shows. A `done` result may already have been read and acted on, and
+a new one could lower the study's flag; re-scoring those belongs to a new model's rollout, not here.
+
+Order per instance, each step safe to interrupt:
+  1. archive/<Study>/<SOP>.dcm (or its newest re-sent copy) -> pending/<Study>/<SOP>.dcm, dated now. Stopped here, the
+     row is still terminal: the gateway's sweep re-sends the file and the worker archives it again.
+  2. The row, still in its old status, goes back to `queued` (attempts and results cleared, the old
+     status and reason kept in its reason) and its study, if final, is reopened. Stopped here, the
+     file waits in pending/ for the sweep (or `requeue`), as any image whose message was lost.
+  3. `process_instance` is sent; then each study's `finalize_study`, which waits for its images.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from worker import contract, db
+from worker.config import WorkerSettings
+from worker.spool import archive_path, valid_uid
+
+REPROCESSABLE = ("failed", "skipped")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which terminal rows to analyse again (every filter optional; all given must match)."""
+
+    status: str = "failed"
+    study: str | None = None
+    accession: str | None = None
+    sop: str | None = None
+    reason_contains: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    study_uid: str
+    sop_uid: str
+    status: str
+    reason: str | None
+    received_at: dt.datetime | None
+
+
+def select_candidates(engine: Engine, selection: Selection) -> list[Candidate]:
+    """The rows `selection` names, oldest arrival first (status is indexed with finished_at)."""
+    t = db.instances.c
+    query = select(t.study_instance_uid, t.sop_instance_uid, t.status, t.reason, t.received_at).where(
+        t.status == selection.status)
+    if selection.study:
+        query = query.where(t.study_instance_uid == selection.study)
+    if selection.accession:
+        query = query.where(t.accession_number == selection.accession)
+    if selection.sop:
+        query = query.where(t.sop_instance_uid == selection.sop)
+    if selection.reason_contains:
+        query = query.where(t.reason.contains(selection.reason_contains, autoescape=True))
+    if selection.since:
+        query = query.where(t.received_at >= selection.since)
+    if selection.until:
+        query = query.where(t.received_at < selection.until)
+    query = query.order_by(t.received_at, t.study_instance_uid, t.sop_instance_uid).limit(selection.limit)
+    with engine.connect() as conn:
+        return [Candidate(*row) for row in conn.execute(query).all()]
+
+
+def obstacle(spool_dir: Path, candidate: Candidate) -> str | None:
+    """Why this instance cannot be analysed again, or None. Its archived copy is the only image of it
+    the worker kept: with retention `delete`, after `prune-archive`, or for a row without a study
+    folder (a spool path that named none) there is nothing to analyse."""
+    if not (valid_uid(candidate.study_uid) and valid_uid(candidate.sop_uid)):
+        return "its row names no study folder of the spool"
+    if (spool_dir / contract.pending_relpath(candidate.study_uid, candidate.sop_uid)).exists():
+        return "a copy of it is pending already (a re-send being processed)"
+    if newest_copy(spool_dir, candidate) is None:
+        return "no archived copy (TRIAGE_SPOOL_RETENTION=delete, or pruned by prune-archive)"
+    return None
+
+
+def newest_copy(spool_dir: Path, candidate: Candidate) -> Path | None:
+    """The archived copy last written: a re-send after the result (a PACS adding the missing
+    BodyPartExamined, say) is archived beside the first as `<SOP>.dup-*.dcm` and not re-evaluated
+    (`tasks._retire_quietly`); it is the copy the sender means, so it is the one analysed again."""
+    first = archive_path(spool_dir, candidate.study_uid, candidate.sop_uid)
+    copies = [first, *first.parent.glob(f"{candidate.sop_uid}.dup-*.dcm")]
+    dated = []
+    for path in copies:
+        try:
+            dated.append((path.stat().st_mtime_ns, path.name != first.name, path))
+        except OSError:  # absent (pruned, deleted) or unreadable: not a copy to analyse
+            continue
+    return max(dated)[2] if dated else None
+
+
+def restore_to_pending(spool_dir: Path, candidate: Candidate, copy: Path) -> str:
+    """Step 1: move `copy` back to pending/ (same file system: a rename) and date it now, so the
+    gateway's sweep gives the worker its grace period before re-sending it. Returns its relpath."""
+    relpath = contract.pending_relpath(candidate.study_uid, candidate.sop_uid)
+    target = spool_dir / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(copy, target)
+    os.utime(target)
+    return relpath
+
+
+def put_back(spool_dir: Path, candidate: Candidate, copy: Path) -> None:
+    """Undo step 1 for a row that changed meanwhile (it is no longer the terminal row selected)."""
+    os.replace(spool_dir / contract.pending_relpath(candidate.study_uid, candidate.sop_uid), copy)
+
+
+def reopen_row(engine: Engine, candidate: Candidate, relpath: str, now: dt.datetime) -> bool:
+    """Step 2 in one transaction: the row back to `queued` and its study, if final, reopened. False
+    when the row is no longer in the status it was selected in."""
+    note = f"reprocessing requested {now.isoformat(timespec='seconds')}Z (was {candidate.status}: {candidate.reason})"
+    with engine.begin() as conn:
+        if not db.requeue_terminal_instance(conn, candidate.study_uid, candidate.sop_uid, candidate.status,
+                                            relpath, note[:1000]):
+            return False
+        db.reopen_study(conn, candidate.study_uid)
+    return True
+
+
+def reprocess(settings: WorkerSettings, engine: Engine, selection: Selection, dry_run: bool,
+              client_factory: Any) -> int:
+    """Analyse the selected rows again; print what was done. Exit 0, or 3 when the broker does not answer
+    (checked before anything changes; one that fails midway leaves the rest to `requeue`)."""
+    spool_dir = Path(settings.spool_dir)
+    candidates = select_candidates(engine, selection)
+    blocked = [(c, why) for c in candidates if (why := obstacle(spool_dir, c))]
+    ready = [c for c in candidates if c not in {b for b, _ in blocked}]
+    for candidate, why in blocked:
+        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): {why}", file=sys.stderr)
+    if dry_run:
+        for candidate in ready:
+            print(f"would reprocess {candidate.sop_uid} (study {candidate.study_uid}, {candidate.status}: "
+                  f"{candidate.reason})")
+        print(f"would reprocess {len(ready)} of {len(candidates)} {selection.status} instance(s)")
+        return 0
+    if not ready:
+        print(f"reprocessed 0 of {len(candidates)} {selection.status} instance(s)")
+        return 0
+    return _send_all(spool_dir, engine, ready, len(candidates), selection.status, client_factory)
+
+
+def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected: int, status: str,
+              client_factory: Any) -> int:
+    from kombu.exceptions import OperationalError as BrokerError
+
+    client = client_factory()
+    studies: dict[str, None] = {}  # the studies sent to, in order
+    sent = 0
+    try:
+        with client.connection_for_write() as conn:  # before any change: a broker down changes nothing
+            conn.ensure_connection(max_retries=1)
+        for candidate in ready:
+            if _send_one(spool_dir, engine, client, candidate):
+                sent += 1
+                print(f"reprocessing {candidate.sop_uid} (study {candidate.study_uid}, was {status})")
+                studies[candidate.study_uid] = None
+        for study_uid in studies:
+            client.send_task(contract.FINALIZE_STUDY, args=(study_uid,),
+                             kwargs={"last_received_at": _latest_received(engine, study_uid)}, queue=contract.QUEUE)
+    except (BrokerError, OSError) as exc:
+        print(f"pneumonia-admin reprocess: cannot send to the broker ({type(exc).__name__}); {sent} of {len(ready)} "
+              "instance(s) sent; any opened but unsent waits in pending/ for the gateway's sweep or "
+              "`pneumonia-admin requeue --older-than 0`", file=sys.stderr)
+        return 3
+    finally:
+        client.close()
+    print(f"reprocessed {sent} of {selected} {status} instance(s) in {len(studies)} study(ies); "
+          "each study is final again once its images are scored")
+    return 0
+
+
+def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate) -> bool:
+    """Steps 1-3 for one instance; False when its row changed between the selection and now."""
+    copy = newest_copy(spool_dir, candidate)
+    if copy is None:  # pruned since the selection
+        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): its archived copy is gone",
+              file=sys.stderr)
+        return False
+    relpath = restore_to_pending(spool_dir, candidate, copy)
+    if not reopen_row(engine, candidate, relpath, db.utcnow()):
+        put_back(spool_dir, candidate, copy)
+        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): its row changed meanwhile",
+              file=sys.stderr)
+        return False
+    received = candidate.received_at or db.utcnow()
+    client.send_task(contract.PROCESS_INSTANCE, args=(relpath, candidate.sop_uid),
+                     kwargs={"received_at": received.replace(tzinfo=dt.timezone.utc).isoformat()},
+                     queue=contract.QUEUE)
+    return True
+
+
+def _latest_received(engine: Engine, study_uid: str) -> str | None:
+    """The study's last arrival, for its finalize (the gateway sends the same)."""
+    with engine.connect() as conn:
+        last = conn.execute(select(db.studies.c.last_received_at)
+                            .where(db.studies.c.study_instance_uid == study_uid)).scalar()
+    return last.replace(tzinfo=dt.timezone.utc).isoformat() if last else None
