@@ -8,9 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== system packages (DCMTK and Orthanc: real DICOM peers for the tests; Redis; PostgreSQL; openssl)"
+echo "== system packages (DCMTK and Orthanc: real DICOM peers for the tests; Redis; PostgreSQL; openssl;"
+echo "   iptables: a test silences a PostgreSQL connection by dropping its packets)"
 missing=()
-for package in dcmtk orthanc openssl redis-server postgresql; do
+for package in dcmtk orthanc openssl redis-server postgresql iptables; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

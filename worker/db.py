@@ -184,9 +184,15 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, hide_parameters=True,
-                         connect_args=connect_args)
+                         connect_args=postgres_connect_args(url))
+
+
+def postgres_connect_args(url: str) -> dict[str, Any]:
+    """libpq's bounds on a PostgreSQL that stops answering, each unless the URL sets it."""
+    given = make_url(url).query
+    defaults = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S, **POSTGRES_TCP_LIVENESS}
+    return {name: value for name, value in defaults.items() if name not in given}
 
 
 POSTGRES_CONNECT_TIMEOUT_S = 10
@@ -196,6 +202,16 @@ of a dead one): each task sat until its soft time limit, which failed it as non-
 file to the gateway's sweep, and `pneumonia-admin`, `pneumonia-worker check` and `migrate`, which have
 no time limit, hung without a word. With it the connection fails as a database error: tasks retry it,
 the commands say it in one line."""
+
+POSTGRES_TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                         "tcp_user_timeout": 30_000}
+"""libpq's TCP keepalives and `tcp_user_timeout` (ms), unless the URL sets them. Why: a connection that was
+established and then went silent (the server's host lost, a failover that moved the address, a firewall
+that dropped the connection's state) hung whoever waited on it: Linux sends its first keepalive after two
+hours, and unacknowledged data is retransmitted for about 15 minutes. A worker's task sat until its soft
+time limit failed it, `pneumonia-admin` and `migrate` hung. With these a dead peer is a database error
+within about a minute (a query in flight: keepalives after 30 s idle; a request never acknowledged: 30 s),
+which tasks retry. A live server answers keepalives from its kernel, so a long query is not cut short."""
 
 
 def _create_private(path: Path) -> None:

@@ -110,6 +110,68 @@ def silent_server() -> Iterator[int]:
             connection.close()
 
 
+@contextlib.contextmanager
+def tcp_forwarder(target_port: int) -> Iterator[int]:
+    """A local port that relays every connection to 127.0.0.1:`target_port`; yields the port. With
+    `silenced_port` it stands for a network path to the server that can go dead on its own."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client = listener.accept()[0]
+                server = socket.create_connection(("127.0.0.1", target_port))
+                held.extend((client, server))
+                threading.Thread(target=pump, args=(client, server), daemon=True).start()
+                threading.Thread(target=pump, args=(server, client), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+def iptables_usable() -> bool:
+    """Whether this process may add packet filter rules (root with CAP_NET_ADMIN and iptables installed,
+    as `deploy/setup_dev.sh` leaves a CI machine)."""
+    import shutil
+
+    if shutil.which("iptables") is None or os.geteuid() != 0:
+        return False
+    return subprocess.run(["iptables", "-w", "-L", "INPUT", "-n"], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def silenced_port(port: int) -> Iterator[None]:
+    """Every packet to or from local `port` dropped while the block runs: its established connections go
+    silent both ways, as when the server's host is lost or a firewall forgets the connection (nothing
+    is reset, nothing answers). The rules are removed afterwards whatever happens."""
+    rules = [["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+             ["INPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"]]
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "-I", *rule], check=True, capture_output=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True)
+
+
 def call_within(seconds: float, call: Callable[[], Any]) -> tuple[Any, BaseException | None]:
     """`call()`'s result or exception, or an AssertionError if it is still running after `seconds` (a hang
     must fail the test, not stall the suite; the call's daemon thread is left behind)."""

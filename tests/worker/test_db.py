@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 from sqlalchemy import inspect, select, text
 
+from tests.worker.support import iptables_usable
 from worker import db
 from worker.migrate import current_revision, head_revision, upgrade
 
@@ -281,3 +282,57 @@ def test_a_postgresql_server_that_never_answers_fails_the_connection_instead_of_
             _, error = call_within(limit, lambda: connect(own))
             assert isinstance(error, OperationalError), error
         assert time.monotonic() - started >= db.POSTGRES_CONNECT_TIMEOUT_S - 1, "the default is not the URL's 1 s"
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not iptables_usable(), reason="needs root with CAP_NET_ADMIN and iptables (deploy/setup_dev.sh)")
+def test_a_postgresql_connection_that_goes_silent_fails_instead_of_hanging(monkeypatch):
+    """A connection established and then silent (the server's host lost, a failover that moved its address:
+    nothing resets it, nothing answers) hung a query in flight for hours and a pooled connection's ping
+    for about 15 minutes. libpq's keepalives and tcp_user_timeout (shortened here) make both a database
+    error; the path to the server is a local relay whose packets iptables drops."""
+    import threading
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from tests.worker.support import silenced_port, tcp_forwarder
+
+    monkeypatch.setattr(db, "POSTGRES_TCP_LIVENESS", {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
+                                                      "keepalives_count": 2, "tcp_user_timeout": 3000})
+
+    def query(engine, sql: str) -> list[Exception]:
+        errors: list[Exception] = []
+
+        def run() -> None:
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text(sql))
+            except Exception as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return errors, thread
+
+    with tcp_forwarder(5432) as port:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=2"
+        in_flight, pooled = db.make_engine(url), db.make_engine(url)
+        try:
+            with pooled.connect() as conn:  # leaves one idle connection in its pool
+                conn.execute(text("SELECT 1"))
+            errors, thread = query(in_flight, "SELECT pg_sleep(2)")
+            time.sleep(0.5)
+            with silenced_port(port):
+                started = time.monotonic()
+                thread.join(20)
+                assert not thread.is_alive(), "a query in flight on a silent connection still waits after 20 s"
+                assert isinstance(errors[0], OperationalError), errors
+                assert time.monotonic() - started < 15
+                errors, thread = query(pooled, "SELECT 1")  # the pool's ping is never acknowledged
+                thread.join(20)
+                assert not thread.is_alive(), "a pooled connection's ping still waits after 20 s"
+                assert isinstance(errors[0], OperationalError), errors
+        finally:
+            in_flight.dispose()
+            pooled.dispose()
