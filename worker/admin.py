@@ -206,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:  # only --out's own errors: a spool read error of requeue is not "the output"
         print(f"{parser.prog}: cannot write the output ({exc})", file=sys.stderr)
         return 2
+    except DBAPIError as exc:  # lost after it opened (a restart, a connection gone silent): one line, as when it
+        # cannot be opened; a write of reprocess or requeue in progress is left as its steps allow
+        print(f"{parser.prog}: lost the database ({type(getattr(exc, 'orig', None) or exc).__name__})", file=sys.stderr)
+        return 3
     finally:
         engine.dispose()
 

@@ -603,3 +603,26 @@ def test_a_final_since_poll_searches_the_finalized_index(sqlite_url):
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
         assert plan[0].startswith("SEARCH ") and index in plan[0], (argv, plan)
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_database_lost_after_it_opened_is_one_line_not_a_traceback(pg_url, monkeypatch, capsys):
+    """The server ends the session between the schema check and the query (a restart, a connection that went
+    silent and was cut by the keepalives): a traceback before, now one line and exit 3 as for one that is down."""
+    import psycopg
+
+    from tests.worker.support import PG_ADMIN_DSN
+
+    upgrade(pg_url)
+    name = pg_url.rsplit("/", 1)[1]
+    real_fetch, real_command = admin.fetch_stats, admin.COMMANDS["stats"]
+
+    def fetch_after_the_server_ended_the_session(conn, args):
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        return real_fetch(conn, args)
+
+    monkeypatch.setitem(admin.COMMANDS, "stats", (fetch_after_the_server_ended_the_session, real_command[1]))
+    assert admin.main(["--database-url", pg_url, "stats"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and err == "pneumonia-admin: lost the database (AdminShutdown)\n"
