@@ -268,7 +268,10 @@ def _stored_flag(conn: Connection, flag: str) -> str | None:
 
 def query_rows(conn: Connection, args: argparse.Namespace,
                columns: tuple[str, ...] = LIST_COLUMNS) -> list[dict[str, Any]]:
-    """Instances (or studies with --studies) matching the filters, newest first."""
+    """Instances (or studies with --studies) matching the filters, newest arrival first; with --final-since
+    oldest finalisation first, on the index it filters by. Why ascending there: a poll is a cursor, and with
+    --limit the newest-first answer was the same newest rows at every poll, so a burst of more finalisations
+    than the limit lost its oldest (an URGENT study) for good; oldest first, each poll pages on from the last."""
     if args.studies:
         return _query_studies(conn, args)
     t = db.instances
@@ -283,8 +286,7 @@ def query_rows(conn: Connection, args: argparse.Namespace,
         stmt = stmt.where(t.c.received_at < args.until)
     if args.final_since:  # a result is final once written (the first terminal write wins)
         stmt = stmt.where(t.c.status.in_(db.TERMINAL), t.c.finished_at >= args.final_since)
-    # a poll by --final-since reads in the order it filters (newest finished first), on the same index
-    stmt = stmt.order_by((t.c.finished_at if args.final_since else t.c.received_at).desc())
+    stmt = stmt.order_by(t.c.finished_at.asc() if args.final_since else t.c.received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
     return [dict(r) for r in conn.execute(stmt).mappings()]
@@ -308,7 +310,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
         # Why not --since: a study becomes final (or final again after a late image, with a new
         # finalized_at) well after its images arrived, so a RIS polling on arrival never saw it final.
         stmt = stmt.where(v.c.final.is_(True), v.c.finalized_at >= args.final_since)
-    stmt = stmt.order_by((v.c.finalized_at if args.final_since else v.c.last_received_at).desc())
+    stmt = stmt.order_by(v.c.finalized_at.asc() if args.final_since else v.c.last_received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
     return [dict(r) for r in conn.execute(stmt).mappings()]

@@ -463,6 +463,41 @@ def test_final_since_finds_a_study_that_became_final_after_its_images(database_u
     assert [r["sop_instance_uid"] for r in listed] == ["1.5.1.1"]  # per instance: results finished since
 
 
+def test_a_final_since_poll_with_a_limit_pages_through_a_burst_oldest_first(database_url):
+    """Three studies final within moments, the first URGENT, polled with --limit 2 as the README says (the next
+    T from the answer's latest finalized_at): newest first, every poll returned the same two newest studies and
+    the URGENT one was never delivered. Oldest first, the polls page through all of them, per study and per
+    instance."""
+    from sqlalchemy import update
+
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    start = db.utcnow()
+    with engine.begin() as conn:
+        for i, flag in enumerate(("URGENT", "ROUTINE", "ROUTINE")):
+            uid = f"1.6.{i}"
+            db.touch_study(conn, uid, f"ACC{i}", start, {"severity": 2 - i, "flag": flag, "probability": 0.5})
+            db.finalize_study(conn, uid, start)
+            finished = start + dt.timedelta(milliseconds=3 * i)
+            conn.execute(update(db.studies).where(db.studies.c.study_instance_uid == uid).values(finalized_at=finished))
+            conn.execute(insert(db.instances).values(sop_instance_uid=f"{uid}.1", study_instance_uid=uid, status="done",
+                                                     attempts=1, received_at=start, finished_at=finished, flag=flag))
+    engine.dispose()
+
+    def poll(*args: str, key: str, stamp: str) -> list[str]:
+        taken: list[str] = []
+        since = start.isoformat()
+        for _ in range(4):
+            rows = json.loads(run_admin(database_url, "export", *args, "--format", "json", "--final-since", since,
+                                        "--limit", "2"))
+            taken += [r[key] for r in rows if r[key] not in taken]
+            since = max(r[stamp] for r in rows)
+        return taken
+
+    assert poll("--studies", key="study_instance_uid", stamp="finalized_at") == ["1.6.0", "1.6.1", "1.6.2"]
+    assert poll(key="sop_instance_uid", stamp="finished_at") == ["1.6.0.1", "1.6.1.1", "1.6.2.1"]
+
+
 def test_an_unknown_flag_or_stratum_is_refused_naming_the_accepted_values(small_db, capsys):
     """`--flag urgnt` printed an empty worklist with exit 0 (read as "nothing urgent"), while `--status bogus`
     exits 2. Any case names a value when it names one only."""
