@@ -580,12 +580,16 @@ def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every
 
 def _mark_queued(engine: Any, study_uid: str, sop_uid: str, relpath: str, received_at: dt.datetime) -> None:
     """A `queued` row for an instance (study, SOP) the database has not seen, received when the gateway
-    stored it; the same SOP UID finished in another study does not hide this one."""
+    stored it; the same SOP UID finished in another study does not hide this one. Its study, if final, is
+    reopened in the same transaction, as a worker's first claim does: a late image the database now holds
+    must not leave its study "final" (and handed to a RIS as such) until a worker gets to it."""
     with engine.begin() as conn:
         stmt = db._insert(conn, db.instances).values(
             sop_instance_uid=sop_uid, study_instance_uid=study_uid, spool_relpath=relpath,
             status="queued", attempts=0, received_at=db.parse_timestamp(received_at))
-        conn.execute(stmt.on_conflict_do_nothing(index_elements=list(db.INSTANCE_KEY)))
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(db.INSTANCE_KEY)).returning(db.instances.c.sop_instance_uid)
+        if conn.execute(stmt).first() is not None and study_uid:
+            db.reopen_study(conn, study_uid)
 
 
 class OutputError(Exception):

@@ -114,6 +114,36 @@ def test_requeue_keeps_the_gateway_receive_time_and_skips_files_archived_meanwhi
     engine.dispose()
 
 
+def test_requeue_of_a_late_image_reopens_its_final_study(tmp_path, database_url, redis_server, monkeypatch):
+    """A late image of a final study, re-sent by requeue (the worker down): its `queued` row was written but
+    the study stayed "final, ROUTINE" with an image the database held unscored, until a worker claimed it."""
+    import os
+
+    from worker import contract
+
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        db.touch_study(conn, "1.2.3", "ACC", dt.datetime(2026, 11, 1), {"severity": 0, "flag": "ROUTINE",
+                                                                       "probability": 0.01})
+        db.finalize_study(conn, "1.2.3", dt.datetime(2026, 11, 1))
+    late = tmp_path / "spool" / contract.pending_relpath("1.2.3", "1.2.3.7")
+    late.parent.mkdir(parents=True)
+    late.write_bytes(b"x")
+    os.utime(late, (1_700_000_000, 1_700_000_000))
+    redis_server.flush()
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
+    for _ in range(2):  # the second requeue finds the row there: nothing reopened twice
+        assert admin.main(["--database-url", database_url, "requeue", "--older-than", "0"]) == 0
+    with engine.connect() as conn:
+        study = conn.execute(select(db.studies).where(db.studies.c.study_instance_uid == "1.2.3")).mappings().one()
+        row = db.get_instance(conn, "1.2.3", "1.2.3.7")
+    engine.dispose()
+    assert (study["final"], study["reopened_count"], study["flag_before_reopen"]) == (False, 1, "ROUTINE")
+    assert row["status"] == "queued"
+
+
 def test_requeue_leaves_out_files_the_gateway_did_not_write(tmp_path, database_url, redis_server, monkeypatch, capsys):
     """A name that is not a UID (too long for PostgreSQL's column: a traceback that re-sent nothing, even
     for the good files after it; on SQLite a `queued` row the worker never finishes) is left out, as the
