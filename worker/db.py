@@ -379,11 +379,13 @@ def reopen_study(conn: Connection, study_uid: str) -> bool:
 
     Without it a late image turned a "final, ROUTINE" study URGENT with no sign in between; the
     gateway finalises the study again once it is quiet, and `finalize_study` waits for that image.
-    The flag it had as final is kept (`flag_before_reopen`) and the reopenings counted: a radiologist
-    may have read it from the ROUTINE list, and its new final state alone did not say so."""
+    The flag it had when first final is kept (`flag_before_reopen`, beside `first_finalized_at`) and the
+    reopenings counted: a radiologist may have read it from the ROUTINE list, and its new final state alone
+    did not say so. The first, not the last: a flag only rises, so the first final flag is the lowest one a
+    reader may have acted on, and a second reopening (a late lateral) overwrote it with the raised flag."""
     t = studies.c
     stmt = (studies.update().where(t.study_instance_uid == study_uid, t.final.is_(True))
-            .values(final=False, finalized_at=None, flag_before_reopen=t.flag,
+            .values(final=False, finalized_at=None, flag_before_reopen=func.coalesce(t.flag_before_reopen, t.flag),
                     reopened_count=func.coalesce(t.reopened_count, 0) + 1)
             .returning(t.study_instance_uid))
     return conn.execute(stmt).first() is not None

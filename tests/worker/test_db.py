@@ -216,6 +216,21 @@ def test_a_reopened_study_keeps_the_flag_it_had_as_final(engine):
     assert row["first_finalized_at"] == first <= row["finalized_at"]
 
 
+def test_a_second_reopening_keeps_the_flag_of_the_first_finalisation(engine):
+    """Final ROUTINE, reopened by a late PA (final URGENT), then by a late lateral: the second reopening wrote
+    URGENT over ROUTINE, and nothing on the study said any longer that a reader may have seen it ROUTINE."""
+    with engine.begin() as conn:
+        db.touch_study(conn, "7.9", "ACC9", dt.datetime(2026, 1, 1), _done("1.1", "7.9", "likely_normal", 0.05))
+        db.finalize_study(conn, "7.9", dt.datetime(2026, 1, 1))
+        assert db.reopen_study(conn, "7.9")
+        db.touch_study(conn, "7.9", "ACC9", dt.datetime(2026, 1, 2), _done("1.2", "7.9", "high_suspicion", 0.9))
+        db.finalize_study(conn, "7.9", dt.datetime(2026, 1, 2))
+        assert db.reopen_study(conn, "7.9")  # the late lateral, skipped
+        db.finalize_study(conn, "7.9", dt.datetime(2026, 1, 3))
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "7.9")).mappings().one()
+    assert (row["flag"], row["reopened_count"], row["flag_before_reopen"]) == ("URGENT", 2, "ROUTINE")
+
+
 def test_a_study_never_reopened_says_so(engine):
     with engine.begin() as conn:
         db.touch_study(conn, "7.8", "ACC8", dt.datetime(2026, 1, 1), _done("1.1", "7.8"))
