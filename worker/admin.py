@@ -38,7 +38,7 @@ from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
-from worker.spool import study_uid_from_relpath, valid_uid
+from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "reason", "received_at", "finished_at", "processing_ms")
@@ -193,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with engine.connect() as conn:
             if args.command in ("list", "export"):
                 args = resolve_filters(conn, args, settings)
+            args = argparse.Namespace(**vars(args), spool_dir=Path(settings.spool_dir))
             found = fetch(conn, args)
         # The read transaction has ended before any output: a pager or a stalled pipe that holds
         # the output keeps no lock on PostgreSQL (an ALTER behind it would queue every worker's write).
@@ -330,7 +331,10 @@ def render_list(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int | None]:
+    """The study's row, its instances, and how many of its images wait in the spool's pending/ (None when this
+    host cannot read the spool): the database sees an image only once a worker claims it, so a study whose
+    images no worker has taken yet was "not found" while the gateway held them."""
     v = db.study_flags
     study = conn.execute(select(*[v.c[c] for c in STUDY_COLUMNS])
                          .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
@@ -338,27 +342,31 @@ def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, An
     instances = [dict(r) for r in conn.execute(
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
-    return (None if study is None else dict(study)), instances
+    waiting = waiting_in_pending(args.spool_dir)
+    in_spool = None if waiting is None else len(waiting.get(args.study_uid, []))
+    return (None if study is None else dict(study)), instances, in_spool
 
 
-def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: argparse.Namespace) -> int:
-    study, instances = found
-    if study is None and not instances:
+def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]], int | None], args: argparse.Namespace) -> int:
+    study, instances, in_spool = found
+    if study is None and not instances and not in_spool:
         print(f"study {args.study_uid} not found", file=sys.stderr)
         return 1
     if args.format == "json":
-        print(json.dumps({"study": _jsonable(study or {}), "instances": [_jsonable(r) for r in instances]},
-                         indent=2))
+        print(json.dumps({"study": _jsonable(study or {}), "instances": [_jsonable(r) for r in instances],
+                          "waiting_in_spool": in_spool}, indent=2))
         return 0
-    for key, value in (study or {}).items():
+    for key, value in (study or {"study_instance_uid": args.study_uid}).items():
         print(f"{key:>20}: {_fmt(value)}")
+    print(f"{'waiting_in_spool':>20}: {_fmt(in_spool)}  (images in pending/ no worker has finished)")
     print()
     _emit(instances, LIST_COLUMNS, "table", None)
     return 0
 
 
-def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
-    """Counts per stratum/status, top failure reasons, throughput and latency percentiles."""
+def compute_stats(conn: Connection, window_hours: float, spool_dir: Path | None = None) -> dict[str, Any]:
+    """Counts per stratum/status, top failure reasons, throughput and latency percentiles, and what waits in
+    the spool (`spool_dir`'s pending/, when this host can read it)."""
     t = db.instances
     since = db.utcnow() - dt.timedelta(hours=window_hours)
     recent = t.c.finished_at >= since
@@ -373,13 +381,15 @@ def compute_stats(conn: Connection, window_hours: float) -> dict[str, Any]:
     timing = conn.execute(select(t.c.received_at, t.c.finished_at, t.c.processing_ms)
                           .where(recent, t.c.status.in_(db.TERMINAL))).all()
     pending = conn.execute(select(func.count()).where(t.c.status.in_(("queued", "processing")))).scalar_one()
+    waiting = waiting_in_pending(spool_dir) if spool_dir is not None else None
     return {
         "window_hours": window_hours,
         "by_status": by_status,
         "by_stratum": by_stratum,
         "by_flag": by_flag,
         "outstanding": pending,
-        "overdue_studies": overdue_studies(conn, since),
+        **spool_summary(waiting),
+        "overdue_studies": overdue_studies(conn, since, waiting),
         "top_reasons": [{"status": s, "reason": r, "count": n} for s, r, n in reasons],
         **_timing_stats(timing),
     }
@@ -389,14 +399,30 @@ OVERDUE_AFTER = dt.timedelta(hours=1)
 """A study still not final this long after its last image has most likely lost its finalize."""
 
 
-def overdue_studies(conn: Connection, since: dt.datetime) -> int:
+def overdue_studies(conn: Connection, since: dt.datetime, waiting: dict[str, list[float]] | None = None) -> int:
     """Studies of the window still not final `OVERDUE_AFTER` after their last image. Why: a finalize lost
     with the broker's queue (a Redis restart without persistence) is never sent again, and such a study
-    stayed provisional on the worklist for good with nothing to show for it; `requeue` re-sends it."""
+    stayed provisional on the worklist for good with nothing to show for it; `requeue` re-sends it.
+    With the spool's `waiting` images, a study whose newest waiting image is that old counts too, whether
+    the database has seen it or not: with no worker taking work the database saw nothing, and this read 0."""
     s = db.studies
-    return conn.execute(select(func.count()).where(
+    late = conn.execute(select(s.c.study_instance_uid).where(
         s.c.last_received_at >= since, s.c.last_received_at < db.utcnow() - OVERDUE_AFTER, s.c.final.is_(False),
-    )).scalar_one()
+    )).scalars().all()
+    cutoff = time.time() - OVERDUE_AFTER.total_seconds()
+    stuck = {study for study, mtimes in (waiting or {}).items() if max(mtimes) < cutoff}
+    return len(set(late) | stuck)
+
+
+def spool_summary(waiting: dict[str, list[float]] | None) -> dict[str, Any]:
+    """What the spool holds that no worker has finished: images and studies waiting in pending/ and the
+    oldest one's age. Why: the database sees an image only once a worker claims it (or `requeue` sends it),
+    so while no worker takes work `outstanding` and the worklist said nothing waited."""
+    if waiting is None:
+        return {"waiting_in_spool": None, "studies_waiting_in_spool": None, "oldest_waiting_s": None}
+    mtimes = [m for per_study in waiting.values() for m in per_study]
+    oldest = round(max(0.0, time.time() - min(mtimes)), 1) if mtimes else None
+    return {"waiting_in_spool": len(mtimes), "studies_waiting_in_spool": len(waiting), "oldest_waiting_s": oldest}
 
 
 def positive_int(text: str) -> int:
@@ -435,7 +461,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float] | None:
 
 
 def fetch_stats(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
-    return compute_stats(conn, args.window_hours)
+    return compute_stats(conn, args.window_hours, args.spool_dir)
 
 
 def render_stats(stats: dict[str, Any], args: argparse.Namespace) -> int:

@@ -68,6 +68,28 @@ def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, re
         log.warning("could not retire spool file for SOP %s: %s", sop_uid, type(exc).__name__)
 
 
+def waiting_in_pending(spool_dir: Path) -> dict[str, list[float]] | None:
+    """Per study folder of pending/, the modification times of its images (what the gateway accepted and no
+    worker has finished; the gateway writes a file once, when it stores it). None when there is no pending/
+    to read (an admin host without the spool). Files and folders whose names are not UIDs are not the
+    gateway's and are left out, as the sweep leaves them out; a file retired while listed is skipped."""
+    root = Path(spool_dir) / SPOOL_PENDING
+    if not root.is_dir():
+        return None
+    waiting: dict[str, list[float]] = {}
+    for folder in sorted(root.iterdir()):
+        if not (valid_uid(folder.name) and folder.is_dir()):
+            continue
+        for path in folder.glob("*.dcm"):
+            if not valid_uid(path.stem):
+                continue
+            try:
+                waiting.setdefault(folder.name, []).append(path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+    return waiting
+
+
 def archive_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
     """Empty pending/<StudyUID>/ folders are left alone: removing one could race a gateway rename."""
     return Path(spool_dir) / SPOOL_ARCHIVE / study_uid / f"{sop_uid}.dcm"

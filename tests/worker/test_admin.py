@@ -205,6 +205,44 @@ def test_stats_counts_studies_whose_finalize_is_overdue(database_url):
     assert "overdue_studies: 1" in run_admin(database_url, "stats")
 
 
+def test_stats_and_show_count_images_waiting_in_the_spool_that_no_worker_took(tmp_path, database_url, monkeypatch,
+                                                                              capsys):
+    """With no worker taking work the database sees none of the gateway's images: `stats` said outstanding 0 and
+    overdue_studies 0 two hours into the outage, and `show` said "not found" for a study the gateway held."""
+    import os
+    import time as time_
+
+    from worker import contract
+
+    upgrade(database_url)
+    spool = tmp_path / "spool"
+    stamp = time_.time() - 2 * 3600
+    for study, sop in (("1.7.1", "1.7.1.1"), ("1.7.1", "1.7.1.2"), ("1.7.2", "1.7.2.1"), ("bad", "1.7.3.1")):
+        path = spool / contract.SPOOL_PENDING / study / f"{sop}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (stamp, stamp if study != "1.7.2" else time_.time()))
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:  # 1.7.1 also overdue in the database: counted once
+        db.touch_study(conn, "1.7.1", None, db.utcnow() - dt.timedelta(hours=2))
+    engine.dispose()
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(spool))
+    stats = json.loads(run_admin(database_url, "stats", "--format", "json"))
+    assert (stats["outstanding"], stats["waiting_in_spool"], stats["studies_waiting_in_spool"]) == (0, 3, 2)
+    assert 7100 < stats["oldest_waiting_s"] < 7300 and stats["overdue_studies"] == 1
+
+    shown = json.loads(run_admin(database_url, "show", "1.7.2", "--format", "json"))
+    assert (shown["study"], shown["instances"], shown["waiting_in_spool"]) == ({}, [], 1)
+    assert "waiting_in_spool: 1" in run_admin(database_url, "show", "1.7.2")
+    capsys.readouterr()
+    assert admin.main(["--database-url", database_url, "show", "1.7.9"]) == 1
+    assert capsys.readouterr().err == "study 1.7.9 not found\n"
+
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "elsewhere"))  # a host without the spool: unknown, not 0
+    stats = json.loads(run_admin(database_url, "stats", "--format", "json"))
+    assert stats["waiting_in_spool"] is None and stats["overdue_studies"] == 1
+
+
 def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
     """Every query of list/show/stats searches an index, so it stays fast at 100k+ rows (timed in
     `benchmarks/admin_queries.py`). In SQLite's plan `SCAN t` reads every row, and so does `SCAN t
