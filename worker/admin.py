@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from sqlalchemy import Connection, exists, func, inspect, select, text
+from sqlalchemy import Connection, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from models.card import STRATUM_NAMES
@@ -296,10 +296,13 @@ def query_rows(conn: Connection, args: argparse.Namespace,
 def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
     v = db.study_flags
     stmt = select(*[v.c[c] for c in STUDY_COLUMNS])
-    for column, value in (("flag", args.flag), ("stratum", args.stratum), ("accession_number", args.accession),
-                          ("study_instance_uid", args.study)):
+    for column, value in (("flag", args.flag), ("stratum", args.stratum), ("study_instance_uid", args.study)):
         if value:
             stmt = stmt.where(v.c[column] == value)
+    if args.accession:  # the study's own (its first image's) or any of its images': images of one study may
+        # carry two (a temporary one replaced, a second series), and the study was found under the first only
+        stmt = stmt.where(or_(v.c.accession_number == args.accession, v.c.study_instance_uid.in_(
+            select(db.instances.c.study_instance_uid).where(db.instances.c.accession_number == args.accession))))
     if args.status:
         stmt = stmt.where(v.c.study_instance_uid.in_(
             select(db.instances.c.study_instance_uid).where(db.instances.c.status == args.status)))

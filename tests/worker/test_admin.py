@@ -243,6 +243,24 @@ def test_stats_and_show_count_images_waiting_in_the_spool_that_no_worker_took(tm
     assert stats["waiting_in_spool"] is None and stats["overdue_studies"] == 1
 
 
+def test_a_study_is_found_by_the_accession_number_of_any_of_its_images(database_url):
+    """A lateral scored first with ACC-B, then the URGENT PA with ACC-C: the study took ACC-B, and
+    `list --studies --accession ACC-C` found nothing while `list --accession ACC-C` found the PA."""
+    upgrade(database_url)
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for sop, accession, flag in (("1.8.1.1", "ACC-B", None), ("1.8.1.2", "ACC-C", "URGENT")):
+            result = {"severity": 2, "flag": flag, "probability": 0.9} if flag else None
+            db.finish_instance(conn, {"study_instance_uid": "1.8.1", "sop_instance_uid": sop, "accession_number": accession,
+                                      "status": "done" if flag else "skipped", "flag": flag})
+            db.touch_study(conn, "1.8.1", accession, db.utcnow(), result)
+        db.touch_study(conn, "1.8.2", "ACC-D", db.utcnow())
+    engine.dispose()
+    for accession in ("ACC-B", "ACC-C"):
+        found = json.loads(run_admin(database_url, "list", "--studies", "--accession", accession, "--format", "json"))
+        assert [(r["study_instance_uid"], r["accession_number"], r["flag"]) for r in found] == [("1.8.1", "ACC-B", "URGENT")]
+
+
 def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
     """Every query of list/show/stats searches an index, so it stays fast at 100k+ rows (timed in
     `benchmarks/admin_queries.py`). In SQLite's plan `SCAN t` reads every row, and so does `SCAN t
