@@ -143,6 +143,23 @@ def test_raw_14_bit_values_in_a_16_bit_array_are_refused_not_read_at_a_quarter_b
     assert detector.predict(dim)["stratum"]
 
 
+@pytest.mark.parametrize("bits", [12, 14])
+def test_unscaled_values_lifted_by_an_offset_are_refused_not_read_as_a_grey_band(detector, sample, tmp_path, bits):
+    """12-bit data + 32768 (a signed-to-unsigned export slip) uses the top bit, so the low-bits rule let it
+    through: a thin grey band, every one of 60 test normals read high_suspicion, with no error."""
+    from PIL import Image
+
+    raw = sample.astype(np.uint16) * (2 ** (bits - 8)) + 32768
+    with pytest.raises(UnreadableImageError, match=r"16-bit image spans only \d+ of its 65536 levels"):
+        detector.predict(raw)
+    png = tmp_path / "offset.png"
+    Image.fromarray(raw).save(png)
+    with pytest.raises(UnreadableImageError, match="an offset or unscaled export"):
+        detector.predict(str(png))
+    spread = (sample.astype(np.uint16) * 150 + 20000)  # a wide band, not full range: still scored
+    assert detector.predict(spread)["stratum"]
+
+
 def test_a_batch_names_the_input_it_refuses(detector, sample):
     with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
         detector.predict_batch([sample, sample[:20, :20], sample])
