@@ -82,6 +82,20 @@ def test_batch_equals_single(detector, pneumoniamnist):
     np.testing.assert_allclose(batch, single, atol=1e-5)
 
 
+def test_a_batch_longer_than_a_chunk_is_scored_in_order_and_names_a_bad_input_by_its_place(detector, pneumoniamnist):
+    """The batch is read and scored BATCH_CHUNK at a time (the whole list at once held ~7 MB an image): the
+    results keep the input order across chunks, and a bad input in a later chunk is named by its place."""
+    from models.detector import BATCH_CHUNK
+
+    images = list(pneumoniamnist["test_images"][: 2 * BATCH_CHUNK + 3])
+    batch = [pneumonia_p(r) for r in detector.predict_batch(images)]
+    single = [pneumonia_p(detector.predict(i)) for i in images]
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    images[2 * BATCH_CHUNK + 1] = images[0][:20, :20]
+    with pytest.raises(UnreadableImageError, match=rf"^input {2 * BATCH_CHUNK + 2} of {len(images)}: "):
+        detector.predict_batch(images)
+
+
 def test_model_separates_classes(detector, pneumoniamnist):
     """The released model must rank pneumonia above normal on a test sample (AUC well above chance)."""
     from sklearn.metrics import roc_auc_score
