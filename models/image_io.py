@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.dicom_io import dicom_to_grayscale, read_dicom
+from models.dicom_io import PixelLimits, dicom_to_grayscale, read_dicom
 from models.errors import UnreadableImageError
 
 TIFF_PHOTOMETRIC = 262
@@ -31,6 +31,7 @@ def read_raster(path: Path) -> np.ndarray:
     """PNG/JPEG/TIFF -> uint8 or uint16 grayscale array, keeping 16-bit depth."""
     try:
         with Image.open(path) as stored:
+            check_raster_size(stored.size)
             stored.load()
             image = ImageOps.exif_transpose(stored)  # the picture as viewers show it (phone photos of films)
             if image.mode in ("I;16", "I;16B", "I;16L"):
@@ -50,6 +51,16 @@ def read_raster(path: Path) -> np.ndarray:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
+
+
+def check_raster_size(size: tuple[int, int]) -> None:
+    """Refuse a raster over the DICOM reader's pixel bound before decoding it. Why: Pillow's own bomb limit
+    is 179 megapixels and only warns above 89, so a 169-megapixel RGB PNG was decoded and scored at a 2.4 GiB
+    peak, where the same image as DICOM is refused above 144 megapixels (`PixelLimits.max_pixels`)."""
+    width, height = size
+    limit = PixelLimits().max_pixels
+    if width * height > limit:
+        raise UnreadableImageError(f"image size {height}x{width} exceeds {limit // 1_000_000} megapixels")
 
 
 def white_is_zero_16(values: np.ndarray) -> np.ndarray:

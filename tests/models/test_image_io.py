@@ -54,3 +54,28 @@ def test_a_dicom_file_without_its_part_10_header_is_refused_saying_so(tmp_path, 
     raw.write_bytes(written.read_bytes()[132:])
     with pytest.raises(UnreadableImageError, match=r"nor a DICOM Part 10 file \(no 'DICM' prefix at byte 128"):
         read_image(raw)
+
+
+def test_a_raster_over_the_dicom_pixel_bound_is_refused_before_it_is_decoded(tmp_path):
+    """Pillow only warns under 179 megapixels: a 169-megapixel PNG was decoded (2.4 GiB) and scored, where the
+    same image as DICOM is refused above 144. The header's size is enough: this file's pixels are never read."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from models.dicom_io import PixelLimits
+    from models.image_io import read_raster
+
+    small = tmp_path / "small.png"
+    Image.new("L", (64, 64), 128).save(small)
+    data = bytearray(small.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", 13000, 13000)  # width, height
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    big = tmp_path / "big.png"
+    big.write_bytes(bytes(data))
+    with pytest.raises(UnreadableImageError, match=f"image size 13000x13000 exceeds "
+                                                   f"{PixelLimits().max_pixels // 1_000_000} megapixels"):
+        read_raster(big)
+    assert read_raster(small).shape == (64, 64)
