@@ -21,7 +21,7 @@ import numpy as np
 from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
-from models.dicom_io import check_not_blank
+from models.dicom_io import LutShapeConflict, check_not_blank
 from models.preprocess import preprocess, preprocess_batch, preprocessing_id, to_unit_range
 
 ImageLike = str | Path | np.ndarray
@@ -101,8 +101,11 @@ class PneumoniaDetector:
         verify_sha256: bool = True,
         site_calibration: str | Path | None = None,
         require_provider: str | None = None,
+        lut_shape_conflict: LutShapeConflict = "refuse",
     ) -> None:
         import onnxruntime as ort
+
+        self.lut_shape_conflict = lut_shape_conflict  # as the worker's TRIAGE_PRESENTATION_LUT_CONFLICT
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not self.model_path.is_file():
@@ -164,7 +167,7 @@ class PneumoniaDetector:
         was scored 0.73 pneumonia. The whole image is brought to display values (a subsample could
         miss the few bright pixels that make a 16-bit image full-range); the share is counted on a
         grid, after `preprocess` has refused what is not an image at all."""
-        loaded = load_any(image)
+        loaded = load_any(image, self.lut_shape_conflict)
         network_input = preprocess(loaded, self.card.source_size)
         check_not_blank(to_unit_range(loaded))
         return network_input
@@ -224,10 +227,10 @@ def load_card(model_path: Path, *, verify_sha256: bool = True,
     return card
 
 
-def load_any(image: ImageLike) -> np.ndarray:
+def load_any(image: ImageLike, lut_shape_conflict: LutShapeConflict = "refuse") -> np.ndarray:
     """Path or array -> grayscale array; arrays pass through unchanged."""
     if isinstance(image, np.ndarray):
         return image
     if isinstance(image, (str, Path)):
-        return read_image(image)
+        return read_image(image, lut_shape_conflict)
     raise UnreadableImageError(f"unsupported input type {type(image).__name__}")

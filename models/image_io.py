@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.dicom_io import PixelLimits, dicom_to_grayscale, read_dicom
+from models.dicom_io import LutShapeConflict, PixelLimits, dicom_to_grayscale, read_dicom
 from models.errors import UnreadableImageError
 
 TIFF_PHOTOMETRIC = 262
@@ -77,13 +77,15 @@ def white_is_zero_16(values: np.ndarray) -> np.ndarray:
     return np.uint16(65535) - values
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Any supported file -> 2-D grayscale (uint8, uint16, or float32 in [0, 1] for DICOM)."""
+def read_image(path: str | Path, lut_shape_conflict: LutShapeConflict = "refuse") -> np.ndarray:
+    """Any supported file -> 2-D grayscale (uint8, uint16, or float32 in [0, 1] for DICOM). A DICOM whose
+    Presentation LUT Shape contradicts its Photometric Interpretation is handled as `lut_shape_conflict`
+    says (`dicom_io.dicom_to_grayscale`; the worker's TRIAGE_PRESENTATION_LUT_CONFLICT)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such image file: {path}")
     if is_dicom(path):
-        return dicom_to_grayscale(read_dicom(str(path)))
+        return dicom_to_grayscale(read_dicom(str(path)), lut_shape_conflict=lut_shape_conflict)
     try:
         return read_raster(path)
     except UnreadableImageError as exc:

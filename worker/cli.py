@@ -224,7 +224,8 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
         paths, labels, lines = read_cases(args.cases)
         keep, excluded = cases_the_worker_would_score(paths, settings)
         kept = np.flatnonzero(keep)
-        detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads)
+        detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads,
+                                     lut_shape_conflict=settings.presentation_lut_conflict)  # read as the worker reads
         logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[lines[i] for i in kept])
         site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
     except OSError as exc:  # its text names the file, and case paths may carry patient identifiers

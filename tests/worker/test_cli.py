@@ -126,6 +126,30 @@ def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
     assert site.cases["n"] == 24 and site.cases["excluded"] == {"view position LL is not frontal (PA/AP)": 2}
 
 
+def test_calibrate_reads_dicom_cases_with_the_worker_s_presentation_lut_setting(tmp_path, test_split):
+    """A site whose modality writes MONOCHROME2 with INVERSE sets TRIAGE_PRESENTATION_LUT_CONFLICT and the worker
+    scores its images; `calibrate` refused every such case, telling it to set the variable it had set."""
+    import numpy as np
+
+    from worker.samples import make_cxr_dataset, save
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:10], np.flatnonzero(labels == 0)[:10]])
+    rows = ["path,label"]
+    for i in chosen:
+        ds = make_cxr_dataset(images[i], size=(256, 256), modality="DX")
+        ds.PresentationLUTShape = "INVERSE"  # contradicts MONOCHROME2
+        save(ds, tmp_path / f"{i}.dcm")
+        rows.append(f"{i}.dcm,{int(labels[i])}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    args = ("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "dx-room", "--folds", "3")
+    refused = run_cli(*args, "--out", str(tmp_path / "refused.json"))
+    assert refused.returncode == 2 and "20 case(s) unreadable" in refused.stderr
+    done = run_cli(*args, "--out", str(tmp_path / "site.json"), TRIAGE_PRESENTATION_LUT_CONFLICT="follow_photometric")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site.json").is_file() and not (tmp_path / "refused.json").exists()
+
+
 def test_calibrate_refuses_unreadable_cases_by_line(tmp_path, test_split):
     """Lines count in the CSV as written, even after the worker's selection left a case out."""
     from worker.samples import make_cxr_dataset, save
