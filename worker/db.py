@@ -382,10 +382,13 @@ def reopen_study(conn: Connection, study_uid: str) -> bool:
     The flag it had when first final is kept (`flag_before_reopen`, beside `first_finalized_at`) and the
     reopenings counted: a radiologist may have read it from the ROUTINE list, and its new final state alone
     did not say so. The first, not the last: a flag only rises, so the first final flag is the lowest one a
-    reader may have acted on, and a second reopening (a late lateral) overwrote it with the raised flag."""
+    reader may have acted on, and a second reopening (a late lateral) overwrote it with the raised flag.
+    Keyed on the count, not on the column being empty: a study first final with no flag (every image
+    skipped) keeps none."""
     t = studies.c
     stmt = (studies.update().where(t.study_instance_uid == study_uid, t.final.is_(True))
-            .values(final=False, finalized_at=None, flag_before_reopen=func.coalesce(t.flag_before_reopen, t.flag),
+            .values(final=False, finalized_at=None,
+                    flag_before_reopen=case((func.coalesce(t.reopened_count, 0) == 0, t.flag), else_=t.flag_before_reopen),
                     reopened_count=func.coalesce(t.reopened_count, 0) + 1)
             .returning(t.study_instance_uid))
     return conn.execute(stmt).first() is not None
@@ -396,14 +399,16 @@ RESULT_COLUMNS = ("model_name", "model_version", "model_sha256", "site_calibrati
 """What an analysis writes on a row, beside its status and reason (identifiers are the image's, and stay)."""
 
 
-def requeue_terminal_instance(conn: Connection, study_uid: str, sop_uid: str, was: str, relpath: str,
-                              reason: str) -> bool:
+def requeue_terminal_instance(conn: Connection, study_uid: str, sop_uid: str, was: str,
+                              finished_at: dt.datetime | None, relpath: str, reason: str) -> bool:
     """Put a terminal row back to `queued`, its attempts and results cleared, for `pneumonia-admin
-    reprocess`; True if the row was still in status `was`. Only that status is matched: a row that another
-    delivery finished or that was reprocessed meanwhile is left alone."""
+    reprocess`; True if the row was still the one selected: status `was`, finished at `finished_at`. A row
+    that another delivery finished or that another run reprocessed meanwhile is left alone, even one that
+    ended in the same status again (the status alone could not tell it from the row selected)."""
     t = instances
     stmt = (t.update()
-            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status == was)
+            .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status == was,
+                   t.c.finished_at.is_not_distinct_from(finished_at))
             .values(status="queued", reason=reason, attempts=0, transient_claims=None, spool_relpath=relpath,
                     **{column: None for column in RESULT_COLUMNS})
             .returning(t.c.sop_instance_uid))

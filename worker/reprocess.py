@@ -58,12 +58,13 @@ class Candidate:
     status: str
     reason: str | None
     received_at: dt.datetime | None
+    finished_at: dt.datetime | None
 
 
 def select_candidates(engine: Engine, selection: Selection) -> list[Candidate]:
     """The rows `selection` names, oldest arrival first (status is indexed with finished_at)."""
     t = db.instances.c
-    query = select(t.study_instance_uid, t.sop_instance_uid, t.status, t.reason, t.received_at).where(
+    query = select(t.study_instance_uid, t.sop_instance_uid, t.status, t.reason, t.received_at, t.finished_at).where(
         t.status == selection.status)
     if selection.study:
         query = query.where(t.study_instance_uid == selection.study)
@@ -111,28 +112,40 @@ def newest_copy(spool_dir: Path, candidate: Candidate) -> Path | None:
 
 
 def restore_to_pending(spool_dir: Path, candidate: Candidate, copy: Path) -> str:
-    """Step 1: move `copy` back to pending/ (same file system: a rename) and date it now, so the
-    gateway's sweep gives the worker its grace period before re-sending it. Returns its relpath."""
+    """Step 1: move `copy` back to pending/ and date it now, so that the gateway's sweep gives the worker its
+    grace period before re-sending it (the worker dates the archived copy by its receive time again when it
+    retires it, for `prune-archive`). Returns its relpath. The move never replaces a file: a link, then the
+    old name removed, so a copy the gateway stored or another run restored since the selection raises
+    `FileExistsError` and stays (a rename overwrote a corrected re-send with the old copy)."""
     relpath = contract.pending_relpath(candidate.study_uid, candidate.sop_uid)
     target = spool_dir / relpath
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(copy, target)
+    os.link(copy, target)
+    os.unlink(copy)
     os.utime(target)
     return relpath
 
 
 def put_back(spool_dir: Path, candidate: Candidate, copy: Path) -> None:
-    """Undo step 1 for a row that changed meanwhile (it is no longer the terminal row selected)."""
-    os.replace(spool_dir / contract.pending_relpath(candidate.study_uid, candidate.sop_uid), copy)
+    """Undo step 1 for a row that changed meanwhile (it is no longer the terminal row selected). Should
+    `copy`'s name be taken again, the file stays in pending/: the sweep sends it, and the worker archives
+    it beside the first as a duplicate of a stored result."""
+    source = spool_dir / contract.pending_relpath(candidate.study_uid, candidate.sop_uid)
+    try:
+        os.link(source, copy)
+    except FileExistsError:
+        return
+    os.unlink(source)
 
 
 def reopen_row(engine: Engine, candidate: Candidate, relpath: str, now: dt.datetime) -> bool:
     """Step 2 in one transaction: the row back to `queued` and its study, if final, reopened. False
-    when the row is no longer in the status it was selected in."""
+    when the row is no longer the one selected (its status and finish time), e.g. another run reprocessed
+    it meanwhile, even should that have ended in the same status."""
     note = f"reprocessing requested {now.isoformat(timespec='seconds')}Z (was {candidate.status}: {candidate.reason})"
     with engine.begin() as conn:
         if not db.requeue_terminal_instance(conn, candidate.study_uid, candidate.sop_uid, candidate.status,
-                                            relpath, note[:1000]):
+                                            candidate.finished_at, relpath, note[:1000]):
             return False
         db.reopen_study(conn, candidate.study_uid)
     return True
@@ -191,23 +204,36 @@ def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected:
 
 
 def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate) -> bool:
-    """Steps 1-3 for one instance; False when its row changed between the selection and now."""
-    copy = newest_copy(spool_dir, candidate)
-    if copy is None:  # pruned since the selection
-        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): its archived copy is gone",
-              file=sys.stderr)
-        return False
-    relpath = restore_to_pending(spool_dir, candidate, copy)
-    if not reopen_row(engine, candidate, relpath, db.utcnow()):
-        put_back(spool_dir, candidate, copy)
-        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): its row changed meanwhile",
-              file=sys.stderr)
+    """Steps 1-3 for one instance; False (said on stderr) when it cannot be done now."""
+    relpath, why = _restore_and_reopen(spool_dir, engine, candidate)
+    if relpath is None:
+        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): {why}", file=sys.stderr)
         return False
     received = candidate.received_at or db.utcnow()
     client.send_task(contract.PROCESS_INSTANCE, args=(relpath, candidate.sop_uid),
                      kwargs={"received_at": received.replace(tzinfo=dt.timezone.utc).isoformat()},
                      queue=contract.QUEUE)
     return True
+
+
+def _restore_and_reopen(spool_dir: Path, engine: Engine, candidate: Candidate) -> tuple[str | None, str]:
+    """Steps 1 and 2: (relpath, "") when done, else (None, why not). The obstacles are looked at again here:
+    a batch runs for a while, and a re-send or another run may have come since the selection. A file-system
+    error is this instance's, not the batch's."""
+    why = obstacle(spool_dir, candidate)
+    copy = newest_copy(spool_dir, candidate) if why is None else None
+    if copy is None:
+        return None, why or "its archived copy is gone"
+    try:
+        relpath = restore_to_pending(spool_dir, candidate, copy)
+    except FileExistsError:
+        return None, "a copy of it is pending already (a re-send being processed)"
+    except OSError as exc:
+        return None, f"its archived copy could not be moved to pending/ ({type(exc).__name__})"
+    if not reopen_row(engine, candidate, relpath, db.utcnow()):
+        put_back(spool_dir, candidate, copy)
+        return None, "its row changed meanwhile"
+    return relpath, ""
 
 
 def _latest_received(engine: Engine, study_uid: str) -> str | None:

@@ -6,6 +6,7 @@ crash at any point leaves the file where the gateway's recovery sweep will re-qu
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -43,8 +44,13 @@ def study_uid_from_relpath(relpath: str) -> str | None:
     return None
 
 
-def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, retention: str) -> None:
+def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, retention: str,
+           received_at: dt.datetime | None = None) -> None:
     """Archive (or delete) a pending file once its row is terminal; keeps earlier archives.
+
+    The archived copy is dated `received_at` (naive UTC) when given: `prune_archive` counts a copy's age
+    from its date, which the gateway sets when it stores the file, but `pneumonia-admin reprocess` dates a
+    restored copy anew (for the gateway's sweep), and its patient data then outlived the retention period.
 
     A failure here is logged, not raised: the row is already final and the sweep's
     re-delivery will retry the move as a no-op task.
@@ -64,6 +70,9 @@ def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, re
         except FileNotFoundError:  # `prune_archive` removed the study folder, empty, just now
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(pending_path, target)
+        if received_at is not None:
+            stamp = received_at.replace(tzinfo=dt.timezone.utc).timestamp()
+            os.utime(target, (stamp, stamp))
     except OSError as exc:
         log.warning("could not retire spool file for SOP %s: %s", sop_uid, type(exc).__name__)
 
@@ -71,22 +80,23 @@ def retire(spool_dir: Path, pending_path: Path, study_uid: str, sop_uid: str, re
 def waiting_in_pending(spool_dir: Path) -> dict[str, list[float]] | None:
     """Per study folder of pending/, the modification times of its images (what the gateway accepted and no
     worker has finished; the gateway writes a file once, when it stores it). None when there is no pending/
-    to read (an admin host without the spool). Files and folders whose names are not UIDs are not the
+    this user can read (an admin host without the spool, or without the spool's group). Files and folders whose names are not UIDs are not the
     gateway's and are left out, as the sweep leaves them out; a file retired while listed is skipped."""
     root = Path(spool_dir) / SPOOL_PENDING
-    if not root.is_dir():
-        return None
     waiting: dict[str, list[float]] = {}
-    for folder in sorted(root.iterdir()):
-        if not (valid_uid(folder.name) and folder.is_dir()):
-            continue
-        for path in folder.glob("*.dcm"):
-            if not valid_uid(path.stem):
+    try:
+        for folder in sorted(root.iterdir()):
+            if not (valid_uid(folder.name) and folder.is_dir()):
                 continue
-            try:
-                waiting.setdefault(folder.name, []).append(path.stat().st_mtime)
-            except FileNotFoundError:
-                continue
+            for path in folder.glob("*.dcm"):
+                if not valid_uid(path.stem):
+                    continue
+                try:
+                    waiting.setdefault(folder.name, []).append(path.stat().st_mtime)
+                except FileNotFoundError:
+                    continue
+    except OSError:  # no pending/ here, or one this user may not read: unknown, not "nothing waits"
+        return None
     return waiting
 
 

@@ -16,6 +16,7 @@ Database and broker errors propagate to the Celery wrapper, which retries with b
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import logging
 import os
@@ -305,7 +306,7 @@ def _finish(
         landed = _store(rt, values, received, False)
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
-               rt.settings.spool_retention)
+               rt.settings.spool_retention, received if isinstance(received, dt.datetime) else None)
     log.info("instance %s -> %s%s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "",
              "" if landed else " [not stored: another delivery's result was there first]")
     return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,

@@ -231,6 +231,20 @@ def test_a_second_reopening_keeps_the_flag_of_the_first_finalisation(engine):
     assert (row["flag"], row["reopened_count"], row["flag_before_reopen"]) == ("URGENT", 2, "ROUTINE")
 
 
+def test_a_study_first_final_without_a_flag_keeps_none_through_later_reopenings(engine):
+    """Every image skipped (no flag) when first final, then reprocessed (URGENT), then a late image: the
+    second reopening recorded URGENT as the flag it had when first final."""
+    with engine.begin() as conn:
+        db.touch_study(conn, "7.6", "ACC6", dt.datetime(2026, 1, 1))
+        db.finalize_study(conn, "7.6", dt.datetime(2026, 1, 1))
+        assert db.reopen_study(conn, "7.6")
+        db.touch_study(conn, "7.6", "ACC6", dt.datetime(2026, 1, 1), _done("1.1", "7.6", "high_suspicion", 0.9))
+        db.finalize_study(conn, "7.6", dt.datetime(2026, 1, 1))
+        assert db.reopen_study(conn, "7.6")
+        row = conn.execute(select(db.study_flags).where(db.study_flags.c.study_instance_uid == "7.6")).mappings().one()
+    assert (row["flag"], row["reopened_count"], row["flag_before_reopen"]) == ("URGENT", 2, None)
+
+
 def test_a_study_never_reopened_says_so(engine):
     with engine.begin() as conn:
         db.touch_study(conn, "7.8", "ACC8", dt.datetime(2026, 1, 1), _done("1.1", "7.8"))

@@ -16,7 +16,7 @@ from tests.dicom_gateway.helpers import free_port
 from tests.worker.support import wait_for
 from worker import admin, contract, db
 from worker.migrate import upgrade
-from worker.reprocess import Candidate, Selection, _send_one, select_candidates
+from worker.reprocess import Candidate, Selection, _send_one, restore_to_pending, select_candidates
 from worker.samples import make_cxr_dataset
 from worker.spool import archive_path
 
@@ -138,7 +138,7 @@ def test_reprocess_reopens_the_rows_and_the_study_and_queues_them(spool_db, redi
 def test_a_row_that_changed_meanwhile_is_left_alone_and_its_file_put_back(spool_db, capsys):
     """Selected as failed, but another delivery or a second reprocess got there first."""
     _, engine, spool = spool_db
-    stale = Candidate(STUDY, f"{STUDY}.4", "failed", "old", RECEIVED)  # the row is done
+    stale = Candidate(STUDY, f"{STUDY}.4", "failed", "old", RECEIVED, RECEIVED)  # the row is done
 
     class NoSend:
         def send_task(self, *args, **kwargs):
@@ -185,7 +185,9 @@ def test_a_skipped_image_is_scored_by_a_real_worker_once_the_policy_lets_it_thro
     assert (row["status"], row["attempts"], row["reason"]) == ("done", 1, None) and row["probability"] is not None
     assert (after["reopened_count"], after["flag_before_reopen"]) == (1, before["flag"])
     assert after["max_probability"] >= max(before["max_probability"], row["probability"]) - 1e-9
-    assert archive_path(env.spool, STUDY, f"{STUDY}.2").is_file()
+    archived_copy = archive_path(env.spool, STUDY, f"{STUDY}.2")
+    received = row["received_at"].replace(tzinfo=dt.timezone.utc).timestamp()
+    assert archived_copy.stat().st_mtime == received  # prune-archive counts from the receive time, not the reprocess
     assert list((env.spool / contract.SPOOL_PENDING).glob("*/*.dcm")) == []
 
 
@@ -205,3 +207,60 @@ def test_the_newest_copy_is_analysed_again_when_the_image_was_re_sent(spool_db, 
     assert admin.main(["--database-url", url, "reprocess", "--status", "skipped"]) == 0
     assert (spool / contract.pending_relpath(STUDY, f"{STUDY}.3")).read_bytes() == b"DICM corrected"
     assert first.read_bytes() == b"DICM" and not resent.exists()
+
+
+class NoSend:
+    def send_task(self, *args, **kwargs):
+        raise AssertionError("nothing may be sent for this instance")
+
+
+def test_a_re_send_stored_after_the_selection_is_never_overwritten_by_the_old_copy(spool_db, capsys):
+    """The gateway stored a corrected re-send while a batch ran: the old archived copy was renamed over it,
+    the instance analysed from the old copy again, and the acknowledged re-send was gone from the spool."""
+    _, engine, spool = spool_db
+    candidate = select_candidates(engine, Selection(status="skipped"))[0]
+    pending = spool / contract.pending_relpath(STUDY, candidate.sop_uid)
+    pending.parent.mkdir(parents=True)
+    pending.write_bytes(b"DICM corrected re-send")  # stored by the gateway after the selection
+    before = rows(engine)
+    assert _send_one(spool, engine, NoSend(), candidate) is False
+    assert "a copy of it is pending already" in capsys.readouterr().err
+    with pytest.raises(FileExistsError):  # and should it come between that look and the move
+        restore_to_pending(spool, candidate, archive_path(spool, STUDY, candidate.sop_uid))
+    assert pending.read_bytes() == b"DICM corrected re-send" and archive_path(spool, STUDY, candidate.sop_uid).is_file()
+    assert rows(engine) == before
+
+
+def test_a_row_reprocessed_by_another_run_meanwhile_is_not_opened_again(spool_db, capsys):
+    """Another run reprocessed the instance and it ended skipped again: the status alone matched, so this run
+    opened the row once more with no file left to analyse (failed, "spool file missing")."""
+    _, engine, spool = spool_db
+    candidate = select_candidates(engine, Selection(status="skipped"))[0]
+    terminal_row(engine, f"{STUDY}.3", "queued", None)  # the other run's reprocessing ...
+    with engine.begin() as conn:  # ... which ended skipped again, later
+        conn.execute(db.instances.update().where(db.instances.c.sop_instance_uid == f"{STUDY}.3")
+                     .values(status="skipped", finished_at=RECEIVED + dt.timedelta(hours=1)))
+    assert _send_one(spool, engine, NoSend(), candidate) is False
+    assert "its row changed meanwhile" in capsys.readouterr().err
+    assert rows(engine)[f"{STUDY}.3"]["status"] == "skipped"
+    assert archive_path(spool, STUDY, f"{STUDY}.3").is_file()
+    assert not (spool / contract.pending_relpath(STUDY, f"{STUDY}.3")).exists()
+
+
+def test_stats_says_unknown_when_the_spool_cannot_be_read(spool_db, monkeypatch):
+    """A pending/ this user cannot list was a PermissionError traceback from `stats` and `show`."""
+    url, _, spool = spool_db
+    (spool / contract.SPOOL_PENDING).write_bytes(b"")  # not a folder: listing it fails as a refused one does
+    stats = json.loads(admin_out(url, "stats", "--format", "json"))
+    assert stats["waiting_in_spool"] is None and stats["outstanding"] == 0
+    assert json.loads(admin_out(url, "show", STUDY, "--format", "json"))["waiting_in_spool"] is None
+
+
+def admin_out(url: str, *args: str) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert admin.main(["--database-url", url, *args]) == 0
+    return out.getvalue()
