@@ -145,8 +145,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", type=Path, help="default: OUT_DIR/results")
     p.add_argument("--resume", type=Path, help="last.pt of an interrupted run")
     p.add_argument("--overwrite", action="store_true",
-                   help="run/train: start afresh in an --out-dir that already holds a run (its best.pt, best_epoch.pt "
-                        "and last.pt are removed first; without it such a folder is refused)")
+                   help="run/train/soup/ensemble: start afresh in an --out-dir that already holds a run (its best.pt, "
+                        "best_epoch.pt and last.pt are removed first; without it such a folder is refused); not with "
+                        "--resume, nor into a run that a soup or ensemble combines")
     p.add_argument("--release-dir", type=Path, help="copy the ONNX model and card here (e.g. models/)")
     p.add_argument("--model-version", default="0.0.0-dev",
                    help="version written into the card (default 0.0.0-dev: a release names its own)")
@@ -292,8 +293,9 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
                  f"; the model is the weight average of epochs {result.swa['epochs']}" if result.swa else "",
                  f"; epochs {result.truncated_epochs} were cut short by --max-train-minutes" if result.truncated_epochs else "")
     if args.stage == "soup":
-        run_info = {"command": "pneumonia-train " + shlex.join(argv), **make_soup(args.run_dirs, config, runtime,
-                                                                         recompute_bn=not args.keep_averaged_bn)}
+        run_info = {"command": "pneumonia-train " + shlex.join(argv),
+                    **make_soup(args.run_dirs, config, runtime, recompute_bn=not args.keep_averaged_bn,
+                                overwrite=args.overwrite)}
         write_text(run_info_path, json.dumps(run_info, indent=2) + "\n")
     if args.stage == "ensemble":
         return ship_ensemble(args, config, argv)
@@ -324,7 +326,7 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
 def ship_ensemble(args: argparse.Namespace, config: TrainConfig, argv: list[str]) -> int:
     """Build, evaluate (validation chooses, test once), card and optionally release an ensemble graph."""
     run_info = {"command": "pneumonia-train " + shlex.join(argv),
-                **build_ensemble(args.run_dirs, config, args.int8, args.calibration_images)}
+                **build_ensemble(args.run_dirs, config, args.int8, args.calibration_images, args.overwrite)}
     started = time.perf_counter()
     evaluation, parity = evaluate_ensemble(args.run_dirs, config, args.int8)
     save_evaluation(evaluation, config.out_dir / "evaluation.json", config)

@@ -139,8 +139,6 @@ class TrainConfig:
             raise RefusedError("select_metric must be auc, f1 or loss")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise RefusedError("max_train_minutes must be positive (leave it unset for no budget)")
-        if not 0 <= self.swa_epochs <= self.epochs:
-            raise RefusedError("swa_epochs must lie in [0, epochs]")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
             raise RefusedError("distill_weight must lie in [0, 1] and distill_temperature be positive")
         counts = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
@@ -149,6 +147,8 @@ class TrainConfig:
         for name, value in counts.items():  # 0 failed deep inside a stage, some after writing files
             if value < 1:
                 raise RefusedError(f"{name} must be at least 1")
+        if not 0 <= self.swa_epochs <= self.epochs:  # after the counts: --epochs -1 was refused as a bad swa_epochs
+            raise RefusedError("swa_epochs must lie in [0, epochs]")
         if self.samples_per_epoch < 0:
             raise RefusedError("samples_per_epoch must be 0 (one pass over the split) or more")
         self.check_ranges()

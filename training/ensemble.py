@@ -35,6 +35,7 @@ from training.evaluate import Evaluation, test_metrics, write_predictions
 from training.export import build_card
 from training.metrics import softmax_pneumonia
 from training.quantize import calibration_pick, quantize_onnx, served_logits
+from training.train import check_combined_out_dir, check_distinct_runs, start_out_dir
 
 log = logging.getLogger(__name__)
 MEMBER_FILE = f"{DEFAULT_MODEL_NAME}.onnx"
@@ -69,15 +70,21 @@ def member_files(run_dirs: list[Path]) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise InputMissingError(f"exported model missing (run `pneumonia-train run` or `export` first): {', '.join(missing)}")
+    check_distinct_runs(run_dirs, "ensemble")
     return paths
 
 
-def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibration_images: int = 256) -> dict:
-    """Write `config.out_dir/pneumonia_resnet50.onnx` from the runs' exported models; return the run_info."""
+def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibration_images: int = 256,
+                   overwrite: bool = False) -> dict:
+    """Write `config.out_dir/pneumonia_resnet50.onnx` from the runs' exported models; return the run_info.
+
+    `overwrite` lets the ensemble replace a run already in `out_dir` (never one of its own members:
+    `check_combined_out_dir`); config.json is written once those checks have passed."""
     started = time.perf_counter()
     fp32_members = member_files(run_dirs)
+    check_combined_out_dir(config.out_dir, run_dirs, overwrite, "ensemble")
     out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    start_out_dir(config, overwrite)
     members = fp32_members
     if int8:
         val = load_split(config.data_root, "val", config.image_size, config.subset)
@@ -86,7 +93,6 @@ def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibr
         for fp32, int8_member in zip(fp32_members, members):
             quantize_onnx(fp32, int8_member, val.images[pick], config.image_size)
     combine(members, out / MEMBER_FILE)
-    config.dump(out / "config.json")
     (out / "history.json").write_text("[]\n")
     recipes = [json.loads((d / "config.json").read_text()) for d in run_dirs]
     log.info("ensemble of %d runs (seeds %s, %s) -> %s", len(run_dirs), [r["seed"] for r in recipes],

@@ -27,7 +27,7 @@ from training.evaluate import serving_runtime
 from training.atomic import save_torch
 from training.model import build_model, set_train_mode
 from training.runtime import Runtime
-from training.train import BEST
+from training.train import BEST, check_combined_out_dir, check_distinct_runs, start_out_dir
 
 log = logging.getLogger(__name__)
 MUST_MATCH = ("weights", "resnet_v1_strides", "frozen", "hidden", "dropout", "init_seed", "image_size")
@@ -37,6 +37,7 @@ def check_ingredients(configs: list[dict], run_dirs: list[Path]) -> None:
     """Refuse runs whose weights cannot be meaningfully averaged."""
     if len(configs) < 2:
         raise RefusedError("a soup needs at least two runs")
+    check_distinct_runs(run_dirs, "soup")
     if configs[0].get("init_seed") is None:
         raise RefusedError(f"{run_dirs[0]} was not trained with --init-seed: runs must share the head's initialisation "
                          "for their weights to be averaged")
@@ -75,14 +76,17 @@ def recompute_batchnorm(model: nn.Module, images, config: TrainConfig, runtime: 
     return len(images)
 
 
-def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recompute_bn: bool = True) -> dict:
+def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recompute_bn: bool = True,
+              overwrite: bool = False) -> dict:
     """Average the runs' best checkpoints into `config.out_dir/best.pt`; return the run_info to record.
 
-    `recompute_bn=False` keeps the average of the runs' own BN statistics (an ablation).
+    `recompute_bn=False` keeps the average of the runs' own BN statistics (an ablation). `overwrite` lets
+    the soup replace a run already in `out_dir` (never one of its own runs: `check_combined_out_dir`).
     """
     started = time.perf_counter()
     configs = [json.loads((d / "config.json").read_text()) for d in run_dirs]
     check_ingredients(configs, run_dirs)
+    check_combined_out_dir(config.out_dir, run_dirs, overwrite, "soup")
     first = configs[0]
     asked = config.to_dict()
     mismatched = [key for key in MUST_MATCH if key != "init_seed" and asked[key] != first[key]]
@@ -90,6 +94,7 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
         raise RefusedError(f"the soup's own flags differ from its runs in {', '.join(mismatched)}: pass the runs' flags, "
                          "which evaluation and the model card rely on")
     states = [torch.load(d / BEST, map_location="cpu", weights_only=True)["model"] for d in run_dirs]
+    ingredients = {str(d): sha256_of(d / BEST) for d in run_dirs}  # the checkpoints averaged, read before writing
     model = build_model("none", hidden=first["hidden"], dropout=first["dropout"], frozen=tuple(first["frozen"]),
                         resnet_v1_strides=first["resnet_v1_strides"])
     model.load_state_dict(average_states(states))
@@ -99,13 +104,12 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
         train = load_split(config.data_root, "train", config.image_size, config.subset)
         counted = recompute_batchnorm(model, train.images, config, serving_runtime(runtime))
     out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    config.dump(out / "config.json")
+    start_out_dir(config, overwrite)
     save_torch({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / BEST)
     (out / "history.json").write_text("[]\n")
     log.info("soup of %d runs -> %s (BN statistics: %s)", len(run_dirs), out,
              f"recomputed on {counted} training images" if recompute_bn else "averaged")
-    return {"soup_of": {str(d): sha256_of(d / BEST) for d in run_dirs}, "batchnorm": "recomputed" if recompute_bn else "averaged",
+    return {"soup_of": ingredients, "batchnorm": "recomputed" if recompute_bn else "averaged",
             "batchnorm_images": counted,
             "best_epoch": None, "epochs_run": 0, "train_seconds": time.perf_counter() - started,
             "train_img_per_s": 0.0, "runtime": runtime.describe(), "select_metric": config.select_metric}

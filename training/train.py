@@ -113,7 +113,8 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
                     loss_weights: torch.Tensor | None, config: TrainConfig, runtime: Runtime,
                     generator: torch.Generator, epoch: int, deadline: float | None = None) -> dict:
     """One pass over the sampler's draws; with a `deadline` (a perf_counter time) it ends after the
-    step that reaches it, and the row says so (`time_limit`)."""
+    step that reaches it, and the row says so (`time_limit`) when draws were left: an epoch whose last
+    step reached the deadline trained all of them and is not cut short (it was recorded as such)."""
     set_train_mode(model, config.frozen)
     order = epoch_indices(train.labels, config, generator)
     total_loss, correct, seen, start, out_of_time = 0.0, 0, 0, time.perf_counter(), False
@@ -142,7 +143,7 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
         seen += len(index)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
         if deadline is not None and time.perf_counter() >= deadline:
-            out_of_time = True
+            out_of_time = begin + config.batch_size < len(order)  # cut short only if it left draws untrained
             break
     bar.close()
     seconds = time.perf_counter() - start
@@ -277,11 +278,41 @@ def check_fresh_out_dir(config: TrainConfig, overwrite: bool) -> None:
     `overwrite` says to replace it. Why: a fresh `train` into a finished run's folder rewrote config.json and,
     when it failed before its first epoch, left the old best.pt and evaluation.json, which `export` then
     carded with the failed command's recipe; into an interrupted run's folder it discarded last.pt."""
-    held = [name for name in RUN_FILES if (config.out_dir / name).exists()]
+    held = held_run_files(config.out_dir)
     if held and not overwrite:
         resume = f"continue it with --resume {config.out_dir / LAST}, " if LAST in held else ""
         raise RefusedError(f"--out-dir {config.out_dir} already holds a run ({', '.join(held)}): {resume}replace it "
                            "with --overwrite, or give another --out-dir")
+
+
+def held_run_files(out: Path) -> list[str]:
+    """The `RUN_FILES` in `out`: none unless it holds a started or finished run."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_distinct_runs(run_dirs: list[Path], kind: str) -> None:
+    """A soup or ensemble combines each run once. Why: `ensemble run1 run1` (or `run1 run1/`, or a symlink
+    to run1) built a graph of one member twice and carded it as two, and `soup` averaged a run with itself."""
+    resolved = [run_dir.resolve() for run_dir in run_dirs]
+    for index, target in enumerate(resolved):
+        if target in resolved[:index]:
+            raise RefusedError(f"{run_dirs[index]} is the same run as {run_dirs[resolved.index(target)]}: the {kind} "
+                               "would count it twice (list each run once)")
+
+
+def check_combined_out_dir(out: Path, run_dirs: list[Path], overwrite: bool, kind: str) -> None:
+    """Where a soup or ensemble may write: never into one of its own runs, and into a folder holding another
+    run only with `overwrite`, as `train`. Why: into a member it replaced that run's model (a soup then
+    recorded its own sha256 as the member's), and into another finished run it mixed the two runs' files."""
+    target = out.resolve()
+    for run_dir in run_dirs:
+        if run_dir.resolve() == target:
+            raise RefusedError(f"--out-dir {out} is {run_dir}, one of the runs this {kind} combines: give another "
+                               "--out-dir (--overwrite does not replace an input)")
+    held = held_run_files(out)
+    if held and not overwrite:
+        raise RefusedError(f"--out-dir {out} already holds a run ({', '.join(held)}): replace it with --overwrite, "
+                           "or give another --out-dir")
 
 
 def start_out_dir(config: TrainConfig, overwrite: bool) -> None:
@@ -304,8 +335,11 @@ def fit(config: TrainConfig, runtime: Runtime, overwrite: bool = False) -> FitRe
 
     Everything that can be refused (the start weights, loaded strictly into the network; the resume
     checkpoint; the data; the folder) is, before config.json is written. `overwrite` lets a fresh run
-    replace a run already in `out_dir` (`check_fresh_out_dir`)."""
+    replace a run already in `out_dir` (`check_fresh_out_dir`); a resume, which continues that run, refuses it."""
     out = config.out_dir
+    if config.resume and overwrite:  # was silently ignored: the run resumed, though the command asked to replace it
+        raise RefusedError(f"--resume {config.resume} continues the run in {config.resume.parent}, --overwrite would "
+                           "replace it: give one of them")
     check_weights(config.weights)
     if config.resume:
         check_resume(config)

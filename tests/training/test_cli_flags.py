@@ -145,6 +145,7 @@ def test_refusals_are_one_line_and_exit_2_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("flags, says", [
     (["--epochs", "0"], "epochs must be at least 1"),
+    (["--epochs", "-1"], "epochs must be at least 1"),  # was refused as "swa_epochs must lie in [0, epochs]"
     (["--batch-size", "0"], "batch_size must be at least 1"),
     (["--bootstrap", "0"], "bootstrap must be at least 1"),
     (["--frozen", "conv1,layer5"], "frozen: no module layer5"),

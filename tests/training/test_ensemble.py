@@ -1,5 +1,7 @@
 """The ensemble graph: exactly the mean of its members' logits, on the serving contract's names."""
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -7,6 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from training.ensemble import combine, member_files
+from training.errors import RefusedError
 
 
 def linear_member(path, seed: int):
@@ -45,3 +48,16 @@ def test_members_must_be_exported_runs(tmp_path):
         member_files([tmp_path / "a"])
     with pytest.raises(FileNotFoundError, match="export"):
         member_files([tmp_path / "a", tmp_path / "a"])
+
+
+def test_a_run_listed_twice_is_refused(tmp_path):
+    """`ensemble run1 run1` built a graph of one member twice and carded it as two members."""
+    runs = [tmp_path / name for name in ("a", "b")]
+    for seed, run in enumerate(runs):
+        run.mkdir()
+        linear_member(run / "pneumonia_resnet50.onnx", seed)
+    (tmp_path / "link").symlink_to(runs[0], target_is_directory=True)
+    for twice in ([runs[0], runs[0]], [runs[0], runs[1], tmp_path / "link"], [runs[0], tmp_path / "b" / ".." / "a"]):
+        with pytest.raises(RefusedError, match=re.escape(f"is the same run as {runs[0]}: the ensemble would count it twice")):
+            member_files(twice)
+    assert member_files(runs) == [run / "pneumonia_resnet50.onnx" for run in runs]

@@ -1,6 +1,7 @@
 """A tiny-subset run of the whole pipeline (train -> evaluate -> export -> card) through the CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -89,16 +90,21 @@ def test_reported_test_logits_are_the_served_models(tiny_run, data_root):
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_ensemble_stage_ships_one_carded_graph(tiny_run, data_root, tmp_path, int8):
-    """A run ensembled with itself must score exactly like the run (fp32); int8 members carry their error."""
+    """A run ensembled with a copy of itself must score exactly like the run (fp32); int8 members carry their
+    error. (The run twice is refused: the ensemble would count it twice.)"""
     out, _ = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "pneumonia_resnet50.onnx", "pneumonia_resnet50.card.json"):
+        shutil.copy(out / name, copy / name)
     ens = tmp_path / "ensemble"
-    args = ["ensemble", str(out), str(out), "--data-root", str(data_root), "--subset", "40", "--bootstrap", "30",
+    args = ["ensemble", str(out), str(copy), "--data-root", str(data_root), "--subset", "40", "--bootstrap", "30",
             "--out-dir", str(ens), "--calibration-images", "8", "--model-version", "9.9.9", *(["--int8"] if int8 else [])]
     assert main(args) == 0
     card = ModelCard.load(ens / "pneumonia_resnet50.card.json")
     assert card.version == "9.9.9" and card.sha256 == sha256_of(ens / "pneumonia_resnet50.onnx")
     assert card.extra["ensemble"]["precision"] == ("int8" if int8 else "fp32")
-    assert [m["run"] for m in card.extra["ensemble"]["members"]] == [str(out), str(out)]
+    assert [m["run"] for m in card.extra["ensemble"]["members"]] == [str(out), str(copy)]
     parity = card.extra["onnx"]["parity"]
     test = load_split(data_root, "test", 28, 40)
     served = PneumoniaDetector(ens / "pneumonia_resnet50.onnx")

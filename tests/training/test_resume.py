@@ -90,3 +90,14 @@ def test_resuming_an_early_stopped_run_trains_no_further(tiny_network, data_root
     assert first.stop_reason == "early_stop"
     again = fit(tiny_config(run, data_root, seed=1, epochs=6, patience=1, resume=run / "last.pt"), RUNTIME)
     assert again.stop_reason == "early_stop" and len(again.history) == len(first.history)
+
+
+def test_resume_with_overwrite_is_refused(tiny_network, data_root, tmp_path, capsys):
+    """--overwrite was silently ignored and the run resumed: the command asked for both keeping and replacing it."""
+    out = tmp_path / "run"
+    fit(tiny_config(out, data_root, epochs=1), RUNTIME)
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert main(["train", "--data-root", str(data_root), *TINY_FLAGS, "--hidden", "8", "--epochs", "2",
+                 "--resume", str(out / "last.pt"), "--overwrite"]) == 2
+    assert "--overwrite would replace it: give one of them" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before

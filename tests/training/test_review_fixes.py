@@ -89,6 +89,81 @@ def test_soup_cards_its_ingredients_recipe(members, data_root):
     assert_members_recipe(card.extra["training"], card.extra["weights_origin"])
 
 
+def copied_members(members, tmp_path) -> list[Path]:
+    """The members copied, for tests that try to overwrite them (the module's own stay intact)."""
+    _, dirs = members
+    return [Path(shutil.copytree(d, tmp_path / d.name)) for d in dirs]
+
+
+def soup_args(data_root, dirs, out) -> list[str]:
+    return ["soup", *map(str, dirs), "--data-root", str(data_root), *TINY_FLAGS, "--out-dir", str(out)]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_soup_and_ensemble_never_write_into_one_of_their_runs(members, data_root, tmp_path, monkeypatch, capsys):
+    """Into a member's folder, the soup replaced its best.pt, config.json and history.json (and recorded its own
+    sha256 as the member's); the ensemble replaced its ONNX model, then failed parity with a traceback."""
+    use_tiny_network(monkeypatch)
+    monkeypatch.setattr("training.soup.build_model", build_tiny)
+    dirs = copied_members(members, tmp_path)
+    (tmp_path / "link").symlink_to(dirs[1], target_is_directory=True)
+    before = files_of(dirs[1])
+    for out in (dirs[1], tmp_path / "link"):
+        for overwrite in ([], ["--overwrite"]):
+            commands = {"ensemble": ["ensemble", *map(str, dirs), *combining_flags(data_root), "--out-dir", str(out)],
+                        "soup": soup_args(data_root, dirs, out)}
+            for stage, args in commands.items():
+                assert main([*args, *overwrite]) == 2, (stage, out, overwrite)
+                err = capsys.readouterr().err
+                assert f"pneumonia-train {stage}: --out-dir {out} is {dirs[1]}, one of the runs this {stage} combines" in err
+                assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert files_of(dirs[1]) == before
+
+
+def test_soup_and_ensemble_replace_another_run_only_with_overwrite(members, data_root, tmp_path, monkeypatch, capsys):
+    """Into another finished run's folder both succeeded silently, mixing the two runs' files (its last.pt
+    stayed beside the combined model). A second soup or ensemble into its own folder needs --overwrite too."""
+    use_tiny_network(monkeypatch)
+    monkeypatch.setattr("training.soup.build_model", build_tiny)
+    _, dirs = members
+    for stage in ("ensemble", "soup"):
+        other = Path(shutil.copytree(dirs[0], tmp_path / f"other-{stage}"))  # a finished run, not a member
+        before = files_of(other)
+        args = (["ensemble", *map(str, dirs), *combining_flags(data_root), "--out-dir", str(other)] if stage == "ensemble"
+                else soup_args(data_root, dirs, other))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--out-dir {other} already holds a run (best.pt, last.pt, evaluation.json)" in err and "--overwrite" in err
+        assert files_of(other) == before
+        assert main([*args, "--overwrite"]) == 0
+        assert not (other / "last.pt").exists() and (stage == "soup") == (other / "best.pt").exists()
+        assert json.loads((other / "run_info.json").read_text())["command"].startswith(f"pneumonia-train {stage} ")
+        assert main(args) == 2 and "already holds a run" in capsys.readouterr().err  # its own folder now
+        assert main([*args, "--overwrite"]) == 0
+    soup_of = json.loads((tmp_path / "other-soup" / "run_info.json").read_text())["soup_of"]
+    assert soup_of == {str(d): sha256_of(d / "best.pt") for d in dirs}
+
+
+def test_soup_and_ensemble_refuse_a_run_listed_twice(members, data_root, tmp_path, monkeypatch, capsys):
+    """`ensemble run1 run1` built a graph of one member twice (`seeds run1 run1` refused the same input)."""
+    use_tiny_network(monkeypatch)
+    monkeypatch.setattr("training.soup.build_model", build_tiny)
+    _, dirs = members
+    (tmp_path / "link").symlink_to(dirs[0], target_is_directory=True)
+    out = tmp_path / "out"
+    for again in (dirs[0], tmp_path / "link"):
+        twice = [dirs[0], again]
+        for stage, args in {"ensemble": ["ensemble", *map(str, twice), *combining_flags(data_root), "--out-dir", str(out)],
+                            "soup": soup_args(data_root, twice, out)}.items():
+            assert main(args) == 2, (stage, again)
+            err = capsys.readouterr().err
+            assert f"pneumonia-train {stage}: {again} is the same run as {dirs[0]}: the {stage} would count it twice" in err
+    assert not out.exists()
+
+
 def test_runs_combined_into_one_model_must_share_images_and_weights(tmp_path):
     dirs = []
     for name, weights in (("a", "none"), ("b", "IMAGENET1K_V2")):

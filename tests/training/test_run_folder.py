@@ -164,3 +164,17 @@ def test_a_wrong_data_file_names_the_settings_that_choose_it(tmp_path):
     (tmp_path / name).write_bytes(b"not the dataset")
     with pytest.raises(RefusedError, match=r"--image-size 64.*--data-root / \$PNEUMONIA_DATA_ROOT"):
         ensure_dataset(tmp_path, 64)
+
+
+def test_an_epoch_that_trained_all_its_draws_is_not_cut_short(tiny_network, data_root, tmp_path):
+    """The budget ran out in an epoch's last step: the log said all its draws trained, yet run_info.json
+    listed it in truncated_epochs and the summary called it cut short."""
+    out = tmp_path / "run"
+    result = fit(tiny_config(out, data_root, epochs=2, samples_per_epoch=16, batch_size=16, max_train_minutes=1e-7),
+                 RUNTIME)  # one step per epoch, which reaches the deadline
+    assert (result.stop_reason, result.truncated_epochs) == ("time_limit", ())
+    assert [(row["epoch"], row["train_images"], row["time_limit"]) for row in result.history] == [(1, 16, False)]
+    assert torch.load(out / LAST, weights_only=True)["truncated_epochs"] == []
+    cut = fit(tiny_config(tmp_path / "cut", data_root, epochs=2, samples_per_epoch=32, batch_size=16,
+                          max_train_minutes=1e-7), RUNTIME)  # two steps: the second one never ran
+    assert (cut.stop_reason, cut.truncated_epochs, cut.history[0]["train_images"]) == ("time_limit", (1,), 16)

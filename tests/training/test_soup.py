@@ -35,6 +35,8 @@ def test_ingredients_must_share_their_starting_point():
         check_ingredients([base, {**base, "hidden": 256}], dirs)
     with pytest.raises(ValueError, match="two"):
         check_ingredients([base], dirs[:1])
+    with pytest.raises(ValueError, match="is the same run as a: the soup would count it twice"):
+        check_ingredients([base, dict(base)], [Path("a"), Path("b/../a")])  # was averaged with itself
 
 
 def test_init_seed_fixes_the_head_whatever_the_run_seed():
