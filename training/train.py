@@ -340,6 +340,9 @@ def fit(config: TrainConfig, runtime: Runtime, overwrite: bool = False) -> FitRe
     if config.resume and overwrite:  # was silently ignored: the run resumed, though the command asked to replace it
         raise RefusedError(f"--resume {config.resume} continues the run in {config.resume.parent}, --overwrite would "
                            "replace it: give one of them")
+    teacher = next((d for d in config.distill_from if d.resolve() == out.resolve()), None)
+    if teacher is not None:  # --overwrite removed the teacher's best.pt before it was read: a traceback, a run lost
+        raise RefusedError(f"--out-dir {out} is --distill-from {teacher}, a teacher of this run: give another --out-dir")
     check_weights(config.weights)
     if config.resume:
         check_resume(config)

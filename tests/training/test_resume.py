@@ -101,3 +101,15 @@ def test_resume_with_overwrite_is_refused(tiny_network, data_root, tmp_path, cap
                  "--resume", str(out / "last.pt"), "--overwrite"]) == 2
     assert "--overwrite would replace it: give one of them" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
+def test_a_run_into_its_own_teacher_s_folder_is_refused(tiny_network, data_root, tmp_path, capsys):
+    """`--distill-from X --out-dir X --overwrite` removed the teacher's best.pt before reading it: a traceback,
+    and the teacher run lost."""
+    teacher = tmp_path / "teacher"
+    fit(tiny_config(teacher, data_root, epochs=1), RUNTIME)
+    before = {path.name: path.read_bytes() for path in teacher.iterdir() if path.is_file()}
+    assert main(["train", "--data-root", str(data_root), *TINY_FLAGS, "--hidden", "8", "--epochs", "1",
+                 "--distill-from", str(teacher), "--out-dir", str(teacher / "."), "--overwrite"]) == 2
+    assert "a teacher of this run: give another --out-dir" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in teacher.iterdir() if path.is_file()} == before
