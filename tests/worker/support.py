@@ -88,9 +88,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a hung server, a proxy in front of a dead
-    one); yields the port. The connections stay open until the block ends."""
+def _listening(on_accept: Callable[[socket.socket], list[socket.socket]]) -> Iterator[int]:
+    """A local port whose connections `on_accept` takes (returning the sockets to close at the end); yields it."""
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
@@ -99,7 +98,7 @@ def silent_server() -> Iterator[int]:
     def accept() -> None:
         with contextlib.suppress(OSError):
             while True:
-                held.append(listener.accept()[0])
+                held.extend(on_accept(listener.accept()[0]))
 
     threading.Thread(target=accept, daemon=True).start()
     try:
@@ -110,14 +109,16 @@ def silent_server() -> Iterator[int]:
             connection.close()
 
 
-@contextlib.contextmanager
-def tcp_forwarder(target_port: int) -> Iterator[int]:
+def silent_server() -> contextlib.AbstractContextManager[int]:
+    """A TCP port that accepts connections and never answers (a hung server, a proxy in front of a dead
+    one); yields the port. The connections stay open until the block ends."""
+    return _listening(lambda connection: [connection])
+
+
+def tcp_forwarder(target_port: int) -> contextlib.AbstractContextManager[int]:
     """A local port that relays every connection to 127.0.0.1:`target_port`; yields the port. With
     `silenced_port` it stands for a network path to the server that can go dead on its own."""
     import threading
-
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    held: list[socket.socket] = []
 
     def pump(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -126,22 +127,13 @@ def tcp_forwarder(target_port: int) -> Iterator[int]:
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client = listener.accept()[0]
-                server = socket.create_connection(("127.0.0.1", target_port))
-                held.extend((client, server))
-                threading.Thread(target=pump, args=(client, server), daemon=True).start()
-                threading.Thread(target=pump, args=(server, client), daemon=True).start()
+    def relay(client: socket.socket) -> list[socket.socket]:
+        server = socket.create_connection(("127.0.0.1", target_port))
+        threading.Thread(target=pump, args=(client, server), daemon=True).start()
+        threading.Thread(target=pump, args=(server, client), daemon=True).start()
+        return [client, server]
 
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-        for connection in held:
-            connection.close()
+    return _listening(relay)
 
 
 def iptables_usable() -> bool:
