@@ -38,7 +38,7 @@ from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.config import WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
-from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending
+from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "reason", "received_at", "finished_at", "processing_ms")
@@ -345,8 +345,7 @@ def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, An
     instances = [dict(r) for r in conn.execute(
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
-    waiting = waiting_in_pending(args.spool_dir)
-    in_spool = None if waiting is None else len(waiting.get(args.study_uid, []))
+    in_spool = waiting_in_study(args.spool_dir, args.study_uid)
     return (None if study is None else dict(study)), instances, in_spool
 
 

@@ -86,18 +86,38 @@ def waiting_in_pending(spool_dir: Path) -> dict[str, list[float]] | None:
     waiting: dict[str, list[float]] = {}
     try:
         for folder in sorted(root.iterdir()):
-            if not (valid_uid(folder.name) and folder.is_dir()):
-                continue
-            for path in folder.glob("*.dcm"):
-                if not valid_uid(path.stem):
-                    continue
-                try:
-                    waiting.setdefault(folder.name, []).append(path.stat().st_mtime)
-                except FileNotFoundError:
-                    continue
+            if valid_uid(folder.name) and folder.is_dir() and (mtimes := _image_times(folder)):
+                waiting[folder.name] = mtimes
     except OSError:  # no pending/ here, or one this user may not read: unknown, not "nothing waits"
         return None
     return waiting
+
+
+def waiting_in_study(spool_dir: Path, study_uid: str) -> int | None:
+    """`waiting_in_pending` for one study: its folder alone is read (`show`), not the whole spool. None when
+    this user cannot read it or there is no spool here; 0 when the study has no folder."""
+    root = Path(spool_dir) / SPOOL_PENDING
+    if not valid_uid(study_uid):
+        return 0
+    try:
+        with os.scandir(root / study_uid) as entries:
+            return sum(1 for entry in entries if entry.name.endswith(".dcm") and valid_uid(entry.name[:-4]))
+    except FileNotFoundError:
+        return 0 if root.is_dir() else None
+    except OSError:
+        return None
+
+
+def _image_times(folder: Path) -> list[float]:
+    """Modification times of the `<SOP UID>.dcm` files in `folder` (a file retired while listed is skipped)."""
+    times = []
+    for path in folder.glob("*.dcm"):
+        if valid_uid(path.stem):
+            try:
+                times.append(path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+    return times
 
 
 def archive_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
