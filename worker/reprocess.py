@@ -97,15 +97,17 @@ def obstacle(spool_dir: Path, candidate: Candidate) -> str | None:
 
 
 def newest_copy(spool_dir: Path, candidate: Candidate) -> Path | None:
-    """The archived copy last written: a re-send after the result (a PACS adding the missing
-    BodyPartExamined, say) is archived beside the first as `<SOP>.dup-*.dcm` and not re-evaluated
-    (`tasks._retire_quietly`); it is the copy the sender means, so it is the one analysed again."""
+    """The copy archived last: a re-send after the result (a PACS adding the missing BodyPartExamined,
+    say) is archived beside the first as `<SOP>.dup-*.dcm` and not re-evaluated (`tasks._retire_quietly`);
+    it is the copy the sender means, so it is the one analysed again. Ranked by the inode's change time,
+    which each move into the archive sets, not by the modification time: the worker dates every archived
+    copy by its instance's receive time (for `prune-archive`), so that could not tell them apart."""
     first = archive_path(spool_dir, candidate.study_uid, candidate.sop_uid)
     copies = [first, *first.parent.glob(f"{candidate.sop_uid}.dup-*.dcm")]
     dated = []
     for path in copies:
         try:
-            dated.append((path.stat().st_mtime_ns, path.name != first.name, path))
+            dated.append((path.stat().st_ctime_ns, path.name != first.name, path))
         except OSError:  # absent (pruned, deleted) or unreadable: not a copy to analyse
             continue
     return max(dated)[2] if dated else None
@@ -127,15 +129,19 @@ def restore_to_pending(spool_dir: Path, candidate: Candidate, copy: Path) -> str
 
 
 def put_back(spool_dir: Path, candidate: Candidate, copy: Path) -> None:
-    """Undo step 1 for a row that changed meanwhile (it is no longer the terminal row selected). Should
-    `copy`'s name be taken again, the file stays in pending/: the sweep sends it, and the worker archives
-    it beside the first as a duplicate of a stored result."""
+    """Undo step 1 for a row that changed meanwhile (it is no longer the terminal row selected), dated by
+    its receive time again (step 1 dated it now, and `prune-archive` would have kept it past its time).
+    Should `copy`'s name be taken again, the file stays in pending/: the sweep sends it, and the worker
+    archives it beside the first as a duplicate of a stored result."""
     source = spool_dir / contract.pending_relpath(candidate.study_uid, candidate.sop_uid)
     try:
         os.link(source, copy)
     except FileExistsError:
         return
     os.unlink(source)
+    if candidate.received_at is not None:
+        stamp = candidate.received_at.replace(tzinfo=dt.timezone.utc).timestamp()
+        os.utime(copy, (stamp, stamp))
 
 
 def reopen_row(engine: Engine, candidate: Candidate, relpath: str, now: dt.datetime) -> bool:
@@ -233,7 +239,29 @@ def _restore_and_reopen(spool_dir: Path, engine: Engine, candidate: Candidate) -
     if not reopen_row(engine, candidate, relpath, db.utcnow()):
         put_back(spool_dir, candidate, copy)
         return None, "its row changed meanwhile"
+    if not (spool_dir / relpath).exists():
+        return _after_a_resend(spool_dir, engine, candidate, relpath)
     return relpath, ""
+
+
+def _after_a_resend(spool_dir: Path, engine: Engine, candidate: Candidate, relpath: str) -> tuple[str | None, str]:
+    """The restored copy left pending/ before its row was reopened: a re-send replaced it there and a worker,
+    seeing the row still terminal, archived it as a duplicate. The row is open now, so the newest copy (that
+    re-send) is restored again and analysed; were there none left, the row goes back to what it was rather
+    than wait, queued, for a file that will never come."""
+    copy = newest_copy(spool_dir, candidate)
+    try:
+        if copy is not None:
+            return restore_to_pending(spool_dir, candidate, copy), ""
+    except FileExistsError:  # yet another re-send, pending: the gateway has sent it, the worker takes it
+        return relpath, ""
+    except OSError:
+        pass
+    with engine.begin() as conn:
+        db.finish_instance(conn, {"study_instance_uid": candidate.study_uid, "sop_instance_uid": candidate.sop_uid,
+                                  "status": candidate.status, "reason": candidate.reason,
+                                  "finished_at": candidate.finished_at})
+    return None, "its copy was replaced and taken while it was being restored; the row is as it was"
 
 
 def _latest_received(engine: Engine, study_uid: str) -> str | None:

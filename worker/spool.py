@@ -109,14 +109,16 @@ def waiting_in_study(spool_dir: Path, study_uid: str) -> int | None:
 
 
 def _image_times(folder: Path) -> list[float]:
-    """Modification times of the `<SOP UID>.dcm` files in `folder` (a file retired while listed is skipped)."""
+    """Modification times of the `<SOP UID>.dcm` files in `folder` (a file retired while listed is skipped).
+    A folder that cannot be listed raises (glob said nothing, so an unreadable study read as none waiting)."""
     times = []
-    for path in folder.glob("*.dcm"):
-        if valid_uid(path.stem):
-            try:
-                times.append(path.stat().st_mtime)
-            except FileNotFoundError:
-                continue
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.endswith(".dcm") and valid_uid(entry.name[:-4]):
+                try:
+                    times.append(entry.stat().st_mtime)
+                except FileNotFoundError:
+                    continue
     return times
 
 

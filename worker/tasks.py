@@ -111,7 +111,7 @@ def process_instance(
     with rt.engine.begin() as conn:
         existing = db.get_instance(conn, study_uid, sop_uid)
     if existing is not None and existing["status"] in db.TERMINAL:
-        _retire_quietly(rt, relpath, study_uid, sop_uid, existing["status"])
+        _retire_quietly(rt, relpath, study_uid, sop_uid, existing["status"], existing.get("received_at"))
         return {"sop_instance_uid": sop_uid, "status": existing["status"], "noop": True}
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
@@ -296,14 +296,14 @@ def _finish(
         "processing_ms": (time.time() - started) * 1000.0,
     }
     try:
-        landed = _store(rt, values, received, outcome.status == "done")
+        landed, received = _store(rt, values, received, outcome.status == "done")
     except (DataError, IntegrityError) as exc:  # this row's values, not the database: retrying cannot help
         log.error("result of %s could not be stored (%s); recording the failure instead", sop_uid, type(exc).__name__)
         outcome = Outcome("failed", f"result could not be stored ({type(exc).__name__})")
         keys = ("sop_instance_uid", "study_instance_uid", "spool_relpath", "received_at", "processing_ms")
         values = {**{k: values[k] for k in keys}, **_identifiers_that_fit(values), "status": outcome.status,
                   "reason": outcome.reason, "finished_at": db.utcnow()}
-        landed = _store(rt, values, received, False)
+        landed, received = _store(rt, values, received, False)
     if path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
                rt.settings.spool_retention, received if isinstance(received, dt.datetime) else None)
@@ -321,26 +321,33 @@ def _identifiers_that_fit(values: dict[str, Any]) -> dict[str, str]:
             if isinstance(values.get(k), str) and len(values[k]) <= db.instances.c[k].type.length}
 
 
-def _store(rt: Runtime, values: dict[str, Any], received: Any, counts_for_study: bool) -> bool:
-    """Terminal upsert and the study's bookkeeping in one transaction; True if this delivery's row landed."""
+def _store(rt: Runtime, values: dict[str, Any], received: Any, counts_for_study: bool) -> tuple[bool, Any]:
+    """Terminal upsert and the study's bookkeeping in one transaction; (whether this delivery's row landed, the
+    row's receive time). The row's time, not this message's: a message the gateway's sweep re-sent for a file
+    `pneumonia-admin reprocess` restored carries the restore time, which widened the study's window and
+    re-dated the archived copy past the retention period."""
     with rt.engine.begin() as conn:
         landed = db.finish_instance(conn, values)
         if landed and values["study_instance_uid"]:
+            row = db.get_instance(conn, values["study_instance_uid"], values["sop_instance_uid"])
+            received = (row or {}).get("received_at") or received
             db.touch_study(conn, values["study_instance_uid"], values.get("accession_number"), received,
                            values if counts_for_study else None)
-    return landed
+    return landed, received
 
 
-def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, status: str) -> None:
+def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, status: str,
+                    received_at: dt.datetime | None = None) -> None:
     """A delivery of an instance whose result is stored: its file (left by a crash, or a re-send) is
-    archived beside the first, and said to differ from the first when its pixel data does."""
+    archived beside the first, dated by the row's receive time (retention counts from the first copy),
+    and said to differ from the first when its pixel data does."""
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
     except SpoolPathError:
         return
     if study_uid:
         _compare_with_first(rt, path, study_uid, sop_uid, status)
-    retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention)
+    retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention, received_at)
 
 
 def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, status: str) -> None:

@@ -198,10 +198,9 @@ def test_the_newest_copy_is_analysed_again_when_the_image_was_re_sent(spool_db, 
 
     url, engine, spool = spool_db
     first = archive_path(spool, STUDY, f"{STUDY}.3")
-    os.utime(first, (1_700_000_000, 1_700_000_000))
     resent = first.with_name(f"{STUDY}.3.dup-77-1800000000000000000.dcm")
-    resent.write_bytes(b"DICM corrected")
-    os.utime(resent, (1_800_000_000, 1_800_000_000))
+    resent.write_bytes(b"DICM corrected")  # archived after the first ...
+    os.utime(resent, (1_700_000_000, 1_700_000_000))  # ... though dated earlier: the worker dates copies by receipt
     redis_server.flush()
     monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
     assert admin.main(["--database-url", url, "reprocess", "--status", "skipped"]) == 0
@@ -264,3 +263,42 @@ def admin_out(url: str, *args: str) -> str:
     with contextlib.redirect_stdout(out):
         assert admin.main(["--database-url", url, *args]) == 0
     return out.getvalue()
+
+
+def test_a_re_send_archived_between_the_move_and_the_reopening_is_the_copy_analysed(spool_db, monkeypatch):
+    """A re-send replaced the restored copy in pending/ and a worker, seeing the row still skipped, archived it
+    as a duplicate; the row was then reopened for a file no longer there ("spool file missing", the original
+    copy gone). Now the newest copy, that re-send, is restored again once the row is open."""
+    import worker.reprocess as reprocess_module
+
+    _, engine, spool = spool_db
+    candidate = select_candidates(engine, Selection(status="skipped"))[0]
+    pending = spool / contract.pending_relpath(STUDY, candidate.sop_uid)
+    real_reopen = reprocess_module.reopen_row
+
+    def resend_then_reopen(*args, **kwargs):
+        pending.write_bytes(b"DICM corrected re-send")  # the gateway replaced it ...
+        pending.rename(pending.parent.parent.parent / "archive" / STUDY / f"{candidate.sop_uid}.dup-9-9.dcm")  # a worker
+        return real_reopen(*args, **kwargs)
+
+    monkeypatch.setattr(reprocess_module, "reopen_row", resend_then_reopen)
+
+    class Recorder:
+        sent: list = []
+
+        def send_task(self, *args, **kwargs):
+            self.sent.append(args)
+
+    assert _send_one(spool, engine, Recorder(), candidate) is True
+    assert pending.read_bytes() == b"DICM corrected re-send" and rows(engine)[candidate.sop_uid]["status"] == "queued"
+    assert Recorder.sent == [(contract.PROCESS_INSTANCE,)]
+
+
+def test_a_copy_put_back_keeps_its_receive_date(spool_db):
+    """Step 1 dates the restored copy now; put back after "row changed", it kept that date, and prune-archive
+    kept the image past its retention."""
+    _, engine, spool = spool_db
+    stale = Candidate(STUDY, f"{STUDY}.4", "failed", "old", RECEIVED, RECEIVED)  # the row is done
+    assert _send_one(spool, engine, NoSend(), stale) is False
+    received = RECEIVED.replace(tzinfo=dt.timezone.utc).timestamp()
+    assert archive_path(spool, STUDY, f"{STUDY}.4").stat().st_mtime == received

@@ -90,3 +90,27 @@ def test_a_study_s_waiting_images_are_counted_from_its_folder_alone(tmp_path):
     assert spool.waiting_in_pending(tmp_path) is not None
     (tmp_path / contract.SPOOL_PENDING / "1.2.5").write_bytes(b"")  # a file where a folder should be
     assert spool.waiting_in_study(tmp_path, "1.2.5") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("setpriv"),
+                    reason="needs root and setpriv to drop the capability that reads any folder")
+def test_an_unreadable_study_folder_makes_the_waiting_count_unknown_not_zero(tmp_path):
+    """glob listed nothing in a study folder it could not read, so `stats` said 0 images waiting."""
+    import subprocess
+    import sys
+
+    from worker import contract
+
+    folder = tmp_path / contract.SPOOL_PENDING / "1.2.5"
+    folder.mkdir(parents=True)
+    (folder / "1.2.5.1.dcm").write_bytes(b"x")
+    folder.chmod(0)
+    try:
+        caps = "-dac_override,-dac_read_search"
+        done = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable, "-c",
+                               f"from worker import spool; print(spool.waiting_in_pending({str(tmp_path)!r}))"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        folder.chmod(0o755)
+    assert done.stdout.strip() == "None", done.stderr
+    assert spool.waiting_in_pending(tmp_path) == {"1.2.5": [(folder / "1.2.5.1.dcm").stat().st_mtime]}

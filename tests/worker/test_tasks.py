@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pydicom
 import pytest
+from sqlalchemy import select as sa_select
 from pydicom.uid import generate_uid
 
 from worker import contract, db, tasks
@@ -43,6 +44,30 @@ def test_done_then_archived_then_noop(runtime, test_split):
     before = row(runtime, relpath, sop)
     again = tasks.process_instance(runtime, relpath, sop, "2026-03-01T00:00:00Z")
     assert again["noop"] and row(runtime, relpath, sop) == before
+
+
+def test_the_archive_and_the_study_keep_the_row_s_receive_time_not_a_later_message_s(runtime, test_split):
+    """A queued row (a reprocessed image) delivered by the gateway's sweep, whose message carries the file's
+    restore time: the archived copy was dated by it (kept past its retention) and the study's window widened.
+    A duplicate of a scored image is archived dated by the row's time too."""
+    import datetime as dt
+
+    relpath, sop, study = stage(runtime, test_split[0][0])
+    first = dt.datetime(2026, 10, 1, 8, 0)
+    with runtime.engine.begin() as conn:
+        conn.execute(db.instances.insert().values(study_instance_uid=study, sop_instance_uid=sop, status="queued",
+                                                  attempts=0, received_at=first, spool_relpath=relpath))
+    assert tasks.process_instance(runtime, relpath, sop, "2026-11-29T05:00:00Z")["status"] == "done"
+    archived = runtime.settings.spool_dir / "archive" / study / f"{sop}.dcm"
+    stamp = first.replace(tzinfo=dt.timezone.utc).timestamp()
+    assert archived.stat().st_mtime == stamp
+    with runtime.engine.connect() as conn:
+        window = conn.execute(sa_select(db.studies.c.first_received_at, db.studies.c.last_received_at)).one()
+    assert tuple(window) == (first, first)
+    stage(runtime, test_split[0][0], study_uid=study, sop_uid=sop)  # delivered again: archived as a duplicate
+    assert tasks.process_instance(runtime, relpath, sop, "2026-11-29T06:00:00Z")["noop"]
+    duplicates = list(archived.parent.glob(f"{sop}.dup-*.dcm"))
+    assert len(duplicates) == 1 and duplicates[0].stat().st_mtime == stamp
 
 
 def test_worker_lost_too_often_becomes_failed_poison_message(runtime, test_split):
