@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,10 +20,31 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
-from dicom_gateway.config import GatewaySettings, StartupError, load_settings
+from dicom_gateway.config import GatewaySettings, StartupError, _check_ae_title, load_settings
 from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
+
+
+def _age(text: str) -> float:
+    """A number of seconds, 0 or more: `nan` or `inf` compared no file as old enough, so the sweep queued
+    nothing and reported success."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def _ae_title(text: str) -> str:
+    """An AE title (1-16 characters of the AE repertoire): pynetdicom's own refusal was a traceback and exit
+    1, which a container healthcheck reads as an unhealthy gateway."""
+    try:
+        return _check_ae_title(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="serve /healthz /readyz /status /metrics here (TRIAGE_GATEWAY_HTTP_PORT)")
     health = sub.add_parser("health", help="C-ECHO the listener, check broker, spool and disk; exit 1 if unhealthy")
     health.add_argument("--host", default="127.0.0.1")
-    health.add_argument("--calling-ae", default=None, help="calling AE for the C-ECHO (must be allowed)")
+    health.add_argument("--calling-ae", type=_ae_title, default=None, help="calling AE for the C-ECHO (must be allowed)")
     sweep = sub.add_parser("sweep", help="publish pending spool instances once (use while the gateway is stopped)")
-    sweep.add_argument("--min-age", type=float, default=0.0, help="only instances older than this many seconds")
+    sweep.add_argument("--min-age", type=_age, default=0.0, help="only instances older than this many seconds")
     return parser
 
 

@@ -98,6 +98,8 @@ RJ_CALLED_AE = (0x01, 0x01, 0x07)
 RJ_NO_REASON = (0x01, 0x01, 0x01)
 RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 TOO_MANY_ASSOCIATIONS = "too many associations (TRIAGE_GATEWAY_MAX_ASSOCIATIONS)"
+LOW_SPACE = "spool free space below TRIAGE_GATEWAY_MIN_FREE_BYTES"
+"""The ErrorComment (at most 64 characters) of a C-STORE refused because it would cross the free-space floor."""
 REJECTION_KINDS = {"source IP": "ip_not_allowed", "calling AE": "calling_ae_not_allowed", "called AE": "called_ae_not_ours",
                    "spool free space": "disk_low", "spool not writable": "spool_not_writable",
                    TOO_MANY_ASSOCIATIONS: "too_many_associations"}
@@ -441,6 +443,9 @@ class StoreSCP:
         meta.SourceApplicationEntityTitle = str(event.assoc.requestor.ae_title).strip()
         earlier = self.spool.pending_size(study, sop)
         header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+        if self._below_free_space_floor(len(header) + len(stream.getbuffer())):
+            log.warning("C-STORE refused", extra={**ctx, "status": status_label(OUT_OF_RESOURCES), "reason": LOW_SPACE})
+            return self._failed(OUT_OF_RESOURCES, LOW_SPACE)
         try:
             with stream.getbuffer() as body:
                 size = len(body)
@@ -461,6 +466,20 @@ class StoreSCP:
         self.stored += 1
         log.info("C-STORE stored", extra={**ctx, "status": "0x0000", "bytes": size, "relpath": relpath, "queued": queued})
         return 0x0000
+
+    def _below_free_space_floor(self, size: int) -> bool:
+        """Whether writing `size` bytes would take the spool below TRIAGE_GATEWAY_MIN_FREE_BYTES. Checked at
+        every C-STORE, not only when an association starts: one long association (a PACS pushing a large
+        study or a backlog) otherwise filled the disk to the last block, the database beside it too, and was
+        refused only by ENOSPC. 0 turns the floor off."""
+        floor = self.settings.gateway_min_free_bytes
+        if not floor:
+            return False
+        try:
+            free = self.spool.free_bytes()
+        except OSError:
+            free = 0
+        return free - size < floor
 
     def _failed(self, status: int, reason: str) -> Dataset:
         """Count a refused C-STORE by status: a sender told 0xA700 (spool write failed) or 0xC000 at every

@@ -176,8 +176,10 @@ class Gateway:
                     next_sweep = now + self.settings.gateway_sweep_interval_seconds
                 self.tracker.finalize_due()
                 if now >= next_clean:
-                    self.spool.clean_incoming(STALE_PARTIAL_SECONDS)
+                    # due again in an hour even if it fails: a spool remounted read-only made it fail, and be
+                    # retried and logged, at every tick
                     next_clean = now + STALE_PARTIAL_SECONDS
+                    self.spool.clean_incoming(STALE_PARTIAL_SECONDS)
             except Exception:  # never let maintenance die silently; log and keep going
                 log.exception("maintenance iteration failed")
             self._stop.wait(TICK_SECONDS)

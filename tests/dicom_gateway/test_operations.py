@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -494,3 +495,26 @@ def test_a_rejection_by_pynetdicom_s_own_thread_cap_is_logged_and_counted(start_
             sock.close()
     assert gateway.status()["associations_rejected"] == {"thread_cap": 1}
     assert any(r.getMessage() == "association rejected" and "cap of" in r.reason for r in caplog.records)
+
+
+@pytest.mark.parametrize("min_age", ["nan", "inf", "-60"])
+def test_sweep_refuses_a_min_age_that_is_not_a_finite_age(tmp_path, broker, redis_server, min_age):
+    """`sweep --min-age nan` (or inf) compared no file as old enough: after a broker outage it queued nothing
+    and said {"queued": 0, "failed": 0, ...} with exit 0, the backlog left as it was. A negative age is no age."""
+    from dicom_gateway.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    spool.store([b"\x00" * 128 + b"DICM", b"not parsed here"], "1.2.3", "1.2.3.4")
+    out = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "--spool-dir", str(spool.root), "sweep", "--min-age", min_age],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "TRIAGE_BROKER_URL": redis_server.url})
+    assert out.returncode == 2 and "--min-age" in out.stderr, out.stdout + out.stderr
+    assert queued_tasks(broker) == []
+
+
+def test_health_refuses_a_calling_ae_that_is_not_an_ae_title(tmp_path):
+    """An invalid --calling-ae (17 characters, say) ended in a traceback and exit 1, read by a container
+    healthcheck as "gateway unhealthy"; it is a usage error (exit 2) that says what is wrong."""
+    out = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "health", "--calling-ae", "TRIAGE-HEALTH-CHECK"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and "--calling-ae" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -178,3 +178,56 @@ def test_an_empty_value_means_unset(monkeypatch, tmp_path):
     env_file.write_text("TRIAGE_GATEWAY_HTTP_PORT=\nTRIAGE_GATEWAY_TLS_CERT=\nTRIAGE_GATEWAY_TLS_KEY=\nTRIAGE_GATEWAY_ALLOWED_IPS=\n")
     settings = GatewaySettings(_env_file=env_file)
     assert settings.gateway_http_port is None and not settings.tls_enabled and settings.networks() == []
+
+
+
+def test_one_long_association_cannot_take_the_spool_below_its_free_space_floor(tmpfs_spool, start_gateway, broker, images):
+    """MIN_FREE_BYTES was checked only when an association started: a PACS pushing a backlog over one
+    association filled the disk to its last block (the database beside the spool too), and only the
+    instance that met ENOSPC was refused. Each C-STORE that would cross the floor is refused with
+    0xA700 (Out of Resources, PS3.4 B.2.3) and the reason; what was acknowledged is on disk."""
+    import shutil
+
+    from tests.dicom_gateway.conftest import small_dataset
+    from tests.dicom_gateway.helpers import pending_files, store_one, store_with_pynetdicom
+
+    spool, _ = tmpfs_spool
+    floor = 4 << 20  # of the tmpfs's 8 MiB
+    gateway = start_gateway(spool_dir=spool.root, gateway_min_free_bytes=floor)
+    datasets = [small_dataset(images, i, size=(512, 512)) for i in range(16)]  # about 512 KiB each
+    outcome: dict[str, int] = {}
+    codes = store_with_pynetdicom(gateway.port, datasets, on_status=lambda ds, code: outcome.update({ds.SOPInstanceUID: code}))
+
+    assert 0 in codes and codes[-1] == 0xA700 and set(codes) == {0, 0xA700}, codes
+    assert shutil.disk_usage(spool.root).free >= floor
+    assert {p.stem for p in pending_files(spool.root)} == {uid for uid, code in outcome.items() if code == 0}
+    assert gateway.status()["cstore_failures"] == {"0xA700": codes.count(0xA700)}
+    rsp = store_one(gateway.port, small_dataset(images, 20, size=(512, 512)))  # the floor is not reached yet: let in
+    assert rsp.Status == 0xA700 and "MIN_FREE_BYTES" in rsp.ErrorComment  # the sender is told why
+
+
+def test_a_partial_that_cannot_be_removed_is_tried_again_an_hour_later_not_at_every_tick(
+        tmpfs_spool, start_gateway, broker, monkeypatch, caplog):
+    """On a spool remounted read-only (the gateway runs on, refusing senders) the hourly removal of stale
+    partial writes failed, and was tried again, with a "maintenance iteration failed" error, at every
+    0.5 s tick until the file system came back: 7200 lines an hour. It is tried once per interval."""
+    import logging
+    import time
+
+    from dicom_gateway import service
+
+    spool, make_read_only = tmpfs_spool
+    partial = spool.incoming / "left-by-a-crash.part"
+    partial.write_bytes(b"half")
+    os.utime(partial, (time.time() - 7200, time.time() - 7200))
+    make_read_only()
+    monkeypatch.setattr(service, "STALE_PARTIAL_SECONDS", 2.0)  # the hour, shortened
+
+    with caplog.at_level(logging.ERROR, logger="dicom_gateway.service"):
+        gateway = start_gateway(spool_dir=spool.root)
+        started = time.monotonic()
+        time.sleep(5.0)
+        elapsed = time.monotonic() - started
+    failures = [r for r in caplog.records if r.getMessage() == "maintenance iteration failed"]
+    assert gateway.maintenance_alive and partial.exists()
+    assert 1 <= len(failures) <= elapsed // service.STALE_PARTIAL_SECONDS + 1, len(failures)
