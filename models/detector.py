@@ -14,7 +14,7 @@ calibration (`models/site_calibration.py`), when given, replaces those three.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -144,11 +144,13 @@ class PneumoniaDetector:
         """The contract's preprocessing at this model's source size -> (N, 3, 224, 224)."""
         return preprocess_batch(images, self.card.source_size)
 
-    def predict_batch(self, images: Sequence[ImageLike]) -> list[dict[str, Any]]:
+    def predict_batch(self, images: Iterable[ImageLike]) -> list[dict[str, Any]]:
         """One result per input, in order; one unreadable or missing input refuses the batch, naming its
         position (from 1). Read and scored `BATCH_CHUNK` at a time: the whole list in one session run held
         every input and its activations at once (about 7 MB an image: 1.3 GiB for 128, tens of GB for a
-        folder of thousands), for no gain past a small batch on a CPU."""
+        folder of thousands), for no gain past a small batch on a CPU. Any iterable of inputs is taken (a
+        generator such as `folder.glob("*.dcm")` too): its items are listed first, they are paths or arrays."""
+        images = list(images)  # chunked by len() and slices, which a generator or a dict's values lack
         probabilities: list[float] = []
         for start in range(0, len(images), BATCH_CHUNK):
             inputs = []

@@ -310,12 +310,12 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     Pixel Padding Value (0028,0120) marks them; with Pixel Padding Range Limit (0028,0121)
     every stored value between the two, inclusive, does. Both are stored values, compared
     before the modality LUT. A value written as US for signed pixels (or as SS for unsigned
-    ones) is read in the pixels' own representation. An unsigned value above Bits Stored
-    (0xFFFF around 12-bit pixels, as some writers fill whole words) is looked for in the words as
-    written, since the decoder cuts every pixel to Bits Stored and 0xFFFF padding would then be
-    4095, a real white pixel too (a lead marker, metal). Compressed data has no such words: where
-    the codec cut every value to Bits Stored (RLE, JPEG lossless) the padding is looked for as cut,
-    so a real top-value pixel is painted black with it; left in, the padding would stretch the
+    ones) is read in the pixels' own representation. A value outside Bits Stored (0xFFFF around
+    unsigned 12-bit pixels, -32768 around signed ones, as some writers fill whole words) is looked for
+    in the words as written, since the decoder cuts every pixel to Bits Stored: 0xFFFF padding would
+    then be 4095, a real white pixel too (a lead marker, metal), and -32768 would be 0, a mid-grey one.
+    Compressed data has no such words: where the codec cut every value to Bits Stored (RLE, JPEG
+    lossless) the padding is looked for as cut, so a real top-value pixel is painted black with it; left in, the padding would stretch the
     displayed range and dim the picture, which moved a normal plate to high suspicion.
     """
     value = _number(ds, "PixelPaddingValue")
@@ -323,7 +323,10 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
         return None
     limit = _number(ds, "PixelPaddingRangeLimit")
     bits = int(ds.get("BitsAllocated", 16) or 16)
-    stored_max = 2 ** int(ds.get("BitsStored", bits) or bits) - 1
+    bits_stored = int(ds.get("BitsStored", bits) or bits)
+    signed = stored.dtype.kind == "i"
+    stored_min = -(2 ** (bits_stored - 1)) if signed else 0  # the values Bits Stored holds
+    stored_max = 2 ** (bits_stored - 1) - 1 if signed else 2**bits_stored - 1
     bounds = []
     for number in (value, value if limit is None else limit):
         number = int(number)
@@ -334,17 +337,24 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
         bounds.append(number)
     low, high = min(bounds), max(bounds)
     searched = stored
-    if stored.dtype.kind == "u" and high > stored_max:
-        written = _words_as_written(ds, stored.shape)
+    if low < stored_min or high > stored_max:
+        written = _words_as_written(ds, stored.shape, signed)
         if written is not None:
             searched = written
-        elif int(stored.max()) <= stored_max:  # a codec (RLE, JPEG lossless) cut every value, the padding's too
-            if low & stored_max != high & stored_max:  # a range cut apart maps onto no range of cut values
+        elif stored_min <= int(stored.min()) and int(stored.max()) <= stored_max:
+            # a codec (RLE, JPEG lossless) cut every value, the padding's too
+            low, high = _cut_to_bits(low, bits_stored, signed), _cut_to_bits(high, bits_stored, signed)
+            if low != high:  # a range cut apart maps onto no range of cut values
                 return None
-            low = high = high & stored_max
         # else the decoder kept whole words (JPEG-LS gives 0xFFFF back): the values are searched as they are
     mask = (searched >= low) & (searched <= high)
     return mask if mask.any() else None
+
+
+def _cut_to_bits(value: int, bits: int, signed: bool) -> int:
+    """`value` as a decoder gives it back cut to `bits` bits (and sign-extended from the top one if signed)."""
+    cut = value & ((1 << bits) - 1)
+    return cut - (1 << bits) if signed and cut >= 1 << (bits - 1) else cut
 
 
 def within_bits_stored(stored: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -369,9 +379,9 @@ def within_bits_stored(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return ((cut ^ top) - top).astype(stored.dtype)
 
 
-def _words_as_written(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The 16-bit words of native, single-frame, single-sample Pixel Data before the decoder cuts
-    them to Bits Stored, or None for anything else."""
+def _words_as_written(ds: Dataset, shape: tuple[int, ...], signed: bool = False) -> np.ndarray | None:
+    """The 16-bit words (signed ones for signed pixels) of native, single-frame, single-sample Pixel Data
+    before the decoder cuts them to Bits Stored, or None for anything else."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is None or syntax.is_compressed or int(ds.get("BitsAllocated", 0) or 0) != 16 or len(shape) != 2:
         return None
@@ -379,7 +389,8 @@ def _words_as_written(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray | None:
     count = shape[0] * shape[1]
     if data is None or len(data) < 2 * count:
         return None
-    return np.frombuffer(data, dtype="<u2" if syntax.is_little_endian else ">u2", count=count).reshape(shape)
+    kind = "i2" if signed else "u2"
+    return np.frombuffer(data, dtype=("<" if syntax.is_little_endian else ">") + kind, count=count).reshape(shape)
 
 
 def modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -181,6 +181,17 @@ def test_a_batch_names_the_input_it_refuses(detector, sample):
         detector.predict_batch([sample, sample, "missing.png"])
 
 
+def test_a_batch_may_be_any_iterable_of_inputs(detector, pneumoniamnist):
+    """Chunking the batch (BATCH_CHUNK) took its len() and slices first: `predict_batch(folder.glob("*.dcm"))`,
+    which scored every file before, raised "TypeError: object of type 'generator' has no len()"."""
+    images = list(pneumoniamnist["test_images"][:3])
+    expected = [pneumonia_p(r) for r in detector.predict_batch(images)]
+    assert [pneumonia_p(r) for r in detector.predict_batch(image for image in images)] == expected
+    assert [pneumonia_p(r) for r in detector.predict_batch(dict(enumerate(images)).values())] == expected
+    with pytest.raises(UnreadableImageError, match=r"^input 2 of 3: image side 20 is smaller"):
+        detector.predict_batch(iter([images[0], images[1][:20, :20], images[2]]))
+
+
 def test_a_blank_picture_is_refused_as_a_blank_dicom_is(detector, sample, tmp_path):
     """An all-black PNG was scored 0.73 pneumonia; a DICOM blank as displayed was already refused."""
     Image.fromarray(np.zeros((512, 512), np.uint8)).save(tmp_path / "black.png")

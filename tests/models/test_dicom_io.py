@@ -262,6 +262,31 @@ def test_a_padding_value_written_in_whole_words_over_12_bit_pixels_is_recognised
     np.testing.assert_allclose(display[20:], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [False, True])
+def test_a_signed_padding_value_below_12_bit_pixels_is_recognised(image, window):
+    """-32768 (0x8000) fills the 16-bit words around signed 12-bit pixels; the decoder cuts and sign-extends
+    every pixel from High Bit, so the padding came back as 0, a mid-grey pixel: the border was shown grey
+    instead of black (and counted in the range). As for unsigned whole-word padding, it is looked for in
+    the words as written, and a real pixel at 0 stays image."""
+    ds = make_cxr_dataset(image, size=(256, 256), bits_stored=12)
+    if not window:
+        del ds.WindowCenter, ds.WindowWidth
+    else:
+        ds.WindowCenter = 0
+    stored = ds.pixel_array.astype(np.int32) - 2048  # signed 12-bit: -2048..2047
+    stored[100:110, 100:110] = 0  # a real pixel at the value the cut padding would take
+    stored[:20] = 0  # a border inside the anatomy's range: the picture the rest must show
+    ds.PixelRepresentation = 1
+    ds.PixelData = stored.astype("<i2").tobytes()
+    expected = dicom_to_grayscale(ds)[20:]
+    stored[:20] = -32768
+    ds.add_new(0x00280120, "SS", -32768)  # Pixel Padding Value, in the pixels' own representation
+    ds.PixelData = stored.astype("<i2").tobytes()
+    display = dicom_to_grayscale(ds)
+    assert (display[:20] == 0).all() and (display[100:110, 100:110] > 0).all()
+    np.testing.assert_allclose(display[20:], expected, atol=1e-6)
+
+
 @pytest.mark.dcmtk
 @pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEGLosslessSV1])
 def test_whole_word_padding_is_recognised_in_lossless_compressed_pixels(image, syntax):
