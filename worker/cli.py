@@ -65,10 +65,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_worker(settings, args.concurrency, args.hostname)
 
 
+IN_MEMORY_DATABASE = ("TRIAGE_DATABASE_URL names an in-memory SQLite database (no file path): every process "
+                      "would get its own empty one and no result would be kept; give a file, e.g. sqlite:///var/triage.db")
+
+
+def usable_database_url(settings: WorkerSettings) -> int:
+    """0, or 3 after one line saying why the URL cannot hold results (a malformed one is told by its kind only:
+    its text may hold a password)."""
+    from worker.db import in_memory_sqlite
+
+    try:
+        in_memory = in_memory_sqlite(settings.database_url)
+    except Exception as exc:
+        log.error("TRIAGE_DATABASE_URL cannot be used (%s)", type(exc).__name__)
+        return 3
+    if in_memory:  # `check` said "database ok" and `run` started a worker that could store nothing
+        log.error(IN_MEMORY_DATABASE)
+        return 3
+    return 0
+
+
 def migrate(settings: WorkerSettings) -> int:
     """Upgrade to head; a failure is one log line and exit 3, not a traceback (compose restarts the worker)."""
     from worker.migrate import upgrade
 
+    if status := usable_database_url(settings):
+        return status
     try:
         upgrade(settings.database_url)
     except Exception as exc:
@@ -99,6 +121,8 @@ def check(settings: WorkerSettings) -> int:
     except Exception as exc:
         log.error("model card problem: %s", exc)
         return 2
+    if status := usable_database_url(settings):
+        return status
     try:
         engine = make_engine(settings.database_url)
     except Exception as exc:  # a malformed URL; its text may hold a password, so only the kind is told

@@ -126,6 +126,18 @@ class WorkerSettings(BaseSettings):
             raise ValueError("visibility_timeout_s must exceed time_limit_s")
         return value
 
+    @model_validator(mode="after")
+    def _retries_within_visibility(self) -> "WorkerSettings":
+        """A retry (countdown up to `retry_backoff_max_s`) waits in the worker unacknowledged, then runs for up to
+        `time_limit_s`; Redis redelivers a message unacknowledged for `visibility_timeout_s`. A longer wait was
+        accepted (`TRIAGE_RETRY_BACKOFF_MAX_S=3600`, "retry hourly", with the default 3600): every waiting retry
+        was redelivered and then ran twice, each copy retrying again, so the messages of a study whose finalize
+        waits (or of an instance during a database outage) doubled at every backoff, without end."""
+        if self.visibility_timeout_s <= self.time_limit_s + self.retry_backoff_max_s:
+            raise ValueError("TRIAGE_VISIBILITY_TIMEOUT_S must exceed TRIAGE_TIME_LIMIT_S plus "
+                             "TRIAGE_RETRY_BACKOFF_MAX_S (a retry waiting longer is redelivered and runs twice)")
+        return self
+
     def resolved_model_path(self) -> Path:
         from models.card import default_model_path
 

@@ -170,6 +170,17 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def in_memory_sqlite(url: str) -> bool:
+    """Whether a URL names an in-memory SQLite database (`sqlite://`, `sqlite:///`, `:memory:`, `mode=memory`):
+    each process, each pool process of the worker included, gets its own empty one, so nothing is shared or kept.
+    `sqlite:///$DB_FILE` with the variable unset reads `sqlite:///`."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or "mode=memory" in database or parsed.query.get("mode") == "memory"
+
+
 def make_engine(url: str) -> Engine:
     """Engine for SQLite (file created, WAL, busy timeout) or PostgreSQL (pre-ping).
 

@@ -211,6 +211,7 @@ def _outcome(rt: Runtime, path: Path, attempts: int, transient_claims: int = 0) 
         return Outcome("failed", f"abandoned after {transient_claims} deliveries that failed transiently "
                                  "(unreadable file or storage error that did not clear)")
     if not spool_file_exists(path):
+        require_pending_area(rt.settings.spool_dir)  # no spool at all is the host's problem, not this file's
         return Outcome("failed", "spool file missing and no earlier result exists")
     try:
         return analyse_file(path, rt.settings, rt.detectors)  # type: ignore[arg-type]
@@ -240,6 +241,21 @@ def spool_file_exists(path: Path) -> bool:
         return False
     except OSError as exc:
         raise storage_error("spool file", exc) from exc
+
+
+def require_pending_area(spool_dir: Path) -> None:
+    """Raise `ImageAccessError` (retried) unless the spool's pending/ is there. The gateway makes it before it
+    accepts anything, so without it the spool itself is missing (its network mount not up yet, a volume left
+    out, TRIAGE_SPOOL_DIR unset and ./var/spool used), not a file: every instance was failed "spool file
+    missing" and every study finalised with no flag, while the images waited in the gateway's pending/."""
+    pending = Path(spool_dir) / SPOOL_PENDING
+    try:
+        if stat.S_ISDIR(pending.stat().st_mode):
+            return
+        exc: OSError = NotADirectoryError(errno.ENOTDIR, "not a folder")
+    except OSError as error:
+        exc = error
+    raise storage_error("spool pending folder", exc)
 
 
 def storage_error(what: str, exc: OSError) -> ImageAccessError:
@@ -417,6 +433,7 @@ def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
         with os.scandir(folder) as entries:
             waiting = sorted(entry.name[:-4] for entry in entries if entry.name.endswith(".dcm"))
     except (FileNotFoundError, NotADirectoryError):
+        require_pending_area(rt.settings.spool_dir)  # the study's folder is gone, not the whole spool
         waiting = []
     except OSError as exc:
         raise storage_error("spool folder", exc) from exc

@@ -44,7 +44,7 @@ def test_sigkill_mid_task_is_redelivered_and_finishes_once(make_triage_env, sqli
     # Short limits so Redis' visibility timeout (which restores unacknowledged messages of a
     # dead worker) elapses within the test; tasks here take ~1.5 s.
     env = make_triage_env(sqlite_url, soft_time_limit_s="6", time_limit_s="8", visibility_timeout_s="10",
-                           unacked_restore_interval_s="2")
+                           unacked_restore_interval_s="2", retry_backoff_max_s="1")  # a retry must fit in it too
     staged = _stage_study(env, images, 2, (4096, 4096), JPEG2000Lossless)
     worker = env.start_worker()
     for relpath, sop in staged:

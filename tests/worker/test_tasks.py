@@ -202,6 +202,7 @@ def test_delete_retention_removes_the_file(tmp_path, sqlite_url, test_split):
 
 
 def test_finalize_before_any_instance_creates_a_final_study(runtime):
+    (runtime.settings.spool_dir / contract.SPOOL_PENDING).mkdir(parents=True)  # as the gateway makes it at start
     study = generate_uid()
     tasks.finalize_study(runtime, study, "2026-01-01T00:00:00Z")
     tasks.finalize_study(runtime, study, "garbage")
