@@ -22,7 +22,7 @@ from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
 from models.dicom_io import LutShapeConflict, check_not_blank
-from models.preprocess import preprocess, preprocess_batch, preprocessing_id, to_unit_range
+from models.preprocess import INPUT_SIZE, preprocess, preprocess_batch, preprocessing_id, to_unit_range
 
 ImageLike = str | Path | np.ndarray
 
@@ -117,6 +117,7 @@ class PneumoniaDetector:
         load_cuda_libraries(ort, chosen)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
                                             providers=session_providers(chosen))
+        check_graph_matches_card(self.session, self.card, self.model_path.name)
         ensure_provider_active(require_provider, self.session.get_providers(), ort.get_available_providers())
         self.input_name = self.session.get_inputs()[0].name
 
@@ -220,6 +221,10 @@ def load_card(model_path: Path, *, verify_sha256: bool = True,
     expected = preprocessing_id(card.source_size)
     if card.preprocessing != expected:
         raise ModelIntegrityError(f"card preprocessing {card.preprocessing!r} differs from this code's {expected!r}")
+    network_input = (3, INPUT_SIZE, INPUT_SIZE)
+    if len(card.input_shape) != 4 or tuple(card.input_shape[1:]) != network_input:
+        raise ModelIntegrityError(f"card input_shape {list(card.input_shape)} differs from this code's network input "
+                                  f"(N, {', '.join(map(str, network_input))})")
     if verify_sha256 and sha256_of(model_path) != card.sha256:
         raise ModelIntegrityError(f"sha256 of {model_path.name} does not match its card")
     if site_calibration is not None:
@@ -227,6 +232,27 @@ def load_card(model_path: Path, *, verify_sha256: bool = True,
 
         card = SiteCalibration.load(site_calibration).apply(card)
     return card
+
+
+def check_graph_matches_card(session: Any, card: ModelCard, model_name: str) -> None:
+    """Refuse a graph whose interface is not the card's: its input (batch, 3, 224, 224) and its output
+    (batch, one logit per label). The sha256 binds the card to a file, not to what the file computes: a graph
+    taking 256x256 loaded and then failed every image at inference, and one with three outputs was scored on
+    the first two. A dimension the graph leaves symbolic (the batch) matches any."""
+    def differs(graph_dims: Sequence[Any] | None, card_dims: Sequence[Any]) -> bool:
+        if graph_dims is None:  # a shape neither declared nor inferred: nothing to compare
+            return False
+        return len(graph_dims) != len(card_dims) or any(
+            isinstance(g, int) and g >= 0 and isinstance(c, int) and c >= 0 and g != c
+            for g, c in zip(graph_dims, card_dims))
+
+    graph_input, graph_output = session.get_inputs()[0], session.get_outputs()[0]
+    if differs(graph_input.shape, card.input_shape):
+        raise ModelIntegrityError(f"{model_name}: graph input {graph_input.name} {list(graph_input.shape)} differs "
+                                  f"from its card's input_shape {list(card.input_shape)}")
+    if differs(graph_output.shape, [-1, len(card.labels)]):
+        raise ModelIntegrityError(f"{model_name}: graph output {graph_output.name} {list(graph_output.shape)} differs "
+                                  f"from its card's {len(card.labels)} labels (batch, {len(card.labels)})")
 
 
 def load_any(image: ImageLike, lut_shape_conflict: LutShapeConflict = "refuse") -> np.ndarray:

@@ -16,6 +16,9 @@ from models.errors import UnreadableImageError
 
 TIFF_PHOTOMETRIC = 262
 TIFF_WHITE_IS_ZERO = 0
+TIFF_BITS_PER_SAMPLE = 258
+TIFF_SAMPLE_FORMAT = 339
+TIFF_SIGNED_INTEGER = 2
 
 
 def is_dicom(path: Path) -> bool:
@@ -32,6 +35,8 @@ def read_raster(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as stored:
             check_raster_size(stored.size)
+            check_one_picture(stored)
+            check_unsigned(stored)
             stored.load()
             image = ImageOps.exif_transpose(stored)  # the picture as viewers show it (phone photos of films)
             if image.mode in ("I;16", "I;16B", "I;16L"):
@@ -61,6 +66,30 @@ def check_raster_size(size: tuple[int, int]) -> None:
     limit = PixelLimits().max_pixels
     if width * height > limit:
         raise UnreadableImageError(f"image size {height}x{width} exceeds {limit // 1_000_000} megapixels")
+
+
+def check_one_picture(stored: Image.Image) -> None:
+    """Refuse a multi-page TIFF or an animated GIF/PNG, as a multi-frame DICOM is: only the first frame was
+    read, silently, and which picture is the radiograph is not the reader's to guess. An MPO JPEG (a camera's
+    or phone's picture with previews, CIPA DC-007) is one picture: its first image is the primary one."""
+    frames = getattr(stored, "n_frames", 1)
+    if frames > 1 and stored.format != "MPO":
+        raise UnreadableImageError(f"multi-frame image ({frames} frames); one projection radiograph expected")
+
+
+def check_unsigned(stored: Image.Image) -> None:
+    """Refuse a signed 8- or 16-bit TIFF with its own reason. Pillow opens a signed 16-bit one as 32-bit ('I'):
+    with negative values it was refused as a "32-bit integer image outside the 16-bit range", without them
+    (0..32767) read as unsigned at half brightness; a signed 8-bit one was read with its negatives wrapped to
+    bright. Where a signed image's black lies is not written in it (as for a signed array, `to_unit_range`)."""
+    tags = getattr(stored, "tag_v2", None)
+    if not tags:
+        return
+    formats, bits = (tags.get(tag, 1) for tag in (TIFF_SAMPLE_FORMAT, TIFF_BITS_PER_SAMPLE))
+    formats, bits = (value if isinstance(value, tuple) else (value,) for value in (formats, bits))
+    if TIFF_SIGNED_INTEGER in formats and max(bits) <= 16:
+        raise UnreadableImageError(f"signed {max(bits)}-bit TIFF: signed pixel values are ambiguous (the file does "
+                                   "not say where black lies); export it unsigned (8 or 16 bit) or send the DICOM")
 
 
 def white_is_zero_16(values: np.ndarray) -> np.ndarray:

@@ -84,8 +84,13 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     already be display values in [0, 1] (what `models.dicom_io.dicom_to_grayscale` returns).
     A 16-bit (or wider) image using less than a quarter of its range, e.g. 12- or 14-bit data stored
     unscaled, would be read almost black and is refused instead; so is one whose values span less than a
-    quarter of it (the same data lifted by an offset, read as a flat grey). Anything else is refused with `UnreadableImageError` (a `ValueError`), as a bad file is.
+    quarter of it (the same data lifted by an offset, read as a flat grey). A masked array with masked values
+    is refused (nothing says what a masked pixel reads as); one with nothing masked is read as its data.
+    Anything else is refused with `UnreadableImageError` (a `ValueError`), as a bad file is.
     """
+    if np.ma.is_masked(image):  # np.asarray drops the mask and reads the values under it as image
+        raise UnreadableImageError(f"masked array with {int(np.ma.count_masked(image))} masked values: the mask "
+                                   "would be ignored; fill them (array.filled(value)) or pass a plain array")
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:  # (H, W, 1), as some loaders keep a channel axis
         array = array[..., 0]

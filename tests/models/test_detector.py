@@ -270,6 +270,59 @@ def test_a_card_edited_into_wrong_numbers_is_refused_with_its_reason(tmp_path, e
         PneumoniaDetector(model)
 
 
+def test_a_card_whose_input_shape_this_code_cannot_feed_is_refused_at_load(tmp_path, sample):
+    """The card's input_shape was read but never checked: a card saying 256x256 (or one channel) loaded, and then
+    every image failed at inference with a bare ValueError, recorded as the image's failure instance by
+    instance, where a model that cannot be used must stop the worker at start-up (ModelIntegrityError)."""
+    model = tmp_path / "m.onnx"
+    model.symlink_to(default_model_path())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    for shape in ([-1, 3, 256, 256], [-1, 1, 224, 224], [3, 224, 224]):
+        card_path_for(model).write_text(json.dumps({**card, "input_shape": shape}))
+        with pytest.raises(ModelIntegrityError, match=r"input_shape .* differs from this code's network input "
+                                                      r"\(N, 3, 224, 224\)"):
+            PneumoniaDetector(model)
+
+
+def shaped_network(side: int, outputs: int):
+    """A real (tiny) ONNX graph of the released model's interface, image (batch, 3, side, side) ->
+    logits (batch, outputs): global mean of each channel, then a fixed linear map."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.tile(np.arange(outputs, dtype=np.float32), (3, 1)), "w")
+    nodes = [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "shaped", [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", outputs])], initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("side,outputs,reason", [
+    (256, 2, r"graph input image \['batch', 3, 256, 256\] differs from its card's input_shape \[-1, 3, 224, 224\]"),
+    (224, 3, r"graph output logits \['batch', 3\] differs from its card's 2 labels"),
+    (224, 2, None),  # the released interface: loads and scores
+])
+def test_a_graph_that_disagrees_with_its_card_is_refused_at_load(tmp_path, sample, side, outputs, reason):
+    """The sha256 binds the card to one ONNX file; nothing checked that the card describes that graph's interface,
+    so a card shipped with the wrong export loaded fine and every image failed at inference."""
+    from models.card import sha256_of
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(shaped_network(side, outputs).SerializeToString())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    card_path_for(model).write_text(json.dumps({**card, "sha256": sha256_of(model)}))
+    if reason is None:
+        assert PneumoniaDetector(model, providers=["CPUExecutionProvider"]).predict(sample)["stratum"]
+        return
+    with pytest.raises(ModelIntegrityError, match=reason):
+        PneumoniaDetector(model, providers=["CPUExecutionProvider"])
+
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 

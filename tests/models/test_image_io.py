@@ -79,3 +79,60 @@ def test_a_raster_over_the_dicom_pixel_bound_is_refused_before_it_is_decoded(tmp
                                                    f"{PixelLimits().max_pixels // 1_000_000} megapixels"):
         read_raster(big)
     assert read_raster(small).shape == (64, 64)
+
+
+def frames_of(pneumoniamnist, count: int) -> list[Image.Image]:
+    return [Image.fromarray(image).resize((112, 112), Image.NEAREST) for image in pneumoniamnist["test_images"][:count]]
+
+
+@pytest.mark.parametrize("name,options", [
+    ("study.tif", {}),  # a multi-page TIFF
+    ("study.gif", {"duration": 100, "loop": 0}),  # an animated GIF
+    ("study.png", {"duration": 100, "loop": 0}),  # an animated PNG (APNG)
+])
+def test_a_raster_of_several_frames_is_refused_as_a_multi_frame_dicom_is(tmp_path, pneumoniamnist, name, options):
+    """Only the first page or frame was scored, silently, where a multi-frame DICOM is refused with a reason:
+    which of the pictures is the radiograph is not the reader's guess to make."""
+    first, *others = frames_of(pneumoniamnist, 3)
+    path = tmp_path / name
+    first.save(path, save_all=True, append_images=others, **options)
+    with Image.open(path) as check:  # the file holds the three pictures
+        assert check.n_frames == 3
+    with pytest.raises(UnreadableImageError, match=r"^multi-frame image \(3 frames\); one projection radiograph"):
+        read_image(path)
+    single = tmp_path / f"single{path.suffix}"
+    first.save(single)
+    np.testing.assert_array_equal(read_image(single), np.asarray(first))
+
+
+def test_a_jpeg_with_a_multi_picture_preview_is_read_as_its_primary_image(tmp_path, pneumoniamnist):
+    """An MPO (CIPA DC-007) JPEG, as cameras and phones write with a preview, is one picture: its first
+    image is the primary one by definition, the others are derived from it."""
+    primary, preview = frames_of(pneumoniamnist, 1) * 2
+    path = tmp_path / "photo.jpg"
+    primary.save(path, format="MPO", save_all=True, append_images=[preview.resize((56, 56))], quality=95)
+    with Image.open(path) as check:
+        assert check.format == "MPO" and check.n_frames == 2
+    assert read_image(path).shape == (112, 112)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("offset", [0, 2 ** 15])
+def test_a_signed_integer_tiff_is_refused_saying_what_it_is(tmp_path, pneumoniamnist, bits, offset):
+    """Pillow opens a signed 16-bit TIFF as 32-bit ('I'): one with negative values was refused as a "32-bit
+    integer image outside the 16-bit range", which misleads, and one without (0..32767, a full-range signed
+    export) was read as unsigned at half brightness. A signed 8-bit one was read with its negatives wrapped
+    to bright. Where a signed image's black lies is not written in it, as for a signed array."""
+    image = np.asarray(Image.fromarray(pneumoniamnist["test_images"][0]).resize((64, 64))).astype(np.int32)
+    top = 2 ** (bits - 1)
+    values = (image * (2 * top - 1) // 255 - top if offset else image * (top - 1) // 255)  # with negatives, or 0..max
+    stored = values.astype(np.int8 if bits == 8 else np.int16)
+    path = tmp_path / "signed.tif"
+    Image.fromarray(stored.view(np.uint8 if bits == 8 else np.uint16)).save(path, tiffinfo={TIFF_SAMPLE_FORMAT: 2})
+    with Image.open(path) as check:  # the file says what the test means: signed integers of `bits` bits
+        assert check.tag_v2[TIFF_SAMPLE_FORMAT] == (2,) and check.tag_v2[258] == (bits,)
+    with pytest.raises(UnreadableImageError, match=rf"^signed {bits}-bit TIFF: signed pixel values are ambiguous"):
+        read_image(path)
+
+
+TIFF_SAMPLE_FORMAT = 339

@@ -84,3 +84,20 @@ def test_a_float32_display_image_reduces_as_through_float64():
 
     display = np.random.default_rng(1).uniform(-1e-7, 1 + 1e-7, (300, 420)).astype(np.float32)
     np.testing.assert_array_equal(reduce_to_source(display), reduce_to_source(display.astype(np.float64)))
+
+
+def test_a_masked_array_is_refused_not_scored_with_its_mask_ignored(pneumoniamnist):
+    """`np.asarray` drops a mask: the pixels under it (a burnt-in label blanked out, a collimator edge) were
+    scored as if they were image. Nothing says what a masked pixel should read as, so masked input is refused;
+    a masked array with nothing masked holds a plain picture and is read as one."""
+    from models.errors import UnreadableImageError
+
+    small = pneumoniamnist["test_images"][3]
+    masked = np.ma.masked_array(small, mask=np.zeros(small.shape, bool))
+    masked[:4, :] = np.ma.masked
+    with pytest.raises(UnreadableImageError, match=r"masked array with 112 masked values.*\.filled\(value\)"):
+        preprocess(masked)
+    with pytest.raises(UnreadableImageError, match="masked array"):
+        preprocess_batch([small, masked])
+    np.testing.assert_array_equal(preprocess(np.ma.masked_array(small)), preprocess(small))
+    assert preprocess(masked.filled(0)).shape == (3, INPUT_SIZE, INPUT_SIZE)  # filled as the caller chooses
