@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start the listener (foreground; SIGTERM/SIGINT stop it)")
     run.add_argument("--http-port", type=int, help="serve /healthz /readyz /status /metrics here (TRIAGE_GATEWAY_HTTP_PORT)")
     health = sub.add_parser("health", help="C-ECHO the listener, check broker, spool and disk; exit 1 if unhealthy")
-    health.add_argument("--host", default="127.0.0.1")
+    health.add_argument("--host", default=None, help="address of the listener (default: TRIAGE_GATEWAY_BIND, "
+                        "or 127.0.0.1 when that is 0.0.0.0 or ::)")
     health.add_argument("--calling-ae", type=_ae_title, default=None, help="calling AE for the C-ECHO (must be allowed)")
     sweep = sub.add_parser("sweep", help="publish pending spool instances once (use while the gateway is stopped)")
     sweep.add_argument("--min-age", type=_age, default=0.0, help="only instances older than this many seconds")
@@ -94,7 +95,7 @@ def cmd_run(settings: GatewaySettings) -> int:
     return 0
 
 
-def cmd_health(settings: GatewaySettings, host: str, calling_ae: str | None) -> int:
+def cmd_health(settings: GatewaySettings, host: str | None, calling_ae: str | None) -> int:
     from dicom_gateway import health
 
     report = health.check(settings, host, calling_ae=calling_ae or health.HEALTH_CALLING_AE)

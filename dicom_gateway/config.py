@@ -40,6 +40,10 @@ CsvList = Annotated[list[str], NoDecode]
 
 MAX_PDU_FIELD = 0xFFFFFFFF
 """The Maximum Length sub-item is 4 bytes (PS3.8 D.1): a larger value failed every association's answer."""
+MAX_ASSOCIATIONS = 1000
+"""Upper bound of TRIAGE_GATEWAY_MAX_ASSOCIATIONS: each association is a thread holding up to one instance in
+memory (32, the default, of large DX plates peak near 1.5 GiB), and pynetdicom's connection cap and the listen
+backlog are multiples of it; a value beyond a C int failed listen() with OverflowError, naming no setting."""
 MAX_TIMEOUT_S = 86400.0
 """A day: a timeout beyond threading's limit failed every association (or the start) with OverflowError."""
 
@@ -64,7 +68,7 @@ class GatewaySettings(BaseSettings):
     gateway_ae_title: str = "TRIAGE"
     gateway_bind: str = "0.0.0.0"
     gateway_port: int = Field(11112, ge=0, le=65535)
-    gateway_max_associations: int = Field(32, ge=1)
+    gateway_max_associations: int = Field(32, ge=1, le=MAX_ASSOCIATIONS)
     gateway_max_connections_per_peer: int | None = Field(
         None, ge=1, description="open connections one source IP may hold; unset = half of pynetdicom's connection cap")
     gateway_max_pdu: int = Field(262144, ge=0, le=MAX_PDU_FIELD,

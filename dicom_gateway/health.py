@@ -7,6 +7,7 @@ The check talks DICOM to the port like a modality would.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import time
 from typing import Any
@@ -20,6 +21,17 @@ from dicom_gateway.spool import Spool
 from dicom_gateway.tls import client_context
 
 HEALTH_CALLING_AE = "TRIAGE-HEALTH"
+
+
+def listener_host(bind: str) -> str:
+    """Where the health check reaches the listener by default: the bind address itself when it is a
+    specific one (a gateway bound to 10.1.2.3 does not answer on 127.0.0.1, so the check always read
+    unhealthy), loopback when it listens on every address (`0.0.0.0`, `::`)."""
+    try:
+        unspecified = ipaddress.ip_address(bind.strip()).is_unspecified
+    except ValueError:  # a host name
+        unspecified = not bind.strip()
+    return "127.0.0.1" if unspecified else bind.strip()
 
 
 def rejection_text(assoc: Any) -> str:
@@ -76,10 +88,10 @@ def disk_state(settings: GatewaySettings, spool: Spool) -> dict[str, Any]:
             "min_free_bytes": settings.gateway_min_free_bytes, "writable": writable}
 
 
-def check(settings: GatewaySettings, host: str = "127.0.0.1", *, calling_ae: str = HEALTH_CALLING_AE) -> dict[str, Any]:
-    """Full report; `healthy` is the AND of listener, broker and disk."""
+def check(settings: GatewaySettings, host: str | None = None, *, calling_ae: str = HEALTH_CALLING_AE) -> dict[str, Any]:
+    """Full report; `healthy` is the AND of listener, broker and disk. `host` defaults to `listener_host`."""
     spool = Spool(settings.spool_dir)
-    listener = echo(settings, host, calling_ae=calling_ae)
+    listener = echo(settings, listener_host(settings.gateway_bind) if host is None else host, calling_ae=calling_ae)
     publisher = TaskPublisher(settings)
     try:
         broker = broker_state(publisher)

@@ -153,6 +153,9 @@ def pynetdicom_thread_cap(limit: int) -> int:
 
 HEALTH_PROBE_SLOTS = 2
 """Health probes let in at once beyond TRIAGE_GATEWAY_MAX_ASSOCIATIONS (echo only)."""
+ECHO_ONLY_IP = "source IP not in allow-list (health check: C-ECHO only)"
+ECHO_ONLY_LIMIT = "health probe beyond TRIAGE_GATEWAY_MAX_ASSOCIATIONS: C-ECHO only"
+"""The ErrorComments (at most 64 characters) of a C-STORE on an association let in as a health probe only."""
 
 
 def _running(associations: set[Association]) -> set[Association]:
@@ -323,8 +326,10 @@ class StoreSCP:
         admission = None if reason is not None else self._admit(assoc, calling, peer)
         if reason is None and admission is None:
             reason, rsd = TOO_MANY_ASSOCIATIONS, RJ_LOCAL_LIMIT
-        # echo only: a probe let in by the loopback exception to the IP allow-list, or beyond the limit
-        assoc.gateway_echo_only = self._health_probe_only(calling, peer) or admission == "probe"  # type: ignore[attr-defined]
+        # echo only (the C-STORE's ErrorComment says why): a probe let in by the loopback exception to the IP
+        # allow-list, or beyond the limit
+        assoc.gateway_echo_only = (ECHO_ONLY_IP if self._health_probe_only(calling, peer)  # type: ignore[attr-defined]
+                                   else ECHO_ONLY_LIMIT if admission == "probe" else None)
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
             # the container healthcheck's echo, every 30 s: three INFO lines each would bury the modalities'
@@ -430,8 +435,9 @@ class StoreSCP:
         if not isinstance(stream, BytesIO):  # chunked-to-file receive mode; not used by us
             stream = BytesIO(event.encoded_dataset(include_meta=False))
         try:
-            if getattr(event.assoc, "gateway_echo_only", False):
-                raise BadDatasetError(NOT_AUTHORIZED, "source IP not in allow-list (health check: C-ECHO only)")
+            echo_only = getattr(event.assoc, "gateway_echo_only", None)
+            if echo_only:
+                raise BadDatasetError(NOT_AUTHORIZED, echo_only)
             if str(request.AffectedSOPClassUID).strip() != str(event.context.abstract_syntax):
                 raise BadDatasetError(SOP_CLASS_NOT_SUPPORTED, "SOP class not negotiated on this presentation context")
             study, sop = check_header(read_header(stream, syntax), request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
@@ -457,11 +463,14 @@ class StoreSCP:
         if earlier is not None:  # a re-send replaces the copy still waiting; a different one is worth a look
             log.warning("C-STORE replaced a pending copy of this instance",
                         extra={**ctx, "counts": {"earlier_file_bytes": earlier, "file_bytes": len(header) + size}})
-        queued = self.outbox.publish(relpath, sop, utc_iso(received))
+        # The study's marker before the publish: once the message is out the worker may archive the instance
+        # at once, and a gateway killed before writing the marker then found neither the marker nor a pending
+        # file at restart, so the study's finalize (its final worklist flag) was never sent.
         try:
             self.tracker.touch(study, received)
         except OSError as exc:  # marker is best effort; the instance itself is safe
             log.warning("study marker not written", extra={**ctx, "error": type(exc).__name__})
+        queued = self.outbox.publish(relpath, sop, utc_iso(received))
         event.assoc.gateway_stored = getattr(event.assoc, "gateway_stored", 0) + 1  # type: ignore[attr-defined]
         self.stored += 1
         log.info("C-STORE stored", extra={**ctx, "status": "0x0000", "bytes": size, "relpath": relpath, "queued": queued})

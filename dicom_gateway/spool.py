@@ -14,6 +14,7 @@ instances that may have been acknowledged: nothing half-written, nothing lost.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from typing import Iterator
 from worker.contract import SPOOL_ARCHIVE, SPOOL_INCOMING, SPOOL_PENDING, pending_relpath
 
 from dicom_gateway.config import UID_MAX_LEN
+
+log = logging.getLogger("dicom_gateway.spool")
 
 STUDIES = "studies"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -80,6 +83,7 @@ class Spool:
         self.archive = self.root / SPOOL_ARCHIVE
         self.studies = self.root / STUDIES
         self._root_device: int | None = None  # the spool's file system, recorded by ensure_layout
+        self._unremovable: set[str] = set()  # entries of incoming/ clean_incoming could not remove (logged once)
 
     def ensure_layout(self) -> None:
         """Create the spool directories (raises OSError if the spool is unusable), durably: the first
@@ -153,11 +157,17 @@ class Spool:
             return None
 
     def mark_study_open(self, study_uid: str) -> None:
-        """Record (best effort, no fsync) that a study awaits finalize, to survive restarts."""
+        """Record durably that a study awaits finalize, to survive restarts (and power loss): the gateway
+        writes it before publishing the instance, as the worker may archive the instance at once, and then
+        the marker is all a restarted gateway has to send the study's finalize."""
         marker = self.studies / validate_uid(study_uid, "StudyInstanceUID")
         if not marker.exists():
+            made = not self.studies.is_dir()
             self.studies.mkdir(exist_ok=True)  # an operator may have removed it; it is only restart bookkeeping
-            marker.touch()
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640))
+            fsync_dir(self.studies)
+            if made:
+                fsync_dir(self.root)
 
     def mark_study_closed(self, study_uid: str) -> None:
         (self.studies / validate_uid(study_uid, "StudyInstanceUID")).unlink(missing_ok=True)
@@ -201,18 +211,31 @@ class Spool:
         }
 
     def clean_incoming(self, older_than_s: float = 3600.0) -> int:
-        """Remove stale partial writes left by a crash (never acknowledged, safe to drop)."""
+        """Remove stale partial writes left by a crash (never acknowledged, safe to drop).
+
+        An entry that cannot be removed (a folder someone made in `incoming/`, a file system remounted
+        read-only) is skipped and the rest removed: the first such entry used to end the clean-up, so
+        every partial listed after it stayed for good. Skipped entries are logged once, by count and
+        error, never by name (only the gateway's own partials are named by UID)."""
         removed = 0
         if not self.incoming.is_dir():
             return 0
         cutoff = time.time() - older_than_s
+        skipped: dict[str, str] = {}
         for entry in os.scandir(self.incoming):
             try:
-                if entry.stat().st_mtime < cutoff:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                skipped[entry.name] = type(exc).__name__
+        new = {name: error for name, error in skipped.items() if name not in self._unremovable}
+        self._unremovable = set(skipped)  # one that was removed meanwhile and comes back is new again
+        if new:
+            log.warning("partial writes that could not be removed were skipped",
+                        extra={"error": ", ".join(sorted(set(new.values()))), "counts": {"skipped": len(new)}})
         return removed
 
     def writable(self) -> bool:

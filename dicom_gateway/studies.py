@@ -68,15 +68,17 @@ class StudyTracker:
         """
         now = time.monotonic()
         with self._lock:
-            due = [(uid, wall) for uid, (mono, wall) in self._last.items() if now - mono >= self._stable]
+            due = [(uid, mono, wall) for uid, (mono, wall) in self._last.items() if now - mono >= self._stable]
         sent = 0
-        for uid, wall in due:
+        for uid, mono, wall in due:
             if not self._finalize(uid, utc_iso(wall)):
                 break  # broker down; keep them all and retry on the next tick
             with self._lock:
                 self._remember_sent(uid, wall)
                 current = self._last.get(uid)
-                if current is not None and current[1] == wall:
+                # untouched since the snapshot: by the monotonic time, as an arrival after the wall clock was
+                # stepped back keeps the later wall time and would look like no arrival at all
+                if current is not None and current[0] == mono:
                     del self._last[uid]
                     self._on_closed(uid)
             log.info("finalize sent", extra={"study_uid": uid, "last_received_at": utc_iso(wall)})

@@ -396,3 +396,102 @@ def test_a_finalize_lost_with_its_instances_is_sent_again_when_the_sweep_re_send
     wait_for(lambda: _process_messages(broker), 10, what="the sweep to re-send the instance")
     finals = wait_for(lambda: [t for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 10, what="finalize again")
     assert [f["args"] for f in finals] == [[study]]
+
+
+class HeldReplies:
+    """A TCP relay to Redis that passes commands through at once but, while `hold` is set, keeps Redis's
+    replies back: the broker has the message, the gateway is still waiting for the answer."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source, target, replies: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                while replies and not self.flowing.wait(0.1):
+                    pass
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            target.close()
+
+    def close(self) -> None:
+        self.flowing.set()
+        self.server.close()
+
+
+def test_a_gateway_killed_while_publishing_still_finalizes_the_study_after_restart(
+        start_gateway, tmp_path, images, broker, redis_server):
+    """SIGKILL between the instance's publish and the study's open-study marker: the marker was written
+    after the publish, so when the worker archived the instance before the gateway came back, the
+    restarted gateway found neither a marker nor a pending file for the study, and its finalize (the
+    worklist's final flag) was never sent (only `pneumonia-admin requeue` found it, as overdue)."""
+    from worker.spool import retire
+
+    relay = HeldReplies(redis_server.port)
+    port = free_port()
+    spool = tmp_path / "spool"
+    env = {
+        "TRIAGE_BROKER_URL": relay.url,
+        "TRIAGE_SPOOL_DIR": str(spool),
+        "TRIAGE_GATEWAY_PORT": str(port),
+        "TRIAGE_GATEWAY_BIND": "127.0.0.1",
+        "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0",
+        "TRIAGE_GATEWAY_STABLE_STUDY_SECONDS": "3600",  # no finalize from this process
+        "TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS": "120",  # the publish waits for its reply until the kill
+    }
+    proc = gateway_subprocess(env, tmp_path / "gateway.log")
+    try:
+        wait_for(lambda: _echo_ok(port), 20, what="gateway subprocess to listen")
+        assert store_with_pynetdicom(port, [small_dataset(images, 0)]) == [0]  # the publisher's connection is up
+        wait_for(lambda: len(_process_messages(broker)) == 1, 10, what="the first instance's message")
+        broker.flushall()
+        relay.flowing.clear()
+        study = generate_uid()
+        ds = small_dataset(images, 1, study_uid=study)
+        with ThreadPoolExecutor(1) as pool:
+            pending_store = pool.submit(store_with_pynetdicom, port, [ds])
+            [message] = wait_for(lambda: _process_messages(broker), 30, what="the publish to reach Redis")
+            os.kill(proc.pid, signal.SIGKILL)  # the publish is in Redis; the gateway still waits for its reply
+            proc.wait(10)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                assert pending_store.result(60) != [0]
+        # the worker takes the message and archives the instance before the gateway is back
+        assert message["args"][0] == pending_relpath(study, str(ds.SOPInstanceUID))
+        broker.flushall()
+        retire(spool, spool / message["args"][0], study, str(ds.SOPInstanceUID), "archive")
+        assert not (spool / message["args"][0]).exists()
+    finally:
+        relay.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    start_gateway(spool_dir=spool, gateway_stable_study_seconds=1.0)
+    wait_for(lambda: [study] in [t["args"] for t in queued_tasks(broker) if t["task"] == FINALIZE_STUDY], 15,
+             what="the study's finalize after the restart")

@@ -137,6 +137,33 @@ def test_health_command_reports_listener_spool_broker_disk(start_gateway, broker
     assert json.loads(down.stdout)["listener"]["ok"] is False
 
 
+def _non_loopback_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), if it has one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("198.51.100.1", 9))  # TEST-NET-2: only the route is looked up
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("bind", ["host address", "127.0.0.2", "0.0.0.0"])
+def test_health_command_checks_the_listener_at_its_bind_address(start_gateway, broker, bind):
+    """With TRIAGE_GATEWAY_BIND set to one address (the hospital-facing interface), `dicom-gateway health`
+    still echoed 127.0.0.1, where nothing listens: the listener read "connection refused" and the check
+    unhealthy (the compose healthcheck restarting a working gateway) unless --host was passed."""
+    if bind == "host address":
+        bind = _non_loopback_address() or pytest.skip("this host has no non-loopback IPv4 address")
+    gateway = start_gateway(gateway_bind=bind)
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    out = _health(settings, env_over={"TRIAGE_GATEWAY_BIND": bind})
+    report = json.loads(out.stdout)
+    assert report["listener"]["ok"] is True and out.returncode == 0, out.stdout + out.stderr
+
+
 def test_health_check_passes_an_ip_allow_list_from_loopback_for_c_echo_only(start_gateway, broker, images):
     """With TRIAGE_GATEWAY_ALLOWED_IPS set to the hospital's networks, `dicom-gateway health` (the
     compose healthcheck: C-ECHO from 127.0.0.1 as TRIAGE-HEALTH) was rejected, so the container
@@ -473,6 +500,34 @@ def test_health_probes_beyond_the_limit_are_few_and_echo_only(start_gateway, bro
         for assoc in held:
             if assoc.is_established:
                 assoc.release()
+
+
+def test_a_store_on_a_health_probe_let_in_beyond_the_limit_is_refused_with_that_reason(start_gateway, broker, images):
+    """A C-STORE on the echo-only probe slot (no IP allow-list configured at all) was answered 0x0124 "source IP
+    not in allow-list": an admin chasing that looked for an allow-list the gateway does not have."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_gateway.health import HEALTH_CALLING_AE
+
+    gateway = start_gateway(gateway_max_associations=1)
+    ds = small_dataset(images, 0)
+    held = []
+    try:
+        for _ in range(2):
+            ae = AE(ae_title=HEALTH_CALLING_AE)
+            ae.add_requested_context(Verification)
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            held.append(ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE"))
+        assert [a.is_established for a in held] == [True, True]  # the limit's one, then a probe slot
+        rsp = held[1].send_c_store(ds)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+    assert rsp.Status == 0x0124
+    assert "allow-list" not in rsp.ErrorComment and "MAX_ASSOCIATIONS" in rsp.ErrorComment, rsp.ErrorComment
+    assert pending_files(gateway.spool.root) == []
 
 
 def test_a_rejection_by_pynetdicom_s_own_thread_cap_is_logged_and_counted(start_gateway, broker, images, caplog):

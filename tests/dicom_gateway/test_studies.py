@@ -42,3 +42,32 @@ def test_a_study_whose_marker_cannot_be_written_is_still_finalised(tmp_path):
     spool.studies.rmdir()  # removed by hand while the gateway runs
     spool.mark_study_open("1.2.4")
     assert [uid for uid, _ in spool.open_studies()] == ["1.2.4"]
+
+
+def test_an_arrival_during_the_finalize_publish_is_kept_when_the_wall_clock_stepped_back(monkeypatch):
+    """finalize_due told "the study it finalized" from "the study since touched again" by the last arrival's
+    wall-clock time. An instance arriving while the finalize was being published, after the clock was stepped
+    back (NTP, a VM resumed), kept the later wall time (the max), looked like no arrival at all, and its study
+    was dropped from tracking: no finalize after it, and the worker reopens a final study when such an
+    instance is claimed, so the study stayed not final. The monotonic clock tells them apart."""
+    clock = SimpleNamespace(mono=1000.0, wall=1.7e9)
+    monkeypatch.setattr(studies, "time", SimpleNamespace(monotonic=lambda: clock.mono, time=lambda: clock.wall))
+    sent = []
+
+    def finalize(uid: str, last: str) -> bool:
+        sent.append(uid)
+        if len(sent) == 1:  # an instance of the study arrives while its finalize is on the wire
+            clock.mono += 0.2
+            clock.wall -= 3600.0  # the wall clock was stepped back an hour meanwhile
+            tracker.touch(uid)
+        return True
+
+    tracker = studies.StudyTracker(1.5, finalize)
+    tracker.touch("1.2.3")
+    clock.mono += 2.0
+    clock.wall += 2.0
+    assert tracker.finalize_due() == 1 and sent == ["1.2.3"]
+    assert tracker.open_studies() == ["1.2.3"], "the arrival during the publish was dropped"
+    clock.mono += 2.0
+    assert tracker.finalize_due() == 1 and sent == ["1.2.3", "1.2.3"]  # finalized again after it
+    assert tracker.open_studies() == []
