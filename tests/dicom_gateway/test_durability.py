@@ -279,18 +279,25 @@ def test_storescu_sees_failure_status_for_unwritable_spool(gateway, dcmtk, make_
     assert pending_files(gateway.spool.root) == []
 
 
-class SlowLink:
-    """A TCP relay to Redis that holds every chunk for `delay` seconds: a slow but healthy broker
-    (a congested WAN link, a busy Redis), as opposed to a hung one."""
+class RedisRelay:
+    """A TCP relay to Redis. `delay` holds every chunk that long: a slow but healthy broker (a congested
+    WAN link, a busy Redis), as opposed to a hung one. Clearing `flowing` keeps Redis's replies back while
+    commands still pass: the broker has the message, the client is still waiting for the answer."""
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
+    def __init__(self, upstream_port: int, delay: float = 0.0) -> None:
         import socket
         import threading
 
         self.delay, self.upstream = delay, upstream_port
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def _accept(self) -> None:
         import socket
@@ -302,13 +309,15 @@ class SlowLink:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    def _pipe(self, source, target) -> None:
+    def _pipe(self, source, target, replies: bool) -> None:
         try:
             while chunk := source.recv(65536):
                 time.sleep(self.delay)
+                while replies and not self.flowing.wait(0.1):
+                    pass
                 target.sendall(chunk)
         except OSError:
             pass
@@ -316,18 +325,19 @@ class SlowLink:
             target.close()
 
     def close(self) -> None:
+        self.flowing.set()
         self.server.close()
 
 
 @contextlib.contextmanager
 def publisher_over_slow_link(settings_factory, tmp_path, delay: float, timeout: float):
-    """A TaskPublisher to a private Redis through a SlowLink, already connected (one publish sent);
+    """A TaskPublisher to a private Redis through a slow RedisRelay, already connected (one publish sent);
     yields it and a client of that Redis."""
     from dicom_gateway.queue import TaskPublisher
 
     own = RedisServer(tmp_path / "redis-own")
     own.start()
-    link = SlowLink(own.port, delay=delay)
+    link = RedisRelay(own.port, delay=delay)
     publisher = TaskPublisher(settings_factory(broker_url=f"redis://127.0.0.1:{link.port}/0",
                                                gateway_broker_timeout_seconds=timeout))
     try:
@@ -398,54 +408,6 @@ def test_a_finalize_lost_with_its_instances_is_sent_again_when_the_sweep_re_send
     assert [f["args"] for f in finals] == [[study]]
 
 
-class HeldReplies:
-    """A TCP relay to Redis that passes commands through at once but, while `hold` is set, keeps Redis's
-    replies back: the broker has the message, the gateway is still waiting for the answer."""
-
-    def __init__(self, upstream_port: int) -> None:
-        import socket
-        import threading
-
-        self.upstream = upstream_port
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, source, target, replies: bool) -> None:
-        try:
-            while chunk := source.recv(65536):
-                while replies and not self.flowing.wait(0.1):
-                    pass
-                target.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            target.close()
-
-    def close(self) -> None:
-        self.flowing.set()
-        self.server.close()
-
-
 def test_a_gateway_killed_while_publishing_still_finalizes_the_study_after_restart(
         start_gateway, tmp_path, images, broker, redis_server):
     """SIGKILL between the instance's publish and the study's open-study marker: the marker was written
@@ -454,7 +416,7 @@ def test_a_gateway_killed_while_publishing_still_finalizes_the_study_after_resta
     worklist's final flag) was never sent (only `pneumonia-admin requeue` found it, as overdue)."""
     from worker.spool import retire
 
-    relay = HeldReplies(redis_server.port)
+    relay = RedisRelay(redis_server.port)
     port = free_port()
     spool = tmp_path / "spool"
     env = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -478,24 +479,32 @@ def test_spool_folders_are_not_recreated_on_another_file_system(start_gateway, b
 def test_health_probes_beyond_the_limit_are_few_and_echo_only(start_gateway, broker, images):
     """The loopback TRIAGE-HEALTH exception to the limit let any number of associations in, and they could
     store: behind a local relay every sender looks like loopback."""
+    gateway = start_gateway(gateway_max_associations=1)
+    ds = small_dataset(images, 0)
+    with health_probe_associations(gateway.port, ds, 4) as held:
+        assert [a.is_established for a in held] == [True, True, True, False]  # 1 counted + 2 probe slots
+        assert held[0].send_c_store(ds).Status == 0x0000  # within the limit: an ordinary association
+        assert all(a.send_c_echo().Status == 0x0000 for a in held[1:3])
+        assert held[1].send_c_store(ds).Status != 0x0000  # beyond the limit: echo only
+
+
+@contextlib.contextmanager
+def health_probe_associations(port: int, ds, count: int):
+    """`count` associations as TRIAGE-HEALTH, each offering Verification and `ds`'s storage context, made
+    one after another and held open (released at the end)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     from dicom_gateway.health import HEALTH_CALLING_AE
 
-    gateway = start_gateway(gateway_max_associations=1)
-    ds = small_dataset(images, 0)
     held = []
     try:
-        for _ in range(4):
+        for _ in range(count):
             ae = AE(ae_title=HEALTH_CALLING_AE)
             ae.add_requested_context(Verification)
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-            held.append(ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE"))
-        assert [a.is_established for a in held] == [True, True, True, False]  # 1 counted + 2 probe slots
-        assert held[0].send_c_store(ds).Status == 0x0000  # within the limit: an ordinary association
-        assert all(a.send_c_echo().Status == 0x0000 for a in held[1:3])
-        assert held[1].send_c_store(ds).Status != 0x0000  # beyond the limit: echo only
+            held.append(ae.associate("127.0.0.1", port, ae_title="TRIAGE"))
+        yield held
     finally:
         for assoc in held:
             if assoc.is_established:
@@ -505,26 +514,11 @@ def test_health_probes_beyond_the_limit_are_few_and_echo_only(start_gateway, bro
 def test_a_store_on_a_health_probe_let_in_beyond_the_limit_is_refused_with_that_reason(start_gateway, broker, images):
     """A C-STORE on the echo-only probe slot (no IP allow-list configured at all) was answered 0x0124 "source IP
     not in allow-list": an admin chasing that looked for an allow-list the gateway does not have."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    from dicom_gateway.health import HEALTH_CALLING_AE
-
     gateway = start_gateway(gateway_max_associations=1)
     ds = small_dataset(images, 0)
-    held = []
-    try:
-        for _ in range(2):
-            ae = AE(ae_title=HEALTH_CALLING_AE)
-            ae.add_requested_context(Verification)
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-            held.append(ae.associate("127.0.0.1", gateway.port, ae_title="TRIAGE"))
+    with health_probe_associations(gateway.port, ds, 2) as held:
         assert [a.is_established for a in held] == [True, True]  # the limit's one, then a probe slot
         rsp = held[1].send_c_store(ds)
-    finally:
-        for assoc in held:
-            if assoc.is_established:
-                assoc.release()
     assert rsp.Status == 0x0124
     assert "allow-list" not in rsp.ErrorComment and "MAX_ASSOCIATIONS" in rsp.ErrorComment, rsp.ErrorComment
     assert pending_files(gateway.spool.root) == []
