@@ -148,19 +148,18 @@ def test_a_failed_sweep_keeps_the_bookkeeping_of_every_pending_file(tmp_path):
         own.stop()
 
 
+def subprocess_env(broker_url: str, spool: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `dicom-gateway run` subprocess on loopback, with no free-space floor."""
+    return {"TRIAGE_BROKER_URL": broker_url, "TRIAGE_SPOOL_DIR": str(spool), "TRIAGE_GATEWAY_PORT": str(port),
+            "TRIAGE_GATEWAY_BIND": "127.0.0.1", "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0", **extra}
+
+
 def test_gateway_sigkill_mid_push_every_success_is_queued_after_restart(settings_factory, tmp_path, images, broker, redis_server):
     """Kill -9 during a push; the restarted gateway publishes every acknowledged instance."""
     port = free_port()
     spool = tmp_path / "spool"
-    env = {
-        "TRIAGE_BROKER_URL": redis_server.url,
-        "TRIAGE_SPOOL_DIR": str(spool),
-        "TRIAGE_GATEWAY_PORT": str(port),
-        "TRIAGE_GATEWAY_BIND": "127.0.0.1",
-        "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0",
-        "TRIAGE_GATEWAY_SWEEP_INTERVAL_SECONDS": "0.5",
-        "TRIAGE_GATEWAY_STABLE_STUDY_SECONDS": "1",
-    }
+    env = subprocess_env(redis_server.url, spool, port, TRIAGE_GATEWAY_SWEEP_INTERVAL_SECONDS="0.5",
+                         TRIAGE_GATEWAY_STABLE_STUDY_SECONDS="1")
     proc = gateway_subprocess(env, tmp_path / "gateway.log")
     acked: list[str] = []
     try:
@@ -419,15 +418,9 @@ def test_a_gateway_killed_while_publishing_still_finalizes_the_study_after_resta
     relay = RedisRelay(redis_server.port)
     port = free_port()
     spool = tmp_path / "spool"
-    env = {
-        "TRIAGE_BROKER_URL": relay.url,
-        "TRIAGE_SPOOL_DIR": str(spool),
-        "TRIAGE_GATEWAY_PORT": str(port),
-        "TRIAGE_GATEWAY_BIND": "127.0.0.1",
-        "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0",
-        "TRIAGE_GATEWAY_STABLE_STUDY_SECONDS": "3600",  # no finalize from this process
-        "TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS": "120",  # the publish waits for its reply until the kill
-    }
+    env = subprocess_env(relay.url, spool, port,
+                         TRIAGE_GATEWAY_STABLE_STUDY_SECONDS="3600",  # no finalize from this process
+                         TRIAGE_GATEWAY_BROKER_TIMEOUT_SECONDS="120")  # the publish waits for its reply until the kill
     proc = gateway_subprocess(env, tmp_path / "gateway.log")
     try:
         wait_for(lambda: _echo_ok(port), 20, what="gateway subprocess to listen")
