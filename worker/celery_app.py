@@ -12,18 +12,23 @@ Why each setting:
   retries with backoff               database or broker blips are transient; bad input is not
                                      retried (it becomes a failed/skipped row instead).
   hard time limit -> re-send         the main process re-sends an instance whose pool process it
-                                     killed, marked, and the next delivery records that failure.
+                                     killed, marked, and the next delivery records that failure;
+                                     a finalize so killed is re-sent as it was (a soft limit retries it).
+  retry not published -> requeue     a retry the broker does not take puts its message back, where
+                                     Celery acknowledged it and it was lost (`retry_keeping_message`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerOperationalError
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
@@ -77,6 +82,60 @@ class ProcessInstanceTask(Task):
         log.warning("instance %s was killed at the %ss hard time limit; re-sent to record the failure", sop, seconds)
 
 
+class FinalizeStudyTask(Task):
+    """`triage.finalize_study`, sent again when Celery killed it at the hard time limit (a listing of the
+    spool hung on a hard-mounted network file system, in the kernel, where the soft limit cannot reach).
+
+    Celery acknowledges such a delivery, and nothing else sends a finalize again: the gateway forgets it
+    once the broker has been seen idle, and its sweep re-sends the images still pending, not their
+    study's finalize. The study then stayed not final until someone ran `pneumonia-admin requeue`.
+    The main process re-sends it after the longest retry backoff (a mount that stays hung kills a pool
+    process at that pace, not in a loop); should the broker refuse that too, it says so."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        seconds = _limit_seconds(exc, self.app.conf.task_time_limit)
+        study = args[0] if args else (kwargs or {}).get("study_instance_uid", "?")
+        countdown = self.app.conf.triage_runtime.settings.retry_backoff_max_s
+        try:
+            self.apply_async(args=args, kwargs=kwargs, queue=contract.QUEUE, countdown=countdown)
+        except Exception as resend_error:
+            log.error("the finalize of study %s was killed at the %ss hard time limit and could not be sent again "
+                      "(%s); run `pneumonia-admin requeue`", study, seconds, type(resend_error).__name__)
+            return
+        log.warning("the finalize of study %s was killed at the %ss hard time limit; sent again, in %ss",
+                    study, seconds, countdown)
+
+
+def retry_keeping_message(task: Task, **options: Any) -> Retry:
+    """`task.retry(**options)`, except that a retry the broker does not take returns the message to the queue.
+
+    Celery's `Task.retry` publishes the retry as a new message, and when that publish fails (the pool
+    process's broker connection lost and no new one to be had: the server at `maxclients`, a reset during
+    a blip) it raises `Reject(requeue=False)`: the worker's main process, whose own connection still
+    works, acknowledges the message it retried, and nothing is left to run. A finalize waiting for its
+    study's images was lost so (nothing re-sends it: the study never went final), and an instance waited
+    for the gateway's sweep (30 min). The message is rejected with requeue instead, at the head of the
+    queue; when that cannot reach the broker either, it stays unacknowledged and Redis restores it
+    after the visibility timeout. Only a broker error is requeued: anything else would come back failing."""
+    try:
+        return task.retry(**options)
+    except Reject as exc:
+        reason = exc.reason
+        if exc.requeue or not isinstance(reason, (BrokerOperationalError, ConnectionError, TimeoutError, OSError)):
+            raise
+        log.warning("the retry of %s could not be published (%s); its message goes back to the queue",
+                    task.name, type(reason).__name__)
+        time.sleep(min(float(options.get("countdown") or 0), RETRY_REQUEUE_PAUSE_MAX_S))  # back at once, not in a spin
+        raise Reject(reason, requeue=True) from None
+
+
+RETRY_REQUEUE_PAUSE_MAX_S = 5.0
+"""How long a pool process waits (at most the retry's countdown) before it returns a message whose retry could
+not be published: the message comes back at once, and while the broker keeps refusing it would spin."""
+
+
 def _limit_seconds(exc: TimeLimitExceeded, configured: float | None) -> int:
     """The limit billiard reports (its first argument), else the configured one, in whole seconds."""
     for value in (*exc.args[:1], configured):
@@ -116,9 +175,9 @@ def create_app(settings: WorkerSettings) -> Celery:
             if claimed:
                 tasks.credit_failed_claim(runtime, spool_relpath, sop_instance_uid)
             kwargs = {**(self.request.kwargs or {}), "retries_after_claim": retries_after_claim + int(claimed)}
-            raise self.retry(exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
+            raise retry_keeping_message(self, exc=cause, countdown=backoff(self.request.retries), kwargs=kwargs)
 
-    @app.task(name=contract.FINALIZE_STUDY, bind=True, max_retries=None, shared=False)
+    @app.task(name=contract.FINALIZE_STUDY, bind=True, base=FinalizeStudyTask, max_retries=None, shared=False)
     def finalize_study(self: Task, study_instance_uid: str, last_received_at: str | None = None,
                        transient_retries: int = 0) -> Any:
         """Retried without limit while the study's images wait (`StudyNotSettledError`), however long
@@ -131,12 +190,13 @@ def create_app(settings: WorkerSettings) -> Celery:
         try:
             return tasks.finalize_study(runtime, study_instance_uid, last_received_at)
         except tasks.StudyNotSettledError as exc:
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries), kwargs=kwargs)
+            raise retry_keeping_message(self, exc=exc, countdown=backoff(self.request.retries), kwargs=kwargs)
         except Exception as exc:
-            if not is_transient(exc):
+            # the soft time limit (a slow or stalled listing of the spool): acknowledged unretried, it was lost
+            if not (is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded)):
                 raise
             kwargs["transient_retries"] = transient_retries + 1
-            raise self.retry(exc=exc, countdown=backoff(transient_retries), kwargs=kwargs)
+            raise retry_keeping_message(self, exc=exc, countdown=backoff(transient_retries), kwargs=kwargs)
 
     worker_process_init.connect(lambda **_: _warm(runtime), weak=False)
     return app

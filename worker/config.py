@@ -109,6 +109,9 @@ class WorkerSettings(BaseSettings):
         unfit = sorted(s for s, flag in value.items() if not flag.strip() or len(flag) > FLAG_MAX_LENGTH)
         if unfit:  # PostgreSQL refuses an over-long value at the INSERT, i.e. for every such image
             raise ValueError(f"flag_map: the flags of {unfit} must be 1 to {FLAG_MAX_LENGTH} characters")
+        padded = sorted(s for s, flag in value.items() if flag != flag.strip())
+        if padded:  # " URGENT" was stored as written, and a worklist filtering on URGENT never showed it
+            raise ValueError(f"flag_map: the flags of {padded} begin or end with spaces")
         return value
 
     @field_validator("time_limit_s")

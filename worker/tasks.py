@@ -419,26 +419,48 @@ def finalize_study(rt: Runtime, study_uid: str, last_received_at: str | None) ->
             db.reopen_study(conn, study_uid)
         raise StudyNotSettledError(f"{len(waiting)} instance(s) of the study arrived while it was finalised")
     log.info("study %s finalised", study_uid)
+    _report_foreign_files(rt, study_uid)
     return {"study_instance_uid": study_uid, "final": True}
 
 
 def outstanding_instances(rt: Runtime, study_uid: str) -> list[str]:
     """SOP Instance UIDs in pending/<study>/ without a terminal row in that study (a file whose result
     is stored but which was not yet retired does not hold the study back; a row of the same SOP UID
-    in another study says nothing about this one)."""
-    if not valid_uid(study_uid):
+    in another study says nothing about this one). Only `<SOP Instance UID>.dcm` names count, the files
+    the gateway's sweep re-sends: another name (an archived `X.dup-....dcm` moved back by hand, an
+    editor's temporary file) is never sent, so it was never scored and its study never went final."""
+    sops, _ = _pending_listing(rt, study_uid)
+    if not sops:
         return []
+    with rt.engine.connect() as conn:
+        finished = db.terminal_sops(conn, study_uid, sops)
+    return [sop for sop in sops if sop not in finished]
+
+
+def _pending_listing(rt: Runtime, study_uid: str) -> tuple[list[str], int]:
+    """(the SOP UIDs named by the `.dcm` files of pending/<study>/, how many other `.dcm` files it holds)."""
+    if not valid_uid(study_uid):
+        return [], 0
     folder = Path(rt.settings.spool_dir) / SPOOL_PENDING / study_uid
     try:  # not glob: it takes a folder it cannot list (a stale mount) for an empty one, and the study went final
         with os.scandir(folder) as entries:
-            waiting = sorted(entry.name[:-4] for entry in entries if entry.name.endswith(".dcm"))
+            names = [entry.name[:-4] for entry in entries if entry.name.endswith(".dcm")]
     except (FileNotFoundError, NotADirectoryError):
         require_pending_area(rt.settings.spool_dir)  # the study's folder is gone, not the whole spool
-        waiting = []
+        return [], 0
     except OSError as exc:
         raise storage_error("spool folder", exc) from exc
-    if not waiting:
-        return []
-    with rt.engine.connect() as conn:
-        finished = db.terminal_sops(conn, study_uid, waiting)
-    return [sop for sop in waiting if sop not in finished]
+    sops = sorted(name for name in names if valid_uid(name))
+    return sops, len(names) - len(sops)
+
+
+def _report_foreign_files(rt: Runtime, study_uid: str) -> None:
+    """Once per finalisation, a warning that pending/<study>/ holds `.dcm` files no worker will take;
+    their count only: a name that is not a UID may be anything, a patient's name too. Best effort."""
+    try:
+        _, foreign = _pending_listing(rt, study_uid)
+    except Exception:  # the study is final already; this is advice only
+        return
+    if foreign:
+        log.warning("study %s finalised with %d file(s) in its pending folder not named <SOP Instance UID>.dcm; "
+                    "they are not the gateway's and were left out (move them out of the spool)", study_uid, foreign)
