@@ -19,6 +19,8 @@ TIFF_WHITE_IS_ZERO = 0
 TIFF_BITS_PER_SAMPLE = 258
 TIFF_SAMPLE_FORMAT = 339
 TIFF_SIGNED_INTEGER = 2
+TIFF_NEW_SUBFILE_TYPE = 254
+TIFF_OLD_SUBFILE_TYPE = 255
 
 
 def is_dicom(path: Path) -> bool:
@@ -73,8 +75,24 @@ def check_one_picture(stored: Image.Image) -> None:
     read, silently, and which picture is the radiograph is not the reader's to guess. An MPO JPEG (a camera's
     or phone's picture with previews, CIPA DC-007) is one picture: its first image is the primary one."""
     frames = getattr(stored, "n_frames", 1)
-    if frames > 1 and stored.format != "MPO":
+    if frames > 1 and stored.format != "MPO" and not (stored.format == "TIFF" and tiff_pictures(stored) == [0]):
         raise UnreadableImageError(f"multi-frame image ({frames} frames); one projection radiograph expected")
+
+
+def tiff_pictures(stored: Image.Image) -> list[int]:
+    """The IFDs of a TIFF that are whole pictures: not a reduced-resolution preview (NewSubfileType bit 0, old
+    SubfileType 2) nor a transparency mask (bit 2), which Pillow counts as frames too. A scanner's or camera's
+    thumbnail IFD made a one-picture TIFF read as "multi-frame". Leaves the file at its first IFD."""
+    pictures = []
+    try:
+        for index in range(stored.n_frames):  # type: ignore[attr-defined]
+            stored.seek(index)
+            tags = stored.tag_v2  # type: ignore[attr-defined]
+            if not int(tags.get(TIFF_NEW_SUBFILE_TYPE, 0)) & 0b101 and tags.get(TIFF_OLD_SUBFILE_TYPE) != 2:
+                pictures.append(index)
+    finally:
+        stored.seek(0)
+    return pictures
 
 
 def check_unsigned(stored: Image.Image) -> None:

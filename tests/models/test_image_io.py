@@ -136,3 +136,35 @@ def test_a_signed_integer_tiff_is_refused_saying_what_it_is(tmp_path, pneumoniam
 
 
 TIFF_SAMPLE_FORMAT = 339
+
+
+TIFF_NEW_SUBFILE_TYPE = 254
+
+
+@pytest.mark.parametrize("subfile_type", [1, 4])  # a reduced-resolution preview; a transparency mask
+def test_a_tiff_with_a_preview_or_mask_page_is_read_as_its_one_picture(tmp_path, pneumoniamnist, subfile_type):
+    """A TIFF whose second IFD is a reduced-resolution preview (NewSubfileType bit 0, as scanners and
+    cameras write a thumbnail) or a transparency mask (bit 2) holds one picture: Pillow counts the IFD as
+    a frame, and such a file was refused as "multi-frame" though its first page is the whole image."""
+    first, = frames_of(pneumoniamnist, 1)
+    preview = first.resize((28, 28)) if subfile_type == 1 else first.convert("1")
+    path = tmp_path / "plate.tif"
+    first.save(path, save_all=True, append_images=[preview], tiffinfo={TIFF_NEW_SUBFILE_TYPE: 0})
+    # Pillow writes one tiffinfo for every page: mark the second IFD's NewSubfileType in place
+    tifffile = pytest.importorskip("tifffile")
+    with tifffile.TiffFile(path) as tiff:
+        tag = tiff.pages[1].tags[TIFF_NEW_SUBFILE_TYPE]
+        offset, count, width = tag.valueoffset, tag.count, tag.dtype
+    assert (count, width) == (1, 4)  # LONG, held in the IFD entry itself
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(subfile_type.to_bytes(4, "little" if tiff.byteorder == "<" else "big"))
+    with Image.open(path) as check:  # the file says what the test means
+        assert check.n_frames == 2
+        check.seek(1)
+        assert check.tag_v2[TIFF_NEW_SUBFILE_TYPE] == subfile_type
+    np.testing.assert_array_equal(read_image(path), np.asarray(first))
+    pages = tmp_path / "pages.tif"  # two full-size pages (NewSubfileType 0 or bit 1, "page") are still refused
+    first.save(pages, save_all=True, append_images=[first], tiffinfo={TIFF_NEW_SUBFILE_TYPE: 2})
+    with pytest.raises(UnreadableImageError, match=r"^multi-frame image \(2 frames\)"):
+        read_image(pages)
