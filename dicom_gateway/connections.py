@@ -49,6 +49,17 @@ def is_loopback(peer: str) -> bool:
     return address is not None and address.is_loopback
 
 
+def is_this_host(peer: str, bind: str) -> bool:
+    """Whether `peer` is this host: loopback, or the listener's own address when it is bound to one. A gateway
+    bound to 10.1.2.3 does not answer on loopback, so `dicom-gateway health` calls in from 10.1.2.3 itself,
+    and the probe's exceptions (past the IP allow-list, C-ECHO only; a probe slot at the association limit)
+    never applied to it: at the limit, or with an allow-list, the healthcheck read a working gateway dead."""
+    if is_loopback(peer):
+        return True
+    own = peer_address(bind.strip())
+    return own is not None and not own.is_unspecified and peer_address(peer) == own
+
+
 def ip_allowed(peer: str, networks: Iterable[Network]) -> bool:
     address = peer_address(peer)
     return address is not None and any(address in net for net in networks)
@@ -90,8 +101,10 @@ class ConnectionGate:
     just now is not counted twice; the live ones are read from what runs now, so a count cannot leak and
     lock a modality out."""
 
-    def __init__(self, networks: list[Network], per_peer_limit: int, throttle: LogThrottle | None = None) -> None:
+    def __init__(self, networks: list[Network], per_peer_limit: int, throttle: LogThrottle | None = None,
+                 bind: str = "0.0.0.0") -> None:
         self.networks = networks
+        self.bind = bind
         self.per_peer_limit = per_peer_limit
         self.refused: Counter[str] = Counter()
         self.without_request = 0  # connections closed before their A-ASSOCIATE-RQ (a scan, a TCP check)
@@ -106,10 +119,11 @@ class ConnectionGate:
     def admit(self, peer: Connection, live: Callable[[], Iterable[Connection]]) -> bool:
         """Whether to keep a connection just accepted from `peer`; False closes it unlogged by pynetdicom.
 
-        Loopback passes the allow-list here: `dicom-gateway health` calls in from it, and the association
-        policy (`scp.StoreSCP._policy`) still lets loopback in only as the health check, for C-ECHO only."""
+        This host (loopback, or the bound address) passes the allow-list here: `dicom-gateway health` calls in
+        from it, and the association policy (`scp.StoreSCP._policy`) still lets it in only as the health check,
+        for C-ECHO only."""
         host, key = peer[0], peer_key(peer[0])
-        if self.networks and not ip_allowed(host, self.networks) and not is_loopback(host):
+        if self.networks and not ip_allowed(host, self.networks) and not is_this_host(host, self.bind):
             return self._refuse("ip_not_allowed", key, "source IP not in allow-list (TRIAGE_GATEWAY_ALLOWED_IPS)")
         with self._lock:
             running = set(map(_keyed, live()))

@@ -49,7 +49,7 @@ from pynetdicom.sop_class import (
 
 from dicom_gateway.config import GatewaySettings
 from dicom_gateway.connections import ip_allowed as _ip_allowed
-from dicom_gateway.connections import is_loopback as _is_loopback
+from dicom_gateway.connections import is_this_host
 from dicom_gateway.health import HEALTH_CALLING_AE
 from dicom_gateway.queue import Outbox, utc_iso
 from dicom_gateway.spool import InvalidUIDError, Spool, validate_uid
@@ -326,14 +326,14 @@ class StoreSCP:
         admission = None if reason is not None else self._admit(assoc, calling, peer)
         if reason is None and admission is None:
             reason, rsd = TOO_MANY_ASSOCIATIONS, RJ_LOCAL_LIMIT
-        # echo only (the C-STORE's ErrorComment says why): a probe let in by the loopback exception to the IP
+        # echo only (the C-STORE's ErrorComment says why): a probe let in by the this-host exception to the IP
         # allow-list, or beyond the limit
         assoc.gateway_echo_only = (ECHO_ONLY_IP if self._health_probe_only(calling, peer)  # type: ignore[attr-defined]
                                    else ECHO_ONLY_LIMIT if admission == "probe" else None)
         ctx = {"assoc": assoc.gateway_id, "calling_ae": calling, "called_ae": called, "peer": peer}
         if reason is None:
             # the container healthcheck's echo, every 30 s: three INFO lines each would bury the modalities'
-            assoc.gateway_log_level = (logging.DEBUG if calling == HEALTH_CALLING_AE and _is_loopback(peer)  # type: ignore[attr-defined]
+            assoc.gateway_log_level = (logging.DEBUG if calling == HEALTH_CALLING_AE and self._from_this_host(peer)  # type: ignore[attr-defined]
                                        else logging.INFO)
             log.log(assoc.gateway_log_level, "association requested", extra=ctx)  # type: ignore[attr-defined]
             return
@@ -346,7 +346,7 @@ class StoreSCP:
 
     def _admit(self, assoc: Association, calling: str, peer: str) -> Literal["counted", "probe"] | None:
         """Count `assoc` against TRIAGE_GATEWAY_MAX_ASSOCIATIONS if there is room ("counted"); only
-        associations let in count, until they end. At the limit the loopback health probe still gets
+        associations let in count, until they end. At the limit the health probe from this host still gets
         one of HEALTH_PROBE_SLOTS, echo only ("probe"): a busy gateway is not a dead one, and a liveness
         probe failing at the limit would restart it mid-transfer. None: refused."""
         with self._admit_lock:
@@ -354,7 +354,7 @@ class StoreSCP:
             if len(self._admitted) < self.settings.gateway_max_associations:
                 self._admitted.add(assoc)
                 return "counted"
-            if calling == HEALTH_CALLING_AE and _is_loopback(peer):
+            if calling == HEALTH_CALLING_AE and self._from_this_host(peer):
                 self._probes = _running(self._probes)
                 if len(self._probes) < HEALTH_PROBE_SLOTS:
                     self._probes.add(assoc)
@@ -375,12 +375,15 @@ class StoreSCP:
             f"pynetdicom's cap of {assoc.ae.maximum_associations} connections (open connections count before "
             "they associate)" if kind == "thread_cap" else "rejected by pynetdicom")})
 
+    def _from_this_host(self, peer: str) -> bool:
+        return is_this_host(peer, self.settings.gateway_bind)
+
     def _health_probe_only(self, calling: str, peer: str) -> bool:
-        """Let in by the loopback exception alone: `dicom-gateway health` (the container healthcheck)
-        calls in from loopback as TRIAGE-HEALTH, which an IP allow-list of the hospital's networks
+        """Let in by the this-host exception alone: `dicom-gateway health` (the container healthcheck)
+        calls in from loopback (or the bound address) as TRIAGE-HEALTH, which an IP allow-list of the hospital's networks
         would refuse. Such an association may C-ECHO but not C-STORE, so a local relay (a TLS
         tunnel, say) does not open the IP allow-list to whoever claims the health AE title."""
-        return bool(self._networks) and calling == HEALTH_CALLING_AE and _is_loopback(peer) and not _ip_allowed(peer, self._networks)
+        return bool(self._networks) and calling == HEALTH_CALLING_AE and self._from_this_host(peer) and not _ip_allowed(peer, self._networks)
 
     def _policy(self, calling: str, called: str, peer: str) -> tuple[str | None, tuple[int, int, int]]:
         if self._networks and not _ip_allowed(peer, self._networks) and not self._health_probe_only(calling, peer):

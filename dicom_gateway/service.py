@@ -48,7 +48,8 @@ class Gateway:
         self.watch = BrokerWatch(self.publisher)
         self.scp = StoreSCP(settings, self.spool, self.outbox, self.tracker)
         self.gate = ConnectionGate(settings.networks(), settings.gateway_max_connections_per_peer
-                                   or per_peer_default(pynetdicom_thread_cap(settings.gateway_max_associations)))
+                                   or per_peer_default(pynetdicom_thread_cap(settings.gateway_max_associations)),
+                                   bind=settings.gateway_bind)
         self._server: Any = None
         self._ae: Any = None
         self._stop = threading.Event()

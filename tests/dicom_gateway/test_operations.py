@@ -165,6 +165,36 @@ def test_health_command_checks_the_listener_at_its_bind_address(start_gateway, b
     assert report["listener"]["ok"] is True and out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("busy", ["allow-list", "association limit"])
+def test_health_at_a_specific_bind_address_keeps_the_probe_s_exceptions(start_gateway, broker, images, busy):
+    """Bound to one address, the gateway is probed from that address, not loopback, and the probe's exceptions
+    (past the IP allow-list, echo only; a probe slot at the association limit) were for loopback alone: with
+    an allow-list of the hospital's networks, or with every association in use, a working gateway read dead."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    bind = _non_loopback_address() or pytest.skip("this host has no non-loopback IPv4 address")
+    if busy == "allow-list":
+        elsewhere = "198.51.100.0/24" if bind.startswith("192.0.2.") else "192.0.2.0/24"  # a TEST-NET, not us
+        gateway = start_gateway(gateway_bind=bind, gateway_allowed_ips=[elsewhere])
+    else:
+        gateway = start_gateway(gateway_bind=bind, gateway_max_associations=1)
+    settings = gateway.settings.model_copy(update={"gateway_port": gateway.port})
+    held = None
+    if busy == "association limit":
+        ae = AE(ae_title="CR01")
+        ae.add_requested_context(Verification)
+        held = ae.associate(bind, gateway.port, ae_title="TRIAGE")
+        assert held.is_established
+    try:
+        out = _health(settings, env_over={"TRIAGE_GATEWAY_BIND": bind})
+    finally:
+        if held is not None:
+            held.release()
+    report = json.loads(out.stdout)
+    assert report["listener"]["ok"] is True and out.returncode == 0, out.stdout + out.stderr
+
+
 def test_health_check_passes_an_ip_allow_list_from_loopback_for_c_echo_only(start_gateway, broker, images):
     """With TRIAGE_GATEWAY_ALLOWED_IPS set to the hospital's networks, `dicom-gateway health` (the
     compose healthcheck: C-ECHO from 127.0.0.1 as TRIAGE-HEALTH) was rejected, so the container
