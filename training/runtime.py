@@ -11,6 +11,7 @@ evaluation's figures must be those of the fp32 ONNX model served on CPU.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from training.errors import RefusedError
+
+log = logging.getLogger("training")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,10 @@ def make_runtime(device: str = "auto", precision: str = "auto", threads: int = 0
             precision = "bf16" if torch.cuda.is_bf16_supported() else "amp"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    elif precision == "bf16" and chosen.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("--precision bf16 on a CPU without native bf16 (AMX or AVX512-BF16): autocast is emulated here, "
+                    "measured 0.08-0.38x the speed of fp32 (benchmarks/results/train_throughput_*.json); "
+                    "--precision auto picks fp32 on this CPU")
     return Runtime(device=chosen, precision=precision)
 
 

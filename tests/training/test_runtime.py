@@ -44,6 +44,21 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch):
     assert make_runtime("cpu", "auto").precision == "fp32"
 
 
+def test_bf16_asked_for_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
+    """Emulated bf16 ran at 0.08x fp32 on an AVX2-only EPYC: the 1.1.0 recipe would take over a day there, with
+    nothing said; `auto` picks fp32 on such a CPU, but `--precision bf16` was taken as it came."""
+    monkeypatch.setattr("training.runtime.cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="training"):
+        assert make_runtime("cpu", "bf16").precision == "bf16"
+    assert "without native bf16" in caplog.text and "--precision auto picks fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("training.runtime.cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="training"):
+        make_runtime("cpu", "bf16")
+        make_runtime("cpu", "auto")
+    assert caplog.text == ""
+
+
 def test_fp32_backward_is_ieee_on_cuda_too(tf32):
     """cuDNN reads its TF32 flag when the backward runs, after the forward's autocast has exited."""
     conv, _ = tf32
