@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window-hours", type=_window_hours, default=24.0, help="hours back (at most 100 years)")
     stats.add_argument("--format", choices=("table", "json"), default="table")
     requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
-    requeue.add_argument("--older-than", type=float, default=300.0, help="seconds since the file was written")
+    requeue.add_argument("--older-than", type=_age_seconds, default=300.0,
+                         help="seconds since the file was written (0 to at most 100 years)")
     again = sub.add_parser("reprocess", help="analyse failed or skipped instances again from their archived copy")
     again.add_argument("--status", choices=REPROCESSABLE, default="failed",
                        help="the rows to analyse again (default failed; done results are never re-scored here)")
@@ -112,6 +113,18 @@ def _window_hours(value: str) -> float:
 
 
 MAX_WINDOW_HOURS = 100 * 366 * 24
+
+
+def _age_seconds(value: str) -> float:
+    """`requeue --older-than`: nan, inf or a time beyond the calendar was a traceback (from the finalizes' cutoff,
+    after the pending files had been sent)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0 <= seconds <= MAX_WINDOW_HOURS * 3600:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_WINDOW_HOURS * 3600} seconds (100 years): {value!r}")
+    return seconds
 
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
@@ -485,15 +498,21 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
 
     The same sweep the gateway runs on start-up; safe to repeat because the worker is
     idempotent. Rows not yet present are recorded as `queued` so nothing is invisible.
-    A broker that cannot be reached is one line on stderr and exit 3, as a database that cannot be opened.
+    A broker that cannot be reached is one line on stderr and exit 3, as a database that cannot be opened;
+    so is a spool whose pending/ cannot be listed (after the overdue finalizes, which need the database only).
     """
     from kombu.exceptions import OperationalError as BrokerError
 
-    files, foreign = stale_pending(Path(settings.spool_dir), time.time() - older_than_s)
+    spool_dir = Path(settings.spool_dir)
+    try:
+        files, foreign = stale_pending(spool_dir, time.time() - older_than_s)
+        unread = None
+    except OSError as exc:  # the finalizes below are still sent: they need the database only
+        files, foreign, unread = [], 0, exc
     client = broker_client(settings)
     sent: list[Path] = []
     try:
-        latest = _send_pending(client, engine, Path(settings.spool_dir), files, sent)
+        latest = _send_pending(client, engine, spool_dir, files, sent)
         _send_finalizes(client, engine, latest, older_than_s)
     except (BrokerError, OSError) as exc:  # kombu wraps redis' connection errors; a socket's may come bare
         print(f"pneumonia-admin: cannot send to the broker ({_broker_problem(exc, settings)}); re-sent {len(sent)} "
@@ -505,6 +524,11 @@ def requeue(settings: WorkerSettings, engine: Any, older_than_s: float) -> int:
     if foreign:
         print(f"skipped {foreign} file(s) in {contract.SPOOL_PENDING}/ whose folder or name is not a UID: the gateway "
               "did not write them, and the worker would refuse them", file=sys.stderr)
+    if unread is not None:  # never the error's text: it names a study folder
+        print(f"pneumonia-admin: cannot read the spool's {contract.SPOOL_PENDING}/ in {spool_dir.absolute()} "
+              f"({type(unread).__name__}): no pending file re-sent; run requeue where TRIAGE_SPOOL_DIR names the "
+              "gateway's spool, as a user that may read it", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -579,7 +603,7 @@ def stale_pending(spool_dir: Path, cutoff: float) -> tuple[list[tuple[Path, dt.d
     PostgreSQL one too long for its column stopped the requeue with a traceback).
     A running worker may archive a file between the listing and its stat: that one is skipped."""
     stale, foreign = [], 0
-    for path in sorted((spool_dir / contract.SPOOL_PENDING).glob("*/*.dcm")):
+    for path in sorted(_pending_files(spool_dir / contract.SPOOL_PENDING)):
         if not (valid_uid(path.stem) and valid_uid(path.parent.name)):
             foreign += 1
             continue
@@ -592,17 +616,47 @@ def stale_pending(spool_dir: Path, cutoff: float) -> tuple[list[tuple[Path, dt.d
     return stale, foreign
 
 
+def _pending_files(pending: Path) -> list[Path]:
+    """The `.dcm` files of pending/'s study folders. A pending/ or a study folder that cannot be listed raises
+    OSError: glob took one for an empty folder, so a requeue run where the spool is not (TRIAGE_SPOOL_DIR unset
+    or another host's, a mount not up, a folder this user may not read) said "requeued 0 pending instance(s)"
+    with exit 0, and nothing stranded was re-sent. A study folder retired while listed is skipped."""
+    files = []
+    with os.scandir(pending) as folders:
+        studies = [Path(entry.path) for entry in folders if entry.is_dir()]
+    for folder in studies:
+        try:
+            with os.scandir(folder) as entries:
+                files.extend(Path(entry.path) for entry in entries if entry.name.endswith(".dcm"))
+        except FileNotFoundError:
+            continue
+    return files
+
+
 def prune(settings: WorkerSettings, older_than_days: float, dry_run: bool, every_hours: float | None) -> int:
-    """Delete (or count) archived instances older than the retention period, once or periodically."""
+    """Delete (or count) archived instances older than the retention period, once or periodically.
+
+    A spool that is not there (neither the gateway's pending/ nor archive/: TRIAGE_SPOOL_DIR unset or wrong,
+    the volume not mounted) is said on stderr, exit 3 once; the periodic loop says it each round and carries
+    on (no restart loop while a fresh volume waits for the gateway). Before, it read "deleted 0 archived
+    instance(s)", exit 0, every night, while the real archive kept patient images past their retention."""
     from worker.spool import prune_archive
 
+    spool_dir = Path(settings.spool_dir)
     while True:
-        files, size = prune_archive(Path(settings.spool_dir), older_than_days * 86400, now=time.time(), dry_run=dry_run)
-        verb = "would delete" if dry_run else "deleted"
-        print(f"{verb} {files} archived instance(s), {size / 2**20:.1f} MiB, received more than "
-              f"{older_than_days:g} days ago", flush=True)
-        if every_hours is None:
-            return 0
+        if not any((spool_dir / folder).is_dir() for folder in (contract.SPOOL_PENDING, contract.SPOOL_ARCHIVE)):
+            print(f"pneumonia-admin prune-archive: no spool in {spool_dir.absolute()} (no {contract.SPOOL_PENDING}/ "
+                  f"or {contract.SPOOL_ARCHIVE}/): nothing pruned; TRIAGE_SPOOL_DIR must name the gateway's spool",
+                  file=sys.stderr, flush=True)
+            if every_hours is None:
+                return 3
+        else:
+            files, size = prune_archive(spool_dir, older_than_days * 86400, now=time.time(), dry_run=dry_run)
+            verb = "would delete" if dry_run else "deleted"
+            print(f"{verb} {files} archived instance(s), {size / 2**20:.1f} MiB, received more than "
+                  f"{older_than_days:g} days ago", flush=True)
+            if every_hours is None:
+                return 0
         time.sleep(every_hours * 3600)
 
 

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from worker import contract, db
 from worker.config import WorkerSettings
 from worker.spool import archive_path, valid_uid
 
 REPROCESSABLE = ("failed", "skipped")
+MOVE_FAILED = "its archived copy could not be moved to pending/"
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def select_candidates(engine: Engine, selection: Selection) -> list[Candidate]:
     if selection.sop:
         query = query.where(t.sop_instance_uid == selection.sop)
     if selection.reason_contains:
-        query = query.where(t.reason.contains(selection.reason_contains, autoescape=True))
+        query = query.where(_contains(engine, t.reason, selection.reason_contains))
     if selection.since:
         query = query.where(t.received_at >= selection.since)
     if selection.until:
@@ -81,6 +82,15 @@ def select_candidates(engine: Engine, selection: Selection) -> list[Candidate]:
     query = query.order_by(t.received_at, t.study_instance_uid, t.sop_instance_uid).limit(selection.limit)
     with engine.connect() as conn:
         return [Candidate(*row) for row in conn.execute(query).all()]
+
+
+def _contains(engine: Engine, column: Any, text: str) -> Any:
+    """`column` holds `text`, in the case given, on both backends. Why not LIKE alone: SQLite's LIKE ignores
+    the case of ASCII letters, PostgreSQL's does not, so `--reason-contains viewposition` selected rows on
+    SQLite that it did not on PostgreSQL. instr() is SQLite's case-sensitive substring search."""
+    if engine.dialect.name == "sqlite":
+        return func.instr(column, text) > 0
+    return column.contains(text, autoescape=True)
 
 
 def obstacle(spool_dir: Path, candidate: Candidate) -> str | None:
@@ -160,8 +170,16 @@ def reopen_row(engine: Engine, candidate: Candidate, relpath: str, now: dt.datet
 def reprocess(settings: WorkerSettings, engine: Engine, selection: Selection, dry_run: bool,
               client_factory: Any) -> int:
     """Analyse the selected rows again; print what was done. Exit 0, or 3 when the broker does not answer
-    (checked before anything changes; one that fails midway leaves the rest to `requeue`)."""
+    (checked before anything changes; one that fails midway leaves the rest to `requeue`) or the spool has no
+    archive/ here (TRIAGE_SPOOL_DIR unset or another host's, a mount not up: the gateway makes it at start), and
+    3 after the batch when an archived copy could not be moved (the others are reprocessed)."""
     spool_dir = Path(settings.spool_dir)
+    archive = spool_dir / contract.SPOOL_ARCHIVE
+    if not archive.is_dir():  # every instance read "no archived copy (... pruned)", exit 0, as if the images were gone
+        print(f"pneumonia-admin reprocess: no spool with an {contract.SPOOL_ARCHIVE}/ folder in "
+              f"{archive.parent.absolute()}: run it where TRIAGE_SPOOL_DIR names the gateway's spool (nothing changed)",
+              file=sys.stderr)
+        return 3
     candidates = select_candidates(engine, selection)
     blocked = [(c, why) for c in candidates if (why := obstacle(spool_dir, c))]
     ready = [c for c in candidates if c not in {b for b, _ in blocked}]
@@ -185,15 +203,17 @@ def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected:
 
     client = client_factory()
     studies: dict[str, None] = {}  # the studies sent to, in order
-    sent = 0
+    sent, unmoved = 0, 0
     try:
         with client.connection_for_write() as conn:  # before any change: a broker down changes nothing
             conn.ensure_connection(max_retries=1)
         for candidate in ready:
-            if _send_one(spool_dir, engine, client, candidate):
+            errors: list[str] = []
+            if _send_one(spool_dir, engine, client, candidate, errors):
                 sent += 1
                 print(f"reprocessing {candidate.sop_uid} (study {candidate.study_uid}, was {status})")
                 studies[candidate.study_uid] = None
+            unmoved += len(errors)
         for study_uid in studies:
             client.send_task(contract.FINALIZE_STUDY, args=(study_uid,),
                              kwargs={"last_received_at": _latest_received(engine, study_uid)}, queue=contract.QUEUE)
@@ -206,14 +226,22 @@ def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected:
         client.close()
     print(f"reprocessed {sent} of {selected} {status} instance(s) in {len(studies)} study(ies); "
           "each study is final again once its images are scored")
+    if unmoved:  # exit 0 read as done to a script, while every copy may have stayed put (the wrong user, say)
+        print(f"pneumonia-admin reprocess: {unmoved} instance(s) not reprocessed: their archived copy could not be "
+              "moved (above); run it again, as the spool's owner, once that is fixed", file=sys.stderr)
+        return 3
     return 0
 
 
-def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate) -> bool:
-    """Steps 1-3 for one instance; False (said on stderr) when it cannot be done now."""
+def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate,
+              errors: list[str] | None = None) -> bool:
+    """Steps 1-3 for one instance; False (said on stderr) when it cannot be done now, its reason appended to
+    `errors` when that is a file-system error (the command then exits 3)."""
     relpath, why = _restore_and_reopen(spool_dir, engine, candidate)
     if relpath is None:
         print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): {why}", file=sys.stderr)
+        if errors is not None and why.startswith(MOVE_FAILED):
+            errors.append(why)
         return False
     received = candidate.received_at or db.utcnow()
     client.send_task(contract.PROCESS_INSTANCE, args=(relpath, candidate.sop_uid),
@@ -235,7 +263,7 @@ def _restore_and_reopen(spool_dir: Path, engine: Engine, candidate: Candidate) -
     except FileExistsError:
         return None, "a copy of it is pending already (a re-send being processed)"
     except OSError as exc:
-        return None, f"its archived copy could not be moved to pending/ ({type(exc).__name__})"
+        return None, f"{MOVE_FAILED} ({type(exc).__name__})"
     if not reopen_row(engine, candidate, relpath, db.utcnow()):
         put_back(spool_dir, candidate, copy)
         return None, "its row changed meanwhile"

@@ -478,6 +478,7 @@ def test_requeue_sends_the_finalize_of_a_study_left_not_final_with_nothing_pendi
         db.touch_study(conn, "1.3.3", "ACC3", old)
         db.finalize_study(conn, "1.3.3", old)  # final already
     engine.dispose()
+    (tmp_path / "spool" / contract.SPOOL_PENDING).mkdir(parents=True)  # the gateway's spool, nothing pending
     redis_server.flush()
     monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
