@@ -3,6 +3,8 @@
     pneumonia-worker migrate          # alembic upgrade head on TRIAGE_DATABASE_URL
     pneumonia-worker check            # settings, model + card (sha256), execution provider, database reachability
     pneumonia-worker run [-c N]       # migrate (unless TRIAGE_MIGRATE_ON_START=false), check, serve
+    pneumonia-worker downgrade REV    # alembic downgrade to REV (e.g. 0005) before deploying an older release;
+                                      # run it with the release that migrated the database
     pneumonia-worker calibrate --cases local.csv --site NAME --out site.json
                                       # refit threshold + strata on local labelled studies
                                       # (use it with TRIAGE_SITE_CALIBRATION=site.json)
@@ -50,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--hostname", default=None, help="Celery node name (default triage@%%h)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     sub.add_parser("check", help="load the model and card and reach the database, then exit")
+    down = sub.add_parser("downgrade", help="take the schema down to an older revision (a rollback to an older "
+                                            "release; run it with the release that migrated the database)")
+    down.add_argument("revision", help="the revision the older release needs, e.g. 0005")
     add_calibrate_parser(sub)
     args = parser.parse_args(argv)
     settings = load_worker_settings(parser.prog)
@@ -60,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate(settings)
     if args.command == "check":
         return check(settings)
+    if args.command == "downgrade":
+        return downgrade(settings, args.revision)
     if args.command == "calibrate":
         return calibrate_site(settings, args)
     return run_worker(settings, args.concurrency, args.hostname)
@@ -85,6 +92,25 @@ def usable_database_url(settings: WorkerSettings) -> int:
     return 0
 
 
+def database_error(exc: BaseException, database_url: str) -> str:
+    """An error's kind and the first line of its text, with the URL's password masked should it appear there: what
+    the server said (a database or role that does not exist, a password refused, TLS required, no privilege) is
+    what an administrator must fix, and "unreachable" alone sent them to look at the network."""
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    text = (str(exc).strip().splitlines() or [""])[0]
+    try:
+        password = make_url(database_url).password
+    except Exception:
+        password = None
+    if password:
+        for secret in {str(password), quote(str(password), safe="")}:
+            text = text.replace(secret, "***")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 def migrate(settings: WorkerSettings) -> int:
     """Upgrade to head; a failure is one log line and exit 3, not a traceback (compose restarts the worker)."""
     from worker.migrate import upgrade
@@ -94,10 +120,30 @@ def migrate(settings: WorkerSettings) -> int:
     try:
         upgrade(settings.database_url)
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        log.error("database migration failed: %s: %s", type(exc).__name__, first_line)
+        log.error("database migration failed: %s", database_error(exc, settings.database_url))
         return 3
     log.info("database schema is at head")
+    return 0
+
+
+def downgrade(settings: WorkerSettings, revision: str) -> int:
+    """Take the schema down to `revision` for a rollback: exit 2 for a revision this worker does not ship (`base`,
+    which would drop every result, included), 3 when the database refuses (one line, as `migrate`)."""
+    from worker.migrate import current_revision, downgrade as schema_downgrade, is_known_revision
+
+    if not is_known_revision(revision) or revision in ("base", "heads", "head") or not revision[:1].isalnum():
+        log.error("downgrade refused: %r is not a revision of this worker (give one such as 0005; `base`, which "
+                  "would drop every result, is not offered)", revision)
+        return 2
+    if status := usable_database_url(settings):
+        return status
+    try:
+        schema_downgrade(settings.database_url, revision)
+        schema = current_revision(settings.database_url)
+    except Exception as exc:
+        log.error("database downgrade failed: %s", database_error(exc, settings.database_url))
+        return 3
+    log.info("database schema is at %s", schema or "none (empty database)")
     return 0
 
 
@@ -133,7 +179,7 @@ def check(settings: WorkerSettings) -> int:
             conn.execute(text("SELECT 1"))
             read_only = database_read_only(conn)
     except Exception as exc:
-        log.error("database unreachable (%s)", type(exc).__name__)
+        log.error("database unreachable (%s)", database_error(exc, settings.database_url))
         return 3
     finally:
         engine.dispose()
@@ -141,7 +187,13 @@ def check(settings: WorkerSettings) -> int:
         log.error("database is read-only (%s): the worker writes every result; point TRIAGE_DATABASE_URL at the "
                   "primary", read_only)
         return 3
-    schema, expected = current_revision(settings.database_url), head_revision()
+    try:  # a role granted the application's tables only (a DBA migrates), or the server gone since the query above
+        schema, expected = current_revision(settings.database_url), head_revision()
+    except Exception as exc:
+        reason = database_error(exc, settings.database_url)
+        hint = ": grant the worker's role SELECT on alembic_version" if "permission denied" in reason else ""
+        log.error("database schema revision cannot be read (%s)%s", reason, hint)
+        return 3
     if schema is not None and not is_known_revision(schema):  # a newer worker migrated it: `migrate` cannot help
         log.error("database schema is at %s, newer than this worker's %s: deploy the worker release that "
                   "migrated it, or downgrade the schema with that release", schema, expected)

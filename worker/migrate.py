@@ -23,6 +23,12 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def downgrade(database_url: str, revision: str) -> None:
+    """Take the database down to `revision`, an older one this worker ships (before deploying an older release),
+    serialised with any upgrade as `upgrade` is (migrations/env.py)."""
+    command.downgrade(alembic_config(database_url), revision)
+
+
 def current_revision(database_url: str) -> str | None:
     """The revision stamped in the database, or None for an empty one."""
     from alembic.runtime.migration import MigrationContext

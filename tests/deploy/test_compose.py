@@ -63,6 +63,21 @@ def test_workers_wait_for_a_healthy_database():
     assert COMPOSE["services"]["worker"]["depends_on"]["postgres"] == {"condition": "service_healthy"}
 
 
+def test_the_database_healthcheck_probes_the_tcp_port_the_workers_connect_to():
+    """pg_isready without a host asks the Unix socket, which the postgres image's first-start server (initdb, the
+    database and role being created) listens on alone: the service read healthy before it took TCP connections,
+    and on a fresh volume the workers started, found `postgres:5432` refusing and exited 3 to be restarted."""
+    test = COMPOSE["services"]["postgres"]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "pg_isready", test
+    args = test[2:]
+    host = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-h", "--host")),
+                next((arg.split("=", 1)[1] for arg in args if arg.startswith("--host=")), None))
+    assert host in ("127.0.0.1", "localhost"), f"the healthcheck asks the Unix socket, not TCP: {test}"
+    port = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-p", "--port")), "5432")
+    url = COMPOSE["services"]["worker"]["environment"]["TRIAGE_DATABASE_URL"]
+    assert f"@postgres:{port}/" in url
+
+
 def test_compose_environment_names_real_settings():
     fields = setting_names(WorkerSettings) | setting_names(GatewaySettings)
     for name, service in built_services().items():

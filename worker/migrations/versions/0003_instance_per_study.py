@@ -90,8 +90,9 @@ def _set_primary_key(columns: list[str]) -> None:
     # (study_flags, a site's own report) its modern ALTER TABLE refuses that rename. The legacy
     # mode renames without checking views, which then read the new table by its unchanged name:
     # no view is dropped, so none can be lost when the copy fails (its driver commits DDL early).
-    # A copy killed part-way (OOM, an evicted pod) leaves the copy's table behind, committed on its
-    # own by the driver, while the rest rolled back: the next attempt would fail on it forever.
+    # A copy killed part-way (OOM, an evicted pod) by a release before 2026-11-29 left the copy's table
+    # behind, committed on its own by the driver (env.py now runs each revision in one SQLite transaction):
+    # the next attempt would fail on it forever.
     op.execute("DROP TABLE IF EXISTS _alembic_tmp_instances")
     op.execute("PRAGMA legacy_alter_table = ON")
     try:
