@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import sys
-import threading
 from typing import Any, Sequence
 
 from pydantic import ValidationError
@@ -87,12 +87,23 @@ def cmd_run(settings: GatewaySettings) -> int:
         # a StartupError already says which setting and value, and the underlying error's class
         log.error("cannot start", extra={"error": str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"})
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    wait_for_stop_signal()
     gateway.stop()
     return 0
+
+
+def wait_for_stop_signal() -> int:
+    """Block until SIGTERM or SIGINT and return its number.
+
+    The handler only puts into a `queue.SimpleQueue`, whose put is documented as reentrant. A handler
+    that set a `threading.Event` deadlocked when a second signal came while the main thread, waking from
+    the first, held the event's lock (`deploy/run_local.sh` and supervisors repeat their SIGTERM): the
+    gateway never stopped. Signals after the first are ignored; the stop is already under way.
+    """
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: received.put(number))
+    return received.get()
 
 
 def cmd_health(settings: GatewaySettings, host: str | None, calling_ae: str | None) -> int:
