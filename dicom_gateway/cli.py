@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import queue
 import signal
@@ -21,21 +20,10 @@ from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
 from dicom_gateway.config import GatewaySettings, StartupError, _check_ae_title, load_settings
+from worker.arguments import CENTURY_SECONDS, number_in
 from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
-
-
-def _age(text: str) -> float:
-    """A number of seconds, 0 or more: `nan` or `inf` compared no file as old enough, so the sweep queued
-    nothing and reported success."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
-    return value
 
 
 def _ae_title(text: str) -> str:
@@ -59,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "or 127.0.0.1 when that is 0.0.0.0 or ::)")
     health.add_argument("--calling-ae", type=_ae_title, default=None, help="calling AE for the C-ECHO (must be allowed)")
     sweep = sub.add_parser("sweep", help="publish pending spool instances once (use while the gateway is stopped)")
-    sweep.add_argument("--min-age", type=_age, default=0.0, help="only instances older than this many seconds")
+    sweep.add_argument("--min-age", type=number_in(0, CENTURY_SECONDS, "seconds"), default=0.0, help="only instances older than this many seconds")
     return parser
 
 

@@ -36,6 +36,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from models.card import STRATUM_NAMES
 from worker import contract, db
+from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
 from worker.config import WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
@@ -70,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("study_uid")
     show.add_argument("--format", choices=("table", "json"), default="table")
     stats = sub.add_parser("stats", help="counts, failure reasons, throughput and latency")
-    stats.add_argument("--window-hours", type=_window_hours, default=24.0, help="hours back (at most 100 years)")
+    stats.add_argument("--window-hours", type=number_in(0, CENTURY_HOURS, "hours", above_low=True), default=24.0,
+                       help="hours back (at most 100 years)")
     stats.add_argument("--format", choices=("table", "json"), default="table")
     requeue = sub.add_parser("requeue", help="re-send tasks for spool files still pending (recovery sweep)")
-    requeue.add_argument("--older-than", type=_age_seconds, default=300.0,
+    requeue.add_argument("--older-than", type=number_in(0, CENTURY_SECONDS, "seconds"), default=300.0,
                          help="seconds since the file was written (0 to at most 100 years)")
     again = sub.add_parser("reprocess", help="analyse failed or skipped instances again from their archived copy")
     again.add_argument("--status", choices=REPROCESSABLE, default="failed",
@@ -85,46 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only rows whose reason contains TEXT (case as stored), e.g. 'ViewPosition'")
     again.add_argument("--since", type=_timestamp, help="received at or after (ISO-8601, UTC if no offset)")
     again.add_argument("--until", type=_timestamp, help="received before")
-    again.add_argument("--limit", type=positive_int, default=None, help="at most this many instances, oldest first")
+    again.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="at most this many instances, oldest first")
     again.add_argument("--dry-run", action="store_true", help="list what would be analysed again, change nothing")
     prune = sub.add_parser("prune-archive", help="delete archived DICOM files received more than N days ago")
-    prune.add_argument("--older-than-days", type=_positive, required=True)
+    prune.add_argument("--older-than-days", type=number_in(0, CENTURY_DAYS, "days", above_low=True), required=True)
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
-    prune.add_argument("--every-hours", type=_positive, default=None,
+    prune.add_argument("--every-hours", type=number_in(0, CENTURY_HOURS, "hours", above_low=True), default=None,
                        help="keep running and prune again every HOURS (a compose service; default: once)")
     return parser
-
-
-def _positive(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number: {value!r}")
-    return number
-
-
-def _window_hours(value: str) -> float:
-    hours = _positive(value)
-    if hours > MAX_WINDOW_HOURS:  # datetime cannot reach that far back (and nan is not positive)
-        raise argparse.ArgumentTypeError(f"at most {MAX_WINDOW_HOURS} hours (100 years): {value!r}")
-    return hours
-
-
-MAX_WINDOW_HOURS = 100 * 366 * 24
-
-
-def _age_seconds(value: str) -> float:
-    """`requeue --older-than`: nan, inf or a time beyond the calendar was a traceback (from the finalizes' cutoff,
-    after the pending files had been sent)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 <= seconds <= MAX_WINDOW_HOURS * 3600:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_WINDOW_HOURS * 3600} seconds (100 years): {value!r}")
-    return seconds
 
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
@@ -140,7 +110,7 @@ def _add_filters(cmd: argparse.ArgumentParser) -> None:
                      help="with --studies: final studies finalised at or after (ISO-8601, UTC if no offset; a RIS "
                           "polls with it: a study re-finalised after a late image appears again); per instance: "
                           "results finished at or after")
-    cmd.add_argument("--limit", type=positive_int, default=None, help="at most this many rows (a positive number)")
+    cmd.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="at most this many rows (a positive number)")
 
 
 def _given(value: str) -> str:
@@ -438,17 +408,6 @@ def spool_summary(waiting: dict[str, list[float]] | None) -> dict[str, Any]:
     mtimes = [m for per_study in waiting.values() for m in per_study]
     oldest = round(max(0.0, time.time() - min(mtimes)), 1) if mtimes else None
     return {"waiting_in_spool": len(mtimes), "studies_waiting_in_spool": len(waiting), "oldest_waiting_s": oldest}
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: `--limit 0` listed every row, and `--limit -1` did on SQLite but failed on PostgreSQL."""
-    value = int(text)
-    if not 1 <= value <= MAX_LIMIT:  # above a 64-bit integer: OverflowError on SQLite, DataError on PostgreSQL
-        raise argparse.ArgumentTypeError(f"must be a positive number up to {MAX_LIMIT}, got {value}")
-    return value
-
-
-MAX_LIMIT = 2**63 - 1
 
 
 def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from worker import contract
+from worker.arguments import int_in
 from worker.config import WorkerSettings, load_worker_settings
 
 if TYPE_CHECKING:
@@ -33,21 +34,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("worker.cli")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: `-c 0` fell back to TRIAGE_CONCURRENCY unannounced, `-c -3` ran the checks and
-    the migration and then failed in Celery with a traceback."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pneumonia-worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the Celery worker on the triage queue")
-    run.add_argument("-c", "--concurrency", type=positive_int, default=None,
+    run.add_argument("-c", "--concurrency", type=int_in(1), default=None,
                      help="pool processes, 1 or more (default TRIAGE_CONCURRENCY)")
     run.add_argument("--hostname", default=None, help="Celery node name (default triage@%%h)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
@@ -269,7 +261,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--rule-out-sensitivity", type=float, default=defaults.rule_out_sensitivity)
     p.add_argument("--high-suspicion-specificity", type=float, default=defaults.high_suspicion_specificity)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=int_in(1), default=16)
     p.add_argument("--allow-separated", action="store_true",
                    help="write the file even when the model separates the cases perfectly (clear-cut studies); "
                         "its cut-points are then optimistic and may send many pneumonias to likely_normal")
