@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
-from dicom_gateway.config import GatewaySettings, StartupError, _check_ae_title, load_settings
+from dicom_gateway.config import GatewaySettings, StartupError, check_ae_title, load_settings
 from worker.arguments import CENTURY_SECONDS, number_in
 from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
@@ -30,7 +30,7 @@ def _ae_title(text: str) -> str:
     """An AE title (1-16 characters of the AE repertoire): pynetdicom's own refusal was a traceback and exit
     1, which a container healthcheck reads as an unhealthy gateway."""
     try:
-        return _check_ae_title(text)
+        return check_ae_title(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -126,12 +126,12 @@ class GatewaySettings(BaseSettings):
     @field_validator("gateway_ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
 
     @field_validator("gateway_allowed_calling_aes")
     @classmethod
     def _ae_titles(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(v) for v in value]
+        return [check_ae_title(v) for v in value]
 
     @field_validator("gateway_allowed_ips")
     @classmethod
@@ -163,7 +163,7 @@ class GatewaySettings(BaseSettings):
         return [ipaddress.ip_network(item, strict=False) for item in self.gateway_allowed_ips]
 
 
-def _check_ae_title(value: str) -> str:
+def check_ae_title(value: str) -> str:
     """AE titles are 1-16 printable ASCII chars, no backslash (PS3.5 AE VR)."""
     title = value.strip()
     if not title or len(title) > AE_TITLE_MAX_LEN:
