@@ -22,6 +22,7 @@ Order per instance, each step safe to interrupt:
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import os
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,15 @@ from worker.config import WorkerSettings
 from worker.spool import archive_path, valid_uid
 
 REPROCESSABLE = ("failed", "skipped")
-MOVE_FAILED = "its archived copy could not be moved to pending/"
+
+
+class Outcome(enum.Enum):
+    """What became of one instance. A file error makes the command exit 3 after the batch: exit 0 read as
+    done to a script, while every copy may have stayed put (run as the wrong user, say)."""
+
+    SENT = "sent"
+    SKIPPED = "skipped"  # not now, for a reason said on stderr: a re-send pending, a row changed meanwhile
+    FILE_ERROR = "file error"  # its archived copy could not be moved to pending/
 
 
 @dataclass(frozen=True)
@@ -208,12 +217,12 @@ def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected:
         with client.connection_for_write() as conn:  # before any change: a broker down changes nothing
             conn.ensure_connection(max_retries=1)
         for candidate in ready:
-            errors: list[str] = []
-            if _send_one(spool_dir, engine, client, candidate, errors):
+            outcome = _send_one(spool_dir, engine, client, candidate)
+            if outcome is Outcome.SENT:
                 sent += 1
                 print(f"reprocessing {candidate.sop_uid} (study {candidate.study_uid}, was {status})")
                 studies[candidate.study_uid] = None
-            unmoved += len(errors)
+            unmoved += outcome is Outcome.FILE_ERROR
         for study_uid in studies:
             client.send_task(contract.FINALIZE_STUDY, args=(study_uid,),
                              kwargs={"last_received_at": _latest_received(engine, study_uid)}, queue=contract.QUEUE)
@@ -226,53 +235,57 @@ def _send_all(spool_dir: Path, engine: Engine, ready: list[Candidate], selected:
         client.close()
     print(f"reprocessed {sent} of {selected} {status} instance(s) in {len(studies)} study(ies); "
           "each study is final again once its images are scored")
-    if unmoved:  # exit 0 read as done to a script, while every copy may have stayed put (the wrong user, say)
+    if unmoved:
         print(f"pneumonia-admin reprocess: {unmoved} instance(s) not reprocessed: their archived copy could not be "
               "moved (above); run it again, as the spool's owner, once that is fixed", file=sys.stderr)
         return 3
     return 0
 
 
-def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate,
-              errors: list[str] | None = None) -> bool:
-    """Steps 1-3 for one instance; False (said on stderr) when it cannot be done now, its reason appended to
-    `errors` when that is a file-system error (the command then exits 3)."""
-    relpath, why = _restore_and_reopen(spool_dir, engine, candidate)
-    if relpath is None:
-        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): {why}", file=sys.stderr)
-        if errors is not None and why.startswith(MOVE_FAILED):
-            errors.append(why)
-        return False
+def _send_one(spool_dir: Path, engine: Engine, client: Any, candidate: Candidate) -> Outcome:
+    """Steps 1-3 for one instance; when it cannot be done now, why is said on stderr."""
+    restored = _restore_and_reopen(spool_dir, engine, candidate)
+    if restored.relpath is None:
+        print(f"not reprocessed: {candidate.sop_uid} (study {candidate.study_uid}): {restored.why}", file=sys.stderr)
+        return Outcome.FILE_ERROR if restored.file_error else Outcome.SKIPPED
     received = candidate.received_at or db.utcnow()
-    client.send_task(contract.PROCESS_INSTANCE, args=(relpath, candidate.sop_uid),
+    client.send_task(contract.PROCESS_INSTANCE, args=(restored.relpath, candidate.sop_uid),
                      kwargs={"received_at": received.replace(tzinfo=dt.timezone.utc).isoformat()},
                      queue=contract.QUEUE)
-    return True
+    return Outcome.SENT
 
 
-def _restore_and_reopen(spool_dir: Path, engine: Engine, candidate: Candidate) -> tuple[str | None, str]:
-    """Steps 1 and 2: (relpath, "") when done, else (None, why not). The obstacles are looked at again here:
-    a batch runs for a while, and a re-send or another run may have come since the selection. A file-system
-    error is this instance's, not the batch's."""
+@dataclass(frozen=True)
+class Restored:
+    """Steps 1 and 2 of one instance: its pending relpath when done, else why not."""
+
+    relpath: str | None
+    why: str = ""
+    file_error: bool = False
+
+
+def _restore_and_reopen(spool_dir: Path, engine: Engine, candidate: Candidate) -> Restored:
+    """Steps 1 and 2. The obstacles are looked at again here: a batch runs for a while, and a re-send or
+    another run may have come since the selection. A file-system error is this instance's, not the batch's."""
     why = obstacle(spool_dir, candidate)
     copy = newest_copy(spool_dir, candidate) if why is None else None
     if copy is None:
-        return None, why or "its archived copy is gone"
+        return Restored(None, why or "its archived copy is gone")
     try:
         relpath = restore_to_pending(spool_dir, candidate, copy)
     except FileExistsError:
-        return None, "a copy of it is pending already (a re-send being processed)"
+        return Restored(None, "a copy of it is pending already (a re-send being processed)")
     except OSError as exc:
-        return None, f"{MOVE_FAILED} ({type(exc).__name__})"
+        return Restored(None, f"its archived copy could not be moved to pending/ ({type(exc).__name__})", file_error=True)
     if not reopen_row(engine, candidate, relpath, db.utcnow()):
         put_back(spool_dir, candidate, copy)
-        return None, "its row changed meanwhile"
+        return Restored(None, "its row changed meanwhile")
     if not (spool_dir / relpath).exists():
         return _after_a_resend(spool_dir, engine, candidate, relpath)
-    return relpath, ""
+    return Restored(relpath)
 
 
-def _after_a_resend(spool_dir: Path, engine: Engine, candidate: Candidate, relpath: str) -> tuple[str | None, str]:
+def _after_a_resend(spool_dir: Path, engine: Engine, candidate: Candidate, relpath: str) -> Restored:
     """The restored copy left pending/ before its row was reopened: a re-send replaced it there and a worker,
     seeing the row still terminal, archived it as a duplicate. The row is open now, so the newest copy (that
     re-send) is restored again and analysed; were there none left, the row goes back to what it was rather
@@ -280,16 +293,16 @@ def _after_a_resend(spool_dir: Path, engine: Engine, candidate: Candidate, relpa
     copy = newest_copy(spool_dir, candidate)
     try:
         if copy is not None:
-            return restore_to_pending(spool_dir, candidate, copy), ""
+            return Restored(restore_to_pending(spool_dir, candidate, copy))
     except FileExistsError:  # yet another re-send, pending: the gateway has sent it, the worker takes it
-        return relpath, ""
+        return Restored(relpath)
     except OSError:
         pass
     with engine.begin() as conn:
         db.finish_instance(conn, {"study_instance_uid": candidate.study_uid, "sop_instance_uid": candidate.sop_uid,
                                   "status": candidate.status, "reason": candidate.reason,
                                   "finished_at": candidate.finished_at})
-    return None, "its copy was replaced and taken while it was being restored; the row is as it was"
+    return Restored(None, "its copy was replaced and taken while it was being restored; the row is as it was")
 
 
 def _latest_received(engine: Engine, study_uid: str) -> str | None:

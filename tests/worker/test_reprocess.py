@@ -16,7 +16,7 @@ from tests.dicom_gateway.helpers import free_port
 from tests.worker.support import wait_for
 from worker import admin, contract, db
 from worker.migrate import upgrade
-from worker.reprocess import Candidate, Selection, _send_one, restore_to_pending, select_candidates
+from worker.reprocess import Candidate, Outcome, Selection, _send_one, restore_to_pending, select_candidates
 from worker.samples import make_cxr_dataset
 from worker.spool import archive_path
 
@@ -145,7 +145,7 @@ def test_a_row_that_changed_meanwhile_is_left_alone_and_its_file_put_back(spool_
             raise AssertionError("nothing may be sent for a row that changed")
 
     before = rows(engine)
-    assert _send_one(spool, engine, NoSend(), stale) is False
+    assert _send_one(spool, engine, NoSend(), stale) is Outcome.SKIPPED
     assert rows(engine) == before and archive_path(spool, STUDY, f"{STUDY}.4").is_file()
     assert not (spool / contract.pending_relpath(STUDY, f"{STUDY}.4")).exists()
     assert "its row changed meanwhile" in capsys.readouterr().err
@@ -222,7 +222,7 @@ def test_a_re_send_stored_after_the_selection_is_never_overwritten_by_the_old_co
     pending.parent.mkdir(parents=True)
     pending.write_bytes(b"DICM corrected re-send")  # stored by the gateway after the selection
     before = rows(engine)
-    assert _send_one(spool, engine, NoSend(), candidate) is False
+    assert _send_one(spool, engine, NoSend(), candidate) is Outcome.SKIPPED
     assert "a copy of it is pending already" in capsys.readouterr().err
     with pytest.raises(FileExistsError):  # and should it come between that look and the move
         restore_to_pending(spool, candidate, archive_path(spool, STUDY, candidate.sop_uid))
@@ -239,7 +239,7 @@ def test_a_row_reprocessed_by_another_run_meanwhile_is_not_opened_again(spool_db
     with engine.begin() as conn:  # ... which ended skipped again, later
         conn.execute(db.instances.update().where(db.instances.c.sop_instance_uid == f"{STUDY}.3")
                      .values(status="skipped", finished_at=RECEIVED + dt.timedelta(hours=1)))
-    assert _send_one(spool, engine, NoSend(), candidate) is False
+    assert _send_one(spool, engine, NoSend(), candidate) is Outcome.SKIPPED
     assert "its row changed meanwhile" in capsys.readouterr().err
     assert rows(engine)[f"{STUDY}.3"]["status"] == "skipped"
     assert archive_path(spool, STUDY, f"{STUDY}.3").is_file()
@@ -289,7 +289,7 @@ def test_a_re_send_archived_between_the_move_and_the_reopening_is_the_copy_analy
         def send_task(self, *args, **kwargs):
             self.sent.append(args)
 
-    assert _send_one(spool, engine, Recorder(), candidate) is True
+    assert _send_one(spool, engine, Recorder(), candidate) is Outcome.SENT
     assert pending.read_bytes() == b"DICM corrected re-send" and rows(engine)[candidate.sop_uid]["status"] == "queued"
     assert Recorder.sent == [(contract.PROCESS_INSTANCE,)]
 
@@ -299,6 +299,6 @@ def test_a_copy_put_back_keeps_its_receive_date(spool_db):
     kept the image past its retention."""
     _, engine, spool = spool_db
     stale = Candidate(STUDY, f"{STUDY}.4", "failed", "old", RECEIVED, RECEIVED)  # the row is done
-    assert _send_one(spool, engine, NoSend(), stale) is False
+    assert _send_one(spool, engine, NoSend(), stale) is Outcome.SKIPPED
     received = RECEIVED.replace(tzinfo=dt.timezone.utc).timestamp()
     assert archive_path(spool, STUDY, f"{STUDY}.4").stat().st_mtime == received
