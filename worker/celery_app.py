@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -56,56 +57,72 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, ImageAccessError)) or tasks.is_model_problem(exc)
 
 
-class ProcessInstanceTask(Task):
-    """`triage.process_instance`, which hears of its deliveries killed at the hard time limit.
+@dataclass(frozen=True)
+class HardLimitResend:
+    """How a task killed at the hard time limit is sent again, and what the log says of it."""
+
+    subject: str  # "instance <SOP>", "the finalize of study <UID>"
+    kwargs: dict[str, Any]
+    countdown: int | None
+    resend: str  # what could not be done, as in "could not be <resend>"
+    done: str  # said once it is sent
+    fallback: str  # what happens, or is to be done, when it could not be sent
+
+
+class ResentAtHardLimit(Task):
+    """Base of the contract tasks: a delivery Celery killed at the hard time limit is sent again.
 
     Celery acknowledges such a delivery and (5.7, the version this project requires) calls `on_failure`
     in the worker's main process once it has given up on the pool process, which it then kills. The
-    main process holds no database connection and must not block on one: it re-sends the message,
-    marked `hard_time_limit_s`, and the pool process that takes it records the failure
-    (`tasks.hard_time_limit_outcome`), with the retries every delivery has. Before, nothing heard of
-    it: the row stayed `processing` until the gateway's sweep had re-sent the file `TRIAGE_MAX_ATTEMPTS`
-    times (about 1.5 h with the defaults). Should the re-send fail (the broker gone too), that sweep
-    still ends it as before."""
+    main process holds no database connection and must not block on one: it only re-sends the message,
+    as `hard_time_limit_resend` says. A broker that refuses the re-send costs a log line, never an
+    exception (this runs inside billiard's timeout handling)."""
+
+    def hard_time_limit_resend(self, args: Any, kwargs: dict[str, Any], seconds: int) -> HardLimitResend:
+        raise NotImplementedError
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         if not isinstance(exc, TimeLimitExceeded):
-            return
+            return  # raised in a pool process: the task has recorded it already
         seconds = _limit_seconds(exc, self.app.conf.task_time_limit)
-        sop = args[1] if len(args) > 1 else (kwargs or {}).get("sop_instance_uid", "?")
+        plan = self.hard_time_limit_resend(args, dict(kwargs or {}), seconds)
         try:
-            self.apply_async(args=args, kwargs={**(kwargs or {}), "hard_time_limit_s": seconds}, queue=contract.QUEUE)
-        except Exception as resend_error:  # the sweep re-sends the file; it ends as abandoned
-            log.error("instance %s was killed at the %ss hard time limit and could not be re-sent to record it "
-                      "(%s); the gateway's sweep re-sends it", sop, seconds, type(resend_error).__name__)
-            return
-        log.warning("instance %s was killed at the %ss hard time limit; re-sent to record the failure", sop, seconds)
-
-
-class FinalizeStudyTask(Task):
-    """`triage.finalize_study`, sent again when Celery killed it at the hard time limit (a listing of the
-    spool hung on a hard-mounted network file system, in the kernel, where the soft limit cannot reach).
-
-    Celery acknowledges such a delivery, and nothing else sends a finalize again: the gateway forgets it
-    once the broker has been seen idle, and its sweep re-sends the images still pending, not their
-    study's finalize. The study then stayed not final until someone ran `pneumonia-admin requeue`.
-    The main process re-sends it after the longest retry backoff (a mount that stays hung kills a pool
-    process at that pace, not in a loop); should the broker refuse that too, it says so."""
-
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        if not isinstance(exc, TimeLimitExceeded):
-            return
-        seconds = _limit_seconds(exc, self.app.conf.task_time_limit)
-        study = args[0] if args else (kwargs or {}).get("study_instance_uid", "?")
-        countdown = self.app.conf.triage_runtime.settings.retry_backoff_max_s
-        try:
-            self.apply_async(args=args, kwargs=kwargs, queue=contract.QUEUE, countdown=countdown)
+            self.apply_async(args=args, kwargs=plan.kwargs, queue=contract.QUEUE, countdown=plan.countdown)
         except Exception as resend_error:
-            log.error("the finalize of study %s was killed at the %ss hard time limit and could not be sent again "
-                      "(%s); run `pneumonia-admin requeue`", study, seconds, type(resend_error).__name__)
+            log.error("%s was killed at the %ss hard time limit and could not be %s (%s); %s",
+                      plan.subject, seconds, plan.resend, type(resend_error).__name__, plan.fallback)
             return
-        log.warning("the finalize of study %s was killed at the %ss hard time limit; sent again, in %ss",
-                    study, seconds, countdown)
+        log.warning("%s was killed at the %ss hard time limit; %s", plan.subject, seconds, plan.done)
+
+
+class ProcessInstanceTask(ResentAtHardLimit):
+    """`triage.process_instance`: re-sent marked `hard_time_limit_s`, and the pool process that takes it
+    records the failure (`tasks.hard_time_limit_outcome`), with the retries every delivery has. Before,
+    nothing heard of it: the row stayed `processing` until the gateway's sweep had re-sent the file
+    `TRIAGE_MAX_ATTEMPTS` times (about 1.5 h with the defaults). Should the re-send fail (the broker gone
+    too), that sweep still ends it as before."""
+
+    def hard_time_limit_resend(self, args: Any, kwargs: dict[str, Any], seconds: int) -> HardLimitResend:
+        sop = args[1] if len(args) > 1 else kwargs.get("sop_instance_uid", "?")
+        return HardLimitResend(f"instance {sop}", {**kwargs, "hard_time_limit_s": seconds}, None,
+                               resend="re-sent to record it", done="re-sent to record the failure",
+                               fallback="the gateway's sweep re-sends it")
+
+
+class FinalizeStudyTask(ResentAtHardLimit):
+    """`triage.finalize_study`, killed at the hard time limit by a listing of the spool hung on a
+    hard-mounted network file system, in the kernel, where the soft limit cannot reach.
+
+    Nothing else sends a finalize again: the gateway forgets it once the broker has been seen idle, and
+    its sweep re-sends the images still pending, not their study's finalize. The study then stayed not
+    final until someone ran `pneumonia-admin requeue`. It is re-sent after the longest retry backoff (a
+    mount that stays hung kills a pool process at that pace, not in a loop)."""
+
+    def hard_time_limit_resend(self, args: Any, kwargs: dict[str, Any], seconds: int) -> HardLimitResend:
+        study = args[0] if args else kwargs.get("study_instance_uid", "?")
+        countdown = self.app.conf.triage_runtime.settings.retry_backoff_max_s
+        return HardLimitResend(f"the finalize of study {study}", kwargs, countdown, resend="sent again",
+                               done=f"sent again, in {countdown}s", fallback="run `pneumonia-admin requeue`")
 
 
 def retry_keeping_message(task: Task, **options: Any) -> Retry:

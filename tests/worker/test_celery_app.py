@@ -178,3 +178,19 @@ def test_a_hard_time_limit_that_cannot_be_resent_is_logged_and_left_to_the_sweep
     assert [r.levelname for r in caplog.records] == ["ERROR"]
     assert caplog.records[0].getMessage().startswith(
         "instance 4.5.6 was killed at the 180s hard time limit and could not be re-sent to record it")
+
+
+def test_a_finalize_killed_at_the_hard_limit_that_cannot_be_sent_again_names_the_way_out(caplog):
+    """The finalize's own wording: nothing else re-sends a finalize, so the admin is told what to run."""
+    import logging
+
+    from celery.exceptions import TimeLimitExceeded
+
+    app = create_app(WorkerSettings(broker_url="redis://127.0.0.1:1/0"))
+    task = app.tasks[contract.FINALIZE_STUDY]
+    with caplog.at_level(logging.WARNING, logger="worker.celery_app"):
+        task.on_failure(TimeLimitExceeded(180.0), "id-3", ("1.2.3",), None, None)
+    [record] = caplog.records
+    assert record.levelname == "ERROR" and record.getMessage().startswith(
+        "the finalize of study 1.2.3 was killed at the 180s hard time limit and could not be sent again (")
+    assert record.getMessage().endswith("); run `pneumonia-admin requeue`")

@@ -201,3 +201,5 @@ def test_a_finalize_past_its_time_limit_is_sent_again(make_triage_env, sqlite_ur
     except AssertionError:
         raise AssertionError(f"finalize lost; worker log tail:\n{worker.log()[-3000:]}") from None
     assert worker.proc is not None and worker.proc.poll() is None
+    if kind == "hard":  # the line README's Reliability section quotes
+        assert f"the finalize of study {study} was killed at the 5s hard time limit; sent again, in 2s" in worker.log()
