@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.dicom_gateway.conftest import small_dataset
-from tests.dicom_gateway.helpers import free_port, store_with_pynetdicom
+from tests.dicom_gateway.conftest import gateway_subprocess, small_dataset
+from tests.dicom_gateway.helpers import free_port, store_with_pynetdicom, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -97,38 +104,38 @@ def test_http_is_off_by_default_and_gone_after_stop(start_gateway, broker):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
-def test_gateway_process_serves_probes_from_its_environment(redis_server, broker, tmp_path):
-    import signal
-
-    from tests.dicom_gateway.conftest import gateway_subprocess
-    from tests.dicom_gateway.helpers import wait_for
-
+@contextlib.contextmanager
+def gateway_process(redis_url: str, tmp_path: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """`dicom-gateway run` configured from its environment, yielded once it answers /readyz; killed after."""
     http_port = free_port()
-    env = {"TRIAGE_BROKER_URL": redis_server.url, "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
+    env = {"TRIAGE_BROKER_URL": redis_url, "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
            "TRIAGE_GATEWAY_PORT": str(free_port()), "TRIAGE_GATEWAY_BIND": "127.0.0.1",
            "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0", "TRIAGE_GATEWAY_HTTP_PORT": str(http_port)}
-    proc = gateway_subprocess(env, tmp_path / "gateway.log")
-    try:
-        def ready() -> bool:
-            try:
-                return get(http_port, "/readyz")[0] == 200
-            except OSError:
-                return False
+    proc = gateway_subprocess(env, log)
 
+    def ready() -> bool:
+        try:
+            return get(http_port, "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    try:
         wait_for(ready, 30, what="gateway process ready over HTTP")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
 
+def test_gateway_process_serves_probes_from_its_environment(redis_server, broker, tmp_path):
+    with gateway_process(redis_server.url, tmp_path, tmp_path / "gateway.log") as proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def _signal_burst(pid: int, signum: int, seconds: float, gap: float) -> None:
     """Signals spaced in time: sent back to back, they merge into one pending signal."""
-    import os
-    import time
-
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         try:
@@ -146,40 +153,18 @@ def test_gateway_process_stops_when_sigterm_comes_twice(redis_server, broker, tm
     signal: the second handler then waited on that lock in the same thread for ever (2 starts in 40 hung
     with two `kill -TERM` from bash, "stopped" never logged). Ten starts, each given 20 ms of signals
     50 µs apart so that some land in that window (4 of 10 hung), must all exit."""
-    import signal
-
-    from tests.dicom_gateway.conftest import gateway_subprocess
-    from tests.dicom_gateway.helpers import wait_for
-
     for attempt in range(10):
-        http_port = free_port()
-        env = {"TRIAGE_BROKER_URL": redis_server.url, "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
-               "TRIAGE_GATEWAY_PORT": str(free_port()), "TRIAGE_GATEWAY_BIND": "127.0.0.1",
-               "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0", "TRIAGE_GATEWAY_HTTP_PORT": str(http_port)}
         log = tmp_path / f"gateway{attempt}.log"
-        proc = gateway_subprocess(env, log)
-        try:
-            def ready() -> bool:
-                try:
-                    return get(http_port, "/readyz")[0] == 200
-                except OSError:
-                    return False
-
-            wait_for(ready, 30, what="gateway process ready over HTTP")
+        with gateway_process(redis_server.url, tmp_path, log) as proc:
             _signal_burst(proc.pid, signal.SIGTERM, seconds=0.02, gap=0.00005)
             assert proc.wait(30) == 0, (attempt, log.read_text()[-2000:])
             assert '"stopped"' in log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
 
 
 def test_an_idle_probe_connection_is_closed(start_gateway, broker, monkeypatch):
     """A connection that never sends its request (or whose client vanished mid-scrape) held a thread and a
     file descriptor for ever: 200 of them, 200 threads."""
     import socket
-    import time
 
     import dicom_gateway.http_status as http_status
 
