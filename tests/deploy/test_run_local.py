@@ -75,3 +75,50 @@ def test_an_unreachable_broker_is_named_without_its_password(tmp_path):
     assert out.returncode == 2
     assert "Redis is not reachable at redis://***@127.0.0.1:" in out.stderr
     assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+STUB_SERVICE = """#!{python}
+import os, signal, sys, time
+name = os.path.basename(sys.argv[0])
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(name + " started\\n")
+while not stopping:
+    time.sleep(0.05)
+time.sleep(float(os.environ["STUB_STOP_SECONDS"]) if name == "pneumonia-worker" else 0)  # a warm shutdown
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(name + " exited\\n")
+"""
+
+
+def test_a_repeated_sigterm_still_waits_for_both_services(tmp_path):
+    """A second SIGTERM (supervisors and `timeout` repeat theirs) interrupted the script's `wait` for the
+    worker: it exited 0 while Celery was still in its warm shutdown, and a supervisor that then started
+    it again ran two workers. Stand-in services on PATH: the worker takes 3 s to stop."""
+    import sys
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("pneumonia-worker", "dicom-gateway"):
+        stub = bin_dir / name
+        stub.write_text(STUB_SERVICE.format(python=sys.executable))
+        stub.chmod(0o755)
+    log = tmp_path / "services.log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log),
+           "STUB_STOP_SECONDS": "3", "TRIAGE_BROKER_URL": "sentinel://127.0.0.1:26379"}  # no redis-cli ping
+    script = subprocess.Popen(["bash", str(SCRIPT)], cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("started") == 2, 30, what="both stand-ins started")
+        script.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(30) == 0
+        assert sorted(log.read_text().split("\n")[2:]) == ["", "dicom-gateway exited", "pneumonia-worker exited"]
+    finally:
+        try:
+            os.killpg(script.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        script.wait(30)
