@@ -33,7 +33,12 @@ hba="/etc/postgresql/$cluster/main/pg_hba.conf"
 if ! psql -w "$admin" -Atc "select 1" >/dev/null 2>&1; then
   # the tests log in as postgres over TCP without a password (a throw-away local cluster)
   trust="host all all 127.0.0.1/32 trust"
-  grep -qxF "$trust" "$hba" || sed -i "1i $trust" "$hba"
+  if ! grep -qxF "$trust" "$hba"; then
+    sed -i "1i $trust" "$hba"
+    # said aloud: every local user may now log in as any role, superuser too; fine on a throw-away
+    # development or CI machine, not on a host whose PostgreSQL serves anything else
+    echo "setup_dev.sh: added '$trust' at the top of $hba (development and CI only; remove it on a shared host)" >&2
+  fi
   pg_ctlcluster --skip-systemctl-redirect "$cluster" main reload
   sleep 1
 fi
