@@ -28,10 +28,20 @@ def test_round_trip_keeps_unknown_fields(tmp_path):
     (Stratum("a", 0.0, 0.4), Stratum("b", 0.5, 1.0)),
     (Stratum("a", 0.1, 1.0),),
     (),
+    # cut-points typed as percentages: they met end to end, and every study was likely_normal (ROUTINE)
+    (Stratum("a", 0.0, 46.6), Stratum("b", 46.6, 53.5), Stratum("c", 53.5, 1.0)),
+    (Stratum("a", 0.0, 0.5), Stratum("b", 0.5, 1.5), Stratum("c", 1.5, 1.0)),  # no URGENT ever
+    (Stratum("a", 0.0, -0.2), Stratum("b", -0.2, 1.0)),
+    (Stratum("a", 0.0, float("nan")), Stratum("b", float("nan"), 1.0)),
 ])
 def test_strata_must_tile_the_unit_interval(strata):
     with pytest.raises(ValueError):
         validate_strata(strata)
+
+
+def test_an_empty_middle_stratum_is_a_tiling():
+    """Validation's targets can put both cut-points at one value (the released card's indeterminate)."""
+    validate_strata((Stratum("a", 0.0, 0.133), Stratum("b", 0.133, 0.133), Stratum("c", 0.133, 1.0)))
 
 
 def strict_loads(text: str):
