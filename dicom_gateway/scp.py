@@ -263,6 +263,14 @@ def truncated(ds: Dataset, stream: BytesIO) -> bool:
     return value_tell + length != size  # short: value cut; long: a partial element header follows
 
 
+def _logged_uid(value: object) -> str:
+    """A command's UID as logged: a sender that is not pynetdicom may put any text in it, a name even."""
+    try:
+        return validate_uid(str(value), "UID")
+    except InvalidUIDError:
+        return "(not a UID)"
+
+
 def check_header(header: Header, request_sop_class: str, request_sop_uid: str) -> tuple[str, str]:
     """Validate UIDs and their agreement with the C-STORE command; return (study, sop)."""
     try:
@@ -433,7 +441,8 @@ class StoreSCP:
         received = time.time()
         request = event.request
         syntax = UID(event.context.transfer_syntax)
-        ctx: dict[str, object] = {"assoc": _aid(event), "sop_class": str(request.AffectedSOPClassUID), "transfer_syntax": str(syntax)}
+        ctx: dict[str, object] = {"assoc": _aid(event), "sop_class": _logged_uid(request.AffectedSOPClassUID),
+                                  "transfer_syntax": str(syntax)}
         stream = request.DataSet
         if not isinstance(stream, BytesIO):  # chunked-to-file receive mode; not used by us
             stream = BytesIO(event.encoded_dataset(include_meta=False))

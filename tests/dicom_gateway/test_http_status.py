@@ -105,11 +105,11 @@ def test_http_is_off_by_default_and_gone_after_stop(start_gateway, broker):
 
 
 @contextlib.contextmanager
-def gateway_process(redis_url: str, tmp_path: Path, log: Path) -> Iterator[subprocess.Popen]:
+def gateway_process(redis_url: str, tmp_path: Path, log: Path, dicom_port: int | None = None) -> Iterator[subprocess.Popen]:
     """`dicom-gateway run` configured from its environment, yielded once it answers /readyz; killed after."""
     http_port = free_port()
     env = {"TRIAGE_BROKER_URL": redis_url, "TRIAGE_SPOOL_DIR": str(tmp_path / "spool"),
-           "TRIAGE_GATEWAY_PORT": str(free_port()), "TRIAGE_GATEWAY_BIND": "127.0.0.1",
+           "TRIAGE_GATEWAY_PORT": str(dicom_port or free_port()), "TRIAGE_GATEWAY_BIND": "127.0.0.1",
            "TRIAGE_GATEWAY_MIN_FREE_BYTES": "0", "TRIAGE_GATEWAY_HTTP_PORT": str(http_port)}
     proc = gateway_subprocess(env, log)
 
@@ -221,3 +221,31 @@ def test_refused_c_stores_are_counted_by_status(start_gateway, broker, images):
         match = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[^"\\]*"\})? (\d+)', line)
         assert match and match[1] in typed and match[1] in helped, line
         assert typed[match[1]] == "gauge" or match[1].endswith("_total"), line
+
+
+def test_pynetdicom_lines_do_not_repeat_a_uid_field_holding_identifiers(redis_server, broker, images, tmp_path):
+    """A sender that writes a record number or a name into the SOP Instance UID: the gateway's own refusal
+    leaves the value out, but pynetdicom's warnings ("Non-conformant 'Affected SOP Instance UID' value
+    '...'"), which the JSON log passes on, quoted it. A real gateway process, its log as written."""
+    ds = small_dataset(images, 0)
+    ds.SOPInstanceUID = "PHI-4711 Doe^Jane"
+    log, port = tmp_path / "gateway.log", free_port()
+    with gateway_process(redis_server.url, tmp_path, log, dicom_port=port):
+        assert store_with_pynetdicom(port, [ds]) != [0]
+    written = log.read_text()
+    assert "pynetdicom" in written and "value (not shown)" in written  # pynetdicom did warn
+    assert "PHI-4711" not in written and "Doe" not in written
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("Non-conformant 'Affected SOP Instance UID' value 'Doe^Jane'", "Non-conformant 'Affected SOP Instance UID' value (not shown)"),
+    ("Invalid 'Affected SOP Instance UID' value 'Doe^Jane' - must not exceed 64 characters",
+     "Invalid 'Affected SOP Instance UID' value (not shown) - must not exceed 64 characters"),
+    ("Invalid value for VR UI: 'Doe^Jane'. Please see <...>", "Invalid value for VR UI: (not shown). Please see <...>"),
+    ("Invalid value: b'Doe^Jane'", "Invalid value: (not shown)"),
+    ("Association Aborted", "Association Aborted"),
+])
+def test_values_quoted_by_dicom_libraries_are_not_shown(message, shown):
+    from dicom_gateway.logs import redact_values
+
+    assert redact_values(message) == shown
