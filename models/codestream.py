@@ -96,8 +96,12 @@ def ends_with_eoi(data: bytes) -> bool:
     return data.rstrip(b"\x00\xff").endswith(EOI_BYTES) or data[-3:-1] == EOI_BYTES
 
 
-def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int) -> None:
-    """Refuse a codestream that is cut short or whose frame header contradicts the dataset."""
+def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int) -> FrameHeader | None:
+    """Refuse a codestream that is cut short or whose frame header contradicts the dataset; return its frame
+    header (None for a syntax without one, RLE).
+
+    The sample precision is returned, not checked here: whether a precision below Bits Stored shows the image
+    wrongly depends on the dataset's window (`models.dicom_io.check_precision`), which this module never reads."""
     if syntax in JPEG_SYNTAXES:
         header = jpeg_frame_header(data)
         if not ends_with_eoi(data):
@@ -106,9 +110,10 @@ def check_frame(data: bytes, syntax: str, rows: int, columns: int, samples: int)
     elif syntax in JPEG2000_SYNTAXES:
         header = jpeg2000_frame_header(data)
     else:
-        return
+        return None
     if (header.rows or rows, header.columns) != (rows, columns):  # 0 lines: the height comes in a DNL segment
         raise CodestreamError(f"codestream is {header.rows}x{header.columns} pixels but the dataset says "
                               f"{rows}x{columns}")
     if header.components != samples:
         raise CodestreamError(f"codestream has {header.components} component(s) but Samples per Pixel is {samples}")
+    return header

@@ -96,6 +96,7 @@ def check_geometry(ds: Dataset, limits: PixelLimits) -> None:
     check_samples_match_photometric(ds, samples)
     check_bit_layout(ds)
     check_encapsulated_frame(ds, rows, cols, samples)
+    check_native_length(ds, rows, cols, samples)
 
 
 def check_samples_match_photometric(ds: Dataset, samples: int) -> None:
@@ -120,11 +121,80 @@ def check_encapsulated_frame(ds: Dataset, rows: int, cols: int, samples: int) ->
         raise UnreadableImageError(f"Bits Allocated {allocated} with compressed pixel data; 8 or 16 expected")
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        check_frame(frame, syntax, rows, cols, samples)
+        header = check_frame(frame, syntax, rows, cols, samples)
     except CodestreamError as exc:
         raise UnreadableImageError(str(exc)) from exc
     except (ValueError, KeyError, TypeError, struct.error, StopIteration) as exc:  # items without tags, lengths past the end
         raise UnreadableImageError(f"encapsulated pixel data is malformed ({type(exc).__name__})") from exc
+    if header is not None:
+        check_precision(ds, header.precision, samples)
+
+
+PRECISION_REACH = 0.5
+"""A codestream of sample precision below Bits Stored whose values can reach less than this share of the
+displayed grey range is refused (`check_precision`). Rescaled to 8, 10 or 11 bits under a 12-bit window its
+values reach 6%, 25% or 49.99% of it; holding the modality's own values they reach all of any window set
+for them."""
+
+
+def check_precision(ds: Dataset, precision: int, samples: int) -> None:
+    """Refuse a codestream whose sample precision is below Bits Stored where it would be shown wrongly.
+
+    PS3.5 (8.2.4 for JPEG 2000) asks the two to agree, but not every encoder does, and not always wrongly:
+    some write the depth the values really use (pydicom users met J2K precision 14 under Bits Stored 16),
+    and those values, the modality's own, are shown as their window says. A transcoder that rescaled a
+    12-bit plate to 8 bits and left Bits Stored 12 and the 12-bit window did not: the plate was shown at
+    0-0.05 grey and 40 of 40 normals went URGENT. What tells the two apart is where the values the precision
+    can hold land on the display (Modality LUT, then window or VOI LUT; without either the values' own range
+    is shown, which is right in both cases), so only a codestream that cannot reach `PRECISION_REACH` of the
+    grey range is refused. A codestream of precision above Bits Stored (DCMTK writes 16 for 12-bit data) is
+    cut to Bits Stored instead (`within_bits_stored`)."""
+    bits_stored = int(_number(ds, "BitsStored") or 0)
+    if not 0 < precision < bits_stored:
+        return
+    reach = _precision_reach(ds, precision, bits_stored, samples)
+    if reach < PRECISION_REACH:
+        raise UnreadableImageError(f"codestream sample precision {precision} is below Bits Stored {bits_stored}, and "
+                                   f"its values would fill at most {reach:.0%} of the displayed grey range (rescaled "
+                                   "to fewer bits without its header being updated?)")
+
+
+def _precision_reach(ds: Dataset, precision: int, bits_stored: int, samples: int) -> float:
+    """The share of the display range [0, 1] that stored values of `precision` bits can reach."""
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    low, high = (-(1 << (precision - 1)), (1 << (precision - 1)) - 1) if signed else (0, (1 << precision) - 1)
+    if samples != 1:  # colour is divided by 2**Bits Stored - 1, with no window (`_dicom_to_grayscale`)
+        return (high - low) / float(2**bits_stored - 1)
+    stored = np.unique(np.rint(np.linspace(low, high, min(high - low + 1, 65536)))).astype(np.int64)
+    shown = window_to_unit(modality_values(stored, ds), ds)
+    return float(shown.max() - shown.min())
+
+
+def check_native_length(ds: Dataset, rows: int, cols: int, samples: int) -> None:
+    """Native (uncompressed) Pixel Data must be as long as one frame of Rows x Columns x Samples at Bits
+    Allocated, plus at most the one byte that pads an odd length.
+
+    Too short, it cannot be decoded, and is refused as such (pydicom raised the same). Too long, pydicom
+    keeps the first frame's worth with a warning only: a Columns of 1000 over 1024-wide data was scored as
+    a sheared picture (p 0.98, URGENT), a Rows edited for a crop as part of the plate, and two frames with
+    no Number of Frames decoded to a 3-D array that was refused for its "aspect ratio". Whatever the header
+    got wrong, the pixels cannot be placed, so both are refused before decoding."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    allocated = int(_number(ds, "BitsAllocated") or 0)
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_encapsulated or allocated <= 0:
+        return  # the decoder refuses what it cannot read
+    expected = (rows * cols * samples * allocated + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422":
+        expected = expected // 3 * 2  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    length = len(ds.PixelData or b"")
+    if length == expected or length == expected + 1:
+        return
+    shape = f"{expected} expected for {rows}x{cols} pixels of {samples} sample(s) at {allocated} bits allocated"
+    if length < expected:
+        raise UnreadableImageError(f"pixel data could not be decoded (native Pixel Data is {length} bytes, {shape}: "
+                                   "cut short)")
+    raise UnreadableImageError(f"native Pixel Data is {length} bytes, {shape}: Rows, Columns or Bits Allocated is "
+                               "wrong, or frames are not counted in Number of Frames")
 
 
 def check_bit_layout(ds: Dataset) -> None:
@@ -230,10 +300,15 @@ def voi_lut_to_unit(values: np.ndarray, ds: Dataset) -> np.ndarray:
     no viewer shows the radiologist, and refusing it would refuse every image of such a modality.
     A 16-bit PNG is refused below a quarter of its range (`preprocess.to_unit_range`), where
     nothing tells us the depth; here the LUT's own entries do, so the looser eighth suffices.
+
+    The other way round, a LUT whose entries exceed its declared bits (descriptor `4096\\0\\8`, entries
+    up to 4095) is scaled by the depth of its largest entry too, as DCMTK does: read literally, 96% of a
+    normal plate was white and it scored 0.999, URGENT, while dcm2pnm showed it as the 12-bit LUT it is.
     """
     entries, first, bits, lut = _voi_lut(ds)
-    if bits - 3 >= int(lut.max()).bit_length():
-        bits = max(int(lut.max()).bit_length(), 1)
+    depth = int(lut.max()).bit_length()
+    if depth > bits or bits - 3 >= depth:
+        bits = max(depth, 1)
     index = np.clip(np.rint(values.astype(np.float64)) - first, 0, entries - 1).astype(np.intp)
     return np.clip(lut[index].astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
 

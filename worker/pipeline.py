@@ -168,7 +168,8 @@ def pixel_data_digest(path: Path) -> tuple[str, str]:
 RESEND_COMPARED = ("AccessionNumber", "PatientID", "Modality", "BodyPartExamined", "ViewPosition",
                    "PatientOrientation", "PresentationIntentType", "ImageType")
 """Header elements that find a result on the worklist (accession, patient) or decide whether it is scored
-(the selection's): a re-send that corrects one of them after the result is stored is not re-evaluated."""
+(the selection's, `worker.selection.skip_reason`: Image Type skips a localizer or a dual-energy bone image):
+a re-send that corrects one of them after the result is stored is not re-evaluated."""
 
 
 def header_differences(path: Path, first: Path) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from models.dicom_io import display_orientation
 from models.errors import BODY_PARTS, MODALITIES, VIEW_POSITIONS, UnreadableImageError, quoted_term
@@ -17,6 +18,10 @@ ACCEPTED_MODALITIES = ("CR", "DX")
 FRONTAL_VIEWS = ("PA", "AP")
 CHEST_BODY_PARTS = ("CHEST",)
 DX_FOR_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SKIPPED_IMAGE_TYPES = {"LOCALIZER": "localizer image", "BONE": "dual-energy bone image"}
+"""Image Type values (third and later) of images that are not the radiograph the model was trained on: a
+localizer, or the bone image of a dual-energy pair (ribs and clavicles kept, soft tissue and lung field
+subtracted). A dual-energy soft-tissue or bone-suppressed image still shows the lungs and is scored."""
 
 MissingTagPolicy = Literal["skip", "process"]
 
@@ -28,13 +33,17 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     `missing_tag_policy="process"` lets an absent BodyPartExamined/ViewPosition through
     (sites whose modalities leave them empty); present-but-wrong values are always skipped,
     and so is a Patient Orientation that is not a frontal chest's (L/R across, F/H down,
-    either way round; `models.dicom_io.display_orientation` turns those upright).
+    either way round; `models.dicom_io.display_orientation` turns those upright), and an
+    Image Type that names a localizer or a dual-energy bone image (`SKIPPED_IMAGE_TYPES`).
     """
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in ACCEPTED_MODALITIES:
         return f"modality {quoted_term(modality, MODALITIES) if modality else '(missing)'} is not CR or DX"
     if _is_for_processing(ds):
         return "DX For Processing image (not for presentation)"
+    image_type = _skipped_image_type(ds)
+    if image_type is not None:
+        return f"{SKIPPED_IMAGE_TYPES[image_type]} (Image Type {image_type})"
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
     if body_part and body_part not in CHEST_BODY_PARTS:
         return f"body part {quoted_term(body_part, BODY_PARTS)} is not CHEST"
@@ -55,3 +64,17 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
 def _is_for_processing(ds: Dataset) -> bool:
     intent = str(ds.get("PresentationIntentType", "") or "").upper()
     return intent == "FOR PROCESSING" or str(ds.get("SOPClassUID", "")) == DX_FOR_PROCESSING_SOP_CLASS
+
+
+def _skipped_image_type(ds: Dataset) -> str | None:
+    """The first Image Type value, from the third on, of `SKIPPED_IMAGE_TYPES`, or None.
+
+    The first two values say only ORIGINAL/DERIVED and PRIMARY/SECONDARY, and many processed DX images
+    are DERIVED\\PRIMARY, so those two decide nothing here (PS3.3 C.7.6.1.1.2)."""
+    value = ds.get("ImageType")
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    for term in values[2:]:
+        term = str(term or "").strip().upper()
+        if term in SKIPPED_IMAGE_TYPES:
+            return term
+    return None

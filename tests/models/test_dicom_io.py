@@ -59,6 +59,35 @@ def test_truncated_pixel_data_is_refused(image):
         dicom_to_grayscale(ds)
 
 
+@pytest.mark.parametrize("header, reason", [
+    ({"Columns": 250}, "native Pixel Data is 131072 bytes, 128000 expected for 256x250 pixels"),
+    ({"Rows": 128}, "native Pixel Data is 131072 bytes, 65536 expected for 128x256 pixels"),
+])
+def test_native_pixel_data_longer_than_the_header_says_is_refused(image, header, reason):
+    """pydicom cuts the excess with a warning only: a wrong Columns was scored as a sheared picture
+    (p 0.98, URGENT), a Rows edited for a crop as the top of the plate."""
+    ds = make_cxr_dataset(image, size=(256, 256))
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    with pytest.raises(UnreadableImageError, match=f"^{reason}"):
+        dicom_to_grayscale(ds)
+
+
+def test_two_frames_of_native_pixel_data_without_number_of_frames_are_refused_for_their_length(image):
+    """Decoded as one 3-D array, they were refused for an "aspect ratio of 2x256", which names the wrong fault."""
+    ds = make_cxr_dataset(image, size=(256, 256))
+    ds.PixelData = ds.PixelData * 2
+    with pytest.raises(UnreadableImageError, match="^native Pixel Data is 262144 bytes, 131072 expected"):
+        dicom_to_grayscale(ds)
+
+
+def test_one_padding_byte_after_odd_length_native_pixel_data_is_accepted(image):
+    ds = make_cxr_dataset(image, bits_stored=8, size=(255, 255))
+    padded = make_cxr_dataset(image, bits_stored=8, size=(255, 255))
+    padded.PixelData = padded.PixelData + b"\x00"
+    np.testing.assert_array_equal(dicom_to_grayscale(padded), dicom_to_grayscale(ds))
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # the test writes the bad values on purpose
 def test_reasons_repeat_coded_values_only(image):
     """With validation off a CS element can hold any text, a patient's name included."""
@@ -182,6 +211,19 @@ def test_voi_lut_clips_its_input_to_the_mapped_range_and_scales_by_its_bit_depth
     stored = ds.pixel_array.astype(np.float64)
     expected = np.rint(np.clip(stored - 1024, 0, 2047) / 2047 * 255) / 255
     np.testing.assert_allclose(dicom_to_grayscale(ds), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_voi_lut_whose_entries_exceed_its_declared_bits_is_scaled_by_their_real_depth(image, vr):
+    """Descriptor 4096\\0\\8 with entries up to 4095: divided by 255 and clipped, 96% of the plate was white and
+    a normal scored 0.999, URGENT; DCMTK (dcm2pnm) shows it as the descriptor 4096\\0\\12 that its entries fit."""
+    ramp = np.clip(np.rint(np.linspace(-0.1, 1.1, 4096) * 4095), 0, 4095)
+    as_declared = voi_lut(make_cxr_dataset(image, size=(256, 256)), [4096, 0, 12], ramp)
+    understated = voi_lut(make_cxr_dataset(image, size=(256, 256)), [4096, 0, 8], ramp)
+    if vr == "OW":
+        understated.VOILUTSequence[0].LUTData = ramp.astype("<u2").tobytes()
+        understated.VOILUTSequence[0]["LUTData"].VR = "OW"
+    np.testing.assert_array_equal(dicom_to_grayscale(understated), dicom_to_grayscale(as_declared))
 
 
 def test_voi_lut_whose_data_does_not_match_its_descriptor_is_refused(image):

@@ -37,6 +37,38 @@ def test_everything_else_is_skipped_with_reason(kw, reason):
     assert reason in skip_reason(cxr(**kw))
 
 
+def with_image_type(*values: str):
+    ds = cxr(modality="DX")
+    ds.ImageType = list(values)
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")  # the test writes the bad values on purpose
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        (("ORIGINAL", "PRIMARY", "LOCALIZER"), "localizer image (Image Type LOCALIZER)"),
+        (("DERIVED", "SECONDARY", "", "BONE"), "dual-energy bone image (Image Type BONE)"),
+        (("DERIVED", "PRIMARY", "AXIAL", "bone "), "dual-energy bone image (Image Type BONE)"),
+    ],
+)
+def test_localizer_and_bone_images_are_skipped_with_reason(values, reason):
+    """Image Type decides as worker.pipeline.RESEND_COMPARED says: a bone image (ribs kept, soft tissue and
+    lung field subtracted) or a localizer is not the picture the model was trained on."""
+    assert skip_reason(with_image_type(*values)) == reason
+
+
+@pytest.mark.parametrize(
+    "values",
+    [("ORIGINAL", "PRIMARY"), ("DERIVED", "PRIMARY"), ("DERIVED", "PRIMARY", "", "SOFT_TISSUE"),
+     ("DERIVED", "SECONDARY", "BONE_SUPPRESSED"), ("BONE", "LOCALIZER"), ()],
+)
+def test_other_image_types_are_selected(values):
+    """Processed DX images are often DERIVED\\PRIMARY; only values from the third on describe the image, so a
+    non-standard first or second value (BONE, LOCALIZER) is not read as one."""
+    assert skip_reason(with_image_type(*values)) is None
+
+
 def test_non_image_objects_are_skipped():
     assert "modality SR" in skip_reason(make_sr_dataset())
 
