@@ -167,13 +167,33 @@ def choose_strata(labels: np.ndarray, probability: np.ndarray, targets: StrataTa
     return strata
 
 
-def stratum_report(labels: np.ndarray, probability: np.ndarray, strata: tuple[Stratum, ...]) -> dict[str, dict]:
-    """Per stratum: count, pneumonia share (the PPV of calling it pneumonia) and normal share (NPV)."""
-    labels, probability = np.asarray(labels), np.asarray(probability)
-    report = {}
+def stratum_indices(probability: np.ndarray, strata: tuple[Stratum, ...]) -> np.ndarray:
+    """Index in `strata` of each probability's stratum (the top one closed at its upper end), -1 for none:
+    one rule for the pooled counts and for the per-case figures bootstrapped from them."""
+    probability = np.asarray(probability)
+    index = np.full(probability.shape, -1, dtype=np.int64)
     for i, stratum in enumerate(strata):
         upper_ok = probability <= stratum.upper if i == len(strata) - 1 else probability < stratum.upper
-        members = (probability >= stratum.lower) & upper_ok
+        index[(probability >= stratum.lower) & upper_ok & (index < 0)] = i
+    return index
+
+
+def target_figures(labels: np.ndarray, index: np.ndarray, top: int) -> dict[str, float]:
+    """The two figures `StrataTargets` sets, from each case's stratum index (`stratum_indices`; `top`, that of
+    high_suspicion): the share of pneumonia kept out of likely_normal (index 0) and of normals kept out of
+    high_suspicion. NaN for a class with no case."""
+    labels, index = np.asarray(labels), np.asarray(index)
+    positives, negatives = index[labels == 1], index[labels == 0]
+    return {"rule_out_sensitivity": _ratio(np.sum(positives != 0), len(positives)),
+            "high_suspicion_specificity": _ratio(np.sum(negatives != top), len(negatives))}
+
+
+def stratum_report(labels: np.ndarray, probability: np.ndarray, strata: tuple[Stratum, ...]) -> dict[str, dict]:
+    """Per stratum: count, pneumonia share (the PPV of calling it pneumonia) and normal share (NPV)."""
+    labels, index = np.asarray(labels), stratum_indices(probability, strata)
+    report = {}
+    for i, stratum in enumerate(strata):
+        members = index == i
         n = int(members.sum())
         positives = int(labels[members].sum())
         report[stratum.name] = {
@@ -189,16 +209,34 @@ def stratum_report(labels: np.ndarray, probability: np.ndarray, strata: tuple[St
 
 
 def bootstrap_ci(labels: np.ndarray, probability: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], dict],
-                 rounds: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CI of every entry of `statistic(labels, probability)`, resampling cases."""
+                 rounds: int = 2000, seed: int = 0, alpha: float = 0.05,
+                 groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI of every entry of `statistic(labels, probability)`, resampling cases, or whole
+    `groups` (the images of one study) where given: a study's images are not independent draws, and
+    resampling them one by one would narrow the CI as if they were."""
     rng = np.random.default_rng(seed)
     labels, probability = np.asarray(labels), np.asarray(probability)
+    clusters = group_members(groups)
     draws: dict[str, list[float]] = {}
     for _ in range(rounds):
-        index = rng.integers(0, len(labels), len(labels))
+        if clusters is None:  # the same draws as before groups existed, so singletons give the same CI
+            index = rng.integers(0, len(labels), len(labels))
+        else:
+            index = np.concatenate([clusters[i] for i in rng.integers(0, len(clusters), len(clusters))])
         for key, value in statistic(labels[index], probability[index]).items():
             draws.setdefault(key, []).append(value)
     with warnings.catch_warnings():  # a metric undefined in every draw (no positives called...) has a NaN CI
         warnings.simplefilter("ignore", RuntimeWarning)
         return {key: (float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2))))
                 for key, v in draws.items()}
+
+
+def group_members(groups: np.ndarray | None) -> list[np.ndarray] | None:
+    """Case indices of each group, in order of first appearance; None when every case is its own group."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    if len(ids) == len(groups):
+        return None
+    return [np.flatnonzero(inverse == g) for g in np.argsort(first, kind="stable")]

@@ -11,6 +11,8 @@ reports an honest estimate of the result:
 - ``as_shipped``: the card's own calibration scored on the local cases (nothing fitted);
 - ``cross_validated``: stratified k-fold, each fold's cases classified by cut-points
   fitted on the other folds, pooled over folds (nothing scored on what it was fitted on).
+  The images of one study share a fold and are resampled together in the bootstrap, and
+  the held-out strata are compared with their targets: a miss is a warning in the file.
 
 The saved file is bound to one model by sha256 and carries its provenance (case counts,
 a hash of the labels, the targets). Serving applies it over the card
@@ -23,14 +25,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import secrets
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from models.calibration import Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_report
+from models.calibration import (Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_indices,
+                                stratum_report, target_figures)
 from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_calibration
 from models.detector import calibrated_probability
 from models.errors import ModelIntegrityError, UnreadableImageError
@@ -74,8 +80,12 @@ class SiteCalibration:
 
     def save(self, path: str | Path) -> None:
         """Strict JSON (an empty stratum's PPV, NaN, is written null) that every parser reads; `load` reads
-        null back as NaN, so the file's sha256 identity is the one computed when it was fitted."""
-        Path(path).write_text(strict_json(self.to_dict(), indent=2) + "\n")
+        null back as NaN, so the file's sha256 identity is the one computed when it was fitted.
+
+        Written whole to a temporary file beside `path`, then renamed over it: `path` may be the file a
+        worker serves, and a worker starting mid-write (or a full disk) must find the old file or the new
+        one, never half of one."""
+        write_atomically(Path(path), strict_json(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteCalibration":
@@ -118,33 +128,71 @@ class SiteCalibration:
 
 
 def fit_site_calibration(labels: np.ndarray, logits: np.ndarray, card: ModelCard, site: str,
-                         targets: StrataTargets = StrataTargets(), folds: int = 5, seed: int = 0) -> SiteCalibration:
-    """Fit on all local cases; estimate by stratified k-fold; score the shipped card on the same cases."""
+                         targets: StrataTargets = StrataTargets(), folds: int = 5, seed: int = 0,
+                         groups: Sequence[Any] | np.ndarray | None = None) -> SiteCalibration:
+    """Fit on all local cases; estimate by stratified k-fold; score the shipped card on the same cases.
+
+    `groups` names each case's study (`case_groups`): a study's images are one unit for the case
+    minimum, the folds and the bootstrap. By default every case is a study of its own."""
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
-    check_cases(labels, folds)
+    groups = group_codes(groups, len(labels))
+    check_cases(labels, folds, groups)
     check_ranking(labels, logits)
+    held_out = cross_validate(labels, logits, targets, folds, seed, card.temperature, groups)
     return SiteCalibration(
         site=site,
         model_sha256=card.sha256,
         calibration=fit_calibration(labels, logits, targets, card.temperature),
         targets=targets,
-        cases={"n": int(len(labels)), "pneumonia": int(labels.sum()), "normal": int((1 - labels).sum()),
-               "labels_sha256": hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()},
-        as_shipped=score(labels, calibrated_probability(logits, card.temperature), card.threshold, card.strata),
-        cross_validated=cross_validate(labels, logits, targets, folds, seed, card.temperature),
-        warnings=advice(labels) + ((SEPARATED,) if separated(labels, logits) else ()),
+        cases=case_counts(labels, groups),
+        as_shipped=score(labels, calibrated_probability(logits, card.temperature), card.threshold, card.strata, groups),
+        cross_validated=held_out,
+        warnings=(advice(labels, groups) + ((SEPARATED,) if separated(labels, logits) else ())
+                  + target_misses(held_out, targets)),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def check_cases(labels: np.ndarray, folds: int) -> None:
+def group_codes(groups: Sequence[Any] | np.ndarray | None, n: int) -> np.ndarray:
+    """Each case's group as the index of its group's first case (every case its own group by default):
+    integers in the cases' order, so one-image groups fold and resample exactly as ungrouped cases."""
+    if groups is None:
+        return np.arange(n, dtype=np.int64)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} cases")
+    first: dict[Any, int] = {}
+    return np.array([first.setdefault(group, index) for index, group in enumerate(groups)], dtype=np.int64)
+
+
+def study_counts(labels: np.ndarray, groups: np.ndarray) -> dict[str, int]:
+    """Studies (groups), in all and per class: the independent units, however many images each has."""
+    pneumonia, normal = (len(np.unique(groups[labels == cls])) for cls in (1, 0))
+    return {"n": pneumonia + normal, "pneumonia": pneumonia, "normal": normal}
+
+
+def case_counts(labels: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """Images (n) and studies, per class, and a hash of the labels: counts only, no paths or UIDs."""
+    return {"n": int(len(labels)), "pneumonia": int(labels.sum()), "normal": int((1 - labels).sum()),
+            "studies": study_counts(labels, groups),
+            "labels_sha256": hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()}
+
+
+def check_cases(labels: np.ndarray, folds: int, groups: Sequence[Any] | np.ndarray | None = None) -> None:
+    """Refuse what no fit can be trusted on, counting studies (`groups`), not images: two images of one
+    study are not two independent cases, and the minimum and the folds are about independent cases."""
+    labels = np.asarray(labels)
     if not set(np.unique(labels)) <= {0, 1}:
         raise ValueError("labels must be 0 (normal) or 1 (pneumonia)")
-    smallest = int(min((labels == 1).sum(), (labels == 0).sum()))
+    groups = group_codes(groups, len(labels))
+    if np.any(labels != labels[groups]):
+        raise ValueError("the images of one study carry different labels: a study has one label")
+    studies = study_counts(labels, groups)
+    smallest = min(studies["pneumonia"], studies["normal"])
     if smallest < MIN_CASES_PER_CLASS:
+        grouped = "" if studies["n"] == len(labels) else " studies (the images of one study count once)"
         raise ValueError(f"site calibration needs at least {MIN_CASES_PER_CLASS} pneumonia and "
-                         f"{MIN_CASES_PER_CLASS} normal studies; the smaller class has {smallest}")
+                         f"{MIN_CASES_PER_CLASS} normal studies; the smaller class has {smallest}{grouped}")
     if not 2 <= folds <= smallest:
         raise ValueError(f"folds must be between 2 and {smallest} (the smaller class), got {folds}")
 
@@ -177,30 +225,42 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, targets: StrataTarge
     return calibrate(labels, logits, targets, card_temperature if separated(labels, logits) else None)
 
 
-def advice(labels: np.ndarray) -> tuple[str, ...]:
+def advice(labels: np.ndarray, groups: np.ndarray | None = None) -> tuple[str, ...]:
+    studies = study_counts(labels, group_codes(groups, len(labels)))
     notes = []
-    for name, count in (("pneumonia", int(labels.sum())), ("normal", int((1 - labels).sum()))):
+    for name in ("pneumonia", "normal"):
+        count = studies[name]
         if count < ADVISED_CASES_PER_CLASS:
             notes.append(f"only {count} {name} studies: cut-points are coarse; "
                          f"{ADVISED_CASES_PER_CLASS} or more of each class are advised")
     return tuple(notes)
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per case, each class spread evenly over the folds in a seeded random order."""
+def stratified_folds(labels: np.ndarray, folds: int, seed: int,
+                     groups: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+    """Fold index per case, each class's studies (`groups`) spread evenly over the folds in a seeded random
+    order, all images of a study in one fold: a study on both sides would be scored on what it was fitted on."""
+    groups = group_codes(groups, len(labels))
     rng = np.random.default_rng(seed)
     assignment = np.empty(len(labels), dtype=np.int64)
     for cls in (0, 1):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        assignment[members] = np.arange(len(members)) % folds
+        members = np.flatnonzero(labels == cls)
+        studies, inverse = np.unique(groups[members], return_inverse=True)
+        fold_of_study = np.empty(len(studies), dtype=np.int64)
+        fold_of_study[np.searchsorted(studies, rng.permutation(studies))] = np.arange(len(studies)) % folds
+        assignment[members] = fold_of_study[inverse]
     return assignment
 
 
 def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTargets, folds: int,
-                   seed: int, card_temperature: float) -> dict[str, Any]:
-    """Each held-out fold classified by cut-points fitted on the other folds, pooled over folds."""
-    assignment = stratified_folds(labels, folds, seed)
+                   seed: int, card_temperature: float,
+                   groups: Sequence[Any] | np.ndarray | None = None) -> dict[str, Any]:
+    """Each held-out fold classified by cut-points fitted on the other folds, pooled over folds; a study's
+    images stay in one fold and are resampled together for the CIs."""
+    groups = group_codes(groups, len(labels))
+    assignment = stratified_folds(labels, folds, seed, groups)
     called = np.zeros(len(labels), dtype=bool)
+    held_stratum = np.full(len(labels), -1, dtype=np.int64)
     stratum_counts: dict[str, dict[str, int]] = {}
     thresholds = []
     for k in range(folds):
@@ -209,33 +269,73 @@ def cross_validate(labels: np.ndarray, logits: np.ndarray, targets: StrataTarget
         thresholds.append(fit.threshold)
         probability = calibrated_probability(logits[held_out], fit.temperature)
         called[held_out] = probability >= fit.threshold
+        held_stratum[held_out] = stratum_indices(probability, fit.strata)
         for name, row in stratum_report(labels[held_out], probability, fit.strata).items():
             pooled = stratum_counts.setdefault(name, {"count": 0, "pneumonia": 0, "normal": 0})
             for key in pooled:
                 pooled[key] += row[key]
+    top = len(fit.strata) - 1  # high_suspicion's index, as in every fold's strata
     return {"folds": folds, "seed": seed, "fold_thresholds": thresholds,
-            **decision_figures(labels, called.astype(float), 0.5, seed),
+            **decision_figures(labels, called.astype(float), 0.5, seed, groups=groups),
+            **strata_figures(labels, held_stratum, top, seed, groups),
             "strata": with_rates(stratum_counts, labels)}
 
 
 def score(labels: np.ndarray, probability: np.ndarray, threshold: float,
-          strata: tuple[Stratum, ...]) -> dict[str, Any]:
+          strata: tuple[Stratum, ...], groups: np.ndarray | None = None) -> dict[str, Any]:
     """A fixed calibration (nothing fitted) scored on labelled cases."""
     counts = {name: {k: row[k] for k in ("count", "pneumonia", "normal")}
               for name, row in stratum_report(labels, probability, strata).items()}
-    return {"threshold": threshold, **decision_figures(labels, probability, threshold, seed=0),
+    return {"threshold": threshold, **decision_figures(labels, probability, threshold, seed=0, groups=groups),
+            **strata_figures(labels, stratum_indices(probability, strata), len(strata) - 1, 0, groups),
             "strata": with_rates(counts, labels)}
 
 
 def decision_figures(labels: np.ndarray, probability: np.ndarray, threshold: float, seed: int,
-                     rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, dict]:
-    """Threshold metrics with 95% bootstrap CIs over cases: a local test set is small, the CI says how small."""
+                     rounds: int = BOOTSTRAP_ROUNDS, groups: np.ndarray | None = None) -> dict[str, dict]:
+    """Threshold metrics with 95% bootstrap CIs over cases (over studies, where a study has several images):
+    a local test set is small, the CI says how small."""
     def statistic(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         figures = binary_metrics(y, p, threshold)
         return {k: figures[k] for k in REPORTED}
 
     return {"at_threshold": statistic(labels, probability),
-            "at_threshold_ci95": bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)}
+            "at_threshold_ci95": bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed, groups=groups)}
+
+
+def strata_figures(labels: np.ndarray, stratum_index: np.ndarray, top: int, seed: int,
+                   groups: np.ndarray | None = None, rounds: int = BOOTSTRAP_ROUNDS) -> dict[str, dict]:
+    """The figures the strata targets set (`target_figures`) with 95% bootstrap CIs: the worklist flags
+    follow the strata, so whether they keep their targets on unseen cases is the figure that matters."""
+    def statistic(y: np.ndarray, index: np.ndarray) -> dict[str, float]:
+        return target_figures(y, index, top)
+
+    return {"at_targets": statistic(labels, stratum_index),
+            "at_targets_ci95": bootstrap_ci(labels, stratum_index, statistic, rounds=rounds, seed=seed, groups=groups)}
+
+
+TARGET_MISSES = {
+    "rule_out_sensitivity": ("of pneumonia cases stayed out of likely_normal", "rule-out sensitivity",
+                             "likely_normal will hold more pneumonia than intended", "--rule-out-sensitivity"),
+    "high_suspicion_specificity": ("of normal cases stayed out of high_suspicion", "high-suspicion specificity",
+                                   "high_suspicion will flag more normal studies than intended",
+                                   "--high-suspicion-specificity"),
+}
+
+
+def target_misses(held_out: Mapping[str, Any], targets: StrataTargets) -> tuple[str, ...]:
+    """A held-out strata figure under its target, as a warning kept in the file: the cut-points were fitted
+    to meet the target on the fitting cases, and unseen ones (the k-fold estimate) may fall short; the file
+    is still written (the CI says how sure the miss is), and `check` repeats the warning where it is deployed."""
+    notes = []
+    for key, (figure_text, target_text, consequence, flag) in TARGET_MISSES.items():
+        figure, target = held_out["at_targets"][key], getattr(targets, key)
+        low, high = held_out["at_targets_ci95"][key]
+        if figure < target:
+            notes.append(f"held out ({held_out['folds']}-fold), {100 * figure:.1f}% {figure_text} (95% CI "
+                         f"{100 * low:.1f}-{100 * high:.1f}), under the {target_text} target of {100 * target:.1f}%: "
+                         f"{consequence}; a higher {flag} leaves a margin for unseen studies")
+    return tuple(notes)
 
 
 def with_rates(counts: Mapping[str, Mapping[str, int]], labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -273,6 +373,95 @@ def read_cases(csv_path: str | Path) -> tuple[list[Path], np.ndarray, list[int]]
             labels.append(LABEL_WORDS[word])
             lines.append(line)
     return paths, np.asarray(labels, dtype=np.int64), lines
+
+
+DUPLICATE_KINDS = {"sop": "DICOM instance (SOP Instance UID)", "sha256": "image content (a copy of the file)"}
+
+
+def case_groups(paths: Sequence[Path], labels: np.ndarray, lines: Sequence[int], headers: Sequence[Any | None],
+                source: str) -> np.ndarray:
+    """Each case's study as a group code (`group_codes`), refusing a case listed twice under any name.
+
+    A DICOM case is the instance its SOP Instance UID names, in the study its StudyInstanceUID names
+    (`headers`: each case's dataset read without pixels, None for a raster or an unread file); a PNG
+    or JPEG is its content's SHA-256 and a study of its own. A copy, or one instance exported into
+    two folders, would count twice toward the minimum, narrow the CIs and could sit in a fitting and
+    a held-out fold at once; a study's images in two folds leak it the same way, so they share one,
+    and a study with two labels is refused. Problems are named by CSV line, never by path or UID."""
+    seen: dict[tuple[str, str], int] = {}
+    study_label: dict[tuple[str, str], tuple[int, int]] = {}
+    problems, conflicting, groups = [], set(), []
+    for path, label, line, header in zip(paths, labels, lines, headers):
+        key, study = case_identity(path, header, line)
+        if key in seen:
+            problems.append(f"line {line}: the same {DUPLICATE_KINDS[key[0]]} as line {seen[key]}")
+        seen.setdefault(key, line)
+        first_line, first_label = study_label.setdefault(study, (line, int(label)))
+        if first_label != int(label) and study not in conflicting:
+            conflicting.add(study)
+            problems.append(f"lines {first_line} and {line}: two images of one study (StudyInstanceUID) "
+                            "labelled differently")
+        groups.append(study)
+    if problems:  # all of them at once: a re-export can hold many, and each run reads every file
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(f"{source} " + "; ".join(problems[:10]) + more
+                         + ": list each image once; a study has one label")
+    return group_codes(groups, len(groups))
+
+
+def case_identity(path: Path, header: Any | None, line: int) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(what makes the case itself, its study): SOP Instance and Study Instance UIDs where the header has
+    them, else the file's content, its own study. A file that cannot be read is unique (its line):
+    `case_logits` reports it."""
+    sop, study = uid_of(header, "SOPInstanceUID"), uid_of(header, "StudyInstanceUID")
+    digest = None if sop else content_sha256(path)
+    key = ("sop", sop) if sop else ("sha256", digest) if digest else ("unread", str(line))
+    return key, (("study", study) if study else key)
+
+
+def uid_of(header: Any | None, keyword: str) -> str:
+    """A UID from a header, "" when there is none or it cannot be read."""
+    if header is None:
+        return ""
+    try:
+        return str(header.get(keyword, "") or "").strip()
+    except Exception:  # a malformed element (pydicom raises several kinds, RuntimeError too): as if absent
+        return ""
+
+
+def content_sha256(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into a new file beside `path`, flushed to disk, then renamed over it (`os.replace`, atomic
+    on one file system). The new file keeps the replaced one's permission bits (else the umask's, as a
+    plain write): a worker running as another user must still read it. Nothing is left behind on failure."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        mode: int | None = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = None
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,

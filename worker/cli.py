@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from worker import contract
@@ -27,6 +27,7 @@ from worker.config import WorkerSettings, load_worker_settings
 
 if TYPE_CHECKING:
     from celery import Celery
+    from pydicom.dataset import Dataset
     from sqlalchemy.engine import Connection
 
     from models.site_calibration import SiteCalibration
@@ -256,7 +257,11 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                                    "studies, with a stratified k-fold estimate of how they perform on unseen ones.")
     p.add_argument("--cases", type=Path, required=True, help="CSV with columns path,label (normal/pneumonia or 0/1)")
     p.add_argument("--site", required=True, help="a name for this site or device group, kept in the file")
-    p.add_argument("--out", type=Path, required=True, help="where to write the site calibration JSON")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where to write the site calibration JSON (a new file, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (written whole, then renamed over it: a worker reading it sees "
+                        "the old file or the new one)")
     p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold estimate")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--rule-out-sensitivity", type=float, default=defaults.rule_out_sensitivity)
@@ -268,11 +273,15 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    """Score the local cases with the configured model (its own card), fit, write, summarise."""
+    """Score the local cases with the configured model (its own card), fit, write, summarise.
+
+    Everything that can be refused without the model (arguments, --out, the CSV, too few studies,
+    duplicates) is refused before any case is scored: scoring hundreds of studies takes minutes."""
     from models.calibration import StrataTargets
     from models.detector import PneumoniaDetector
     from models.errors import ModelIntegrityError, UnreadableImageError
-    from models.site_calibration import SEPARATED, case_logits, fit_site_calibration, read_cases
+    from models.site_calibration import (SEPARATED, case_groups, case_logits, check_cases, fit_site_calibration,
+                                         read_cases)
     from worker.contract import quiet_pydicom
 
     quiet_pydicom()  # as the worker does: a malformed element's warning would quote its value (a name, say)
@@ -280,6 +289,8 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         log.error("site calibration not written: --out names a folder; give a file name such as site.json")
         return 2
+    if (status := refuse_existing_out(args)) is not None:
+        return status
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -290,12 +301,17 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     try:
         targets = StrataTargets(args.rule_out_sensitivity, args.high_suspicion_specificity)
         paths, labels, lines = read_cases(args.cases)
-        keep, excluded = cases_the_worker_would_score(paths, settings)
+        check_cases(labels, args.folds)  # a CSV with too few studies fails now, not after scoring them
+        headers = dicom_headers(paths)
+        groups = case_groups(paths, labels, lines, headers, Path(args.cases).name)
+        keep, excluded = cases_the_worker_would_score(headers, settings)
+        check_cases(labels[keep], args.folds, groups[keep])  # again, counting studies, without those left out
         kept = np.flatnonzero(keep)
         detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads,
                                      lut_shape_conflict=settings.presentation_lut_conflict)  # read as the worker reads
         logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[lines[i] for i in kept])
-        site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed)
+        site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed,
+                                    groups=groups[keep])
     except OSError as exc:  # its text names the file, and case paths may carry patient identifiers
         log.error("site calibration not written: %s (%s)", type(exc).__name__, exc.strerror or "I/O error")
         return 2
@@ -307,6 +323,8 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
         return 2
     if excluded:
         site = replace(site, cases={**site.cases, "excluded": excluded})
+    if (status := refuse_existing_out(args)) is not None:  # made by someone else while the cases were scored
+        return status
     try:
         site.save(args.out)
     except OSError as exc:  # its text names the file; the folder was writable a moment ago (disk full, say)
@@ -316,51 +334,103 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cases_the_worker_would_score(paths: list[Path], settings: WorkerSettings) -> tuple[np.ndarray, dict[str, int]]:
-    """Apply the worker's own selection to DICOM cases, so the site is calibrated on what it will score.
+def refuse_existing_out(args: argparse.Namespace) -> int | None:
+    """2 when --out exists and --overwrite was not given: it may be the file the worker serves, and a re-fit
+    (a tighter target, say) replaced it silently; None when the file may be written."""
+    if args.overwrite or not os.path.lexists(args.out):
+        return None
+    log.error("site calibration not written: --out already exists (perhaps the deployed calibration); "
+              "give another file name, or --overwrite to replace it")
+    return 2
+
+
+def dicom_headers(paths: list[Path]) -> list[Dataset | None]:
+    """Each DICOM case's header (no pixels), None for a raster or an unreadable file (`case_logits` reports
+    those by CSV line): read once for the worker's selection and for the cases' identities."""
+    from models.dicom_io import read_dicom
+    from models.errors import UnreadableImageError
+    from models.image_io import is_dicom
+
+    headers: list[Dataset | None] = []
+    for path in paths:
+        try:
+            dicom = path.is_file() and is_dicom(path)
+            headers.append(read_dicom(str(path), stop_before_pixels=True) if dicom else None)
+        except (OSError, UnreadableImageError):
+            headers.append(None)
+    return headers
+
+
+def cases_the_worker_would_score(headers: list[Dataset | None],
+                                 settings: WorkerSettings) -> tuple[np.ndarray, dict[str, int]]:
+    """Apply the worker's own selection to DICOM cases (`dicom_headers`), so the site is calibrated on what
+    it will score.
 
     A lateral view or a non-chest image in the list would never reach the model in
     production; it is left out and counted by reason (kept in the file), not silently.
     """
-    from models.dicom_io import read_dicom
     from models.errors import UnreadableImageError
-    from models.image_io import is_dicom
     from worker.selection import skip_reason
 
-    keep = np.ones(len(paths), dtype=bool)
+    keep = np.ones(len(headers), dtype=bool)
     excluded: dict[str, int] = {}
-    for index, path in enumerate(paths):
+    for index, header in enumerate(headers):
+        if header is None:
+            continue  # rasters carry no tags
         try:
-            if not (path.is_file() and is_dicom(path)):
-                continue  # rasters carry no tags
-            reason = skip_reason(read_dicom(str(path), stop_before_pixels=True), settings.missing_tag_policy)
+            reason = skip_reason(header, settings.missing_tag_policy)
         except (OSError, UnreadableImageError):
             continue  # unreadable files are reported by case_logits, by CSV line
+        except Exception as exc:  # an element of the wrong VR: pydicom's message quotes its bytes (a name, say)
+            reason = f"header could not be read ({type(exc).__name__})"  # the worker fails such an image
         if reason is not None:
             keep[index] = False
             excluded[reason] = excluded.get(reason, 0) + 1
     return keep, excluded
 
 
+THRESHOLD_ROWS = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("precision", "PPV"),
+                  ("npv", "NPV"), ("accuracy", "accuracy"))
+TARGET_ROWS = (("rule_out_sensitivity", "rule-out sensitivity"),
+               ("high_suspicion_specificity", "high-suspicion specificity"))
+LABEL_WIDTH = 26
+
+
 def summary(site: SiteCalibration) -> str:
-    """As shipped vs site-calibrated (k-fold), the figures a local acceptance test looks at."""
+    """As shipped vs site-calibrated (k-fold), the figures a local acceptance test looks at: those at the
+    threshold, then those the strata targets set (the worklist flags follow the strata), held out against
+    the targets."""
     fit = site.calibration
-    lines = [f"site calibration {site.site!r}: {site.cases['n']} studies "
-             f"({site.cases['pneumonia']} pneumonia, {site.cases['normal']} normal), sha256 {site.sha256[:12]}...",
+    lines = [f"site calibration {site.site!r}: {cases_text(site.cases)}, sha256 {site.sha256[:12]}...",
              f"fitted: temperature {fit.temperature:.3f}, threshold {fit.threshold:.3f}, strata cuts "
              + ", ".join(f"{s.name} >= {s.lower:.3f}" for s in fit.strata[1:]),
-             f"{'':14}{'as shipped (card)':>24}{str(site.cross_validated['folds']) + '-fold held out':>24}"
+             f"{'':{LABEL_WIDTH}}{'as shipped (card)':>24}{str(site.cross_validated['folds']) + '-fold held out':>24}"
              "   (95% bootstrap CI)"]
     parts = (site.as_shipped, site.cross_validated)
-    for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("precision", "PPV"),
-                       ("npv", "NPV"), ("accuracy", "accuracy")):
-        cells = [f"{100 * p['at_threshold'][key]:.1f} ({100 * p['at_threshold_ci95'][key][0]:.1f}-"
-                 f"{100 * p['at_threshold_ci95'][key][1]:.1f})" for p in parts]
-        lines.append(f"{label:14}" + "".join(f"{cell:>24}" for cell in cells))
+    for key, label in THRESHOLD_ROWS:
+        lines.append(f"{label:{LABEL_WIDTH}}" + "".join(f"{figure_cell(p, 'at_threshold', key):>24}" for p in parts))
+    for key, label in TARGET_ROWS:
+        target, held_out = getattr(site.targets, key), site.cross_validated["at_targets"][key]
+        verdict = "met" if held_out >= target else "MISSED"
+        lines.append(f"{label:{LABEL_WIDTH}}" + "".join(f"{figure_cell(p, 'at_targets', key):>24}" for p in parts)
+                     + f"   target {100 * target:.1f}: {verdict}")
     lines += [f"excluded (the worker would skip them): {n} x {reason}"
               for reason, n in site.cases.get("excluded", {}).items()]
     lines += [f"warning: {w}" for w in site.warnings]
     return "\n".join(lines)
+
+
+def cases_text(cases: Mapping[str, Any]) -> str:
+    """Studies per class; the images too where a study has several (the minimum and the CIs count studies)."""
+    studies = cases.get("studies", cases)
+    text = f"{studies['n']} studies ({studies['pneumonia']} pneumonia, {studies['normal']} normal)"
+    return text if studies["n"] == cases["n"] else f"{text} in {cases['n']} images"
+
+
+def figure_cell(part: Mapping[str, Any], figures: str, key: str) -> str:
+    """A percentage with its 95% CI, e.g. 94.4 (92.0-96.5)."""
+    low, high = part[f"{figures}_ci95"][key]
+    return f"{100 * part[figures][key]:.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
 
 def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str | None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,11 +153,17 @@ def test_calibrate_reads_dicom_cases_with_the_worker_s_presentation_lut_setting(
 
 def test_calibrate_refuses_unreadable_cases_by_line(tmp_path, test_split):
     """Lines count in the CSV as written, even after the worker's selection left a case out."""
-    from worker.samples import make_cxr_dataset, save
+    import numpy as np
 
+    from worker.samples import make_cxr_dataset, save, write_labelled_cases
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:10], np.flatnonzero(labels == 0)[:10]])
+    good = write_labelled_cases(tmp_path / "ok", images[chosen], labels[chosen]).read_text().splitlines()[1:]
     save(make_cxr_dataset(test_split[0][0], size=(64, 64), view="LL"), tmp_path / "lateral.dcm")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    (tmp_path / "cases.csv").write_text("path,label\nlateral.dcm,normal\nbroken.png,normal\nmissing.png,pneumonia\n")
+    (tmp_path / "cases.csv").write_text("path,label\nlateral.dcm,normal\nbroken.png,normal\nmissing.png,pneumonia\n"
+                                        + "".join(f"ok/{row}\n" for row in good))  # enough studies to be scored
     done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x", "--out", str(tmp_path / "s.json"))
     assert done.returncode == 2 and not (tmp_path / "s.json").exists()
     assert "2 case(s) unreadable" in done.stderr and "line 3 (" in done.stderr and "line 4 (" in done.stderr
@@ -376,3 +383,145 @@ def test_workers_migrating_one_sqlite_file_at_once_all_succeed(tmp_path):
             assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 20000
     finally:
         engine.dispose()
+
+
+def repeat_exposure_cases(folder: Path, test_split: tuple, per_class: int) -> Path:
+    """`per_class` DICOM studies of each class, each with two frontal images (a repeat exposure: same picture
+    with slight noise, a new SOP Instance UID, the same StudyInstanceUID), listed in folder/cases.csv. The
+    lowest-scoring pneumonia of the split is among them, so the model does not separate the cases."""
+    import numpy as np
+
+    from models.detector import PneumoniaDetector
+    from worker.samples import write_sample_study
+
+    images, labels = test_split
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    detector = PneumoniaDetector()
+    p = detector.pneumonia_probability(detector.preprocess(list(images[positives[:60]])))
+    chosen = np.concatenate([[positives[int(np.argmin(p))]], positives[:per_class - 1], negatives[:per_class]])
+    rng = np.random.default_rng(0)
+    rows = ["path,label"]
+    for i in chosen:
+        repeat = np.clip(images[i].astype(int) + rng.integers(-2, 3, images[i].shape), 0, 255).astype(np.uint8)
+        for path in write_sample_study(folder, [images[i], repeat], size=(256, 256)):
+            rows.append(f"{path.name},{int(labels[i])}")
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+    return folder / "cases.csv"
+
+
+def test_calibrate_counts_a_study_s_images_once(tmp_path, test_split):
+    """Five studies per class as ten images each passed the 10-per-class minimum; with enough studies
+    the summary says how many studies and how many images, and the file keeps both counts."""
+    from models.site_calibration import SiteCalibration
+
+    def calibrate(cases: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("calibrate", "--cases", str(cases), "--site", "x", "--folds", "3", "--out", str(out), *flags)
+
+    refused = calibrate(repeat_exposure_cases(tmp_path / "few", test_split, per_class=5), tmp_path / "s.json")
+    assert refused.returncode == 2 and "the smaller class has 5" in refused.stderr
+    assert not (tmp_path / "s.json").exists()
+    (tmp_path / "s.json").write_text("a calibration deployed earlier")
+    done = calibrate(repeat_exposure_cases(tmp_path / "more", test_split, per_class=10), tmp_path / "s.json",
+                     "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert "20 studies (10 pneumonia, 10 normal) in 40 images" in done.stdout
+    site = SiteCalibration.load(tmp_path / "s.json")
+    assert site.cases["n"] == 40 and site.cases["studies"] == {"n": 20, "pneumonia": 10, "normal": 10}
+
+
+def test_calibrate_refuses_a_copy_of_a_case_naming_both_lines(tmp_path, test_split):
+    """A copy under another name counted as another study: six images per class, each listed under two names,
+    passed the 10-per-class minimum as 24 studies. The copy's line and the original's are named."""
+    import shutil
+
+    import numpy as np
+
+    from worker.samples import write_labelled_cases
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:12], np.flatnonzero(labels == 0)[:12]])
+    write_labelled_cases(tmp_path, images[chosen], labels[chosen])
+    cases = (tmp_path / "cases.csv").read_text().splitlines()
+    shutil.copy(tmp_path / "case_00003.png", tmp_path / "copy.png")
+    (tmp_path / "cases.csv").write_text("\n".join([*cases, f"copy.png,{int(labels[chosen[3]])}"]) + "\n")
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x",
+                   "--out", str(tmp_path / "s.json"))
+    assert done.returncode == 2 and not (tmp_path / "s.json").exists()
+    assert "cases.csv line 26: the same image content (a copy of the file) as line 5" in done.stderr
+
+
+@pytest.mark.parametrize("pneumonia, normal, folds, reason", [
+    (12, 5, 5, "the smaller class has 5"),
+    (12, 12, 13, "folds must be between 2 and 12 (the smaller class), got 13"),
+])
+def test_calibrate_refuses_too_few_cases_or_folds_before_scoring_any(tmp_path, pneumonia, normal, folds, reason):
+    """The case minimum and --folds were checked only after every case was scored (minutes for hundreds)."""
+    rows = ["path,label"] + [f"p{i}.png,1" for i in range(pneumonia)] + [f"n{i}.png,0" for i in range(normal)]
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")  # files that do not exist: scoring would say so
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x",
+                   "--out", str(tmp_path / "s.json"), "--folds", str(folds))
+    assert done.returncode == 2 and reason in done.stderr and "unreadable" not in done.stderr
+
+
+def test_calibrate_refuses_an_existing_out_unless_told(tmp_path):
+    """A re-fit replaced the deployed file silently (README's example writes straight to it)."""
+    (tmp_path / "cases.csv").write_text("path,label\n")
+    (tmp_path / "site.json").write_text("the deployed calibration")
+    args = ("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x", "--out", str(tmp_path / "site.json"))
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "--out already exists" in refused.stderr and "--overwrite" in refused.stderr
+    told = run_cli(*args, "--overwrite")  # goes on, to refuse the empty CSV
+    assert told.returncode == 2 and "the smaller class has 0" in told.stderr
+    assert (tmp_path / "site.json").read_text() == "the deployed calibration"
+
+
+def test_calibrate_summary_and_check_show_a_held_out_target_missed(tmp_path, sqlite_url):
+    """The held-out strata figures were in the file only: a rule-out band missing its target went unsaid."""
+    import numpy as np
+
+    from models.card import default_model_path
+    from models.detector import load_card
+    from models.site_calibration import fit_site_calibration
+    from worker.cli import summary
+
+    rng = np.random.default_rng(6)
+    labels = (rng.random(200) < 0.6).astype(np.int64)
+    logits = np.stack([np.zeros(200), np.where(labels == 1, 3.0, 0.0) + rng.normal(0, 1.0, 200)], axis=1)
+    site = fit_site_calibration(labels, logits, load_card(default_model_path()), "ward-9", folds=5)
+    held_out = site.cross_validated["at_targets"]["rule_out_sensitivity"]
+    low, high = site.cross_validated["at_targets_ci95"]["rule_out_sensitivity"]
+    text = summary(site)
+    row = next(line for line in text.splitlines() if line.startswith("rule-out sensitivity"))
+    assert f"{100 * held_out:.1f} ({100 * low:.1f}-{100 * high:.1f})" in row and row.endswith("target 98.0: MISSED")
+    assert any(line.startswith("high-suspicion specificity") and "target 95.0:" in line for line in text.splitlines())
+    assert "warning: held out (5-fold)" in text and "under the rule-out sensitivity target of 98.0%" in text
+    site.save(tmp_path / "site.json")
+    checked = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "site.json"))
+    assert checked.returncode == 0, checked.stderr
+    assert "site calibration 'ward-9': held out (5-fold)" in checked.stderr
+
+
+def test_calibrate_leaves_out_a_case_whose_header_the_worker_cannot_read_without_quoting_it(tmp_path, test_split):
+    """A ViewPosition written with VR UL (14 bytes): pydicom's BytesLengthException, which quotes the element's
+    bytes (here a name), escaped as a traceback. The worker records such an image as failed; calibrate leaves
+    it out and counts it, as it does for images the worker would skip."""
+    import numpy as np
+
+    from worker.samples import make_cxr_dataset, save, write_labelled_cases
+
+    images, labels = test_split
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:10], np.flatnonzero(labels == 0)[:10]])
+    good = write_labelled_cases(tmp_path / "ok", images[chosen], labels[chosen]).read_text().splitlines()[1:]
+    ds = make_cxr_dataset(images[chosen[0]], size=(64, 64))
+    ds.ViewPosition = "PHI-4711 DoeJ"  # 13 characters, padded to 14 bytes
+    save(ds, tmp_path / "bad.dcm")
+    raw = (tmp_path / "bad.dcm").read_bytes()
+    element = b"\x18\x00\x01\x51CS\x0e\x00"
+    assert raw.count(element) == 1
+    (tmp_path / "bad.dcm").write_bytes(raw.replace(element, b"\x18\x00\x01\x51UL\x0e\x00"))
+    (tmp_path / "cases.csv").write_text("path,label\nbad.dcm,normal\n" + "".join(f"ok/{row}\n" for row in good))
+    done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "x", "--out", str(tmp_path / "s.json"),
+                   "--folds", "3", "--allow-separated")
+    assert "PHI-4711" not in done.stdout + done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "excluded (the worker would skip them): 1 x header could not be read (BytesLengthException)" in done.stdout
