@@ -49,7 +49,8 @@ def test_silent_connections_from_outside_the_allow_list_are_closed_at_accept(sta
     source = non_loopback_ipv4()
     if source is None:
         pytest.skip("this host has no non-loopback IPv4 address to connect from")
-    gateway = start_gateway(gateway_bind="0.0.0.0", gateway_allowed_ips=["10.99.0.0/16"],
+    elsewhere = "10.98.0.0/16" if source.startswith("10.99.") else "10.99.0.0/16"  # a network this host is not in
+    gateway = start_gateway(gateway_bind="0.0.0.0", gateway_allowed_ips=[elsewhere],
                             gateway_max_associations=1, gateway_acse_timeout=60)
     count = pynetdicom_thread_cap(1) + 1
     silent = []

@@ -97,7 +97,8 @@ def test_a_hung_broker_does_not_make_parallel_stores_wait_in_turn(settings_facto
             os.kill(own.proc.pid, signal.SIGCONT)
         assert [codes for codes, _ in results] == [[0x0000]] * senders
         took = sorted(round(seconds, 2) for _, seconds in results)
-        assert took[-1] < 2 * timeout, f"C-STORE answers waited on each other: {took}"
+        # in turn, the last would wait senders x timeout (8 x); 4 x leaves a loaded machine room
+        assert took[-1] < 4 * timeout, f"C-STORE answers waited on each other: {took}"
         assert len(pending_files(gateway.spool.root)) == senders
         client = own.client()
         assert gateway.outbox.sweep()["queued"] == senders
