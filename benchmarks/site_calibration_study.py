@@ -5,8 +5,10 @@ the training distribution; on the test split (another source) they over-call pne
 (results/summary.md). This measures what `pneumonia-worker calibrate` recovers when a site
 labels some of its own studies, and how many it needs:
 
-1. what `pneumonia-worker calibrate` does, on all 624 test cases (same fit, same printout):
-   the shipped card vs the stratified 5-fold estimate;
+1. the fit `pneumonia-worker calibrate` makes, on all 624 test images each as its own study
+   (same fit, same printout): the shipped card vs the stratified 5-fold estimate. The command
+   itself refuses the split's 3 byte-identical pairs as copies (README "Site calibration" shows
+   its printout for the 621 distinct images); this study, written before that check, keeps them;
 2. a learning curve: fit on n labelled cases drawn (stratified) from the test split, score
    the cut-points on the remaining, disjoint test cases; mean ± sd over repeats.
 
