@@ -22,9 +22,10 @@ FIELDS = (
 )
 
 
-QUOTED_VALUE = re.compile(r"""(\bvalues?\b[^'"\n]{0,40}?)(b?'[^']*'|b?"[^"]*")""", re.IGNORECASE)
+QUOTED_VALUE = re.compile(r"""(\bvalues?\b[^'"\n]{0,40}?)(b?'.*'|b?".*")""", re.IGNORECASE)
 """A quoted value after the word "value" ("value '...'", "value for VR UI: '...'"; the element's name,
-quoted before it in pynetdicom's wording, stays)."""
+quoted before it in pynetdicom's wording, stays). Up to the line's last quote: the libraries quote without
+escaping, so a value holding an apostrophe (O'Brien) would end at it."""
 
 
 def redact_values(message: str) -> str:

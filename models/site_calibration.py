@@ -444,7 +444,9 @@ def content_sha256(path: Path) -> str | None:
 def write_atomically(path: Path, text: str) -> None:
     """`text` into a new file beside `path`, flushed to disk, then renamed over it (`os.replace`, atomic
     on one file system). The new file keeps the replaced one's permission bits (else the umask's, as a
-    plain write): a worker running as another user must still read it. Nothing is left behind on failure."""
+    plain write): a worker running as another user must still read it. Nothing is left behind on failure.
+    A symbolic link is written through, as a plain write did: the deployment may read its target."""
+    path = Path(os.path.realpath(path))
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         mode: int | None = stat.S_IMODE(path.stat().st_mode)

@@ -262,8 +262,8 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (written whole, then renamed over it: a worker reading it sees "
                         "the old file or the new one)")
-    p.add_argument("--folds", type=int, default=5, help="k of the stratified k-fold estimate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--folds", type=int_in(2), default=5, help="k of the stratified k-fold estimate")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the fold assignment")
     p.add_argument("--rule-out-sensitivity", type=float, default=defaults.rule_out_sensitivity)
     p.add_argument("--high-suspicion-specificity", type=float, default=defaults.high_suspicion_specificity)
     p.add_argument("--batch-size", type=int_in(1), default=16)
@@ -414,7 +414,7 @@ def summary(site: SiteCalibration) -> str:
         verdict = "met" if held_out >= target else "MISSED"
         lines.append(f"{label:{LABEL_WIDTH}}" + "".join(f"{figure_cell(p, 'at_targets', key):>24}" for p in parts)
                      + f"   target {100 * target:.1f}: {verdict}")
-    lines += [f"excluded (the worker would skip them): {n} x {reason}"
+    lines += [f"excluded (the worker would skip or fail them): {n} x {reason}"
               for reason, n in site.cases.get("excluded", {}).items()]
     lines += [f"warning: {w}" for w in site.warnings]
     return "\n".join(lines)

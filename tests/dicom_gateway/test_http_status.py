@@ -243,6 +243,8 @@ def test_pynetdicom_lines_do_not_repeat_a_uid_field_holding_identifiers(redis_se
      "Invalid 'Affected SOP Instance UID' value (not shown) - must not exceed 64 characters"),
     ("Invalid value for VR UI: 'Doe^Jane'. Please see <...>", "Invalid value for VR UI: (not shown). Please see <...>"),
     ("Invalid value: b'Doe^Jane'", "Invalid value: (not shown)"),
+    ("Non-conformant 'Affected SOP Instance UID' value '1.2.O'Brien^Sean'",
+     "Non-conformant 'Affected SOP Instance UID' value (not shown)"),
     ("Association Aborted", "Association Aborted"),
 ])
 def test_values_quoted_by_dicom_libraries_are_not_shown(message, shown):

@@ -394,3 +394,16 @@ def test_save_replaces_the_file_whole_or_not_at_all(tmp_path, card, monkeypatch)
     site.save(path)
     assert SiteCalibration.load(path).sha256 == site.sha256 and os.listdir(tmp_path) == ["site.json"]
     assert path.stat().st_mode & 0o777 == 0o640  # the replaced file's permissions, which the worker reads by
+
+
+def test_save_writes_through_a_symbolic_link(tmp_path, card):
+    """A deployment pointing TRIAGE_SITE_CALIBRATION at a link's target kept the old calibration: the
+    atomic rename replaced the link itself."""
+    labels, logits = shifted_logits(200, seed=4)
+    site = fit_site_calibration(labels, logits, card, "site-b", folds=4)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "cal.json"
+    target.write_text("old")
+    (tmp_path / "site.json").symlink_to(target)
+    site.save(tmp_path / "site.json")
+    assert (tmp_path / "site.json").is_symlink() and SiteCalibration.load(target).sha256 == site.sha256

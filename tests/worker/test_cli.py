@@ -121,7 +121,7 @@ def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
     done = run_cli("calibrate", "--cases", str(tmp_path / "cases.csv"), "--site", "ward-7",
                    "--out", str(tmp_path / "var" / "site.json"), "--folds", "3")  # var/ made as needed
     assert done.returncode == 0, done.stderr
-    assert "excluded (the worker would skip them): 2 x view position LL" in done.stdout
+    assert "excluded (the worker would skip or fail them): 2 x view position LL" in done.stdout
     assert "sensitivity" in done.stdout and "95% bootstrap CI" in done.stdout
     site = SiteCalibration.load(tmp_path / "var" / "site.json")
     assert site.cases["n"] == 24 and site.cases["excluded"] == {"view position LL is not frontal (PA/AP)": 2}
@@ -524,4 +524,4 @@ def test_calibrate_leaves_out_a_case_whose_header_the_worker_cannot_read_without
                    "--folds", "3", "--allow-separated")
     assert "PHI-4711" not in done.stdout + done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "excluded (the worker would skip them): 1 x header could not be read (BytesLengthException)" in done.stdout
+    assert "excluded (the worker would skip or fail them): 1 x header could not be read (BytesLengthException)" in done.stdout
