@@ -50,10 +50,22 @@ EXPORT_COLUMNS = LIST_COLUMNS + ("prediction", "model_name", "model_version", "m
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
-                 "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at", "finalized_at",
-                 "reopened_count", "flag_before_reopen", "first_finalized_at")
+                 "triage_complete", "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at",
+                 "finalized_at", "reopened_count", "flag_before_reopen", "first_finalized_at")
 """`reopened_count` > 0: the study was final before a late image reopened it, with `flag_before_reopen`
-(the flag a reader may have seen as final) since `first_finalized_at` (migration 0006)."""
+(the flag a reader may have seen as final) since `first_finalized_at` (migration 0006). `triage_complete`
+(computed, `with_triage_complete`) is false while the study is not final or any of its images failed."""
+STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c != "triage_complete")
+
+
+def with_triage_complete(study: dict[str, Any]) -> dict[str, Any]:
+    """The study row with `triage_complete`: final, and no image failed.
+
+    Why: the flag comes from the images that were scored. A study whose pneumonia image failed (a
+    truncated file) and whose other image scored normal read final and ROUTINE, and a RIS mapping the
+    flag to a priority filed it so; `n_failed` said it, in a column an integrator may not read."""
+    study["triage_complete"] = bool(study.get("final")) and not study.get("n_failed")
+    return study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +290,7 @@ def query_rows(conn: Connection, args: argparse.Namespace,
 
 def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
     v = db.study_flags
-    stmt = select(*[v.c[c] for c in STUDY_COLUMNS])
+    stmt = select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
     for column, value in (("flag", args.flag), ("stratum", args.stratum), ("study_instance_uid", args.study)):
         if value:
             stmt = stmt.where(v.c[column] == value)
@@ -300,7 +312,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     stmt = stmt.order_by(v.c.finalized_at.asc() if args.final_since else v.c.last_received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
-    return [dict(r) for r in conn.execute(stmt).mappings()]
+    return [with_triage_complete(dict(r)) for r in conn.execute(stmt).mappings()]
 
 
 def fetch_list(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -322,14 +334,14 @@ def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, An
     host cannot read the spool): the database sees an image only once a worker claims it, so a study whose
     images no worker has taken yet was "not found" while the gateway held them."""
     v = db.study_flags
-    study = conn.execute(select(*[v.c[c] for c in STUDY_COLUMNS])
+    study = conn.execute(select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
                          .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
     t = db.instances
     instances = [dict(r) for r in conn.execute(
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
     in_spool = waiting_in_study(args.spool_dir, args.study_uid)
-    return (None if study is None else dict(study)), instances, in_spool
+    return (None if study is None else with_triage_complete(dict(study))), instances, in_spool
 
 
 def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]], int | None], args: argparse.Namespace) -> int:

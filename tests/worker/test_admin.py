@@ -751,3 +751,34 @@ def test_a_database_lost_after_it_opened_is_one_line_not_a_traceback(pg_url, mon
     assert admin.main(["--database-url", pg_url, "stats"]) == 3
     out, err = capsys.readouterr()
     assert out == "" and err == "pneumonia-admin: lost the database (AdminShutdown)\n"
+
+
+def test_a_study_with_a_failed_image_is_not_triage_complete(database_url, tmp_path):
+    """The flag comes from the images that were scored: a study whose second image failed (a truncated file,
+    perhaps the one with the pneumonia) read final and ROUTINE, and a RIS mapping the flag to a priority
+    filed it so. `triage_complete` says it is not, in the study view, the export and `show`."""
+    upgrade(database_url)
+    now = db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for study in ("1.7.1", "1.7.2", "1.7.3"):
+            db.touch_study(conn, study, f"ACC{study}", now)
+        rows = [("1.7.1.1", "1.7.1", "done"), ("1.7.1.2", "1.7.1", "failed"), ("1.7.2.1", "1.7.2", "done"),
+                ("1.7.2.2", "1.7.2", "skipped"), ("1.7.3.1", "1.7.3", "done")]
+        for sop, study, status in rows:
+            done = status == "done"
+            conn.execute(insert(db.instances).values(
+                sop_instance_uid=sop, study_instance_uid=study, status=status, attempts=1, received_at=now,
+                finished_at=now, flag="ROUTINE" if done else None, stratum="likely_normal" if done else None,
+                reason=None if done else "a reason"))
+        for study in ("1.7.1", "1.7.2"):  # 1.7.3 is not final yet
+            db.finalize_study(conn, study, now)
+    engine.dispose()
+    studies = {s["study_instance_uid"]: s for s in json.loads(run_admin(database_url, "export", "--studies",
+                                                                          "--format", "json"))}
+    assert {uid: (s["final"], s["n_failed"], s["triage_complete"]) for uid, s in studies.items()} == {
+        "1.7.1": (True, 1, False), "1.7.2": (True, 0, True), "1.7.3": (False, 0, False)}
+    assert json.loads(run_admin(database_url, "show", "1.7.1", "--format", "json"))["study"]["triage_complete"] is False
+    out = tmp_path / "studies.csv"
+    run_admin(database_url, "export", "--studies", "--format", "csv", "--out", str(out))
+    assert {r["study_instance_uid"]: r["triage_complete"] for r in csv.DictReader(out.open())}["1.7.2"] == "True"
