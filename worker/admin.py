@@ -56,6 +56,9 @@ STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "m
 (the flag a reader may have seen as final) since `first_finalized_at` (migration 0006). `triage_complete`
 (computed, `with_triage_complete`) is false while the study is not final or any of its images failed."""
 STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c != "triage_complete")
+STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_calibration_sha256", "failure_reasons")
+"""`export --studies`, a RIS's poll, says which model and site calibration made the flag ("mixed" when its
+images were scored by more than one) and why images failed, without an export per study."""
 
 
 def with_triage_complete(study: dict[str, Any]) -> dict[str, Any]:
@@ -320,11 +323,40 @@ def fetch_list(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any
 
 
 def fetch_export(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
-    return query_rows(conn, args, EXPORT_COLUMNS)
+    rows = query_rows(conn, args, EXPORT_COLUMNS)
+    return with_provenance(conn, rows) if args.studies else rows
+
+
+PROVENANCE_BATCH = 500
+"""Studies per provenance query: SQLite takes at most 32766 bound parameters in one statement."""
+
+
+def with_provenance(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each study row with the model, site calibration and failure reasons of its images."""
+    t = db.instances
+    found: dict[str, list[Any]] = {}
+    uids = [study["study_instance_uid"] for study in studies]
+    columns = (t.c.study_instance_uid, t.c.status, t.c.reason, t.c.model_version, t.c.model_sha256,
+               t.c.site_calibration_sha256)
+    for start in range(0, len(uids), PROVENANCE_BATCH):
+        batch = uids[start:start + PROVENANCE_BATCH]
+        for row in conn.execute(select(*columns).where(t.c.study_instance_uid.in_(batch)).order_by(t.c.received_at)):
+            found.setdefault(row.study_instance_uid, []).append(row)
+    for study in studies:
+        images = found.get(study["study_instance_uid"], [])
+        scored = [r for r in images if r.status == "done"]
+        for column in ("model_version", "model_sha256", "site_calibration_sha256"):
+            values = {getattr(r, column) for r in scored}
+            study[column] = values.pop() if len(values) == 1 else "mixed" if values else None
+        reasons = [r.reason for r in images if r.status == "failed" and r.reason]
+        study["failure_reasons"] = "; ".join(dict.fromkeys(reasons)) or None
+    return studies
 
 
 def render_list(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
-    columns = STUDY_COLUMNS if args.studies else EXPORT_COLUMNS if args.command == "export" else LIST_COLUMNS
+    export = args.command == "export"
+    columns = ((STUDY_EXPORT_COLUMNS if export else STUDY_COLUMNS) if args.studies
+               else EXPORT_COLUMNS if export else LIST_COLUMNS)
     _emit(rows, columns, args.format, args.out)
     return 0
 

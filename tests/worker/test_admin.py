@@ -782,3 +782,32 @@ def test_a_study_with_a_failed_image_is_not_triage_complete(database_url, tmp_pa
     out = tmp_path / "studies.csv"
     run_admin(database_url, "export", "--studies", "--format", "csv", "--out", str(out))
     assert {r["study_instance_uid"]: r["triage_complete"] for r in csv.DictReader(out.open())}["1.7.2"] == "True"
+
+
+def test_a_study_export_says_which_model_scored_it_and_why_images_failed(database_url):
+    """A RIS polling `export --studies` got the flag with no model, site calibration or failure reason: it
+    needed an export per study to learn what produced a flag, or why an image was not scored."""
+    upgrade(database_url)
+    now = db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for study in ("1.8.1", "1.8.2"):
+            db.touch_study(conn, study, f"ACC{study}", now)
+        rows = [("1.8.1.1", "1.8.1", "done", "1.1.0", None), ("1.8.1.2", "1.8.1", "failed", None, "cut short"),
+                ("1.8.1.3", "1.8.1", "failed", None, "cut short"), ("1.8.2.1", "1.8.2", "done", "1.1.0", None),
+                ("1.8.2.2", "1.8.2", "done", "1.2.0", None)]
+        for sop, study, status, version, reason in rows:
+            conn.execute(insert(db.instances).values(
+                sop_instance_uid=sop, study_instance_uid=study, status=status, attempts=1, received_at=now,
+                finished_at=now, reason=reason, model_version=version, model_sha256=version and f"sha-{version}",
+                site_calibration_sha256="cal-a" if version else None))
+    engine.dispose()
+    studies = {s["study_instance_uid"]: s for s in json.loads(run_admin(database_url, "export", "--studies",
+                                                                          "--format", "json"))}
+    assert {k: studies["1.8.1"][k] for k in ("model_version", "model_sha256", "site_calibration_sha256",
+                                             "failure_reasons")} == {
+        "model_version": "1.1.0", "model_sha256": "sha-1.1.0", "site_calibration_sha256": "cal-a",
+        "failure_reasons": "cut short"}
+    assert studies["1.8.2"]["model_version"] == "mixed" and studies["1.8.2"]["failure_reasons"] is None
+    listed = json.loads(run_admin(database_url, "list", "--studies", "--format", "json"))
+    assert "model_version" not in listed[0]  # the worklist stays as it was
