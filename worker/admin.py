@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -61,14 +61,13 @@ STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_c
 images were scored by more than one) and why images failed, without an export per study."""
 
 
-def with_triage_complete(study: dict[str, Any]) -> dict[str, Any]:
-    """The study row with `triage_complete`: final, and no image failed.
+def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the study row with `triage_complete`: final, and no image failed.
 
     Why: the flag comes from the images that were scored. A study whose pneumonia image failed (a
     truncated file) and whose other image scored normal read final and ROUTINE, and a RIS mapping the
     flag to a priority filed it so; `n_failed` said it, in a column an integrator may not read."""
-    study["triage_complete"] = bool(study.get("final")) and not study.get("n_failed")
-    return study
+    return {**study, "triage_complete": bool(study.get("final")) and not study.get("n_failed")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +331,7 @@ PROVENANCE_BATCH = 500
 
 
 def with_provenance(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each study row with the model, site calibration and failure reasons of its images."""
+    """Copies of the study rows with the model, site calibration and failure reasons of their images."""
     t = db.instances
     found: dict[str, list[Any]] = {}
     uids = [study["study_instance_uid"] for study in studies]
@@ -342,15 +341,19 @@ def with_provenance(conn: Connection, studies: list[dict[str, Any]]) -> list[dic
         batch = uids[start:start + PROVENANCE_BATCH]
         for row in conn.execute(select(*columns).where(t.c.study_instance_uid.in_(batch)).order_by(t.c.received_at)):
             found.setdefault(row.study_instance_uid, []).append(row)
-    for study in studies:
-        images = found.get(study["study_instance_uid"], [])
-        scored = [r for r in images if r.status == "done"]
-        for column in ("model_version", "model_sha256", "site_calibration_sha256"):
-            values = {getattr(r, column) for r in scored}
-            study[column] = values.pop() if len(values) == 1 else "mixed" if values else None
-        reasons = [r.reason for r in images if r.status == "failed" and r.reason]
-        study["failure_reasons"] = "; ".join(dict.fromkeys(reasons)) or None
-    return studies
+    return [{**study, **_provenance(found.get(study["study_instance_uid"], []))} for study in studies]
+
+
+def _provenance(images: Sequence[Any]) -> dict[str, Any]:
+    """One study's model, site calibration ("mixed" when its scored images differ) and failure reasons."""
+    scored = [r for r in images if r.status == "done"]
+    found: dict[str, Any] = {}
+    for column in ("model_version", "model_sha256", "site_calibration_sha256"):
+        values = {getattr(r, column) for r in scored}
+        found[column] = values.pop() if len(values) == 1 else "mixed" if values else None
+    reasons = [r.reason for r in images if r.status == "failed" and r.reason]
+    found["failure_reasons"] = "; ".join(dict.fromkeys(reasons)) or None
+    return found
 
 
 def render_list(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
