@@ -69,7 +69,20 @@ def split_figures(detector: PneumoniaDetector, images: np.ndarray, labels: np.nd
             "stratum_agreement_with_original": float((strata[name] == strata["original"]).mean()),
             "mean_abs_dp_to_original": float(np.abs(scores[name] - scores["original"]).mean()),
         }
+    figures["paired_auc_gap_ci95"] = {f"as_stored - {name}": paired_auc_gap(labels, scores["as_stored"], scores[name])
+                                      for name in ("painted", "cropped")}
     return figures
+
+
+def paired_auc_gap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, rounds: int = 2000) -> list[float]:
+    """95% bootstrap interval of AUC(first) - AUC(second), the same resampled images for both."""
+    rng = np.random.default_rng(1)
+    gaps = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(labels), len(labels))
+        if labels[pick].min() != labels[pick].max():
+            gaps.append(roc_auc(labels[pick], first[pick]) - roc_auc(labels[pick], second[pick]))
+    return [float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5))]
 
 
 def decide(validation: dict[str, dict]) -> str:
@@ -92,6 +105,9 @@ def main() -> None:
         images, labels = load_pneumoniamnist(args.data_root, split)
         result["splits"][split] = split_figures(detector, images, labels)
         for name, row in result["splits"][split].items():
+            if name == "paired_auc_gap_ci95":
+                print(f"{split:5s} paired AUC gap 95% CI: {row}", flush=True)
+                continue
             print(f"{split:5s} {name:10s} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in row.items()), flush=True)
     result["decision"] = decide(result["splits"]["val"])
