@@ -677,6 +677,36 @@ def check_not_blank(display: np.ndarray, padding: np.ndarray | None = None) -> N
         raise UnreadableImageError(f"image is blank as displayed ({shown_share:.1f}% of pixels {what})")
 
 
+END_QUARTER = 0.25
+"""A displayed image whose every pixel (padding left out) lies in the darkest or the brightest quarter of
+the grey range is refused: its window or VOI LUT is for other (deeper) pixels than it holds."""
+
+
+def check_not_in_an_end_quarter(display: np.ndarray, padding: np.ndarray | None = None) -> None:
+    """Refuse a displayed image (in [0, 1]) held wholly in the darkest or brightest quarter of the grey range.
+
+    A 10-bit detector's pixels in a JPEG-LS or JPEG lossless codestream of precision 16 under a 12-bit
+    header and window cannot be told from 12-bit pixels by the header (`check_precision` sees only a
+    codestream of lower precision): shown in the darkest quarter (the brightest as MONOCHROME1), 40 of 40
+    normal plates scored URGENT. Every PneumoniaMNIST image reaches above half of the range (its brightest
+    pixel at 0.51 at least) and below three quarters (its darkest at 0.725 at most). The whole image is
+    tested, not a percentile: a low-contrast picture or an undeclared black background is not refused, and
+    one pixel outside the quarter lets an image through. Pixels one bit short of their header (11-bit under
+    a 12-bit window) fill half the range and are scored, except a picture that even so stays in one quarter."""
+    shown = None if padding is None else ~padding
+    if shown is not None and not shown.any():
+        return
+    darkest = float(display.min() if shown is None else np.min(display, where=shown, initial=1.0))
+    brightest = float(display.max() if shown is None else np.max(display, where=shown, initial=0.0))
+    advice = "the window, VOI LUT or Bits Stored may be for other pixels than these (10-bit ones under a 12-bit header?)"
+    if brightest <= END_QUARTER:
+        raise UnreadableImageError(f"image nearly black as displayed (every pixel in the darkest quarter of the "
+                                   f"grey range): {advice}")
+    if darkest >= 1.0 - END_QUARTER:
+        raise UnreadableImageError(f"image nearly white as displayed (every pixel in the brightest quarter of the "
+                                   f"grey range): {advice}")
+
+
 def dicom_to_grayscale(ds: Dataset, limits: PixelLimits = PixelLimits(),
                        lut_shape_conflict: LutShapeConflict = "refuse") -> np.ndarray:
     """One projection radiograph -> float32 2-D display image in [0, 1]; a corrupt element it reads is
@@ -712,6 +742,8 @@ def _dicom_to_grayscale(ds: Dataset, limits: PixelLimits, lut_shape_conflict: Lu
             display[padding] = 0.0  # padding is not image: black, as viewers paint it
         display = display.astype(np.float32)
     check_not_blank(display, padding)
+    if stored.ndim == 2:
+        check_not_in_an_end_quarter(display, padding)
     shown = orientation.apply(square_pixels(display, aspect))  # the spacing is the stored grid's
     rows, cols = shown.shape
     if max(rows, cols) / min(rows, cols) > limits.max_aspect:  # square pixels can lengthen the picture
