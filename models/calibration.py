@@ -92,6 +92,26 @@ def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float
 
 
 
+def per_class_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, float]]:
+    """sklearn's classification report figures (precision, recall, F1 per class; macro and support-weighted
+    averages) from the confusion counts, NaN where undefined. Why not sklearn itself: the bootstrap asks for
+    them thousands of times, and `classification_report` takes about a millisecond each."""
+    c = confusion(labels, predicted)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    classes = {
+        "Normal": {"precision": _ratio(tn, tn + fn), "recall": _ratio(tn, tn + fp), "f1": _ratio(2 * tn, 2 * tn + fn + fp)},
+        "Pneumonia": {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn)},
+    }
+    support = {"Normal": tn + fp, "Pneumonia": tp + fn}
+    macro, weighted = {}, {}
+    for figure in ("precision", "recall", "f1"):  # an undefined class figure is left out, as sklearn's zero_division=nan does
+        defined = [(classes[k][figure], support[k]) for k in classes if not np.isnan(classes[k][figure])]
+        macro[figure] = float(np.mean([v for v, _ in defined])) if defined else float("nan")
+        weight = sum(s for _, s in defined)
+        weighted[figure] = float(sum(v * s for v, s in defined) / weight) if weight else float("nan")
+    return {**classes, "macro avg": macro, "weighted avg": weighted}
+
+
 def nll(labels: np.ndarray, logits: np.ndarray, temperature: float) -> float:
     p = np.clip(calibrated_probability(logits, temperature), 1e-12, 1 - 1e-12)
     y = np.asarray(labels, dtype=np.float64)

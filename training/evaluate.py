@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import classification_report
 
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature,
-                                nll, stratum_report, temperature_at_edge)
+                                nll, per_class_metrics, stratum_report, temperature_at_edge)
 from models.card import LABELS, Stratum, sha256_of, strict_json
 from training.atomic import write_text
 from training.config import TrainConfig
@@ -60,21 +60,39 @@ def logits_plain_and_flipped(model: torch.nn.Module, split: Split, config: Train
 
 
 def full_report(labels: np.ndarray, probability: np.ndarray, threshold: float, rounds: int, seed: int) -> dict:
-    """Point estimates and 95% bootstrap CIs of every threshold metric plus AUC."""
+    """Point estimates and 95% bootstrap CIs of every threshold metric plus AUC, of the confusion counts and of
+    the per-class report, all from the same resampled cases (the metrics' CIs are those they were before the
+    other two were added: the draws depend on the seed and the number of cases only)."""
     def statistic(y: np.ndarray, p: np.ndarray) -> dict:
-        return {**binary_metrics(y, p, threshold), "auc": roc_auc(y, p)}
+        predicted = p >= threshold
+        return {**binary_metrics(y, p, threshold), "auc": roc_auc(y, p),
+                **{f"confusion/{k}": float(v) for k, v in confusion(y, predicted).items()},
+                **{f"per_class/{name}/{figure}": value for name, figures in per_class_metrics(y, predicted).items()
+                   for figure, value in figures.items()}}
 
     point = statistic(labels, probability)
     ci = bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)
     predicted = (probability >= threshold).astype(int)
     return {
         "threshold": threshold,
-        "point": point,
-        "ci95": ci,
+        "point": {k: v for k, v in point.items() if "/" not in k},
+        "ci95": {k: v for k, v in ci.items() if "/" not in k},
         "confusion": confusion(labels, predicted),
+        "confusion_ci95": {k.split("/")[1]: v for k, v in ci.items() if k.startswith("confusion/")},
         "per_class": classification_report(labels, predicted, target_names=list(LABELS), output_dict=True,
                                            zero_division=np.nan),  # undefined is null, as in `point`, not 0.0
+        "per_class_ci95": nested_ci(ci, "per_class/"),
     }
+
+
+def nested_ci(ci: dict, prefix: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{'Normal': {'precision': (lo, hi), ...}, ...} from the flat keys 'per_class/Normal/precision'."""
+    nested: dict[str, dict[str, tuple[float, float]]] = {}
+    for key, value in ci.items():
+        if key.startswith(prefix):
+            name, figure = key[len(prefix):].split("/")
+            nested.setdefault(name, {})[figure] = value
+    return nested
 
 
 def roc_points(labels: np.ndarray, probability: np.ndarray, rounds: int, seed: int) -> dict:
@@ -87,14 +105,28 @@ def roc_points(labels: np.ndarray, probability: np.ndarray, rounds: int, seed: i
             "ci95": bootstrap_ci(labels, probability, statistic, rounds=rounds, seed=seed)}
 
 
-def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: float) -> dict:
-    before, after = softmax_pneumonia(logits), softmax_pneumonia(logits, temperature)
-    return {
-        "ece_before": expected_calibration_error(labels, before), "ece_after": expected_calibration_error(labels, after),
-        "brier_before": brier(labels, before), "brier_after": brier(labels, after),
+CALIBRATION_DEFINITION = ("ECE: expected calibration error of P(pneumonia) over 10 equal-width bins, weighted by "
+                          "the share of cases in each (not the top-label ECE); Brier: mean squared error of P(pneumonia)")
+
+
+def calibration_report(labels: np.ndarray, logits: np.ndarray, temperature: float, rounds: int = 0,
+                       seed: int = 0) -> dict:
+    """ECE, Brier and NLL before and after temperature scaling; with `rounds`, 95% bootstrap CIs of the ECE
+    and Brier figures (the test report's; validation, which fitted the temperature, gets none)."""
+    def statistic(y: np.ndarray, z: np.ndarray) -> dict:
+        before, after = softmax_pneumonia(z), softmax_pneumonia(z, temperature)
+        return {"ece_before": expected_calibration_error(y, before), "ece_after": expected_calibration_error(y, after),
+                "brier_before": brier(y, before), "brier_after": brier(y, after)}
+
+    report = {
+        **statistic(labels, logits),
         "nll_before": nll(labels, logits, 1.0), "nll_after": nll(labels, logits, temperature),
-        "reliability_after": reliability_curve(labels, after),
+        "reliability_after": reliability_curve(labels, softmax_pneumonia(logits, temperature)),
+        "definition": CALIBRATION_DEFINITION,
     }
+    if rounds:
+        report["ci95"] = bootstrap_ci(labels, logits, statistic, rounds=rounds, seed=seed)
+    return report
 
 
 def choose_on_validation(val: Split, val_logits: dict, config: TrainConfig) -> tuple[bool, float, float, tuple]:
@@ -154,7 +186,7 @@ def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, t
             "at_0.5": full_report(test.labels, p_test, 0.5, config.bootstrap, config.seed),
             "at_operating_point": full_report(test.labels, p_test, threshold, config.bootstrap, config.seed),
             "roc_points": roc_points(test.labels, p_test, config.bootstrap, config.seed),
-            "calibration": calibration_report(test.labels, test_logits[tta], temperature),
+            "calibration": calibration_report(test.labels, test_logits[tta], temperature, config.bootstrap, config.seed),
             "strata": stratum_report(test.labels, p_test, strata),
         },
         "validation": {

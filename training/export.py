@@ -128,6 +128,10 @@ def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, par
         metrics={"test_at_0.5": headline, "test_auc": test["at_0.5"]["point"]["auc"],
                  "test_at_operating_point": with_ci(test, "at_operating_point", names),
                  "test_calibration": {k: v for k, v in test["calibration"].items() if k != "reliability_after"},
+                 "test_confusion": {point: {"counts": test[point]["confusion"], "ci95": test[point].get("confusion_ci95")}
+                                    for point in ("at_0.5", "at_operating_point")},
+                 "test_per_class": {point: {"report": test[point]["per_class"], "ci95": test[point].get("per_class_ci95")}
+                                    for point in ("at_0.5", "at_operating_point")},
                  "test_strata": test["strata"]},
         extra={
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -35,9 +35,36 @@ def metric_table(report: dict) -> list[str]:
     for key, name in NAMES.items():
         low, high = report["ci95"][key]
         rows.append(f"| {name} | {100 * report['point'][key]:.2f}% | {100 * low:.2f}–{100 * high:.2f}% |")
-    c = report["confusion"]
-    rows += ["", f"Confusion (threshold {report['threshold']:.3f}): TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}"]
+    c, c_ci = report["confusion"], report.get("confusion_ci95")
+    counts = ", ".join(f"{k.upper()} {c[k]}" + (f" ({c_ci[k][0]:.0f}–{c_ci[k][1]:.0f})" if c_ci else "")
+                       for k in ("tp", "fp", "tn", "fn"))
+    rows += ["", f"Confusion (threshold {report['threshold']:.3f}): {counts}", *per_class_table(report)]
     return rows
+
+
+def per_class_table(report: dict) -> list[str]:
+    """The per-class report with its 95% CIs (runs evaluated before 2026-11-29 recorded none: no table)."""
+    ci = report.get("per_class_ci95")
+    if not ci:
+        return []
+    rows = ["", "| class | precision | recall | F1 |", "|---|---|---|---|"]
+    for name, figures in ci.items():
+        point = report["per_class"][name]
+        cells = [f"{_share(point[key])} ({_share(figures[f][0])}–{_share(figures[f][1])})"  # sklearn's key for F1
+                 for f, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def calibration_lines(cal: dict) -> list[str]:
+    ci = cal.get("ci95")
+
+    def shown(key: str) -> str:
+        return f"{cal[key]:.4f}" + (f" ({ci[key][0]:.4f}–{ci[key][1]:.4f})" if ci else "")
+
+    lines = [f"ECE {shown('ece_before')} -> {shown('ece_after')}; Brier {shown('brier_before')} -> {shown('brier_after')} "
+             "(before -> after temperature scaling fitted on validation" + ("; 95% CIs" if ci else "") + ")"]
+    return lines + ([f"{cal['definition']}."] if "definition" in cal else [])
 
 
 def roc_point_lines(test: dict) -> list[str]:
@@ -84,15 +111,14 @@ def summary_markdown(evaluation: Evaluation, run_info: dict) -> str:
         f"## Test (n = {test['n']}), threshold 0.5 on calibrated probability", *metric_table(test["at_0.5"]), "",
         "## Test at the validation-chosen operating point", *metric_table(test["at_operating_point"]), "",
         *roc_point_lines(test), "",
-        "## Calibration (test)",
-        f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}; Brier {cal['brier_before']:.4f} -> {cal['brier_after']:.4f} "
-        "(before -> after temperature scaling fitted on validation)", "",
+        "## Calibration (test)", *calibration_lines(cal), "",
         "## Confidence strata (cut-points from validation; observed on test)",
         "| stratum | range | n | pneumonia | PPV | NPV |", "|---|---|---|---|---|---|",
     ]
-    for stratum in evaluation.strata:
+    for i, stratum in enumerate(evaluation.strata):
         s = test["strata"][stratum.name]
-        lines.append(f"| {stratum.name} | [{stratum.lower:.3f}, {stratum.upper:.3f}) | {s['count']} | {s['pneumonia']} | "
+        closing = "]" if i == len(evaluation.strata) - 1 else ")"  # the top stratum holds its upper end (1.0)
+        lines.append(f"| {stratum.name} | [{stratum.lower:.3f}, {stratum.upper:.3f}{closing} | {s['count']} | {s['pneumonia']} | "
                      f"{_share(s['ppv'])} | {_share(s['npv'])} |")
     return "\n".join(lines) + "\n"
 

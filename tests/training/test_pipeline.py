@@ -250,3 +250,18 @@ def test_card_stage_recards_an_older_release_from_its_own_run_and_refuses_anothe
     other.write_text(json.dumps(metrics))
     assert main(["card", str(tmp_path / "pneumonia_resnet50.onnx"), "--metrics", str(other)]) == 2
     assert "pneumonia-train card: " in (err := capsys.readouterr().err) and "not this card's evaluation" in err
+
+
+def test_summary_and_card_carry_the_per_class_confusion_and_calibration_cis(tiny_run):
+    out, _ = tiny_run
+    summary = (out / "results" / "summary.md").read_text()
+    assert "| class | precision | recall | F1 |" in summary and "| Normal |" in summary
+    assert "1.000] |" in summary  # the top stratum holds P = 1.0
+    assert "10 equal-width bins" in summary
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    assert set(metrics["test"]["calibration"]["ci95"]) == {"ece_before", "ece_after", "brier_before", "brier_after"}
+    card = ModelCard.load(out / "pneumonia_resnet50.card.json")
+    for point in ("at_0.5", "at_operating_point"):
+        assert set(card.metrics["test_confusion"][point]["ci95"]) == {"tp", "fp", "tn", "fn"}
+        assert "Pneumonia" in card.metrics["test_per_class"][point]["ci95"]
+    assert "ci95" in card.metrics["test_calibration"]
