@@ -6,6 +6,7 @@ because PACS exports rarely carry one.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ TIFF_SAMPLE_FORMAT = 339
 TIFF_SIGNED_INTEGER = 2
 TIFF_NEW_SUBFILE_TYPE = 254
 TIFF_OLD_SUBFILE_TYPE = 255
+TIFF_COMPRESSION = 259
+TIFF_UNCOMPRESSED = 1
+TIFF_PLANAR_CONFIGURATION = 284
+TIFF_SEPARATE_PLANES = 2
+EXIF_ORIENTATION = 274
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+"""EXIF Orientation -> the turn that shows the picture upright (Pillow's `ImageOps.exif_transpose` table)."""
 
 
 def is_dicom(path: Path) -> bool:
@@ -39,8 +49,9 @@ def read_raster(path: Path) -> np.ndarray:
             check_raster_size(stored.size)
             check_one_picture(stored)
             check_unsigned(stored)
+            check_decodable_planes(stored)
             stored.load()
-            image = ImageOps.exif_transpose(stored)  # the picture as viewers show it (phone photos of films)
+            image = upright(stored)  # the picture as viewers show it (phone photos of films)
             if image.mode in ("I;16", "I;16B", "I;16L"):
                 values = np.asarray(image, dtype=np.uint16)
                 if getattr(stored, "tag_v2", {}).get(TIFF_PHOTOMETRIC) == TIFF_WHITE_IS_ZERO:  # the file's tags, not the copy's
@@ -56,8 +67,35 @@ def read_raster(path: Path) -> np.ndarray:
             return np.asarray(image.convert("L"), dtype=np.uint8)
     except UnreadableImageError:  # our own reason (a float raster, say), not to be reworded
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, TypeError,
+            struct.error) as exc:  # a TIFF cut short raised TypeError ("Missing dimensions") from n_frames
         raise UnreadableImageError(f"not a readable image file ({type(exc).__name__})") from exc
+
+
+def upright(stored: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF Orientation says. Pillow's `exif_transpose` also rewrites the EXIF of its
+    copy, and a tag of the wrong type that viewers ignore (an ASCII ResolutionUnit) made that raise struct.error
+    (Pillow issues #8965, #4238, #8605 name others): the picture is then turned from the Orientation alone."""
+    try:
+        return ImageOps.exif_transpose(stored)
+    except (struct.error, TypeError, ValueError, ZeroDivisionError, KeyError):
+        method = ORIENTATION_TRANSPOSE.get(stored.getexif().get(EXIF_ORIENTATION))
+        return stored.transpose(method) if method is not None else stored.copy()
+
+
+def check_decodable_planes(stored: Image.Image) -> None:
+    """Refuse an uncompressed TIFF of more than 8 bits a sample whose samples are stored as separate planes:
+    Pillow's own decoder (used for uncompressed TIFF only; libtiff decodes the rest) read them as 8-bit
+    noise: 17 of 20 normal plates went from likely_normal as arrays to high_suspicion, URGENT."""
+    tags = getattr(stored, "tag_v2", None)
+    if not tags or tags.get(TIFF_PLANAR_CONFIGURATION) != TIFF_SEPARATE_PLANES:
+        return
+    bits = tags.get(TIFF_BITS_PER_SAMPLE, 1)
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    if max(bits) > 8 and tags.get(TIFF_COMPRESSION, TIFF_UNCOMPRESSED) == TIFF_UNCOMPRESSED:
+        raise UnreadableImageError(f"uncompressed {max(bits)}-bit TIFF with its samples in separate planes "
+                                   "(PlanarConfiguration 2) cannot be decoded here; export it interleaved, compressed "
+                                   "or grayscale")
 
 
 def check_raster_size(size: tuple[int, int]) -> None:

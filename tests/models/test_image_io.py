@@ -168,3 +168,62 @@ def test_a_tiff_with_a_preview_or_mask_page_is_read_as_its_one_picture(tmp_path,
     first.save(pages, save_all=True, append_images=[first], tiffinfo={TIFF_NEW_SUBFILE_TYPE: 2})
     with pytest.raises(UnreadableImageError, match=r"^multi-frame image \(2 frames\)"):
         read_image(pages)
+
+
+def _exif(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian EXIF block written by hand: Pillow refuses to write a tag of the wrong type."""
+    import struct
+
+    data_at, ifd, extra = 8 + 2 + 12 * len(entries) + 4, struct.pack("<H", len(entries)), b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            ifd += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, kind, count, data_at + len(extra))
+            extra += value
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + extra
+
+
+@pytest.mark.parametrize("mistyped", [(296, 2, 4, b"in\0\0"), (282, 5, 1, b"\1\0\0\0\0\0\0\0")],
+                         ids=["ascii ResolutionUnit", "XResolution 1/0"])
+def test_a_jpeg_whose_exif_pillow_cannot_rewrite_is_still_turned_upright(tmp_path, mistyped):
+    """Pillow's exif_transpose re-encodes the EXIF and raised struct.error (or ZeroDivisionError) on a tag of
+    the wrong type, a traceback out of predict and calibrate; viewers show the picture turned by Orientation."""
+    import struct
+
+    picture = (np.arange(48 * 64).reshape(48, 64) % 251).astype(np.uint8)
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(picture).save(path, exif=_exif([(274, 3, 1, struct.pack("<H", 6)), mistyped]), quality=100)
+    with Image.open(path) as stored:
+        decoded = np.asarray(stored.convert("L"))
+    np.testing.assert_array_equal(read_image(path), np.rot90(decoded, -1))
+
+
+def test_a_truncated_tiff_is_refused_as_unreadable(tmp_path):
+    """A two-page TIFF of 8448 bytes cut before its first page ends raised TypeError ("Missing dimensions") from
+    Pillow's frame count, a traceback out of predict and calibrate; README promises UnreadableImageError."""
+    import io
+
+    picture = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    pages = [Image.fromarray(picture), Image.fromarray(255 - picture)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    for cut in (122, 2000, 4200):
+        path = tmp_path / f"cut{cut}.tif"
+        path.write_bytes(buffer.getvalue()[:cut])
+        with pytest.raises(UnreadableImageError, match="not a readable image file"):
+            read_image(path)
+
+
+def test_an_uncompressed_16_bit_tiff_of_separate_colour_planes_is_refused(tmp_path):
+    """Pillow's own decoder read its planes as 8-bit noise: 17 of 20 normal plates scored high_suspicion.
+    libtiff (any compression) decodes them right, and those are read."""
+    tifffile = pytest.importorskip("tifffile")  # medmnist's dependency (through scikit-image)
+    picture = gradient16()
+    planes = np.stack([picture] * 3)
+    tifffile.imwrite(tmp_path / "raw.tif", planes, photometric="rgb", planarconfig="separate")
+    with pytest.raises(UnreadableImageError, match="PlanarConfiguration 2"):
+        read_image(tmp_path / "raw.tif")
+    tifffile.imwrite(tmp_path / "deflate.tif", planes, photometric="rgb", planarconfig="separate", compression="zlib")
+    tifffile.imwrite(tmp_path / "interleaved.tif", np.moveaxis(planes, 0, -1), photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "deflate.tif"), read_image(tmp_path / "interleaved.tif"))
