@@ -186,7 +186,9 @@ def create_app(settings: WorkerSettings) -> Celery:
         except Exception as exc:
             claimed = isinstance(exc, tasks.ClaimedDeliveryError)
             cause = exc.cause if claimed else exc
-            if not is_transient(cause):
+            # the soft limit outside the analysis (storing the result behind a lock, loading the model): the
+            # analysis records its own; acknowledged unretried, this one left nothing until the sweep
+            if not (is_transient(cause) or isinstance(cause, SoftTimeLimitExceeded)):
                 raise cause
             log.warning("transient %s for %s, retry %d", type(cause).__name__, sop_instance_uid, self.request.retries + 1)
             if claimed:

@@ -194,3 +194,33 @@ def test_a_finalize_killed_at_the_hard_limit_that_cannot_be_sent_again_names_the
     assert record.levelname == "ERROR" and record.getMessage().startswith(
         "the finalize of study 1.2.3 was killed at the 180s hard time limit and could not be sent again (")
     assert record.getMessage().endswith("); run `pneumonia-admin requeue`")
+
+
+@pytest.mark.parametrize("where", ["_finish", "_require_model"])
+def test_a_soft_time_limit_outside_the_analysis_is_retried_not_dropped(tmp_path, sqlite_url, test_split, monkeypatch,
+                                                                       where):
+    """The soft limit fired while the result was being stored (a database lock wait after a slow analysis) or
+    before the claim: the exception was not transient, so the message was acknowledged with no row written
+    (or the row left `processing` with no reason) until the gateway's sweep half an hour later, and the
+    claim counted later as a worker death. It is retried as a transient failure, as finalize's is."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from worker import db, tasks
+
+    _, app, ds, relpath = app_with_a_pending_instance(tmp_path, sqlite_url, test_split[0][0], max_attempts=1)
+    real, calls = getattr(tasks, where), []
+
+    def limit_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SoftTimeLimitExceeded()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, where, limit_once)
+    result = app.tasks[contract.PROCESS_INSTANCE].apply(args=(relpath, str(ds.SOPInstanceUID)),
+                                                        kwargs={"received_at": None}).get()
+    assert result["status"] == "done", result
+    with app.conf.triage_runtime.engine.connect() as conn:
+        stored = db.get_instance(conn, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    claimed = where == "_finish"
+    assert (stored["attempts"], stored["transient_claims"] or 0) == ((2, 1) if claimed else (1, 0))
