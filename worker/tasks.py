@@ -139,8 +139,9 @@ def process_instance(
     if claimed is None:
         return {"sop_instance_uid": sop_uid, "status": "terminal", "noop": True}
     try:
+        scored = file_identity(path)
         outcome = _analyse(rt, path, db.lost_deliveries(claimed, retries_after_claim), claimed.get("transient_claims") or 0)
-        return _finish(rt, sop_uid, relpath, received, started, outcome, path)
+        return _finish(rt, sop_uid, relpath, received, started, outcome, path, scored=scored)
     except Exception as exc:
         raise ClaimedDeliveryError(exc) from exc
 
@@ -285,9 +286,14 @@ def is_model_problem(exc: BaseException) -> bool:
 
 
 def _finish(
-    rt: Runtime, sop_uid: str, relpath: str, received: Any, started: float, outcome: Outcome, path: Path | None
+    rt: Runtime, sop_uid: str, relpath: str, received: Any, started: float, outcome: Outcome, path: Path | None,
+    *, scored: tuple[int, int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Terminal upsert plus study bookkeeping in one transaction, then retire the file.
+    """Terminal upsert plus study bookkeeping in one transaction, then retire the file, unless it is no longer
+    the file that was scored (`scored`, its `file_identity` before the analysis): a copy sent again meanwhile is
+    left in pending/ for its own delivery, which archives it, and a WARNING says so. The scored copy itself is
+    gone (the gateway renamed the new one over it), so the two cannot be compared; before 2026-11-29 the new
+    copy was archived here as if it had been scored, and nothing was logged.
 
     A row the database refuses (a value it cannot hold) is recorded as `failed` with the error's
     type instead, so it never stays `processing` until the sweep mistakes it for a lost delivery.
@@ -320,13 +326,26 @@ def _finish(
         values = {**{k: values[k] for k in keys}, **_identifiers_that_fit(values), "status": outcome.status,
                   "reason": outcome.reason, "finished_at": db.utcnow()}
         landed, received = _store(rt, values, received, False)
-    if path is not None:
+    if path is not None and scored is not None and file_identity(path) not in (None, scored):
+        log.warning("instance %s: its pending file was replaced by a copy sent again while it was scored; the "
+                    "result is the first copy's, the new copy is left for its own delivery", sop_uid)
+    elif path is not None:
         retire(rt.settings.spool_dir, path, values["study_instance_uid"] or "unknown", sop_uid,
                rt.settings.spool_retention, received if isinstance(received, dt.datetime) else None)
     log.info("instance %s -> %s%s%s", sop_uid, outcome.status, f" ({outcome.reason})" if outcome.reason else "",
              "" if landed else " [not stored: another delivery's result was there first]")
     return {"sop_instance_uid": sop_uid, "status": outcome.status, "reason": outcome.reason,
             "stratum": outcome.fields.get("stratum"), "noop": not landed}
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of a pending file, None when it cannot be read: the gateway replaces a
+    pending file by renaming a new one over it, which changes the inode."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _identifiers_that_fit(values: dict[str, Any]) -> dict[str, str]:

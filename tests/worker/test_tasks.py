@@ -640,3 +640,26 @@ def test_a_re_send_without_an_archived_first_copy_says_it_was_not_compared(tmp_p
     rt = tasks.Runtime(WorkerSettings(database_url=sqlite_url, spool_dir=tmp_path / "spool", spool_retention="delete"))
     _, records = _scored_then_resent(rt, test_split, caplog, test_split[0][5])
     assert [(r.levelname, "no archived copy" in r.getMessage()) for r in records] == [("INFO", True)]
+
+
+def test_a_copy_re_sent_while_the_first_is_scored_is_left_for_its_own_delivery(runtime, test_split, caplog, monkeypatch):
+    """The gateway replaces a pending file in place when the same SOP UID arrives again. Replaced while the first
+    copy was being scored, the new copy was archived as if it were the scored one and its own delivery found no
+    file to compare: another image (or a corrected accession number) went without the promised warning."""
+    relpath, sop, study = stage(runtime, test_split[0][0], accession="ACC-SAME")
+    series = str(pydicom.dcmread(runtime.settings.spool_dir / relpath).SeriesInstanceUID)
+    real_analyse = tasks.analyse_file
+
+    def resent_meanwhile(path, *args, **kwargs):
+        outcome = real_analyse(path, *args, **kwargs)
+        _resend(runtime, relpath, test_split[0][5], study, sop, series, accession="ACC-SAME")
+        return outcome
+
+    monkeypatch.setattr(tasks, "analyse_file", resent_meanwhile)
+    with caplog.at_level("INFO", logger="worker.tasks"):
+        assert tasks.process_instance(runtime, relpath, sop, None)["status"] == "done"
+    assert (runtime.settings.spool_dir / relpath).is_file(), "the re-sent copy waits in pending/ for its delivery"
+    assert [r.levelname for r in caplog.records if "replaced by a copy sent again" in r.getMessage()] == ["WARNING"]
+    monkeypatch.setattr(tasks, "analyse_file", real_analyse)
+    assert tasks.process_instance(runtime, relpath, sop, None)["noop"]  # its own delivery retires it
+    assert not (runtime.settings.spool_dir / relpath).exists()
