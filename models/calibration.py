@@ -92,6 +92,30 @@ def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float
 
 
 
+RATES = {"accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")), "precision": (("tp",), ("tp", "fp")),
+         "npv": (("tn",), ("tn", "fn")), "sensitivity": (("tp",), ("tp", "fn")), "specificity": (("tn",), ("tn", "fp")),
+         "fnr": (("fn",), ("tp", "fn")), "fpr": (("fp",), ("tn", "fp"))}
+"""The threshold metrics that are binomial proportions: (counts in the numerator, counts in the denominator)."""
+
+
+def exact_rate_ci(counts: dict[str, int], alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Clopper-Pearson (exact binomial) interval of each rate in `RATES` from the confusion counts; NaN for an
+    empty denominator. Why beside the bootstrap: a rate with few events (2 false negatives in 390) gets a
+    percentile bootstrap interval of [0, 1.3%], which covers the truth less often than it says (a resample with
+    no event collapses to 0), while the exact interval is [0.06%, 1.8%]."""
+    from scipy.stats import binomtest
+
+    intervals = {}
+    for name, (numerator, denominator) in RATES.items():
+        k, n = sum(counts[c] for c in numerator), sum(counts[c] for c in denominator)
+        if n == 0:
+            intervals[name] = (float("nan"), float("nan"))
+            continue
+        interval = binomtest(k, n).proportion_ci(confidence_level=1 - alpha, method="exact")
+        intervals[name] = (float(interval.low), float(interval.high))
+    return intervals
+
+
 def per_class_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, float]]:
     """sklearn's classification report figures (precision, recall, F1 per class; macro and support-weighted
     averages) from the confusion counts, NaN where undefined. Why not sklearn itself: the bootstrap asks for

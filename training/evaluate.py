@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 
-from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, fit_temperature,
-                                nll, per_class_metrics, stratum_report, temperature_at_edge)
+from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, exact_rate_ci,
+                                fit_temperature, nll, per_class_metrics, stratum_report, temperature_at_edge)
 from models.card import LABELS, Stratum, sha256_of, strict_json
 from training.atomic import write_text
 from training.config import TrainConfig
@@ -77,6 +77,7 @@ def full_report(labels: np.ndarray, probability: np.ndarray, threshold: float, r
         "threshold": threshold,
         "point": {k: v for k, v in point.items() if "/" not in k},
         "ci95": {k: v for k, v in ci.items() if "/" not in k},
+        "ci95_exact": exact_rate_ci(confusion(labels, predicted)),
         "confusion": confusion(labels, predicted),
         "confusion_ci95": {k.split("/")[1]: v for k, v in ci.items() if k.startswith("confusion/")},
         "per_class": classification_report(labels, predicted, target_names=list(LABELS), output_dict=True,

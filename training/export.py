@@ -110,7 +110,9 @@ def with_provenance(origin: dict) -> dict:
 
 def with_ci(test: dict, point: str, metric_names: list[str]) -> dict:
     """Each test metric at `point` ("at_0.5", "at_operating_point") as {value, ci95}, as cards carry them."""
-    return {name: {"value": test[point]["point"][name], "ci95": test[point]["ci95"][name]} for name in metric_names}
+    exact = test[point].get("ci95_exact", {})  # binomial rates only; runs evaluated before 2026-11-29 have none
+    return {name: {"value": test[point]["point"][name], "ci95": test[point]["ci95"][name],
+                   **({"ci95_exact": exact[name]} if name in exact else {})} for name in metric_names}
 
 
 def build_card(onnx_path: Path, config: TrainConfig, evaluation: Evaluation, parity: dict, version: str,

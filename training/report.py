@@ -31,10 +31,15 @@ def write_results(results_dir: Path, evaluation: Evaluation, history: list[dict]
 
 
 def metric_table(report: dict) -> list[str]:
-    rows = ["| metric | value | 95% CI |", "|---|---|---|"]
+    exact = report.get("ci95_exact")
+    rows = ["| metric | value | 95% CI (bootstrap) |" + (" exact binomial 95% CI |" if exact else ""),
+            "|---|---|---|" + ("---|" if exact else "")]
     for key, name in NAMES.items():
         low, high = report["ci95"][key]
-        rows.append(f"| {name} | {100 * report['point'][key]:.2f}% | {100 * low:.2f}–{100 * high:.2f}% |")
+        row = f"| {name} | {100 * report['point'][key]:.2f}% | {100 * low:.2f}–{100 * high:.2f}% |"
+        if exact:
+            row += f" {100 * exact[key][0]:.2f}–{100 * exact[key][1]:.2f}% |" if key in exact else " — |"
+        rows.append(row)
     c, c_ci = report["confusion"], report.get("confusion_ci95")
     counts = ", ".join(f"{k.upper()} {c[k]}" + (f" ({c_ci[k][0]:.0f}–{c_ci[k][1]:.0f})" if c_ci else "")
                        for k in ("tp", "fp", "tn", "fn"))

@@ -109,3 +109,16 @@ def test_the_test_calibration_report_carries_cis_and_names_its_ece():
         assert report["ci95"][key][0] <= report[key] <= report["ci95"][key][1]
     assert "10 equal-width bins" in report["definition"] and "P(pneumonia)" in report["definition"]
     assert "ci95" not in calibration_report(labels, logits, 1.5)  # validation's, which fitted the temperature
+
+
+def test_exact_rate_intervals_by_hand():
+    """Clopper-Pearson: no event in 10 gives [0, 1 - 0.025**(1/10)]; all 10 the mirror image; an empty
+    denominator (nothing called pneumonia: no PPV) gives NaN."""
+    from models.calibration import exact_rate_ci
+
+    intervals = exact_rate_ci({"tp": 10, "fn": 0, "tn": 0, "fp": 0})
+    assert intervals["fnr"] == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)))
+    assert intervals["sensitivity"] == pytest.approx((0.025 ** (1 / 10), 1.0))
+    assert all(math.isnan(v) for v in intervals["specificity"])
+    two_in_390 = exact_rate_ci({"tp": 388, "fn": 2, "tn": 164, "fp": 70})["fnr"]
+    assert two_in_390[0] > 0.0006 and two_in_390[1] == pytest.approx(0.0184, abs=1e-4)  # the release's FNR

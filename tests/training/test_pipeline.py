@@ -265,3 +265,6 @@ def test_summary_and_card_carry_the_per_class_confusion_and_calibration_cis(tiny
         assert set(card.metrics["test_confusion"][point]["ci95"]) == {"tp", "fp", "tn", "fn"}
         assert "Pneumonia" in card.metrics["test_per_class"][point]["ci95"]
     assert "ci95" in card.metrics["test_calibration"]
+    assert "exact binomial 95% CI" in summary
+    assert "ci95_exact" in card.metrics["test_at_operating_point"]["fnr"]
+    assert "ci95_exact" not in card.metrics["test_at_operating_point"]["auc"]  # not a proportion
