@@ -54,7 +54,8 @@ STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "m
                  "finalized_at", "reopened_count", "flag_before_reopen", "first_finalized_at")
 """`reopened_count` > 0: the study was final before a late image reopened it, with `flag_before_reopen`
 (the flag a reader may have seen as final) since `first_finalized_at` (migration 0006). `triage_complete`
-(computed, `with_triage_complete`) is false while the study is not final or any of its images failed."""
+(computed, `with_triage_complete`) is false while the study is not final, any of its images failed or
+waits, or none was scored."""
 STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c != "triage_complete")
 STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_calibration_sha256", "failure_reasons")
 """`export --studies`, a RIS's poll, says which model and site calibration made the flag ("mixed" when its
@@ -62,12 +63,16 @@ images were scored by more than one) and why images failed, without an export pe
 
 
 def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the study row with `triage_complete`: final, and no image failed.
+    """A copy of the study row with `triage_complete`: final, no image failed or waiting, and one scored.
 
     Why: the flag comes from the images that were scored. A study whose pneumonia image failed (a
     truncated file) and whose other image scored normal read final and ROUTINE, and a RIS mapping the
-    flag to a priority filed it so; `n_failed` said it, in a column an integrator may not read."""
-    return {**study, "triage_complete": bool(study.get("final")) and not study.get("n_failed")}
+    flag to a priority filed it so; `n_failed` said it, in a column an integrator may not read. A study
+    whose images were all skipped (a lateral only, a frontal without ViewPosition under the `skip`
+    policy) has no flag at all and read complete too, "triaged, nothing found", before 2026-11-29."""
+    complete = (bool(study.get("final")) and not study.get("n_failed") and not study.get("n_pending")
+                and bool(study.get("n_done")))
+    return {**study, "triage_complete": complete}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,21 +690,38 @@ class OutputError(Exception):
 
 
 def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Path | None) -> None:
+    """Rows to stdout, or to `out` in UTF-8 whatever the locale, written whole or not at all.
+
+    Why: with the locale's encoding an accession number in another script raised UnicodeEncodeError (a
+    traceback) in an ASCII or Latin-1 locale, and the file was left cut short, which a RIS polling it reads
+    as a complete export. A regular file is written beside itself and renamed over (an existing one keeps
+    its mode); anything else (a pipe, /dev/stdout) is written in place."""
     if out is None:
         _write(rows, list(columns), fmt, sys.stdout)
         return
+    in_place = out.exists() and not out.is_file()
+    written = out if in_place else out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        with open(_create_private(out), "w", newline="") as handle:
+        with open(_create_private(written, out), "w", newline="", encoding="utf-8") as handle:
             _write(rows, list(columns), fmt, handle)
-    except OSError as exc:
-        raise OutputError(f"{type(exc).__name__}: {exc.strerror or 'I/O error'}") from exc
+        if not in_place:
+            os.replace(written, out)
+    except (OSError, UnicodeError) as exc:
+        if not in_place:
+            written.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) else "a value the encoding cannot hold"
+        raise OutputError(f"{type(exc).__name__}: {reason or 'I/O error'}") from exc
 
 
-def _create_private(path: Path) -> int:
-    """`path` opened for writing (a descriptor), truncated, created 0640 if new (owner rw, group r).
-    Why: an export holds accession numbers, and open() made it 0644 (world-readable) under the usual
-    umask 022 while the gateway writes its spool 0640; a file that exists keeps the mode its owner gave it."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+def _create_private(path: Path, kept_from: Path | None = None) -> int:
+    """`path` opened for writing (a descriptor), truncated, created 0640 (owner rw, group r), or with the mode of
+    `kept_from` where that file exists. Why: an export holds accession numbers, and open() made it 0644
+    (world-readable) under the usual umask 022 while the gateway writes its spool 0640; a file that exists keeps
+    the mode its owner gave it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    if kept_from is not None and kept_from != path and kept_from.is_file():
+        os.fchmod(descriptor, kept_from.stat().st_mode & 0o7777)
+    return descriptor
 
 
 def _write(rows: list[dict[str, Any]], columns: list[str], fmt: str, handle: Any) -> None:

@@ -761,23 +761,24 @@ def test_a_study_with_a_failed_image_is_not_triage_complete(database_url, tmp_pa
     now = db.utcnow()
     engine = db.make_engine(database_url)
     with engine.begin() as conn:
-        for study in ("1.7.1", "1.7.2", "1.7.3"):
+        for study in ("1.7.1", "1.7.2", "1.7.3", "1.7.4"):
             db.touch_study(conn, study, f"ACC{study}", now)
         rows = [("1.7.1.1", "1.7.1", "done"), ("1.7.1.2", "1.7.1", "failed"), ("1.7.2.1", "1.7.2", "done"),
-                ("1.7.2.2", "1.7.2", "skipped"), ("1.7.3.1", "1.7.3", "done")]
+                ("1.7.2.2", "1.7.2", "skipped"), ("1.7.3.1", "1.7.3", "done"), ("1.7.4.1", "1.7.4", "skipped")]
         for sop, study, status in rows:
             done = status == "done"
             conn.execute(insert(db.instances).values(
                 sop_instance_uid=sop, study_instance_uid=study, status=status, attempts=1, received_at=now,
                 finished_at=now, flag="ROUTINE" if done else None, stratum="likely_normal" if done else None,
                 reason=None if done else "a reason"))
-        for study in ("1.7.1", "1.7.2"):  # 1.7.3 is not final yet
+        for study in ("1.7.1", "1.7.2", "1.7.4"):  # 1.7.3 is not final yet; 1.7.4 holds a lateral only
             db.finalize_study(conn, study, now)
     engine.dispose()
     studies = {s["study_instance_uid"]: s for s in json.loads(run_admin(database_url, "export", "--studies",
                                                                           "--format", "json"))}
     assert {uid: (s["final"], s["n_failed"], s["triage_complete"]) for uid, s in studies.items()} == {
-        "1.7.1": (True, 1, False), "1.7.2": (True, 0, True), "1.7.3": (False, 0, False)}
+        "1.7.1": (True, 1, False), "1.7.2": (True, 0, True), "1.7.3": (False, 0, False),
+        "1.7.4": (True, 0, False)}  # no image scored: not triaged, though nothing failed (it read complete)
     assert json.loads(run_admin(database_url, "show", "1.7.1", "--format", "json"))["study"]["triage_complete"] is False
     out = tmp_path / "studies.csv"
     run_admin(database_url, "export", "--studies", "--format", "csv", "--out", str(out))
@@ -811,3 +812,44 @@ def test_a_study_export_says_which_model_scored_it_and_why_images_failed(databas
     assert studies["1.8.2"]["model_version"] == "mixed" and studies["1.8.2"]["failure_reasons"] is None
     listed = json.loads(run_admin(database_url, "list", "--studies", "--format", "json"))
     assert "model_version" not in listed[0]  # the worklist stays as it was
+
+
+def test_an_export_is_utf_8_whatever_the_locale(database_url, tmp_path):
+    """In an ASCII locale an accession number in another script raised UnicodeEncodeError, a traceback, and
+    left the CSV cut short after the rows before it."""
+    import os
+    import subprocess
+    import sys
+
+    upgrade(database_url)
+    now = db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        for study, accession in (("1.9.1", "A1"), ("1.9.2", "MÜLLER-Ø")):
+            db.touch_study(conn, study, accession, now)
+    engine.dispose()
+    out = tmp_path / "studies.csv"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": ""}
+    done = subprocess.run([sys.executable, "-c", "import sys; from worker.admin import main; sys.exit(main(sys.argv[1:]))",
+                           "--database-url", database_url, "export", "--studies", "--format", "csv", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "MÜLLER-Ø" in out.read_text(encoding="utf-8")
+
+
+def test_an_export_that_fails_part_way_leaves_the_earlier_file_whole(small_db, tmp_path, monkeypatch, capsys):
+    """A poller reading the file must never see half an export: it is written beside and renamed over."""
+    out = tmp_path / "export.csv"
+    run_admin(small_db[0], "export", "--out", str(out))
+    before = out.read_bytes()
+    real_write = admin._write
+
+    def disk_full_half_way(rows, columns, fmt, handle):
+        real_write(rows[: len(rows) // 2], columns, fmt, handle)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(admin, "_write", disk_full_half_way)
+    assert admin.main(["--database-url", small_db[0], "export", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before and not list(tmp_path.glob("*partial*")) and not list(tmp_path.glob(".*"))
