@@ -170,6 +170,10 @@ class BadDatasetError(ValueError):
         self.status = status
 
 
+DEFERRED_BYTES = 1 << 16
+"""Values longer than this are skipped, not read, when the header is parsed (`read_header`)."""
+
+
 @dataclass(frozen=True)
 class Header:
     sop_class: str
@@ -187,11 +191,15 @@ def read_header(stream: BytesIO, transfer_syntax: UID) -> Header:
             with stream.getbuffer() as body:
                 head, deflate_state = inflate_head(body)
             ds = read_dataset(BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag > _HEADER_END)
-        else:  # every element, raw (no value conversion, no pixel decode): about a millisecond
+        else:  # every element, raw (no value conversion, no pixel decode): about a millisecond. Values over
+            # 64 KiB are skipped, not read (`truncated` measures them still): Pixel Data read here was another
+            # copy of the instance pynetdicom already holds, 64 MiB more at the peak for 64 MiB of pixels
             stream.seek(0)
-            ds = read_dataset(stream, transfer_syntax == ImplicitVRLittleEndian, True)
+            ds = read_dataset(stream, transfer_syntax == ImplicitVRLittleEndian, True, defer_size=DEFERRED_BYTES)
         header = Header(str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")))
         empty = len(ds) == 0 and len(stream.getbuffer()) > 0
+    except MemoryError as exc:  # the host, not the dataset: the sender should retry (0xC000 is for good)
+        raise BadDatasetError(OUT_OF_RESOURCES, "out of memory while parsing the dataset") from exc
     except Exception as exc:  # malformed streams raise anything from struct to zlib errors
         if deflated and len(head) >= HEADER_INFLATE_LIMIT:  # cut inside an element (a long private sequence)
             raise BadDatasetError(CANNOT_UNDERSTAND, HEADER_BEYOND_LIMIT) from exc

@@ -205,3 +205,34 @@ def test_every_store_fsyncs_pending_even_into_an_existing_study_folder(tmp_path,
     synced.clear()
     spool.store([b"x"], study, generate_uid())
     assert synced == ["pending", study]
+
+
+def test_reading_the_header_does_not_copy_the_pixel_data():
+    """pynetdicom already holds the whole dataset; reading three UIDs read Pixel Data too, another copy (64 MiB
+    more at the peak for 64 MiB of pixels), which brings a large instance nearer the gateway's memory limit,
+    where every association in flight dies with it, again at each re-send."""
+    wire = plain_stream(identified(BitsAllocated=16, PixelData=bytes(64 << 20)))
+    received = BytesIO()
+    received.write(wire)  # as pynetdicom fills it, fragment by fragment: a buffer of its own
+    tracemalloc.start()
+    try:
+        header = read_header(received, ExplicitVRLittleEndian)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert header.study_uid and peak < 4 << 20, peak
+    with pytest.raises(BadDatasetError, match="truncated"):  # a value skipped, not read, is still measured
+        read_header(BytesIO(wire[:-100]), ExplicitVRLittleEndian)
+
+
+def test_running_out_of_memory_while_parsing_asks_the_sender_to_retry(monkeypatch):
+    """0xC000 (cannot understand) tells a PACS the instance is bad for good; out of memory is 0xA700."""
+    from dicom_gateway import scp
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(scp, "read_dataset", no_memory)
+    with pytest.raises(BadDatasetError) as refused:
+        read_header(BytesIO(plain_stream(identified())), ExplicitVRLittleEndian)
+    assert refused.value.status == scp.OUT_OF_RESOURCES
