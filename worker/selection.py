@@ -23,6 +23,17 @@ SKIPPED_IMAGE_TYPES = {"LOCALIZER": "localizer image", "BONE": "dual-energy bone
 localizer, or the bone image of a dual-energy pair (ribs and clavicles kept, soft tissue and lung field
 subtracted). A dual-energy soft-tissue or bone-suppressed image still shows the lungs and is scored."""
 
+CHEST_REGION_CODES = frozenset({("SCT", "43799004"), ("SCT", "51185008"), ("SCT", "816094009"), ("SCT", "302551006"),
+                                ("SCT", "39607008"), ("SRT", "T-D3000"), ("SRT", "T-28000"), ("SNM3", "T-D3000")})
+"""Anatomic Region Sequence codes of the chest (CID 4031 and its SNOMED RT / older SNOMED CT forms: chest, thorax,
+entire thorax, lung). The DX IOD codes its anatomy there (Type 2); Body Part Examined is Type 3."""
+FRONTAL_VIEW_CODES = frozenset({("SCT", "399348003"), ("SCT", "272479007"), ("SCT", "399300004"), ("SRT", "R-10206"),
+                                ("SRT", "R-10214")})
+"""View Code Sequence codes of a frontal view (CID 4010: antero-posterior, postero-anterior; SNOMED RT forms)."""
+SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+CONVERSION_TYPES = frozenset("DV DI DF WSD SD SI DRW SYN".split())
+DIGITISED_FILM = "DF"
+
 MissingTagPolicy = Literal["skip", "process"]
 
 
@@ -33,32 +44,61 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     `missing_tag_policy="process"` lets an absent BodyPartExamined/ViewPosition through
     (sites whose modalities leave them empty); present-but-wrong values are always skipped,
     and so is a Patient Orientation that is not a frontal chest's (L/R across, F/H down,
-    either way round; `models.dicom_io.display_orientation` turns those upright), and an
-    Image Type that names a localizer or a dual-energy bone image (`SKIPPED_IMAGE_TYPES`).
+    either way round; `models.dicom_io.display_orientation` turns those upright), an
+    Image Type that names a localizer or a dual-energy bone image (`SKIPPED_IMAGE_TYPES`), and a
+    Secondary Capture that is not a digitised film. An empty BodyPartExamined or ViewPosition is
+    decided by its coded form (Anatomic Region Sequence, View Code Sequence) where there is one.
     """
     modality = str(ds.get("Modality", "") or "").upper()
     if modality not in ACCEPTED_MODALITIES:
         return f"modality {quoted_term(modality, MODALITIES) if modality else '(missing)'} is not CR or DX"
     if _is_for_processing(ds):
         return "DX For Processing image (not for presentation)"
+    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_SOP_CLASS):
+        conversion = str(ds.get("ConversionType", "") or "").upper().strip()
+        if conversion != DIGITISED_FILM:  # a screenshot, a scanned document: not a radiograph to score
+            shown = quoted_term(conversion, CONVERSION_TYPES) if conversion else "missing"
+            return f"Secondary Capture (Conversion Type {shown}) is not a digitised film"
     image_type = _skipped_image_type(ds)
     if image_type is not None:
         return f"{SKIPPED_IMAGE_TYPES[image_type]} (Image Type {image_type})"
     body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
     if body_part and body_part not in CHEST_BODY_PARTS:
         return f"body part {quoted_term(body_part, BODY_PARTS)} is not CHEST"
-    if not body_part and missing_tag_policy == "skip":
+    region = None if body_part else _first_code(ds, "AnatomicRegionSequence")
+    if region is not None and region not in CHEST_REGION_CODES:
+        return "anatomic region (coded) is not chest"
+    if not body_part and region is None and missing_tag_policy == "skip":
         return "BodyPartExamined missing (policy: skip)"
     view = str(ds.get("ViewPosition", "") or "").upper().strip()
     if view and view not in FRONTAL_VIEWS:
         return f"view position {quoted_term(view, VIEW_POSITIONS)} is not frontal (PA/AP)"
-    if not view and missing_tag_policy == "skip":
+    coded_view = None if view else _first_code(ds, "ViewCodeSequence")
+    if coded_view is not None and coded_view not in FRONTAL_VIEW_CODES:
+        return "view (coded) is not frontal (PA/AP)"
+    if not view and coded_view is None and missing_tag_policy == "skip":
         return "ViewPosition missing (policy: skip)"
     try:
         display_orientation(ds)  # a stored rotation is undone later; only a non-frontal one is skipped
     except UnreadableImageError as exc:
         return str(exc)
     return None
+
+
+def _first_code(ds: Dataset, keyword: str) -> tuple[str, str] | None:
+    """(coding scheme, code value) of the sequence's first item, upper-cased; None without one. Read when the
+    plain tag (Body Part Examined, View Position) is empty: the code then decides, a code not known to mean
+    chest or a frontal view skips the image, and the reason does not repeat it."""
+    try:
+        items = ds.get(keyword) or []
+        item = items[0] if len(items) else None
+    except (TypeError, ValueError, KeyError):
+        return None
+    if item is None:
+        return None
+    value = str(item.get("CodeValue", "") or item.get("LongCodeValue", "") or "").strip().upper()
+    scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
+    return (scheme, value) if value else None
 
 
 def _is_for_processing(ds: Dataset) -> bool:

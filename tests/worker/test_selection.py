@@ -95,3 +95,72 @@ def test_reasons_do_not_repeat_free_text(keyword, value):
     setattr(ds, keyword, value)
     reason = skip_reason(ds)
     assert "DOE" not in reason.upper() and "PHI" not in reason and "(non-standard value)" in reason
+
+
+def coded(scheme: str, value: str, meaning: str):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return [item]
+
+
+CHEST = ("SCT", "43799004", "Chest")
+ABDOMEN = ("SCT", "818981001", "Abdomen")
+LATERAL = ("SCT", "399067008", "Lateral")
+POSTERO_ANTERIOR = ("SCT", "399300004", "postero-anterior")
+
+
+@pytest.mark.parametrize("region", [CHEST, ("SCT", "51185008", "Thorax"), ("SRT", "T-D3000", "Chest")])
+def test_a_dx_chest_coded_in_its_anatomic_region_only_is_selected(region):
+    """The DX IOD's anatomy element is Anatomic Region Sequence (Type 2; Body Part Examined is Type 3): a
+    conformant DX chest without BodyPartExamined was skipped as "BodyPartExamined missing"."""
+    ds = cxr(modality="DX", view="PA", body_part=None)
+    ds.AnatomicRegionSequence = coded(*region)
+    assert skip_reason(ds) is None
+
+
+@pytest.mark.parametrize("policy", ["skip", "process"])
+def test_a_coded_anatomic_region_that_is_not_chest_is_skipped(policy):
+    """With `process`, an abdomen coded only in its Anatomic Region Sequence was scored (URGENT)."""
+    ds = cxr(modality="DX", view="AP", body_part=None)
+    ds.AnatomicRegionSequence = coded(*ABDOMEN)
+    assert skip_reason(ds, policy) == "anatomic region (coded) is not chest"
+
+
+@pytest.mark.parametrize("policy", ["skip", "process"])
+def test_a_view_coded_only_in_its_view_code_sequence_decides(policy):
+    """With `process`, a lateral coded only in View Code Sequence was scored (URGENT); a coded
+    postero-anterior view is frontal, whatever the policy."""
+    lateral = cxr(modality="DX", view=None)
+    lateral.ViewCodeSequence = coded(*LATERAL)
+    assert skip_reason(lateral, policy) == "view (coded) is not frontal (PA/AP)"
+    frontal = cxr(modality="DX", view=None)
+    frontal.ViewCodeSequence = coded(*POSTERO_ANTERIOR)
+    assert skip_reason(frontal, policy) is None
+
+
+@pytest.mark.parametrize("conversion, reason", [
+    ("WSD", "Secondary Capture (Conversion Type WSD) is not a digitised film"),
+    (None, "Secondary Capture (Conversion Type missing) is not a digitised film"),
+])
+def test_a_secondary_capture_other_than_a_digitised_film_is_skipped(conversion, reason):
+    """A gateway that accepts Secondary Capture (for scanned films) let a workstation screenshot labelled CR
+    through: scored 0.994, URGENT."""
+    ds = cxr()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    if conversion:
+        ds.ConversionType = conversion
+    assert skip_reason(ds) == reason
+    ds.ConversionType = "DF"
+    assert skip_reason(ds) is None
+
+
+@pytest.mark.parametrize("orientation, selected", [(["A", ""], False), (["", "P"], False), (["L", ""], True)])
+def test_one_front_to_back_orientation_value_is_a_lateral_even_beside_an_empty_one(orientation, selected):
+    """`A\\` says the rows run toward the front: only a lateral has that. An empty value made the whole Patient
+    Orientation say nothing, and with `process` such a lateral was scored."""
+    ds = cxr(modality="DX", view=None)
+    ds.PatientOrientation = orientation
+    reason = skip_reason(ds, "process")
+    assert (reason is None) if selected else "is not a frontal chest orientation" in reason
