@@ -30,7 +30,8 @@ entire thorax, lung). The DX IOD codes its anatomy there (Type 2); Body Part Exa
 FRONTAL_VIEW_CODES = frozenset({("SCT", "399348003"), ("SCT", "272479007"), ("SCT", "399300004"), ("SRT", "R-10206"),
                                 ("SRT", "R-10214")})
 """View Code Sequence codes of a frontal view (CID 4010: antero-posterior, postero-anterior; SNOMED RT forms)."""
-SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{n}" for n in range(1, 5))})
+"""Secondary Capture Image Storage and its four multi-frame forms (a prefix would also catch 77.x and 78.x)."""
 CONVERSION_TYPES = frozenset("DV DI DF WSD SD SI DRW SYN".split())
 DIGITISED_FILM = "DF"
 
@@ -54,7 +55,7 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
         return f"modality {quoted_term(modality, MODALITIES) if modality else '(missing)'} is not CR or DX"
     if _is_for_processing(ds):
         return "DX For Processing image (not for presentation)"
-    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_SOP_CLASS):
+    if str(ds.get("SOPClassUID", "")).strip() in SECONDARY_CAPTURE_SOP_CLASSES:
         conversion = str(ds.get("ConversionType", "") or "").upper().strip()
         if conversion != DIGITISED_FILM:  # a screenshot, a scanned document: not a radiograph to score
             shown = quoted_term(conversion, CONVERSION_TYPES) if conversion else "missing"

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
@@ -831,11 +832,14 @@ def test_an_export_is_utf_8_whatever_the_locale(database_url, tmp_path):
     out = tmp_path / "studies.csv"
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONIOENCODING": ""}
-    done = subprocess.run([sys.executable, "-c", "import sys; from worker.admin import main; sys.exit(main(sys.argv[1:]))",
-                           "--database-url", database_url, "export", "--studies", "--format", "csv", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", "import sys; from worker.admin import main; sys.exit(main(sys.argv[1:]))",
+               "--database-url", database_url, "export", "--studies", "--format", "csv"]
+    done = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "MÜLLER-Ø" in out.read_text(encoding="utf-8")
+    to_stdout = subprocess.run(command, env=env, capture_output=True, timeout=120)  # a RIS reading the pipe
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert "MÜLLER-Ø" in to_stdout.stdout.decode("utf-8")
 
 
 def test_an_export_that_fails_part_way_leaves_the_earlier_file_whole(small_db, tmp_path, monkeypatch, capsys):
@@ -853,3 +857,38 @@ def test_an_export_that_fails_part_way_leaves_the_earlier_file_whole(small_db, t
     assert admin.main(["--database-url", small_db[0], "export", "--out", str(out)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before and not list(tmp_path.glob("*partial*")) and not list(tmp_path.glob(".*"))
+
+
+def test_an_export_through_a_symlink_replaces_what_it_points_at(small_db, tmp_path):
+    """Renamed over the link, the export left the link's target (what the RIS reads) stale."""
+    target, link = tmp_path / "exports" / "latest.csv", tmp_path / "latest.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link.symlink_to(target)
+    run_admin(small_db[0], "export", "--out", str(link))
+    assert link.is_symlink() and target.read_text().startswith("sop_instance_uid,")
+
+
+def test_an_export_keeps_the_owner_and_group_of_the_file_it_replaces(small_db, tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another owner needs root")
+    out = tmp_path / "export.csv"
+    out.write_text("old\n")
+    os.chown(out, 65534, 65534)
+    run_admin(small_db[0], "export", "--out", str(out))
+    assert (out.stat().st_uid, out.stat().st_gid) == (65534, 65534) and out.read_text().startswith("sop_instance_uid,")
+
+
+def test_an_export_into_a_folder_it_cannot_write_is_written_in_place(small_db, tmp_path, monkeypatch):
+    """A file the user may write in a folder they may not: the temporary file beside it cannot be made, so the
+    export is written in place, as before 2026-11-29 (it failed with PermissionError)."""
+    import os
+
+    out = tmp_path / "export.csv"
+    out.write_text("old\n")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else real_access(path, mode, **kw))
+    run_admin(small_db[0], "export", "--out", str(out))
+    assert out.read_text().startswith("sop_instance_uid,") and not list(tmp_path.glob(".*partial"))

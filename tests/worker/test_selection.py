@@ -164,3 +164,11 @@ def test_one_front_to_back_orientation_value_is_a_lateral_even_beside_an_empty_o
     ds.PatientOrientation = orientation
     reason = skip_reason(ds, "process")
     assert (reason is None) if selected else "is not a frontal chest orientation" in reason
+
+
+def test_sop_classes_that_only_begin_like_secondary_capture_are_not_taken_for_it():
+    """VL Endoscopic (…1.1.77.1.1) and Ophthalmic (…1.1.78.1) begin with Secondary Capture's UID."""
+    for uid in ("1.2.840.10008.5.1.4.1.1.77.1.1", "1.2.840.10008.5.1.4.1.1.78.1"):
+        ds = cxr()
+        ds.SOPClassUID = uid
+        assert skip_reason(ds) is None or "Secondary Capture" not in skip_reason(ds)
