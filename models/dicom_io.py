@@ -641,12 +641,12 @@ def display_orientation(ds: Dataset) -> Orientation:
         return Orientation()
     values = [str(v).strip().upper() for v in _values(value)]
     shown = "\\".join(quoted_orientation(v) for v in values)
+    if all(values) and len(values) != 2:
+        raise UnreadableImageError(f"patient orientation {shown} has {len(values)} value{'s' * (len(values) != 1)}, 2 expected")
     if any(v[:1] in ("A", "P") for v in values):  # rows or columns front to back: a lateral, even beside an empty value
         raise UnreadableImageError(f"patient orientation {shown} is not a frontal chest orientation")
     if not all(values):  # Type 2C: an empty value (`L\`) says nothing of the orientation
         return Orientation()
-    if len(values) != 2:
-        raise UnreadableImageError(f"patient orientation {shown} has {len(values)} value{'s' * (len(values) != 1)}, 2 expected")
     across, down = (v[:1] for v in values)
     transpose = across in COLUMN_DIRECTIONS and down in ROW_DIRECTIONS
     if transpose:

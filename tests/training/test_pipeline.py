@@ -182,7 +182,7 @@ def test_int8_variant_carries_its_own_checks(tiny_run, data_root):
     assert check["test_images_per_s_int8"] > 0
     # its own figures: fitted on validation from the int8 logits and scored on test, none copied from fp32
     fp32 = ModelCard.load(out / "pneumonia_resnet50.card.json")
-    assert set(fp32.metrics["test_at_operating_point"]["sensitivity"]) == {"value", "ci95"}, "CIs at both points"
+    assert set(fp32.metrics["test_at_operating_point"]["sensitivity"]) == {"value", "ci95", "ci95_exact"}, "CIs at both points"
     assert card.metrics["test_auc"] == pytest.approx(check["test_auc_int8"], abs=1e-9)
     assert card.extra["onnx"]["parity"]["max_abs_delta_probability"] == check["max_abs_delta_probability_vs_fp32"]
     assert card.extra["onnx"]["file"] == "pneumonia_resnet50.int8.onnx"
