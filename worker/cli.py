@@ -442,8 +442,11 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
         status = migrate(settings)
         if status:
             return status
+    from worker import watchdog
     from worker.celery_app import get_app
 
+    app = get_app()
+    watchdog.install(app, contract.QUEUE, settings.stall_exit_s)
     argv = [
         "worker",
         "-Q", contract.QUEUE,
@@ -453,7 +456,8 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
         "-n", hostname or "triage@%h",
         "--without-gossip", "--without-mingle",
     ]
-    return celery_exit_status(get_app(), argv)
+    status = celery_exit_status(app, argv)
+    return watchdog.EXIT_STALLED if watchdog.STATE["stalled"] else status
 
 
 def celery_exit_status(app: "Celery", argv: list[str]) -> int:

@@ -71,6 +71,10 @@ class WorkerSettings(BaseSettings):
     """Must exceed the longest task, or Redis redelivers a task that is still running."""
     unacked_restore_interval_s: int = Field(10, ge=1)
     """How often a worker looks for unacknowledged messages of dead workers to restore."""
+    stall_exit_s: int = Field(300, ge=0)
+    """A worker that has received nothing for this long while messages wait in the queue stops with exit status
+    75 for its supervisor to restart it (`worker.watchdog`); 0 turns the watchdog off. Must exceed
+    `time_limit_s`: a pool busy with slow images receives nothing until one ends."""
     max_retries: int = Field(30, ge=0)
     retry_backoff_max_s: int = Field(60, ge=1)
     max_attempts: int = Field(3, ge=1)
@@ -139,6 +143,9 @@ class WorkerSettings(BaseSettings):
         if self.visibility_timeout_s <= self.time_limit_s + self.retry_backoff_max_s:
             raise ValueError("TRIAGE_VISIBILITY_TIMEOUT_S must exceed TRIAGE_TIME_LIMIT_S plus "
                              "TRIAGE_RETRY_BACKOFF_MAX_S (a retry waiting longer is redelivered and runs twice)")
+        if 0 < self.stall_exit_s <= self.time_limit_s:
+            raise ValueError("TRIAGE_STALL_EXIT_S must exceed TRIAGE_TIME_LIMIT_S (a pool busy with slow images "
+                             "receives nothing until one ends), or be 0 to turn the watchdog off")
         return self
 
     def resolved_model_path(self) -> Path:

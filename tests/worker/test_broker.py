@@ -172,12 +172,10 @@ def test_a_sentinel_broker_carries_gateway_and_admin_tasks_to_a_worker(sentinel,
     assert process is not None and process.returncode == 0, worker.log()[-3000:]
 
 
-def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_env, sqlite_url, test_split,
-                                                                   tmp_path):
-    """The master and the sentinel the worker had asked both die; the others promote the replica. The
-    worker's remote-control (pidbox) pub/sub connection, which redis-py re-opens to the new master by
-    itself, then blocked the worker in a read with no timeout: nothing more was consumed, SIGTERM did not
-    end it, nothing was logged (3 of 3 tries). With remote control off on a sentinel broker it goes on."""
+@contextlib.contextmanager
+def sentinel_broker(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]], int, list[int], str]]:
+    """A master, its replica and three sentinels of this test's own: (master, sentinels, master port, replica
+    port and sentinel ports, the sentinel:// URL)."""
     master, replica = free_port(), free_port()
     ports = [free_port() for _ in range(3)]
     server = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
@@ -192,33 +190,80 @@ def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_e
                             f"{master} 2\nsentinel down-after-milliseconds {MASTER} 1000\n"
                             f"sentinel failover-timeout {MASTER} 5000\n")
             sentinels.append(stack.enter_context(redis_process([str(conf), "--sentinel"], {"port": port})))
-        url = ";".join(f"sentinel://127.0.0.1:{port}/0" for port in ports)
+        yield killed, sentinels, master, [replica, *ports], ";".join(f"sentinel://127.0.0.1:{port}/0" for port in ports)
+
+
+def publish_on(url: str, env: Any, image: Any) -> str:
+    publisher = TaskPublisher(GatewaySettings(broker_url=url, broker_sentinel_master=MASTER, spool_dir=env.spool))
+    relpath, sop = env.stage(make_cxr_dataset(image, size=(256, 256)))
+    try:
+        assert publisher.process_instance(relpath, sop, utc_iso(), force=True), publisher.last_error
+    finally:
+        publisher.close()
+    return sop
+
+
+def fail_over(killed: subprocess.Popen[bytes], sentinels: list[subprocess.Popen[bytes]], ports: list[int]) -> None:
+    """Kill the master and the first sentinel of the URL (the one the worker asked); wait for the promotion."""
+    replica, sentinel_ports = ports[0], ports[1:]
+    killed.kill()
+    sentinels[0].kill()
+    promoted = redis.Redis(port=sentinel_ports[1], decode_responses=True)
+    wait_for(lambda: promoted.sentinel_get_master_addr_by_name(MASTER) == ("127.0.0.1", replica), 60, 0.2,
+             "the replica to be promoted")
+
+
+def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_env, sqlite_url, test_split,
+                                                                   tmp_path):
+    """The master and the sentinel the worker had asked both die; the others promote the replica. The
+    worker's remote-control (pidbox) pub/sub connection, which redis-py re-opens to the new master by
+    itself, then blocked the worker in a read with no timeout: nothing more was consumed, SIGTERM did not
+    end it, nothing was logged (3 of 3 tries). With remote control off on a sentinel broker it goes on."""
+    with sentinel_broker(tmp_path) as (killed, sentinels, master, ports, url):
         env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER)
         worker = env.start_worker()
-
-        def publish(image: int) -> str:
-            publisher = TaskPublisher(GatewaySettings(broker_url=url, broker_sentinel_master=MASTER, spool_dir=env.spool))
-            relpath, sop = env.stage(make_cxr_dataset(test_split[0][image], size=(256, 256)))
-            try:
-                assert publisher.process_instance(relpath, sop, utc_iso(), force=True), publisher.last_error
-            finally:
-                publisher.close()
-            return sop
-
-        first = publish(0)
+        first = publish_on(url, env, test_split[0][0])
         assert env.wait_terminal([first])[first]["status"] == "done"
-        # the row is written before the message is acknowledged: a master killed in between fails that ack, and
-        # kombu's consumer then stops polling for good (a known limit, README "Broker"); this test is about the
-        # failover, so the ack must have landed first
+        # the row is written before the message is acknowledged: a master killed in between fails that ack and
+        # stalls kombu's consumer (the next test); this one is about the failover, so the ack lands first
         old_master = redis.Redis(port=master)
         wait_for(lambda: old_master.hlen("unacked") == 0, 30, 0.05, "the first message to be acknowledged")
-        killed.kill()
-        sentinels[0].kill()  # the first sentinel of the URL: the one the worker asked
-        promoted = redis.Redis(port=ports[1], decode_responses=True)
-        wait_for(lambda: promoted.sentinel_get_master_addr_by_name(MASTER) == ("127.0.0.1", replica), 60, 0.2,
-                 "the replica to be promoted")
-        second = publish(1)
+        fail_over(killed, sentinels, ports)
+        second = publish_on(url, env, test_split[0][1])
         assert env.wait_terminal([second], timeout=90)[second]["status"] == "done", worker.log()[-3000:]
+
+
+def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(make_triage_env, sqlite_url, test_split,
+                                                                              tmp_path):
+    """A master lost while the first task's ack is in flight: "Couldn't ack" (CRITICAL), and kombu's consumer
+    polled the broker no more; the worker stayed up, idle and silent (2 of 2 tries). The watchdog sees the
+    second message wait while nothing is received and stops the worker with exit status 75; a restarted worker
+    scores the message."""
+    import signal
+    import time
+
+    from worker.watchdog import EXIT_STALLED
+
+    with sentinel_broker(tmp_path) as (killed, sentinels, master, ports, url):
+        env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER, soft_time_limit_s="5",
+                              time_limit_s="10", stall_exit_s="20")
+        worker = env.start_worker()
+        first = publish_on(url, env, test_split[0][0])
+        wait_for(lambda: first in env.rows(), 60, 0.001, "the first image to be claimed")
+        os.kill(killed.pid, signal.SIGSTOP)  # the master hangs while the task runs: its ack cannot land
+        assert env.wait_terminal([first])[first]["status"] == "done"
+        time.sleep(0.5)
+        fail_over(killed, sentinels, ports)
+        second = publish_on(url, env, test_split[0][1])
+        try:
+            wait_for(lambda: worker.proc.poll() is not None, 150, 0.5, "the stalled worker to stop")
+        except AssertionError:
+            raise AssertionError(f"the stalled worker did not stop:\n{worker.log()[-6000:]}") from None
+        log = worker.log()
+        assert worker.proc.returncode == EXIT_STALLED and "worker stalled" in log, log[-3000:]
+        assert "Couldn't ack" in log, "the stall this test is about"
+        env.start_worker()
+        assert env.wait_terminal([second], timeout=90)[second]["status"] == "done"
 
 
 # --- the worker's exit status -----------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Ends a worker whose consumer stopped taking messages while they wait in the queue.
+
+Why: a Redis master lost while a finished task's acknowledgement is in flight fails that ack ("Couldn't ack
+..., reason:network:ConnectionError") and kombu's consumer then polls the broker no more: the worker stays
+up, idle, logging nothing (reproduced by stopping the master while a task ran; an upstream class of bugs,
+celery/celery #8030, #9054, #10302). Nothing is lost, the gateway's sweep re-sends the files, but that worker
+scores nothing until someone restarts it. This watchdog, in the worker's main process, sees messages waiting
+in the queue while the worker has received none for `stall_s` (longer than the hard time limit, so a worker
+whose pool is busy with slow images is never taken for a stalled one), logs an ERROR and stops the worker,
+which `pneumonia-worker run` then reports with exit status `EXIT_STALLED` for the supervisor to restart it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from celery import Celery
+from celery.signals import task_received, worker_ready, worker_shutting_down
+
+log = logging.getLogger(__name__)
+
+EXIT_STALLED = 75
+"""`pneumonia-worker run`'s exit status after the watchdog stopped a stalled worker (EX_TEMPFAIL)."""
+SHUTDOWN_GRACE_S = 60.0
+"""How long the watchdog waits for Celery's warm shutdown before it ends the process itself."""
+
+
+class StallWatchdog:
+    """The rule, kept apart from the thread and the broker so that it can be tested on its own clock."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s = stall_s
+        self.clock = clock
+        self.last_received = clock()
+        self.waiting_since: float | None = None
+        self.fired = False
+
+    def received(self, **_: Any) -> None:
+        self.last_received = self.clock()
+
+    def stalled(self, waiting: int | None) -> bool:
+        """True once messages have waited (`waiting` > 0 at every look) and none was received for `stall_s`.
+        An unknown count (the broker unreachable: Celery's own reconnection is at work) starts over."""
+        now = self.clock()
+        if not waiting:
+            self.waiting_since = None
+            return False
+        if self.waiting_since is None:
+            self.waiting_since = now
+        return now - self.waiting_since >= self.stall_s and now - self.last_received >= self.stall_s
+
+
+def waiting_messages(app: Celery, queue: str) -> int | None:
+    """Messages in `queue` that no worker has taken (reserved ones are not counted), None if unknown."""
+    try:
+        with app.connection_for_read() as connection:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception as exc:  # the broker down or failing over: Celery's consumer reconnects on its own
+        log.debug("watchdog: queue length unknown (%s)", type(exc).__name__)
+        return None
+
+
+STATE: dict[str, bool] = {"stalled": False}
+"""Set when the watchdog stopped the worker, for `pneumonia-worker run`'s exit status."""
+
+
+def install(app: Celery, queue: str, stall_s: float) -> None:
+    """Start the watchdog in the worker's main process once it is ready; nothing when `stall_s` is 0."""
+    if stall_s <= 0:
+        return
+    watchdog = StallWatchdog(stall_s)
+    stop = threading.Event()
+    interval = max(1.0, min(30.0, stall_s / 4))
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if watchdog.stalled(waiting_messages(app, queue)):
+                stop_stalled_worker(stall_s)
+                return
+
+    def start(**_: Any) -> None:
+        watchdog.received()  # count from readiness, not from the app's creation
+        threading.Thread(target=watch, name="triage-stall-watchdog", daemon=True).start()
+        log.info("stall watchdog on: a worker that receives nothing for %.0f s while messages wait stops", stall_s)
+
+    task_received.connect(watchdog.received, weak=False)
+    worker_ready.connect(start, weak=False)
+    worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+
+
+def stop_stalled_worker(stall_s: float) -> None:
+    STATE["stalled"] = True
+    log.error("worker stalled: messages have waited in the queue for %.0f s and this worker has received none "
+              "(a consumer that stopped polling the broker after a connection loss); stopping it for a restart "
+              "(exit status %d)", stall_s, EXIT_STALLED)
+    os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: its pool processes end with it
+    time.sleep(SHUTDOWN_GRACE_S)
+    log.error("worker stalled: warm shutdown did not end the process in %.0f s; exiting", SHUTDOWN_GRACE_S)
+    os._exit(EXIT_STALLED)
