@@ -446,7 +446,7 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
     from worker.celery_app import get_app
 
     app = get_app()
-    watchdog.install(app, contract.QUEUE, settings.stall_exit_s)
+    guard = watchdog.install(app, contract.QUEUE, settings.stall_exit_s)
     argv = [
         "worker",
         "-Q", contract.QUEUE,
@@ -457,7 +457,7 @@ def run_worker(settings: WorkerSettings, concurrency: int | None, hostname: str 
         "--without-gossip", "--without-mingle",
     ]
     status = celery_exit_status(app, argv)
-    return watchdog.EXIT_STALLED if watchdog.STATE["stalled"] else status
+    return watchdog.EXIT_STALLED if guard is not None and guard.fired else status
 
 
 def celery_exit_status(app: "Celery", argv: list[str]) -> int:

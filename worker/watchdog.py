@@ -38,7 +38,7 @@ class StallWatchdog:
         self.clock = clock
         self.last_received = clock()
         self.waiting_since: float | None = None
-        self.fired = False
+        self.fired = False  # set when it stopped the worker
 
     def received(self, **_: Any) -> None:
         self.last_received = self.clock()
@@ -65,14 +65,11 @@ def waiting_messages(app: Celery, queue: str) -> int | None:
         return None
 
 
-STATE: dict[str, bool] = {"stalled": False}
-"""Set when the watchdog stopped the worker, for `pneumonia-worker run`'s exit status."""
-
-
-def install(app: Celery, queue: str, stall_s: float) -> None:
-    """Start the watchdog in the worker's main process once it is ready; nothing when `stall_s` is 0."""
+def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
+    """Start the watchdog in the worker's main process once it is ready; None when `stall_s` is 0. Its
+    `fired` says afterwards whether it stopped the worker, for `pneumonia-worker run`'s exit status."""
     if stall_s <= 0:
-        return
+        return None
     watchdog = StallWatchdog(stall_s)
     stop = threading.Event()
     interval = max(1.0, min(30.0, stall_s / 4))
@@ -80,6 +77,7 @@ def install(app: Celery, queue: str, stall_s: float) -> None:
     def watch() -> None:
         while not stop.wait(interval):
             if watchdog.stalled(waiting_messages(app, queue)):
+                watchdog.fired = True
                 stop_stalled_worker(stall_s)
                 return
 
@@ -91,10 +89,10 @@ def install(app: Celery, queue: str, stall_s: float) -> None:
     task_received.connect(watchdog.received, weak=False)
     worker_ready.connect(start, weak=False)
     worker_shutting_down.connect(lambda **_: stop.set(), weak=False)
+    return watchdog
 
 
 def stop_stalled_worker(stall_s: float) -> None:
-    STATE["stalled"] = True
     log.error("worker stalled: messages have waited in the queue for %.0f s and this worker has received none "
               "(a consumer that stopped polling the broker after a connection loss); stopping it for a restart "
               "(exit status %d)", stall_s, EXIT_STALLED)
