@@ -25,9 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import secrets
-import stat
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from models.atomic import write_text
 from models.calibration import (Calibration, StrataTargets, binary_metrics, bootstrap_ci, calibrate, stratum_indices,
                                 stratum_report, target_figures)
 from models.card import ModelCard, Stratum, nan_for_null, strict_json, validate_calibration
@@ -85,7 +83,7 @@ class SiteCalibration:
         Written whole to a temporary file beside `path`, then renamed over it: `path` may be the file a
         worker serves, and a worker starting mid-write (or a full disk) must find the old file or the new
         one, never half of one."""
-        write_atomically(Path(path), strict_json(self.to_dict(), indent=2) + "\n")
+        write_text(path, strict_json(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "SiteCalibration":
@@ -439,31 +437,6 @@ def content_sha256(path: Path) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into a new file beside `path`, flushed to disk, then renamed over it (`os.replace`, atomic
-    on one file system). The new file keeps the replaced one's permission bits (else the umask's, as a
-    plain write): a worker running as another user must still read it. Nothing is left behind on failure.
-    A symbolic link is written through, as a plain write did: the deployment may read its target."""
-    path = Path(os.path.realpath(path))
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        mode: int | None = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        mode = None
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with open(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def case_logits(detector: Any, paths: list[Path], batch_size: int = 16,

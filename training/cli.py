@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from models.card import card_path_for, sha256_of
-from training.atomic import write_text
+from models.atomic import write_text
 from training.config import (SAME_RUN, AugmentConfig, StrataTargets, TrainConfig, for_existing_run, for_members,
                              resolve_data_root, resolve_frozen, resolve_weights, weights_file_sha256)
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.calibration import StrataTargets
-from training.atomic import write_text
+from models.atomic import write_text
 from training.errors import RefusedError
 
 DATA_ROOT_ENV = "PNEUMONIA_DATA_ROOT"
@@ -176,7 +176,7 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def dump(self, path: Path) -> None:
-        """config.json, replaced whole (`training.atomic`): a kill while writing it left a run no stage could read."""
+        """config.json, replaced whole (`models.atomic`): a kill while writing it left a run no stage could read."""
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -19,7 +19,7 @@ from sklearn.metrics import classification_report
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, exact_rate_ci,
                                 fit_temperature, nll, per_class_metrics, stratum_report, temperature_at_edge)
 from models.card import LABELS, Stratum, sha256_of, strict_json
-from training.atomic import write_text
+from models.atomic import write_text
 from training.config import TrainConfig
 from training.errors import RefusedError
 from training.data import Split, load_split

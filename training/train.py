@@ -19,7 +19,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from training.atomic import copy_file, save_torch, write_text
+from models.atomic import copy_file, write_text
+from training.atomic import save_torch
 from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights
 from training.data import Split, augment_batch, ensure_dataset, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits

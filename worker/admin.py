@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 from sqlalchemy import Connection, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from models.atomic import write_whole
 from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
@@ -695,17 +695,13 @@ def _emit(rows: list[dict[str, Any]], columns: Iterable[str], fmt: str, out: Pat
 
     Why: with the locale's encoding an accession number in another script raised UnicodeEncodeError (a
     traceback) in an ASCII or Latin-1 locale, and `--out` was left cut short, which a RIS polling the file
-    reads as a complete export. The file is written beside its target and renamed over it (`_replace_whole`);
-    where that cannot keep what the old file had (a folder the user cannot write, an owner only root could
-    give back) or the target is not a regular file (a pipe, /dev/stdout), it is written in place as before."""
+    reads as a complete export. The file is written beside its target and renamed over it, keeping the old
+    file's mode, owner and group, or in place where that cannot be done (`models.atomic.write_whole`)."""
     if out is None:
         _write(rows, list(columns), fmt, _utf8(sys.stdout))
         return
-    target = out.resolve() if out.is_symlink() else out  # a link keeps pointing at the new export
-    try:
-        if not _replace_whole(target, lambda handle: _write(rows, list(columns), fmt, handle)):
-            with open(_create_private(target), "w", newline="", encoding="utf-8") as handle:
-                _write(rows, list(columns), fmt, handle)
+    try:  # a new file is 0640: an export holds accession numbers (the gateway's spool is 0640 too)
+        write_whole(out, lambda handle: _write(rows, list(columns), fmt, handle), new_file_mode=0o640)
     except (OSError, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "a value the encoding cannot hold"
         raise OutputError(f"{type(exc).__name__}: {reason or 'I/O error'}") from exc
@@ -716,47 +712,6 @@ def _utf8(stream: Any) -> Any:
     if hasattr(stream, "reconfigure") and str(getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8":
         stream.reconfigure(encoding="utf-8")
     return stream
-
-
-def _replace_whole(target: Path, write: Callable[[Any], None]) -> bool:
-    """Write through a temporary file beside `target`, fsync it and rename it over `target`; False, having
-    written nothing, where that would lose something: `target` is not a regular file, its folder is not
-    writable, or its owner or group cannot be given to the new file."""
-    if (target.exists() and not target.is_file()) or not os.access(target.parent, os.W_OK | os.X_OK):
-        return False
-    old = target.stat() if target.exists() else None
-    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    try:
-        with open(descriptor, "w", newline="", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), old.st_mode & 0o7777 if old else 0o640 & ~_umask())
-            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(handle.fileno(), old.st_uid, old.st_gid)  # PermissionError unless root: in place then
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(name, target)
-    except PermissionError:
-        Path(name).unlink(missing_ok=True)
-        if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-            return False
-        raise
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return True
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _create_private(path: Path) -> int:
-    """`path` opened for writing (a descriptor), truncated, created 0640 if new (owner rw, group r).
-    Why: an export holds accession numbers, and open() made it 0644 (world-readable) under the usual
-    umask 022 while the gateway writes its spool 0640; a file that exists keeps the mode its owner gave it."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
 
 
 def _write(rows: list[dict[str, Any]], columns: list[str], fmt: str, handle: Any) -> None:

@@ -396,6 +396,21 @@ def test_save_replaces_the_file_whole_or_not_at_all(tmp_path, card, monkeypatch)
     assert path.stat().st_mode & 0o777 == 0o640  # the replaced file's permissions, which the worker reads by
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_save_keeps_the_owner_and_group_of_the_file_it_replaces(tmp_path, card):
+    """An admin re-fitting as root over the file the worker's user serves left one owned by root: with mode
+    0640 the worker could no longer read its calibration and retried every image as a deployment fault."""
+    labels, logits = shifted_logits(200, seed=4)
+    site = fit_site_calibration(labels, logits, card, "site-b", folds=4)
+    path = tmp_path / "site.json"
+    path.write_text("the deployed calibration")
+    path.chmod(0o640)
+    os.chown(path, 65534, 65534)
+    site.save(path)
+    assert (path.stat().st_uid, path.stat().st_gid, path.stat().st_mode & 0o777) == (65534, 65534, 0o640)
+    assert SiteCalibration.load(path).sha256 == site.sha256
+
+
 def test_save_writes_through_a_symbolic_link(tmp_path, card):
     """A deployment pointing TRIAGE_SITE_CALIBRATION at a link's target kept the old calibration: the
     atomic rename replaced the link itself."""

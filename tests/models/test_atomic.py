@@ -1,0 +1,99 @@
+"""models.atomic: a file replaced whole keeps what the old one had, and falls back to a plain write only where it must."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from models.atomic import copy_file, write_text, write_whole
+
+
+def test_a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the only resume point")
+
+    def full_disk_half_way(handle) -> None:
+        handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_whole(path, full_disk_half_way, binary=True)
+    assert path.read_bytes() == b"the only resume point" and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_text_is_utf8_whatever_the_locale_and_keeps_its_line_ends(tmp_path):
+    path = tmp_path / "export.csv"
+    write_text(path, "MÜLLER-Ø\r\nnext\n")
+    assert path.read_bytes() == "MÜLLER-Ø\r\nnext\n".encode("utf-8")
+
+
+def test_a_new_file_gets_the_given_mode_less_the_umask_and_an_old_one_keeps_its_own(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        write_text(tmp_path / "new.json", "{}", new_file_mode=0o666)
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+        write_text(tmp_path / "private.csv", "x", new_file_mode=0o600)
+        assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+    (tmp_path / "new.json").chmod(0o604)
+    write_text(tmp_path / "new.json", "{}\n")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o604
+
+
+def test_a_symbolic_link_is_written_through_and_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "site.json", tmp_path / "site.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    copy_file(Path(__file__), link)
+    assert link.is_symlink() and target.read_bytes() == Path(__file__).read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_the_owner_and_group_of_the_replaced_file_are_kept(tmp_path):
+    path = tmp_path / "site.json"
+    path.write_text("old")
+    os.chown(path, 65534, 65534)
+    write_text(path, "new")
+    assert (path.stat().st_uid, path.stat().st_gid, path.read_text()) == (65534, 65534, "new")
+
+
+def test_an_owner_that_cannot_be_given_back_is_kept_by_writing_in_place(tmp_path, monkeypatch):
+    """A user who may write another's file (group-writable) but not give a new file that owner: a rename
+    would have taken the file from its owner, so it is written in place."""
+    path = tmp_path / "export.csv"
+    path.write_text("old")
+    before = path.stat().st_ino
+    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)  # the writer is someone else
+
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refused)
+    write_text(path, "new")
+    assert path.read_text() == "new" and path.stat().st_ino == before and os.listdir(tmp_path) == ["export.csv"]
+
+
+def test_a_folder_it_cannot_write_gets_the_file_written_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "export.csv"
+    path.write_text("old")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == tmp_path else real_access(p, mode, **kw))
+    write_text(path, "new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["export.csv"]
+
+
+def test_a_pipe_is_written_to_not_replaced(tmp_path):
+    """A RIS reading a named pipe: renaming a regular file over it would have cut the reader off."""
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    write_text(fifo, "rows\n")
+    reader.join(timeout=10)
+    assert received == [b"rows\n"] and fifo.is_fifo()
