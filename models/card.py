@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from models.atomic import write_text
+
 MODEL_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_NAME = "pneumonia_resnet50"
 STRATUM_NAMES = ("likely_normal", "indeterminate", "high_suspicion")
@@ -123,7 +125,9 @@ class ModelCard:
         return {**data, **extra}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(strict_json(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        """Replaced whole (`models.atomic`): a worker loading the model while a card is re-written beside it
+        must read the old card or the new one, never half of one."""
+        write_text(path, strict_json(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelCard":

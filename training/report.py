@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from models.atomic import write_text  # noqa: E402
 from models.card import strict_json  # noqa: E402
 from training.evaluate import Evaluation  # noqa: E402
 from training.metrics import softmax_pneumonia  # noqa: E402
@@ -23,9 +24,9 @@ NAMES = {"accuracy": "Accuracy", "precision": "Precision (PPV)", "npv": "NPV", "
 def write_results(results_dir: Path, evaluation: Evaluation, history: list[dict], run_info: dict, run_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"run": run_info, **evaluation.metrics, "strata": [s.__dict__ for s in evaluation.strata]}
-    (results_dir / "metrics.json").write_text(strict_json(payload, indent=2) + "\n")
-    (results_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    (results_dir / "summary.md").write_text(summary_markdown(evaluation, run_info))
+    write_text(results_dir / "metrics.json", strict_json(payload, indent=2) + "\n")
+    write_text(results_dir / "history.json", json.dumps(history, indent=2) + "\n")
+    write_text(results_dir / "summary.md", summary_markdown(evaluation, run_info))
     predictions = np.load(run_dir / "predictions.npz")
     plot_all(results_dir, predictions, evaluation, history)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.atomic import write_text
 from models.calibration import StrataTargets, calibrate, stratum_report
 from models.card import nan_for_null, strict_json
 from training.errors import InputMissingError, RefusedError
@@ -198,8 +199,8 @@ def summarize_seeds(run_dirs: list[Path], out_dir: Path, targets: StrataTargets,
     refuse_other_runs(out_dir, {run_folder(r.label) for r in runs})
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_run_files(runs, run_dirs, out_dir)
-    (out_dir / "seeds.json").write_text(strict_json(figures, indent=2) + "\n")
-    (out_dir / "seeds.md").write_text(seeds_markdown(figures))
+    write_text(out_dir / "seeds.json", strict_json(figures, indent=2) + "\n")
+    write_text(out_dir / "seeds.md", seeds_markdown(figures))
     return figures
 
 
