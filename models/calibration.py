@@ -70,6 +70,13 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 
 
+RATES = {"accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")), "precision": (("tp",), ("tp", "fp")),
+         "npv": (("tn",), ("tn", "fn")), "sensitivity": (("tp",), ("tp", "fn")), "specificity": (("tn",), ("tn", "fp")),
+         "fnr": (("fn",), ("tp", "fn")), "fpr": (("fp",), ("tn", "fp"))}
+"""The threshold metrics that are binomial proportions: (counts in the numerator, counts in the denominator).
+The one definition of each: `binary_metrics` computes them from it and `exact_rate_ci` gives their exact CIs."""
+
+
 def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float]:
     """Threshold metrics; a case is called pneumonia when probability >= threshold. A probability that
     is not a number is refused: `nan >= threshold` is False, so it was counted as a normal call."""
@@ -77,25 +84,11 @@ def binary_metrics(labels: np.ndarray, probability: np.ndarray, threshold: float
     if not np.all(np.isfinite(probability)):
         raise ValueError(f"{int(np.sum(~np.isfinite(probability)))} probabilities are not finite numbers")
     c = confusion(labels, probability >= threshold)
-    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
-    precision, sensitivity = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {
-        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
-        "precision": precision,
-        "npv": _ratio(tn, tn + fn),
-        "sensitivity": sensitivity,
-        "specificity": _ratio(tn, tn + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "fnr": _ratio(fn, tp + fn),
-        "fpr": _ratio(fp, tn + fp),
-    }
-
-
-
-RATES = {"accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")), "precision": (("tp",), ("tp", "fp")),
-         "npv": (("tn",), ("tn", "fn")), "sensitivity": (("tp",), ("tp", "fn")), "specificity": (("tn",), ("tn", "fp")),
-         "fnr": (("fn",), ("tp", "fn")), "fpr": (("fp",), ("tn", "fp"))}
-"""The threshold metrics that are binomial proportions: (counts in the numerator, counts in the denominator)."""
+    rates = {name: _ratio(sum(c[k] for k in numerator), sum(c[k] for k in denominator))
+             for name, (numerator, denominator) in RATES.items()}
+    f1 = _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"])  # not a proportion of cases: no exact CI
+    order = ("accuracy", "precision", "npv", "sensitivity", "specificity", "f1", "fnr", "fpr")
+    return {name: f1 if name == "f1" else rates[name] for name in order}
 
 
 def exact_rate_ci(counts: dict[str, int], alpha: float = 0.05) -> dict[str, tuple[float, float]]:
