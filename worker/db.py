@@ -77,6 +77,7 @@ instances = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("processing_ms", Float),
+    Column("requeued_at", DateTime),  # migration 0007: when `pneumonia-admin reprocess` last sent it again
     PrimaryKeyConstraint("study_instance_uid", "sop_instance_uid", name="instances_pkey"),  # migration 0003
     Index("ix_instances_study_received", "study_instance_uid", "received_at"),
     Index("ix_instances_accession", "accession_number"),
@@ -411,9 +412,9 @@ RESULT_COLUMNS = ("model_name", "model_version", "model_sha256", "site_calibrati
 
 
 def requeue_terminal_instance(conn: Connection, study_uid: str, sop_uid: str, was: str,
-                              finished_at: dt.datetime | None, relpath: str, reason: str) -> bool:
-    """Put a terminal row back to `queued`, its attempts and results cleared, for `pneumonia-admin
-    reprocess`; True if the row was still the one selected: status `was`, finished at `finished_at`. A row
+                              finished_at: dt.datetime | None, relpath: str, reason: str, now: dt.datetime) -> bool:
+    """Put a terminal row back to `queued`, its attempts and results cleared and `requeued_at` = `now`, for
+    `pneumonia-admin reprocess`; True if the row was still the one selected: status `was`, finished at `finished_at`. A row
     that another delivery finished or that another run reprocessed meanwhile is left alone, even one that
     ended in the same status again (the status alone could not tell it from the row selected)."""
     t = instances
@@ -421,6 +422,7 @@ def requeue_terminal_instance(conn: Connection, study_uid: str, sop_uid: str, wa
             .where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid, t.c.status == was,
                    t.c.finished_at.is_not_distinct_from(finished_at))
             .values(status="queued", reason=reason, attempts=0, transient_claims=None, spool_relpath=relpath,
+                    requeued_at=now,
                     **{column: None for column in RESULT_COLUMNS})
             .returning(t.c.sop_instance_uid))
     return conn.execute(stmt).first() is not None

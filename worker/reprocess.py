@@ -170,7 +170,7 @@ def reopen_row(engine: Engine, candidate: Candidate, relpath: str, now: dt.datet
     note = f"reprocessing requested {now.isoformat(timespec='seconds')}Z (was {candidate.status}: {candidate.reason})"
     with engine.begin() as conn:
         if not db.requeue_terminal_instance(conn, candidate.study_uid, candidate.sop_uid, candidate.status,
-                                            candidate.finished_at, relpath, note[:1000]):
+                                            candidate.finished_at, relpath, note[:1000], now):
             return False
         db.reopen_study(conn, candidate.study_uid)
     return True

@@ -265,7 +265,7 @@ def test_migration_0006_keeps_final_studies_and_goes_back(database_url):
                               " ('5.1', :t, :at, 'URGENT'), ('5.2', :f, NULL, NULL)"),
                          {"t": True, "f": False, "at": dt.datetime(2026, 1, 3)})
         upgrade(database_url)
-        assert current_revision(database_url) == "0006"
+        assert current_revision(database_url) == head_revision()
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO studies (study_instance_uid, final) VALUES ('5.3', :f)"), {"f": False})
             rows = conn.execute(select(db.study_flags.c.study_instance_uid, db.study_flags.c.reopened_count,
@@ -365,3 +365,31 @@ def test_a_postgresql_connection_that_goes_silent_fails_instead_of_hanging(monke
         finally:
             in_flight.dispose()
             pooled.dispose()
+
+
+def test_migration_0007_adds_the_reprocess_time_in_place_and_goes_back(database_url):
+    """Rows of 0006 keep their values with no reprocess time; workers of 0006 (which do not name the column)
+    keep writing; the downgrade drops it."""
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    upgrade(database_url, "0006")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
+                              " VALUES ('6.1', '6', 'done', 1)"))
+        upgrade(database_url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
+                              " VALUES ('6.2', '6', 'queued', 0)"))
+            assert conn.execute(text("SELECT sop_instance_uid, status, requeued_at FROM instances"
+                                     " ORDER BY sop_instance_uid")).all() == [("6.1", "done", None), ("6.2", "queued", None)]
+        engine.dispose()
+        command.downgrade(alembic_config(database_url), "0006")
+        with engine.connect() as conn:
+            assert "requeued_at" not in {c["name"] for c in inspect(conn).get_columns("instances")}
+            assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 2
+    finally:
+        engine.dispose()

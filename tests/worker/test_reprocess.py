@@ -302,3 +302,24 @@ def test_a_copy_put_back_keeps_its_receive_date(spool_db):
     assert _send_one(spool, engine, NoSend(), stale) is Outcome.SKIPPED
     received = RECEIVED.replace(tzinfo=dt.timezone.utc).timestamp()
     assert archive_path(spool, STUDY, f"{STUDY}.4").stat().st_mtime == received
+
+
+def test_stats_measures_a_reprocessed_image_from_its_reprocessing_not_its_first_arrival(spool_db, redis_server,
+                                                                                         monkeypatch):
+    """An image received weeks ago and reprocessed today put weeks into the window's latency p99 and max: the
+    admin read a worker weeks behind. It is measured from the reprocess request and counted apart."""
+    url, engine, spool = spool_db
+    redis_server.flush()
+    monkeypatch.setenv("TRIAGE_BROKER_URL", redis_server.url)
+    assert admin.main(["--database-url", url, "reprocess", "--status", "skipped"]) == 0
+    requeued_at = rows(engine)[f"{STUDY}.3"]["requeued_at"]
+    assert requeued_at is not None and abs((db.utcnow() - requeued_at).total_seconds()) < 60
+    with engine.begin() as conn:  # what a worker writes when it has scored the image
+        db.finish_instance(conn, {"study_instance_uid": STUDY, "sop_instance_uid": f"{STUDY}.3", "status": "done",
+                                  "received_at": RECEIVED, "finished_at": requeued_at + dt.timedelta(seconds=2),
+                                  "stratum": "likely_normal", "flag": "ROUTINE", "severity": 0, "probability": 0.1})
+    with engine.connect() as conn:
+        stats = admin.compute_stats(conn, window_hours=24)
+    assert stats["finished"] == 1 and stats["reprocessed"] == 1
+    assert stats["latency_s"]["max"] == pytest.approx(2.0, abs=0.01)
+    assert rows(engine)[f"{STUDY}.3"]["requeued_at"] == requeued_at  # the result keeps the fact of the reprocessing
