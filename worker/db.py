@@ -273,6 +273,16 @@ def get_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, An
     return dict(row) if row else None
 
 
+def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> str | None:
+    """The row's status, the row locked until `conn`'s transaction ends (None: no such row). A no-op UPDATE,
+    so that SQLite takes its write lock too (it ignores SELECT ... FOR UPDATE): a writer of the row, such as
+    `requeue_terminal_instance`, waits for the transaction and then sees what it did."""
+    t = instances
+    stmt = (t.update().where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid)
+            .values(status=t.c.status).returning(t.c.status))
+    return conn.execute(stmt).scalar()
+
+
 def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[str]:
     """Those of `sop_uids` that already have a terminal row in study `study_uid`."""
     found: set[str] = set()

@@ -375,14 +375,24 @@ def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, sta
                     received_at: dt.datetime | None = None) -> None:
     """A delivery of an instance whose result is stored: its file (left by a crash, or a re-send) is
     archived beside the first, dated by the row's receive time (retention counts from the first copy),
-    and said to differ from the first when its pixel data does."""
+    and said to differ from the first when its pixel data does.
+
+    The row is read again, locked, while the file moves: `pneumonia-admin reprocess` may have restored a copy
+    to pending/ and reopened the row since this delivery found it terminal, and archiving that copy failed the
+    reprocessed image "spool file missing". A reopened row keeps its file for its own delivery; a reopening
+    that waits for the lock finds the copy archived and restores it again (`reprocess._after_a_resend`)."""
     try:
         path = resolve_pending(rt.settings.spool_dir, relpath)
     except SpoolPathError:
         return
     if study_uid:
         _compare_with_first(rt, path, study_uid, sop_uid, status)
-    retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention, received_at)
+    with rt.engine.begin() as conn:
+        if db.lock_instance(conn, study_uid, sop_uid) not in db.TERMINAL:
+            log.info("instance %s was reopened for reprocessing while a stale delivery ran; its file is left in "
+                     "pending/ for its own delivery", sop_uid)
+            return
+        retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention, received_at)
 
 
 def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, status: str) -> None:

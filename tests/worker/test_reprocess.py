@@ -323,3 +323,33 @@ def test_stats_measures_a_reprocessed_image_from_its_reprocessing_not_its_first_
     assert stats["finished"] == 1 and stats["reprocessed"] == 1
     assert stats["latency_s"]["max"] == pytest.approx(2.0, abs=0.01)
     assert rows(engine)[f"{STUDY}.3"]["requeued_at"] == requeued_at  # the result keeps the fact of the reprocessing
+
+
+def test_a_stale_delivery_leaves_a_copy_that_reprocess_restored_while_it_ran(spool_db, monkeypatch):
+    """A stale message (an earlier re-send's) read the row still skipped; `reprocess` then restored the copy and
+    reopened the row; the stale delivery archived the restored copy as a duplicate of a stored result, and the
+    reprocess's own delivery failed the image "spool file missing". The archiving now re-checks the row under
+    its lock: a row reopened meanwhile keeps its file in pending/ for its own delivery."""
+    from worker import tasks
+    from worker.config import WorkerSettings
+
+    url, engine, spool = spool_db
+    candidate = select_candidates(engine, Selection(status="skipped"))[0]
+    pending = spool / contract.pending_relpath(STUDY, candidate.sop_uid)
+    rt = tasks.Runtime(WorkerSettings(database_url=url, spool_dir=spool))
+    real_compare = tasks._compare_with_first
+
+    class Recorder:
+        def send_task(self, *args, **kwargs):
+            pass
+
+    def reprocess_meanwhile(*args, **kwargs):  # after the stale delivery's read of the row, before its archiving
+        assert _send_one(spool, engine, Recorder(), candidate) is Outcome.SENT
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_compare_with_first", reprocess_meanwhile)
+    stale = tasks.process_instance(rt, contract.pending_relpath(STUDY, candidate.sop_uid), candidate.sop_uid,
+                                   RECEIVED.isoformat())
+    assert stale["noop"] and rows(engine)[candidate.sop_uid]["status"] == "queued"
+    assert pending.read_bytes() == b"DICM"  # there for the reprocess's own delivery
+    rt.engine.dispose()
