@@ -9,8 +9,11 @@ system), so a reader sees the old file or the new one, never a part.
 A rename makes a new file, so what the old one had is given to it: its permission bits and, where they
 differ from the writer's, its owner and group (an admin running a command as root over a file the service
 user reads must not leave one only root can read). Where that cannot be done without losing something (the
-folder is not writable, the owner could only be given back by root, the target is a pipe or a device such
-as /dev/stdout) the file is written in place, as a plain write would.
+folder is not writable, the owner could only be given back by root and the file may be written in place,
+the target is a pipe or a device such as /dev/stdout) the file is written in place, as a plain write would.
+A file that can be neither given its owner nor written in place is replaced, and becomes the writer's, as
+any rename would make it. A rename does not keep POSIX ACLs, extended attributes or other hard links to
+the old file: a file served through those must be reached through a symbolic link instead.
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ from typing import IO, Any, Callable
 
 def write_whole(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False,
                 new_file_mode: int = 0o666) -> None:
-    """Call `write` on a handle whose content replaces `path` whole (see the module's docstring).
+    """Call `write` once, on a handle whose content replaces `path` whole (see the module's docstring).
 
     A symbolic link is written through (its target is replaced, the link kept): a deployment may point at
     the link. Text handles are UTF-8 with newline="" (csv writes its own line ends). A new file gets
-    `new_file_mode` less the umask, as `os.open` would give it; an existing one keeps its mode."""
+    `new_file_mode` less the umask, as `os.open` would give it; an existing one keeps its mode. An error of
+    `write` leaves the old file as it was."""
+    if not _regular_or_absent(path):  # a pipe or a device (/dev/stdout names /proc/<pid>/fd/pipe:[N], no file)
+        _write_in_place(Path(path), write, binary, new_file_mode)
+        return
     target = Path(os.path.realpath(path))
     if not _replace(target, write, binary, new_file_mode):
-        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, new_file_mode)
-        with _handle(descriptor, binary) as handle:
-            write(handle)
+        _write_in_place(target, write, binary, new_file_mode)
 
 
 def write_text(path: str | Path, text: str, *, new_file_mode: int = 0o666) -> None:
@@ -53,31 +58,54 @@ def copy_file(source: str | Path, target: str | Path) -> None:
 def _replace(target: Path, write: Callable[[IO[Any]], None], binary: bool, new_file_mode: int) -> bool:
     """The temporary-file-and-rename write; False, having written nothing, where it would lose something."""
     old = target.stat() if target.exists() else None
-    if (old is not None and not stat.S_ISREG(old.st_mode)) or not os.access(target.parent, os.W_OK | os.X_OK):
+    if not os.access(target.parent, os.W_OK | os.X_OK):
         return False
-    other_owner = old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid())
     name = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
     descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_file_mode)  # the umask applies, as to a new file
     try:
         with _handle(descriptor, binary) as handle:
-            if old is not None:
-                os.fchmod(descriptor, stat.S_IMODE(old.st_mode))
-            if other_owner:
-                os.fchown(descriptor, old.st_uid, old.st_gid)  # PermissionError unless root: in place then
+            if old is not None and not _take_over(descriptor, old, target):
+                name.unlink()
+                return False
             write(handle)
             handle.flush()
             os.fsync(descriptor)
         os.replace(name, target)
-    except PermissionError:
-        name.unlink(missing_ok=True)
-        if other_owner:
-            return False
-        raise
     except BaseException:  # a failed or interrupted write leaves the old file and no stray temporary
         name.unlink(missing_ok=True)
         raise
     _sync_folder(target.parent)
     return True
+
+
+def _take_over(descriptor: int, old: os.stat_result, target: Path) -> bool:
+    """Give the new file the old one's owner, group and mode; False where the owner or group cannot be given
+    (not root) and the old file can be written in place instead. Compared with the new file's own, not the
+    writer's: in a setgid folder both already have the folder's group."""
+    new = os.fstat(descriptor)
+    if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+        try:
+            os.fchown(descriptor, old.st_uid, old.st_gid)
+        except PermissionError:
+            if os.access(target, os.W_OK):
+                return False
+            # neither: replaced as any rename replaces, the file becoming the writer's (a run folder shared
+            # through a sticky or world-writable folder, say)
+    os.fchmod(descriptor, stat.S_IMODE(old.st_mode))  # after fchown, which may clear set-id bits
+    return True
+
+
+def _write_in_place(target: Path, write: Callable[[IO[Any]], None], binary: bool, new_file_mode: int) -> None:
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, new_file_mode)
+    with _handle(descriptor, binary) as handle:
+        write(handle)
+
+
+def _regular_or_absent(path: str | Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def _handle(descriptor: int, binary: bool) -> IO[Any]:

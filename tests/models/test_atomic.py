@@ -62,20 +62,66 @@ def test_the_owner_and_group_of_the_replaced_file_are_kept(tmp_path):
     assert (path.stat().st_uid, path.stat().st_gid, path.read_text()) == (65534, 65534, "new")
 
 
+def refused(*args: object) -> None:
+    raise PermissionError(1, "Operation not permitted")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
 def test_an_owner_that_cannot_be_given_back_is_kept_by_writing_in_place(tmp_path, monkeypatch):
     """A user who may write another's file (group-writable) but not give a new file that owner: a rename
     would have taken the file from its owner, so it is written in place."""
     path = tmp_path / "export.csv"
     path.write_text("old")
+    os.chown(path, 65534, 65534)
     before = path.stat().st_ino
-    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)  # the writer is someone else
-
-    def refused(*args: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
     monkeypatch.setattr(os, "fchown", refused)
     write_text(path, "new")
     assert path.read_text() == "new" and path.stat().st_ino == before and os.listdir(tmp_path) == ["export.csv"]
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_a_file_neither_chownable_nor_writable_in_place_is_replaced_as_before(tmp_path, monkeypatch):
+    """Another user's 0644 file in a folder the writer may write (a shared run folder): a rename replaced it
+    before models.atomic; it is replaced still, rather than refused."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+    os.chown(path, 65534, 65534)
+    monkeypatch.setattr(os, "fchown", refused)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path else real_access(p, mode, **kw))
+    copy_file(Path(__file__), path)
+    assert path.read_bytes() == Path(__file__).read_bytes() and os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_an_error_of_the_writer_leaves_another_owners_file_untouched(tmp_path):
+    """A PermissionError from `write` itself (an unreadable source of copy_file) was taken for a refused
+    chown: the target was truncated and written in place, and its 15,000-byte checkpoint became 0 bytes."""
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"x" * 15_000)
+    os.chown(path, 65534, 65534)
+    calls = []
+
+    def unreadable_source(handle) -> None:
+        calls.append(1)
+        handle.write(b"partial,")
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        write_whole(path, unreadable_source, binary=True)
+    assert path.read_bytes() == b"x" * 15_000 and calls == [1] and os.listdir(tmp_path) == ["best.pt"]
+
+
+def test_dev_stdout_into_a_pipe_is_written_to(tmp_path):
+    """`--out /dev/stdout` into a pipe: its real path is /proc/<pid>/fd/pipe:[N], which names no file, and
+    the export failed with FileNotFoundError."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from models.atomic import write_text; write_text('/dev/stdout', 'rows\\n')"],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == b"rows\n", out.stderr
 
 
 def test_a_folder_it_cannot_write_gets_the_file_written_in_place(tmp_path, monkeypatch):
