@@ -470,17 +470,25 @@ def _timing_stats(rows: Sequence[Any]) -> dict[str, Any]:
     if not rows:
         return {"finished": 0, "reprocessed": 0, "throughput_per_s": None, "latency_s": None, "processing_ms": None}
     finished = [r[1] for r in rows if r[1] is not None]
-    latency = np.array([(r[1] - (r[3] or r[0])).total_seconds() for r in rows if (r[3] or r[0]) and r[1]], dtype=float)
+    spans = [(r[1], _latency_start(r[0], r[3], r[1])) for r in rows if r[1] is not None]
+    latency = np.array([(end - start).total_seconds() for end, start in spans if start is not None], dtype=float)
     processing = np.array([r[2] for r in rows if r[2] is not None], dtype=float)
     span = (max(finished) - min(finished)).total_seconds() if len(finished) > 1 else 0.0
     return {
         "finished": len(rows),
-        "reprocessed": sum(r[3] is not None for r in rows),
+        "reprocessed": sum(r[3] is not None and r[1] is not None and r[3] <= r[1] for r in rows),
         # N finish times span N - 1 intervals: 5 results a second apart are 1.0/s, not 1.25/s
         "throughput_per_s": round((len(finished) - 1) / span, 3) if span > 0 else None,
         "latency_s": _percentiles(latency),
         "processing_ms": _percentiles(processing),
     }
+
+
+def _latency_start(received: dt.datetime | None, requeued: dt.datetime | None,
+                   finished: dt.datetime) -> dt.datetime | None:
+    """The reprocess request where one came before the finish, else the arrival: a time after the finish is
+    not this result's request (a database edited by hand, a clock stepped back), and gave a negative latency."""
+    return requeued if requeued is not None and requeued <= finished else received
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float] | None:

@@ -69,13 +69,14 @@ class Candidate:
     reason: str | None
     received_at: dt.datetime | None
     finished_at: dt.datetime | None
+    requeued_at: dt.datetime | None = None  # an earlier reprocess's, put back should this one be undone
 
 
 def select_candidates(engine: Engine, selection: Selection) -> list[Candidate]:
     """The rows `selection` names, oldest arrival first (status is indexed with finished_at)."""
     t = db.instances.c
-    query = select(t.study_instance_uid, t.sop_instance_uid, t.status, t.reason, t.received_at, t.finished_at).where(
-        t.status == selection.status)
+    query = select(t.study_instance_uid, t.sop_instance_uid, t.status, t.reason, t.received_at, t.finished_at,
+                   t.requeued_at).where(t.status == selection.status)
     if selection.study:
         query = query.where(t.study_instance_uid == selection.study)
     if selection.accession:
@@ -301,7 +302,7 @@ def _after_a_resend(spool_dir: Path, engine: Engine, candidate: Candidate, relpa
     with engine.begin() as conn:
         db.finish_instance(conn, {"study_instance_uid": candidate.study_uid, "sop_instance_uid": candidate.sop_uid,
                                   "status": candidate.status, "reason": candidate.reason,
-                                  "finished_at": candidate.finished_at})
+                                  "finished_at": candidate.finished_at, "requeued_at": candidate.requeued_at})
     return Restored(None, "its copy was replaced and taken while it was being restored; the row is as it was")
 
 

@@ -353,3 +353,31 @@ def test_a_stale_delivery_leaves_a_copy_that_reprocess_restored_while_it_ran(spo
     assert stale["noop"] and rows(engine)[candidate.sop_uid]["status"] == "queued"
     assert pending.read_bytes() == b"DICM"  # there for the reprocess's own delivery
     rt.engine.dispose()
+
+
+def test_a_reprocess_undone_for_want_of_a_copy_leaves_no_reprocess_time(spool_db, monkeypatch):
+    """The restored copy was taken and no copy was left: the row went back to what it was, but kept the
+    reprocess time, and `stats` counted it reprocessed with a negative latency (its old finish before it)."""
+    import worker.reprocess as reprocess_module
+
+    _, engine, spool = spool_db
+    candidate = select_candidates(engine, Selection(status="skipped"))[0]
+    pending = spool / contract.pending_relpath(STUDY, candidate.sop_uid)
+    real_reopen = reprocess_module.reopen_row
+
+    def taken_then_reopen(*args, **kwargs):
+        pending.unlink()  # the restored copy gone (deleted by hand, say), no other copy archived
+        return real_reopen(*args, **kwargs)
+
+    monkeypatch.setattr(reprocess_module, "reopen_row", taken_then_reopen)
+
+    class Recorder:
+        def send_task(self, *args, **kwargs):
+            raise AssertionError("nothing is sent for a row put back")
+
+    assert _send_one(spool, engine, Recorder(), candidate) is Outcome.SKIPPED
+    row = rows(engine)[candidate.sop_uid]
+    assert (row["status"], row["finished_at"], row["requeued_at"]) == ("skipped", RECEIVED, None)
+    with engine.connect() as conn:
+        stats = admin.compute_stats(conn, window_hours=24 * 365 * 10)
+    assert stats["reprocessed"] == 0 and stats["latency_s"]["p50"] >= 0
