@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from models.atomic import write_whole
+
 EPSILON = 1e-5
 """Added to a variance before its square root, as PyTorch's BatchNorm does."""
 _AXES = "adaptation_axes"
@@ -46,7 +48,7 @@ class FeatureStatistics:
 
     def save(self, path: str | Path) -> None:
         arrays = {f"mean/{k}": v for k, v in self.mean.items()} | {f"std/{k}": v for k, v in self.std.items()}
-        np.savez_compressed(path, images=np.int64(self.images), **arrays)
+        write_whole(path, lambda handle: np.savez_compressed(handle, images=np.int64(self.images), **arrays), binary=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureStatistics":

@@ -22,8 +22,10 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def write_whole(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False,
@@ -53,6 +55,18 @@ def copy_file(source: str | Path, target: str | Path) -> None:
         with open(source, "rb") as original:
             shutil.copyfileobj(original, handle)
     write_whole(target, write, binary=True)
+
+
+@contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """A path for a library that writes only to paths (the ONNX exporter, onnxruntime's quantizer): what the
+    block writes there replaces `path` whole once the block ends without an error (`copy_file`), so a
+    worker loading the model meanwhile reads the old one or the new one."""
+    target = Path(path)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as folder:
+        staged = Path(folder) / target.name
+        yield staged
+        copy_file(staged, target)
 
 
 def _replace(target: Path, write: Callable[[IO[Any]], None], binary: bool, new_file_mode: int) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import compose, helper
 
+from models.atomic import write_text, write_whole
 from models.calibration import calibrate
 from models.card import DEFAULT_MODEL_NAME, ModelCard, card_path_for, sha256_of
 from training.config import TrainConfig, trained_fields
@@ -60,7 +61,7 @@ def combine(member_paths: list[Path], out_path: Path) -> None:
                               ir_version=members[0].ir_version)
     onnx.checker.check_model(model)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_path))
+    write_whole(out_path, lambda handle: handle.write(model.SerializeToString()), binary=True)  # < 2 GB: one protobuf
 
 
 def member_files(run_dirs: list[Path]) -> list[Path]:
@@ -93,7 +94,7 @@ def build_ensemble(run_dirs: list[Path], config: TrainConfig, int8: bool, calibr
         for fp32, int8_member in zip(fp32_members, members):
             quantize_onnx(fp32, int8_member, val.images[pick], config.image_size)
     combine(members, out / MEMBER_FILE)
-    (out / "history.json").write_text("[]\n")
+    write_text(out / "history.json", "[]\n")
     recipes = [json.loads((d / "config.json").read_text()) for d in run_dirs]
     log.info("ensemble of %d runs (seeds %s, %s) -> %s", len(run_dirs), [r["seed"] for r in recipes],
              "int8" if int8 else "fp32", out)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report
 
+from models.atomic import write_text, write_whole
 from models.calibration import (StrataTargets, binary_metrics, bootstrap_ci, calibrate, confusion, exact_rate_ci,
                                 fit_temperature, nll, per_class_metrics, stratum_report, temperature_at_edge)
 from models.card import LABELS, Stratum, sha256_of, strict_json
-from models.atomic import write_text
 from training.config import TrainConfig
 from training.errors import RefusedError
 from training.data import Split, load_split
@@ -207,8 +207,9 @@ def test_metrics(val: Split, val_logits: dict, test: Split, test_logits: dict, t
 
 
 def write_predictions(out: Path, val: Split, val_logits: np.ndarray, test: Split, test_logits: np.ndarray) -> None:
-    np.savez_compressed(out / "predictions.npz", val_labels=val.labels, val_logits=val_logits,
-                        test_labels=test.labels, test_logits=test_logits)
+    write_whole(out / "predictions.npz", lambda handle: np.savez_compressed(
+        handle, val_labels=val.labels, val_logits=val_logits, test_labels=test.labels, test_logits=test_logits),
+        binary=True)
 
 
 EVALUATION_SETTINGS = ("tta_hflip", "bootstrap", "strata")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.atomic import written_whole
 from models.card import DEFAULT_MODEL_NAME, LABELS, ModelCard, card_path_for, sha256_of
 from models.preprocess import INPUT_SIZE, preprocess_batch, preprocessing_id
 from training.config import TrainConfig
@@ -41,7 +42,8 @@ def export_onnx(model: torch.nn.Module, path: Path, tta_hflip: bool) -> None:
     program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=["logits"], opset_version=OPSET,
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=False)
+    with written_whole(path) as staged:
+        program.save(str(staged), external_data=False)
 
 
 def onnx_parity(onnx_path: Path, model: torch.nn.Module, images: np.ndarray, tta_hflip: bool, temperature: float,

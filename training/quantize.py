@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.atomic import written_whole
 from models.card import ModelCard, card_path_for
 from models.preprocess import preprocess_batch
 from training.config import TrainConfig
@@ -51,12 +52,12 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray, sou
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(int8_path), _ValidationReader(calibration, source_size),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
-    prepared.unlink()
+    with written_whole(int8_path) as staged:  # the prepared graph is made beside it, and goes with its folder
+        prepared = staged.with_name(staged.stem + ".prep.onnx")
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(staged), _ValidationReader(calibration, source_size),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
 
 
 def variant_card(path: Path, fp32_card: ModelCard, config: TrainConfig, val: Split, test: Split,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.atomic import write_text
 from models.card import sha256_of
 from training.config import TrainConfig
 from training.data import load_split, to_network_input, to_unit_tensor
@@ -106,7 +107,7 @@ def make_soup(run_dirs: list[Path], config: TrainConfig, runtime: Runtime, recom
     out = config.out_dir
     start_out_dir(config, overwrite)
     save_torch({"model": model.state_dict(), "epoch": 0, "score": float("nan")}, out / BEST)
-    (out / "history.json").write_text("[]\n")
+    write_text(out / "history.json", "[]\n")
     log.info("soup of %d runs -> %s (BN statistics: %s)", len(run_dirs), out,
              f"recomputed on {counted} training images" if recompute_bn else "averaged")
     return {"soup_of": ingredients, "batchnorm": "recomputed" if recompute_bn else "averaged",

@@ -143,3 +143,22 @@ def test_a_pipe_is_written_to_not_replaced(tmp_path):
     write_text(fifo, "rows\n")
     reader.join(timeout=10)
     assert received == [b"rows\n"] and fifo.is_fifo()
+
+
+def test_a_library_that_writes_only_to_paths_replaces_the_file_whole_or_not_at_all(tmp_path):
+    """The ONNX exporter and onnxruntime's quantizer write to a path, in place: a worker loading the model
+    meanwhile read half of one. What they write to the staged path replaces the target once they succeed."""
+    from models.atomic import written_whole
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"the served model")
+    with pytest.raises(RuntimeError):
+        with written_whole(model) as staged:
+            staged.write_bytes(b"half an exp")
+            raise RuntimeError("the exporter failed")
+    assert model.read_bytes() == b"the served model" and os.listdir(tmp_path) == ["model.onnx"]
+    with written_whole(model) as staged:
+        staged.write_bytes(b"the new model")
+        (staged.parent / "scratch.prep.onnx").write_bytes(b"a step's own file")
+        assert model.read_bytes() == b"the served model"
+    assert model.read_bytes() == b"the new model" and os.listdir(tmp_path) == ["model.onnx"]
