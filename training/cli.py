@@ -25,7 +25,7 @@ from training.config import (SAME_RUN, AugmentConfig, StrataTargets, TrainConfig
 from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.errors import InputMissingError, RefusedError
 from training.evaluate import evaluate, evaluation_of, save_evaluation
-from training.export import export, refresh_card, release
+from training.export import export, refresh_card, release, stride_layout_warning
 from training.quantize import quantize
 from training.report import write_results
 from training.seeds import summarize_seeds
@@ -161,9 +161,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.frozen is None and frozen != TrainConfig().frozen and args.stage in ("run", "train"):
         log.info("weights %s: nothing frozen (the default %s would keep random layers untrained; pass --frozen to "
                  "freeze anyway)", weights, ",".join(TrainConfig().frozen))
+    weights_sha256 = weights_file_sha256(weights) if args.stage in ("run", "train") else None
+    if (warning := stride_layout_warning(weights_sha256, args.resnet_v1_strides)) is not None:
+        log.warning("%s", warning)
     return TrainConfig(
         data_root=resolve_data_root(args.data_root), image_size=args.image_size, subset=args.subset,
-        weights=weights, weights_sha256=weights_file_sha256(weights) if args.stage in ("run", "train") else None,
+        weights=weights, weights_sha256=weights_sha256,
         resnet_v1_strides=args.resnet_v1_strides, init_seed=args.init_seed,
         frozen=frozen, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size, lr=args.lr,

@@ -79,6 +79,18 @@ TORCHVISION_WEIGHTS = {
 }
 
 
+def stride_layout_warning(weights_sha256: str | None, resnet_v1_strides: bool) -> str | None:
+    """What to say when weights known to be ResNet v1 are trained in torchvision's v1.5 layout. They load and
+    train (the shapes agree), but each down-sampling block then strides where the weights did not, and the
+    release recipe used `--resnet-v1-strides`: a run without it is silently another network."""
+    known = KNOWN_WEIGHTS.get(weights_sha256 or "", {})
+    if resnet_v1_strides or not str(known.get("architecture", "")).startswith("ResNet v1:"):
+        return None
+    return ("these start weights are ResNet v1 (stride 2 in each down-sampling block's first 1x1 convolution) "
+            "and are trained here in torchvision's v1.5 layout; pass --resnet-v1-strides to match them, as the "
+            "release recipe does")
+
+
 def weights_origin(config: TrainConfig) -> dict:
     """What the card says the network started from: the file's sha256 and, where known, its provenance.
 

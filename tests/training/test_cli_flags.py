@@ -168,3 +168,23 @@ def test_stages_name_a_missing_run_folder_or_metrics_file(tmp_path, capsys):
     assert "is not a run folder" in capsys.readouterr().err
     assert main(["card", str(tmp_path / "m.onnx"), "--metrics", str(tmp_path / "none.json")]) == 2
     assert "no metrics file" in capsys.readouterr().err
+
+
+def test_known_v1_weights_trained_without_v1_strides_are_warned_about(tmp_path, monkeypatch, caplog):
+    """The offline v1 weights load into torchvision's v1.5 layout without an error, so a run that forgot
+    --resnet-v1-strides trained another network than the release's with nothing said."""
+    from models.card import sha256_of
+    from training import export
+
+    weights = tmp_path / "v1.safetensors"
+    weights.write_bytes(b"stands in for the v1 file")
+    monkeypatch.setitem(export.KNOWN_WEIGHTS, sha256_of(weights), export.KNOWN_WEIGHTS[
+        "ce6155f0f46db5550977369f96467b44bf9192f2344c54332b3c69226ea7910a"])
+    with caplog.at_level("WARNING", logger="training"):
+        config_from_args(build_parser().parse_args(["train", "--weights", str(weights)]))
+    assert any("--resnet-v1-strides" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training"):
+        config_from_args(build_parser().parse_args(["train", "--weights", str(weights), "--resnet-v1-strides"]))
+        config_from_args(build_parser().parse_args(["train", "--weights", "none"]))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
