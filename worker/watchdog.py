@@ -4,10 +4,16 @@ Why: a Redis master lost while a finished task's acknowledgement is in flight fa
 ..., reason:network:ConnectionError") and kombu's consumer then polls the broker no more: the worker stays
 up, idle, logging nothing (reproduced by stopping the master while a task ran; an upstream class of bugs,
 celery/celery #8030, #9054, #10302). Nothing is lost, the gateway's sweep re-sends the files, but that worker
-scores nothing until someone restarts it. This watchdog, in the worker's main process, sees messages waiting
-in the queue while the worker has received none for `stall_s` (longer than the hard time limit, so a worker
-whose pool is busy with slow images is never taken for a stalled one), logs an ERROR and stops the worker,
-which `pneumonia-worker run` then reports with exit status `EXIT_STALLED` for the supervisor to restart it.
+scores nothing until someone restarts it. The cause is in kombu's Redis QoS: its `ack` forgets a delivery
+only once the ack reached the broker, so the failed one holds the channel's prefetch (1 per pool process) for
+good, and the consumer never asks the broker for another message.
+
+This watchdog, in the worker's main process, stops a worker that has received nothing for `stall_s` (longer
+than the hard time limit, so a worker whose pool is busy with slow images is never taken for a stalled one)
+while, at every look, messages waited in the queue or its channel's prefetch was held by a delivery that no
+task of this worker runs. The second sign finds a stalled worker beside healthy ones, which keep the queue
+empty. It logs an ERROR and stops the worker, which `pneumonia-worker run` then reports with exit status
+`EXIT_STALLED` for the supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Callable
 
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
+from celery.worker import state as worker_state
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,14 @@ class StallWatchdog:
     def received(self, **_: Any) -> None:
         self.last_received = self.clock()
 
-    def stalled(self, waiting: int | None) -> bool:
-        """True once messages have waited (`waiting` > 0 at every look) and none was received for `stall_s`.
-        An unknown count (the broker unreachable: Celery's own reconnection is at work) starts over."""
+    def stalled(self, waiting: int | None, held: bool = False) -> bool:
+        """True once, at every look for `stall_s`, messages waited (`waiting` > 0) or the prefetch was `held`
+        by no task, and no message was received for `stall_s`. An unknown count (the broker unreachable:
+        Celery's own reconnection is at work) is no sign; a held prefetch is one even then, since a consumer in
+        that state never asks the broker again, and the stalled worker's own connection for the count is
+        often the one that failed."""
         now = self.clock()
-        if not waiting:
+        if not (held or waiting):
             self.waiting_since = None
             return False
         if self.waiting_since is None:
@@ -65,6 +75,18 @@ def waiting_messages(app: Celery, queue: str) -> int | None:
         return None
 
 
+def prefetch_held_by_no_task(consumer: Any) -> bool:
+    """Whether the consumer's channel may take no message (its prefetch used up) while this worker holds no
+    task, received or running: a delivery whose ack was lost with the connection. False when unknown (a
+    transport without a virtual QoS, a consumer reconnecting)."""
+    try:
+        qos = consumer.task_consumer.channel.qos
+        used_up = not qos.can_consume()
+    except Exception:  # a consumer between connections, another transport: no sign either way
+        return False
+    return used_up and not worker_state.active_requests and not worker_state.reserved_requests
+
+
 def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
     """Start the watchdog in the worker's main process once it is ready; None when `stall_s` is 0. Its
     `fired` says afterwards whether it stopped the worker, for `pneumonia-worker run`'s exit status."""
@@ -74,14 +96,18 @@ def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
     stop = threading.Event()
     interval = max(1.0, min(30.0, stall_s / 4))
 
+    consumer: list[Any] = []
+
     def watch() -> None:
         while not stop.wait(interval):
-            if watchdog.stalled(waiting_messages(app, queue)):
+            held = bool(consumer) and prefetch_held_by_no_task(consumer[0])
+            if watchdog.stalled(waiting_messages(app, queue), held):
                 watchdog.fired = True
                 stop_stalled_worker(stall_s)
                 return
 
-    def start(**_: Any) -> None:
+    def start(sender: Any = None, **_: Any) -> None:
+        consumer.append(sender)  # celery.apps.worker sends worker_ready from the consumer
         watchdog.received()  # count from readiness, not from the app's creation
         threading.Thread(target=watch, name="triage-stall-watchdog", daemon=True).start()
         log.info("stall watchdog on: a worker that receives nothing for %.0f s while messages wait stops", stall_s)
@@ -93,9 +119,10 @@ def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
 
 
 def stop_stalled_worker(stall_s: float) -> None:
-    log.error("worker stalled: messages have waited in the queue for %.0f s and this worker has received none "
-              "(a consumer that stopped polling the broker after a connection loss); stopping it for a restart "
-              "(exit status %d)", stall_s, EXIT_STALLED)
+    log.error("worker stalled: for %.0f s this worker has received no message while messages waited in the queue "
+              "or its prefetch was held by a delivery it does not run (a consumer that stopped polling the broker "
+              "after an ack lost with the connection); stopping it for a restart (exit status %d)", stall_s,
+              EXIT_STALLED)
     os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: its pool processes end with it
     time.sleep(SHUTDOWN_GRACE_S)
     log.error("worker stalled: warm shutdown did not end the process in %.0f s; exiting", SHUTDOWN_GRACE_S)

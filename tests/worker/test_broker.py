@@ -266,6 +266,39 @@ def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(ma
         assert env.wait_terminal([second], timeout=90)[second]["status"] == "done"
 
 
+def test_a_stalled_worker_beside_a_healthy_one_exits_for_a_restart(make_triage_env, sqlite_url, test_split, tmp_path):
+    """The compose file runs two workers. One whose ack was lost with the master stalled as above, but the other
+    kept the queue empty, so messages never waited and the watchdog never fired: half the capacity gone for
+    good, silently. The stalled worker's own sign is its prefetch, held by the lost delivery while it runs no
+    task; it exits 75 and the healthy one keeps scoring."""
+    import signal
+    import time
+
+    from worker.watchdog import EXIT_STALLED
+
+    with sentinel_broker(tmp_path) as (killed, sentinels, master, ports, url):
+        env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER, soft_time_limit_s="5",
+                              time_limit_s="10", stall_exit_s="20")
+        stalled = env.start_worker()
+        first = publish_on(url, env, test_split[0][0])
+        wait_for(lambda: first in env.rows(), 60, 0.001, "the first image to be claimed")
+        os.kill(killed.pid, signal.SIGSTOP)  # the master hangs while the task runs: its ack cannot land
+        assert env.wait_terminal([first])[first]["status"] == "done"
+        time.sleep(0.5)
+        fail_over(killed, sentinels, ports)
+        healthy = env.start_worker()
+        later = [publish_on(url, env, image) for image in test_split[0][1:4]]
+        assert {row["status"] for row in env.wait_terminal(later, timeout=90).values()} == {"done"}
+        try:
+            wait_for(lambda: stalled.proc.poll() is not None, 150, 0.5, "the stalled worker to stop")
+        except AssertionError:
+            raise AssertionError(f"the stalled worker did not stop:\n{stalled.log()[-6000:]}") from None
+        log = stalled.log()
+        assert stalled.proc.returncode == EXIT_STALLED and "Couldn't ack" in log, log[-3000:]
+        assert healthy.proc.poll() is None, healthy.log()[-3000:]
+        assert "worker stalled" not in healthy.log()
+
+
 # --- the worker's exit status -----------------------------------------------------------------------
 
 
