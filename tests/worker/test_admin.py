@@ -304,7 +304,7 @@ def test_throughput_counts_the_intervals_between_finish_times():
     """Five results a second apart are 1.0 per second: dividing 5 by the 4 s between the first and the
     last gave 1.25 (and two results 0.1 s apart 20/s)."""
     start = dt.datetime(2026, 1, 1, 8, 0, 0)
-    rows = [(start, start + dt.timedelta(seconds=i), 100.0) for i in range(5)]
+    rows = [(start, start + dt.timedelta(seconds=i), 100.0, None) for i in range(5)]  # received, finished, ms, requeued
     assert admin._timing_stats(rows)["throughput_per_s"] == 1.0
     assert admin._timing_stats(rows[:1])["throughput_per_s"] is None
 
