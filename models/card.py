@@ -82,6 +82,11 @@ class Stratum:
     description: str = ""
 
 
+DECISION_FIELDS = ("sha256", "labels", "preprocessing", "input_shape", "source_size", "temperature", "threshold",
+                   "strata")
+"""What turns the network's output into a stratum and a flag: the card's `decision_sha256` covers these."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str
@@ -124,10 +129,20 @@ class ModelCard:
         data["strata"] = [asdict(s) for s in self.strata]
         return {**data, **extra}
 
+    @property
+    def decision_sha256(self) -> str:
+        """Identity of what this card decides with (`DECISION_FIELDS`), strata in order of their bounds."""
+        data = self.to_dict()
+        decision = {key: data[key] for key in DECISION_FIELDS}
+        decision["strata"] = sorted(decision["strata"], key=lambda s: (s["lower"], s["upper"]))
+        canonical = strict_json(decision, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def save(self, path: str | Path) -> None:
-        """Replaced whole (`models.atomic`): a worker loading the model while a card is re-written beside it
-        must read the old card or the new one, never half of one."""
-        write_text(path, strict_json(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        """With its `decision_sha256` (what `load` checks), replaced whole (`models.atomic`): a worker loading
+        the model while a card is re-written beside it must read the old card or the new one, never half."""
+        data = {**self.to_dict(), "decision_sha256": self.decision_sha256}
+        write_text(path, strict_json(data, indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelCard":
@@ -148,12 +163,25 @@ class ModelCard:
             strata=strata,
             source_size=int(data.get("source_size", 28)),
             metrics=data.get("metrics", {}),
-            extra={k: v for k, v in data.items() if k not in known},
+            extra={k: v for k, v in data.items() if k not in known and k != "decision_sha256"},  # derived: `save`
         )
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The card in `path`; ValueError for one whose temperature, threshold, strata or other decision field
+        was edited after it was written. Why: the sha256 binds the card to the ONNX file, not to its own
+        numbers, and a hand-moved cut-point (high_suspicion from 0.133 to 0.5, say) passed every plausibility
+        check, changed which studies read URGENT, and left no trace in the results, which record the model's
+        sha256 only. A site's own cut-points belong in a site calibration, whose sha256 each result records.
+        A card written before 2026-11-29 has no `decision_sha256` and is read as before."""
+        data = json.loads(Path(path).read_text())
+        card = cls.from_dict(data)
+        recorded = data.get("decision_sha256")
+        if recorded is not None and recorded != card.decision_sha256:
+            raise ValueError(f"{Path(path).name} was edited after it was written: its {', '.join(DECISION_FIELDS)} no "
+                             "longer match its decision_sha256 (set a site's cut-points with a site calibration, "
+                             "`pneumonia-worker calibrate`)")
+        return card
 
 
 def validate_calibration(temperature: float, threshold: float, strata: tuple[Stratum, ...]) -> None:

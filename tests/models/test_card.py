@@ -72,3 +72,47 @@ def test_the_released_card_is_strict_json():
     from models.card import card_path_for, default_model_path
 
     strict_loads(card_path_for(default_model_path()).read_text())
+
+
+def test_a_card_edited_after_it_was_written_is_refused(tmp_path):
+    """A hand-moved cut-point passed every plausibility check and changed which studies read URGENT, with no
+    trace in the results (they record the ONNX sha256 only)."""
+    import json
+
+    from models.detector import load_card
+    from models.errors import ModelIntegrityError
+
+    path = tmp_path / "m.card.json"
+    make_card().save(path)
+    assert ModelCard.load(path) == make_card()
+    data = json.loads(path.read_text())
+    data["strata"][1]["upper"] = data["strata"][2]["lower"] = 0.5  # high_suspicion from 0.5, plausible
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="edited after it was written"):
+        ModelCard.load(path)
+    (tmp_path / "m.onnx").write_bytes(b"")
+    with pytest.raises(ModelIntegrityError, match="edited after it was written"):
+        load_card(tmp_path / "m.onnx", verify_sha256=False)
+    del data["decision_sha256"]  # a card written before the digest: read as before
+    path.write_text(json.dumps(data))
+    assert ModelCard.load(path).strata[2].lower == 0.5
+
+
+def test_the_decision_digest_is_the_same_through_saves_and_covers_decisions_only(tmp_path):
+    card = make_card()
+    card.save(tmp_path / "a.json")
+    ModelCard.load(tmp_path / "a.json").save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    from dataclasses import replace
+
+    assert replace(card, threshold=0.31).decision_sha256 != card.decision_sha256
+    assert replace(card, metrics={"test_auc": 0.5}).decision_sha256 == card.decision_sha256  # figures are not decisions
+
+
+def test_the_released_card_carries_its_decision_digest():
+    import json
+
+    from models.card import card_path_for, default_model_path
+
+    path = card_path_for(default_model_path())
+    assert json.loads(path.read_text())["decision_sha256"] == ModelCard.load(path).decision_sha256

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.card import card_path_for, default_model_path
+from models.card import ModelCard, card_path_for, default_model_path
 from models.detector import (
     PneumoniaDetector,
     choose_providers,
@@ -278,7 +278,7 @@ def test_a_card_whose_input_shape_this_code_cannot_feed_is_refused_at_load(tmp_p
     model.symlink_to(default_model_path())
     card = json.loads(card_path_for(default_model_path()).read_text())
     for shape in ([-1, 3, 256, 256], [-1, 1, 224, 224], [3, 224, 224]):
-        card_path_for(model).write_text(json.dumps({**card, "input_shape": shape}))
+        ModelCard.from_dict({**card, "input_shape": shape}).save(card_path_for(model))  # as a writer would
         with pytest.raises(ModelIntegrityError, match=r"input_shape .* differs from this code's network input "
                                                       r"\(N, 3, 224, 224\)"):
             PneumoniaDetector(model)
@@ -315,7 +315,7 @@ def test_a_graph_that_disagrees_with_its_card_is_refused_at_load(tmp_path, sampl
     model = tmp_path / "m.onnx"
     model.write_bytes(shaped_network(side, outputs).SerializeToString())
     card = json.loads(card_path_for(default_model_path()).read_text())
-    card_path_for(model).write_text(json.dumps({**card, "sha256": sha256_of(model)}))
+    ModelCard.from_dict({**card, "sha256": sha256_of(model)}).save(card_path_for(model))  # carded for this graph
     if reason is None:
         assert PneumoniaDetector(model, providers=["CPUExecutionProvider"]).predict(sample)["stratum"]
         return

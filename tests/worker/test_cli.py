@@ -48,12 +48,12 @@ def test_check_refuses_a_model_whose_session_cannot_be_built(tmp_path, sqlite_ur
     """A card that matches its file is not enough: the file must also load in onnxruntime."""
     import json
 
-    from models.card import card_path_for, default_model_path, sha256_of
+    from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx graph")
     card = json.loads(card_path_for(default_model_path()).read_text()) | {"sha256": sha256_of(broken)}
-    card_path_for(broken).write_text(json.dumps(card))
+    ModelCard.from_dict(card).save(card_path_for(broken))  # carded for this file, as a writer would
     result = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(broken))
     assert result.returncode == 2 and "onnxruntime session for broken.onnx failed" in result.stderr
 
