@@ -40,6 +40,7 @@ from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
 from worker.config import WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
+from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING
 from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -51,13 +52,14 @@ EXPORT_COLUMNS = LIST_COLUMNS + ("prediction", "model_name", "model_version", "m
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
 STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
-                 "triage_complete", "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "last_received_at",
-                 "finalized_at", "reopened_count", "flag_before_reopen", "first_finalized_at")
+                 "triage_complete", "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "n_unverified",
+                 "last_received_at", "finalized_at", "reopened_count", "flag_before_reopen", "first_finalized_at")
 """`reopened_count` > 0: the study was final before a late image reopened it, with `flag_before_reopen`
 (the flag a reader may have seen as final) since `first_finalized_at` (migration 0006). `triage_complete`
 (computed, `with_triage_complete`) is false while the study is not final, any of its images failed or
-waits, or none was scored."""
-STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c != "triage_complete")
+waits, or none was scored, or an image was skipped for want of the tags that would say whether it is a frontal
+chest (`n_unverified`, computed, `with_unverified`)."""
+STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c not in ("triage_complete", "n_unverified"))
 STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_calibration_sha256", "failure_reasons")
 """`export --studies`, a RIS's poll, says which model and site calibration made the flag ("mixed" when its
 images were scored by more than one) and why images failed, without an export per study."""
@@ -72,8 +74,33 @@ def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
     whose images were all skipped (a lateral only, a frontal without ViewPosition under the `skip`
     policy) has no flag at all and read complete too, "triaged, nothing found", before 2026-11-29."""
     complete = (bool(study.get("final")) and not study.get("n_failed") and not study.get("n_pending")
-                and bool(study.get("n_done")))
+                and not study.get("n_unverified") and bool(study.get("n_done")))
     return {**study, "triage_complete": complete}
+
+
+def unverified_skip(reason: str | None) -> bool:
+    """A skip reason that says the image could not be told a frontal chest or not (a tag missing under the
+    `skip` policy, a Patient Orientation of the wrong number of values), unlike a lateral or another body part."""
+    prefix, suffix = ORIENTATION_MISCOUNTED
+    text_ = reason or ""
+    return text_ in (BODY_PART_MISSING, VIEW_MISSING) or (text_.startswith(prefix) and text_.endswith(suffix))
+
+
+def with_unverified(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the study rows with `n_unverified` and `triage_complete`. Why: a frontal without ViewPosition
+    (the default `skip` policy) may be the study's pneumonia image, and its study read final, ROUTINE and
+    complete from its other, scored image before 2026-11-29, `n_skipped` counting it with the laterals."""
+    t = db.instances
+    counts: dict[str, int] = {}
+    uids = [study["study_instance_uid"] for study in studies]
+    for start in range(0, len(uids), PROVENANCE_BATCH):  # by the study index, as `with_provenance`
+        batch = uids[start:start + PROVENANCE_BATCH]
+        for study_uid, status, reason in conn.execute(
+                select(t.c.study_instance_uid, t.c.status, t.c.reason).where(t.c.study_instance_uid.in_(batch))):
+            if status == "skipped" and unverified_skip(reason):
+                counts[study_uid] = counts.get(study_uid, 0) + 1
+    return [with_triage_complete({**study, "n_unverified": counts.get(study["study_instance_uid"], 0)})
+            for study in studies]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,7 +347,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     stmt = stmt.order_by(v.c.finalized_at.asc() if args.final_since else v.c.last_received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
-    return [with_triage_complete(dict(r)) for r in conn.execute(stmt).mappings()]
+    return with_unverified(conn, [dict(r) for r in conn.execute(stmt).mappings()])
 
 
 def fetch_list(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -382,7 +409,7 @@ def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, An
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
     in_spool = waiting_in_study(args.spool_dir, args.study_uid)
-    return (None if study is None else with_triage_complete(dict(study))), instances, in_spool
+    return (None if study is None else with_unverified(conn, [dict(study)])[0]), instances, in_spool
 
 
 def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]], int | None], args: argparse.Namespace) -> int:

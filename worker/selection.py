@@ -38,6 +38,12 @@ DIGITISED_FILM = "DF"
 MissingTagPolicy = Literal["skip", "process"]
 
 
+BODY_PART_MISSING = "BodyPartExamined missing (policy: skip)"
+VIEW_MISSING = "ViewPosition missing (policy: skip)"
+ORIENTATION_MISCOUNTED = ("patient orientation ", " expected")  # `display_orientation`'s "... has 3 values, 2 expected"
+"""Skips of an image that may well be a frontal chest, which its tags could not say (`db.unverified_skip`)."""
+
+
 def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> str | None:
     """None if `ds` is a frontal chest radiograph to infer on, else why it is skipped.
 
@@ -70,7 +76,7 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     if region is not None and region not in CHEST_REGION_CODES:
         return "anatomic region (coded) is not chest"
     if not body_part and region is None and missing_tag_policy == "skip":
-        return "BodyPartExamined missing (policy: skip)"
+        return BODY_PART_MISSING
     view = str(ds.get("ViewPosition", "") or "").upper().strip()
     if view and view not in FRONTAL_VIEWS:
         return f"view position {quoted_term(view, VIEW_POSITIONS)} is not frontal (PA/AP)"
@@ -78,7 +84,7 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     if coded_view is not None and coded_view not in FRONTAL_VIEW_CODES:
         return "view (coded) is not frontal (PA/AP)"
     if not view and coded_view is None and missing_tag_policy == "skip":
-        return "ViewPosition missing (policy: skip)"
+        return VIEW_MISSING
     try:
         display_orientation(ds)  # a stored rotation is undone later; only a non-frontal one is skipped
     except UnreadableImageError as exc:

@@ -724,7 +724,7 @@ def test_a_final_since_poll_searches_the_finalized_index(sqlite_url):
         with engine.connect() as conn:
             rows = admin.fetch_list(conn, admin.build_parser().parse_args(argv))
         assert rows
-        sql, params = statements[-1]
+        sql, params = next(s for s in statements[::-1] if "study_flags" in s[0] or "--studies" not in argv)
         with engine.connect() as conn:
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
         assert plan[0].startswith("SEARCH ") and index in plan[0], (argv, plan)
@@ -784,6 +784,36 @@ def test_a_study_with_a_failed_image_is_not_triage_complete(database_url, tmp_pa
     out = tmp_path / "studies.csv"
     run_admin(database_url, "export", "--studies", "--format", "csv", "--out", str(out))
     assert {r["study_instance_uid"]: r["triage_complete"] for r in csv.DictReader(out.open())}["1.7.2"] == "True"
+
+
+@pytest.mark.parametrize("reason,complete", [
+    ("ViewPosition missing (policy: skip)", False), ("BodyPartExamined missing (policy: skip)", False),
+    ("patient orientation 'L\\F\\A' has 3 values, 2 expected", False),
+    ("view position 'LL' (left lateral) is not frontal (PA/AP)", True),
+    ("patient orientation 'P\\F' is not a frontal chest orientation", True), ("body part 'KNEE' is not CHEST", True),
+])
+def test_an_image_skipped_for_want_of_tags_leaves_its_study_incomplete(database_url, reason, complete):
+    """A frontal without ViewPosition (the default `skip` policy) may be the study's pneumonia image: its study
+    read final, ROUTINE and triage_complete from its scored normal image, and a RIS filed it so. A lateral, or
+    another body part, is not the model's to score and leaves the study complete."""
+    upgrade(database_url)
+    now = db.utcnow()
+    engine = db.make_engine(database_url)
+    with engine.begin() as conn:
+        db.touch_study(conn, "1.9.1", "ACC191", now)
+        for sop, status in (("1.9.1.1", "done"), ("1.9.1.2", "skipped")):
+            done = status == "done"
+            conn.execute(insert(db.instances).values(
+                sop_instance_uid=sop, study_instance_uid="1.9.1", status=status, attempts=1, received_at=now,
+                finished_at=now, flag="ROUTINE" if done else None, stratum="likely_normal" if done else None,
+                reason=None if done else reason))
+        db.finalize_study(conn, "1.9.1", now)
+    engine.dispose()
+    listed = json.loads(run_admin(database_url, "list", "--studies", "--format", "json"))
+    exported = json.loads(run_admin(database_url, "export", "--studies", "--format", "json"))
+    shown = json.loads(run_admin(database_url, "show", "1.9.1", "--format", "json"))["study"]
+    for study in (listed[0], exported[0], shown):
+        assert (study["triage_complete"], study["n_unverified"]) == (complete, 0 if complete else 1), study
 
 
 def test_a_study_export_says_which_model_scored_it_and_why_images_failed(database_url):
