@@ -27,10 +27,15 @@ from models.preprocess import INPUT_SIZE, preprocess, preprocess_batch, preproce
 ImageLike = str | Path | np.ndarray
 
 CLINICAL_NOTES = {
-    "high_suspicion": "High suspicion of pneumonia: prioritise for radiologist review.",
-    "indeterminate": "Indeterminate: findings possible, routine-priority radiologist review advised.",
-    "likely_normal": "Likely normal: no pneumonia pattern detected; standard reading applies.",
+    "high_suspicion": "High suspicion of pneumonia: prioritise for radiologist review (triage aid, not a diagnosis).",
+    "indeterminate": "Indeterminate: pneumonia possible; priority radiologist review advised (triage aid, not a "
+                     "diagnosis).",
+    "likely_normal": "Likely normal: low probability of pneumonia; routine reading order applies. It does not rule "
+                     "pneumonia out (triage aid, not a diagnosis).",
 }
+"""Per stratum, in step with the worklist's default flags (URGENT, PRIORITY, ROUTINE). Why: the indeterminate note
+advised routine-priority review beside a PRIORITY flag, and the likely-normal one read like a finding ("no
+pneumonia pattern detected") for a band that holds some pneumonias (3 of 390 on the test source)."""
 
 
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:

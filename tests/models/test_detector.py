@@ -376,3 +376,17 @@ def test_requiring_cuda_refuses_onnxruntimes_silent_cpu_fallback(sample):
         PneumoniaDetector(providers=[CUDA], require_provider=CUDA)
     cpu_only = PneumoniaDetector(providers=[CPU], require_provider=CPU)
     assert cpu_only.providers == [CPU] and cpu_only.predict(sample)["stratum"]
+
+
+def test_clinical_notes_agree_with_the_worklist_flags_and_claim_no_diagnosis():
+    """The indeterminate note advised routine-priority review while the worklist flags that stratum PRIORITY,
+    and the likely-normal note read like a finding ("no pneumonia pattern detected") for a band that holds
+    some pneumonias (3 of 390 on test)."""
+    from models.detector import CLINICAL_NOTES
+    from worker.config import WorkerSettings
+
+    flags = WorkerSettings().flag_map
+    for stratum, note in CLINICAL_NOTES.items():
+        assert "not a diagnosis" in note, stratum
+        assert ("routine" in note.lower()) == (flags[stratum] == "ROUTINE"), (stratum, note, flags[stratum])
+    assert "detected" not in CLINICAL_NOTES["likely_normal"] and "rule" in CLINICAL_NOTES["likely_normal"]
