@@ -273,14 +273,25 @@ def get_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, An
     return dict(row) if row else None
 
 
-def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> str | None:
-    """The row's status, the row locked until `conn`'s transaction ends (None: no such row). A no-op UPDATE,
-    so that SQLite takes its write lock too (it ignores SELECT ... FOR UPDATE): a writer of the row, such as
-    `requeue_terminal_instance`, waits for the transaction and then sees what it did."""
+def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, Any] | None:
+    """The row's status and accession number, the row locked until `conn`'s transaction ends (None: no such
+    row). A no-op UPDATE, so that SQLite takes its write lock too (it ignores SELECT ... FOR UPDATE): a writer
+    of the row, such as `requeue_terminal_instance`, waits for the transaction and then sees what it did."""
     t = instances
     stmt = (t.update().where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid)
-            .values(status=t.c.status).returning(t.c.status))
-    return conn.execute(stmt).scalar()
+            .values(status=t.c.status).returning(t.c.status, t.c.accession_number))
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row else None
+
+
+def correct_accession(conn: Connection, study_uid: str, sop_uid: str, old: str | None, new: str) -> None:
+    """File an instance's result under the accession number its re-send carries, and its study too where the
+    study was filed under the old one (a study of several orders keeps the number it has)."""
+    t, s = instances, studies
+    conn.execute(t.update().where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid)
+                 .values(accession_number=new))
+    conn.execute(s.update().where(s.c.study_instance_uid == study_uid, s.c.accession_number.is_not_distinct_from(old))
+                 .values(accession_number=new))
 
 
 def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[str]:

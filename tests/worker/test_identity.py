@@ -407,3 +407,32 @@ def test_a_header_study_uid_that_is_not_a_uid_is_not_logged(sqlite_url, tmp_path
         assert tasks.process_instance(rt, relpath, sop, None)["status"] == "done"
     assert "carries StudyInstanceUID (not a UID)" in caplog.text
     assert "DOE" not in caplog.text
+
+
+def test_a_re_send_with_a_corrected_accession_number_moves_the_result_to_it(database_url, tmp_path, test_split, caplog):
+    """A PACS reconciling an order re-sends the image under the corrected accession number: the first result
+    is kept (not re-scored), but it stayed filed under the wrong number, so `list --studies --accession` with
+    the right one found nothing and the flag sat on another order. The stored number now follows the re-send."""
+    import logging
+
+    spool = tmp_path / "spool"
+    rt = _runtime(database_url, spool)
+    study, sop = "1.2.826.0.1.3680043.8.498.71", "1.2.826.0.1.3680043.8.498.71.1"
+    image = test_split[0][0]
+    relpath = _stage(spool, image, study, sop, "TEMP-0001")
+    first = tasks.process_instance(rt, relpath, sop, None)
+    assert first["status"] == "done"
+    scored = _rows_of_sop(database_url, sop)[study]
+    _stage(spool, image, study, sop, "ACC-2026-77")  # the same image, its order reconciled
+    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+        again = tasks.process_instance(rt, relpath, sop, None)
+    assert again["noop"]
+    row = _rows_of_sop(database_url, sop)[study]
+    assert (row["accession_number"], row["finished_at"]) == ("ACC-2026-77", scored["finished_at"])  # not re-scored
+    assert _study(database_url, study)["accession_number"] == "ACC-2026-77"
+    assert "ACC-2026-77" not in caplog.text and "TEMP-0001" not in caplog.text  # named by element, never by value
+    assert "AccessionNumber" in caplog.text
+    _stage(spool, image, study, sop, "")  # a re-send without one erases nothing
+    tasks.process_instance(rt, relpath, sop, None)
+    assert _rows_of_sop(database_url, sop)[study]["accession_number"] == "ACC-2026-77"
+    rt.engine.dispose()
