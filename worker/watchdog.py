@@ -8,12 +8,14 @@ scores nothing until someone restarts it. The cause is in kombu's Redis QoS: its
 only once the ack reached the broker, so the failed one holds the channel's prefetch (1 per pool process) for
 good, and the consumer never asks the broker for another message.
 
-This watchdog, in the worker's main process, stops a worker that has received nothing for `stall_s` (longer
-than the hard time limit, so a worker whose pool is busy with slow images is never taken for a stalled one)
-while, at every look, messages waited in the queue or its channel's prefetch was held by a delivery that no
-task of this worker runs. The second sign finds a stalled worker beside healthy ones, which keep the queue
-empty. It logs an ERROR and stops the worker, which `pneumonia-worker run` then reports with exit status
-`EXIT_STALLED` for the supervisor to restart it.
+This watchdog, in the worker's main process, stops the worker on either of two signs, each lasting `stall_s`
+(longer than the hard time limit, so a worker whose pool is busy with slow images is never taken for a stalled
+one): a delivery its channel holds unacknowledged that no task of this worker owns (the lost ack itself: with
+one pool process the worker takes nothing more, with several it runs a slot short, and another lost ack takes
+the next), or messages waiting in the queue while the worker has received none (whatever else stopped it).
+The first finds a stalled worker beside healthy ones, which keep the queue empty. It logs an ERROR and stops
+the worker, which `pneumonia-worker run` then reports with exit status `EXIT_STALLED` for the supervisor to
+restart it.
 """
 
 from __future__ import annotations
@@ -45,19 +47,27 @@ class StallWatchdog:
         self.clock = clock
         self.last_received = clock()
         self.waiting_since: float | None = None
+        self.leaked_since: dict[Any, float] = {}  # delivery tag -> first look that found it owned by no task
         self.fired = False  # set when it stopped the worker
 
     def received(self, **_: Any) -> None:
         self.last_received = self.clock()
 
-    def stalled(self, waiting: int | None, held: bool = False) -> bool:
-        """True once, at every look for `stall_s`, messages waited (`waiting` > 0) or the prefetch was `held`
-        by no task, and no message was received for `stall_s`. An unknown count (the broker unreachable:
-        Celery's own reconnection is at work) is no sign; a held prefetch is one even then, since a consumer in
-        that state never asks the broker again, and the stalled worker's own connection for the count is
-        often the one that failed."""
+    def leaked(self, tags: frozenset[Any] | None) -> bool:
+        """True once one delivery tag has been among `tags` (held, owned by no task) at every look for `stall_s`.
+        Unknown (None: the consumer between connections, its structures changing as they were read) skips the
+        look; a tag missing from a look starts over."""
+        if tags is None:
+            return False
         now = self.clock()
-        if not (held or waiting):
+        self.leaked_since = {tag: self.leaked_since.get(tag, now) for tag in tags}
+        return any(now - since >= self.stall_s for since in self.leaked_since.values())
+
+    def stalled(self, waiting: int | None) -> bool:
+        """True once messages have waited (`waiting` > 0 at every look) and none was received for `stall_s`.
+        An unknown count (the broker unreachable: Celery's own reconnection is at work) starts over."""
+        now = self.clock()
+        if not waiting:
             self.waiting_since = None
             return False
         if self.waiting_since is None:
@@ -75,16 +85,22 @@ def waiting_messages(app: Celery, queue: str) -> int | None:
         return None
 
 
-def prefetch_held_by_no_task(consumer: Any) -> bool:
-    """Whether the consumer's channel may take no message (its prefetch used up) while this worker holds no
-    task, received or running: a delivery whose ack was lost with the connection. False when unknown (a
-    transport without a virtual QoS, a consumer reconnecting)."""
+def leaked_deliveries(consumer: Any) -> frozenset[Any] | None:
+    """Delivery tags the consumer's channel holds unacknowledged (kombu's virtual QoS) that no task of this worker
+    owns, received, scheduled or running: acks lost with the connection. None when unknown (a transport
+    without a virtual QoS, a consumer between connections, a set changing while it was read)."""
     try:
         qos = consumer.task_consumer.channel.qos
-        used_up = not qos.can_consume()
-    except Exception:  # a consumer between connections, another transport: no sign either way
-        return False
-    return used_up and not worker_state.active_requests and not worker_state.reserved_requests
+        held = set(qos._delivered) - set(qos._dirty)
+        if not held:
+            return frozenset()
+        owned = {getattr(getattr(request, "message", None), "delivery_tag", None)
+                 for tasks in (worker_state.active_requests, worker_state.reserved_requests,
+                               worker_state.scheduled_requests)
+                 for request in list(tasks)}
+    except Exception:  # read from this thread while the worker's loop changes them: no sign either way
+        return None
+    return frozenset(held - owned)
 
 
 def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
@@ -100,8 +116,8 @@ def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
 
     def watch() -> None:
         while not stop.wait(interval):
-            held = bool(consumer) and prefetch_held_by_no_task(consumer[0])
-            if watchdog.stalled(waiting_messages(app, queue), held):
+            leaked = watchdog.leaked(leaked_deliveries(consumer[0]) if consumer else None)
+            if leaked or watchdog.stalled(waiting_messages(app, queue)):
                 watchdog.fired = True
                 stop_stalled_worker(stall_s)
                 return
@@ -110,7 +126,8 @@ def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
         consumer.append(sender)  # celery.apps.worker sends worker_ready from the consumer
         watchdog.received()  # count from readiness, not from the app's creation
         threading.Thread(target=watch, name="triage-stall-watchdog", daemon=True).start()
-        log.info("stall watchdog on: a worker that receives nothing for %.0f s while messages wait stops", stall_s)
+        log.info("stall watchdog on: a worker holding a delivery no task owns, or receiving nothing while messages "
+                 "wait, for %.0f s stops", stall_s)
 
     task_received.connect(watchdog.received, weak=False)
     worker_ready.connect(start, weak=False)
@@ -119,10 +136,9 @@ def install(app: Celery, queue: str, stall_s: float) -> StallWatchdog | None:
 
 
 def stop_stalled_worker(stall_s: float) -> None:
-    log.error("worker stalled: for %.0f s this worker has received no message while messages waited in the queue "
-              "or its prefetch was held by a delivery it does not run (a consumer that stopped polling the broker "
-              "after an ack lost with the connection); stopping it for a restart (exit status %d)", stall_s,
-              EXIT_STALLED)
+    log.error("worker stalled: for %.0f s this worker has held a delivery that no task of it owns (an ack lost with "
+              "the connection, which kombu never retries) or received no message while messages waited in the "
+              "queue; stopping it for a restart (exit status %d)", stall_s, EXIT_STALLED)
     os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: its pool processes end with it
     time.sleep(SHUTDOWN_GRACE_S)
     log.error("worker stalled: warm shutdown did not end the process in %.0f s; exiting", SHUTDOWN_GRACE_S)

@@ -54,36 +54,53 @@ def test_a_pool_busy_longer_than_the_window_is_not_taken_for_a_stall():
     assert WorkerSettings().stall_exit_s > WorkerSettings().time_limit_s
 
 
-def test_a_prefetch_held_by_no_task_with_nothing_received_is_a_stall_though_the_queue_is_empty():
-    """Beside a healthy worker that keeps the queue empty, a stalled one never saw messages wait: its own sign is
-    a prefetch held by a delivery whose ack was lost, while it runs no task."""
+def test_a_delivery_owned_by_no_task_for_the_whole_window_is_a_stall_though_messages_flow():
+    """Beside a healthy worker that keeps the queue empty a stalled one never saw messages wait, and with two
+    pool processes a lost ack leaves the worker a slot short while it still receives: the sign is the lost
+    delivery itself, held unacknowledged by no task."""
     clock = Clock()
     watchdog = StallWatchdog(300, clock)
-    assert not watchdog.stalled(0, held=True)
-    clock.now += 300
-    assert watchdog.stalled(0, held=True)
-    watchdog.received()  # a message arrived after all: the count starts over
-    clock.now += 299
-    assert not watchdog.stalled(0, held=True)
-    assert not watchdog.stalled(0, held=False)  # a look without either sign: a new window
-    clock.now += 600
-    assert not watchdog.stalled(None, held=True)
-    clock.now += 300
-    assert watchdog.stalled(None, held=True)  # the count unknown (its connection failed too): held is a sign
+    assert not watchdog.leaked(frozenset({7}))
+    clock.now += 150
+    watchdog.received()  # messages still arrive on the other slot: no bearing on this sign
+    assert not watchdog.leaked(frozenset({7, 8}))  # 8 is new
+    clock.now += 150
+    assert watchdog.leaked(frozenset({7, 8}))  # 7 at every look for 300 s
+    assert not StallWatchdog(300, clock).leaked(frozenset())
 
 
-def test_the_prefetch_sign_reads_the_consumer_s_qos_and_this_worker_s_tasks(monkeypatch):
+def test_a_delivery_acknowledged_or_an_unknown_look_does_not_make_a_stall():
+    clock = Clock()
+    watchdog = StallWatchdog(300, clock)
+    watchdog.leaked(frozenset({7}))
+    clock.now += 200
+    assert not watchdog.leaked(frozenset())  # acknowledged after all (a slow ack, a task handed over late)
+    clock.now += 200
+    assert not watchdog.leaked(frozenset({7}))  # seen again: counted from now
+    clock.now += 200
+    assert not watchdog.leaked(None)  # unknown: this look says nothing
+    clock.now += 100
+    assert watchdog.leaked(frozenset({7}))
+
+
+def test_the_leak_sign_reads_the_consumer_s_qos_and_this_worker_s_tasks(monkeypatch):
     from types import SimpleNamespace
 
     from celery.worker import state
 
-    from worker.watchdog import prefetch_held_by_no_task
+    from worker.watchdog import leaked_deliveries
 
-    def consumer(can_consume: bool) -> SimpleNamespace:
-        qos = SimpleNamespace(can_consume=lambda: can_consume)
+    def consumer(delivered: dict, dirty: set) -> SimpleNamespace:
+        qos = SimpleNamespace(_delivered=delivered, _dirty=dirty)
         return SimpleNamespace(task_consumer=SimpleNamespace(channel=SimpleNamespace(qos=qos)))
 
-    assert prefetch_held_by_no_task(consumer(False)) and not prefetch_held_by_no_task(consumer(True))
-    monkeypatch.setattr(state, "reserved_requests", {"a task received, maybe running"})
-    assert not prefetch_held_by_no_task(consumer(False))  # the prefetch is that task's
-    assert not prefetch_held_by_no_task(SimpleNamespace(task_consumer=None))  # between connections: no sign
+    class Request:  # weak-referenceable, as Celery's requests are
+        def __init__(self, tag: int) -> None:
+            self.message = SimpleNamespace(delivery_tag=tag)
+
+    running, waiting = Request(1), Request(2)
+    monkeypatch.setattr(state, "active_requests", {running})
+    monkeypatch.setattr(state, "scheduled_requests", {waiting})
+    assert leaked_deliveries(consumer({1: "m", 2: "m", 3: "m", 4: "m"}, {4})) == {3}  # 4 acknowledged meanwhile
+    assert leaked_deliveries(consumer({}, set())) == frozenset()
+    assert leaked_deliveries(SimpleNamespace(task_consumer=None)) is None  # between connections: unknown
