@@ -389,9 +389,10 @@ def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, sta
         _compare_with_first(rt, path, study_uid, sop_uid, status)
     with rt.engine.begin() as conn:
         row = db.lock_instance(conn, study_uid, sop_uid)
-        if row is None or row["status"] not in db.TERMINAL:
-            log.info("instance %s was reopened for reprocessing while a stale delivery ran; its file is left in "
-                     "pending/ for its own delivery", sop_uid)
+        if row is None or row["status"] not in db.TERMINAL:  # reopened by `reprocess`, or (a database restored
+            # from a lagging replica) gone: the sweep's next delivery scores the file
+            log.info("instance %s is no longer terminal (reopened for reprocessing, or its row gone) while a stale "
+                     "delivery ran; its file is left in pending/ for its own delivery", sop_uid)
             return
         _follow_corrected_accession(conn, path, study_uid, sop_uid, row["accession_number"])
         retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention, received_at)
