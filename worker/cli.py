@@ -209,6 +209,11 @@ def check(settings: WorkerSettings) -> int:
     calibration = f"site calibration {site['site']!r} ({site['sha256'][:12]}...)" if site else "card calibration"
     for warning in (site or {}).get("warnings", ()):  # written once by `calibrate`; shown wherever it is deployed
         log.warning("site calibration %r: %s", site["site"], warning)
+    if not site:  # every start says it: the cut-points a reader's URGENT and ROUTINE follow are not this site's
+        population = (card.extra.get("data") or {}).get("population", "the training data's population")
+        log.warning("no site calibration (TRIAGE_SITE_CALIBRATION): the strata are the card's, fitted on "
+                    "PneumoniaMNIST validation (%s); fit them on this site's labelled studies with `pneumonia-worker "
+                    "calibrate` before clinical use (README, Site calibration)", population)
     log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],
              calibration, ",".join(providers))
     return 0

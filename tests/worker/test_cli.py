@@ -94,7 +94,10 @@ def test_check_refuses_a_site_calibration_of_another_model(tmp_path, sqlite_url)
     good = tmp_path / "good.json"
     site.save(good)
     ok = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(good))
-    assert ok.returncode == 0 and "site calibration 'ward-7'" in ok.stderr
+    assert ok.returncode == 0 and "site calibration 'ward-7'" in ok.stderr and "no site calibration" not in ok.stderr
+    bare = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url)  # the card's strata: fitted on children of one centre
+    assert bare.returncode == 0 and "WARNING worker.cli: no site calibration" in bare.stderr
+    assert "children aged one to five" in bare.stderr
     other = json.loads(good.read_text()) | {"model_sha256": "0" * 64}
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "other.json"))
