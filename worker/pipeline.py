@@ -26,7 +26,7 @@ from pydicom.tag import BaseTag, Tag
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import MODALITIES, STRICT_UID, ImageAccessError, UnreadableImageError
 from worker.config import STRATUM_SEVERITY, WorkerSettings
-from worker.selection import skip_reason
+from worker.selection import assumed_tags, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,17 @@ def analyse_file(path: Path, settings: WorkerSettings, detectors: DetectorCache)
     reason = skip_reason(ds, settings.missing_tag_policy)
     if reason is not None:
         return Outcome("skipped", reason, ids)
+    assumed = assumed_tags(ds, settings.missing_tag_policy)
     try:
         image = dicom_to_grayscale(ds, lut_shape_conflict=settings.presentation_lut_conflict)
     except UnreadableImageError as exc:
         return Outcome("failed", str(exc), ids)
     del ds  # its Pixel Data and decoded array (4 bytes a pixel) are not needed while the model runs
-    return infer(image, ids, settings, detectors.get())
+    outcome = infer(image, ids, settings, detectors.get())
+    if assumed and outcome.status == "done":
+        note = f"scored as a frontal chest without {', '.join(assumed)} (TRIAGE_MISSING_TAG_POLICY=process)"
+        return Outcome(outcome.status, note, outcome.fields)
+    return outcome
 
 
 def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, detector: Any) -> Outcome:

@@ -92,6 +92,20 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     return None
 
 
+def assumed_tags(ds: Dataset, missing_tag_policy: MissingTagPolicy) -> list[str]:
+    """The selection tags an image let through by the `process` policy lacks, with no code standing in for
+    them: it is scored as a frontal chest on the site's word, and the row says so (a lateral or an abdomen
+    without these tags is scored too, and read as silently as a tagged frontal before 2026-11-29)."""
+    if missing_tag_policy != "process":
+        return []
+    missing = []
+    if not str(ds.get("BodyPartExamined", "") or "").strip() and _first_code(ds, "AnatomicRegionSequence") is None:
+        missing.append("BodyPartExamined")
+    if not str(ds.get("ViewPosition", "") or "").strip() and _first_code(ds, "ViewCodeSequence") is None:
+        missing.append("ViewPosition")
+    return missing
+
+
 def _first_code(ds: Dataset, keyword: str) -> tuple[str, str] | None:
     """(coding scheme, code value) of the sequence's first item, upper-cased; None without one. Read when the
     plain tag (Body Part Examined, View Position) is empty: the code then decides, a code not known to mean

@@ -107,7 +107,12 @@ def test_missing_tag_policy_process_lets_untagged_frontals_through(tmp_path, tes
     images, _ = test_split
     path = save(make_cxr_dataset(images[0], size=(256, 256), view=None, body_part=None), tmp_path / "u.dcm")
     assert analyse_file(path, WorkerSettings(), detectors).status == "skipped"
-    assert analyse_file(path, WorkerSettings(missing_tag_policy="process"), detectors).status == "done"
+    processed = analyse_file(path, WorkerSettings(missing_tag_policy="process"), detectors)
+    # what was assumed is on the row: a lateral or an abdomen without these tags is scored as a frontal chest too
+    assert processed.status == "done" and processed.reason == (
+        "scored as a frontal chest without BodyPartExamined, ViewPosition (TRIAGE_MISSING_TAG_POLICY=process)")
+    tagged = save(make_cxr_dataset(images[0], size=(256, 256)), tmp_path / "t.dcm")
+    assert analyse_file(tagged, WorkerSettings(missing_tag_policy="process"), detectors).reason is None
 
 
 def test_unreadable_files_fail_with_reason(tmp_path, settings, detectors):

@@ -182,7 +182,9 @@ def test_a_skipped_image_is_scored_by_a_real_worker_once_the_policy_lets_it_thro
     after = wait_for(lambda: (s := env.study(STUDY)) and s["final"] and s["n_done"] == 2 and s, 90,
                      what="study final again with both images scored")
     row = env.rows()[f"{STUDY}.2"]
-    assert (row["status"], row["attempts"], row["reason"]) == ("done", 1, None) and row["probability"] is not None
+    assert (row["status"], row["attempts"], row["reason"]) == (
+        "done", 1, "scored as a frontal chest without ViewPosition (TRIAGE_MISSING_TAG_POLICY=process)")
+    assert row["probability"] is not None
     assert (after["reopened_count"], after["flag_before_reopen"]) == (1, before["flag"])
     assert after["max_probability"] >= max(before["max_probability"], row["probability"]) - 1e-9
     archived_copy = archive_path(env.spool, STUDY, f"{STUDY}.2")
