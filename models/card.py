@@ -131,10 +131,16 @@ class ModelCard:
 
     @property
     def decision_sha256(self) -> str:
-        """Identity of what this card decides with (`DECISION_FIELDS`), strata in order of their bounds."""
-        data = self.to_dict()
-        decision = {key: data[key] for key in DECISION_FIELDS}
-        decision["strata"] = sorted(decision["strata"], key=lambda s: (s["lower"], s["upper"]))
+        """Identity of what this card decides with (`DECISION_FIELDS`), in one form whatever wrote the JSON: numbers
+        as floats or ints by field (jq and JavaScript write 1.0 as 1), strata by name and bounds in order (their
+        descriptions are words, not decisions)."""
+        decision = {
+            "sha256": self.sha256, "labels": list(self.labels), "preprocessing": self.preprocessing,
+            "input_shape": [int(d) for d in self.input_shape], "source_size": int(self.source_size),
+            "temperature": float(self.temperature), "threshold": float(self.threshold),
+            "strata": sorted(([s.name, float(s.lower), float(s.upper)] for s in self.strata), key=lambda s: s[1:]),
+        }
+        assert set(decision) == set(DECISION_FIELDS)
         canonical = strict_json(decision, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

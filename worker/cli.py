@@ -144,6 +144,7 @@ def check(settings: WorkerSettings) -> int:
     """Fail fast with a clear message instead of starting a worker that can only fail tasks."""
     from sqlalchemy import text
 
+    from models.card import card_path_for
     from models.detector import load_card
     from models.errors import ExecutionProviderError
     from worker.db import make_engine
@@ -160,6 +161,10 @@ def check(settings: WorkerSettings) -> int:
     except Exception as exc:
         log.error("model card problem: %s", exc)
         return 2
+    if not card_has_decision_digest(path):
+        log.warning("model card %s has no decision_sha256 (written before 2026-11-29, or stripped): an edit of its "
+                    "temperature, threshold or strata cannot be told; re-save it with `pneumonia-train card`",
+                    card_path_for(path).name)
     if status := usable_database_url(settings):
         return status
     try:
@@ -217,6 +222,18 @@ def check(settings: WorkerSettings) -> int:
     log.info("model %s %s (sha256 %s...) with %s ok on %s; database ok", card.name, card.version, card.sha256[:12],
              calibration, ",".join(providers))
     return 0
+
+
+def card_has_decision_digest(model_path: Path) -> bool:
+    """Whether the card beside the model carries `decision_sha256` (what `ModelCard.load` checks when present)."""
+    import json
+
+    from models.card import card_path_for
+
+    try:
+        return bool(json.loads(card_path_for(model_path).read_text()).get("decision_sha256"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def database_read_only(conn: Connection) -> str | None:

@@ -116,3 +116,19 @@ def test_the_released_card_carries_its_decision_digest():
 
     path = card_path_for(default_model_path())
     assert json.loads(path.read_text())["decision_sha256"] == ModelCard.load(path).decision_sha256
+
+
+def test_a_card_rewritten_by_another_json_writer_is_not_taken_for_an_edit(tmp_path):
+    """jq and JavaScript write 1.0 as 1 and 0.0 as 0: a site adding a note to its copy of the card was refused
+    as an edit. A stratum's description is words, not a decision."""
+    import json
+
+    path = tmp_path / "m.card.json"
+    make_card(temperature=1.0, strata=(Stratum("likely_normal", 0.0, 0.2), Stratum("indeterminate", 0.2, 0.8),
+                                       Stratum("high_suspicion", 0.8, 1.0))).save(path)
+    data = json.loads(path.read_text())
+    data["temperature"], data["strata"][0]["lower"], data["strata"][2]["upper"] = 1, 0, 1
+    data["strata"][1]["description"] = "reworded"
+    data["note"] = "site copy"
+    path.write_text(json.dumps(data))
+    assert ModelCard.load(path).extra["note"] == "site copy"

@@ -97,11 +97,26 @@ def test_check_refuses_a_site_calibration_of_another_model(tmp_path, sqlite_url)
     assert ok.returncode == 0 and "site calibration 'ward-7'" in ok.stderr and "no site calibration" not in ok.stderr
     bare = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url)  # the card's strata: fitted on children of one centre
     assert bare.returncode == 0 and "WARNING worker.cli: no site calibration" in bare.stderr
-    assert "children aged one to five" in bare.stderr
+    assert "children aged one to five" in bare.stderr and "no decision_sha256" not in bare.stderr
     other = json.loads(good.read_text()) | {"model_sha256": "0" * 64}
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_SITE_CALIBRATION=str(tmp_path / "other.json"))
     assert refused.returncode == 2 and "fitted for model sha256" in refused.stderr
+
+
+def test_check_warns_of_a_card_without_its_decision_digest(tmp_path, sqlite_url):
+    """Deleting `decision_sha256` made any edited card load "as before", with nothing said."""
+    import json
+
+    from models.card import card_path_for, default_model_path
+
+    model = tmp_path / "model.onnx"
+    model.symlink_to(default_model_path())
+    card = json.loads(card_path_for(default_model_path()).read_text())
+    del card["decision_sha256"]
+    card_path_for(model).write_text(json.dumps(card))
+    result = run_cli("check", TRIAGE_DATABASE_URL=sqlite_url, TRIAGE_MODEL_PATH=str(model))
+    assert result.returncode == 0 and "model card model.card.json has no decision_sha256" in result.stderr
 
 
 def test_calibrate_scores_dicom_cases_as_the_worker_would(tmp_path, test_split):
