@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from sqlalchemy import Connection, exists, func, inspect, or_, select, text
+from sqlalchemy import Connection, and_, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from models.atomic import write_whole
@@ -308,9 +308,16 @@ def query_rows(conn: Connection, args: argparse.Namespace,
     t = db.instances
     stmt = select(*[t.c[c] for c in columns])
     for column, value in (("flag", args.flag), ("stratum", args.stratum), ("status", args.status),
-                          ("accession_number", args.accession), ("study_instance_uid", args.study)):
+                          ("study_instance_uid", args.study)):
         if value:
             stmt = stmt.where(t.c[column] == value)
+    if args.accession:  # its own number, or one a re-send carried after its result (migration 0008): the
+        # aliases' keys first, so that each branch of the OR searches an index (an EXISTS made SQLite scan)
+        a = db.accession_aliases
+        keys = conn.execute(select(a.c.study_instance_uid, a.c.sop_instance_uid)
+                            .where(a.c.accession_number == args.accession).limit(1000)).all()
+        stmt = stmt.where(or_(t.c.accession_number == args.accession, *[
+            and_(t.c.study_instance_uid == study, t.c.sop_instance_uid == sop) for study, sop in keys]))
     if args.since:
         stmt = stmt.where(t.c.received_at >= args.since)
     if args.until:
@@ -332,7 +339,9 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     if args.accession:  # the study's own (its first image's) or any of its images': images of one study may
         # carry two (a temporary one replaced, a second series), and the study was found under the first only
         stmt = stmt.where(or_(v.c.accession_number == args.accession, v.c.study_instance_uid.in_(
-            select(db.instances.c.study_instance_uid).where(db.instances.c.accession_number == args.accession))))
+            select(db.instances.c.study_instance_uid).where(db.instances.c.accession_number == args.accession)),
+            v.c.study_instance_uid.in_(select(db.accession_aliases.c.study_instance_uid).where(  # a re-send's
+                db.accession_aliases.c.accession_number == args.accession))))
     if args.status:
         stmt = stmt.where(v.c.study_instance_uid.in_(
             select(db.instances.c.study_instance_uid).where(db.instances.c.status == args.status)))

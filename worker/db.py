@@ -88,6 +88,18 @@ instances = Table(
     Index("ix_instances_finished", "finished_at"),
 )
 
+accession_aliases = Table(  # migration 0008
+    "accession_aliases",
+    metadata,
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("accession_number", String(64), nullable=False),
+    Column("first_seen_at", DateTime),
+    PrimaryKeyConstraint("study_instance_uid", "sop_instance_uid", "accession_number", name="accession_aliases_pkey"),
+    Index("ix_accession_aliases_accession", "accession_number"),
+)
+"""Accession numbers an instance was re-sent under after its result was stored (the first stays on its row)."""
+
 studies = Table(
     "studies",
     metadata,
@@ -284,14 +296,12 @@ def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, A
     return dict(row) if row else None
 
 
-def correct_accession(conn: Connection, study_uid: str, sop_uid: str, old: str | None, new: str) -> None:
-    """File an instance's result under the accession number its re-send carries, and its study too where the
-    study was filed under the old one (a study of several orders keeps the number it has)."""
-    t, s = instances, studies
-    conn.execute(t.update().where(t.c.study_instance_uid == study_uid, t.c.sop_instance_uid == sop_uid)
-                 .values(accession_number=new))
-    conn.execute(s.update().where(s.c.study_instance_uid == study_uid, s.c.accession_number.is_not_distinct_from(old))
-                 .values(accession_number=new))
+def add_accession_alias(conn: Connection, study_uid: str, sop_uid: str, accession: str) -> bool:
+    """Record `accession` as a number the instance is also found under; True when it is new."""
+    stmt = _insert(conn, accession_aliases).values(study_instance_uid=study_uid, sop_instance_uid=sop_uid,
+                                                   accession_number=accession, first_seen_at=utcnow())
+    stmt = stmt.on_conflict_do_nothing(index_elements=["study_instance_uid", "sop_instance_uid", "accession_number"])
+    return bool(conn.execute(stmt.returning(accession_aliases.c.accession_number)).first())
 
 
 def terminal_sops(conn: Connection, study_uid: str, sop_uids: list[str]) -> set[str]:

@@ -387,6 +387,7 @@ def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, sta
         return
     if study_uid:
         _compare_with_first(rt, path, study_uid, sop_uid, status)
+    resent_accession = header_identifiers(path).get("accession_number") if path.is_file() else None  # not under the lock
     with rt.engine.begin() as conn:
         row = db.lock_instance(conn, study_uid, sop_uid)
         if row is None or row["status"] not in db.TERMINAL:  # reopened by `reprocess`, or (a database restored
@@ -394,20 +395,20 @@ def _retire_quietly(rt: Runtime, relpath: str, study_uid: str, sop_uid: str, sta
             log.info("instance %s is no longer terminal (reopened for reprocessing, or its row gone) while a stale "
                      "delivery ran; its file is left in pending/ for its own delivery", sop_uid)
             return
-        _follow_corrected_accession(conn, path, study_uid, sop_uid, row["accession_number"])
+        _record_accession_alias(conn, study_uid, sop_uid, row["accession_number"], resent_accession)
         retire(rt.settings.spool_dir, path, study_uid or "unknown", sop_uid, rt.settings.spool_retention, received_at)
 
 
-def _follow_corrected_accession(conn: Any, path: Path, study_uid: str, sop_uid: str, stored: str | None) -> None:
-    """A re-send under another accession number (a PACS reconciling the order) files the kept result under it.
-    Why: the first result stayed under the old number, so the worklist searched by the right one found nothing
-    and the flag sat on another order. A re-send without a number, or one that cannot be read, changes nothing."""
-    resent = header_identifiers(path).get("accession_number") if path.is_file() else None
-    if not resent or resent == stored:
+def _record_accession_alias(conn: Any, study_uid: str, sop_uid: str, stored: str | None, resent: str | None) -> None:
+    """A re-send under another accession number (a PACS reconciling the order) makes the kept result findable
+    under it too (`accession_aliases`, `list --accession`); the stored number stays the first. Why not replace
+    it: a stale re-send under the old number would move it back, and a prior re-sent under today's order would
+    put its flag on that order. A re-send without a number changes nothing."""
+    if not resent or resent == stored or not study_uid:
         return
-    db.correct_accession(conn, study_uid, sop_uid, stored, resent)
-    log.warning("instance %s re-sent after its result was stored with another AccessionNumber: the result is now "
-                "filed under the re-send's (not re-evaluated, first result kept)", sop_uid)
+    if db.add_accession_alias(conn, study_uid, sop_uid, resent):
+        log.warning("instance %s re-sent after its result was stored with another AccessionNumber: the result is "
+                    "now also found under the re-send's (`list --accession`); first result and number kept", sop_uid)
 
 
 def _compare_with_first(rt: Runtime, path: Path, study_uid: str, sop_uid: str, status: str) -> None:

@@ -393,3 +393,28 @@ def test_migration_0007_adds_the_reprocess_time_in_place_and_goes_back(database_
             assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 2
     finally:
         engine.dispose()
+
+
+def test_migration_0008_adds_the_accession_aliases_and_goes_back(database_url):
+    """A new table beside the others: rows of 0007 are untouched, an alias is recorded once, the downgrade drops it."""
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    upgrade(database_url, "0007")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts,"
+                              " accession_number) VALUES ('8.1', '8', 'done', 1, 'TEMP')"))
+        upgrade(database_url)
+        with engine.begin() as conn:
+            assert db.add_accession_alias(conn, "8", "8.1", "ACC-8") and not db.add_accession_alias(conn, "8", "8.1", "ACC-8")
+            assert conn.execute(text("SELECT accession_number FROM instances")).scalar() == "TEMP"
+        engine.dispose()
+        command.downgrade(alembic_config(database_url), "0007")
+        with engine.connect() as conn:
+            assert "accession_aliases" not in inspect(conn).get_table_names()
+            assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 1
+    finally:
+        engine.dispose()

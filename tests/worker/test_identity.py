@@ -409,10 +409,11 @@ def test_a_header_study_uid_that_is_not_a_uid_is_not_logged(sqlite_url, tmp_path
     assert "DOE" not in caplog.text
 
 
-def test_a_re_send_with_a_corrected_accession_number_moves_the_result_to_it(database_url, tmp_path, test_split, caplog):
-    """A PACS reconciling an order re-sends the image under the corrected accession number: the first result
-    is kept (not re-scored), but it stayed filed under the wrong number, so `list --studies --accession` with
-    the right one found nothing and the flag sat on another order. The stored number now follows the re-send."""
+def test_a_re_send_under_a_corrected_accession_number_is_found_under_it_too(database_url, tmp_path, test_split,
+                                                                             caplog):
+    """A PACS reconciling an order re-sends the image under the corrected accession number: the first result is
+    kept (not re-scored) and was filed under the old number only, so `list --accession` with the right one found
+    nothing. It is found under both now, and a stale re-send under the old number moves nothing back."""
     import logging
 
     spool = tmp_path / "spool"
@@ -420,19 +421,31 @@ def test_a_re_send_with_a_corrected_accession_number_moves_the_result_to_it(data
     study, sop = "1.2.826.0.1.3680043.8.498.71", "1.2.826.0.1.3680043.8.498.71.1"
     image = test_split[0][0]
     relpath = _stage(spool, image, study, sop, "TEMP-0001")
-    first = tasks.process_instance(rt, relpath, sop, None)
-    assert first["status"] == "done"
+    assert tasks.process_instance(rt, relpath, sop, None)["status"] == "done"
     scored = _rows_of_sop(database_url, sop)[study]
     _stage(spool, image, study, sop, "ACC-2026-77")  # the same image, its order reconciled
     with caplog.at_level(logging.WARNING, logger="worker.tasks"):
-        again = tasks.process_instance(rt, relpath, sop, None)
-    assert again["noop"]
-    row = _rows_of_sop(database_url, sop)[study]
-    assert (row["accession_number"], row["finished_at"]) == ("ACC-2026-77", scored["finished_at"])  # not re-scored
-    assert _study(database_url, study)["accession_number"] == "ACC-2026-77"
+        assert tasks.process_instance(rt, relpath, sop, None)["noop"]
+    assert _rows_of_sop(database_url, sop)[study] == scored  # the first result and its number kept
+    for number in ("ACC-2026-77", "TEMP-0001"):
+        for listing in (["list"], ["list", "--studies"], ["export"]):
+            found = json.loads(run_admin(database_url, *listing, "--accession", number, "--format", "json"))
+            assert [r["study_instance_uid"] for r in found] == [study], (number, listing)
     assert "ACC-2026-77" not in caplog.text and "TEMP-0001" not in caplog.text  # named by element, never by value
-    assert "AccessionNumber" in caplog.text
-    _stage(spool, image, study, sop, "")  # a re-send without one erases nothing
-    tasks.process_instance(rt, relpath, sop, None)
-    assert _rows_of_sop(database_url, sop)[study]["accession_number"] == "ACC-2026-77"
+    assert "also found under the re-send's" in caplog.text
+    for stale in ("TEMP-0001", ""):  # the old number again, or none: nothing moves, nothing is added
+        _stage(spool, image, study, sop, stale)
+        tasks.process_instance(rt, relpath, sop, None)
+    assert _rows_of_sop(database_url, sop)[study]["accession_number"] == "TEMP-0001"
+    assert json.loads(run_admin(database_url, "list", "--accession", "ACC-2026-77", "--format", "json"))
     rt.engine.dispose()
+
+
+def run_admin(url: str, *args: str) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert admin.main(["--database-url", url, *args]) == 0
+    return out.getvalue()
