@@ -233,16 +233,13 @@ def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_e
         assert env.wait_terminal([second], timeout=90)[second]["status"] == "done", worker.log()[-3000:]
 
 
-def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(make_triage_env, sqlite_url, test_split,
-                                                                              tmp_path):
-    """A master lost while the first task's ack is in flight: "Couldn't ack" (CRITICAL), and kombu's consumer
-    polled the broker no more; the worker stayed up, idle and silent (2 of 2 tries). The watchdog sees the
-    second message wait while nothing is received and stops the worker with exit status 75; a restarted worker
-    scores the message."""
+@contextlib.contextmanager
+def a_worker_stalled_by_a_lost_ack(make_triage_env: Any, sqlite_url: str, test_split: Any, tmp_path: Path
+                                   ) -> Iterator[tuple[Any, Any, str]]:
+    """A worker whose first task's ack was lost with the master (stopped while the task ran, then failed over):
+    (the environment, that worker, the sentinel URL), the new master serving."""
     import signal
     import time
-
-    from worker.watchdog import EXIT_STALLED
 
     with sentinel_broker(tmp_path) as (killed, sentinels, master, ports, url):
         env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER, soft_time_limit_s="5",
@@ -254,14 +251,31 @@ def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(ma
         assert env.wait_terminal([first])[first]["status"] == "done"
         time.sleep(0.5)
         fail_over(killed, sentinels, ports)
+        yield env, worker, url
+
+
+def stops_for_a_restart(worker: Any) -> str:
+    """The stalled worker's log, once it has exited 75 on the lost ack."""
+    from worker.watchdog import EXIT_STALLED
+
+    try:
+        wait_for(lambda: worker.proc.poll() is not None, 150, 0.5, "the stalled worker to stop")
+    except AssertionError:
+        raise AssertionError(f"the stalled worker did not stop:\n{worker.log()[-6000:]}") from None
+    log = worker.log()
+    assert worker.proc.returncode == EXIT_STALLED and "worker stalled" in log, log[-3000:]
+    assert "Couldn't ack" in log, "the stall this test is about"
+    return log
+
+
+def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(make_triage_env, sqlite_url, test_split,
+                                                                              tmp_path):
+    """A master lost while the first task's ack is in flight: "Couldn't ack" (CRITICAL), and kombu's consumer
+    polled the broker no more; the worker stayed up, idle and silent (2 of 2 tries). The watchdog stops the
+    worker with exit status 75; a restarted worker scores the message that waited."""
+    with a_worker_stalled_by_a_lost_ack(make_triage_env, sqlite_url, test_split, tmp_path) as (env, worker, url):
         second = publish_on(url, env, test_split[0][1])
-        try:
-            wait_for(lambda: worker.proc.poll() is not None, 150, 0.5, "the stalled worker to stop")
-        except AssertionError:
-            raise AssertionError(f"the stalled worker did not stop:\n{worker.log()[-6000:]}") from None
-        log = worker.log()
-        assert worker.proc.returncode == EXIT_STALLED and "worker stalled" in log, log[-3000:]
-        assert "Couldn't ack" in log, "the stall this test is about"
+        stops_for_a_restart(worker)
         env.start_worker()
         assert env.wait_terminal([second], timeout=90)[second]["status"] == "done"
 
@@ -269,34 +283,14 @@ def test_a_worker_whose_consumer_stalled_after_a_lost_ack_exits_for_a_restart(ma
 def test_a_stalled_worker_beside_a_healthy_one_exits_for_a_restart(make_triage_env, sqlite_url, test_split, tmp_path):
     """The compose file runs two workers. One whose ack was lost with the master stalled as above, but the other
     kept the queue empty, so messages never waited and the watchdog never fired: half the capacity gone for
-    good, silently. The stalled worker's own sign is its prefetch, held by the lost delivery while it runs no
+    good, silently. The stalled worker's own sign is the lost delivery, held by its channel and owned by no
     task; it exits 75 and the healthy one keeps scoring."""
-    import signal
-    import time
-
-    from worker.watchdog import EXIT_STALLED
-
-    with sentinel_broker(tmp_path) as (killed, sentinels, master, ports, url):
-        env = make_triage_env(sqlite_url, broker_url=url, broker_sentinel_master=MASTER, soft_time_limit_s="5",
-                              time_limit_s="10", stall_exit_s="20")
-        stalled = env.start_worker()
-        first = publish_on(url, env, test_split[0][0])
-        wait_for(lambda: first in env.rows(), 60, 0.001, "the first image to be claimed")
-        os.kill(killed.pid, signal.SIGSTOP)  # the master hangs while the task runs: its ack cannot land
-        assert env.wait_terminal([first])[first]["status"] == "done"
-        time.sleep(0.5)
-        fail_over(killed, sentinels, ports)
+    with a_worker_stalled_by_a_lost_ack(make_triage_env, sqlite_url, test_split, tmp_path) as (env, stalled, url):
         healthy = env.start_worker()
         later = [publish_on(url, env, image) for image in test_split[0][1:4]]
         assert {row["status"] for row in env.wait_terminal(later, timeout=90).values()} == {"done"}
-        try:
-            wait_for(lambda: stalled.proc.poll() is not None, 150, 0.5, "the stalled worker to stop")
-        except AssertionError:
-            raise AssertionError(f"the stalled worker did not stop:\n{stalled.log()[-6000:]}") from None
-        log = stalled.log()
-        assert stalled.proc.returncode == EXIT_STALLED and "Couldn't ack" in log, log[-3000:]
-        assert healthy.proc.poll() is None, healthy.log()[-3000:]
-        assert "worker stalled" not in healthy.log()
+        stops_for_a_restart(stalled)
+        assert healthy.proc.poll() is None and "worker stalled" not in healthy.log(), healthy.log()[-3000:]
 
 
 # --- the worker's exit status -----------------------------------------------------------------------
