@@ -40,7 +40,7 @@ from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
 from worker.config import WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
-from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING
+from worker.selection import unverified_skip
 from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -76,14 +76,6 @@ def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
     complete = (bool(study.get("final")) and not study.get("n_failed") and not study.get("n_pending")
                 and not study.get("n_unverified") and bool(study.get("n_done")))
     return {**study, "triage_complete": complete}
-
-
-def unverified_skip(reason: str | None) -> bool:
-    """A skip reason that says the image could not be told a frontal chest or not (a tag missing under the
-    `skip` policy, a Patient Orientation of the wrong number of values), unlike a lateral or another body part."""
-    prefix, suffix = ORIENTATION_MISCOUNTED
-    text_ = reason or ""
-    return text_ in (BODY_PART_MISSING, VIEW_MISSING) or (text_.startswith(prefix) and text_.endswith(suffix))
 
 
 def with_unverified(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:

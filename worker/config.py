@@ -72,9 +72,10 @@ class WorkerSettings(BaseSettings):
     unacked_restore_interval_s: int = Field(10, ge=1)
     """How often a worker looks for unacknowledged messages of dead workers to restore."""
     stall_exit_s: int = Field(300, ge=0)
-    """A worker that has received nothing for this long while messages wait in the queue stops with exit status
-    75 for its supervisor to restart it (`worker.watchdog`); 0 turns the watchdog off. Must exceed
-    `time_limit_s`: a pool busy with slow images receives nothing until one ends."""
+    """A worker that holds for this long a delivery no task of it owns (an ack lost), or receives nothing for this
+    long while messages wait in the queue, stops with exit status 75 for its supervisor to restart it
+    (`worker.watchdog`); 0 turns the watchdog off. Must exceed `time_limit_s`: a pool busy with slow images
+    receives nothing until one ends."""
     max_retries: int = Field(30, ge=0)
     retry_backoff_max_s: int = Field(60, ge=1)
     max_attempts: int = Field(3, ge=1)

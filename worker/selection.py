@@ -41,7 +41,7 @@ MissingTagPolicy = Literal["skip", "process"]
 BODY_PART_MISSING = "BodyPartExamined missing (policy: skip)"
 VIEW_MISSING = "ViewPosition missing (policy: skip)"
 ORIENTATION_MISCOUNTED = ("patient orientation ", " expected")  # `display_orientation`'s "... has 3 values, 2 expected"
-"""Skips of an image that may well be a frontal chest, which its tags could not say (`db.unverified_skip`)."""
+"""Skips of an image that may well be a frontal chest, which its tags could not say (`unverified_skip`)."""
 
 
 def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> str | None:
@@ -69,18 +69,16 @@ def skip_reason(ds: Dataset, missing_tag_policy: MissingTagPolicy = "skip") -> s
     image_type = _skipped_image_type(ds)
     if image_type is not None:
         return f"{SKIPPED_IMAGE_TYPES[image_type]} (Image Type {image_type})"
-    body_part = str(ds.get("BodyPartExamined", "") or "").upper().strip()
+    body_part, region = _tag_or_code(ds, "BodyPartExamined", "AnatomicRegionSequence")
     if body_part and body_part not in CHEST_BODY_PARTS:
         return f"body part {quoted_term(body_part, BODY_PARTS)} is not CHEST"
-    region = None if body_part else _first_code(ds, "AnatomicRegionSequence")
     if region is not None and region not in CHEST_REGION_CODES:
         return "anatomic region (coded) is not chest"
     if not body_part and region is None and missing_tag_policy == "skip":
         return BODY_PART_MISSING
-    view = str(ds.get("ViewPosition", "") or "").upper().strip()
+    view, coded_view = _tag_or_code(ds, "ViewPosition", "ViewCodeSequence")
     if view and view not in FRONTAL_VIEWS:
         return f"view position {quoted_term(view, VIEW_POSITIONS)} is not frontal (PA/AP)"
-    coded_view = None if view else _first_code(ds, "ViewCodeSequence")
     if coded_view is not None and coded_view not in FRONTAL_VIEW_CODES:
         return "view (coded) is not frontal (PA/AP)"
     if not view and coded_view is None and missing_tag_policy == "skip":
@@ -98,12 +96,25 @@ def assumed_tags(ds: Dataset, missing_tag_policy: MissingTagPolicy) -> list[str]
     without these tags is scored too, and read as silently as a tagged frontal before 2026-11-29)."""
     if missing_tag_policy != "process":
         return []
-    missing = []
-    if not str(ds.get("BodyPartExamined", "") or "").strip() and _first_code(ds, "AnatomicRegionSequence") is None:
-        missing.append("BodyPartExamined")
-    if not str(ds.get("ViewPosition", "") or "").strip() and _first_code(ds, "ViewCodeSequence") is None:
-        missing.append("ViewPosition")
-    return missing
+    return [keyword for keyword, coded in SELECTION_TAGS if _tag_or_code(ds, keyword, coded) == ("", None)]
+
+
+def unverified_skip(reason: str | None) -> bool:
+    """A skip reason that says the image could not be told a frontal chest or not (a tag missing under the
+    `skip` policy, a Patient Orientation of the wrong number of values), unlike a lateral or another body part."""
+    prefix, suffix = ORIENTATION_MISCOUNTED
+    text = reason or ""
+    return text in (BODY_PART_MISSING, VIEW_MISSING) or (text.startswith(prefix) and text.endswith(suffix))
+
+
+SELECTION_TAGS = (("BodyPartExamined", "AnatomicRegionSequence"), ("ViewPosition", "ViewCodeSequence"))
+"""The plain tags the selection reads, each with the coded form that decides when it is empty."""
+
+
+def _tag_or_code(ds: Dataset, keyword: str, coded: str) -> tuple[str, tuple[str, str] | None]:
+    """A selection tag's value (upper-cased, "" when empty) and, only where it is empty, its coded form's code."""
+    plain = str(ds.get(keyword, "") or "").upper().strip()
+    return plain, None if plain else _first_code(ds, coded)
 
 
 def _first_code(ds: Dataset, keyword: str) -> tuple[str, str] | None:

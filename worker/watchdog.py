@@ -1,4 +1,4 @@
-"""Ends a worker whose consumer stopped taking messages while they wait in the queue.
+"""Ends a worker whose consumer lost an acknowledgement or stopped taking messages while they wait in the queue.
 
 Why: a Redis master lost while a finished task's acknowledgement is in flight fails that ack ("Couldn't ack
 ..., reason:network:ConnectionError") and kombu's consumer then polls the broker no more: the worker stays

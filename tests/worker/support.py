@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
-from worker import contract, db
+from worker import admin, contract, db
 from worker.samples import save
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -377,3 +377,11 @@ class TriageEnv:
             worker.stop()
 
 
+def run_admin(url: str, *args: str) -> str:
+    """What `pneumonia-admin --database-url URL ARGS` prints, asserting it exits 0."""
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert admin.main(["--database-url", url, *args]) == 0
+    return out.getvalue()

@@ -15,18 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select
 
+from tests.worker.support import run_admin
 from worker import admin, db
 from worker.samples import ADMIN_QUERIES, STRATA, populate_results as populate
 from worker.migrate import upgrade
-
-def run_admin(url: str, *args: str) -> str:
-    out = io.StringIO()
-    import contextlib
-
-    with contextlib.redirect_stdout(out):
-        assert admin.main(["--database-url", url, *args]) == 0
-    return out.getvalue()
-
 
 @pytest.fixture
 def small_db(database_url):

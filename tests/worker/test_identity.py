@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from tests.worker.support import wait_for
+from tests.worker.support import run_admin, wait_for
 from worker import admin, contract, db, tasks
 from worker.config import WorkerSettings
 from worker.migrate import current_revision, upgrade
@@ -439,13 +439,3 @@ def test_a_re_send_under_a_corrected_accession_number_is_found_under_it_too(data
     assert _rows_of_sop(database_url, sop)[study]["accession_number"] == "TEMP-0001"
     assert json.loads(run_admin(database_url, "list", "--accession", "ACC-2026-77", "--format", "json"))
     rt.engine.dispose()
-
-
-def run_admin(url: str, *args: str) -> str:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert admin.main(["--database-url", url, *args]) == 0
-    return out.getvalue()
