@@ -31,16 +31,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from sqlalchemy import Connection, and_, exists, func, inspect, or_, select, text
+from sqlalchemy import Connection, and_, case, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from models.atomic import write_whole
 from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
-from worker.config import WorkerSettings, load_worker_settings
+from worker.config import NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
-from worker.selection import unverified_skip
+from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
 from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -51,15 +51,16 @@ threshold) is left to the export: the high-suspicion band starts below 0.5, and 
 EXPORT_COLUMNS = LIST_COLUMNS + ("prediction", "model_name", "model_version", "model_sha256", "site_calibration_sha256",
                                  "attempts", "started_at")
 """An export is for audit: each row says which model and which site calibration produced it."""
-STUDY_COLUMNS = ("study_instance_uid", "accession_number", "flag", "stratum", "max_probability", "final",
-                 "triage_complete", "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "n_unverified",
+STUDY_COLUMNS = ("study_instance_uid", "accession_number", "worklist_flag", "flag", "stratum", "max_probability",
+                 "final", "triage_complete", "n_instances", "n_done", "n_pending", "n_failed", "n_skipped", "n_unverified",
                  "last_received_at", "finalized_at", "reopened_count", "flag_before_reopen", "first_finalized_at")
 """`reopened_count` > 0: the study was final before a late image reopened it, with `flag_before_reopen`
 (the flag a reader may have seen as final) since `first_finalized_at` (migration 0006). `triage_complete`
 (computed, `with_triage_complete`) is false while the study is not final, any of its images failed or
 waits, or none was scored, or an image was skipped for want of the tags that would say whether it is a frontal
-chest (`n_unverified`, computed, `with_unverified`)."""
-STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c not in ("triage_complete", "n_unverified"))
+chest (`n_unverified`, computed, `with_unverified`). `worklist_flag` (computed) is the one column a RIS can map
+to a priority: the flag, but NOT_TRIAGED where a study not `triage_complete` would read low priority."""
+STORED_STUDY_COLUMNS = tuple(c for c in STUDY_COLUMNS if c not in ("worklist_flag", "triage_complete", "n_unverified"))
 STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_calibration_sha256", "failure_reasons")
 """`export --studies`, a RIS's poll, says which model and site calibration made the flag ("mixed" when its
 images were scored by more than one) and why images failed, without an export per study."""
@@ -75,7 +76,35 @@ def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
     policy) has no flag at all and read complete too, "triaged, nothing found", before 2026-11-29."""
     complete = (bool(study.get("final")) and not study.get("n_failed") and not study.get("n_pending")
                 and not study.get("n_unverified") and bool(study.get("n_done")))
-    return {**study, "triage_complete": complete}
+    worklist_flag = study.get("flag") if complete or _escalates(study.get("stratum")) else NOT_TRIAGED
+    return {**study, "worklist_flag": worklist_flag, "triage_complete": complete}
+
+
+LOW_STRATA = tuple(name for name, severity in STRATUM_SEVERITY.items() if severity == 0)
+"""The strata whose flag says "may wait" (`likely_normal`): only a complete study may carry theirs."""
+
+
+def _escalates(stratum: str | None) -> bool:
+    """Whether a study flag of this stratum raises the study's priority (any stratum above the lowest)."""
+    return stratum is not None and stratum not in LOW_STRATA
+
+
+def _escalates_or_complete(v: Any) -> Any:
+    """SQL for `worklist_flag == flag` on the study_flags view `v`: `with_triage_complete`'s rule, so that
+    `list --studies --flag ROUTINE` returns only the studies whose worklist flag is ROUTINE. The skips of
+    `unverified_skip` are matched as it matches them (`tests/worker/test_admin.py` checks the two agree)."""
+    t = db.instances
+    prefix, suffix = ORIENTATION_MISCOUNTED
+    reason = t.c.reason
+    unverified = and_(t.c.status == "skipped", or_(
+        reason.in_((BODY_PART_MISSING, VIEW_MISSING)),
+        and_(reason.startswith(prefix, autoescape=True), reason.endswith(suffix, autoescape=True))))
+    # A count over the study's rows, as the view counts: searched by the study alone. An EXISTS with the status in
+    # its WHERE let SQLite search the status index instead, every skipped row of the table for each study (40x).
+    n_unverified = (select(func.coalesce(func.sum(case((unverified, 1), else_=0)), 0))
+                    .where(t.c.study_instance_uid == v.c.study_instance_uid).scalar_subquery())
+    complete = and_(v.c.final.is_(True), v.c.n_failed == 0, v.c.n_pending == 0, v.c.n_done > 0, n_unverified == 0)
+    return or_(and_(v.c.stratum.is_not(None), v.c.stratum.not_in(LOW_STRATA)), complete)
 
 
 def with_unverified(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--studies", action="store_true", help="one line per study (most severe flag)")
-    cmd.add_argument("--flag", type=_given, help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database")
+    cmd.add_argument("--flag", type=_given, help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database; "
+                     "with --studies the worklist flag: a study not triage_complete is listed under its flag only if "
+                     "that flag raises it (URGENT, PRIORITY), never under ROUTINE")
     cmd.add_argument("--stratum", type=_given, help=f"one of {', '.join(STRATUM_NAMES)} (any case)")
     cmd.add_argument("--status", choices=db.STATUSES)
     cmd.add_argument("--accession", type=_given)
@@ -328,6 +359,8 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     for column, value in (("flag", args.flag), ("stratum", args.stratum), ("study_instance_uid", args.study)):
         if value:
             stmt = stmt.where(v.c[column] == value)
+    if args.flag:  # the worklist flag: a study not triage_complete is listed under its flag only if that raises it
+        stmt = stmt.where(_escalates_or_complete(v))
     if args.accession:  # the study's own (its first image's) or any of its images': images of one study may
         # carry two (a temporary one replaced, a second series), and the study was found under the first only
         stmt = stmt.where(or_(v.c.accession_number == args.accession, v.c.study_instance_uid.in_(

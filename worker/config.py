@@ -29,6 +29,13 @@ STRATUM_SEVERITY = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
 """Rank used for the study-level flag: the most severe frontal image decides."""
 FLAG_MAX_LENGTH = 32
 """The `flag` columns' width (worker/db.py): a longer flag would fail to store on PostgreSQL."""
+NOT_TRIAGED = "NOT_TRIAGED"
+"""A study's `worklist_flag` while the model makes no claim that it may wait: not `triage_complete` and no image
+scored above the lowest stratum. Why: the flag comes from the images that were scored, so a study whose second
+image failed, waits or could not be told a frontal chest read ROUTINE from its first, and a RIS mapping the flag
+to a priority filed it low (`list --studies --flag ROUTINE` returned it). An URGENT or PRIORITY image raises its
+study at once, complete or not: a missing image can only add findings, never remove that one. Reserved: no
+TRIAGE_FLAG_MAP flag may be spelt so."""
 GATEWAY_PREFIX = "TRIAGE_GATEWAY_"
 """The gateway's own settings; every other `TRIAGE_*` name is the worker's (or both services')."""
 COMPOSE_ONLY_VARIABLES = frozenset({"TRIAGE_DB_PASSWORD"})
@@ -114,6 +121,10 @@ class WorkerSettings(BaseSettings):
         unfit = sorted(s for s, flag in value.items() if not flag.strip() or len(flag) > FLAG_MAX_LENGTH)
         if unfit:  # PostgreSQL refuses an over-long value at the INSERT, i.e. for every such image
             raise ValueError(f"flag_map: the flags of {unfit} must be 1 to {FLAG_MAX_LENGTH} characters")
+        reserved = sorted(s for s, flag in value.items() if flag.strip().casefold() == NOT_TRIAGED.casefold())
+        if reserved:  # a study's worklist_flag says NOT_TRIAGED when not complete: the two would read alike
+            raise ValueError(f"flag_map: the flags of {reserved} are spelt {NOT_TRIAGED}, which the study worklist "
+                             "reserves for studies not triage_complete")
         padded = sorted(s for s, flag in value.items() if flag != flag.strip())
         if padded:  # " URGENT" was stored as written, and a worklist filtering on URGENT never showed it
             raise ValueError(f"flag_map: the flags of {padded} begin or end with spaces")

@@ -335,6 +335,7 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
             study = studies.setdefault(r["study_instance_uid"], {
                 "study_instance_uid": r["study_instance_uid"], "accession_number": r["accession_number"],
                 "first_received_at": r["received_at"], "last_received_at": r["received_at"], "final": False,
+                "finalized_at": None,
                 "severity": None, "flag": None, "stratum": None, "max_probability": None})
             study["last_received_at"] = max(study["last_received_at"], r["received_at"])
             study["first_received_at"] = min(study["first_received_at"], r["received_at"])
@@ -343,6 +344,9 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
             if r["severity"] is not None and (r["severity"], r["probability"]) > kept:  # 0 is a severity
                 study.update(severity=r["severity"], flag=r["flag"], stratum=r["stratum"],
                              max_probability=r["probability"])
+        for study in studies.values():  # most finalised, as a day's worklist is: `--studies --flag ROUTINE` lists
+            if rng.random() < 0.9:        # complete studies only (admin.NOT_TRIAGED)
+                study.update(final=True, finalized_at=study["last_received_at"] + dt.timedelta(seconds=30))
         conn.execute(insert(db.studies), list(studies.values()))
     engine.dispose()
     return rows
@@ -352,6 +356,7 @@ ADMIN_QUERIES = {
     "list_flag": ("list", "--flag", "URGENT", "--limit", "50"),
     "list_accession": ("list", "--accession", "A321"),
     "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
+    "studies_routine": ("list", "--studies", "--flag", "ROUTINE", "--limit", "50"),
     "studies_accession": ("list", "--studies", "--accession", "A321"),
     "show": ("show", "1.3.123"),
     "stats": ("stats", "--window-hours", "2", "--format", "json"),
