@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -38,7 +38,7 @@ from models.atomic import write_whole
 from models.card import STRATUM_NAMES
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
-from worker.config import NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
+from worker.config import DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
 from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
@@ -66,8 +66,9 @@ STUDY_EXPORT_COLUMNS = STUDY_COLUMNS + ("model_version", "model_sha256", "site_c
 images were scored by more than one) and why images failed, without an export per study."""
 
 
-def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the study row with `triage_complete`: final, no image failed or waiting, and one scored.
+def with_triage_complete(study: Mapping[str, Any], low: Collection[str]) -> dict[str, Any]:
+    """A copy of the study row with `triage_complete` (final, no image failed or waiting, and one scored) and
+    `worklist_flag` (`low`: the flags that say "may wait", `low_flags(settings.flag_map)`).
 
     Why: the flag comes from the images that were scored. A study whose pneumonia image failed (a
     truncated file) and whose other image scored normal read final and ROUTINE, and a RIS mapping the
@@ -76,38 +77,45 @@ def with_triage_complete(study: Mapping[str, Any]) -> dict[str, Any]:
     policy) has no flag at all and read complete too, "triaged, nothing found", before 2026-11-29."""
     complete = (bool(study.get("final")) and not study.get("n_failed") and not study.get("n_pending")
                 and not study.get("n_unverified") and bool(study.get("n_done")))
-    worklist_flag = study.get("flag") if complete or _escalates(study.get("stratum")) else NOT_TRIAGED
+    escalates = (study.get("stratum") not in (None, *LOW_STRATA)
+                 and study.get("flag") is not None and study.get("flag") not in low)
+    worklist_flag = study.get("flag") if complete or escalates else NOT_TRIAGED
     return {**study, "worklist_flag": worklist_flag, "triage_complete": complete}
 
 
 LOW_STRATA = tuple(name for name, severity in STRATUM_SEVERITY.items() if severity == 0)
-"""The strata whose flag says "may wait" (`likely_normal`): only a complete study may carry theirs."""
+"""The strata that say "may wait" (`likely_normal`): only a complete study may carry their flag."""
 
 
-def _escalates(stratum: str | None) -> bool:
-    """Whether a study flag of this stratum raises the study's priority (any stratum above the lowest)."""
-    return stratum is not None and stratum not in LOW_STRATA
+def low_flags(flag_map: Mapping[str, str]) -> tuple[str, ...]:
+    """The flags a reader takes for "may wait": those of the lowest strata. A site mapping `indeterminate` to
+    ROUTINE too makes an indeterminate study read ROUTINE, so an incomplete one must not carry it either."""
+    return tuple(sorted({flag_map[name] for name in LOW_STRATA}))
 
 
-def _escalates_or_complete(v: Any) -> Any:
+def _escalates_or_complete(v: Any, low: Collection[str]) -> Any:
     """SQL for `worklist_flag == flag` on the study_flags view `v`: `with_triage_complete`'s rule, so that
     `list --studies --flag ROUTINE` returns only the studies whose worklist flag is ROUTINE. The skips of
-    `unverified_skip` are matched as it matches them (`tests/worker/test_admin.py` checks the two agree)."""
+    `unverified_skip` are matched as it matches them, case and all: SQLite's LIKE ignores case, so the
+    prefix and suffix are compared with `=` (`tests/worker/test_admin.py` checks the two agree)."""
     t = db.instances
     prefix, suffix = ORIENTATION_MISCOUNTED
     reason = t.c.reason
-    unverified = and_(t.c.status == "skipped", or_(
-        reason.in_((BODY_PART_MISSING, VIEW_MISSING)),
-        and_(reason.startswith(prefix, autoescape=True), reason.endswith(suffix, autoescape=True))))
+    starts = func.substr(reason, 1, len(prefix)) == prefix
+    ends = and_(func.length(reason) >= len(suffix),
+                func.substr(reason, func.length(reason) - len(suffix) + 1) == suffix)
+    unverified = and_(t.c.status == "skipped", or_(reason.in_((BODY_PART_MISSING, VIEW_MISSING)), and_(starts, ends)))
     # A count over the study's rows, as the view counts: searched by the study alone. An EXISTS with the status in
     # its WHERE let SQLite search the status index instead, every skipped row of the table for each study (40x).
     n_unverified = (select(func.coalesce(func.sum(case((unverified, 1), else_=0)), 0))
                     .where(t.c.study_instance_uid == v.c.study_instance_uid).scalar_subquery())
     complete = and_(v.c.final.is_(True), v.c.n_failed == 0, v.c.n_pending == 0, v.c.n_done > 0, n_unverified == 0)
-    return or_(and_(v.c.stratum.is_not(None), v.c.stratum.not_in(LOW_STRATA)), complete)
+    escalates = and_(v.c.stratum.is_not(None), v.c.stratum.not_in(LOW_STRATA), v.c.flag.is_not(None),
+                     v.c.flag.not_in(low))
+    return or_(escalates, complete)
 
 
-def with_unverified(conn: Connection, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_unverified(conn: Connection, studies: list[dict[str, Any]], low: Collection[str]) -> list[dict[str, Any]]:
     """Copies of the study rows with `n_unverified` and `triage_complete`. Why: a frontal without ViewPosition
     (the default `skip` policy) may be the study's pneumonia image, and its study read final, ROUTINE and
     complete from its other, scored image before 2026-11-29, `n_skipped` counting it with the laterals."""
@@ -120,7 +128,7 @@ def with_unverified(conn: Connection, studies: list[dict[str, Any]]) -> list[dic
                 select(t.c.study_instance_uid, t.c.status, t.c.reason).where(t.c.study_instance_uid.in_(batch))):
             if status == "skipped" and unverified_skip(reason):
                 counts[study_uid] = counts.get(study_uid, 0) + 1
-    return [with_triage_complete({**study, "n_unverified": counts.get(study["study_instance_uid"], 0)})
+    return [with_triage_complete({**study, "n_unverified": counts.get(study["study_instance_uid"], 0)}, low)
             for study in studies]
 
 
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia-admin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", default=None, help="override TRIAGE_DATABASE_URL")
+    parser.set_defaults(low_flags=low_flags(DEFAULT_FLAG_MAP))  # main() puts TRIAGE_FLAG_MAP's in its place
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("list", "export"):
         cmd = sub.add_parser(name, help="list rows" if name == "list" else "export rows to CSV/JSON")
@@ -246,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with engine.connect() as conn:
             if args.command in ("list", "export"):
                 args = resolve_filters(conn, args, settings)
-            args = argparse.Namespace(**vars(args), spool_dir=Path(settings.spool_dir))
+            args = argparse.Namespace(**{**vars(args), "spool_dir": Path(settings.spool_dir),
+                                         "low_flags": low_flags(settings.flag_map)})
             found = fetch(conn, args)
         # The read transaction has ended before any output: a pager or a stalled pipe that holds
         # the output keeps no lock on PostgreSQL (an ALTER behind it would queue every worker's write).
@@ -360,7 +370,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
         if value:
             stmt = stmt.where(v.c[column] == value)
     if args.flag:  # the worklist flag: a study not triage_complete is listed under its flag only if that raises it
-        stmt = stmt.where(_escalates_or_complete(v))
+        stmt = stmt.where(_escalates_or_complete(v, args.low_flags))
     if args.accession:  # the study's own (its first image's) or any of its images': images of one study may
         # carry two (a temporary one replaced, a second series), and the study was found under the first only
         stmt = stmt.where(or_(v.c.accession_number == args.accession, v.c.study_instance_uid.in_(
@@ -381,7 +391,7 @@ def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str,
     stmt = stmt.order_by(v.c.finalized_at.asc() if args.final_since else v.c.last_received_at.desc())
     if args.limit:
         stmt = stmt.limit(args.limit)
-    return with_unverified(conn, [dict(r) for r in conn.execute(stmt).mappings()])
+    return with_unverified(conn, [dict(r) for r in conn.execute(stmt).mappings()], args.low_flags)
 
 
 def fetch_list(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -443,7 +453,7 @@ def fetch_show(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, An
         select(*[t.c[c] for c in LIST_COLUMNS]).where(t.c.study_instance_uid == args.study_uid)
         .order_by(t.c.received_at)).mappings()]
     in_spool = waiting_in_study(args.spool_dir, args.study_uid)
-    return (None if study is None else with_unverified(conn, [dict(study)])[0]), instances, in_spool
+    return (None if study is None else with_unverified(conn, [dict(study)], args.low_flags)[0]), instances, in_spool
 
 
 def render_show(found: tuple[dict[str, Any] | None, list[dict[str, Any]], int | None], args: argparse.Namespace) -> int:

@@ -42,6 +42,11 @@ COMPOSE_ONLY_VARIABLES = frozenset({"TRIAGE_DB_PASSWORD"})
 """Read by docker compose from deploy/.env to build the database URL, by no service."""
 
 
+def _letters(text: str) -> str:
+    """`text` without case, spaces or punctuation: "Not-Triaged" and "NOT TRIAGED" read as NOT_TRIAGED."""
+    return "".join(c for c in text.casefold() if c.isalnum())
+
+
 class WorkerSettings(BaseSettings):
     """Everything the worker, its CLI and the admin CLI need to know."""
 
@@ -121,7 +126,7 @@ class WorkerSettings(BaseSettings):
         unfit = sorted(s for s, flag in value.items() if not flag.strip() or len(flag) > FLAG_MAX_LENGTH)
         if unfit:  # PostgreSQL refuses an over-long value at the INSERT, i.e. for every such image
             raise ValueError(f"flag_map: the flags of {unfit} must be 1 to {FLAG_MAX_LENGTH} characters")
-        reserved = sorted(s for s, flag in value.items() if flag.strip().casefold() == NOT_TRIAGED.casefold())
+        reserved = sorted(s for s, flag in value.items() if _letters(flag) == _letters(NOT_TRIAGED))
         if reserved:  # a study's worklist_flag says NOT_TRIAGED when not complete: the two would read alike
             raise ValueError(f"flag_map: the flags of {reserved} are spelt {NOT_TRIAGED}, which the study worklist "
                              "reserves for studies not triage_complete")

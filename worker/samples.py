@@ -335,7 +335,7 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
             study = studies.setdefault(r["study_instance_uid"], {
                 "study_instance_uid": r["study_instance_uid"], "accession_number": r["accession_number"],
                 "first_received_at": r["received_at"], "last_received_at": r["received_at"], "final": False,
-                "finalized_at": None,
+                "finalized_at": None, "first_finalized_at": None,
                 "severity": None, "flag": None, "stratum": None, "max_probability": None})
             study["last_received_at"] = max(study["last_received_at"], r["received_at"])
             study["first_received_at"] = min(study["first_received_at"], r["received_at"])
@@ -346,7 +346,8 @@ def populate_results(url: str, n: int, seed: int = 0) -> list[dict]:
                              max_probability=r["probability"])
         for study in studies.values():  # most finalised, as a day's worklist is: `--studies --flag ROUTINE` lists
             if rng.random() < 0.9:        # complete studies only (admin.NOT_TRIAGED)
-                study.update(final=True, finalized_at=study["last_received_at"] + dt.timedelta(seconds=30))
+                finalized = study["last_received_at"] + dt.timedelta(seconds=30)
+                study.update(final=True, finalized_at=finalized, first_finalized_at=finalized)
         conn.execute(insert(db.studies), list(studies.values()))
     engine.dispose()
     return rows

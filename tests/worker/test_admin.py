@@ -825,22 +825,20 @@ WORKLIST_CASES = {  # study: (final, its images as (status, stratum or skip reas
     "2.1.9": (False, [("done", "high_suspicion")], "URGENT"),  # an URGENT image raises its study at once
     "2.1.10": (True, [("done", "likely_normal"), ("skipped", "patient orientation 'P\\F' has 2 values, 3 expected!")],
                "ROUTINE"),  # not `display_orientation`'s wording: a skip the SQL and Python matches both refuse
+    "2.1.11": (True, [("done", "likely_normal"), ("skipped", "Patient orientation 'P\\F' has 3 values, 2 Expected")],
+               "ROUTINE"),  # nor this, in another case (SQLite's LIKE ignores case, unverified_skip does not)
 }
 
 
-def test_a_study_not_triage_complete_is_never_listed_as_routine(database_url):
-    """The flag comes from the images that were scored: a study whose second image failed, still waited or could
-    not be told a frontal chest read ROUTINE from its first, and `list --studies --flag ROUTINE`, the query a RIS
-    uses to file studies low, returned it. `worklist_flag` says NOT_TRIAGED there, and `--flag` with `--studies`
-    filters on it; an URGENT or PRIORITY image still raises its study at once, complete or not. The SQL filter
-    and the printed column are two statements of one rule, so every case is checked through both."""
-    upgrade(database_url)
+def store_worklist_cases(url: str, cases: dict, flags: dict[str, str]) -> dict[str, str]:
+    """Studies as `cases` describes them (final, images as (status, stratum or skip reason), worklist flag), the
+    images flagged by `flags`; returns each study's expected worklist flag."""
+    upgrade(url)
     now = db.utcnow()
-    flags = {"likely_normal": "ROUTINE", "indeterminate": "PRIORITY", "high_suspicion": "URGENT"}
     severity = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
-    engine = db.make_engine(database_url)
+    engine = db.make_engine(url)
     with engine.begin() as conn:
-        for study, (final, images, _) in WORKLIST_CASES.items():
+        for study, (final, images, _) in cases.items():
             db.touch_study(conn, study, f"ACC{study}", now)
             for n, (status, detail) in enumerate(images):
                 scored = ({"stratum": detail, "flag": flags[detail], "severity": severity[detail], "probability": 0.5}
@@ -854,19 +852,49 @@ def test_a_study_not_triage_complete_is_never_listed_as_routine(database_url):
             if final:
                 db.finalize_study(conn, study, now)
     engine.dispose()
-    expected = {study: case[2] for study, case in WORKLIST_CASES.items()}
+    return {study: case[2] for study, case in cases.items()}
+
+
+def assert_worklist(url: str, expected: dict[str, str], flags: tuple[str, ...]) -> None:
+    """The printed `worklist_flag` (list and export) and the `--flag` filter (SQL) agree with `expected`."""
     for command in ("list", "export"):
-        rows = json.loads(run_admin(database_url, command, "--studies", "--format", "json"))
+        rows = json.loads(run_admin(url, command, "--studies", "--format", "json"))
         assert {r["study_instance_uid"]: r["worklist_flag"] for r in rows} == expected, command
-    shown = json.loads(run_admin(database_url, "show", "2.1.1", "--format", "json"))["study"]
-    assert (shown["flag"], shown["worklist_flag"]) == ("ROUTINE", "NOT_TRIAGED")
-    for flag in ("URGENT", "PRIORITY", "ROUTINE"):
+    for flag in flags:
         for command in ("list", "export"):
-            rows = json.loads(run_admin(database_url, command, "--studies", "--flag", flag, "--format", "json"))
+            rows = json.loads(run_admin(url, command, "--studies", "--flag", flag, "--format", "json"))
             assert sorted(r["study_instance_uid"] for r in rows) == sorted(
                 study for study, worklist in expected.items() if worklist == flag), (command, flag)
+
+
+def test_a_study_not_triage_complete_is_never_listed_as_routine(database_url):
+    """The flag comes from the images that were scored: a study whose second image failed, still waited or could
+    not be told a frontal chest read ROUTINE from its first, and `list --studies --flag ROUTINE`, the query a RIS
+    uses to file studies low, returned it. `worklist_flag` says NOT_TRIAGED there, and `--flag` with `--studies`
+    filters on it; an URGENT or PRIORITY image still raises its study at once, complete or not. The SQL filter
+    and the printed column are two statements of one rule, so every case is checked through both."""
+    flags = {"likely_normal": "ROUTINE", "indeterminate": "PRIORITY", "high_suspicion": "URGENT"}
+    expected = store_worklist_cases(database_url, WORKLIST_CASES, flags)
+    assert_worklist(database_url, expected, ("URGENT", "PRIORITY", "ROUTINE"))
+    shown = json.loads(run_admin(database_url, "show", "2.1.1", "--format", "json"))["study"]
+    assert (shown["flag"], shown["worklist_flag"]) == ("ROUTINE", "NOT_TRIAGED")
     table = run_admin(database_url, "list", "--studies").splitlines()
     assert table[0].split()[:3] == ["study_instance_uid", "accession_number", "worklist_flag"]
+
+
+def test_a_site_map_giving_indeterminate_the_routine_flag_keeps_incomplete_studies_out_of_routine(database_url,
+                                                                                               monkeypatch):
+    """A site may map `indeterminate` to ROUTINE too (two flags only). An incomplete study whose scored image was
+    indeterminate then read ROUTINE, and `--flag ROUTINE` listed it (review): a flag that says "may wait" under
+    the site's map needs a complete study, whatever the stratum behind it."""
+    flags = {"likely_normal": "ROUTINE", "indeterminate": "ROUTINE", "high_suspicion": "URGENT"}
+    monkeypatch.setenv("TRIAGE_FLAG_MAP", json.dumps(flags))
+    cases = {
+        "3.1.1": (True, [("done", "indeterminate"), ("failed", "truncated")], "NOT_TRIAGED"),
+        "3.1.2": (True, [("done", "indeterminate")], "ROUTINE"),
+        "3.1.3": (True, [("done", "high_suspicion"), ("failed", "truncated")], "URGENT"),
+    }
+    assert_worklist(database_url, store_worklist_cases(database_url, cases, flags), ("URGENT", "ROUTINE"))
 
 
 def test_a_study_export_says_which_model_scored_it_and_why_images_failed(database_url):

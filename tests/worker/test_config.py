@@ -36,6 +36,7 @@ def test_environment_overrides_and_frozen(monkeypatch):
         {"flag_map": {**DEFAULT_FLAG_MAP, "high_suspicion": "URGENT - possible pneumonia, read first"}},
         {"flag_map": {**DEFAULT_FLAG_MAP, "likely_normal": " "}},
         {"flag_map": {**DEFAULT_FLAG_MAP, "likely_normal": "not_triaged"}},  # the study worklist's own word
+        {"flag_map": {**DEFAULT_FLAG_MAP, "indeterminate": "Not Triaged"}},
         {"soft_time_limit_s": 100, "time_limit_s": 50},
         {"time_limit_s": 200, "visibility_timeout_s": 100},
         {"spool_retention": "shred"},
