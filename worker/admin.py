@@ -10,6 +10,7 @@
     pneumonia-admin reprocess [--status failed|skipped] [--study UID] [--accession ACC] [--sop UID]
                               [--reason-contains TEXT] [--since ...] [--until ...] [--limit N] [--dry-run]
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
+    pneumonia-admin sr <StudyInstanceUID> [--out FILE] [--send HOST:PORT --called-ae AE] [--calling-ae AE]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
 times, a study's `finalized_at`) and pages with LIMIT, so it stays fast on
@@ -31,17 +32,22 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+from pydicom.dataset import Dataset
 from sqlalchemy import Connection, and_, case, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from dicom_gateway.config import check_ae_title
 from models.atomic import write_whole
 from models.card import STRATUM_NAMES
+from models.dicom_io import read_dicom
+from models.errors import UnreadableImageError
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
 from worker.config import DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
-from worker.spool import study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
+from worker.report import ReportError, ScoredImage, SendError, build_report, send_report
+from worker.spool import archive_path, study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "reason", "received_at", "finished_at", "processing_ms")
@@ -166,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--until", type=_timestamp, help="received before")
     again.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="at most this many instances, oldest first")
     again.add_argument("--dry-run", action="store_true", help="list what would be analysed again, change nothing")
+    report = sub.add_parser("sr", help="the study's result as a DICOM SR (TID 1500): write it and/or send it to a PACS")
+    report.add_argument("study_uid")
+    report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
+    report.add_argument("--send", type=_host_port, default=None, metavar="HOST:PORT",
+                        help="C-STORE the SR to this PACS (e.g. the one that sent the study)")
+    report.add_argument("--called-ae", type=_ae_title, default="ANY-SCP", help="the PACS's AE title")
+    report.add_argument("--calling-ae", type=_ae_title, default="PNEUMONIA-SR", help="this sender's AE title")
+    report.add_argument("--content-qualification", choices=("RESEARCH", "PRODUCT"), default="RESEARCH",
+                        help="the SR's Content Qualification (RESEARCH until the site has validated the model)")
     prune = sub.add_parser("prune-archive", help="delete archived DICOM files received more than N days ago")
     prune.add_argument("--older-than-days", type=number_in(0, CENTURY_DAYS, "days", above_low=True), required=True)
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
@@ -198,6 +213,22 @@ def _given(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("empty (an unset variable?): leave the option out to list everything")
     return value
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 address in brackets), the port 1-65535."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT with a port 1-65535: {value!r}")
+    return host, int(port)
+
+
+def _ae_title(value: str) -> str:
+    try:
+        return check_ae_title(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timestamp(value: str) -> dt.datetime:
@@ -848,11 +879,76 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def fetch_sr(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The study's worklist row (with `worklist_flag`, `triage_complete`) and its scored images, oldest first."""
+    v, t = db.study_flags, db.instances
+    study = conn.execute(select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
+                         .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
+    images = [dict(r) for r in conn.execute(
+        select(*[t.c[c] for c in ScoredImage.__dataclass_fields__])
+        .where(t.c.study_instance_uid == args.study_uid, t.c.status == "done")
+        .order_by(t.c.received_at, t.c.sop_instance_uid)).mappings()]
+    return (None if study is None else with_unverified(conn, [dict(study)], args.low_flags)[0]), images
+
+
+def render_sr(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: argparse.Namespace) -> int:
+    """Build the SR from the archived images' headers, then write and/or send it. Prints UIDs only: the SR
+    carries the patient module of its images, which must not reach a terminal or a log."""
+    study, rows = found
+    if args.out is None and args.send is None:
+        print("pneumonia-admin sr: error: give --out FILE and/or --send HOST:PORT", file=sys.stderr)
+        return 2
+    if study is None:
+        print(f"study {args.study_uid} not found", file=sys.stderr)
+        return 1
+    if not study["final"]:  # a report sent now could be contradicted by the next image, in the PACS for good
+        print(f"study {args.study_uid} is not final (images may still arrive): no report until it is", file=sys.stderr)
+        return 1
+    try:
+        images = [ScoredImage.from_row(row) for row in rows]
+        sources = [_archived_header(args.spool_dir, args.study_uid, image.sop_instance_uid) for image in images]
+        report = build_report(study, images, [ds for ds in sources if ds is not None],
+                              content_qualification=args.content_qualification)
+    except ReportError as exc:
+        print(f"no report for study {args.study_uid}: {exc}", file=sys.stderr)
+        return 1
+    said = (f"SR {report.SOPInstanceUID} for study {args.study_uid}: {len(images)} scored image(s), "
+            f"worklist flag {study['worklist_flag']}")
+    if args.out is not None:
+        try:
+            write_whole(args.out, lambda handle: report.save_as(handle, enforce_file_format=True), binary=True,
+                        new_file_mode=0o640)
+        except OSError as exc:
+            raise OutputError(f"{type(exc).__name__}: {exc.strerror or 'I/O error'}") from exc
+        print(f"{said}, written to {args.out}")
+    if args.send is not None:
+        host, port = args.send
+        try:
+            send_report(report, host, port, called_ae=args.called_ae, calling_ae=args.calling_ae)
+        except SendError as exc:
+            print(f"pneumonia-admin sr: not sent: {exc}", file=sys.stderr)
+            return 3
+        print(f"{said}, stored by {args.called_ae} at {host}:{port}")
+    return 0
+
+
+def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset | None:
+    """The header of the copy the worker scored (archive/<Study>/<SOP>.dcm), None when it is gone."""
+    path = archive_path(spool_dir, study_uid, sop_uid)
+    if not path.is_file():
+        return None
+    try:
+        return read_dicom(str(path), stop_before_pixels=True)
+    except UnreadableImageError:
+        return None
+
+
 COMMANDS: dict[str, tuple[Callable[[Connection, argparse.Namespace], Any], Callable[[Any, argparse.Namespace], int]]] = {
     "list": (fetch_list, render_list),
     "export": (fetch_export, render_list),
     "show": (fetch_show, render_show),
     "stats": (fetch_stats, render_stats),
+    "sr": (fetch_sr, render_sr),
 }
 """Read commands: what each fetches inside one read transaction, and how it prints it afterwards."""
 

@@ -1,0 +1,266 @@
+"""`pneumonia-admin sr`: a study's result as a DICOM SR, checked by DCMTK and stored by a real DCMTK peer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import insert
+
+from tests.dicom_gateway.helpers import dcmtk_tool, free_port
+from tests.worker.support import wait_for
+from worker import admin, db
+from worker.migrate import upgrade
+from worker.report import SCHEME, ScoredImage, build_report
+from worker.samples import make_cxr_dataset
+from worker.spool import archive_path
+
+DSRDUMP = dcmtk_tool("dsrdump")
+STORESCP = dcmtk_tool("storescp")
+needs_dcmtk = pytest.mark.skipif(not (DSRDUMP and STORESCP), reason="DCMTK (dsrdump, storescp) is not installed")
+
+
+def admin_sr(url: str, *args: str) -> tuple[int, str, str]:
+    """`pneumonia-admin --database-url URL sr ARGS`: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = admin.main(["--database-url", url, "sr", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def dsrdump(path: Path) -> str:
+    """DCMTK's reading of an SR file; it exits non-zero on a document it cannot parse as SR."""
+    done = subprocess.run([DSRDUMP, "+Pu", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@contextlib.contextmanager
+def dcmtk_pacs(folder: Path, ae_title: str = "PACS"):
+    """A DCMTK `storescp` storing what it receives in `folder`; yields its port."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder.parent / f"storescp-{port}.log").open("w")
+    proc = subprocess.Popen([STORESCP, "-od", str(folder), "-aet", ae_title, str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", ae_title, "127.0.0.1", str(port)],
+                                        capture_output=True).returncode == 0, 15, 0.2, "storescp listening")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def stored_study(url: str, spool: Path, images: np.ndarray, outcomes: list[tuple[str, str | None]],
+                 final: bool = True) -> tuple[str, list[pydicom.Dataset]]:
+    """A study as the worker leaves it: archived copies (PneumoniaMNIST images wrapped as DICOM) and their rows.
+    `outcomes` holds each image's (status, stratum) in arrival order."""
+    upgrade(url)
+    study_uid = generate_uid()
+    severity = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
+    flags = {"likely_normal": "ROUTINE", "indeterminate": "PRIORITY", "high_suspicion": "URGENT"}
+    datasets = []
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        db.touch_study(conn, study_uid, "ACC-SR", db.utcnow())
+        for n, ((status, stratum), image) in enumerate(zip(outcomes, images)):
+            ds = make_cxr_dataset(image, study_uid=study_uid, accession="ACC-SR", size=(256, 256), instance_number=n + 1)
+            ds.PatientName, ds.PatientID = "SECRETNAME^SR", "SECRET-ID-42"
+            path = archive_path(spool, study_uid, str(ds.SOPInstanceUID))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            datasets.append(ds)
+            result = {}
+            if status == "done":
+                result = {"probability": 0.2 + 0.3 * n, "stratum": stratum, "severity": severity[stratum],
+                          "flag": flags[stratum], "model_name": "pneumonia_resnet50", "model_version": "1.1.0",
+                          "model_sha256": "ab" * 32}
+            conn.execute(insert(db.instances).values(
+                sop_instance_uid=str(ds.SOPInstanceUID), study_instance_uid=study_uid, status=status, attempts=1,
+                received_at=db.utcnow(), finished_at=db.utcnow(), reason=None if status == "done" else "truncated",
+                **result))
+            if status == "done":
+                db.touch_study(conn, study_uid, "ACC-SR", db.utcnow(), result)
+        if final:
+            db.finalize_study(conn, study_uid, db.utcnow())
+    engine.dispose()
+    return study_uid, datasets
+
+
+@pytest.fixture
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "spool"
+    (folder / "pending").mkdir(parents=True)
+    (folder / "archive").mkdir()
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(folder))
+    return folder
+
+
+@needs_dcmtk
+def test_a_final_study_s_report_is_read_by_dcmtk_and_stored_by_a_dcmtk_pacs(database_url, spool, test_split, tmp_path):
+    """A radiologist reads the study in the PACS viewer, which never saw the flag: the report carries each scored
+    image's probability, stratum and flag, the study's worklist flag, and the study's patient module (copied from
+    its images, so the PACS files it with them) without printing it. Sending the same result again sends the same
+    object (one SOP Instance UID), so a PACS keeps one report per result."""
+    images, labels = test_split
+    picks = np.concatenate([images[labels == 1][:1], images[labels == 0][:1]])
+    study_uid, sources = stored_study(database_url, spool, picks, [("done", "high_suspicion"), ("done", "likely_normal")])
+    out = tmp_path / "report.dcm"
+    with dcmtk_pacs(tmp_path / "pacs") as port:
+        code, said, err = admin_sr(database_url, study_uid, "--out", str(out), "--send", f"127.0.0.1:{port}",
+                                   "--called-ae", "PACS")
+        assert code == 0, err
+        again = admin_sr(database_url, study_uid, "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+        assert again[0] == 0, again[2]
+    received = sorted((tmp_path / "pacs").iterdir())
+    assert len(received) == 1, received  # the second send stored the same object over the first
+    report = pydicom.dcmread(received[0])
+    assert report.SOPInstanceUID == pydicom.dcmread(out).SOPInstanceUID
+    assert report.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert (report.StudyInstanceUID, report.PatientID, str(report.PatientName)) == (study_uid, "SECRET-ID-42",
+                                                                                     "SECRETNAME^SR")
+    assert (report.CompletionFlag, report.VerificationFlag, report.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED",
+                                                                                        "PRELIMINARY")
+    assert "not a diagnosis" in report.SeriesDescription
+    assert "SECRET" not in said + err + again[1] + again[2]
+    assert str(report.SOPInstanceUID) in said and "worklist flag URGENT" in said
+    text = dsrdump(received[0])
+    assert "Imaging Measurement Report" in text
+    for source, (probability, stratum, flag) in zip(sources, [("0.2", "high_suspicion", "URGENT"),
+                                                              ("0.5", "likely_normal", "ROUTINE")]):
+        assert f'"Calibrated probability of pneumonia")="{probability}"' in text
+        assert f"({stratum},{SCHEME}," in text and f'"{flag}")' in text
+        assert str(source.SOPInstanceUID) in text  # the image each result was read from
+    assert f'"Study worklist flag")=(SEV2,{SCHEME},"URGENT")' in text
+    assert '"Triage complete")=(373066001,SCT,"Yes")' in text
+
+
+@needs_dcmtk
+def test_a_study_with_a_failed_image_is_reported_partial_and_not_triaged(database_url, spool, test_split, tmp_path):
+    """A study whose second image failed reads ROUTINE from its first; its report must not: PARTIAL, the study
+    group NOT_TRIAGED and "Triage complete: No", beside the one image that was scored."""
+    images, _ = test_split
+    study_uid, _ = stored_study(database_url, spool, images[:2], [("done", "likely_normal"), ("failed", None)])
+    out = tmp_path / "report.dcm"
+    code, said, err = admin_sr(database_url, study_uid, "--out", str(out))
+    assert code == 0, err
+    assert "worklist flag NOT_TRIAGED" in said
+    report = pydicom.dcmread(out)
+    assert report.CompletionFlag == "PARTIAL"
+    text = dsrdump(out)
+    assert f'"Study worklist flag")=(NOTTRIAGED,{SCHEME},"NOT_TRIAGED")' in text
+    assert '"Triage complete")=(373067005,SCT,"No")' in text
+    assert text.count('"Calibrated probability of pneumonia"') == 1
+
+
+def test_no_report_for_a_study_not_final_unscored_unknown_or_without_its_archive(database_url, spool, test_split,
+                                                                                tmp_path):
+    """A report in the PACS stays there: none while images may still arrive, none with nothing scored, and none
+    when a scored image's archived copy (its patient module) is gone. Each says why in one line, exit 1."""
+    images, _ = test_split
+    out = tmp_path / "report.dcm"
+    open_study, _ = stored_study(database_url, spool, images[:1], [("done", "likely_normal")], final=False)
+    code, _, err = admin_sr(database_url, open_study, "--out", str(out))
+    assert (code, err) == (1, f"study {open_study} is not final (images may still arrive): no report until it is\n")
+    unscored, _ = stored_study(database_url, spool, images[:1], [("failed", None)])
+    code, _, err = admin_sr(database_url, unscored, "--out", str(out))
+    assert (code, err) == (1, f"no report for study {unscored}: no image of the study was scored\n")
+    pruned, sources = stored_study(database_url, spool, images[:2], [("done", "likely_normal")] * 2)
+    archive_path(spool, pruned, str(sources[1].SOPInstanceUID)).unlink()
+    code, _, err = admin_sr(database_url, pruned, "--out", str(out))
+    assert (code, err) == (1, f"no report for study {pruned}: no archived copy of scored image(s) "
+                              f"{sources[1].SOPInstanceUID}\n")
+    code, _, err = admin_sr(database_url, "1.2.3.4", "--out", str(out))
+    assert (code, err) == (1, "study 1.2.3.4 not found\n")
+    assert not out.exists()
+    code, _, err = admin_sr(database_url, pruned)
+    assert code == 2 and "--out FILE and/or --send HOST:PORT" in err
+
+
+def test_a_pacs_that_cannot_be_reached_is_one_line_exit_3(sqlite_url, spool, test_split):
+    images, _ = test_split
+    study_uid, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    started = time.monotonic()
+    code, said, err = admin_sr(sqlite_url, study_uid, "--send", f"127.0.0.1:{free_port()}", "--called-ae", "PACS")
+    assert time.monotonic() - started < 30
+    assert (code, said) == (3, "")
+    assert len(err.splitlines()) == 1 and err.startswith("pneumonia-admin sr: not sent: PACS at 127.0.0.1:")
+    assert err.endswith(" could not be reached or did not answer\n"), err
+
+
+def test_a_long_site_flag_fits_the_report_and_the_uid_follows_what_it_says(test_split):
+    """A TRIAGE_FLAG_MAP flag may have 32 characters, a Code Value 16: the code says the rank, the meaning the
+    flag. The SOP Instance UID changes when the result does (a reprocessed image), not when it is built again."""
+    images, _ = test_split
+    study_uid = generate_uid()
+    source = make_cxr_dataset(images[0], study_uid=study_uid, size=(64, 64))
+    flag = "URGENT-READ-FIRST-CHEST-XR-AI-01"
+    image = ScoredImage(str(source.SOPInstanceUID), 0.91, "high_suspicion", 2, flag, "m", "1", "cd" * 32, None)
+    study = {"study_instance_uid": study_uid, "worklist_flag": flag, "stratum": "high_suspicion",
+             "triage_complete": True, "reopened_count": 0}
+    first, second = build_report(study, [image], [source]), build_report(study, [image], [source])
+    assert first.SOPInstanceUID == second.SOPInstanceUID and first.SeriesInstanceUID == second.SeriesInstanceUID
+    changed = build_report(study, [ScoredImage(**{**vars(image), "probability": 0.92})], [source])
+    assert changed.SOPInstanceUID != first.SOPInstanceUID and changed.SeriesInstanceUID == first.SeriesInstanceUID
+    codes = [item.ConceptCodeSequence[0] for group in first.ContentSequence[-1].ContentSequence
+             for item in group.ContentSequence if "ConceptCodeSequence" in item]
+    flag_codes = [(c.CodeValue, c.CodeMeaning) for c in codes if c.CodingSchemeDesignator == SCHEME and c.CodeValue == "SEV2"]
+    assert flag_codes == [("SEV2", flag), ("SEV2", flag)]  # the image's flag and the study's worklist flag
+
+
+def measured_probabilities(report: pydicom.Dataset) -> dict[str, float]:
+    """Each image group's probability by the SOP Instance UID of the image it was read from."""
+    found = {}
+    measurements = report.ContentSequence[-1].ContentSequence  # Imaging Measurements: the measurement groups
+    for group in measurements:
+        items = group.ContentSequence
+        values = [float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"]
+        images = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"]
+        if values:
+            found[str(images[0])] = values[0]
+    return found
+
+
+@pytest.mark.redis
+@needs_dcmtk
+def test_a_study_scored_by_a_real_worker_is_reported_as_stored(make_triage_env, sqlite_url, test_split, tmp_path,
+                                                               monkeypatch):
+    """Through the product: a real worker scores two frontals and skips a lateral, the study is finalised, and the
+    report states the probabilities, model and flags the worker stored, each beside the image it came from."""
+    images, labels = test_split
+    env = make_triage_env(sqlite_url)
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(env.spool))
+    study_uid = generate_uid()
+    kw = {"study_uid": study_uid, "accession": "ACC-SR-E2E", "size": (512, 512)}
+    staged = [env.stage(make_cxr_dataset(images[labels == 1][0], **kw)),
+              env.stage(make_cxr_dataset(images[labels == 0][0], view="AP", **kw)),
+              env.stage(make_cxr_dataset(images[labels == 0][1], view="LL", **kw))]
+    env.start_worker()
+    for relpath, sop in staged:
+        env.send(relpath, sop)
+    rows = env.wait_terminal([sop for _, sop in staged], timeout=120)
+    env.finalize(study_uid)
+    wait_for(lambda: (env.study(study_uid) or {}).get("final"), 60, 0.3, "the study final")
+    out = tmp_path / "report.dcm"
+    code, said, err = admin_sr(sqlite_url, study_uid, "--out", str(out))
+    assert code == 0, err
+    report = pydicom.dcmread(out)
+    scored = {sop: rows[sop] for _, sop in staged if rows[sop]["status"] == "done"}
+    assert len(scored) == 2 and rows[staged[2][1]]["status"] == "skipped"
+    assert measured_probabilities(report) == pytest.approx({sop: row["probability"] for sop, row in scored.items()})
+    assert report.CompletionFlag == "COMPLETE" and report.ManufacturerModelName == next(iter(scored.values()))["model_name"]
+    text = dsrdump(out)
+    for row in scored.values():
+        assert f'({row["stratum"]},{SCHEME},' in text and f'"{row["flag"]}")' in text
+        assert f'model_sha256={row["model_sha256"][:8]}' in text
+    study = env.study(study_uid)
+    assert f"worklist flag {study['flag']}" in said
