@@ -40,14 +40,14 @@ from dicom_gateway.config import check_ae_title
 from models.atomic import write_whole
 from models.card import STRATUM_NAMES
 from models.dicom_io import read_dicom
-from models.errors import UnreadableImageError
+from models.errors import ImageAccessError, UnreadableImageError
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
 from worker.config import DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
 from worker.report import ReportError, ScoredImage, SendError, build_report, send_report
-from worker.spool import archive_path, study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
+from worker.spool import newest_archived_copy, study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
                 "flag", "probability", "reason", "received_at", "finished_at", "processing_ms")
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="at most this many instances, oldest first")
     again.add_argument("--dry-run", action="store_true", help="list what would be analysed again, change nothing")
     report = sub.add_parser("sr", help="the study's result as a DICOM SR (TID 1500): write it and/or send it to a PACS")
-    report.add_argument("study_uid")
+    report.add_argument("study_uid", type=_uid)
     report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
     report.add_argument("--send", type=_host_port, default=None, metavar="HOST:PORT",
                         help="C-STORE the SR to this PACS (e.g. the one that sent the study)")
@@ -212,6 +212,13 @@ def _given(value: str) -> str:
     with the variable unset printed every study's results, exit 0."""
     if not value.strip():
         raise argparse.ArgumentTypeError("empty (an unset variable?): leave the option out to list everything")
+    return value
+
+
+def _uid(value: str) -> str:
+    """A DICOM UID (digits and dots, at most 64), refused without echoing it: it may hold control characters."""
+    if not valid_uid(value):
+        raise argparse.ArgumentTypeError("not a DICOM UID (digits and dots, at most 64 characters)")
     return value
 
 
@@ -907,8 +914,7 @@ def render_sr(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: a
     try:
         images = [ScoredImage.from_row(row) for row in rows]
         sources = [_archived_header(args.spool_dir, args.study_uid, image.sop_instance_uid) for image in images]
-        report = build_report(study, images, [ds for ds in sources if ds is not None],
-                              content_qualification=args.content_qualification)
+        report = build_report(study, images, sources, content_qualification=args.content_qualification)
     except ReportError as exc:
         print(f"no report for study {args.study_uid}: {exc}", file=sys.stderr)
         return 1
@@ -932,15 +938,16 @@ def render_sr(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: a
     return 0
 
 
-def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset | None:
-    """The header of the copy the worker scored (archive/<Study>/<SOP>.dcm), None when it is gone."""
-    path = archive_path(spool_dir, study_uid, sop_uid)
-    if not path.is_file():
-        return None
+def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset:
+    """The header of the image's newest archived copy (`spool.newest_archived_copy`: the first, or a re-send
+    after the result, which carries the PACS's corrections), or ReportError saying why there is none."""
+    path = newest_archived_copy(spool_dir, study_uid, sop_uid)
+    if path is None:
+        raise ReportError(f"no archived copy of scored image {sop_uid}")
     try:
         return read_dicom(str(path), stop_before_pixels=True)
-    except UnreadableImageError:
-        return None
+    except (UnreadableImageError, ImageAccessError) as exc:
+        raise ReportError(f"the archived copy of scored image {sop_uid} cannot be read ({exc})") from None
 
 
 COMMANDS: dict[str, tuple[Callable[[Connection, argparse.Namespace], Any], Callable[[Any, argparse.Namespace], int]]] = {

@@ -7,26 +7,36 @@ Imaging Measurement Report (TID 1500, built and checked by highdicom): one measu
 that read it) and one for the study (its worklist flag and whether the triage is complete). It is marked
 PRELIMINARY and UNVERIFIED: a triage aid, not a diagnosis, which its series description says too.
 
-Its patient and study modules are copied from the study's archived images, as any object filed under the
-study must carry them; they are never logged or printed. Its UIDs are derived from the study and from what
-the report says, so sending the same result twice gives the PACS the same object, and a changed result (a
-reprocessed image, a late one) a new object in the same series.
+Its patient and study modules are copied from the study's archived images (each image's newest copy: a
+corrected re-send after a patient merge carries the PACS's current identifiers), as any object filed under
+the study must carry them; they are never logged or printed, and the libraries' warnings, which may quote
+them, are silenced while the report is built and sent. Its times are the study's finalisation time and its
+SOP Instance UID a digest of its encoded bytes, so building the same result again gives the same object, byte
+for byte, and a changed one (a reprocessed image, a late one, another qualification) a new object in the same
+series.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
-import json
+import io
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import TM
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from worker.config import NOT_TRIAGED, STRATUM_SEVERITY
 
@@ -34,7 +44,6 @@ SCHEME = "99PNTRIAGE"
 """This product's private coding scheme (a designator starting with "99", PS3.16 section 8), declared in the
 report's Coding Scheme Identification Sequence."""
 SCHEME_NAME = "Pneumonia triage worker codes"
-PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain X-ray of chest")
 PROBABILITY = Code("PROB", SCHEME, "Calibrated probability of pneumonia")
 STRATUM = Code("STRATUM", SCHEME, "Triage stratum")
@@ -48,6 +57,8 @@ SERIES_DESCRIPTION = "AI pneumonia triage (triage aid, not a diagnosis)"
 SERIES_NUMBER = 9701
 """A fixed, high series number keeps the report's series apart from the modality's in a viewer's list."""
 SR_NAMESPACE = "pneumonia-triage-sr"
+PLACEHOLDER_UID = generate_uid(entropy_srcs=[SR_NAMESPACE, "placeholder"])
+"""The SOP Instance UID the report is encoded with before its own is derived from the encoding."""
 
 
 class ReportError(ValueError):
@@ -73,63 +84,142 @@ class ScoredImage:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
 
-def report_uids(study_uid: str, images: Sequence[ScoredImage], study: Mapping[str, Any]) -> tuple[str, str]:
-    """(series UID, SOP Instance UID): the series by the study alone, the instance by what the report says."""
-    said = json.dumps({"images": [vars(image) for image in images], "worklist_flag": study["worklist_flag"],
-                       "triage_complete": bool(study["triage_complete"])}, sort_keys=True)
-    digest = hashlib.sha256(said.encode()).hexdigest()
-    return (generate_uid(entropy_srcs=[SR_NAMESPACE, study_uid]),
-            generate_uid(entropy_srcs=[SR_NAMESPACE, study_uid, digest]))
+COPIED_HEADER = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                 "AccessionNumber", "ReferringPhysicianName")
+"""The patient and study attributes highdicom copies from the first image: Type 2 in the SR (present, maybe
+empty), some of them Type 3 or absent in the images it reads."""
+PATIENT_SEXES = ("M", "F", "O")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No warning or log line from pydicom, highdicom or pynetdicom: their texts quote values (highdicom's
+    check of a Person Name quotes the patient's name), and `pneumonia-admin` prints UIDs only."""
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom", "pynetdicom")]
+    before = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:  # a level, not `disabled`: their modules log through child loggers (pynetdicom.acse)
+            logger.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, before):
+                logger.setLevel(level)
+
+
+def evidence_header(source: Dataset) -> Dataset:
+    """A copy of an image's header with what the SR copies made valid: absent Type 2 attributes present and empty
+    (highdicom reads them unguarded), and values DICOM does not allow emptied (a Patient's Sex of U, a date or
+    time that is no date or time), since the SR must not fail, nor carry them, because a modality wrote them."""
+    header = Dataset()
+    header.update(source)
+    for keyword in COPIED_HEADER:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    if str(header.PatientSex).upper() not in PATIENT_SEXES:
+        header.PatientSex = ""
+    for keyword, form in (("PatientBirthDate", "%Y%m%d"), ("StudyDate", "%Y%m%d")):
+        value = str(header[keyword].value or "")
+        try:
+            if value:
+                dt.datetime.strptime(value, form)
+        except ValueError:
+            setattr(header, keyword, "")
+    try:
+        if header.StudyTime:
+            header.StudyTime = pydicom_time(str(header.StudyTime))
+    except ValueError:
+        header.StudyTime = ""
+    return header
+
+
+def pydicom_time(value: str) -> str:
+    """`value` if it is a DICOM time (HHMMSS.FFFFFF, parts optional), else ValueError."""
+    TM(value)  # raises ValueError on what it cannot read
+    return value
 
 
 def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], sources: Sequence[Dataset],
                  *, content_qualification: str = "RESEARCH") -> Dataset:
-    """The study's Comprehensive SR. `study` is a row of the study worklist (with `worklist_flag` and
-    `triage_complete`), `images` its scored images and `sources` their archived datasets (headers suffice)."""
+    """The study's Comprehensive SR. `study` is a row of the study worklist (with `worklist_flag`,
+    `triage_complete`, `finalized_at`), `images` its scored images and `sources` their archived headers."""
     if not images:
         raise ReportError("no image of the study was scored")
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    by_uid = {str(ds.SOPInstanceUID): evidence_header(ds) for ds in sources}
     missing = [image.sop_instance_uid for image in images if image.sop_instance_uid not in by_uid]
     if missing:
         raise ReportError(f"no archived copy of scored image(s) {', '.join(missing)}")
-    groups = [_image_group(image, by_uid[image.sop_instance_uid], n) for n, image in enumerate(images, 1)]
+    patients = {str(by_uid[image.sop_instance_uid].PatientID) for image in images}
+    if len(patients) > 1:  # highdicom copies the first image's: the SR would file under one of two patients
+        raise ReportError(f"its images carry {len(patients)} different Patient IDs (reconcile them in the PACS)")
+    with quiet():
+        try:
+            report = _document(study, images, [by_uid[image.sop_instance_uid] for image in images],
+                               content_qualification)
+        except (ValueError, TypeError, AttributeError) as exc:  # a header value the SR cannot hold; no value quoted
+            raise ReportError(f"its images' header cannot be copied into an SR ({type(exc).__name__})") from None
+    _derive_instance_uid(report, str(study["study_instance_uid"]))
+    return report
+
+
+def _document(study: Mapping[str, Any], images: Sequence[ScoredImage], evidence: Sequence[Dataset],
+              content_qualification: str) -> Dataset:
+    groups = [_image_group(image, source, n) for n, (image, source) in enumerate(zip(images, evidence), 1)]
     groups.append(_study_group(study))
+    names = sorted({image.model_name for image in images})
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=[SR_NAMESPACE, "model", images[0].model_sha256]),
-        name=images[0].model_name, model_name=images[0].model_version)
+        uid=generate_uid(entropy_srcs=[SR_NAMESPACE, "model", *sorted({i.model_sha256 for i in images})]),
+        name=", ".join(names)[:64], manufacturer_name="pneumonia-triage")
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
     content = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PLAIN_CHEST_XRAY,
                                       imaging_measurements=groups)
-    series_uid, sop_uid = report_uids(str(study["study_instance_uid"]), images, study)
-    versions = sorted({image.model_version for image in images})
-    return hd.sr.ComprehensiveSR(
-        evidence=[by_uid[image.sop_instance_uid] for image in images], content=content,
-        series_instance_uid=series_uid, series_number=SERIES_NUMBER, sop_instance_uid=sop_uid,
+    finalized = study["finalized_at"]
+    report = hd.sr.ComprehensiveSR(
+        evidence=evidence, content=content,
+        series_instance_uid=generate_uid(entropy_srcs=[SR_NAMESPACE, str(study["study_instance_uid"])]),
+        series_number=SERIES_NUMBER, sop_instance_uid=PLACEHOLDER_UID,
         instance_number=1 + int(study.get("reopened_count") or 0), manufacturer="pneumonia-triage",
         is_complete=bool(study["triage_complete"]), is_final=False, is_verified=False,
-        series_description=SERIES_DESCRIPTION, manufacturer_model_name=images[0].model_name,
-        software_versions=versions[0] if len(versions) == 1 else tuple(versions),
-        content_qualification=content_qualification,
+        series_description=SERIES_DESCRIPTION, manufacturer_model_name=", ".join(names)[:64],
+        content_qualification=content_qualification, content_date=finalized.date(), content_time=finalized.time(),
+        series_date=finalized.date(), series_time=finalized.time(),
         coding_schemes=[CodingSchemeIdentificationItem(designator=SCHEME, name=SCHEME_NAME)])
+    report.SoftwareVersions = sorted({image.model_version for image in images})
+    report.InstanceCreationDate, report.InstanceCreationTime = report.ContentDate, report.ContentTime
+    for equipment in report.get("ContributingEquipmentSequence", []):  # highdicom's own entry, dated now
+        equipment.ContributionDateTime = finalized.strftime("%Y%m%d%H%M%S.%f")
+    return report
+
+
+def _derive_instance_uid(report: Dataset, study_uid: str) -> None:
+    """Give the report the SOP Instance UID of its encoded bytes (built with a placeholder UID): the same
+    report is the same object for a PACS, and any change, to a probability or a patient's name, a new one."""
+    encoded = io.BytesIO()
+    dcmwrite(encoded, report, enforce_file_format=True)
+    digest = hashlib.sha256(encoded.getvalue()).hexdigest()
+    uid = generate_uid(entropy_srcs=[SR_NAMESPACE, study_uid, digest])
+    report.SOPInstanceUID = uid
+    report.file_meta.MediaStorageSOPInstanceUID = uid
 
 
 def _image_group(image: ScoredImage, source: Dataset, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """What the model said of one image, and which model (its sha256 and site calibration as parameters)."""
+    """What the model said of one image, and which model (its sha256 and site calibration as parameters). No
+    "Finding: Pneumonia" item: a viewer would show it for a likely-normal image too."""
     parameters = [f"model_sha256={image.model_sha256}"]
     if image.site_calibration_sha256:
         parameters.append(f"site_calibration_sha256={image.site_calibration_sha256}")
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[SR_NAMESPACE, image.sop_instance_uid]), identifier=f"image {number}"),
-        finding_type=PNEUMONIA,
         algorithm_id=hd.sr.AlgorithmIdentification(name=image.model_name, version=image.model_version,
                                                     parameters=parameters),
         measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(image.probability), unit=NO_UNITS)],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(STRATUM, Code(image.stratum, SCHEME, STRATUM_MEANINGS.get(image.stratum,
                                                                                                   image.stratum))),
-            hd.sr.QualitativeEvaluation(FLAG, _flag_code(image.flag, image.severity))],
+            hd.sr.QualitativeEvaluation(FLAG, flag_code(image.flag, image.severity))],
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), image.sop_instance_uid)])
 
 
@@ -142,16 +232,18 @@ def _study_group(study: Mapping[str, Any]) -> hd.sr.MeasurementsAndQualitativeEv
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[SR_NAMESPACE, "study", str(study["study_instance_uid"])]),
             identifier="study"),
-        finding_type=PNEUMONIA,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(WORKLIST_FLAG, _flag_code(worklist_flag, severity)),
+            hd.sr.QualitativeEvaluation(WORKLIST_FLAG, flag_code(worklist_flag, severity)),
             hd.sr.QualitativeEvaluation(TRIAGE_COMPLETE, complete)])
 
 
-def _flag_code(flag: str, severity: int | None) -> Code:
-    """A flag as a code: its value says the rank (SEV0-SEV2; NOTTRIAGED), its meaning the site's word for it.
-    Why not the flag itself: a TRIAGE_FLAG_MAP flag may have 32 characters, a Code Value 16 (SH)."""
-    return Code("NOTTRIAGED" if severity is None else f"SEV{severity}", SCHEME, flag)
+def flag_code(flag: str, severity: int | None) -> Code:
+    """A flag as a code: the value is its rank and a digest of its text (S2-1a2b3c; NOTTRIAGED), the meaning the
+    site's word for it. Why not the flag itself: a TRIAGE_FLAG_MAP flag may have 32 characters, a Code Value
+    16 (SH). Why the digest: one value must keep one meaning, though sites, and a site's map over time, differ."""
+    if severity is None:
+        return Code("NOTTRIAGED", SCHEME, flag)
+    return Code(f"S{severity}-{hashlib.sha256(flag.encode()).hexdigest()[:6]}", SCHEME, flag)
 
 
 class SendError(RuntimeError):
@@ -161,19 +253,26 @@ class SendError(RuntimeError):
 def send_report(report: Dataset, host: str, port: int, *, called_ae: str, calling_ae: str,
                 timeout_s: float = 30.0) -> None:
     """C-STORE the report to a PACS (one association); SendError says why it was not stored."""
+    peer = f"{called_ae} at {host}:{port}"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
-    ae.add_requested_context(report.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        reason = "rejected the association" if assoc.is_rejected else "could not be reached or did not answer"
-        raise SendError(f"{called_ae} at {host}:{port} {reason}")
-    try:
-        status = assoc.send_c_store(report)
-    finally:
-        assoc.release()
+    ae.add_requested_context(ComprehensiveSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    with quiet():
+        try:
+            assoc = ae.associate(host, port, ae_title=called_ae)
+        except OSError as exc:  # a name that does not resolve (gaierror), a socket error before the association
+            raise SendError(f"{peer} could not be reached ({type(exc).__name__})") from None
+        if not assoc.is_established:  # pynetdicom aborts an association of which no context was accepted
+            refused = any(cx.abstract_syntax == ComprehensiveSRStorage for cx in assoc.rejected_contexts)
+            reason = ("does not accept Comprehensive SR Storage" if refused else "rejected the association"
+                      if assoc.is_rejected else "could not be reached or did not answer")
+            raise SendError(f"{peer} {reason}")
+        try:
+            status = assoc.send_c_store(report)
+        finally:
+            assoc.release()
     code = getattr(status, "Status", None)
     if code is None:
-        raise SendError(f"{called_ae} at {host}:{port} gave no C-STORE response (timed out or aborted)")
+        raise SendError(f"{peer} gave no C-STORE response (timed out or aborted)")
     if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
-        raise SendError(f"{called_ae} at {host}:{port} did not store the report (C-STORE status 0x{code:04X})")
+        raise SendError(f"{peer} did not store the report (C-STORE status 0x{code:04X})")

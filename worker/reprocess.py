@@ -33,7 +33,7 @@ from sqlalchemy import Engine, func, select
 
 from worker import contract, db
 from worker.config import WorkerSettings
-from worker.spool import archive_path, valid_uid
+from worker.spool import newest_archived_copy, valid_uid
 
 REPROCESSABLE = ("failed", "skipped")
 
@@ -117,20 +117,8 @@ def obstacle(spool_dir: Path, candidate: Candidate) -> str | None:
 
 
 def newest_copy(spool_dir: Path, candidate: Candidate) -> Path | None:
-    """The copy archived last: a re-send after the result (a PACS adding the missing BodyPartExamined,
-    say) is archived beside the first as `<SOP>.dup-*.dcm` and not re-evaluated (`tasks._retire_quietly`);
-    it is the copy the sender means, so it is the one analysed again. Ranked by the inode's change time,
-    which each move into the archive sets, not by the modification time: the worker dates every archived
-    copy by its instance's receive time (for `prune-archive`), so that could not tell them apart."""
-    first = archive_path(spool_dir, candidate.study_uid, candidate.sop_uid)
-    copies = [first, *first.parent.glob(f"{candidate.sop_uid}.dup-*.dcm")]
-    dated = []
-    for path in copies:
-        try:
-            dated.append((path.stat().st_ctime_ns, path.name != first.name, path))
-        except OSError:  # absent (pruned, deleted) or unreadable: not a copy to analyse
-            continue
-    return max(dated)[2] if dated else None
+    """The copy archived last (`spool.newest_archived_copy`): the one the sender means, analysed again."""
+    return newest_archived_copy(spool_dir, candidate.study_uid, candidate.sop_uid)
 
 
 def restore_to_pending(spool_dir: Path, candidate: Candidate, copy: Path) -> str:

@@ -127,6 +127,24 @@ def archive_path(spool_dir: Path, study_uid: str, sop_uid: str) -> Path:
     return Path(spool_dir) / SPOOL_ARCHIVE / study_uid / f"{sop_uid}.dcm"
 
 
+def newest_archived_copy(spool_dir: Path, study_uid: str, sop_uid: str) -> Path | None:
+    """The copy archived last: a re-send after the result (a PACS adding the missing BodyPartExamined,
+    say) is archived beside the first as `<SOP>.dup-*.dcm` and not re-evaluated (`tasks._retire_quietly`);
+    it is the copy the sender means: `reprocess` analyses it again, and `pneumonia-admin sr` copies its
+    patient module. Ranked by the inode's change time,
+    which each move into the archive sets, not by the modification time: the worker dates every archived
+    copy by its instance's receive time (for `prune-archive`), so that could not tell them apart."""
+    first = archive_path(spool_dir, study_uid, sop_uid)
+    copies = [first, *first.parent.glob(f"{sop_uid}.dup-*.dcm")]
+    dated = []
+    for path in copies:
+        try:
+            dated.append((path.stat().st_ctime_ns, path.name != first.name, path))
+        except OSError:  # absent (pruned, deleted) or unreadable: not a copy to analyse
+            continue
+    return max(dated)[2] if dated else None
+
+
 def prune_archive(spool_dir: Path, max_age_s: float, *, now: float, dry_run: bool = False) -> tuple[int, int]:
     """Delete archived instances written more than `max_age_s` before `now`; return (files, bytes).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.dicom_gateway.helpers import dcmtk_tool, free_port
 from tests.worker.support import wait_for
 from worker import admin, db
 from worker.migrate import upgrade
-from worker.report import SCHEME, ScoredImage, build_report
+from worker.report import SCHEME, ScoredImage, build_report, flag_code
 from worker.samples import make_cxr_dataset
 from worker.spool import archive_path
 
@@ -33,6 +34,14 @@ def admin_sr(url: str, *args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = admin.main(["--database-url", url, "sr", *args])
     return code, out.getvalue(), err.getvalue()
+
+
+def admin_sr_process(url: str, *args: str) -> tuple[int, str, str]:
+    """The same through the console script's process, whose stderr gets what pytest would otherwise capture
+    (Python's warnings, log records)."""
+    done = subprocess.run([sys.executable, "-m", "worker.admin", "--database-url", url, "sr", *args],
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout, done.stderr
 
 
 def dsrdump(path: Path) -> str:
@@ -61,9 +70,9 @@ def dcmtk_pacs(folder: Path, ae_title: str = "PACS"):
 
 
 def stored_study(url: str, spool: Path, images: np.ndarray, outcomes: list[tuple[str, str | None]],
-                 final: bool = True) -> tuple[str, list[pydicom.Dataset]]:
+                 final: bool = True, edit=None) -> tuple[str, list[pydicom.Dataset]]:
     """A study as the worker leaves it: archived copies (PneumoniaMNIST images wrapped as DICOM) and their rows.
-    `outcomes` holds each image's (status, stratum) in arrival order."""
+    `outcomes` holds each image's (status, stratum) in arrival order; `edit(ds, n)` changes a header first."""
     upgrade(url)
     study_uid = generate_uid()
     severity = {"likely_normal": 0, "indeterminate": 1, "high_suspicion": 2}
@@ -75,6 +84,8 @@ def stored_study(url: str, spool: Path, images: np.ndarray, outcomes: list[tuple
         for n, ((status, stratum), image) in enumerate(zip(outcomes, images)):
             ds = make_cxr_dataset(image, study_uid=study_uid, accession="ACC-SR", size=(256, 256), instance_number=n + 1)
             ds.PatientName, ds.PatientID = "SECRETNAME^SR", "SECRET-ID-42"
+            if edit is not None:
+                edit(ds, n)
             path = archive_path(spool, study_uid, str(ds.SOPInstanceUID))
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
@@ -140,7 +151,7 @@ def test_a_final_study_s_report_is_read_by_dcmtk_and_stored_by_a_dcmtk_pacs(data
         assert f'"Calibrated probability of pneumonia")="{probability}"' in text
         assert f"({stratum},{SCHEME}," in text and f'"{flag}")' in text
         assert str(source.SOPInstanceUID) in text  # the image each result was read from
-    assert f'"Study worklist flag")=(SEV2,{SCHEME},"URGENT")' in text
+    assert f'"Study worklist flag")=({flag_code("URGENT", 2).value},{SCHEME},"URGENT")' in text
     assert '"Triage complete")=(373066001,SCT,"Yes")' in text
 
 
@@ -177,8 +188,13 @@ def test_no_report_for_a_study_not_final_unscored_unknown_or_without_its_archive
     pruned, sources = stored_study(database_url, spool, images[:2], [("done", "likely_normal")] * 2)
     archive_path(spool, pruned, str(sources[1].SOPInstanceUID)).unlink()
     code, _, err = admin_sr(database_url, pruned, "--out", str(out))
-    assert (code, err) == (1, f"no report for study {pruned}: no archived copy of scored image(s) "
+    assert (code, err) == (1, f"no report for study {pruned}: no archived copy of scored image "
                               f"{sources[1].SOPInstanceUID}\n")
+    unreadable, sources = stored_study(database_url, spool, images[:1], [("done", "likely_normal")])
+    archive_path(spool, unreadable, str(sources[0].SOPInstanceUID)).write_bytes(b"not DICOM" * 50)
+    code, _, err = admin_sr(database_url, unreadable, "--out", str(out))
+    assert code == 1 and err.startswith(f"no report for study {unreadable}: the archived copy of scored image "
+                                        f"{sources[0].SOPInstanceUID} cannot be read ("), err
     code, _, err = admin_sr(database_url, "1.2.3.4", "--out", str(out))
     assert (code, err) == (1, "study 1.2.3.4 not found\n")
     assert not out.exists()
@@ -206,15 +222,17 @@ def test_a_long_site_flag_fits_the_report_and_the_uid_follows_what_it_says(test_
     flag = "URGENT-READ-FIRST-CHEST-XR-AI-01"
     image = ScoredImage(str(source.SOPInstanceUID), 0.91, "high_suspicion", 2, flag, "m", "1", "cd" * 32, None)
     study = {"study_instance_uid": study_uid, "worklist_flag": flag, "stratum": "high_suspicion",
-             "triage_complete": True, "reopened_count": 0}
+             "triage_complete": True, "reopened_count": 0, "finalized_at": db.utcnow()}
     first, second = build_report(study, [image], [source]), build_report(study, [image], [source])
     assert first.SOPInstanceUID == second.SOPInstanceUID and first.SeriesInstanceUID == second.SeriesInstanceUID
     changed = build_report(study, [ScoredImage(**{**vars(image), "probability": 0.92})], [source])
     assert changed.SOPInstanceUID != first.SOPInstanceUID and changed.SeriesInstanceUID == first.SeriesInstanceUID
     codes = [item.ConceptCodeSequence[0] for group in first.ContentSequence[-1].ContentSequence
              for item in group.ContentSequence if "ConceptCodeSequence" in item]
-    flag_codes = [(c.CodeValue, c.CodeMeaning) for c in codes if c.CodingSchemeDesignator == SCHEME and c.CodeValue == "SEV2"]
-    assert flag_codes == [("SEV2", flag), ("SEV2", flag)]  # the image's flag and the study's worklist flag
+    flag_codes = [(c.CodeValue, c.CodeMeaning) for c in codes if c.CodingSchemeDesignator == SCHEME
+                  and c.CodeValue.startswith("S2-")]
+    assert len(flag_codes) == 2 and set(flag_codes) == {flag_codes[0]} and flag_codes[0][1] == flag  # image, study
+    assert len(flag_codes[0][0]) <= 16 and flag_code("URGENT", 2).value != flag_codes[0][0]
 
 
 def measured_probabilities(report: pydicom.Dataset) -> dict[str, float]:
@@ -264,3 +282,103 @@ def test_a_study_scored_by_a_real_worker_is_reported_as_stored(make_triage_env, 
         assert f'model_sha256={row["model_sha256"][:8]}' in text
     study = env.study(study_uid)
     assert f"worklist flag {study['flag']}" in said
+
+
+def test_headers_as_modalities_write_them_give_a_report_that_quotes_no_patient_data(sqlite_url, spool, test_split,
+                                                                                   tmp_path):
+    """A name without a caret made highdicom warn, quoting it on stderr (review); a study without Patient's Birth
+    Date or Study ID (Type 2, often absent), a Patient's Sex of U or an impossible date raised a traceback. The
+    report is made, those values left empty, and nothing but UIDs is printed."""
+    def modality_header(ds, n):
+        ds.PatientName = "SECRETMUELLER"
+        del ds.PatientBirthDate
+        if "StudyID" in ds:
+            del ds.StudyID
+        ds.PatientSex = "U"
+        ds.StudyDate = "19800230"
+
+    images, _ = test_split
+    study_uid, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")], edit=modality_header)
+    out = tmp_path / "report.dcm"
+    code, said, err = admin_sr_process(sqlite_url, study_uid, "--out", str(out))
+    assert (code, err) == (0, "")
+    assert "SECRET" not in said
+    report = pydicom.dcmread(out)
+    assert (str(report.PatientName), report.PatientBirthDate, report.PatientSex, report.StudyDate,
+            report.StudyID) == ("SECRETMUELLER", "", "", "", "")
+
+
+def test_the_same_result_is_the_same_object_and_any_change_a_new_one(sqlite_url, spool, test_split, tmp_path):
+    """A PACS keeps one object per SOP Instance UID: the same UID with other bytes (a content time of now, another
+    instance number after a reopening, another qualification) kept the stale one, or was refused (review). The
+    UID is now a digest of the encoding, whose times are the study's finalisation."""
+    images, _ = test_split
+    study_uid, sources = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    first, second, research = tmp_path / "1.dcm", tmp_path / "2.dcm", tmp_path / "3.dcm"
+    assert admin_sr(sqlite_url, study_uid, "--out", str(first))[0] == 0
+    time.sleep(1.1)
+    assert admin_sr(sqlite_url, study_uid, "--out", str(second))[0] == 0
+    assert first.read_bytes() == second.read_bytes()
+    assert admin_sr(sqlite_url, study_uid, "--out", str(research), "--content-qualification", "PRODUCT")[0] == 0
+    assert pydicom.dcmread(research).SOPInstanceUID != pydicom.dcmread(first).SOPInstanceUID
+    engine = db.make_engine(sqlite_url)
+    with engine.begin() as conn:  # a late image reopened the study, which went final again unchanged
+        db.reopen_study(conn, study_uid)
+        db.finalize_study(conn, study_uid, db.utcnow())
+    engine.dispose()
+    assert admin_sr(sqlite_url, study_uid, "--out", str(second))[0] == 0
+    reopened = pydicom.dcmread(second)
+    assert reopened.InstanceNumber == 2 and reopened.SOPInstanceUID != pydicom.dcmread(first).SOPInstanceUID
+
+
+def test_the_newest_copy_s_patient_module_and_one_patient_per_report(sqlite_url, spool, test_split, tmp_path):
+    """A re-send after the result (a patient merge in the PACS) is archived as <SOP>.dup-*.dcm: the report copied
+    the first copy's Patient ID. And highdicom copies the first image's patient module: images of two Patient
+    IDs made a report filed under one of them. The newest copy is read, and two patients are refused."""
+    images, _ = test_split
+    study_uid, sources = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    merged = sources[0].copy()
+    merged.PatientID = "MERGED-PID"
+    dup = archive_path(spool, study_uid, str(merged.SOPInstanceUID)).with_suffix(".dup-1.dcm")
+    merged.save_as(dup, enforce_file_format=True)
+    out = tmp_path / "report.dcm"
+    assert admin_sr(sqlite_url, study_uid, "--out", str(out))[0] == 0
+    assert pydicom.dcmread(out).PatientID == "MERGED-PID"
+    two, _ = stored_study(sqlite_url, spool, images[:2], [("done", "likely_normal")] * 2,
+                          edit=lambda ds, n: setattr(ds, "PatientID", f"PID-IMG{n}"))
+    code, _, err = admin_sr(sqlite_url, two, "--out", str(out))
+    assert (code, err) == (1, f"no report for study {two}: its images carry 2 different Patient IDs "
+                              "(reconcile them in the PACS)\n")
+
+
+def test_a_pacs_that_does_not_resolve_or_takes_no_sr_is_one_line_exit_3(sqlite_url, spool, test_split):
+    """A host name that does not resolve was a socket.gaierror traceback; a PACS that takes images but not SR
+    read "could not be reached" (review)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    images, _ = test_split
+    study_uid, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    code, said, err = admin_sr(sqlite_url, study_uid, "--send", "nosuchhost.invalid:104", "--called-ae", "PACS")
+    assert (code, said) == (3, "") and err == "pneumonia-admin sr: not sent: PACS at nosuchhost.invalid:104 could " \
+                                              "not be reached (gaierror)\n"
+    ct_only = AE(ae_title="CTPACS")
+    ct_only.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ct_only.start_server(("127.0.0.1", port), block=False)
+    try:  # the console script itself: pynetdicom's own log lines would reach its stderr, not pytest's handlers
+        done = subprocess.run([sys.executable, "-m", "worker.admin", "--database-url", sqlite_url, "sr", study_uid,
+                               "--send", f"127.0.0.1:{port}", "--called-ae", "CTPACS"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert (done.returncode, done.stdout, done.stderr) == (
+        3, "", f"pneumonia-admin sr: not sent: CTPACS at 127.0.0.1:{port} does not accept Comprehensive SR Storage\n")
+
+
+def test_a_study_uid_that_is_not_one_is_refused_without_echoing_it(sqlite_url, spool, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        admin.main(["--database-url", sqlite_url, "sr", "1.2\x1b[31m", "--out", "x.dcm"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "not a DICOM UID" in err and "\x1b" not in err

@@ -119,7 +119,7 @@ def test_reprocess_reopens_the_rows_and_the_study_and_queues_them(spool_db, redi
     assert admin.main(["--database-url", url, "reprocess", "--status", "skipped"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"reprocessing {STUDY}.3 (study {STUDY}, was skipped)",
-        f"reprocessed 1 of 1 skipped instance(s) in 1 study(ies); each study is final again once its images are scored"]
+        "reprocessed 1 of 1 skipped instance(s) in 1 study(ies); each study is final again once its images are scored"]
     pending = spool / contract.pending_relpath(STUDY, f"{STUDY}.3")
     assert pending.is_file() and not archive_path(spool, STUDY, f"{STUDY}.3").exists()
     row = rows(engine)[f"{STUDY}.3"]
