@@ -11,6 +11,7 @@
                               [--reason-contains TEXT] [--since ...] [--until ...] [--limit N] [--dry-run]
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
     pneumonia-admin sr <StudyInstanceUID> [--out FILE] [--send HOST:PORT --called-ae AE] [--calling-ae AE]
+    pneumonia-admin sr --pending --send HOST:PORT --called-ae AE [--limit N]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
 times, a study's `finalized_at`) and pages with LIMIT, so it stays fast on
@@ -173,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="at most this many instances, oldest first")
     again.add_argument("--dry-run", action="store_true", help="list what would be analysed again, change nothing")
     report = sub.add_parser("sr", help="the study's result as a DICOM SR (TID 1500): write it and/or send it to a PACS")
-    report.add_argument("study_uid", type=_uid)
+    report.add_argument("study_uid", type=_uid, nargs="?", help="the study (or --pending)")
+    report.add_argument("--pending", action="store_true",
+                        help="every final study without a report for --send's PACS at its current finalisation, "
+                             "oldest first (a cron job's call); refusals are recorded and not tried again")
+    report.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="with --pending: at most N")
     report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
     report.add_argument("--send", type=_host_port, default=None, metavar="HOST:PORT",
                         help="C-STORE the SR to this PACS (e.g. the one that sent the study)")
@@ -282,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{parser.prog}: the database schema is at {behind[0]}, this release needs {behind[1]}: "
                   "run `pneumonia-worker migrate`", file=sys.stderr)
             return 3
+        if args.command == "sr":
+            return run_sr(engine, argparse.Namespace(**{**vars(args), "spool_dir": Path(settings.spool_dir),
+                                                        "low_flags": low_flags(settings.flag_map)}))
         if args.command == "requeue":
             return requeue(settings, engine, args.older_than)
         if args.command == "reprocess":
@@ -886,39 +894,84 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def fetch_sr(conn: Connection, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The study's worklist row (with `worklist_flag`, `triage_complete`) and its scored images, oldest first."""
-    v, t = db.study_flags, db.instances
-    study = conn.execute(select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
-                         .where(v.c.study_instance_uid == args.study_uid)).mappings().first()
-    images = [dict(r) for r in conn.execute(
-        select(*[t.c[c] for c in ScoredImage.__dataclass_fields__])
-        .where(t.c.study_instance_uid == args.study_uid, t.c.status == "done")
-        .order_by(t.c.received_at, t.c.sop_instance_uid)).mappings()]
-    return (None if study is None else with_unverified(conn, [dict(study)], args.low_flags)[0]), images
-
-
-def render_sr(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: argparse.Namespace) -> int:
-    """Build the SR from the archived images' headers, then write and/or send it. Prints UIDs only: the SR
-    carries the patient module of its images, which must not reach a terminal or a log."""
-    study, rows = found
+def run_sr(engine: Any, args: argparse.Namespace) -> int:
+    """`sr STUDY` or `sr --pending`: each study's report written and/or sent, and each send recorded."""
     if args.out is None and args.send is None:
         print("pneumonia-admin sr: error: give --out FILE and/or --send HOST:PORT", file=sys.stderr)
         return 2
+    if (args.study_uid is None) == (not args.pending) or (args.pending and (args.send is None or args.out)):
+        print("pneumonia-admin sr: error: give a study UID, or --pending with --send (and no --out)", file=sys.stderr)
+        return 2
+    if not args.pending:
+        return report_study(engine, args, args.study_uid)
+    with engine.connect() as conn:
+        studies = pending_reports(conn, destination(args), args.limit)
+    sent = refused = 0
+    for study_uid in studies:
+        code = report_study(engine, args, study_uid)
+        if code == 3:  # the PACS is down or refuses: the next run takes the rest, this one first
+            return 3
+        sent, refused = sent + (code == 0), refused + (code != 0)
+    print(f"{sent} report(s) sent to {destination(args)}, {refused} study(ies) refused one (reasons recorded)")
+    return 0
+
+
+def destination(args: argparse.Namespace) -> str:
+    host, port = args.send
+    return f"{args.called_ae}@{host}:{port}"
+
+
+def pending_reports(conn: Connection, to: str, limit: int | None) -> list[str]:
+    """Final studies without a report for `to` (sent, or refused with its reason) at their current finalisation,
+    oldest finalisation first. A reopened study is final again at a later time, so it is due again."""
+    s, r = db.studies, db.reports
+    done = exists().where(r.c.study_instance_uid == s.c.study_instance_uid, r.c.destination == to,
+                          r.c.finalized_at == s.c.finalized_at)
+    stmt = (select(s.c.study_instance_uid).where(s.c.final.is_(True), s.c.finalized_at.is_not(None), ~done)
+            .order_by(s.c.finalized_at))
+    return list(conn.execute(stmt.limit(limit) if limit else stmt).scalars())
+
+
+def fetch_sr(conn: Connection, args: argparse.Namespace, study_uid: str
+             ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The study's worklist row (with `worklist_flag`, `triage_complete`), its scored images oldest first, and
+    the reports sent for it to `--send`'s PACS."""
+    v, t = db.study_flags, db.instances
+    study = conn.execute(select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
+                         .where(v.c.study_instance_uid == study_uid)).mappings().first()
+    images = [dict(r) for r in conn.execute(
+        select(*[t.c[c] for c in ScoredImage.__dataclass_fields__])
+        .where(t.c.study_instance_uid == study_uid, t.c.status == "done")
+        .order_by(t.c.received_at, t.c.sop_instance_uid)).mappings()]
+    sent = db.sent_reports(conn, study_uid, destination(args)) if args.send else []
+    return (None if study is None else with_unverified(conn, [dict(study)], args.low_flags)[0]), images, sent
+
+
+def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> int:
+    """Build one study's SR from its archived images' headers, then write and/or send it. Prints UIDs only: the
+    SR carries the patient module of its images, which must not reach a terminal or a log."""
+    with engine.connect() as conn:
+        study, rows, sent = fetch_sr(conn, args, study_uid)
     if study is None:
-        print(f"study {args.study_uid} not found", file=sys.stderr)
+        print(f"study {study_uid} not found", file=sys.stderr)
         return 1
     if not study["final"]:  # a report sent now could be contradicted by the next image, in the PACS for good
-        print(f"study {args.study_uid} is not final (images may still arrive): no report until it is", file=sys.stderr)
+        print(f"study {study_uid} is not final (images may still arrive): no report until it is", file=sys.stderr)
         return 1
+    earlier = [r for r in sent if r["finalized_at"] < study["finalized_at"]]  # the same finalisation: the same bytes
     try:
         images = [ScoredImage.from_row(row) for row in rows]
-        sources = [_archived_header(args.spool_dir, args.study_uid, image.sop_instance_uid) for image in images]
-        report = build_report(study, images, sources, content_qualification=args.content_qualification)
+        sources = [_archived_header(args.spool_dir, study_uid, image.sop_instance_uid) for image in images]
+        report = build_report(study, images, sources, content_qualification=args.content_qualification,
+                              replaces=[(r["series_instance_uid"], r["sop_instance_uid"]) for r in earlier])
     except ReportError as exc:
-        print(f"no report for study {args.study_uid}: {exc}", file=sys.stderr)
+        print(f"no report for study {study_uid}: {exc}", file=sys.stderr)
+        if args.send:
+            with engine.begin() as conn:
+                db.record_report(conn, study_uid, destination(args), study["finalized_at"], db.REPORT_REFUSED,
+                                 reason=str(exc))
         return 1
-    said = (f"SR {report.SOPInstanceUID} for study {args.study_uid}: {len(images)} scored image(s), "
+    said = (f"SR {report.SOPInstanceUID} for study {study_uid}: {len(images)} scored image(s), "
             f"worklist flag {study['worklist_flag']}")
     if args.out is not None:
         try:
@@ -934,6 +987,9 @@ def render_sr(found: tuple[dict[str, Any] | None, list[dict[str, Any]]], args: a
         except SendError as exc:
             print(f"pneumonia-admin sr: not sent: {exc}", file=sys.stderr)
             return 3
+        with engine.begin() as conn:
+            db.record_report(conn, study_uid, destination(args), study["finalized_at"], db.REPORT_SENT,
+                             series_uid=str(report.SeriesInstanceUID), sop_uid=str(report.SOPInstanceUID))
         print(f"{said}, stored by {args.called_ae} at {host}:{port}")
     return 0
 
@@ -955,7 +1011,6 @@ COMMANDS: dict[str, tuple[Callable[[Connection, argparse.Namespace], Any], Calla
     "export": (fetch_export, render_list),
     "show": (fetch_show, render_show),
     "stats": (fetch_stats, render_stats),
-    "sr": (fetch_sr, render_sr),
 }
 """Read commands: what each fetches inside one read transaction, and how it prints it afterwards."""
 

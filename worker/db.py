@@ -98,6 +98,21 @@ accession_aliases = Table(  # migration 0008
     PrimaryKeyConstraint("study_instance_uid", "sop_instance_uid", "accession_number", name="accession_aliases_pkey"),
     Index("ix_accession_aliases_accession", "accession_number"),
 )
+
+reports = Table(  # migration 0009
+    "reports",
+    metadata,
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("destination", String(300), nullable=False),  # "AE@host:port"
+    Column("finalized_at", DateTime, nullable=False),  # the study's, when the report describes it
+    Column("status", String(16), nullable=False),  # REPORT_SENT or REPORT_REFUSED
+    Column("series_instance_uid", String(64)),
+    Column("sop_instance_uid", String(64)),
+    Column("reason", Text),  # why none could be made (REPORT_REFUSED)
+    Column("recorded_at", DateTime, nullable=False),
+    PrimaryKeyConstraint("study_instance_uid", "destination", "finalized_at", name="reports_pkey"),
+)
+REPORT_SENT, REPORT_REFUSED = "sent", "refused"
 """Accession numbers an instance was re-sent under after its result was stored (the first stays on its row)."""
 
 studies = Table(
@@ -294,6 +309,26 @@ def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, A
             .values(status=t.c.status).returning(t.c.status, t.c.accession_number))
     row = conn.execute(stmt).mappings().first()
     return dict(row) if row else None
+
+
+def record_report(conn: Connection, study_uid: str, destination: str, finalized_at: dt.datetime, status: str, *,
+                  series_uid: str | None = None, sop_uid: str | None = None, reason: str | None = None) -> None:
+    """What became of the study's report for `destination` at this finalisation (the last word wins)."""
+    values = {"status": status, "series_instance_uid": series_uid, "sop_instance_uid": sop_uid, "reason": reason,
+              "recorded_at": utcnow()}
+    stmt = _insert(conn, reports).values(study_instance_uid=study_uid, destination=destination,
+                                         finalized_at=finalized_at, **values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=["study_instance_uid", "destination", "finalized_at"],
+                                            set_=values))
+
+
+def sent_reports(conn: Connection, study_uid: str, destination: str) -> list[dict[str, Any]]:
+    """The reports sent for the study to `destination`, oldest first."""
+    t = reports
+    return [dict(r) for r in conn.execute(
+        select(t.c.series_instance_uid, t.c.sop_instance_uid, t.c.finalized_at)
+        .where(t.c.study_instance_uid == study_uid, t.c.destination == destination, t.c.status == REPORT_SENT)
+        .order_by(t.c.finalized_at)).mappings()]
 
 
 def add_accession_alias(conn: Connection, study_uid: str, sop_uid: str, accession: str) -> bool:

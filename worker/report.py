@@ -61,6 +61,14 @@ PLACEHOLDER_UID = generate_uid(entropy_srcs=[SR_NAMESPACE, "placeholder"])
 """The SOP Instance UID the report is encoded with before its own is derived from the encoding."""
 
 
+def _earlier(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+    """What highdicom reads of a report this one replaces."""
+    earlier = Dataset()
+    earlier.StudyInstanceUID, earlier.SeriesInstanceUID, earlier.SOPInstanceUID = study_uid, series_uid, sop_uid
+    earlier.SOPClassUID = ComprehensiveSRStorage
+    return earlier
+
+
 class ReportError(ValueError):
     """Why no report can be made for this study (not final, nothing scored, an archived image gone)."""
 
@@ -141,9 +149,11 @@ def pydicom_time(value: str) -> str:
 
 
 def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], sources: Sequence[Dataset],
-                 *, content_qualification: str = "RESEARCH") -> Dataset:
+                 *, content_qualification: str = "RESEARCH", replaces: Sequence[tuple[str, str]] = ()) -> Dataset:
     """The study's Comprehensive SR. `study` is a row of the study worklist (with `worklist_flag`,
-    `triage_complete`, `finalized_at`), `images` its scored images and `sources` their archived headers."""
+    `triage_complete`, `finalized_at`), `images` its scored images and `sources` their archived headers;
+    `replaces` the (series, SOP Instance) UIDs of the reports sent for its earlier finalisations, named in its
+    Predecessor Documents Sequence so that a viewer knows which report is current."""
     if not images:
         raise ReportError("no image of the study was scored")
     by_uid = {str(ds.SOPInstanceUID): evidence_header(ds) for ds in sources}
@@ -156,7 +166,7 @@ def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], source
     with quiet():
         try:
             report = _document(study, images, [by_uid[image.sop_instance_uid] for image in images],
-                               content_qualification)
+                               content_qualification, replaces)
         except (ValueError, TypeError, AttributeError) as exc:  # a header value the SR cannot hold; no value quoted
             raise ReportError(f"its images' header cannot be copied into an SR ({type(exc).__name__})") from None
     _derive_instance_uid(report, str(study["study_instance_uid"]))
@@ -164,7 +174,7 @@ def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], source
 
 
 def _document(study: Mapping[str, Any], images: Sequence[ScoredImage], evidence: Sequence[Dataset],
-              content_qualification: str) -> Dataset:
+              content_qualification: str, replaces: Sequence[tuple[str, str]]) -> Dataset:
     groups = [_image_group(image, source, n) for n, (image, source) in enumerate(zip(images, evidence), 1)]
     groups.append(_study_group(study))
     names = sorted({image.model_name for image in images})
@@ -183,6 +193,7 @@ def _document(study: Mapping[str, Any], images: Sequence[ScoredImage], evidence:
         instance_number=1 + int(study.get("reopened_count") or 0), manufacturer="pneumonia-triage",
         is_complete=bool(study["triage_complete"]), is_final=False, is_verified=False,
         series_description=SERIES_DESCRIPTION, manufacturer_model_name=", ".join(names)[:64],
+        previous_versions=[_earlier(str(study["study_instance_uid"]), *uids) for uids in replaces] or None,
         content_qualification=content_qualification, content_date=finalized.date(), content_time=finalized.time(),
         series_date=finalized.date(), series_time=finalized.time(),
         coding_schemes=[CodingSchemeIdentificationItem(designator=SCHEME, name=SCHEME_NAME)])

@@ -418,3 +418,33 @@ def test_migration_0008_adds_the_accession_aliases_and_goes_back(database_url):
             assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_migration_0009_adds_the_reports_and_goes_back(database_url):
+    """A new table beside the others: rows of 0008 are untouched, a report is recorded once per study, PACS and
+    finalisation (the last word wins), the downgrade drops it."""
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    upgrade(database_url, "0008")
+    engine = db.make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO instances (sop_instance_uid, study_instance_uid, status, attempts)"
+                              " VALUES ('9.1', '9', 'done', 1)"))
+        upgrade(database_url)
+        final = db.utcnow()
+        with engine.begin() as conn:
+            db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_REFUSED, reason="no image scored")
+            db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_SENT, series_uid="1.2", sop_uid="1.2.3")
+            assert db.sent_reports(conn, "9", "PACS@h:104") == [
+                {"series_instance_uid": "1.2", "sop_instance_uid": "1.2.3", "finalized_at": final}]
+            assert conn.execute(text("SELECT COUNT(*) FROM reports")).scalar() == 1
+        engine.dispose()
+        command.downgrade(alembic_config(database_url), "0008")
+        with engine.connect() as conn:
+            assert "reports" not in inspect(conn).get_table_names()
+            assert conn.execute(text("SELECT COUNT(*) FROM instances")).scalar() == 1
+    finally:
+        engine.dispose()

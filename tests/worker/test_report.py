@@ -382,3 +382,67 @@ def test_a_study_uid_that_is_not_one_is_refused_without_echoing_it(sqlite_url, s
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "not a DICOM UID" in err and "\x1b" not in err
+
+
+@needs_dcmtk
+def test_pending_sends_each_final_study_once_and_a_changed_result_names_the_report_it_replaces(
+        database_url, spool, test_split, tmp_path):
+    """A site's cron job: `sr --pending --send` sends every final study that has no report for that PACS at its
+    current finalisation, records a refusal with its reason instead of trying it every run, and sends again a study
+    whose result changed (reopened, final again), naming the earlier report as its predecessor. Before, a shell loop
+    over `--final-since` lost what a PACS outage refused, and a new URGENT report stood beside the old ROUTINE one
+    with nothing to say which is current."""
+    images, _ = test_split
+    first, _ = stored_study(database_url, spool, images[:1], [("done", "likely_normal")])
+    second, _ = stored_study(database_url, spool, images[1:2], [("done", "high_suspicion")])
+    two_patients, _ = stored_study(database_url, spool, images[2:4], [("done", "likely_normal")] * 2,
+                                   edit=lambda ds, n: setattr(ds, "PatientID", f"PID-{n}"))
+    stored_study(database_url, spool, images[4:5], [("done", "likely_normal")], final=False)  # not due yet
+    pacs = tmp_path / "pacs"
+    with dcmtk_pacs(pacs) as port:
+        send = ("--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+        code, said, err = admin_sr(database_url, *send)
+        assert code == 0, err
+        assert said.splitlines()[-1] == f"2 report(s) sent to PACS@127.0.0.1:{port}, 1 study(ies) refused one " \
+                                        "(reasons recorded)"
+        assert err == (f"no report for study {two_patients}: its images carry 2 different Patient IDs "
+                       "(reconcile them in the PACS)\n")
+        assert len(list(pacs.iterdir())) == 2
+        again = admin_sr(database_url, *send)
+        assert again[1].splitlines() == [f"0 report(s) sent to PACS@127.0.0.1:{port}, 0 study(ies) refused one "
+                                         "(reasons recorded)"] and again[2] == ""
+        engine = db.make_engine(database_url)
+        with engine.begin() as conn:  # reprocessed: the study reopened, its image scored again, final again
+            db.reopen_study(conn, first)
+            conn.execute(db.instances.update().where(db.instances.c.study_instance_uid == first)
+                         .values(probability=0.95, stratum="high_suspicion", severity=2, flag="URGENT"))
+            db.touch_study(conn, first, "ACC-SR", db.utcnow(), {"probability": 0.95, "stratum": "high_suspicion",
+                                                                "severity": 2, "flag": "URGENT"})
+            db.finalize_study(conn, first, db.utcnow())
+            rows = {r.study_instance_uid: r for r in conn.execute(db.reports.select())}
+        engine.dispose()
+        code, said, err = admin_sr(database_url, *send)
+        assert (code, err) == (0, "") and said.splitlines()[-1].startswith("1 report(s) sent")
+    assert {uid: r.status for uid, r in rows.items()} == {first: "sent", second: "sent", two_patients: "refused"}
+    assert "2 different Patient IDs" in rows[two_patients].reason
+    replaced = rows[first].sop_instance_uid
+    newest = [pydicom.dcmread(path) for path in pacs.iterdir()
+              if pydicom.dcmread(path).StudyInstanceUID == first and pydicom.dcmread(path).SOPInstanceUID != replaced]
+    assert len(newest) == 1
+    predecessor = newest[0].PredecessorDocumentsSequence[0]
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == replaced
+    dsrdump(next(p for p in pacs.iterdir() if pydicom.dcmread(p).SOPInstanceUID == newest[0].SOPInstanceUID))
+
+
+def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing_as_sent(sqlite_url, spool, test_split):
+    images, _ = test_split
+    stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{free_port()}", "--called-ae", "PACS")
+    assert (code, said) == (3, "") and "could not be reached" in err
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.execute(db.reports.select()).all() == []
+        assert admin.pending_reports(conn, "PACS@127.0.0.1:1", None) != []
+    engine.dispose()
+    for args in (("--pending",), ("--pending", "--send", "h:1", "--out", "x.dcm"), ("1.2.3", "--pending", "--send", "h:1")):
+        assert admin_sr(sqlite_url, *args)[0] == 2, args
