@@ -22,14 +22,17 @@ Times are printed in UTC with their offset (`+00:00`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
+import fcntl
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every final study without a report for --send's PACS at its current finalisation, "
                              "oldest first (a cron job's call); refusals are recorded and not tried again")
     report.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="with --pending: at most N")
+    report.add_argument("--final-since", type=_timestamp, default=None,
+                        help="with --pending: only studies final at or after this time (a first run after upgrading)")
     report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
     report.add_argument("--send", type=_host_port, default=None, metavar="HOST:PORT",
                         help="C-STORE the SR to this PACS (e.g. the one that sent the study)")
@@ -902,33 +907,72 @@ def run_sr(engine: Any, args: argparse.Namespace) -> int:
     if (args.study_uid is None) == (not args.pending) or (args.pending and (args.send is None or args.out)):
         print("pneumonia-admin sr: error: give a study UID, or --pending with --send (and no --out)", file=sys.stderr)
         return 2
+    if args.final_since and not args.pending:
+        print("pneumonia-admin sr: error: --final-since goes with --pending", file=sys.stderr)
+        return 2
+    if not (args.spool_dir / contract.SPOOL_ARCHIVE).is_dir():  # a refusal per study would be recorded for good
+        print(f"pneumonia-admin sr: no {contract.SPOOL_ARCHIVE}/ in {args.spool_dir.absolute()} (TRIAGE_SPOOL_DIR "
+              "unset or wrong, or the volume not mounted): the reports need the archived images", file=sys.stderr)
+        return 3
     if not args.pending:
-        return report_study(engine, args, args.study_uid)
+        return SR_EXIT[report_study(engine, args, args.study_uid)]
+    with _run_alone(args.spool_dir, destination(args)) as alone:
+        if not alone:  # cron started it again while a long run goes on: the same studies would be sent twice
+            print(f"another `sr --pending` to {destination(args)} is running: nothing done")
+            return 0
+        return _send_pending(engine, args)
+
+
+SR_EXIT = {"done": 0, "refused": 1, "skipped": 1, "deferred": 3, "unavailable": 3}
+"""`sr STUDY`'s exit status for each outcome of `report_study`."""
+
+
+def _send_pending(engine: Any, args: argparse.Namespace) -> int:
     with engine.connect() as conn:
-        studies = pending_reports(conn, destination(args), args.limit)
-    sent = refused = 0
+        studies = pending_reports(conn, destination(args), args.limit, args.final_since)
+    counts = dict.fromkeys(SR_EXIT, 0)
     for study_uid in studies:
-        code = report_study(engine, args, study_uid)
-        if code == 3:  # the PACS is down or refuses: the next run takes the rest, this one first
+        outcome = report_study(engine, args, study_uid)
+        if outcome == "unavailable":  # the PACS is down or refuses associations: the next run takes the rest
             return 3
-        sent, refused = sent + (code == 0), refused + (code != 0)
-    print(f"{sent} report(s) sent to {destination(args)}, {refused} study(ies) refused one (reasons recorded)")
-    return 0
+        counts[outcome] += 1
+    print(f"{counts['done']} report(s) sent to {destination(args)}, {counts['refused']} refused (reasons recorded), "
+          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final")
+    return 3 if counts["deferred"] else 0
+
+
+@contextlib.contextmanager
+def _run_alone(spool_dir: Path, to: str) -> Iterator[bool]:
+    """An exclusive lock per PACS on a file in the spool (shared by every host that reads its archive)."""
+    path = spool_dir / f".sr-pending-{hashlib.sha256(to.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def destination(args: argparse.Namespace) -> str:
+    """The PACS as the records name it, "AE@host:port", as written (localhost and 127.0.0.1 are two)."""
     host, port = args.send
     return f"{args.called_ae}@{host}:{port}"
 
 
-def pending_reports(conn: Connection, to: str, limit: int | None) -> list[str]:
+def pending_reports(conn: Connection, to: str, limit: int | None, since: dt.datetime | None = None) -> list[str]:
     """Final studies without a report for `to` (sent, or refused with its reason) at their current finalisation,
-    oldest finalisation first. A reopened study is final again at a later time, so it is due again."""
+    oldest finalisation first (from `since`). A reopened study is final again at a later time, so it is due again."""
     s, r = db.studies, db.reports
     done = exists().where(r.c.study_instance_uid == s.c.study_instance_uid, r.c.destination == to,
                           r.c.finalized_at == s.c.finalized_at)
-    stmt = (select(s.c.study_instance_uid).where(s.c.final.is_(True), s.c.finalized_at.is_not(None), ~done)
-            .order_by(s.c.finalized_at))
+    stmt = select(s.c.study_instance_uid).where(s.c.final.is_(True), s.c.finalized_at.is_not(None), ~done)
+    if since is not None:
+        stmt = stmt.where(s.c.finalized_at >= since)
+    stmt = stmt.order_by(s.c.finalized_at)
     return list(conn.execute(stmt.limit(limit) if limit else stmt).scalars())
 
 
@@ -947,17 +991,19 @@ def fetch_sr(conn: Connection, args: argparse.Namespace, study_uid: str
     return (None if study is None else with_unverified(conn, [dict(study)], args.low_flags)[0]), images, sent
 
 
-def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> int:
-    """Build one study's SR from its archived images' headers, then write and/or send it. Prints UIDs only: the
-    SR carries the patient module of its images, which must not reach a terminal or a log."""
+def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> str:
+    """Build one study's SR from its archived images' headers, then write and/or send it; the outcome: done,
+    refused (recorded with its reason when sending), skipped (not found, not final), deferred (a local problem
+    that may pass, not recorded) or unavailable (the PACS). Prints UIDs only: the SR carries the patient module
+    of its images, which must not reach a terminal or a log."""
     with engine.connect() as conn:
         study, rows, sent = fetch_sr(conn, args, study_uid)
     if study is None:
         print(f"study {study_uid} not found", file=sys.stderr)
-        return 1
+        return "skipped"
     if not study["final"]:  # a report sent now could be contradicted by the next image, in the PACS for good
         print(f"study {study_uid} is not final (images may still arrive): no report until it is", file=sys.stderr)
-        return 1
+        return "skipped"
     earlier = [r for r in sent if r["finalized_at"] < study["finalized_at"]]  # the same finalisation: the same bytes
     try:
         images = [ScoredImage.from_row(row) for row in rows]
@@ -966,11 +1012,10 @@ def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> int:
                               replaces=[(r["series_instance_uid"], r["sop_instance_uid"]) for r in earlier])
     except ReportError as exc:
         print(f"no report for study {study_uid}: {exc}", file=sys.stderr)
-        if args.send:
-            with engine.begin() as conn:
-                db.record_report(conn, study_uid, destination(args), study["finalized_at"], db.REPORT_REFUSED,
-                                 reason=str(exc))
-        return 1
+        if exc.transient:
+            return "deferred"
+        _record_refusal(engine, args, study, str(exc))
+        return "refused"
     said = (f"SR {report.SOPInstanceUID} for study {study_uid}: {len(images)} scored image(s), "
             f"worklist flag {study['worklist_flag']}")
     if args.out is not None:
@@ -986,23 +1031,38 @@ def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> int:
             send_report(report, host, port, called_ae=args.called_ae, calling_ae=args.calling_ae)
         except SendError as exc:
             print(f"pneumonia-admin sr: not sent: {exc}", file=sys.stderr)
-            return 3
+            if not exc.object_refused:
+                return "unavailable"
+            _record_refusal(engine, args, study, str(exc))  # its own answer to this object: the queue goes on
+            return "refused"
         with engine.begin() as conn:
             db.record_report(conn, study_uid, destination(args), study["finalized_at"], db.REPORT_SENT,
                              series_uid=str(report.SeriesInstanceUID), sop_uid=str(report.SOPInstanceUID))
         print(f"{said}, stored by {args.called_ae} at {host}:{port}")
-    return 0
+    return "done"
+
+
+def _record_refusal(engine: Any, args: argparse.Namespace, study: Mapping[str, Any], reason: str) -> None:
+    """A refusal for `--send`'s PACS at this finalisation, so `--pending` does not try it every run."""
+    if args.send is not None:
+        with engine.begin() as conn:
+            db.record_report(conn, study["study_instance_uid"], destination(args), study["finalized_at"],
+                             db.REPORT_REFUSED, reason=reason)
 
 
 def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset:
     """The header of the image's newest archived copy (`spool.newest_archived_copy`: the first, or a re-send
-    after the result, which carries the PACS's corrections), or ReportError saying why there is none."""
+    after the result, which carries the PACS's corrections), or ReportError saying why there is none: gone
+    (pruned, retention `delete`) or not DICOM for good, unreadable here for now (permissions, I/O: transient)."""
     path = newest_archived_copy(spool_dir, study_uid, sop_uid)
     if path is None:
         raise ReportError(f"no archived copy of scored image {sop_uid}")
     try:
         return read_dicom(str(path), stop_before_pixels=True)
-    except (UnreadableImageError, ImageAccessError) as exc:
+    except ImageAccessError as exc:
+        raise ReportError(f"the archived copy of scored image {sop_uid} cannot be read now ({exc})",
+                          transient=True) from None
+    except UnreadableImageError as exc:
         raise ReportError(f"the archived copy of scored image {sop_uid} cannot be read ({exc})") from None
 
 

@@ -98,6 +98,7 @@ accession_aliases = Table(  # migration 0008
     PrimaryKeyConstraint("study_instance_uid", "sop_instance_uid", "accession_number", name="accession_aliases_pkey"),
     Index("ix_accession_aliases_accession", "accession_number"),
 )
+"""Accession numbers an instance was re-sent under after its result was stored (the first stays on its row)."""
 
 reports = Table(  # migration 0009
     "reports",
@@ -113,7 +114,6 @@ reports = Table(  # migration 0009
     PrimaryKeyConstraint("study_instance_uid", "destination", "finalized_at", name="reports_pkey"),
 )
 REPORT_SENT, REPORT_REFUSED = "sent", "refused"
-"""Accession numbers an instance was re-sent under after its result was stored (the first stays on its row)."""
 
 studies = Table(
     "studies",
@@ -313,13 +313,15 @@ def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, A
 
 def record_report(conn: Connection, study_uid: str, destination: str, finalized_at: dt.datetime, status: str, *,
                   series_uid: str | None = None, sop_uid: str | None = None, reason: str | None = None) -> None:
-    """What became of the study's report for `destination` at this finalisation (the last word wins)."""
+    """What became of the study's report for `destination` at this finalisation. A report sent replaces a refusal;
+    a refusal replaces nothing: a failed re-send must not erase the record of the report the PACS holds."""
     values = {"status": status, "series_instance_uid": series_uid, "sop_instance_uid": sop_uid, "reason": reason,
               "recorded_at": utcnow()}
     stmt = _insert(conn, reports).values(study_instance_uid=study_uid, destination=destination,
                                          finalized_at=finalized_at, **values)
-    conn.execute(stmt.on_conflict_do_update(index_elements=["study_instance_uid", "destination", "finalized_at"],
-                                            set_=values))
+    keys = ["study_instance_uid", "destination", "finalized_at"]
+    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=values) if status == REPORT_SENT
+                 else stmt.on_conflict_do_nothing(index_elements=keys))
 
 
 def sent_reports(conn: Connection, study_uid: str, destination: str) -> list[dict[str, Any]]:

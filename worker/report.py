@@ -70,7 +70,12 @@ def _earlier(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
 
 
 class ReportError(ValueError):
-    """Why no report can be made for this study (not final, nothing scored, an archived image gone)."""
+    """Why no report can be made for this study (nothing scored, an archived image gone, two patients).
+    `transient`: a local problem that may pass (an archived copy this host cannot read now)."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,12 @@ def flag_code(flag: str, severity: int | None) -> Code:
 
 
 class SendError(RuntimeError):
-    """The PACS could not be reached, refused the association, or did not store the report."""
+    """The PACS could not be reached or refused the association (`object_refused` False: try again later),
+    or it took the association and did not store this report (`object_refused` True: its own answer to it)."""
+
+    def __init__(self, reason: str, *, object_refused: bool = False) -> None:
+        super().__init__(reason)
+        self.object_refused = object_refused
 
 
 def send_report(report: Dataset, host: str, port: int, *, called_ae: str, calling_ae: str,
@@ -286,4 +296,4 @@ def send_report(report: Dataset, host: str, port: int, *, called_ae: str, callin
     if code is None:
         raise SendError(f"{peer} gave no C-STORE response (timed out or aborted)")
     if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
-        raise SendError(f"{peer} did not store the report (C-STORE status 0x{code:04X})")
+        raise SendError(f"{peer} did not store the report (C-STORE status 0x{code:04X})", object_refused=True)

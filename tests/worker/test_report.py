@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import subprocess
 import sys
@@ -403,14 +404,14 @@ def test_pending_sends_each_final_study_once_and_a_changed_result_names_the_repo
         send = ("--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
         code, said, err = admin_sr(database_url, *send)
         assert code == 0, err
-        assert said.splitlines()[-1] == f"2 report(s) sent to PACS@127.0.0.1:{port}, 1 study(ies) refused one " \
-                                        "(reasons recorded)"
+        assert said.splitlines()[-1] == (f"2 report(s) sent to PACS@127.0.0.1:{port}, 1 refused (reasons recorded), "
+                                         "0 deferred to the next run, 0 no longer final")
         assert err == (f"no report for study {two_patients}: its images carry 2 different Patient IDs "
                        "(reconcile them in the PACS)\n")
         assert len(list(pacs.iterdir())) == 2
         again = admin_sr(database_url, *send)
-        assert again[1].splitlines() == [f"0 report(s) sent to PACS@127.0.0.1:{port}, 0 study(ies) refused one "
-                                         "(reasons recorded)"] and again[2] == ""
+        assert again[1].splitlines() == [f"0 report(s) sent to PACS@127.0.0.1:{port}, 0 refused (reasons recorded), "
+                                         "0 deferred to the next run, 0 no longer final"] and again[2] == ""
         engine = db.make_engine(database_url)
         with engine.begin() as conn:  # reprocessed: the study reopened, its image scored again, final again
             db.reopen_study(conn, first)
@@ -434,15 +435,117 @@ def test_pending_sends_each_final_study_once_and_a_changed_result_names_the_repo
     dsrdump(next(p for p in pacs.iterdir() if pydicom.dcmread(p).SOPInstanceUID == newest[0].SOPInstanceUID))
 
 
-def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing_as_sent(sqlite_url, spool, test_split):
+def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing(sqlite_url, spool, test_split, tmp_path,
+                                                                   monkeypatch):
+    """A PACS down stops the run and records nothing; so does a spool whose archive this host cannot see (the
+    variable unset, the volume not mounted), where a refusal per study was recorded for good (review)."""
     images, _ = test_split
     stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
-    code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{free_port()}", "--called-ae", "PACS")
+    port = free_port()
+    code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
     assert (code, said) == (3, "") and "could not be reached" in err
+    monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "not-mounted"))
+    code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+    assert (code, said) == (3, "") and "no archive/ in" in err and "volume not mounted" in err
     engine = db.make_engine(sqlite_url)
     with engine.connect() as conn:
         assert conn.execute(db.reports.select()).all() == []
-        assert admin.pending_reports(conn, "PACS@127.0.0.1:1", None) != []
+        assert len(admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None)) == 1
     engine.dispose()
-    for args in (("--pending",), ("--pending", "--send", "h:1", "--out", "x.dcm"), ("1.2.3", "--pending", "--send", "h:1")):
+    for args in (("--pending",), ("--pending", "--send", "h:1", "--out", "x.dcm"), ("1.2.3", "--pending", "--send", "h:1"),
+                 ("1.2.3", "--send", "h:1", "--final-since", "2026-01-01")):
         assert admin_sr(sqlite_url, *args)[0] == 2, args
+
+
+def refusing_pacs(refused_study: str):
+    """A pynetdicom PACS that stores SR, except for one study, which it answers 0xA900 (its own refusal)."""
+    from pynetdicom import AE, evt
+
+    stored = []
+
+    def on_store(event):
+        ds = event.dataset
+        if ds.StudyInstanceUID == refused_study:
+            return 0xA900
+        stored.append(str(ds.SOPInstanceUID))
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, port, stored
+
+
+def test_a_report_the_pacs_refuses_is_recorded_and_does_not_block_the_others(database_url, spool, test_split):
+    """A C-STORE failure for one report (a PACS refusing a patient mismatch, say) stopped `--pending` at that study,
+    oldest first, every run: no later study was ever sent (review). It is recorded with the PACS's answer, the
+    queue goes on, and `sr STUDY --send` can try it again by hand."""
+    images, _ = test_split
+    refused, _ = stored_study(database_url, spool, images[:1], [("done", "likely_normal")])
+    later, _ = stored_study(database_url, spool, images[1:2], [("done", "likely_normal")])
+    server, port, stored = refusing_pacs(refused)
+    try:
+        send = ("--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+        code, said, err = admin_sr(database_url, "--pending", *send)
+        assert (code, len(stored)) == (0, 1), err
+        assert said.splitlines()[-1] == (f"1 report(s) sent to PACS@127.0.0.1:{port}, 1 refused (reasons recorded), "
+                                         "0 deferred to the next run, 0 no longer final")
+        assert "did not store the report (C-STORE status 0xA900)" in err
+        assert admin_sr(database_url, "--pending", *send)[1].startswith("0 report(s) sent")
+        assert admin_sr(database_url, refused, *send)[0] == 1  # by hand: refused again, said again
+    finally:
+        server.shutdown()
+    engine = db.make_engine(database_url)
+    with engine.connect() as conn:
+        rows = {r.study_instance_uid: (r.status, r.reason) for r in conn.execute(db.reports.select())}
+    engine.dispose()
+    assert rows[later] == ("sent", None) and rows[refused][0] == "refused" and "0xA900" in rows[refused][1]
+
+
+@needs_dcmtk
+def test_a_failed_resend_keeps_the_record_of_the_report_the_pacs_holds(sqlite_url, spool, test_split, tmp_path):
+    """A study sent by `--pending`, then re-sent by hand after its archived copy was pruned: the refusal overwrote
+    the sent row, and the study's next report named no predecessor though the PACS held one (review)."""
+    images, _ = test_split
+    study_uid, sources = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    with dcmtk_pacs(tmp_path / "pacs") as port:
+        send = ("--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+        assert admin_sr(sqlite_url, "--pending", *send)[0] == 0
+        archive_path(spool, study_uid, str(sources[0].SOPInstanceUID)).rename(tmp_path / "kept.dcm")
+        assert admin_sr(sqlite_url, study_uid, *send)[0] == 1
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert [r.status for r in conn.execute(db.reports.select())] == ["sent"]
+        assert len(db.sent_reports(conn, study_uid, f"PACS@127.0.0.1:{port}")) == 1
+    engine.dispose()
+
+
+def test_one_pending_run_per_pacs_and_final_since_bounds_the_first(sqlite_url, spool, test_split):
+    """Cron started a run while the last one still sent: both sent every study (review). A run per PACS holds a
+    lock in the spool; the other says so and does nothing. `--final-since` keeps a first run after upgrading to
+    the studies final since then (the ones a loop over `--final-since` sent before are not sent again)."""
+    import fcntl
+
+    images, _ = test_split
+    old, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    cutoff = db.utcnow()
+    new, _ = stored_study(sqlite_url, spool, images[1:2], [("done", "likely_normal")])
+    server, port, stored = refusing_pacs("none")
+    try:
+        send = ("--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+        digest = hashlib.sha256(f"PACS@127.0.0.1:{port}".encode()).hexdigest()[:16]
+        lock = spool / f".sr-pending-{digest}.lock"
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            code, said, _ = admin_sr(sqlite_url, *send)
+            fcntl.flock(held, fcntl.LOCK_UN)
+        assert (code, said, stored) == (0, f"another `sr --pending` to PACS@127.0.0.1:{port} is running: nothing done\n", [])
+        assert admin_sr(sqlite_url, *send, "--final-since", cutoff.isoformat())[0] == 0
+        engine = db.make_engine(sqlite_url)
+        with engine.connect() as conn:
+            assert [r.study_instance_uid for r in conn.execute(db.reports.select())] == [new]
+            assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None) == [old]
+        engine.dispose()
+    finally:
+        server.shutdown()
