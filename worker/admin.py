@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every final study without a report for --send's PACS at its current finalisation, "
                              "oldest first (a cron job's call); refusals are recorded and not tried again")
     report.add_argument("--limit", type=int_in(1, SQL_BIGINT_MAX), default=None, help="with --pending: at most N")
+    report.add_argument("--every-minutes", type=number_in(0, CENTURY_HOURS * 60, "minutes", above_low=True),
+                        default=None, help="with --pending: keep running, a round every MINUTES (a compose service)")
     report.add_argument("--final-since", type=_timestamp, default=None,
                         help="with --pending: only studies final at or after this time (a first run after upgrading)")
     report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
@@ -907,18 +909,32 @@ def run_sr(engine: Any, args: argparse.Namespace) -> int:
     if (args.study_uid is None) == (not args.pending) or (args.pending and (args.send is None or args.out)):
         print("pneumonia-admin sr: error: give a study UID, or --pending with --send (and no --out)", file=sys.stderr)
         return 2
-    if args.final_since and not args.pending:
-        print("pneumonia-admin sr: error: --final-since goes with --pending", file=sys.stderr)
+    if (args.final_since or args.every_minutes) and not args.pending:
+        print("pneumonia-admin sr: error: --final-since and --every-minutes go with --pending", file=sys.stderr)
         return 2
-    if not (args.spool_dir / contract.SPOOL_ARCHIVE).is_dir():  # a refusal per study would be recorded for good
-        print(f"pneumonia-admin sr: no {contract.SPOOL_ARCHIVE}/ in {args.spool_dir.absolute()} (TRIAGE_SPOOL_DIR "
-              "unset or wrong, or the volume not mounted): the reports need the archived images", file=sys.stderr)
-        return 3
     if not args.pending:
-        return SR_EXIT[report_study(engine, args, args.study_uid)]
+        return _archive_missing(args) or SR_EXIT[report_study(engine, args, args.study_uid)]
+    while True:  # once, or every --every-minutes (a compose service): a round's problem is said, the loop goes on
+        code = _archive_missing(args) or _pending_round(engine, args)
+        if args.every_minutes is None:
+            return code
+        time.sleep(args.every_minutes * 60)
+
+
+def _archive_missing(args: argparse.Namespace) -> int:
+    """3, said on stderr, when this host sees no archive/ (a refusal per study would be recorded for good)."""
+    if (args.spool_dir / contract.SPOOL_ARCHIVE).is_dir():
+        return 0
+    print(f"pneumonia-admin sr: no {contract.SPOOL_ARCHIVE}/ in {args.spool_dir.absolute()} (TRIAGE_SPOOL_DIR "
+          "unset or wrong, or the volume not mounted): the reports need the archived images", file=sys.stderr,
+          flush=True)
+    return 3
+
+
+def _pending_round(engine: Any, args: argparse.Namespace) -> int:
     with _run_alone(args.spool_dir, destination(args)) as alone:
         if not alone:  # cron started it again while a long run goes on: the same studies would be sent twice
-            print(f"another `sr --pending` to {destination(args)} is running: nothing done")
+            print(f"another `sr --pending` to {destination(args)} is running: nothing done", flush=True)
             return 0
         return _send_pending(engine, args)
 
@@ -934,10 +950,11 @@ def _send_pending(engine: Any, args: argparse.Namespace) -> int:
     for study_uid in studies:
         outcome = report_study(engine, args, study_uid)
         if outcome == "unavailable":  # the PACS is down or refuses associations: the next run takes the rest
+            sys.stderr.flush()
             return 3
         counts[outcome] += 1
     print(f"{counts['done']} report(s) sent to {destination(args)}, {counts['refused']} refused (reasons recorded), "
-          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final")
+          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final", flush=True)
     return 3 if counts["deferred"] else 0
 
 

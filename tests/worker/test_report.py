@@ -549,3 +549,31 @@ def test_one_pending_run_per_pacs_and_final_since_bounds_the_first(sqlite_url, s
         engine.dispose()
     finally:
         server.shutdown()
+
+
+def test_every_minutes_keeps_sending_as_studies_go_final(sqlite_url, spool, test_split, tmp_path):
+    """The compose service: `--pending --every-minutes` runs a round, sleeps, and sends what became final since,
+    saying a PACS outage each round instead of exiting (a restart loop)."""
+    images, _ = test_split
+    stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    server, port, stored = refusing_pacs("none")
+    log = (tmp_path / "sender.log").open("w")
+    sender = subprocess.Popen([sys.executable, "-m", "worker.admin", "--database-url", sqlite_url, "sr", "--pending",
+                               "--send", f"127.0.0.1:{port}", "--called-ae", "PACS", "--every-minutes", "0.02"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(stored) == 1, 30, 0.2, "the first study's report")
+        stored_study(sqlite_url, spool, images[1:2], [("done", "high_suspicion")])
+        wait_for(lambda: len(stored) == 2, 30, 0.2, "the second study's report, a round later")
+        server.shutdown()
+        server = None
+        stored_study(sqlite_url, spool, images[2:3], [("done", "likely_normal")])
+        wait_for(lambda: "could not be reached" in (tmp_path / "sender.log").read_text(), 30, 0.2, "the outage said")
+        time.sleep(2.5)
+        assert sender.poll() is None  # still running through the outage
+    finally:
+        sender.terminate()
+        sender.wait(10)
+        log.close()
+        if server is not None:
+            server.shutdown()
