@@ -915,9 +915,13 @@ def run_sr(engine: Any, args: argparse.Namespace) -> int:
     if not args.pending:
         return _archive_missing(args) or SR_EXIT[report_study(engine, args, args.study_uid)]
     while True:  # once, or every --every-minutes (a compose service): a round's problem is said, the loop goes on
-        code = _archive_missing(args) or _pending_round(engine, args)
         if args.every_minutes is None:
-            return code
+            return _archive_missing(args) or _pending_round(engine, args)
+        try:
+            _archive_missing(args) or _pending_round(engine, args)
+        except DBAPIError as exc:  # the database restarting: said, and the next round reconnects (pool_pre_ping)
+            print(f"pneumonia-admin sr: lost the database ({type(getattr(exc, 'orig', None) or exc).__name__}); "
+                  "trying again next round", file=sys.stderr, flush=True)
         time.sleep(args.every_minutes * 60)
 
 
@@ -933,6 +937,8 @@ def _archive_missing(args: argparse.Namespace) -> int:
 
 def _pending_round(engine: Any, args: argparse.Namespace) -> int:
     with _run_alone(args.spool_dir, destination(args)) as alone:
+        if alone is None:
+            return 3
         if not alone:  # cron started it again while a long run goes on: the same studies would be sent twice
             print(f"another `sr --pending` to {destination(args)} is running: nothing done", flush=True)
             return 0
@@ -944,34 +950,51 @@ SR_EXIT = {"done": 0, "refused": 1, "skipped": 1, "deferred": 3, "unavailable": 
 
 
 def _send_pending(engine: Any, args: argparse.Namespace) -> int:
+    """One round. `--limit` counts the studies sent or refused: deferred ones (unreadable here for now) are said
+    and passed over, so that a few stuck at the head of the queue do not hold back every newer study."""
     with engine.connect() as conn:
-        studies = pending_reports(conn, destination(args), args.limit, args.final_since)
+        studies = pending_reports(conn, destination(args), None, args.final_since)
     counts = dict.fromkeys(SR_EXIT, 0)
     for study_uid in studies:
+        if args.limit is not None and counts["done"] + counts["refused"] >= args.limit:
+            break
         outcome = report_study(engine, args, study_uid)
-        if outcome == "unavailable":  # the PACS is down or refuses associations: the next run takes the rest
-            sys.stderr.flush()
-            return 3
         counts[outcome] += 1
+        if outcome == "unavailable":  # the PACS is down or busy: the next run takes the rest, this study first
+            break
+    stopped = "; stopped: the PACS is unavailable" if counts["unavailable"] else ""
     print(f"{counts['done']} report(s) sent to {destination(args)}, {counts['refused']} refused (reasons recorded), "
-          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final", flush=True)
-    return 3 if counts["deferred"] else 0
+          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final{stopped}", flush=True)
+    return 3 if counts["deferred"] or counts["unavailable"] else 0
 
 
 @contextlib.contextmanager
-def _run_alone(spool_dir: Path, to: str) -> Iterator[bool]:
-    """An exclusive lock per PACS on a file in the spool (shared by every host that reads its archive)."""
+def _run_alone(spool_dir: Path, to: str) -> Iterator[bool | None]:
+    """An exclusive lock per PACS on a file in the spool: True when held, False when another run holds it, None
+    (said on stderr) when the file cannot be opened. The file is created 0640 and, where an earlier run as root
+    left it unwritable, opened read-only, which takes the flock as well (`worker/migrations/env.py`'s lock, the
+    same fix). flock covers the processes of one host and containers sharing its volume, not other hosts."""
     path = spool_dir / f".sr-pending-{hashlib.sha256(to.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as handle:
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:  # a read-only spool, a folder this user cannot write, no lock file yet
+        print(f"pneumonia-admin sr: cannot open the lock file {path} ({type(exc).__name__}): nothing sent",
+              file=sys.stderr, flush=True)
+        yield None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def destination(args: argparse.Namespace) -> str:
@@ -1071,7 +1094,11 @@ def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset:
     """The header of the image's newest archived copy (`spool.newest_archived_copy`: the first, or a re-send
     after the result, which carries the PACS's corrections), or ReportError saying why there is none: gone
     (pruned, retention `delete`) or not DICOM for good, unreadable here for now (permissions, I/O: transient)."""
-    path = newest_archived_copy(spool_dir, study_uid, sop_uid)
+    try:
+        path = newest_archived_copy(spool_dir, study_uid, sop_uid)
+    except OSError as exc:  # a study folder this host cannot search now (permissions, a stale mount)
+        raise ReportError(f"the archive of scored image {sop_uid} cannot be read now ({type(exc).__name__})",
+                          transient=True) from None
     if path is None:
         raise ReportError(f"no archived copy of scored image {sop_uid}")
     try:

@@ -313,15 +313,15 @@ def lock_instance(conn: Connection, study_uid: str, sop_uid: str) -> dict[str, A
 
 def record_report(conn: Connection, study_uid: str, destination: str, finalized_at: dt.datetime, status: str, *,
                   series_uid: str | None = None, sop_uid: str | None = None, reason: str | None = None) -> None:
-    """What became of the study's report for `destination` at this finalisation. A report sent replaces a refusal;
-    a refusal replaces nothing: a failed re-send must not erase the record of the report the PACS holds."""
+    """What became of the study's report for `destination` at this finalisation. A report sent replaces anything;
+    a refusal replaces a refusal only: a failed re-send must not erase the record of the report the PACS holds."""
     values = {"status": status, "series_instance_uid": series_uid, "sop_instance_uid": sop_uid, "reason": reason,
               "recorded_at": utcnow()}
     stmt = _insert(conn, reports).values(study_instance_uid=study_uid, destination=destination,
                                          finalized_at=finalized_at, **values)
     keys = ["study_instance_uid", "destination", "finalized_at"]
-    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=values) if status == REPORT_SENT
-                 else stmt.on_conflict_do_nothing(index_elements=keys))
+    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=values,
+                                            where=None if status == REPORT_SENT else reports.c.status != REPORT_SENT))
 
 
 def sent_reports(conn: Connection, study_uid: str, destination: str) -> list[dict[str, Any]]:

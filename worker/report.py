@@ -295,5 +295,20 @@ def send_report(report: Dataset, host: str, port: int, *, called_ae: str, callin
     code = getattr(status, "Status", None)
     if code is None:
         raise SendError(f"{peer} gave no C-STORE response (timed out or aborted)")
-    if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
-        raise SendError(f"{peer} did not store the report (C-STORE status 0x{code:04X})", object_refused=True)
+    if code in STORED:
+        return
+    raise SendError(f"{peer} did not store the report (C-STORE status 0x{code:04X})",
+                    object_refused=_refuses_the_object(code))
+
+
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0111})
+"""Success, stored with a warning, or Duplicate SOP Instance: the PACS holds an object of this UID, and the UID
+is a digest of the report's bytes, so it holds this report."""
+
+
+def _refuses_the_object(code: int) -> bool:
+    """A C-STORE failure about this object (not this SOP class, a data set that does not match it, cannot
+    understand it, not authorised), as opposed to the PACS's state (out of resources, 0xA7xx; processing failure,
+    0x0110; anything else), which a later try may pass: recording those as refusals lost a whole backlog to one
+    full disk (review)."""
+    return 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code in (0x0122, 0x0124)

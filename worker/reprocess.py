@@ -118,7 +118,10 @@ def obstacle(spool_dir: Path, candidate: Candidate) -> str | None:
 
 def newest_copy(spool_dir: Path, candidate: Candidate) -> Path | None:
     """The copy archived last (`spool.newest_archived_copy`): the one the sender means, analysed again."""
-    return newest_archived_copy(spool_dir, candidate.study_uid, candidate.sop_uid)
+    try:
+        return newest_archived_copy(spool_dir, candidate.study_uid, candidate.sop_uid)
+    except OSError:  # unreadable here: not a copy to analyse (as before the helper moved to worker.spool)
+        return None
 
 
 def restore_to_pending(spool_dir: Path, candidate: Candidate, copy: Path) -> str:

@@ -133,14 +133,15 @@ def newest_archived_copy(spool_dir: Path, study_uid: str, sop_uid: str) -> Path 
     it is the copy the sender means: `reprocess` analyses it again, and `pneumonia-admin sr` copies its
     patient module. Ranked by the inode's change time,
     which each move into the archive sets, not by the modification time: the worker dates every archived
-    copy by its instance's receive time (for `prune-archive`), so that could not tell them apart."""
+    copy by its instance's receive time (for `prune-archive`), so that could not tell them apart. An OSError
+    other than absence (permissions, I/O) is raised: "no copy" would be read as gone for good."""
     first = archive_path(spool_dir, study_uid, sop_uid)
     copies = [first, *first.parent.glob(f"{sop_uid}.dup-*.dcm")]
     dated = []
     for path in copies:
         try:
             dated.append((path.stat().st_ctime_ns, path.name != first.name, path))
-        except OSError:  # absent (pruned, deleted) or unreadable: not a copy to analyse
+        except (FileNotFoundError, NotADirectoryError):  # absent (pruned, deleted); other errors are the caller's
             continue
     return max(dated)[2] if dated else None
 

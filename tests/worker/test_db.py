@@ -437,7 +437,10 @@ def test_migration_0009_adds_the_reports_and_goes_back(database_url):
         final = db.utcnow()
         with engine.begin() as conn:
             db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_REFUSED, reason="no image scored")
+            db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_REFUSED, reason="status 0xA900")
+            assert conn.execute(text("SELECT reason FROM reports")).scalar() == "status 0xA900"  # the last answer
             db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_SENT, series_uid="1.2", sop_uid="1.2.3")
+            db.record_report(conn, "9", "PACS@h:104", final, db.REPORT_REFUSED, reason="a failed re-send by hand")
             assert db.sent_reports(conn, "9", "PACS@h:104") == [
                 {"series_instance_uid": "1.2", "sop_instance_uid": "1.2.3", "finalized_at": final}]
             assert conn.execute(text("SELECT COUNT(*) FROM reports")).scalar() == 1

@@ -443,7 +443,7 @@ def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing(sqlite_url, sp
     stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
     port = free_port()
     code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
-    assert (code, said) == (3, "") and "could not be reached" in err
+    assert code == 3 and said.endswith("stopped: the PACS is unavailable\n") and "could not be reached" in err
     monkeypatch.setenv("TRIAGE_SPOOL_DIR", str(tmp_path / "not-mounted"))
     code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
     assert (code, said) == (3, "") and "no archive/ in" in err and "volume not mounted" in err
@@ -457,8 +457,8 @@ def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing(sqlite_url, sp
         assert admin_sr(sqlite_url, *args)[0] == 2, args
 
 
-def refusing_pacs(refused_study: str):
-    """A pynetdicom PACS that stores SR, except for one study, which it answers 0xA900 (its own refusal)."""
+def refusing_pacs(refused_study: str, status: int = 0xA900):
+    """A pynetdicom PACS that stores SR, except for one study, which it answers `status` (0xA900: its refusal)."""
     from pynetdicom import AE, evt
 
     stored = []
@@ -466,7 +466,7 @@ def refusing_pacs(refused_study: str):
     def on_store(event):
         ds = event.dataset
         if ds.StudyInstanceUID == refused_study:
-            return 0xA900
+            return status
         stored.append(str(ds.SOPInstanceUID))
         return 0x0000
 
@@ -577,3 +577,28 @@ def test_every_minutes_keeps_sending_as_studies_go_final(sqlite_url, spool, test
         log.close()
         if server is not None:
             server.shutdown()
+
+
+@pytest.mark.parametrize("status,outcome", [(0xA700, "unavailable"), (0x0110, "unavailable"), (0x0111, "sent")])
+def test_a_pacs_out_of_resources_stops_the_run_and_a_duplicate_counts_as_stored(sqlite_url, spool, test_split, status,
+                                                                               outcome):
+    """Every C-STORE failure was recorded as a refusal for good: one round against a full PACS (0xA7xx) refused the
+    whole backlog (review). Only failures about the object are refusals; Duplicate SOP Instance means the PACS holds
+    this UID, which is a digest of these bytes."""
+    images, _ = test_split
+    first, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+    second, _ = stored_study(sqlite_url, spool, images[1:2], [("done", "likely_normal")])
+    server, port, stored = refusing_pacs(first, status)
+    try:
+        code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+    finally:
+        server.shutdown()
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        rows = {r.study_instance_uid: r.status for r in conn.execute(db.reports.select())}
+    engine.dispose()
+    if outcome == "unavailable":
+        assert (code, rows, stored) == (3, {}, []) and f"C-STORE status 0x{status:04X}" in err
+        assert said.endswith("; stopped: the PACS is unavailable\n")
+    else:
+        assert (code, err, rows) == (0, "", {first: "sent", second: "sent"})
