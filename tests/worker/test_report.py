@@ -602,3 +602,31 @@ def test_a_pacs_out_of_resources_stops_the_run_and_a_duplicate_counts_as_stored(
         assert said.endswith("; stopped: the PACS is unavailable\n")
     else:
         assert (code, err, rows) == (0, "", {first: "sent", second: "sent"})
+
+
+@pytest.mark.parametrize("where", ["folder", "file"])
+def test_an_archive_unreadable_for_now_is_deferred_not_refused(sqlite_url, spool, test_split, monkeypatch, where):
+    """A study folder or file this host cannot read now (permissions, a stale mount: simulated, as the tests run as
+    root) was recorded as refused, for good (review): it is deferred, said, and tried again next run."""
+    from models.errors import ImageAccessError
+
+    images, _ = test_split
+    study_uid, _ = stored_study(sqlite_url, spool, images[:1], [("done", "likely_normal")])
+
+    def cannot(*args, **kwargs):
+        if where == "folder":
+            raise PermissionError(13, "Permission denied")
+        raise ImageAccessError("file could not be read (PermissionError, EACCES)")
+
+    monkeypatch.setattr(admin, "newest_archived_copy" if where == "folder" else "read_dicom", cannot)
+    server, port, stored = refusing_pacs("none")
+    try:
+        code, said, err = admin_sr(sqlite_url, "--pending", "--send", f"127.0.0.1:{port}", "--called-ae", "PACS")
+    finally:
+        server.shutdown()
+    assert code == 3 and "1 deferred to the next run" in said and "cannot be read now" in err and stored == []
+    engine = db.make_engine(sqlite_url)
+    with engine.connect() as conn:
+        assert conn.execute(db.reports.select()).all() == []
+        assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None) == [study_uid]
+    engine.dispose()
