@@ -11,11 +11,13 @@
                               [--reason-contains TEXT] [--since ...] [--until ...] [--limit N] [--dry-run]
     pneumonia-admin prune-archive --older-than-days DAYS [--dry-run] [--every-hours HOURS]
     pneumonia-admin sr <StudyInstanceUID> [--out FILE] [--send HOST:PORT --called-ae AE] [--calling-ae AE]
-    pneumonia-admin sr --pending --send HOST:PORT --called-ae AE [--limit N]
+                       [--content-qualification RESEARCH|PRODUCT]
+    pneumonia-admin sr --pending --send HOST:PORT --called-ae AE [--limit N] [--final-since ...] [--every-minutes M]
 
 Every query filters on indexed columns (status, stratum, flag, accession, received/finished
 times, a study's `finalized_at`) and pages with LIMIT, so it stays fast on
-100k+ rows. Output holds only the stored identifiers (UIDs, accession number), never patient data.
+100k+ rows. Output holds only the stored identifiers (UIDs, accession number), never patient data, except the
+DICOM SR that `sr --out` writes (0640), which carries its images' patient module as any object of the study must.
 Times are printed in UTC with their offset (`+00:00`).
 """
 
@@ -50,7 +52,7 @@ from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_B
 from worker.config import DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
-from worker.report import ReportError, ScoredImage, SendError, build_report, send_report
+from worker.report import ReportError, ScoredImage, SendError, build_report, quiet, send_report
 from worker.spool import newest_archived_copy, study_uid_from_relpath, valid_uid, waiting_in_pending, waiting_in_study
 
 LIST_COLUMNS = ("sop_instance_uid", "study_instance_uid", "accession_number", "modality", "status", "stratum",
@@ -909,8 +911,8 @@ def run_sr(engine: Any, args: argparse.Namespace) -> int:
     if (args.study_uid is None) == (not args.pending) or (args.pending and (args.send is None or args.out)):
         print("pneumonia-admin sr: error: give a study UID, or --pending with --send (and no --out)", file=sys.stderr)
         return 2
-    if (args.final_since or args.every_minutes) and not args.pending:
-        print("pneumonia-admin sr: error: --final-since and --every-minutes go with --pending", file=sys.stderr)
+    if (args.final_since or args.every_minutes or args.limit) and not args.pending:
+        print("pneumonia-admin sr: error: --final-since, --every-minutes and --limit go with --pending", file=sys.stderr)
         return 2
     if not args.pending:
         return _archive_missing(args) or SR_EXIT[report_study(engine, args, args.study_uid)]
@@ -953,7 +955,7 @@ def _send_pending(engine: Any, args: argparse.Namespace) -> int:
     """One round. `--limit` counts the studies sent or refused: deferred ones (unreadable here for now) are said
     and passed over, so that a few stuck at the head of the queue do not hold back every newer study."""
     with engine.connect() as conn:
-        studies = pending_reports(conn, destination(args), None, args.final_since)
+        studies = pending_reports(conn, destination(args), args.final_since)
     counts = dict.fromkeys(SR_EXIT, 0)
     for study_uid in studies:
         if args.limit is not None and counts["done"] + counts["refused"] >= args.limit:
@@ -964,7 +966,8 @@ def _send_pending(engine: Any, args: argparse.Namespace) -> int:
             break
     stopped = "; stopped: the PACS is unavailable" if counts["unavailable"] else ""
     print(f"{counts['done']} report(s) sent to {destination(args)}, {counts['refused']} refused (reasons recorded), "
-          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final{stopped}", flush=True)
+          f"{counts['deferred']} deferred to the next run, {counts['skipped']} no longer final or gone{stopped}",
+          flush=True)
     return 3 if counts["deferred"] or counts["unavailable"] else 0
 
 
@@ -1003,7 +1006,7 @@ def destination(args: argparse.Namespace) -> str:
     return f"{args.called_ae}@{host}:{port}"
 
 
-def pending_reports(conn: Connection, to: str, limit: int | None, since: dt.datetime | None = None) -> list[str]:
+def pending_reports(conn: Connection, to: str, since: dt.datetime | None = None) -> list[str]:
     """Final studies without a report for `to` (sent, or refused with its reason) at their current finalisation,
     oldest finalisation first (from `since`). A reopened study is final again at a later time, so it is due again."""
     s, r = db.studies, db.reports
@@ -1012,8 +1015,7 @@ def pending_reports(conn: Connection, to: str, limit: int | None, since: dt.date
     stmt = select(s.c.study_instance_uid).where(s.c.final.is_(True), s.c.finalized_at.is_not(None), ~done)
     if since is not None:
         stmt = stmt.where(s.c.finalized_at >= since)
-    stmt = stmt.order_by(s.c.finalized_at)
-    return list(conn.execute(stmt.limit(limit) if limit else stmt).scalars())
+    return list(conn.execute(stmt.order_by(s.c.finalized_at)).scalars())
 
 
 def fetch_sr(conn: Connection, args: argparse.Namespace, study_uid: str
@@ -1034,8 +1036,8 @@ def fetch_sr(conn: Connection, args: argparse.Namespace, study_uid: str
 def report_study(engine: Any, args: argparse.Namespace, study_uid: str) -> str:
     """Build one study's SR from its archived images' headers, then write and/or send it; the outcome: done,
     refused (recorded with its reason when sending), skipped (not found, not final), deferred (a local problem
-    that may pass, not recorded) or unavailable (the PACS). Prints UIDs only: the SR carries the patient module
-    of its images, which must not reach a terminal or a log."""
+    that may pass, not recorded) or unavailable (the PACS). It prints UIDs, flags and the PACS's address, no
+    patient data: the SR carries the patient module of its images, which must not reach a terminal or a log."""
     with engine.connect() as conn:
         study, rows, sent = fetch_sr(conn, args, study_uid)
     if study is None:
@@ -1102,7 +1104,8 @@ def _archived_header(spool_dir: Path, study_uid: str, sop_uid: str) -> Dataset:
     if path is None:
         raise ReportError(f"no archived copy of scored image {sop_uid}")
     try:
-        return read_dicom(str(path), stop_before_pixels=True)
+        with quiet():  # pydicom's warnings on what it reads
+            return read_dicom(str(path), stop_before_pixels=True)
     except ImageAccessError as exc:
         raise ReportError(f"the archived copy of scored image {sop_uid} cannot be read now ({exc})",
                           transient=True) from None

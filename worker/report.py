@@ -10,7 +10,7 @@ PRELIMINARY and UNVERIFIED: a triage aid, not a diagnosis, which its series desc
 Its patient and study modules are copied from the study's archived images (each image's newest copy: a
 corrected re-send after a patient merge carries the PACS's current identifiers), as any object filed under
 the study must carry them; they are never logged or printed, and the libraries' warnings, which may quote
-them, are silenced while the report is built and sent. Its times are the study's finalisation time and its
+them, are silenced while the headers are read and the report is built and sent. Its times are the study's finalisation time and its
 SOP Instance UID a digest of its encoded bytes, so building the same result again gives the same object, byte
 for byte, and a changed one (a reprocessed image, a late one, another qualification) a new object in the same
 series.
@@ -33,8 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import TM
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import TM
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
@@ -141,13 +141,13 @@ def evidence_header(source: Dataset) -> Dataset:
             setattr(header, keyword, "")
     try:
         if header.StudyTime:
-            header.StudyTime = pydicom_time(str(header.StudyTime))
+            header.StudyTime = valid_dicom_time(str(header.StudyTime))
     except ValueError:
         header.StudyTime = ""
     return header
 
 
-def pydicom_time(value: str) -> str:
+def valid_dicom_time(value: str) -> str:
     """`value` if it is a DICOM time (HHMMSS.FFFFFF, parts optional), else ValueError."""
     TM(value)  # raises ValueError on what it cannot read
     return value
@@ -161,7 +161,8 @@ def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], source
     Predecessor Documents Sequence so that a viewer knows which report is current."""
     if not images:
         raise ReportError("no image of the study was scored")
-    by_uid = {str(ds.SOPInstanceUID): evidence_header(ds) for ds in sources}
+    with quiet():  # pydicom warns of values it reads here (an over-long Person Name component)
+        by_uid = {str(ds.SOPInstanceUID): evidence_header(ds) for ds in sources}
     missing = [image.sop_instance_uid for image in images if image.sop_instance_uid not in by_uid]
     if missing:
         raise ReportError(f"no archived copy of scored image(s) {', '.join(missing)}")
@@ -307,8 +308,8 @@ is a digest of the report's bytes, so it holds this report."""
 
 
 def _refuses_the_object(code: int) -> bool:
-    """A C-STORE failure about this object (not this SOP class, a data set that does not match it, cannot
-    understand it, not authorised), as opposed to the PACS's state (out of resources, 0xA7xx; processing failure,
-    0x0110; anything else), which a later try may pass: recording those as refusals lost a whole backlog to one
-    full disk (review)."""
-    return 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or code in (0x0122, 0x0124)
+    """A C-STORE failure about this object (a data set that does not match its SOP class, 0xA9xx; cannot
+    understand it, 0xCxxx), as opposed to the PACS's state or set-up (out of resources, 0xA7xx; processing
+    failure, 0x0110; SOP class not supported, 0x0122; not authorised, 0x0124; anything else), which every study
+    would meet alike and a later try may pass: recording those as refusals lost a whole backlog (review)."""
+    return 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF

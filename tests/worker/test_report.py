@@ -405,13 +405,13 @@ def test_pending_sends_each_final_study_once_and_a_changed_result_names_the_repo
         code, said, err = admin_sr(database_url, *send)
         assert code == 0, err
         assert said.splitlines()[-1] == (f"2 report(s) sent to PACS@127.0.0.1:{port}, 1 refused (reasons recorded), "
-                                         "0 deferred to the next run, 0 no longer final")
+                                         "0 deferred to the next run, 0 no longer final or gone")
         assert err == (f"no report for study {two_patients}: its images carry 2 different Patient IDs "
                        "(reconcile them in the PACS)\n")
         assert len(list(pacs.iterdir())) == 2
         again = admin_sr(database_url, *send)
         assert again[1].splitlines() == [f"0 report(s) sent to PACS@127.0.0.1:{port}, 0 refused (reasons recorded), "
-                                         "0 deferred to the next run, 0 no longer final"] and again[2] == ""
+                                         "0 deferred to the next run, 0 no longer final or gone"] and again[2] == ""
         engine = db.make_engine(database_url)
         with engine.begin() as conn:  # reprocessed: the study reopened, its image scored again, final again
             db.reopen_study(conn, first)
@@ -450,10 +450,10 @@ def test_pending_stops_at_a_pacs_that_is_down_and_records_nothing(sqlite_url, sp
     engine = db.make_engine(sqlite_url)
     with engine.connect() as conn:
         assert conn.execute(db.reports.select()).all() == []
-        assert len(admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None)) == 1
+        assert len(admin.pending_reports(conn, f"PACS@127.0.0.1:{port}")) == 1
     engine.dispose()
     for args in (("--pending",), ("--pending", "--send", "h:1", "--out", "x.dcm"), ("1.2.3", "--pending", "--send", "h:1"),
-                 ("1.2.3", "--send", "h:1", "--final-since", "2026-01-01")):
+                 ("1.2.3", "--send", "h:1", "--final-since", "2026-01-01"), ("1.2.3", "--send", "h:1", "--limit", "5")):
         assert admin_sr(sqlite_url, *args)[0] == 2, args
 
 
@@ -490,7 +490,7 @@ def test_a_report_the_pacs_refuses_is_recorded_and_does_not_block_the_others(dat
         code, said, err = admin_sr(database_url, "--pending", *send)
         assert (code, len(stored)) == (0, 1), err
         assert said.splitlines()[-1] == (f"1 report(s) sent to PACS@127.0.0.1:{port}, 1 refused (reasons recorded), "
-                                         "0 deferred to the next run, 0 no longer final")
+                                         "0 deferred to the next run, 0 no longer final or gone")
         assert "did not store the report (C-STORE status 0xA900)" in err
         assert admin_sr(database_url, "--pending", *send)[1].startswith("0 report(s) sent")
         assert admin_sr(database_url, refused, *send)[0] == 1  # by hand: refused again, said again
@@ -545,7 +545,7 @@ def test_one_pending_run_per_pacs_and_final_since_bounds_the_first(sqlite_url, s
         engine = db.make_engine(sqlite_url)
         with engine.connect() as conn:
             assert [r.study_instance_uid for r in conn.execute(db.reports.select())] == [new]
-            assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None) == [old]
+            assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}") == [old]
         engine.dispose()
     finally:
         server.shutdown()
@@ -579,7 +579,8 @@ def test_every_minutes_keeps_sending_as_studies_go_final(sqlite_url, spool, test
             server.shutdown()
 
 
-@pytest.mark.parametrize("status,outcome", [(0xA700, "unavailable"), (0x0110, "unavailable"), (0x0111, "sent")])
+@pytest.mark.parametrize("status,outcome", [(0xA700, "unavailable"), (0x0110, "unavailable"), (0x0124, "unavailable"),
+                                            (0x0111, "sent")])
 def test_a_pacs_out_of_resources_stops_the_run_and_a_duplicate_counts_as_stored(sqlite_url, spool, test_split, status,
                                                                                outcome):
     """Every C-STORE failure was recorded as a refusal for good: one round against a full PACS (0xA7xx) refused the
@@ -628,5 +629,5 @@ def test_an_archive_unreadable_for_now_is_deferred_not_refused(sqlite_url, spool
     engine = db.make_engine(sqlite_url)
     with engine.connect() as conn:
         assert conn.execute(db.reports.select()).all() == []
-        assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}", None) == [study_uid]
+        assert admin.pending_reports(conn, f"PACS@127.0.0.1:{port}") == [study_uid]
     engine.dispose()
