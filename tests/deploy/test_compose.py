@@ -57,6 +57,18 @@ def test_no_database_password_is_committed():
     assert example == {"TRIAGE_DB_PASSWORD": ""}, "the example must not ship a usable password"
 
 
+def test_every_service_that_reads_the_results_gets_the_database_url():
+    """The SR sender shipped without the worker's TRIAGE_DATABASE_URL: it fell back to the embedded SQLite file,
+    found none, exited 3 and restarted without end (final read). Every service running a command that reads the
+    results (all but the gateway and the archive pruner) names the PostgreSQL service."""
+    for name, service in built_services().items():
+        command = service.get("command", [])
+        if command[:1] == ["pneumonia-worker"] or (command[:1] == ["pneumonia-admin"] and "prune-archive" not in command):
+            url = service.get("environment", {}).get("TRIAGE_DATABASE_URL", "")
+            assert "@postgres:5432/" in url, name
+            assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}, name
+
+
 def test_workers_wait_for_a_healthy_database():
     """They migrate the schema at start; started before PostgreSQL accepts connections they crash-loop."""
     assert "healthcheck" in COMPOSE["services"]["postgres"]
