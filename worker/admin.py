@@ -944,14 +944,14 @@ def _pending_round(engine: Any, args: argparse.Namespace) -> int:
         if not alone:  # cron started it again while a long run goes on: the same studies would be sent twice
             print(f"another `sr --pending` to {destination(args)} is running: nothing done", flush=True)
             return 0
-        return _send_pending(engine, args)
+        return _send_due_reports(engine, args)
 
 
 SR_EXIT = {"done": 0, "refused": 1, "skipped": 1, "deferred": 3, "unavailable": 3}
 """`sr STUDY`'s exit status for each outcome of `report_study`."""
 
 
-def _send_pending(engine: Any, args: argparse.Namespace) -> int:
+def _send_due_reports(engine: Any, args: argparse.Namespace) -> int:
     """One round. `--limit` counts the studies sent or refused: deferred ones (unreadable here for now) are said
     and passed over, so that a few stuck at the head of the queue do not hold back every newer study."""
     with engine.connect() as conn:
