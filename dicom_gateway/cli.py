@@ -19,20 +19,11 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from dicom_gateway import logs
-from dicom_gateway.config import GatewaySettings, StartupError, check_ae_title, load_settings
+from dicom_gateway.config import GatewaySettings, StartupError, ae_title_argument, load_settings
 from worker.arguments import CENTURY_SECONDS, number_in
 from worker.config import WorkerSettings, invalid_settings_message, setting_names, unread_variables
 
 log = logging.getLogger("dicom_gateway.cli")
-
-
-def _ae_title(text: str) -> str:
-    """An AE title (1-16 characters of the AE repertoire): pynetdicom's own refusal was a traceback and exit
-    1, which a container healthcheck reads as an unhealthy gateway."""
-    try:
-        return check_ae_title(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="C-ECHO the listener, check broker, spool and disk; exit 1 if unhealthy")
     health.add_argument("--host", default=None, help="address of the listener (default: TRIAGE_GATEWAY_BIND, "
                         "or 127.0.0.1 when that is 0.0.0.0 or ::)")
-    health.add_argument("--calling-ae", type=_ae_title, default=None, help="calling AE for the C-ECHO (must be allowed)")
+    health.add_argument("--calling-ae", type=ae_title_argument, default=None, help="calling AE for the C-ECHO (must be allowed)")
     sweep = sub.add_parser("sweep", help="publish pending spool instances once (use while the gateway is stopped)")
     sweep.add_argument("--min-age", type=number_in(0, CENTURY_SECONDS, "seconds"), default=0.0, help="only instances older than this many seconds")
     return parser

@@ -8,6 +8,7 @@ nobody sweeps.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -171,6 +172,15 @@ def check_ae_title(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
         raise ValueError(f"AE title has characters outside the AE VR repertoire: {value!r}")
     return title
+
+
+def ae_title_argument(text: str) -> str:
+    """`check_ae_title` as an argparse type: pynetdicom's own refusal was a traceback and exit 1, which a
+    container healthcheck reads as an unhealthy gateway."""
+    try:
+        return check_ae_title(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class StartupError(RuntimeError):

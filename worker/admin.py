@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection, and_, case, exists, func, inspect, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from dicom_gateway.config import check_ae_title
+from dicom_gateway.config import ae_title_argument
 from models.atomic import write_whole
 from models.card import STRATUM_NAMES
 from models.dicom_io import read_dicom
@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="write the SR here (a DICOM file, created 0640)")
     report.add_argument("--send", type=_host_port, default=None, metavar="HOST:PORT",
                         help="C-STORE the SR to this PACS (e.g. the one that sent the study)")
-    report.add_argument("--called-ae", type=_ae_title, default="ANY-SCP", help="the PACS's AE title")
-    report.add_argument("--calling-ae", type=_ae_title, default="PNEUMONIA-SR", help="this sender's AE title")
+    report.add_argument("--called-ae", type=ae_title_argument, default="ANY-SCP", help="the PACS's AE title")
+    report.add_argument("--calling-ae", type=ae_title_argument, default="PNEUMONIA-SR", help="this sender's AE title")
     report.add_argument("--content-qualification", choices=("RESEARCH", "PRODUCT"), default="RESEARCH",
                         help="the SR's Content Qualification (RESEARCH until the site has validated the model)")
     prune = sub.add_parser("prune-archive", help="delete archived DICOM files received more than N days ago")
@@ -243,13 +243,6 @@ def _host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"not HOST:PORT with a port 1-65535: {value!r}")
     return host, int(port)
-
-
-def _ae_title(value: str) -> str:
-    try:
-        return check_ae_title(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timestamp(value: str) -> dt.datetime:

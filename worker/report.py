@@ -107,7 +107,7 @@ PATIENT_SEXES = ("M", "F", "O")
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """No warning or log line from pydicom, highdicom or pynetdicom: their texts quote values (highdicom's
-    check of a Person Name quotes the patient's name), and `pneumonia-admin` prints UIDs only."""
+    check of a Person Name quotes the patient's name), and `pneumonia-admin` prints no patient data."""
     loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom", "pynetdicom")]
     before = [logger.level for logger in loggers]
     with warnings.catch_warnings():
@@ -132,25 +132,18 @@ def evidence_header(source: Dataset) -> Dataset:
             setattr(header, keyword, "")
     if str(header.PatientSex).upper() not in PATIENT_SEXES:
         header.PatientSex = ""
-    for keyword, form in (("PatientBirthDate", "%Y%m%d"), ("StudyDate", "%Y%m%d")):
+    for keyword, check in DATE_AND_TIME_CHECKS.items():
         value = str(header[keyword].value or "")
         try:
             if value:
-                dt.datetime.strptime(value, form)
+                check(value)  # ValueError on what is no date or time
         except ValueError:
             setattr(header, keyword, "")
-    try:
-        if header.StudyTime:
-            header.StudyTime = valid_dicom_time(str(header.StudyTime))
-    except ValueError:
-        header.StudyTime = ""
     return header
 
 
-def valid_dicom_time(value: str) -> str:
-    """`value` if it is a DICOM time (HHMMSS.FFFFFF, parts optional), else ValueError."""
-    TM(value)  # raises ValueError on what it cannot read
-    return value
+DATE_AND_TIME_CHECKS = {"PatientBirthDate": lambda value: dt.datetime.strptime(value, "%Y%m%d"),
+                        "StudyDate": lambda value: dt.datetime.strptime(value, "%Y%m%d"), "StudyTime": TM}
 
 
 def build_report(study: Mapping[str, Any], images: Sequence[ScoredImage], sources: Sequence[Dataset],
