@@ -4,11 +4,12 @@ Serving side only (numpy, onnxruntime, pydicom, Pillow): never imports torch.
 """
 
 from models.card import ModelCard, Stratum, default_model_path
-from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
+from models.errors import ExecutionProviderError, InvertedImageError, ModelIntegrityError, UnreadableImageError
 from models.preprocess import preprocess, preprocess_batch
 
 __all__ = [
     "ExecutionProviderError",
+    "InvertedImageError",
     "ModelCard",
     "ModelIntegrityError",
     "PneumoniaDetector",

@@ -22,6 +22,7 @@ from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
 from models.dicom_io import LutShapeConflict, check_not_blank
+from models.polarity import PolarityTemplate
 from models.preprocess import INPUT_SIZE, preprocess, preprocess_batch, preprocessing_id, to_unit_range
 
 ImageLike = str | Path | np.ndarray
@@ -94,7 +95,8 @@ class PneumoniaDetector:
     """Loads the ONNX model and its card once; thread-safe for concurrent `predict` calls.
 
     `require_provider` ("CUDAExecutionProvider") turns onnxruntime's silent fallback to the
-    CPU into an `ExecutionProviderError`.
+    CPU into an `ExecutionProviderError`. An image whose pixels look inverted (bright lungs) raises
+    `InvertedImageError` unless `polarity_check=False` (`models.polarity`).
     """
 
     def __init__(
@@ -107,10 +109,13 @@ class PneumoniaDetector:
         site_calibration: str | Path | None = None,
         require_provider: str | None = None,
         lut_shape_conflict: LutShapeConflict = "refuse",
+        polarity_check: bool = True,
     ) -> None:
         import onnxruntime as ort
 
         self.lut_shape_conflict = lut_shape_conflict  # as the worker's TRIAGE_PRESENTATION_LUT_CONFLICT
+        self.polarity_check = polarity_check  # as the worker's TRIAGE_POLARITY_CHECK
+        self.polarity = PolarityTemplate.load()
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not self.model_path.is_file():
@@ -178,7 +183,16 @@ class PneumoniaDetector:
         loaded = load_any(image, self.lut_shape_conflict)
         network_input = preprocess(loaded, self.card.source_size)
         check_not_blank(to_unit_range(loaded))
+        if self.polarity_check:
+            self.check_polarity(loaded)
         return network_input
+
+    def check_polarity(self, image: np.ndarray) -> float:
+        """`InvertedImageError` for an image that looks shown the wrong way round (`models.polarity`): scored as
+        it is, an inverted normal reads like pneumonia. Its correlation with a chest radiograph otherwise.
+        `network_input` (so `predict` and `predict_batch`) calls it unless the detector was made with
+        `polarity_check=False`."""
+        return self.polarity.check(image)
 
     def describe(self, probability: float) -> dict[str, Any]:
         """Turn a calibrated probability into the original design's result dictionary."""

@@ -71,6 +71,12 @@ class ImageAccessError(UnreadableImageError):
     for callers of `PneumoniaDetector`; the worker retries it instead of failing the instance."""
 
 
+class InvertedImageError(UnreadableImageError):
+    """The pixels look like a chest radiograph shown the wrong way round (bright lungs): an inverted
+    MONOCHROME2 image or a mislabelled MONOCHROME1 one. Scored as it is, an inverted normal reads like
+    pneumonia (`models.polarity`)."""
+
+
 class ModelIntegrityError(RuntimeError):
     """The ONNX file does not match its model card (wrong sha256, missing card)."""
 

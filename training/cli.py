@@ -4,6 +4,7 @@
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
     pneumonia-train card models/pneumonia_resnet50.onnx --metrics results/metrics.json   (re-card a release)
+    pneumonia-train polarity --data-root ../shared/data   (the inverted-image guard's template, models/)
     pneumonia-train soup runs/a runs/b runs/c --out-dir runs/soup ...   (runs trained with one --init-seed)
     pneumonia-train ensemble runs/a runs/b runs/c [--int8] --out-dir runs/ens ...   (exported runs, one ONNX graph)
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from models.card import card_path_for, sha256_of
+from models.polarity import POLARITY_FILE
 from models.atomic import write_text
 from training.config import (SAME_RUN, AugmentConfig, StrataTargets, TrainConfig, for_existing_run, for_members,
                              resolve_data_root, resolve_frozen, resolve_weights, weights_file_sha256)
@@ -26,6 +28,7 @@ from training.ensemble import build_ensemble, evaluate_ensemble, write_card
 from training.errors import InputMissingError, RefusedError
 from training.evaluate import evaluate, evaluation_of, save_evaluation
 from training.export import export, refresh_card, release, stride_layout_warning
+from training.polarity import build_polarity_template
 from training.quantize import quantize
 from training.report import write_results
 from training.seeds import summarize_seeds
@@ -59,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "recorded evaluation (results/metrics.json); the model and its figures stay")
     card.add_argument("onnx", type=Path, help="the released ONNX file; its card beside it is rewritten")
     card.add_argument("--metrics", type=Path, required=True, help="that run's metrics.json (results/ of its out-dir)")
+    polarity = sub.add_parser("polarity", help="the serving side's inverted-image guard: its template from the train "
+                                               "split, with the figures behind its threshold (models/polarity.py)")
+    polarity.add_argument("--data-root", help="folder holding pneumoniamnist.npz (env PNEUMONIA_DATA_ROOT)")
+    polarity.add_argument("--out", type=Path, default=POLARITY_FILE,
+                          help="where the template goes (default: the shipped models/polarity_template.json)")
     seeds = sub.add_parser("seeds", help="mean ± sd over finished runs of several seeds, and their ensemble")
     seeds.add_argument("run_dirs", nargs="+", type=Path, help="out-dirs of finished `run`s")
     seeds.add_argument("--out", type=Path, required=True, help="folder for seeds.json, seeds.md and each run's small files")
@@ -264,6 +272,13 @@ def run_stage(args: argparse.Namespace, argv: list[str]) -> int:
         figures = summarize_seeds(args.run_dirs, args.out, targets, args.bootstrap, args.baseline)
         log.info("%d seeds: test AUC %.4f ± %.4f -> %s", len(args.run_dirs),
                  figures["mean_sd"]["at_0.5"]["auc"]["mean"], figures["mean_sd"]["at_0.5"]["auc"]["sd"], args.out)
+        return 0
+    if args.stage == "polarity":
+        made = build_polarity_template(resolve_data_root(args.data_root), args.out)
+        held_out = made.provenance["figures"]["val_and_test"]["by_perturbation"]
+        log.info("polarity template -> %s; validation and test refused %d as stored, caught %d of %d inverted",
+                 args.out, held_out["as_stored"]["refused_correct"], held_out["as_stored"]["caught_inverted"],
+                 made.provenance["figures"]["val_and_test"]["images"])
         return 0
     if args.stage == "card":
         refresh_release_card(args.onnx, args.metrics)

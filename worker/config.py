@@ -72,6 +72,9 @@ class WorkerSettings(BaseSettings):
     presentation_lut_conflict: LutShapeConflict = "refuse"
     """A Presentation LUT Shape that contradicts the Photometric Interpretation: refuse the image, or
     follow one of the two for a modality known to write the other wrongly (`models.dicom_io`)."""
+    polarity_check: Literal["refuse", "off"] = "refuse"
+    """An image whose pixels look inverted (bright lungs: `models.polarity`): refuse it (row `failed` with the
+    reason, the study not triaged), or score it as it is, for a site whose images the check misreads."""
     missing_tag_policy: Literal["skip", "process"] = "skip"
     """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""
     flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))

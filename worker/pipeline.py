@@ -213,7 +213,9 @@ def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, dete
     card = detector.card
     try:
         inputs = detector.preprocess([image])
-    except UnreadableImageError as exc:  # the contract's own refusals (size, aspect) are the image's, not a bug
+        if settings.polarity_check == "refuse":  # after the contract's checks: what they refuse is no chest image
+            detector.check_polarity(image)
+    except UnreadableImageError as exc:  # the contract's own refusals (size, aspect, polarity) are the image's
         return Outcome("failed", str(exc), ids)
     probability = float(detector.pneumonia_probability(inputs)[0])
     stratum = card.stratum_for(probability)

@@ -18,7 +18,7 @@ from models.detector import (
     load_cuda_libraries,
     session_providers,
 )
-from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
+from models.errors import ExecutionProviderError, InvertedImageError, ModelIntegrityError, UnreadableImageError
 from worker.samples import make_cxr_dataset, save
 
 
@@ -216,7 +216,8 @@ def test_exif_orientation_is_honoured(detector, sample, tmp_path):
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
     upright.save(tmp_path / "upright.png")
     assert detector.predict(tmp_path / "sideways.png") == detector.predict(tmp_path / "upright.png")
-    assert detector.predict(tmp_path / "sideways.png") != detector.predict(np.rot90(sample))
+    unchecked = PneumoniaDetector(polarity_check=False)  # a sideways chest can read as inverted (models.polarity)
+    assert unchecked.predict(tmp_path / "sideways.png") != unchecked.predict(np.rot90(sample))
 
 
 def test_a_channel_axis_of_one_is_dropped(detector, sample):
@@ -390,3 +391,25 @@ def test_clinical_notes_agree_with_the_worklist_flags_and_claim_no_diagnosis():
         assert "not a diagnosis" in note, stratum
         assert ("routine" in note.lower()) == (flags[stratum] == "ROUTINE"), (stratum, note, flags[stratum])
     assert "detected" not in CLINICAL_NOTES["likely_normal"] and "rule" in CLINICAL_NOTES["likely_normal"]
+
+
+def test_an_inverted_radiograph_is_refused_unless_the_check_is_off(detector, pneumoniamnist, tmp_path):
+    """Scored as they were, inverted test normals read like pneumonia (the clinical review: URGENT doubled);
+    a JPEG, a 16-bit PNG and a MONOCHROME2 DICOM written inverted are refused, in a batch by their place."""
+    normals = pneumoniamnist["test_images"][pneumoniamnist["test_labels"].ravel() == 0][:20]
+    inverted = 255 - normals
+    Image.fromarray(inverted[0]).resize((512, 512)).save(tmp_path / "inv.jpg", quality=95)
+    Image.fromarray(inverted[0].astype(np.uint16) * 257).resize((512, 512)).save(tmp_path / "inv16.png")
+    dicom = save(make_cxr_dataset(inverted[0], size=(512, 512)), tmp_path / "inv.dcm")
+    for image in (inverted[0], str(tmp_path / "inv.jpg"), str(tmp_path / "inv16.png"), str(dicom)):
+        with pytest.raises(InvertedImageError, match="pixels look inverted"):
+            detector.predict(image)
+    with pytest.raises(InvertedImageError, match=r"^input 2 of 2: pixels look inverted"):
+        detector.predict_batch([normals[0], inverted[0]])
+    unchecked = PneumoniaDetector(polarity_check=False)
+    as_stored = np.array([pneumonia_p(r) for r in unchecked.predict_batch(list(normals))])
+    flipped = np.array([pneumonia_p(r) for r in unchecked.predict_batch(list(inverted))])
+    assert flipped.mean() > as_stored.mean()  # what the check keeps off the worklist
+    assert unchecked.check_polarity(normals[0]) > 0  # asked directly, the check still answers
+    with pytest.raises(InvertedImageError):
+        unchecked.check_polarity(inverted[0])

@@ -178,3 +178,23 @@ def test_a_contradicting_presentation_lut_shape_fails_unless_the_site_chose_a_si
     untagged = analyse_file(save(make_cxr_dataset(images[0], size=(256, 256), photometric="MONOCHROME1"),
                                  tmp_path / "plain.dcm"), WorkerSettings(), detectors)
     assert followed.status == "done" and followed.fields["probability"] == untagged.fields["probability"]
+
+
+def test_an_inverted_monochrome2_image_fails_with_its_reason_unless_the_site_turned_the_check_off(
+        tmp_path, test_split, detectors, monkeypatch):
+    """TRIAGE_POLARITY_CHECK: pixels stored inverted under a consistent MONOCHROME2 header (or MONOCHROME1 pixels
+    already in display polarity) were scored as they were; the study is now left not triaged, with the reason."""
+    images, labels = test_split
+    normal = images[np.flatnonzero(labels == 0)[0]]
+    inverted = save(make_cxr_dataset(255 - normal, size=(1024, 1024)), tmp_path / "inv.dcm")
+    mislabelled = save(make_cxr_dataset(255 - normal, size=(1024, 1024), photometric="MONOCHROME1"), tmp_path / "m1.dcm")
+    for path in (inverted, mislabelled):
+        refused = analyse_file(path, WorkerSettings(), detectors)
+        assert refused.status == "failed" and refused.reason.startswith("pixels look inverted")
+        assert refused.fields["accession_number"] == "ACC0001"  # found from the worklist by its accession
+    upright = analyse_file(save(make_cxr_dataset(normal, size=(1024, 1024)), tmp_path / "ok.dcm"), WorkerSettings(),
+                           detectors)
+    assert upright.status == "done"
+    monkeypatch.setenv("TRIAGE_POLARITY_CHECK", "off")
+    scored = analyse_file(inverted, WorkerSettings(), detectors)
+    assert scored.status == "done" and scored.fields["probability"] > upright.fields["probability"]

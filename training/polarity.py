@@ -1,0 +1,107 @@
+"""`pneumonia-train polarity`: the serving side's inverted-image guard (`models.polarity`), made from
+the training split, with the figures that justify its threshold written into the same file.
+
+The template is the training split's only; validation and test (the shifted source) are scored with
+it, as they are and inverted, plain and under simulated framing and contrast changes that a site's
+radiographs have and PneumoniaMNIST's do not: bright collimation borders, a patient smaller or larger
+in the field, another display gamma, an image stored sideways or upside down. Each inverted image is the whole perturbed image inverted, as a
+modality that writes the wrong polarity would send it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from models.polarity import CENTRE_MARGIN, POLARITY_SOURCE, REFUSE_BELOW, PolarityTemplate, correlations, template_from
+from training.data import ensure_dataset, load_split
+
+
+def bright_border(width: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Collimation: the unexposed edge of the detector, white in MONOCHROME2."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        framed = unit.copy()
+        framed[:, :width], framed[:, -width:], framed[:, :, :width], framed[:, :, -width:] = 1.0, 1.0, 1.0, 1.0
+        return framed
+    return apply
+
+
+def smaller_in_field(side: int, fill: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The patient shrunk to `side` pixels in the middle of a field of `fill` (0: air, 1: collimated)."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        index = (np.arange(side) * unit.shape[-1] / side).astype(int)
+        framed = np.full_like(unit, fill)
+        offset = (unit.shape[-1] - side) // 2
+        framed[:, offset:offset + side, offset:offset + side] = unit[:, index][:, :, index]
+        return framed
+    return apply
+
+
+def tighter_crop(side: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Only the central `side` pixels, enlarged to the whole field (a tightly framed chest)."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        offset = (unit.shape[-1] - side) // 2
+        index = offset + (np.arange(unit.shape[-1]) * side / unit.shape[-1]).astype(int)
+        return unit[:, index][:, :, index]
+    return apply
+
+
+def gamma(value: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda unit: unit ** value
+
+
+PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as_stored": lambda unit: unit,
+    "bright_border_4px": bright_border(4), "bright_border_7px": bright_border(7), "bright_border_8px": bright_border(8),
+    "smaller_in_field_20px_air": smaller_in_field(20, 0.0), "smaller_in_field_20px_bright": smaller_in_field(20, 1.0),
+    "smaller_in_field_16px_bright": smaller_in_field(16, 1.0),
+    "tighter_crop_18px": tighter_crop(18), "gamma_0.4": gamma(0.4), "gamma_2.5": gamma(2.5),
+    "sideways_90": lambda unit: np.rot90(unit, 1, axes=(1, 2)), "upside_down": lambda unit: unit[:, ::-1],
+}
+"""Name -> change applied to (N, 28, 28) images in [0, 1], before the result is quantised to 8 bits."""
+
+
+def as_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float) -> dict:
+    """For each perturbation: the share of correct images refused and of their inverses caught."""
+    unit = images.astype(np.float64) / 255.0
+    figures = {}
+    for name, perturb in PERTURBATIONS.items():
+        shown = perturb(unit)
+        correct = correlations(as_uint8(shown), template)
+        inverted = correlations(as_uint8(1.0 - shown), template)
+        figures[name] = {"refused_correct": int((correct < refuse_below).sum()),
+                         "caught_inverted": int((inverted < refuse_below).sum()),
+                         "min_correct": round(float(correct.min()), 4), "max_inverted": round(float(inverted.max()), 4)}
+    return {"images": int(len(images)), "by_perturbation": figures}
+
+
+def build_polarity_template(data_root: Path | None, out: Path, refuse_below: float = REFUSE_BELOW,
+                            margin: int = CENTRE_MARGIN) -> PolarityTemplate:
+    """Template from the train split, figures on every split; written to `out` and returned."""
+    path, md5 = ensure_dataset(data_root, POLARITY_SOURCE)
+    train = load_split(data_root, "train", POLARITY_SOURCE)
+    template = template_from(train.images, margin)
+    held_out = np.concatenate([load_split(data_root, split, POLARITY_SOURCE).images for split in ("val", "test")])
+    train_correlations = correlations(train.images, template, margin)
+    provenance = {
+        "made_by": "pneumonia-train polarity", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": {"file": path.name, "md5": md5, "template_from": "train", "images": int(len(train.images))},
+        "figures": {
+            "train_as_stored": {"images": int(len(train.images)),
+                                "refused": int((train_correlations < refuse_below).sum()),
+                                "min": round(float(train_correlations.min()), 4),
+                                "median": round(float(np.median(train_correlations)), 4)},
+            "val_and_test": guard_figures(held_out, template, refuse_below),
+        },
+    }
+    result = PolarityTemplate(template, refuse_below, margin, provenance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    return result
