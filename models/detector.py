@@ -22,8 +22,9 @@ from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
 from models.dicom_io import LutShapeConflict, check_not_blank
-from models.polarity import PolarityTemplate
-from models.preprocess import INPUT_SIZE, preprocess, preprocess_batch, preprocessing_id, to_unit_range
+from models.polarity import POLARITY_SOURCE, PolarityTemplate
+from models.preprocess import (INPUT_SIZE, preprocess, preprocess_batch, preprocessing_id, reduce_to_source,
+                               to_unit_range)
 
 ImageLike = str | Path | np.ndarray
 
@@ -181,11 +182,18 @@ class PneumoniaDetector:
         miss the few bright pixels that make a 16-bit image full-range); the share is counted on a
         grid, after `preprocess` has refused what is not an image at all."""
         loaded = load_any(image, self.lut_shape_conflict)
-        network_input = preprocess(loaded, self.card.source_size)
+        small = reduce_to_source(loaded, self.card.source_size)  # the contract's refusals (size, aspect) first
         check_not_blank(to_unit_range(loaded))
-        if self.polarity_check:
-            self.check_polarity(loaded)
-        return network_input
+        return self.checked_input(loaded, small, self.polarity_check)
+
+    def checked_input(self, image: np.ndarray, small: np.ndarray, check_polarity: bool) -> np.ndarray:
+        """The network input (3, 224, 224) of `image` from its reduction `small` (`reduce_to_source` at the card's
+        source size), its polarity checked first when asked. Why `small`: `preprocess` of a reduction equals
+        `preprocess` of the image (a reduction is its own), and the polarity check reads the same one at the
+        shipped size, so a full-resolution plate is shrunk once, not twice (12 ms of a 2500x2048 image)."""
+        if check_polarity:
+            self.check_polarity(small if self.card.source_size == POLARITY_SOURCE else image)
+        return preprocess(small, self.card.source_size)
 
     def check_polarity(self, image: np.ndarray) -> float:
         """`InvertedImageError` for an image that looks shown the wrong way round (`models.polarity`): scored as

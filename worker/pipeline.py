@@ -25,6 +25,7 @@ from pydicom.tag import BaseTag, Tag
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import MODALITIES, STRICT_UID, ImageAccessError, UnreadableImageError
+from models.preprocess import reduce_to_source
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import assumed_tags, skip_reason
 
@@ -212,9 +213,8 @@ def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, dete
     """Calibrated probability -> prediction, stratum and worklist flag from the model card."""
     card = detector.card
     try:
-        inputs = detector.preprocess([image])
-        if settings.polarity_check == "refuse":  # after the contract's checks: what they refuse is no chest image
-            detector.check_polarity(image)
+        small = reduce_to_source(image, card.source_size)  # the contract's refusals first: what they refuse is no chest
+        inputs = detector.checked_input(image, small, settings.polarity_check == "refuse")[None]
     except UnreadableImageError as exc:  # the contract's own refusals (size, aspect, polarity) are the image's
         return Outcome("failed", str(exc), ids)
     probability = float(detector.pneumonia_probability(inputs)[0])

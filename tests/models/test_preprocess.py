@@ -101,3 +101,14 @@ def test_a_masked_array_is_refused_not_scored_with_its_mask_ignored(pneumoniamni
         preprocess_batch([small, masked])
     np.testing.assert_array_equal(preprocess(np.ma.masked_array(small)), preprocess(small))
     assert preprocess(masked.filled(0)).shape == (3, INPUT_SIZE, INPUT_SIZE)  # filled as the caller chooses
+
+
+@pytest.mark.parametrize("source_size", [28, 64])
+def test_a_reduction_is_its_own_so_the_network_input_of_either_is_the_same_bit_for_bit(pneumoniamnist, source_size):
+    """What `PneumoniaDetector.checked_input` and the worker rely on to shrink a full-resolution plate once."""
+    rng = np.random.default_rng(source_size)
+    plate = np.kron(pneumoniamnist["test_images"][7].astype(np.float32) / 255, np.ones((90, 73), np.float32))
+    plate = np.clip(plate + rng.normal(0, 0.02, plate.shape).astype(np.float32), 0, 1)
+    small = reduce_to_source(plate, source_size)
+    assert np.array_equal(reduce_to_source(small, source_size), small)
+    assert np.array_equal(preprocess(small, source_size), preprocess(plate, source_size))
