@@ -22,7 +22,7 @@ from models.card import ModelCard, card_path_for, default_model_path, sha256_of
 from models.errors import ExecutionProviderError, ModelIntegrityError, UnreadableImageError
 from models.image_io import read_image
 from models.dicom_io import LutShapeConflict, check_not_blank
-from models.polarity import POLARITY_SOURCE, PolarityTemplate
+from models.polarity import POLARITY_FILE, POLARITY_SOURCE, PolarityTemplate
 from models.preprocess import (INPUT_SIZE, preprocess, preprocess_batch, preprocessing_id, reduce_to_source,
                                to_unit_range)
 
@@ -116,7 +116,7 @@ class PneumoniaDetector:
 
         self.lut_shape_conflict = lut_shape_conflict  # as the worker's TRIAGE_PRESENTATION_LUT_CONFLICT
         self.polarity_check = polarity_check  # as the worker's TRIAGE_POLARITY_CHECK
-        self.polarity = PolarityTemplate.load()
+        self.polarity = load_polarity_template()
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not self.model_path.is_file():
@@ -153,7 +153,8 @@ class PneumoniaDetector:
         return self.describe(float(self.pneumonia_probability(self.network_input(image)[None])[0]))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The contract's preprocessing at this model's source size -> (N, 3, 224, 224)."""
+        """The contract's preprocessing at this model's source size -> (N, 3, 224, 224), and nothing more: no blank
+        or polarity check (`network_input` and `checked_input` make them; studies and benchmarks use this)."""
         return preprocess_batch(images, self.card.source_size)
 
     def predict_batch(self, images: Iterable[ImageLike]) -> list[dict[str, Any]]:
@@ -182,16 +183,17 @@ class PneumoniaDetector:
         miss the few bright pixels that make a 16-bit image full-range); the share is counted on a
         grid, after `preprocess` has refused what is not an image at all."""
         loaded = load_any(image, self.lut_shape_conflict)
-        small = reduce_to_source(loaded, self.card.source_size)  # the contract's refusals (size, aspect) first
-        check_not_blank(to_unit_range(loaded))
-        return self.checked_input(loaded, small, self.polarity_check)
+        network_input = self.checked_input(loaded)
+        check_not_blank(to_unit_range(loaded))  # a blank picture has no edges the polarity check could misread
+        return network_input
 
-    def checked_input(self, image: np.ndarray, small: np.ndarray, check_polarity: bool) -> np.ndarray:
-        """The network input (3, 224, 224) of `image` from its reduction `small` (`reduce_to_source` at the card's
-        source size), its polarity checked first when asked. Why `small`: `preprocess` of a reduction equals
-        `preprocess` of the image (a reduction is its own), and the polarity check reads the same one at the
-        shipped size, so a full-resolution plate is shrunk once, not twice (12 ms of a 2500x2048 image)."""
-        if check_polarity:
+    def checked_input(self, image: np.ndarray, check_polarity: bool | None = None) -> np.ndarray:
+        """A loaded image's network input (3, 224, 224): the contract's refusals (size, aspect), then the polarity
+        check unless `check_polarity` (default: this detector's `polarity_check`) is False. The image is shrunk
+        once: `preprocess` of its reduction equals `preprocess` of the image (a reduction is its own), and at the
+        shipped size the polarity check reads the same reduction (a second shrink cost 12 ms on 2500x2048)."""
+        small = reduce_to_source(image, self.card.source_size)
+        if self.polarity_check if check_polarity is None else check_polarity:
             self.check_polarity(small if self.card.source_size == POLARITY_SOURCE else image)
         return preprocess(small, self.card.source_size)
 
@@ -232,6 +234,16 @@ def calibrated_probability(logits: np.ndarray, temperature: float) -> np.ndarray
     """Numerically stable two-class softmax of temperature-scaled logits."""
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     return 1.0 / (1.0 + np.exp(scaled[:, 0] - scaled[:, 1]))
+
+
+def load_polarity_template() -> PolarityTemplate:
+    """The shipped polarity template, or `ModelIntegrityError` naming it: a detector must not start with a check
+    that would fail every image."""
+    try:
+        return PolarityTemplate.load(POLARITY_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelIntegrityError(f"polarity template {POLARITY_FILE.name} is unreadable or unusable "
+                                  f"({type(exc).__name__}: {exc})") from exc
 
 
 def load_card(model_path: Path, *, verify_sha256: bool = True,

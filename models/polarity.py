@@ -9,10 +9,10 @@ How: the Pearson correlation between the centre of the image's 28x28 reduction (
 `reduce_to_source`, so a full-resolution radiograph and its PneumoniaMNIST-size thumbnail agree) and
 the mean of the training split's, each z-scored. Dark lungs either side of a bright mediastinum
 correlate positively; an inverted image correlates with exactly the opposite sign. Only the centre
-16x16 is compared: bright collimation borders (unexposed detector, white in MONOCHROME2) reached
-the whole-image correlation and turned 26% of correct validation and test images negative at a
-4-pixel border. The template, its threshold and the figures that chose them sit in one JSON
-file written by `pneumonia-train polarity` from the training data (`POLARITY_FILE`).
+16x16 is compared, leaving out flat strips along the image's edges (`unframed`): a bright collimation
+border (unexposed detector, white in MONOCHROME2) among the compared pixels decides the sign. The
+template, its threshold and the figures that chose them sit in one JSON file written by
+`pneumonia-train polarity` from the training data (`POLARITY_FILE`).
 
 Numpy only, like the rest of `models/`.
 """
@@ -37,13 +37,17 @@ POLARITY_SOURCE = 28
 """Side of the reduction compared, whatever size a model was trained at: the template's own."""
 CENTRE_MARGIN = 6
 """Pixels of the 28x28 reduction left out on each side: collimation and padding live there."""
+FLAT_LINE_LEVELS = 3.0
+"""Grey levels (of 255) within which an edge row or column of the 28x28 reduction counts as flat (`unframed`):
+9% of test images have such a line somewhere as stored, anatomy none that decides the figures."""
+MIN_COMPARED = 64
+"""Fewest centre pixels left after the flat edges for an image to be judged (a quarter of the 16x16 centre)."""
 REFUSE_BELOW = -0.1
-"""Correlation under which an image is refused as inverted. Correct-polarity validation and test images
-(1,148) stayed above it as stored, with bright borders up to 4 of 28 pixels, framed smaller or tighter and
-under gamma 0.4-2.5; their inverses fell below it in 1,146-1,148 cases. Borders reaching into the compared
-centre (7 and 8 of 28 pixels a side: an exposed field half the image wide or less) were refused too (83 and
-943 of 1,148), and so was about one sideways (90-degree) image in ten. The figures are in `POLARITY_FILE`.
-An image in between (flat, odd, not a chest) is not judged."""
+"""Correlation under which an image is refused as inverted. Of the correct-polarity validation and test images
+(1,148), none fell below it as stored, under simulated collimation (borders on every side, on one side, graded,
+fields of 70-90% placed at random), framed smaller or tighter, or under gamma 0.4-2.5, and one did with an
+8-pixel border all round (an exposed field 43% wide); their inverses fell below it in 1,144-1,148 cases. About
+one sideways (90-degree) image in ten is refused too. The figures are in `POLARITY_FILE`."""
 
 
 def centre(small: np.ndarray, margin: int = CENTRE_MARGIN) -> np.ndarray:
@@ -66,12 +70,76 @@ def template_from(images: np.ndarray, margin: int = CENTRE_MARGIN) -> np.ndarray
     return standardised(mean).reshape(side, side)
 
 
+def _detrended_spread(lines: np.ndarray) -> np.ndarray:
+    """Standard deviation of each line (last axis) around its least-squares straight line."""
+    position = np.arange(lines.shape[-1], dtype=np.float64)
+    position -= position.mean()
+    centred = lines - lines.mean(axis=-1, keepdims=True)
+    slope = (centred * position).sum(axis=-1, keepdims=True) / (position ** 2).sum()
+    return (centred - slope * position).std(axis=-1)
+
+
+def _is_flat(line: np.ndarray) -> bool:
+    return line.size > 2 and float(_detrended_spread(line)) <= FLAT_LINE_LEVELS
+
+
+def _flat_edges(small: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): flat lines peeled from each edge of one reduction, each line judged over the
+    span the other sides leave (a bright left border under a dark top strip is still a border)."""
+    height, width = small.shape
+    edges = [0, 0, 0, 0]
+    peeled = True
+    while peeled:
+        peeled = False
+        for side in range(4):
+            top, bottom, left, right = edges
+            if top + bottom >= height - 1 or left + right >= width - 1:
+                return tuple(edges)
+            rows, columns = slice(top, height - bottom), slice(left, width - right)
+            line = (small[top, columns], small[height - 1 - bottom, columns],
+                    small[rows, left], small[rows, width - 1 - right])[side]
+            if _is_flat(line):
+                edges[side] += 1
+                peeled = True
+    return tuple(edges)
+
+
+def unframed(smalls: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) -> bool mask of the pixels inside any flat edge strips (collimation, padding, air).
+
+    A collimated border is flat as stored, bright in MONOCHROME2 and dark inverted, but a border on one side
+    decides the sign of a correlation that includes it: 8 of 28 pixels on the left refused a third of correct
+    images (review, 2026-11-30). Lines are flat when they stay within `FLAT_LINE_LEVELS` of a straight line
+    (a heel-effect gradient along the border is still a border); they are peeled from each edge inwards, with
+    the mixed line where the field begins. Inverting an image keeps its mask."""
+    values = np.asarray(smalls, dtype=np.float64)
+    kept = np.zeros(values.shape, dtype=bool)
+    height, width = values.shape[-2:]
+    for index in np.ndindex(values.shape[:-2]):
+        top, bottom, left, right = (run + 1 if run else 0 for run in _flat_edges(values[index]))
+        kept[index][top:max(top, height - bottom), left:max(left, width - right)] = True
+    return kept
+
+
 def correlations(smalls: np.ndarray, template: np.ndarray, margin: int = CENTRE_MARGIN) -> np.ndarray:
-    """Pearson correlation of each (.., 28, 28) reduction's centre with the template, in [-1, 1]."""
-    return standardised(centre(smalls, margin)) @ template.reshape(-1)
+    """Pearson correlation, in [-1, 1], of each (.., 28, 28) reduction's centre with the template, over the centre's
+    pixels inside flat edge strips (`unframed`); 0 (not judged) where fewer than `MIN_COMPARED` remain."""
+    smalls = np.asarray(smalls)
+    batch = smalls.reshape(-1, *smalls.shape[-2:])
+    kept = centre(unframed(batch), margin).reshape(len(batch), -1).astype(np.float64)
+    pixels = centre(batch, margin).reshape(len(batch), -1).astype(np.float64)
+    reference = np.broadcast_to(template.reshape(1, -1), pixels.shape)
+    count = kept.sum(axis=-1, keepdims=True)
+    per_pixel = np.maximum(count, 1)
+    image = (pixels - (pixels * kept).sum(axis=-1, keepdims=True) / per_pixel) * kept
+    expected = (reference - (reference * kept).sum(axis=-1, keepdims=True) / per_pixel) * kept
+    scale = np.sqrt((image ** 2).sum(axis=-1) * (expected ** 2).sum(axis=-1))
+    value = np.divide((image * expected).sum(axis=-1), scale, out=np.zeros(len(batch)), where=scale > 1e-9)
+    value = np.where(count[:, 0] >= MIN_COMPARED, value, 0.0)
+    return value.reshape(smalls.shape[:-2])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PolarityTemplate:
     """The template, its threshold and where they came from (the file's whole content)."""
 
@@ -79,6 +147,12 @@ class PolarityTemplate:
     refuse_below: float = REFUSE_BELOW
     margin: int = CENTRE_MARGIN
     provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Read-only, as the frozen object holding it: a caller's edit would change every later check."""
+        template = np.array(self.template, dtype=np.float64)
+        template.setflags(write=False)
+        object.__setattr__(self, "template", template)
 
     def correlation(self, image: np.ndarray) -> float:
         """Correlation of any-size grayscale `image` (what `preprocess` takes) with the template."""
@@ -91,9 +165,9 @@ class PolarityTemplate:
             raise InvertedImageError(
                 f"pixels look inverted (bright lungs, dark mediastinum): the image correlates at {value:+.2f} with an "
                 f"upright frontal chest radiograph (refused below {self.refuse_below:+.2f}); check Photometric "
-                "Interpretation and Presentation LUT Shape at the modality. A sideways image or a field collimated to "
-                "about half the image width or less can read the same way (TRIAGE_POLARITY_CHECK=off scores such "
-                "images as they are)")
+                "Interpretation and Presentation LUT Shape at the modality. A sideways image can read the same way "
+                "(TRIAGE_POLARITY_CHECK=off, or PneumoniaDetector(polarity_check=False), scores such images as they "
+                "are)")
         return value
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +182,8 @@ class PolarityTemplate:
         """ValueError for a file that is not a template this code can use (wrong size, not unit norm)."""
         data = json.loads(Path(path).read_text())
         margin = int(data["margin"])
+        if not 0 <= margin <= (POLARITY_SOURCE - 4) // 2:
+            raise ValueError(f"{Path(path).name}: margin must leave a centre of at least 4x4 pixels, not {margin}")
         side = POLARITY_SOURCE - 2 * margin
         template = np.asarray(data["template"], dtype=np.float64)
         if int(data.get("source_size", 0)) != POLARITY_SOURCE or template.shape != (side, side):

@@ -3,8 +3,9 @@ the training split, with the figures that justify its threshold written into the
 
 The template is the training split's only; validation and test (the shifted source) are scored with
 it, as they are and inverted, plain and under simulated framing and contrast changes that a site's
-radiographs have and PneumoniaMNIST's do not: bright collimation borders, a patient smaller or larger
-in the field, another display gamma, an image stored sideways or upside down. Each inverted image is the whole perturbed image inverted, as a
+radiographs have and PneumoniaMNIST's do not: bright collimation borders (even, one-sided, graded, a
+field placed at random), a patient smaller or larger in the field, another display gamma, an image
+stored sideways or upside down. Each inverted image is the whole perturbed image inverted, as a
 modality that writes the wrong polarity would send it.
 """
 
@@ -25,6 +26,44 @@ def bright_border(width: int) -> Callable[[np.ndarray], np.ndarray]:
     def apply(unit: np.ndarray) -> np.ndarray:
         framed = unit.copy()
         framed[:, :width], framed[:, -width:], framed[:, :, :width], framed[:, :, -width:] = 1.0, 1.0, 1.0, 1.0
+        return framed
+    return apply
+
+
+def bright_side(width: int, side: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Collimation on one side only (`left` or `top`), the field off-centre."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        framed = unit.copy()
+        if side == "left":
+            framed[:, :, :width] = 1.0
+        else:
+            framed[:, :width] = 1.0
+        return framed
+    return apply
+
+
+def graded_side(width: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A left border that is not flat: brighter down the image (0.88 to 1, a heel effect) with a little noise."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        framed = unit.copy()
+        ramp = np.linspace(0.88, 1.0, unit.shape[-2])[None, :, None]
+        noise = np.random.default_rng(1).normal(0.0, 0.004, (len(unit), unit.shape[-2], width))
+        framed[:, :, :width] = np.clip(ramp + noise, 0.0, 1.0)
+        return framed
+    return apply
+
+
+def collimated_fields(low: float = 0.7, high: float = 0.9) -> Callable[[np.ndarray], np.ndarray]:
+    """A field covering `low`-`high` of each side, placed at random, white outside: the collimation of
+    `benchmarks/display_shutter_study.py`, which chose to leave such borders as stored."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        side = unit.shape[-1]
+        framed = np.ones_like(unit)
+        for index in range(len(unit)):
+            height, width = (int(round(side * rng.uniform(low, high))) for _ in range(2))
+            top, left = int(rng.integers(0, side - height + 1)), int(rng.integers(0, side - width + 1))
+            framed[index, top:top + height, left:left + width] = unit[index, top:top + height, left:left + width]
         return framed
     return apply
 
@@ -55,9 +94,10 @@ def gamma(value: float) -> Callable[[np.ndarray], np.ndarray]:
 
 PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "as_stored": lambda unit: unit,
-    "bright_border_4px": bright_border(4), "bright_border_7px": bright_border(7), "bright_border_8px": bright_border(8),
-    "smaller_in_field_20px_air": smaller_in_field(20, 0.0), "smaller_in_field_20px_bright": smaller_in_field(20, 1.0),
-    "smaller_in_field_16px_bright": smaller_in_field(16, 1.0),
+    "bright_border_4px": bright_border(4), "bright_border_8px": bright_border(8),
+    "bright_left_9px": bright_side(9, "left"), "bright_top_9px": bright_side(9, "top"),
+    "graded_left_8px": graded_side(8), "collimated_field_70_90pct": collimated_fields(),
+    "smaller_in_field_20px_air": smaller_in_field(20, 0.0), "smaller_in_field_16px_bright": smaller_in_field(16, 1.0),
     "tighter_crop_18px": tighter_crop(18), "gamma_0.4": gamma(0.4), "gamma_2.5": gamma(2.5),
     "sideways_90": lambda unit: np.rot90(unit, 1, axes=(1, 2)), "upside_down": lambda unit: unit[:, ::-1],
 }
@@ -68,15 +108,16 @@ def as_uint8(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float) -> dict:
+def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float, margin: int = CENTRE_MARGIN) -> dict:
     """For each perturbation: the share of correct images refused and of their inverses caught."""
     unit = images.astype(np.float64) / 255.0
     figures = {}
     for name, perturb in PERTURBATIONS.items():
         shown = perturb(unit)
-        correct = correlations(as_uint8(shown), template)
-        inverted = correlations(as_uint8(1.0 - shown), template)
+        correct = correlations(as_uint8(shown), template, margin)
+        inverted = correlations(as_uint8(1.0 - shown), template, margin)
         figures[name] = {"refused_correct": int((correct < refuse_below).sum()),
+                         "not_judged": int((correct == 0.0).sum()),  # too little left inside flat edges
                          "caught_inverted": int((inverted < refuse_below).sum()),
                          "min_correct": round(float(correct.min()), 4), "max_inverted": round(float(inverted.max()), 4)}
     return {"images": int(len(images)), "by_perturbation": figures}
@@ -98,7 +139,7 @@ def build_polarity_template(data_root: Path | None, out: Path, refuse_below: flo
                                 "refused": int((train_correlations < refuse_below).sum()),
                                 "min": round(float(train_correlations.min()), 4),
                                 "median": round(float(np.median(train_correlations)), 4)},
-            "val_and_test": guard_figures(held_out, template, refuse_below),
+            "val_and_test": guard_figures(held_out, template, refuse_below, margin),
         },
     }
     result = PolarityTemplate(template, refuse_below, margin, provenance)

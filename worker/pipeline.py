@@ -25,7 +25,6 @@ from pydicom.tag import BaseTag, Tag
 
 from models.dicom_io import dicom_to_grayscale, read_dicom
 from models.errors import MODALITIES, STRICT_UID, ImageAccessError, UnreadableImageError
-from models.preprocess import reduce_to_source
 from worker.config import STRATUM_SEVERITY, WorkerSettings
 from worker.selection import assumed_tags, skip_reason
 
@@ -52,7 +51,9 @@ def make_detector(settings: WorkerSettings) -> Any:
 
     providers, required = PROVIDERS[settings.execution_provider]
     detector = PneumoniaDetector(settings.resolved_model_path(), providers, intra_op_threads=settings.intra_op_threads,
-                                 site_calibration=settings.site_calibration, require_provider=required)
+                                 site_calibration=settings.site_calibration, require_provider=required,
+                                 lut_shape_conflict=settings.presentation_lut_conflict,
+                                 polarity_check=settings.polarity_check == "refuse")  # what it says is what runs
     check_card_fits_results(detector.card)
     return detector
 
@@ -213,8 +214,7 @@ def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, dete
     """Calibrated probability -> prediction, stratum and worklist flag from the model card."""
     card = detector.card
     try:
-        small = reduce_to_source(image, card.source_size)  # the contract's refusals first: what they refuse is no chest
-        inputs = detector.checked_input(image, small, settings.polarity_check == "refuse")[None]
+        inputs = detector.checked_input(image, settings.polarity_check == "refuse")[None]
     except UnreadableImageError as exc:  # the contract's own refusals (size, aspect, polarity) are the image's
         return Outcome("failed", str(exc), ids)
     probability = float(detector.pneumonia_probability(inputs)[0])

@@ -413,3 +413,26 @@ def test_an_inverted_radiograph_is_refused_unless_the_check_is_off(detector, pne
     assert unchecked.check_polarity(normals[0]) > 0  # asked directly, the check still answers
     with pytest.raises(InvertedImageError):
         unchecked.check_polarity(inverted[0])
+
+
+def test_a_model_at_another_source_size_checks_polarity_on_the_shipped_size_and_scores_its_own(pneumoniamnist):
+    """The template is 28x28; a model trained at 64 reduces to 64 for its input and to 28 for the check."""
+    import dataclasses
+
+    from models.preprocess import preprocess, preprocessing_id
+
+    detector = PneumoniaDetector()
+    detector.card = dataclasses.replace(detector.card, source_size=64, preprocessing=preprocessing_id(64))
+    plate = np.kron(pneumoniamnist["test_images"][9].astype(np.uint16) * 257, np.ones((40, 40), np.uint16))
+    assert np.array_equal(detector.checked_input(plate), preprocess(plate, 64))
+    with pytest.raises(InvertedImageError):
+        detector.checked_input(65535 - plate)
+    assert detector.checked_input(65535 - plate, check_polarity=False).shape == (3, 224, 224)
+
+
+def test_an_unusable_polarity_template_stops_the_detector_at_load(tmp_path, monkeypatch):
+    broken = tmp_path / "polarity_template.json"
+    broken.write_text('{"template": [[0.0]], "margin": 6, "refuse_below": -0.1, "source_size": 28}')
+    monkeypatch.setattr("models.detector.POLARITY_FILE", broken)
+    with pytest.raises(ModelIntegrityError, match="polarity template polarity_template.json is unreadable or unusable"):
+        PneumoniaDetector()

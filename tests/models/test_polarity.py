@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from models.errors import InvertedImageError, UnreadableImageError
-from models.polarity import POLARITY_FILE, REFUSE_BELOW, PolarityTemplate, centre, correlations, standardised, template_from
+from models.polarity import (MIN_COMPARED, POLARITY_FILE, REFUSE_BELOW, PolarityTemplate, centre, correlations,
+                             standardised, template_from, unframed)
 from models.preprocess import reduce_to_source
 
 
@@ -70,6 +71,35 @@ def test_bright_collimation_outside_the_centre_changes_nothing(shipped, pneumoni
     assert shipped.correlation(framed) == pytest.approx(shipped.correlation(image), abs=1e-12)
 
 
+def test_flat_edge_strips_and_the_mixed_line_after_them_are_left_out_whatever_the_polarity():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (28, 28)).astype(np.uint8)
+    image[:, :9] = 250 + np.arange(28)[:, None] // 10  # a left border, brighter down the image (a heel effect)
+    image[:3] = 12  # a dark strip along the top
+    kept = unframed(image[None])[0]
+    assert not kept[:, :10].any() and not kept[:4].any() and kept[4:, 10:].all()
+    assert np.array_equal(unframed((255 - image)[None])[0], kept)
+
+
+def test_collimation_on_one_side_does_not_decide_the_sign(shipped, pneumoniamnist):
+    """A bright border of 8 of 28 pixels on the left refused a third of correct images while it was compared."""
+    images = pneumoniamnist["test_images"][:200].copy()
+    images[:, :, :9] = 255
+    assert (correlations(images, shipped.template) >= REFUSE_BELOW).all()
+    assert (correlations(255 - images, shipped.template) < REFUSE_BELOW).mean() >= 0.99
+
+
+def test_too_little_left_inside_flat_edges_is_not_judged(shipped, pneumoniamnist):
+    image = pneumoniamnist["test_images"][0].copy()
+    image[:, :18] = 255  # leaves 3 of the centre's 16 columns past the mixed one
+    assert (16 * 3 < MIN_COMPARED) and shipped.correlation(255 - image) == 0.0
+
+
+def test_the_template_cannot_be_edited_in_place(shipped):
+    with pytest.raises(ValueError, match="read-only"):
+        shipped.template[0, 0] = 1.0
+
+
 def test_the_shipped_template_is_the_train_splits_own(shipped, pneumoniamnist):
     """What `pneumonia-train polarity` writes from the data: the shipped file was not edited by hand."""
     assert np.abs(shipped.template - template_from(pneumoniamnist["train_images"])).max() < 1e-6
@@ -81,6 +111,7 @@ def test_the_shipped_template_is_the_train_splits_own(shipped, pneumoniamnist):
     (lambda d: d.update(template=[[0.0] * 16] * 16), "standardised"),
     (lambda d: d.update(template=[[0.0] * 14] * 14), "16x16 centre"),
     (lambda d: d.update(refuse_below=0.5), "refuse_below"),
+    (lambda d: d.update(margin=-1), "margin"),
 ])
 def test_a_template_this_code_cannot_use_is_refused_at_load(tmp_path, edit, reason):
     data = json.loads(POLARITY_FILE.read_text())
