@@ -39,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, and_, case, exists, func, inspect, or_, select, text
+from sqlalchemy import Connection, and_, case, exists, func, inspect, not_, or_, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from dicom_gateway.config import ae_title_argument
@@ -49,7 +49,8 @@ from models.dicom_io import read_dicom
 from models.errors import ImageAccessError, UnreadableImageError
 from worker import contract, db
 from worker.arguments import CENTURY_DAYS, CENTURY_HOURS, CENTURY_SECONDS, SQL_BIGINT_MAX, int_in, number_in
-from worker.config import DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings
+from worker.config import (DEFAULT_FLAG_MAP, NOT_TRIAGED, STRATUM_SEVERITY, WorkerSettings, load_worker_settings,
+                           names_not_triaged)
 from worker.reprocess import REPROCESSABLE, Selection, reprocess
 from worker.selection import BODY_PART_MISSING, ORIENTATION_MISCOUNTED, VIEW_MISSING, unverified_skip
 from worker.report import ReportError, ScoredImage, SendError, build_report, quiet, send_report
@@ -207,7 +208,7 @@ def _add_filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--studies", action="store_true", help="one line per study (most severe flag)")
     cmd.add_argument("--flag", type=_given, help="a flag of TRIAGE_FLAG_MAP (any case) or one stored in the database; "
                      "with --studies the worklist flag: a study not triage_complete is listed under its flag only if "
-                     "that flag raises it (URGENT, PRIORITY), never under ROUTINE")
+                     "that flag raises it (URGENT, PRIORITY), never under ROUTINE; NOT_TRIAGED lists the others")
     cmd.add_argument("--stratum", type=_given, help=f"one of {', '.join(STRATUM_NAMES)} (any case)")
     cmd.add_argument("--status", choices=db.STATUSES)
     cmd.add_argument("--accession", type=_given)
@@ -350,15 +351,21 @@ def resolve_filters(conn: Connection, args: argparse.Namespace, settings: Worker
     Any case is accepted where it names one value only (`urgent` is URGENT). A flag outside today's
     TRIAGE_FLAG_MAP is still accepted when stored rows hold it: results scored under an earlier map keep
     their flag, and must stay listable."""
-    flags = list(dict.fromkeys(settings.flag_map.values()))
-    flag = args.flag and (_spelling(args.flag, flags) or _stored_flag(conn, args.flag))
-    if args.flag and not flag:
-        raise UnknownChoice(f"argument --flag: invalid choice: {args.flag!r} (choose from "
-                            f"{', '.join(map(repr, flags))}, in any case, or a flag stored in the database)")
     stratum = args.stratum and _spelling(args.stratum, STRATUM_NAMES)
     if args.stratum and not stratum:
         raise UnknownChoice(f"argument --stratum: invalid choice: {args.stratum!r} (choose from "
                             f"{', '.join(map(repr, STRATUM_NAMES))}, in any case)")
+    flags = list(dict.fromkeys(settings.flag_map.values()))
+    if args.flag and names_not_triaged(args.flag):  # no TRIAGE_FLAG_MAP holds it, in any spelling
+        if not args.studies:
+            raise UnknownChoice(f"argument --flag: {NOT_TRIAGED} is a study's worklist flag, not an image's: add "
+                                "--studies (the images not scored are --status failed, skipped or queued)")
+        return argparse.Namespace(**{**vars(args), "flag": NOT_TRIAGED, "stratum": stratum})
+    flag = args.flag and (_spelling(args.flag, flags) or _stored_flag(conn, args.flag))
+    if args.flag and not flag:
+        raise UnknownChoice(f"argument --flag: invalid choice: {args.flag!r} (choose from "
+                            f"{', '.join(map(repr, flags))}, in any case, a flag stored in the database, or "
+                            f"{NOT_TRIAGED} with --studies)")
     return argparse.Namespace(**{**vars(args), "flag": flag, "stratum": stratum})
 
 
@@ -414,11 +421,13 @@ def query_rows(conn: Connection, args: argparse.Namespace,
 def _query_studies(conn: Connection, args: argparse.Namespace) -> list[dict[str, Any]]:
     v = db.study_flags
     stmt = select(*[v.c[c] for c in STORED_STUDY_COLUMNS])
-    for column, value in (("flag", args.flag), ("stratum", args.stratum), ("study_instance_uid", args.study)):
+    for column, value in (("stratum", args.stratum), ("study_instance_uid", args.study)):
         if value:
             stmt = stmt.where(v.c[column] == value)
-    if args.flag:  # the worklist flag: a study not triage_complete is listed under its flag only if that raises it
-        stmt = stmt.where(_escalates_or_complete(v, args.low_flags))
+    if args.flag == NOT_TRIAGED:  # the worklist flag's other value: studies the model's flag does not stand for
+        stmt = stmt.where(not_(_escalates_or_complete(v, args.low_flags)))
+    elif args.flag:  # the worklist flag: a study not triage_complete is listed under its flag only if that raises it
+        stmt = stmt.where(v.c.flag == args.flag, _escalates_or_complete(v, args.low_flags))
     if args.accession:  # the study's own (its first image's) or any of its images': images of one study may
         # carry two (a temporary one replaced, a second series), and the study was found under the first only
         stmt = stmt.where(or_(v.c.accession_number == args.accession, v.c.study_instance_uid.in_(

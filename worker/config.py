@@ -47,6 +47,11 @@ def _letters(text: str) -> str:
     return "".join(c for c in text.casefold() if c.isalnum())
 
 
+def names_not_triaged(text: str) -> bool:
+    """Whether `text` spells NOT_TRIAGED in any case, spacing or punctuation (no flag map may hold it)."""
+    return _letters(text) == _letters(NOT_TRIAGED)
+
+
 class WorkerSettings(BaseSettings):
     """Everything the worker, its CLI and the admin CLI need to know."""
 
@@ -129,7 +134,7 @@ class WorkerSettings(BaseSettings):
         unfit = sorted(s for s, flag in value.items() if not flag.strip() or len(flag) > FLAG_MAX_LENGTH)
         if unfit:  # PostgreSQL refuses an over-long value at the INSERT, i.e. for every such image
             raise ValueError(f"flag_map: the flags of {unfit} must be 1 to {FLAG_MAX_LENGTH} characters")
-        reserved = sorted(s for s, flag in value.items() if _letters(flag) == _letters(NOT_TRIAGED))
+        reserved = sorted(s for s, flag in value.items() if names_not_triaged(flag))
         if reserved:  # a study's worklist_flag says NOT_TRIAGED when not complete: the two would read alike
             raise ValueError(f"flag_map: the flags of {reserved} are spelt {NOT_TRIAGED}, which the study worklist "
                              "reserves for studies not triage_complete")

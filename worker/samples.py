@@ -358,6 +358,7 @@ ADMIN_QUERIES = {
     "list_accession": ("list", "--accession", "A321"),
     "studies_urgent": ("list", "--studies", "--flag", "URGENT", "--limit", "50"),
     "studies_routine": ("list", "--studies", "--flag", "ROUTINE", "--limit", "50"),
+    "studies_not_triaged": ("list", "--studies", "--flag", "NOT_TRIAGED", "--limit", "50"),
     "studies_accession": ("list", "--studies", "--accession", "A321"),
     "show": ("show", "1.3.123"),
     "stats": ("stats", "--window-hours", "2", "--format", "json"),
