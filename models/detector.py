@@ -181,11 +181,10 @@ class PneumoniaDetector:
         A blank picture (99% of it one grey level) is refused, as a blank DICOM is: an all-black PNG
         was scored 0.73 pneumonia. The whole image is brought to display values (a subsample could
         miss the few bright pixels that make a 16-bit image full-range); the share is counted on a
-        grid, after `preprocess` has refused what is not an image at all."""
+        grid."""
         loaded = load_any(image, self.lut_shape_conflict)
-        network_input = self.checked_input(loaded)
-        check_not_blank(to_unit_range(loaded))  # a blank picture has no edges the polarity check could misread
-        return network_input
+        check_not_blank(to_unit_range(loaded))  # first: a blank picture is refused as blank, whatever else it is
+        return self.checked_input(loaded)
 
     def checked_input(self, image: np.ndarray, check_polarity: bool | None = None) -> np.ndarray:
         """A loaded image's network input (3, 224, 224): the contract's refusals (size, aspect), then the polarity

@@ -3,8 +3,8 @@ the training split, with the figures that justify its threshold written into the
 
 The template is the training split's only; validation and test (the shifted source) are scored with
 it, as they are and inverted, plain and under simulated framing and contrast changes that a site's
-radiographs have and PneumoniaMNIST's do not: bright collimation borders (even, one-sided, graded, a
-field placed at random), a patient smaller or larger in the field, another display gamma, an image
+radiographs have and PneumoniaMNIST's do not: bright collimation borders (even, one-sided, graded,
+curved along their length, a field placed at random), a patient smaller or larger in the field, another display gamma, an image
 stored sideways or upside down. Each inverted image is the whole perturbed image inverted, as a
 modality that writes the wrong polarity would send it.
 """
@@ -53,6 +53,16 @@ def graded_side(width: int) -> Callable[[np.ndarray], np.ndarray]:
     return apply
 
 
+def curved_side(width: int, dip: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A left border brightest mid-way down and `dip` darker at its ends (scatter, vignetting)."""
+    def apply(unit: np.ndarray) -> np.ndarray:
+        framed = unit.copy()
+        along = np.linspace(-1.0, 1.0, unit.shape[-2])
+        framed[:, :, :width] = (1.0 - dip * along ** 2)[None, :, None]
+        return framed
+    return apply
+
+
 def collimated_fields(low: float = 0.7, high: float = 0.9) -> Callable[[np.ndarray], np.ndarray]:
     """A field covering `low`-`high` of each side, placed at random, white outside: the collimation of
     `benchmarks/display_shutter_study.py`, which chose to leave such borders as stored."""
@@ -96,7 +106,8 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "as_stored": lambda unit: unit,
     "bright_border_4px": bright_border(4), "bright_border_8px": bright_border(8),
     "bright_left_9px": bright_side(9, "left"), "bright_top_9px": bright_side(9, "top"),
-    "graded_left_8px": graded_side(8), "collimated_field_70_90pct": collimated_fields(),
+    "graded_left_8px": graded_side(8), "curved_left_9px_5pct": curved_side(9, 0.05),
+    "curved_left_9px_10pct": curved_side(9, 0.10), "collimated_field_70_90pct": collimated_fields(),
     "smaller_in_field_20px_air": smaller_in_field(20, 0.0), "smaller_in_field_16px_bright": smaller_in_field(16, 1.0),
     "tighter_crop_18px": tighter_crop(18), "gamma_0.4": gamma(0.4), "gamma_2.5": gamma(2.5),
     "sideways_90": lambda unit: np.rot90(unit, 1, axes=(1, 2)), "upside_down": lambda unit: unit[:, ::-1],

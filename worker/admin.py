@@ -359,7 +359,7 @@ def resolve_filters(conn: Connection, args: argparse.Namespace, settings: Worker
     if args.flag and names_not_triaged(args.flag):  # no TRIAGE_FLAG_MAP holds it, in any spelling
         if not args.studies:
             raise UnknownChoice(f"argument --flag: {NOT_TRIAGED} is a study's worklist flag, not an image's: add "
-                                "--studies (the images not scored are --status failed, skipped or queued)")
+                                "--studies (the images not scored are --status failed, skipped, queued or processing)")
         return argparse.Namespace(**{**vars(args), "flag": NOT_TRIAGED, "stratum": stratum})
     flag = args.flag and (_spelling(args.flag, flags) or _stored_flag(conn, args.flag))
     if args.flag and not flag:

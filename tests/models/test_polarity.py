@@ -89,6 +89,14 @@ def test_collimation_on_one_side_does_not_decide_the_sign(shipped, pneumoniamnis
     assert (correlations(255 - images, shipped.template) < REFUSE_BELOW).mean() >= 0.99
 
 
+def test_a_border_brighter_mid_way_than_at_its_ends_is_still_a_border(shipped, pneumoniamnist):
+    """Only a straight line was removed: a border dipping 5% at its ends refused 844 of 1,148 correct images."""
+    images = pneumoniamnist["test_images"][:200].copy()
+    images[:, :, :9] = np.rint(255 * (1 - 0.05 * np.linspace(-1, 1, 28) ** 2))[None, :, None]
+    assert (correlations(images, shipped.template) >= REFUSE_BELOW).all()
+    assert (correlations(255 - images, shipped.template) < REFUSE_BELOW).mean() >= 0.99
+
+
 def test_too_little_left_inside_flat_edges_is_not_judged(shipped, pneumoniamnist):
     image = pneumoniamnist["test_images"][0].copy()
     image[:, :18] = 255  # leaves 3 of the centre's 16 columns past the mixed one
@@ -112,6 +120,7 @@ def test_the_shipped_template_is_the_train_splits_own(shipped, pneumoniamnist):
     (lambda d: d.update(template=[[0.0] * 14] * 14), "16x16 centre"),
     (lambda d: d.update(refuse_below=0.5), "refuse_below"),
     (lambda d: d.update(margin=-1), "margin"),
+    (lambda d: d.update(margin=11, template=(np.eye(6) - 1 / 6).tolist()), "margin"),  # a 6x6 centre: never judged
 ])
 def test_a_template_this_code_cannot_use_is_refused_at_load(tmp_path, edit, reason):
     data = json.loads(POLARITY_FILE.read_text())
