@@ -254,10 +254,11 @@ def test_a_study_is_found_by_the_accession_number_of_any_of_its_images(database_
         assert [(r["study_instance_uid"], r["accession_number"], r["flag"]) for r in found] == [("1.8.1", "ACC-B", "URGENT")]
 
 
-NEWEST_FIRST_UNTIL_LIMIT = {("studies_not_triaged", "SCAN s USING INDEX ix_studies_last_received")}
+NEWEST_FIRST_UNTIL_LIMIT = {"studies_not_triaged": "USING INDEX ix_studies_last_received"}
 """The one scan allowed: NOT_TRIAGED is the complement of a rule on counts computed per study, which no index
 holds, so studies are read newest first until --limit is met (49 ms at 25,000 studies with --limit 50:
-`benchmarks/admin_queries.py`, in the README)."""
+`benchmarks/admin_queries.py`, in the README). Matched as a substring: SQLite before 3.36 words the step
+`SCAN TABLE studies AS s USING INDEX ...`."""
 
 
 def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
@@ -289,7 +290,7 @@ def test_admin_queries_use_indexes_not_table_scans(sqlite_url, monkeypatch):
         for name, sql, params in selects:
             plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
             scans = [step for step in plan if step.startswith("SCAN ") and "COVERING INDEX" not in step
-                     and (name, step) not in NEWEST_FIRST_UNTIL_LIMIT]
+                     and not (name in NEWEST_FIRST_UNTIL_LIMIT and NEWEST_FIRST_UNTIL_LIMIT[name] in step)]
             assert not scans, (sql, plan)
             if "FROM study_flags" in sql:  # a study's images are found by the study, never by their status:
                 # an EXISTS (status = 'skipped' ...) was searched by the status index in some processes (40x)
