@@ -192,7 +192,8 @@ class PneumoniaDetector:
         once: `preprocess` of its reduction equals `preprocess` of the image (a reduction is its own), and at the
         shipped size the polarity check reads the same reduction (a second shrink cost 12 ms on 2500x2048)."""
         small = reduce_to_source(image, self.card.source_size)
-        if self.polarity_check if check_polarity is None else check_polarity:
+        checks_polarity = self.polarity_check if check_polarity is None else check_polarity
+        if checks_polarity:
             self.check_polarity(small if self.card.source_size == POLARITY_SOURCE else image)
         return preprocess(small, self.card.source_size)
 

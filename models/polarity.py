@@ -48,7 +48,7 @@ REFUSE_BELOW = -0.1
 """Correlation under which an image is refused as inverted. Of the correct-polarity validation and test images
 (1,148), none fell below it as stored, under simulated collimation (borders on every side, on one side, graded
 or curved along their length, fields of 70-90% placed at random), framed smaller or tighter, or under gamma
-0.4-2.5; their inverses fell below it in 1,145-1,148 cases (1,032 with an 8-pixel border all round, where 115
+0.4 or 2.5; their inverses fell below it in 1,145-1,148 cases (1,032 with an 8-pixel border all round, where 115
 images keep too little to be judged). Stored sideways (90 degrees), 107 correct images were refused too; upside
 down, 3. The figures are in `POLARITY_FILE`; the threshold and `FLAT_LINE_LEVELS` were chosen on them."""
 
@@ -191,11 +191,11 @@ class PolarityTemplate:
     def load(cls, path: str | Path = POLARITY_FILE) -> "PolarityTemplate":
         """ValueError for a file that is not a template this code can use (wrong size, not unit norm)."""
         data = json.loads(Path(path).read_text())
-        margin = int(data["margin"])
-        if not 0 <= margin or (POLARITY_SOURCE - 2 * margin) ** 2 < MIN_COMPARED:
-            raise ValueError(f"{Path(path).name}: margin must be 0 or more and leave a centre of at least "
-                             f"{MIN_COMPARED} pixels (every image would go unjudged), not {margin}")
-        side = POLARITY_SOURCE - 2 * margin
+        margin = data["margin"]
+        side = POLARITY_SOURCE - 2 * margin if isinstance(margin, int) and margin >= 0 else 0
+        if side <= 0 or side * side < MIN_COMPARED:
+            raise ValueError(f"{Path(path).name}: margin must be a whole number of pixels from 0 that leaves a centre "
+                             f"of at least {MIN_COMPARED} pixels (every image would go unjudged), not {margin!r}")
         template = np.asarray(data["template"], dtype=np.float64)
         if int(data.get("source_size", 0)) != POLARITY_SOURCE or template.shape != (side, side):
             raise ValueError(f"{Path(path).name}: a polarity template is the {side}x{side} centre of a "

@@ -4,9 +4,9 @@ the training split, with the figures that justify its threshold written into the
 The template is the training split's only; validation and test (the shifted source) are scored with
 it, as they are and inverted, plain and under simulated framing and contrast changes that a site's
 radiographs have and PneumoniaMNIST's do not: bright collimation borders (even, one-sided, graded,
-curved along their length, a field placed at random), a patient smaller or larger in the field, another display gamma, an image
-stored sideways or upside down. Each inverted image is the whole perturbed image inverted, as a
-modality that writes the wrong polarity would send it.
+curved along their length, a field placed at random), a patient smaller or larger in the field,
+another display gamma, an image stored sideways or upside down. Each inverted image is the whole
+perturbed image inverted, as a modality that writes the wrong polarity would send it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from models.polarity import CENTRE_MARGIN, POLARITY_SOURCE, REFUSE_BELOW, PolarityTemplate, correlations, template_from
+from models.polarity import (CENTRE_MARGIN, FLAT_LINE_LEVELS, MIN_COMPARED, POLARITY_SOURCE, REFUSE_BELOW,
+                             PolarityTemplate, correlations, template_from)
 from training.data import ensure_dataset, load_split
 
 
@@ -145,6 +146,7 @@ def build_polarity_template(data_root: Path | None, out: Path, refuse_below: flo
     provenance = {
         "made_by": "pneumonia-train polarity", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "data": {"file": path.name, "md5": md5, "template_from": "train", "images": int(len(train.images))},
+        "figures_made_with": {"flat_line_levels": FLAT_LINE_LEVELS, "min_compared": MIN_COMPARED},
         "figures": {
             "train_as_stored": {"images": int(len(train.images)),
                                 "refused": int((train_correlations < refuse_below).sum()),

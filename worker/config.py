@@ -79,7 +79,7 @@ class WorkerSettings(BaseSettings):
     follow one of the two for a modality known to write the other wrongly (`models.dicom_io`)."""
     polarity_check: Literal["refuse", "off"] = "refuse"
     """An image whose pixels look inverted (bright lungs: `models.polarity`): refuse it (row `failed` with the
-    reason, the study not triaged), or score it as it is, for a site whose images the check misreads."""
+    reason, the study not `triage_complete`), or score it as it is, for a site whose images the check misreads."""
     missing_tag_policy: Literal["skip", "process"] = "skip"
     """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""
     flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))
@@ -106,6 +106,11 @@ class WorkerSettings(BaseSettings):
     """auto: CUDA when onnxruntime can start it, else CPU; cpu: CPU only; cuda: CUDA or refuse to run."""
     migrate_on_start: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def refuses_inverted(self) -> bool:
+        """`polarity_check` as the detector takes it (`PneumoniaDetector(polarity_check=...)`)."""
+        return self.polarity_check == "refuse"
 
     @field_validator("broker_url")
     @classmethod

@@ -16,6 +16,8 @@ def test_the_stage_writes_the_shipped_template_and_the_figures_behind_its_thresh
     assert main(["polarity", "--data-root", str(data_root), "--out", str(out)]) == 0
     made, shipped = PolarityTemplate.load(out), PolarityTemplate.load(POLARITY_FILE)
     assert np.abs(made.template - shipped.template).max() < 1e-6
+    assert made.provenance["figures"] == shipped.provenance["figures"]  # the README's table: code constants move them
+    assert made.provenance["figures_made_with"] == shipped.provenance["figures_made_with"]
     figures = made.provenance["figures"]
     assert figures["train_as_stored"]["images"] == 4708 and figures["train_as_stored"]["refused"] <= 1
     held_out = figures["val_and_test"]

@@ -233,6 +233,10 @@ def test_the_worker_follows_a_failover_that_also_took_its_sentinel(make_triage_e
         assert env.wait_terminal([second], timeout=90)[second]["status"] == "done", worker.log()[-3000:]
 
 
+ACK_LOSS_TRIES = 3
+"""Scenes set before the test gives up on losing an ack (`a_worker_stalled_by_a_lost_ack`)."""
+
+
 @contextlib.contextmanager
 def a_worker_stalled_by_a_lost_ack(make_triage_env: Any, sqlite_url: str, test_split: Any, tmp_path: Path
                                    ) -> Iterator[tuple[Any, Any, str]]:
@@ -264,8 +268,6 @@ def a_worker_stalled_by_a_lost_ack(make_triage_env: Any, sqlite_url: str, test_s
             worker.proc.kill()  # its ack landed before the master stopped: nothing to stall on
     raise AssertionError(f"the ack was not lost in {ACK_LOSS_TRIES} tries: the master stopped too late each time")
 
-
-ACK_LOSS_TRIES = 3
 
 
 def lost_its_ack(worker: Any, seconds: float = 30) -> bool:
