@@ -115,7 +115,7 @@ def _flat_edges(small: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def unframed(smalls: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) -> bool mask of the pixels inside any flat edge strips (collimation, padding, air).
+    """(N, 28, 28) -> bool mask, True for the pixels the flat edge strips (collimation, padding, air) enclose.
 
     A collimated border is flat as stored, bright in MONOCHROME2 and dark inverted, but a border on one side
     decides the sign of a correlation that includes it: 8 of 28 pixels on the left refused a third of correct
@@ -133,7 +133,8 @@ def unframed(smalls: np.ndarray) -> np.ndarray:
 
 def correlations(smalls: np.ndarray, template: np.ndarray, margin: int = CENTRE_MARGIN) -> np.ndarray:
     """Pearson correlation, in [-1, 1], of each (.., 28, 28) reduction's centre with the template, over the centre's
-    pixels inside flat edge strips (`unframed`); 0 (not judged) where fewer than `MIN_COMPARED` remain."""
+    pixels that flat edge strips enclose (`unframed`, the strips left out); 0 (not judged) where fewer than
+    `MIN_COMPARED` remain."""
     smalls = np.asarray(smalls)
     batch = smalls.reshape(-1, *smalls.shape[-2:])
     kept = centre(unframed(batch), margin).reshape(len(batch), -1).astype(np.float64)
