@@ -110,6 +110,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="stochastic weight averaging: the run's model is the mean of the (EMA) weights at the end of "
                         "the last N epochs, BN statistics averaged too; the epoch validation picked is kept as "
                         "best_epoch.pt (0 = off)")
+    p.add_argument("--low-res-epochs", type=int, default=d.low_res_epochs,
+                   help="progressive resizing: the first N epochs train on batches upscaled to --low-res-size instead "
+                        "of 224 (validation, evaluation and export stay at 224; 0 = off)")
+    p.add_argument("--low-res-size", type=int, default=d.low_res_size,
+                   help="the training input side of the first --low-res-epochs epochs")
     p.add_argument("--max-train-minutes", type=float,
                    help="wall-clock budget for fitting: the running epoch stops after its current step, is validated, "
                         "and training ends (default: none; the recipe runs to its last epoch)")
@@ -181,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, patience=args.patience, plateau_factor=args.plateau_factor,
         plateau_patience=args.plateau_patience, grad_clip=args.grad_clip, label_smoothing=args.label_smoothing,
         ema_decay=args.ema_decay, swa_epochs=args.swa_epochs, max_train_minutes=args.max_train_minutes,
+        low_res_epochs=args.low_res_epochs, low_res_size=args.low_res_size,
         select_metric=args.select_metric, augment=augment_from_args(args),
         weighted_sampler=not args.no_weighted_sampler, class_weighted_loss=args.class_weights,
         distill_from=tuple(args.distill_from), distill_weight=args.distill_weight,

@@ -109,9 +109,11 @@ def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float().div_(255.0).unsqueeze(1)
 
 
-def to_network_input(unit: torch.Tensor) -> torch.Tensor:
-    """(N, 1, h, w) in [0, 1] -> normalised (N, 3, 224, 224): bilinear upscale, RGB, ImageNet."""
-    large = F.interpolate(unit, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+def to_network_input(unit: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(N, 1, h, w) in [0, 1] -> normalised (N, 3, size, size): bilinear upscale, RGB, ImageNet.
+    Everything the model is scored or served on uses the contract's 224; a smaller `size` is only for
+    the early epochs of progressive resizing (`TrainConfig.low_res_epochs`)."""
+    large = F.interpolate(unit, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN, device=unit.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=unit.device).view(1, 3, 1, 1)
     return (large.expand(-1, 3, -1, -1) - mean) / std

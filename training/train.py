@@ -118,6 +118,7 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
     step reached the deadline trained all of them and is not cut short (it was recorded as such)."""
     set_train_mode(model, config.frozen)
     order = epoch_indices(train.labels, config, generator)
+    size = config.train_input_size(epoch)
     total_loss, correct, seen, start, out_of_time = 0.0, 0, 0, time.perf_counter(), False
     steps = range(0, len(order), config.batch_size)
     bar = tqdm(steps, desc=f"epoch {epoch}", disable=not config.progress, leave=False)
@@ -125,7 +126,7 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
         index = order[begin : begin + config.batch_size].numpy()
         labels = torch.as_tensor(train.labels[index]).to(runtime.device)
         unit = augment_batch(to_unit_tensor(train.images[index]), config.augment, generator)
-        x = to_network_input(unit.to(runtime.device)).contiguous(memory_format=runtime.memory_format)
+        x = to_network_input(unit.to(runtime.device), size).contiguous(memory_format=runtime.memory_format)
         with runtime.autocast():
             logits = model(x)
         loss = training_loss(logits.float(), labels, teacher_logits(teachers, x, runtime), loss_weights, config)
@@ -149,7 +150,7 @@ def train_one_epoch(model: nn.Module, ema: AveragedModel | None, teachers: list[
     bar.close()
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / seen, "train_acc": correct / seen, "train_seconds": seconds,
-            "train_img_per_s": seen / seconds, "train_images": seen, "time_limit": out_of_time}
+            "train_img_per_s": seen / seconds, "train_images": seen, "train_input_size": size, "time_limit": out_of_time}
 
 
 def validate(model: nn.Module, val: Split, loss_weights: torch.Tensor | None, config: TrainConfig,
