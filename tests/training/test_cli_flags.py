@@ -32,6 +32,8 @@ RECIPE_FLAGS = {
     "plateau_patience": (["--plateau-patience", "4"], 4),
     "grad_clip": (["--grad-clip", "0"], 0.0),
     "label_smoothing": (["--label-smoothing", "0.1"], 0.1),
+    "low_res_epochs": (["--low-res-epochs", "4"], 4),
+    "low_res_size": (["--low-res-size", "96"], 96),
 }
 
 
@@ -152,6 +154,8 @@ def test_refusals_are_one_line_and_exit_2_not_a_traceback(tmp_path):
     (["--rule-out-sensitivity", "98"], "rule_out_sensitivity"),
     (["--weights", "missing.safetensors"], "weights file missing.safetensors not found"),
     (["--weights", "IMAGENET1K_V3"], "weights 'IMAGENET1K_V3': neither"),
+    (["--epochs", "3", "--low-res-epochs", "3"], "at least the last epoch trains at 224"),
+    (["--low-res-epochs", "1", "--low-res-size", "256"], "low_res_size must lie in [32, 224)"),
 ])
 def test_user_mistakes_are_refused_in_one_line_before_anything_is_written(tmp_path, data_root, flags, says, capsys):
     """Each was a traceback (exit 1), some after config.json was written into the new --out-dir."""

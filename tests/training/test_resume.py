@@ -73,7 +73,8 @@ def test_resumed_run_reports_the_time_of_the_whole_run(tiny_network, data_root, 
     assert run_info["epochs_run"] == 2 and 0 < before < whole <= run_info["train_seconds"]
 
 
-@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"select_metric": "loss"}, {"ema_decay": 0.5}, {"seed": 7}])
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"select_metric": "loss"}, {"ema_decay": 0.5}, {"seed": 7},
+                                    {"low_res_epochs": 1}])
 def test_fit_refuses_to_resume_with_another_recipe(tiny_network, data_root, tmp_path, change):
     """The saved optimizer kept the old lr while config.json (and so the card) recorded the new one; another
     select_metric compared an AUC with the saved -loss."""

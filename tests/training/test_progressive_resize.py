@@ -1,0 +1,74 @@
+"""Progressive resizing (`--low-res-epochs`): early epochs train on a smaller upscale; everything scored stays at 224."""
+
+import json
+
+import pytest
+import torch
+
+from tests.training.conftest import TinyNet, tiny_config
+from training.config import TrainConfig
+from training.errors import RefusedError
+from training.runtime import make_runtime
+from training.train import fit
+
+RUNTIME = make_runtime("cpu", "fp32")
+
+
+class SizeRecordingNet(TinyNet):
+    """TinyNet that notes the side of every batch it sees, and whether it saw it training or scoring. The
+    list is the class's, so the EMA copy (a deepcopy of the network, which validation scores) notes too."""
+
+    seen: list[tuple[bool, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.training, x.shape[-1]))
+        return super().forward(x)
+
+
+@pytest.fixture
+def seen_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int]]:
+    def build(weights, *, hidden=8, dropout=0.5, frozen=(), resnet_v1_strides=False):
+        return SizeRecordingNet(hidden, dropout)
+
+    monkeypatch.setattr(SizeRecordingNet, "seen", [])
+    monkeypatch.setattr("training.train.build_model", build)
+    monkeypatch.setattr("training.evaluate.build_model", build)
+    return SizeRecordingNet.seen
+
+
+def test_the_schedule_names_the_low_side_for_the_first_epochs_only():
+    config = TrainConfig(epochs=12, low_res_epochs=8, low_res_size=128)
+    assert [config.train_input_size(epoch) for epoch in range(1, 13)] == [128] * 8 + [224] * 4
+    assert {TrainConfig().train_input_size(epoch) for epoch in range(1, 13)} == {224}  # off by default
+
+
+def test_early_epochs_train_small_and_validation_stays_at_224(seen_sizes, data_root, tmp_path):
+    """The network trains on 64-pixel batches in epoch 1 and 224 in epochs 2-3; every validation pass
+    (eval mode, the EMA copy) scores 224, the contract's size."""
+    out = tmp_path / "run"
+    result = fit(tiny_config(out, data_root, epochs=3, low_res_epochs=1, low_res_size=64), RUNTIME)
+
+    trained = [side for training, side in seen_sizes if training]
+    scored = {side for training, side in seen_sizes if not training}
+    batches = len(trained) // 3
+    assert trained == [64] * batches + [224] * (len(trained) - batches)
+    assert scored == {224}
+    assert [row["train_input_size"] for row in result.history] == [64, 224, 224]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["low_res_epochs"], saved["low_res_size"]) == (1, 64)
+
+
+def test_a_run_without_it_trains_at_224_throughout(seen_sizes, data_root, tmp_path):
+    fit(tiny_config(tmp_path / "run", data_root, epochs=2), RUNTIME)
+    assert {side for _, side in seen_sizes} == {224}
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"epochs": 4, "low_res_epochs": 4}, "at least the last epoch trains at 224"),
+    ({"low_res_epochs": -1}, r"low_res_epochs must lie in \[0, epochs\)"),
+    ({"low_res_epochs": 2, "low_res_size": 224}, r"low_res_size must lie in \[32, 224\)"),
+    ({"low_res_epochs": 2, "low_res_size": 16}, r"low_res_size must lie in \[32, 224\)"),
+])
+def test_a_schedule_that_would_not_end_at_the_served_size_is_refused(changes, says):
+    with pytest.raises(RefusedError, match=says):
+        TrainConfig(**changes)
