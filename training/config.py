@@ -269,10 +269,22 @@ def same_start_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return Path(str(a.get("weights"))).name == Path(str(b.get("weights"))).name
 
 
+FIELDS_ADDED_LATER = {"low_res_epochs": 0, "low_res_size": 128}
+"""Recipe fields newer than some saved runs, with the value that describes a run saved before them. A
+field missing from a config.json was filled from the command (a stage on a 1.1.0 run given
+--low-res-epochs would card a schedule that never ran, and a resume would train one)."""
+
+
+def with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields added since it was written, at the values it was trained with."""
+    return {**FIELDS_ADDED_LATER, **saved}
+
+
 def with_trained_fields(config: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
     """`config` with every training field (all but `STAGE_FIELDS`) taken from a run's saved config."""
     trained = {f.name for f in dataclasses.fields(TrainConfig)} - set(STAGE_FIELDS)
-    return dataclasses.replace(config, **{key: from_json(key, value) for key, value in saved.items() if key in trained})
+    return dataclasses.replace(config, **{key: from_json(key, value) for key, value in with_added_fields(saved).items()
+                                          if key in trained})
 
 
 def for_members(config: TrainConfig, run_dirs: list[Path], fields: tuple[str, ...]) -> TrainConfig:

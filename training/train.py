@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from models.atomic import copy_file, write_text
 from training.atomic import save_torch
-from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights
+from training.config import SAME_RESUME, TrainConfig, check_same_run, resolve_weights, with_added_fields
 from training.data import Split, augment_batch, ensure_dataset, load_split, to_network_input, to_unit_tensor
 from training.engine import predict_logits
 from training.errors import InputMissingError, RefusedError
@@ -194,7 +194,7 @@ def check_resume(config: TrainConfig) -> None:
                          f"is {config.out_dir}: resume into the checkpoint's own folder (leave --out-dir out)")
     saved = config.out_dir / "config.json"
     if saved.is_file():
-        recorded = json.loads(saved.read_text())
+        recorded = with_added_fields(json.loads(saved.read_text()))
         if "weights" in recorded:  # a run from before weight files were recorded by absolute path and sha256
             recorded["weights"] = resolve_weights(recorded["weights"])
         if recorded.get("weights_sha256") is None:

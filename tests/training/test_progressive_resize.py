@@ -72,3 +72,29 @@ def test_a_run_without_it_trains_at_224_throughout(seen_sizes, data_root, tmp_pa
 def test_a_schedule_that_would_not_end_at_the_served_size_is_refused(changes, says):
     with pytest.raises(RefusedError, match=says):
         TrainConfig(**changes)
+
+
+def saved_before_the_field(run, data_root) -> None:
+    """config.json of a run written before progressive resizing existed (the 1.1.0 runs')."""
+    tiny_config(run, data_root, epochs=1).dump(run / "config.json")
+    saved = json.loads((run / "config.json").read_text())
+    del saved["low_res_epochs"], saved["low_res_size"]
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+def test_a_stage_on_an_older_run_cards_the_schedule_it_ran(data_root, tmp_path):
+    """A missing field was taken from the stage's command: `evaluate --low-res-epochs 1` on a 1.1.0 run
+    would have carded a schedule that never ran."""
+    from training.config import for_existing_run
+
+    run = tmp_path / "run"
+    saved_before_the_field(run, data_root)
+    staged = for_existing_run(tiny_config(run, data_root, epochs=3, low_res_epochs=2, low_res_size=64))
+    assert (staged.low_res_epochs, staged.low_res_size) == (0, 128)
+
+
+def test_an_older_run_resumes_only_at_224(tiny_network, data_root, tmp_path):
+    run = tmp_path / "run"
+    saved_before_the_field(run, data_root)
+    with pytest.raises(RefusedError, match="low_res_epochs=0 .this command: 1.*resume continues the run's own recipe"):
+        fit(tiny_config(run, data_root, low_res_epochs=1, resume=run / "last.pt"), RUNTIME)
