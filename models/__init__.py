@@ -4,7 +4,8 @@ Serving side only (numpy, onnxruntime, pydicom, Pillow): never imports torch.
 """
 
 from models.card import ModelCard, Stratum, default_model_path
-from models.errors import ExecutionProviderError, InvertedImageError, ModelIntegrityError, UnreadableImageError
+from models.errors import (ExecutionProviderError, InvertedImageError, ModelIntegrityError, RotatedImageError,
+                           UnreadableImageError)
 from models.preprocess import preprocess, preprocess_batch
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ModelCard",
     "ModelIntegrityError",
     "PneumoniaDetector",
+    "RotatedImageError",
     "Stratum",
     "UnreadableImageError",
     "default_model_path",

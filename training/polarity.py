@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from models.polarity import (CENTRE_MARGIN, FLAT_LINE_LEVELS, MIN_COMPARED, POLARITY_SOURCE, REFUSE_BELOW,
-                             PolarityTemplate, correlations, template_from)
+from models.polarity import (CENTRE_MARGIN, FLAT_LINE_LEVELS, INVERTED_TURNED, MIN_COMPARED, POLARITY_SOURCE,
+                             REFUSE_BELOW, TURNED, TURNED_MARGIN, UPRIGHT, PolarityTemplate, template_from,
+                             turned_correlations, verdicts)
 from training.data import ensure_dataset, load_split
 
 
@@ -111,7 +112,8 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "curved_left_9px_10pct": curved_side(9, 0.10), "collimated_field_70_90pct": collimated_fields(),
     "smaller_in_field_20px_air": smaller_in_field(20, 0.0), "smaller_in_field_16px_bright": smaller_in_field(16, 1.0),
     "tighter_crop_18px": tighter_crop(18), "gamma_0.4": gamma(0.4), "gamma_2.5": gamma(2.5),
-    "sideways_90": lambda unit: np.rot90(unit, 1, axes=(1, 2)), "upside_down": lambda unit: unit[:, ::-1],
+    "sideways_90": lambda unit: np.rot90(unit, 1, axes=(1, 2)), "sideways_270": lambda unit: np.rot90(unit, 3, axes=(1, 2)),
+    "turned_180": lambda unit: np.rot90(unit, 2, axes=(1, 2)), "upside_down": lambda unit: unit[:, ::-1],
 }
 """Name -> change applied to (N, 28, 28) images in [0, 1], before the result is quantised to 8 bits."""
 
@@ -120,42 +122,58 @@ def as_uint8(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float, margin: int = CENTRE_MARGIN) -> dict:
-    """For each perturbation: the share of correct images refused and of their inverses caught."""
+def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float, margin: int = CENTRE_MARGIN,
+                  turned_margin: float = TURNED_MARGIN) -> dict:
+    """For each perturbation: how many correct images are refused (and of them, as stored turned), and how
+    many of their inverses are caught; `models.polarity.verdicts` decides, as it does in serving."""
     unit = images.astype(np.float64) / 255.0
     figures = {}
     for name, perturb in PERTURBATIONS.items():
         shown = perturb(unit)
-        correct = correlations(as_uint8(shown), template, margin)
-        inverted = correlations(as_uint8(1.0 - shown), template, margin)
-        figures[name] = {"refused_correct": int((correct < refuse_below).sum()),
-                         "not_judged": int((correct == 0.0).sum()),  # too little left inside flat edges
-                         "caught_inverted": int((inverted < refuse_below).sum()),
-                         "min_correct": round(float(correct.min()), 4), "max_inverted": round(float(inverted.max()), 4)}
+        correct = turned_correlations(as_uint8(shown), template, margin)
+        inverted = turned_correlations(as_uint8(1.0 - shown), template, margin)
+        read_correct = verdicts(correct, refuse_below, turned_margin)
+        figures[name] = {"refused_correct": int((read_correct != UPRIGHT).sum()),
+                         "refused_correct_as_turned": int(np.isin(read_correct, (TURNED, INVERTED_TURNED)).sum()),
+                         "not_judged": int((correct[:, 0] == 0.0).sum()),  # too little left inside flat edges
+                         "caught_inverted": int((verdicts(inverted, refuse_below, turned_margin) != UPRIGHT).sum()),
+                         "min_correct": round(float(correct[:, 0].min()), 4),
+                         "max_inverted": round(float(inverted[:, 0].max()), 4)}
     return {"images": int(len(images)), "by_perturbation": figures}
 
 
+TURNED_MARGINS_WEIGHED = (0.3, 0.4, 0.5)
+"""The margins whose refusals of training images as stored the file records: the choice of `TURNED_MARGIN`."""
+
+
 def build_polarity_template(data_root: Path | None, out: Path, refuse_below: float = REFUSE_BELOW,
-                            margin: int = CENTRE_MARGIN) -> PolarityTemplate:
+                            margin: int = CENTRE_MARGIN, turned_margin: float = TURNED_MARGIN) -> PolarityTemplate:
     """Template from the train split, figures on every split; written to `out` and returned."""
     path, md5 = ensure_dataset(data_root, POLARITY_SOURCE)
     train = load_split(data_root, "train", POLARITY_SOURCE)
     template = template_from(train.images, margin)
     held_out = np.concatenate([load_split(data_root, split, POLARITY_SOURCE).images for split in ("val", "test")])
-    train_correlations = correlations(train.images, template, margin)
+    train_turned = turned_correlations(train.images, template, margin)
+    train_correlations = train_turned[:, 0]
+    read = verdicts(train_turned, refuse_below, turned_margin)
     provenance = {
         "made_by": "pneumonia-train polarity", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "data": {"file": path.name, "md5": md5, "template_from": "train", "images": int(len(train.images))},
         "figures_made_with": {"flat_line_levels": FLAT_LINE_LEVELS, "min_compared": MIN_COMPARED},
         "figures": {
             "train_as_stored": {"images": int(len(train.images)),
-                                "refused": int((train_correlations < refuse_below).sum()),
+                                "refused": int((read != UPRIGHT).sum()),
+                                "refused_as_turned": int(np.isin(read, (TURNED, INVERTED_TURNED)).sum()),
+                                "refused_as_turned_at_margin": {
+                                    str(weighed): int(np.isin(verdicts(train_turned, refuse_below, weighed),
+                                                              (TURNED, INVERTED_TURNED)).sum())
+                                    for weighed in TURNED_MARGINS_WEIGHED},
                                 "min": round(float(train_correlations.min()), 4),
                                 "median": round(float(np.median(train_correlations)), 4)},
-            "val_and_test": guard_figures(held_out, template, refuse_below, margin),
+            "val_and_test": guard_figures(held_out, template, refuse_below, margin, turned_margin),
         },
     }
-    result = PolarityTemplate(template, refuse_below, margin, provenance)
+    result = PolarityTemplate(template, refuse_below, margin, provenance, turned_margin)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     return result

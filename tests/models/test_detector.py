@@ -18,7 +18,8 @@ from models.detector import (
     load_cuda_libraries,
     session_providers,
 )
-from models.errors import ExecutionProviderError, InvertedImageError, ModelIntegrityError, UnreadableImageError
+from models.errors import (ExecutionProviderError, InvertedImageError, ModelIntegrityError, RotatedImageError,
+                           UnreadableImageError)
 from worker.samples import make_cxr_dataset, save
 
 
@@ -216,8 +217,10 @@ def test_exif_orientation_is_honoured(detector, sample, tmp_path):
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
     upright.save(tmp_path / "upright.png")
     assert detector.predict(tmp_path / "sideways.png") == detector.predict(tmp_path / "upright.png")
-    unchecked = PneumoniaDetector(polarity_check=False)  # a sideways chest can read as inverted (models.polarity)
+    unchecked = PneumoniaDetector(polarity_check=False)  # a sideways chest is refused as turned (models.polarity)
     assert unchecked.predict(tmp_path / "sideways.png") != unchecked.predict(np.rot90(sample))
+    with pytest.raises(RotatedImageError, match="turned 90 degrees clockwise"):
+        detector.predict(np.rot90(sample))  # without its EXIF, the same pixels are refused, naming the turn
 
 
 def test_a_channel_axis_of_one_is_dropped(detector, sample):

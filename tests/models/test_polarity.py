@@ -1,4 +1,4 @@
-"""The inverted-image guard (`models.polarity`) on PneumoniaMNIST images, as stored and inverted."""
+"""The inverted- and turned-image guard (`models.polarity`) on PneumoniaMNIST images, as stored, inverted and turned."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from models.errors import InvertedImageError, UnreadableImageError
-from models.polarity import (MIN_COMPARED, POLARITY_FILE, REFUSE_BELOW, PolarityTemplate, centre, correlations,
-                             standardised, template_from, unframed)
+from models.errors import InvertedImageError, RotatedImageError, UnreadableImageError
+from models.polarity import (INVERTED, INVERTED_TURNED, MIN_COMPARED, POLARITY_FILE, REFUSE_BELOW, TURNED,
+                             TURNED_MARGIN, UPRIGHT, PolarityTemplate, centre, correlations, standardised,
+                             template_from, turned_correlations, unframed, verdicts)
 from models.preprocess import reduce_to_source
 
 
@@ -137,3 +138,57 @@ def test_a_saved_template_loads_back_the_same(tmp_path, shipped):
     again = PolarityTemplate.load(path)
     assert np.abs(again.template - shipped.template).max() < 1e-6
     assert (again.refuse_below, again.margin, again.provenance) == (shipped.refuse_below, shipped.margin, shipped.provenance)
+
+
+@pytest.mark.parametrize("k, turn", [(1, "90 degrees clockwise"), (2, "180 degrees"), (3, "90 degrees counter-clockwise")])
+def test_an_image_stored_turned_is_refused_naming_the_turn_that_brings_it_upright(shipped, pneumoniamnist, k, turn):
+    image = pneumoniamnist["test_images"][5]
+    stored = np.rot90(upscaled(image), k)  # np.rot90 turns counter-clockwise
+    with pytest.raises(RotatedImageError, match=f"pixels look stored turned: .* turned {turn}; check the plate's") as info:
+        shipped.check(stored)
+    assert isinstance(info.value, UnreadableImageError)
+    assert shipped.check(np.rot90(stored, -k)) == pytest.approx(shipped.correlation(image))
+
+
+def test_an_image_inverted_and_turned_is_refused_as_both(shipped, pneumoniamnist):
+    with pytest.raises(InvertedImageError, match="inverted .* and stored turned: .*inverted back and turned 90 degrees "
+                                                 "clockwise; check Photometric Interpretation.*orientation"):
+        shipped.check(np.rot90(255 - pneumoniamnist["test_images"][5]))
+
+
+def test_a_sideways_image_below_the_inverted_threshold_is_named_turned_not_inverted(shipped, pneumoniamnist):
+    """Before the turn check, about one sideways image in ten was refused as inverted: the wrong thing to check."""
+    sideways = np.rot90(pneumoniamnist["test_images"], 1, axes=(1, 2))
+    low = np.flatnonzero(correlations(sideways, shipped.template) < REFUSE_BELOW)
+    assert len(low) > 20
+    for index in low[:5]:
+        with pytest.raises(RotatedImageError):
+            shipped.check(sideways[index])
+
+
+def test_no_validation_or_test_image_is_refused_as_stored(shipped, pneumoniamnist):
+    images = np.concatenate([pneumoniamnist["val_images"], pneumoniamnist["test_images"]])
+    assert (verdicts(turned_correlations(images, shipped.template)) == UPRIGHT).all()
+
+
+def test_verdicts_by_hand():
+    rows = np.array([
+        [0.80, 0.10, 0.30, 0.00],    # upright
+        [0.20, 0.75, 0.10, 0.00],    # a turn beats as stored by 0.55 >= 0.5: turned
+        [0.20, 0.65, 0.10, 0.00],    # by 0.45: kept
+        [0.10, -0.70, 0.00, 0.00],   # inverted back and turned beats as stored by 0.6: inverted and turned
+        [-0.60, 0.20, 0.10, 0.00],   # below -0.1, inversion (0.6) explains it best: inverted
+        [-0.20, 0.50, 0.10, 0.00],   # below -0.1, a turn (0.5) explains it better than inversion (0.2): turned
+    ])
+    assert verdicts(rows, -0.1, 0.5).tolist() == [UPRIGHT, TURNED, UPRIGHT, INVERTED_TURNED, INVERTED, TURNED]
+
+
+def test_a_template_from_before_the_turn_check_loads_with_its_margin(tmp_path):
+    data = json.loads(POLARITY_FILE.read_text())
+    del data["turned_margin"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert PolarityTemplate.load(tmp_path / "old.json").turned_margin == TURNED_MARGIN
+    data["turned_margin"] = 0.0
+    (tmp_path / "zero.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="turned_margin"):
+        PolarityTemplate.load(tmp_path / "zero.json")
