@@ -40,10 +40,15 @@ def scores(detector: PneumoniaDetector, images: np.ndarray, labels: np.ndarray) 
         probability = probabilities(detector, shown)
         refused = verdicts(turned_correlations(shown, detector.polarity.template, detector.polarity.margin),
                            detector.polarity.refuse_below, detector.polarity.turned_margin) != UPRIGHT
+        missed, overcalled = (labels == 1) & (probability < threshold), (labels == 0) & (probability >= threshold)
         figures[name] = {"auc": round(float(roc_auc_score(labels, probability)), 4),
-                         "pneumonia_under_threshold": round(float((probability[labels == 1] < threshold).mean()), 4),
-                         "normals_at_or_over_threshold": round(float((probability[labels == 0] >= threshold).mean()), 4),
-                         "refused_by_the_check": round(float(refused.mean()), 4)}
+                         "pneumonia_under_threshold": round(float(missed.sum() / (labels == 1).sum()), 4),
+                         "normals_at_or_over_threshold": round(float(overcalled.sum() / (labels == 0).sum()), 4),
+                         "refused_by_the_check": round(float(refused.mean()), 4),
+                         "refused_pneumonia": int((refused & (labels == 1)).sum()),
+                         "refused_normals": int((refused & (labels == 0)).sum()),
+                         "missed_pneumonia_refused": f"{int((missed & refused).sum())} of {int(missed.sum())}",
+                         "overcalled_normals_refused": f"{int((overcalled & refused).sum())} of {int(overcalled.sum())}"}
         print(name, figures[name], flush=True)
     return figures
 

@@ -97,7 +97,8 @@ class PneumoniaDetector:
 
     `require_provider` ("CUDAExecutionProvider") turns onnxruntime's silent fallback to the
     CPU into an `ExecutionProviderError`. An image whose pixels look inverted (bright lungs) raises
-    `InvertedImageError` unless `polarity_check=False` (`models.polarity`).
+    `InvertedImageError`, and one stored turned by 90 or 180 degrees `RotatedImageError`, unless
+    `polarity_check=False` (`models.polarity`).
     """
 
     def __init__(
@@ -202,8 +203,9 @@ class PneumoniaDetector:
         return preprocess(small, self.card.source_size)
 
     def check_polarity(self, image: np.ndarray) -> float:
-        """`InvertedImageError` for an image that looks shown the wrong way round (`models.polarity`): scored as
-        it is, an inverted normal reads like pneumonia. Its correlation with a chest radiograph otherwise.
+        """`InvertedImageError` for an image that looks shown the wrong way round, `RotatedImageError` for one that
+        looks stored turned (`models.polarity`): scored as it is, an inverted normal reads like pneumonia and a
+        sideways pneumonia often like a normal. Its correlation with a chest radiograph otherwise.
         `network_input` (so `predict` and `predict_batch`) calls it unless the detector was made with
         `polarity_check=False`."""
         return self.polarity.check(image)

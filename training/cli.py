@@ -4,7 +4,7 @@
     pneumonia-train train|evaluate|export|quantize --out-dir runs/NAME ...
     pneumonia-train seeds runs/seed-42 runs/seed-7 runs/seed-2026 --out results/seeds
     pneumonia-train card models/pneumonia_resnet50.onnx --metrics results/metrics.json   (re-card a release)
-    pneumonia-train polarity --data-root ../shared/data   (the inverted-image guard's template, models/)
+    pneumonia-train polarity --data-root ../shared/data   (the inverted- and turned-image guard's template, models/)
     pneumonia-train soup runs/a runs/b runs/c --out-dir runs/soup ...   (runs trained with one --init-seed)
     pneumonia-train ensemble runs/a runs/b runs/c [--int8] --out-dir runs/ens ...   (exported runs, one ONNX graph)
 """
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "recorded evaluation (results/metrics.json); the model and its figures stay")
     card.add_argument("onnx", type=Path, help="the released ONNX file; its card beside it is rewritten")
     card.add_argument("--metrics", type=Path, required=True, help="that run's metrics.json (results/ of its out-dir)")
-    polarity = sub.add_parser("polarity", help="the serving side's inverted-image guard: its template from the train "
-                                               "split, with the figures behind its threshold (models/polarity.py)")
+    polarity = sub.add_parser("polarity", help="the serving side's inverted- and turned-image guard: its template "
+                                               "from the train split, with the figures behind its thresholds "
+                                               "(models/polarity.py)")
     polarity.add_argument("--data-root", help="folder holding pneumoniamnist.npz (env PNEUMONIA_DATA_ROOT)")
     polarity.add_argument("--out", type=Path, default=POLARITY_FILE,
                           help="where the template goes (default: the shipped models/polarity_template.json)")

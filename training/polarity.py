@@ -1,5 +1,5 @@
-"""`pneumonia-train polarity`: the serving side's inverted-image guard (`models.polarity`), made from
-the training split, with the figures that justify its threshold written into the same file.
+"""`pneumonia-train polarity`: the serving side's inverted- and turned-image guard (`models.polarity`), made
+from the training split, with the figures that justify its thresholds written into the same file.
 
 The template is the training split's only; validation and test (the shifted source) are scored with
 it, as they are and inverted, plain and under simulated framing and contrast changes that a site's
@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from models.polarity import (CENTRE_MARGIN, FLAT_LINE_LEVELS, INVERTED_TURNED, MIN_COMPARED, POLARITY_SOURCE,
-                             REFUSE_BELOW, TURNED, TURNED_MARGIN, UPRIGHT, PolarityTemplate, template_from,
-                             turned_correlations, verdicts)
+from models.polarity import (CENTRE_MARGIN, DIRECTION_MARGIN, FLAT_LINE_LEVELS, INVERTED_TURNED, MIN_COMPARED,
+                             POLARITY_SOURCE, REFUSE_BELOW, TURN_OVER_INVERSION, TURNED, TURNED_MARGIN, TURNS, UPRIGHT,
+                             PolarityTemplate, best_turn, named_turn, template_from, turned_correlations, verdicts)
 from training.data import ensure_dataset, load_split
 
 
@@ -118,6 +118,19 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 """Name -> change applied to (N, 28, 28) images in [0, 1], before the result is quantised to 8 bits."""
 
 
+UPRIGHT_BY = {"sideways_90": 3, "sideways_270": 1, "turned_180": 2}
+"""The `np.rot90` k that brings each turning perturbation upright: what its refusals' reasons should name."""
+
+
+def turns_named(correct: np.ndarray, read: np.ndarray, k: int) -> dict[str, int]:
+    """Of the images refused as turned, how many reasons name the turn `k` that brings them upright, how many
+    say the direction is unclear, and how many name another turn (advice that would leave them wrong)."""
+    named = [named_turn(row, *best_turn(row)) for row in correct[np.isin(read, (TURNED, INVERTED_TURNED))]]
+    right = sum(name == TURNS[k] for name in named)
+    unclear = sum("unclear" in name for name in named)
+    return {"right": right, "unclear": unclear, "wrong": len(named) - right - unclear}
+
+
 def as_uint8(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
@@ -139,6 +152,8 @@ def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float,
                          "caught_inverted": int((verdicts(inverted, refuse_below, turned_margin) != UPRIGHT).sum()),
                          "min_correct": round(float(correct[:, 0].min()), 4),
                          "max_inverted": round(float(inverted[:, 0].max()), 4)}
+        if name in UPRIGHT_BY:
+            figures[name]["turn_named"] = turns_named(correct, read_correct, UPRIGHT_BY[name])
     return {"images": int(len(images)), "by_perturbation": figures}
 
 
@@ -159,7 +174,8 @@ def build_polarity_template(data_root: Path | None, out: Path, refuse_below: flo
     provenance = {
         "made_by": "pneumonia-train polarity", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "data": {"file": path.name, "md5": md5, "template_from": "train", "images": int(len(train.images))},
-        "figures_made_with": {"flat_line_levels": FLAT_LINE_LEVELS, "min_compared": MIN_COMPARED},
+        "figures_made_with": {"flat_line_levels": FLAT_LINE_LEVELS, "min_compared": MIN_COMPARED,
+                              "turn_over_inversion": TURN_OVER_INVERSION, "direction_margin": DIRECTION_MARGIN},
         "figures": {
             "train_as_stored": {"images": int(len(train.images)),
                                 "refused": int((read != UPRIGHT).sum()),

@@ -270,7 +270,7 @@ def stop_after(row: dict, epoch: int, best_epoch: int, config: TrainConfig) -> s
     """Why fitting ends after this epoch (`time_limit`, `early_stop`, `epochs`), or None to go on."""
     if row["time_limit"]:
         return "time_limit"
-    if epoch - best_epoch >= config.patience:
+    if epoch - best_epoch >= config.patience and epoch > config.low_res_epochs:  # never before it has trained at 224
         return "early_stop"
     return "epochs" if epoch >= config.epochs else None
 

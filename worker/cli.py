@@ -331,7 +331,7 @@ def calibrate_site(settings: WorkerSettings, args: argparse.Namespace) -> int:
         kept = np.flatnonzero(keep)
         detector = PneumoniaDetector(settings.resolved_model_path(), intra_op_threads=settings.intra_op_threads,
                                      lut_shape_conflict=settings.presentation_lut_conflict,
-                                     polarity_check=settings.refuses_inverted)  # read as the worker reads
+                                     polarity_check=settings.refuses_misoriented)  # read as the worker reads
         logits = case_logits(detector, [paths[i] for i in kept], args.batch_size, lines=[lines[i] for i in kept])
         site = fit_site_calibration(labels[keep], logits, detector.card, args.site, targets, args.folds, args.seed,
                                     groups=groups[keep])

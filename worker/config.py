@@ -78,8 +78,9 @@ class WorkerSettings(BaseSettings):
     """A Presentation LUT Shape that contradicts the Photometric Interpretation: refuse the image, or
     follow one of the two for a modality known to write the other wrongly (`models.dicom_io`)."""
     polarity_check: Literal["refuse", "off"] = "refuse"
-    """An image whose pixels look inverted (bright lungs: `models.polarity`): refuse it (row `failed` with the
-    reason, the study not `triage_complete`), or score it as it is, for a site whose images the check misreads."""
+    """An image whose pixels look inverted (bright lungs) or stored turned by 90 or 180 degrees (`models.polarity`):
+    refuse it (row `failed` with the reason, the study not `triage_complete`), or score it as it is, for a site
+    whose images the check misreads."""
     missing_tag_policy: Literal["skip", "process"] = "skip"
     """What to do when BodyPartExamined or ViewPosition is absent: skip with a reason, or process."""
     flag_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FLAG_MAP))
@@ -108,7 +109,7 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property
-    def refuses_inverted(self) -> bool:
+    def refuses_misoriented(self) -> bool:
         """`polarity_check` as the detector takes it (`PneumoniaDetector(polarity_check=...)`)."""
         return self.polarity_check == "refuse"
 

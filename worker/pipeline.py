@@ -53,7 +53,7 @@ def make_detector(settings: WorkerSettings) -> Any:
     detector = PneumoniaDetector(settings.resolved_model_path(), providers, intra_op_threads=settings.intra_op_threads,
                                  site_calibration=settings.site_calibration, require_provider=required,
                                  lut_shape_conflict=settings.presentation_lut_conflict,
-                                 polarity_check=settings.refuses_inverted)  # as `check` and calibrate read images
+                                 polarity_check=settings.refuses_misoriented)  # as `check` and calibrate read images
     check_card_fits_results(detector.card)
     return detector
 
@@ -215,7 +215,7 @@ def infer(image: np.ndarray, ids: dict[str, Any], settings: WorkerSettings, dete
     card = detector.card
     try:
         # the call's settings decide, not the cached detector's: one detector serves the process, built once
-        inputs = detector.checked_input(image, settings.refuses_inverted)[None]
+        inputs = detector.checked_input(image, settings.refuses_misoriented)[None]
     except UnreadableImageError as exc:  # the contract's own refusals (size, aspect, polarity) are the image's
         return Outcome("failed", str(exc), ids)
     probability = float(detector.pneumonia_probability(inputs)[0])

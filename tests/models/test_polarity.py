@@ -10,7 +10,7 @@ import pytest
 from models.errors import InvertedImageError, RotatedImageError, UnreadableImageError
 from models.polarity import (INVERTED, INVERTED_TURNED, MIN_COMPARED, POLARITY_FILE, REFUSE_BELOW, TURNED,
                              TURNED_MARGIN, UPRIGHT, PolarityTemplate, centre, correlations, standardised,
-                             template_from, turned_correlations, unframed, verdicts)
+                             named_turn, template_from, turned_correlations, unframed, verdicts)
 from models.preprocess import reduce_to_source
 
 
@@ -138,6 +138,7 @@ def test_a_saved_template_loads_back_the_same(tmp_path, shipped):
     again = PolarityTemplate.load(path)
     assert np.abs(again.template - shipped.template).max() < 1e-6
     assert (again.refuse_below, again.margin, again.provenance) == (shipped.refuse_below, shipped.margin, shipped.provenance)
+    assert json.loads(path.read_text())["turned_margin"] == again.turned_margin == shipped.turned_margin
 
 
 @pytest.mark.parametrize("k, turn", [(1, "90 degrees clockwise"), (2, "180 degrees"), (3, "90 degrees counter-clockwise")])
@@ -178,9 +179,27 @@ def test_verdicts_by_hand():
         [0.20, 0.65, 0.10, 0.00],    # by 0.45: kept
         [0.10, -0.70, 0.00, 0.00],   # inverted back and turned beats as stored by 0.6: inverted and turned
         [-0.60, 0.20, 0.10, 0.00],   # below -0.1, inversion (0.6) explains it best: inverted
-        [-0.20, 0.50, 0.10, 0.00],   # below -0.1, a turn (0.5) explains it better than inversion (0.2): turned
+        [-0.20, 0.50, 0.10, 0.00],   # below -0.1, a turn (0.5) beats inversion (0.2) by 0.3: turned
+        [-0.20, 0.40, 0.10, 0.00],   # by 0.2 only: refused all the same, named inverted
     ])
-    assert verdicts(rows, -0.1, 0.5).tolist() == [UPRIGHT, TURNED, UPRIGHT, INVERTED_TURNED, INVERTED, TURNED]
+    assert verdicts(rows, -0.1, 0.5, 0.3).tolist() == [UPRIGHT, TURNED, UPRIGHT, INVERTED_TURNED, INVERTED, TURNED,
+                                                       INVERTED]
+
+
+def test_no_upright_inverted_test_image_is_told_to_turn(shipped, pneumoniamnist):
+    """Without a margin over the inverted reading, 30 upright inverted images were named turned (review, 2026-11-30)."""
+    read = verdicts(turned_correlations(255 - pneumoniamnist["test_images"], shipped.template))
+    assert set(read.tolist()) <= {INVERTED, UPRIGHT} and (read == INVERTED).sum() >= 620
+
+
+def test_a_quarter_turn_is_named_only_when_it_beats_the_next_best_turn():
+    clear = np.array([0.1, 0.2, 0.3, 0.8])   # k=3 beats k=2 by 0.5
+    close = np.array([0.1, 0.65, 0.3, 0.8])  # k=3 beats the opposite quarter turn by 0.15
+    upside = np.array([0.1, 0.2, 0.7, 0.8])  # k=3 beats 180 degrees by 0.1
+    assert named_turn(clear, 3, 1) == "90 degrees clockwise"
+    assert named_turn(close, 3, 1) == "90 degrees (which way is unclear)"
+    assert named_turn(upside, 3, 1) == "90 or 180 degrees (which is unclear)"
+    assert named_turn(-clear, 3, -1) == "90 degrees clockwise"  # inverted too: the same turn
 
 
 def test_a_template_from_before_the_turn_check_loads_with_its_margin(tmp_path):

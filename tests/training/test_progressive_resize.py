@@ -1,6 +1,7 @@
 """Progressive resizing (`--low-res-epochs`): early epochs train on a smaller upscale; everything scored stays at 224."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,25 @@ def test_an_older_run_resumes_only_at_224(tiny_network, data_root, tmp_path):
     saved_before_the_field(run, data_root)
     with pytest.raises(RefusedError, match="low_res_epochs=0 .this command: 1.*resume continues the run's own recipe"):
         fit(tiny_config(run, data_root, low_res_epochs=1, resume=run / "last.pt"), RUNTIME)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"image_size": 224, "low_res_epochs": 1, "low_res_size": 128}, "would be shrunk"),
+    ({"epochs": 4, "low_res_epochs": 2, "swa_epochs": 3}, "swa_epochs must not reach into the low_res_epochs"),
+    ({"low_res_epochs": 2, "distill_from": (Path("runs/teacher"),)}, "teachers would score the low-size batches"),
+])
+def test_what_it_cannot_be_combined_with_is_refused(changes, says):
+    with pytest.raises(RefusedError, match=says):
+        TrainConfig(**changes)
+    TrainConfig(**{**changes, "low_res_epochs": 0})  # each is fine without it
+
+
+def test_early_stopping_waits_for_an_epoch_at_224(data_root, tmp_path):
+    """Patience 1 would stop after epoch 2 when validation does not improve; a run whose first 3 epochs are at
+    64 trains on to epoch 4 at 224 whatever validation says."""
+    from training.train import stop_after
+
+    config = tiny_config(tmp_path / "run", data_root, epochs=6, patience=1, low_res_epochs=3, low_res_size=64)
+    row = {"time_limit": False}
+    assert [stop_after(row, epoch, 1, config) for epoch in (2, 3, 4)] == [None, None, "early_stop"]
+    assert stop_after(row, 2, 1, tiny_config(tmp_path / "run", data_root, epochs=6, patience=1)) == "early_stop"
