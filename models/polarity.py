@@ -18,7 +18,8 @@ The same correlation, taken with the reduction turned by 90, 180 and 270 degrees
 sideways or upside down (a portable plate read in landscape, no Patient Orientation to turn it by): it
 matches the template better turned than as stored. Scored as they were, sideways test images lost about
 10 points of AUC (0.975 -> 0.869 and 0.878) and 14-23% of their pneumonia fell under 0.5; turned 180 degrees,
-55% of normals rose over it. Such an image is refused with `RotatedImageError`, naming the turn.
+55% of normals rose over it, and the check catches few of those (README). Such an image is refused with
+`RotatedImageError`, naming the turn where it is clear.
 
 Numpy only, like the rest of `models/`.
 """
