@@ -57,7 +57,7 @@ REFUSE_BELOW = -0.1
 or curved along their length, fields of 70-90% placed at random), framed smaller or tighter, or under gamma
 0.4 or 2.5; their inverses fell below it in 1,145-1,148 cases (1,032 with an 8-pixel border all round, where 115
 images keep too little to be judged). Stored sideways (90 degrees), 107 correct images fell below it too, and were
-refused as inverted until the turn check named them (`TURNED_MARGIN`). The figures are in `POLARITY_FILE`; the
+refused as inverted until the turn check named 102 of them turned (`TURN_OVER_INVERSION`). The figures are in `POLARITY_FILE`; the
 threshold and `FLAT_LINE_LEVELS` were chosen on them."""
 TURNED_MARGIN = 0.5
 """How much better than as stored the image must match the template when turned (by 90, 180 or 270 degrees, or
@@ -74,9 +74,9 @@ beats the inverted reading by this. Chosen on the training split: at 0.3, 12 of 
 to turn (0: 147, 0.5: none) while 988 of the 1,070 of its sideways images that fall below `REFUSE_BELOW` are named
 turned (0.5: 735). On validation and test: no inverted image told to turn, 206 of 221 sideways ones named turned."""
 DIRECTION_MARGIN = 0.2
-"""How much better than the opposite quarter turn a quarter turn must match to be named in a reason (`named_turn`)."""
+"""How much better than the next best other turn a turn must match to be named in a reason (`named_turn`)."""
 TURNS = {1: "90 degrees counter-clockwise", 2: "180 degrees", 3: "90 degrees clockwise"}
-"""`np.rot90`'s k -> the turn, as a reason says it, that brings an image stored that way upright."""
+"""The `np.rot90` k that, applied to the stored image, brings it upright -> how a reason says that turn."""
 
 
 def centre(small: np.ndarray, margin: int = CENTRE_MARGIN) -> np.ndarray:
@@ -301,9 +301,11 @@ def best_turn(turned: np.ndarray) -> tuple[int, int]:
 def named_turn(turned: np.ndarray, k: int, sign: int) -> str:
     """The turn that brings the image upright, as a reason says it: named only when it beats the next best turn
     by `DIRECTION_MARGIN`. An upside-down chest matches the template almost as well as an upright one, and without
-    the margin 10 and 26 of the sideways validation and test images refused were told the wrong way."""
+    the margin 10 and 27 of the sideways validation and test images refused were told the wrong way."""
     score = sign * np.asarray(turned, dtype=np.float64)
     runner_up = max((j for j in (1, 2, 3) if j != k), key=lambda j: score[j])
     if score[k] - score[runner_up] >= DIRECTION_MARGIN:
         return TURNS[k]
-    return "90 degrees (which way is unclear)" if {k, runner_up} == {1, 3} else "90 or 180 degrees (which is unclear)"
+    if {k, runner_up} == {1, 3}:
+        return "90 degrees (which way is unclear)"
+    return f"{TURNS[k]} or {TURNS[runner_up]} (which is unclear)"

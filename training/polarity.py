@@ -159,6 +159,26 @@ def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float,
 
 TURNED_MARGINS_WEIGHED = (0.3, 0.4, 0.5)
 """The margins whose refusals of training images as stored the file records: the choice of `TURNED_MARGIN`."""
+TURN_OVER_INVERSION_WEIGHED = (0.0, 0.3, 0.5)
+"""The values whose naming of training images under `REFUSE_BELOW` the file records: the choice of
+`TURN_OVER_INVERSION` (inverted images told to turn, against sideways ones named turned)."""
+
+
+def naming_under_threshold(images: np.ndarray, template: np.ndarray, refuse_below: float, margin: int,
+                           turned_margin: float) -> dict:
+    """For each weighed `turn_over_inversion`: how many of `images` inverted are named turned, and how many of them
+    stored sideways (either way) that fall under `refuse_below` are named turned rather than inverted."""
+    inverted = turned_correlations(255 - images, template, margin)
+    sideways = np.concatenate([turned_correlations(np.rot90(images, k, axes=(1, 2)), template, margin) for k in (1, 3)])
+    sideways = sideways[sideways[:, 0] < refuse_below]
+    named = {}
+    for weighed in TURN_OVER_INVERSION_WEIGHED:
+        as_turned = (TURNED, INVERTED_TURNED)
+        named[str(weighed)] = {
+            "inverted_named_turned": int(np.isin(verdicts(inverted, refuse_below, turned_margin, weighed), as_turned).sum()),
+            "sideways_named_turned": int(np.isin(verdicts(sideways, refuse_below, turned_margin, weighed), as_turned).sum())}
+    return {"inverted_under_refuse_below": int((inverted[:, 0] < refuse_below).sum()),
+            "sideways_under_refuse_below": int(len(sideways)), "by_value": named}
 
 
 def build_polarity_template(data_root: Path | None, out: Path, refuse_below: float = REFUSE_BELOW,
@@ -184,6 +204,8 @@ def build_polarity_template(data_root: Path | None, out: Path, refuse_below: flo
                                     str(weighed): int(np.isin(verdicts(train_turned, refuse_below, weighed),
                                                               (TURNED, INVERTED_TURNED)).sum())
                                     for weighed in TURNED_MARGINS_WEIGHED},
+                                "naming_under_refuse_below": naming_under_threshold(
+                                    train.images, template, refuse_below, margin, turned_margin),
                                 "min": round(float(train_correlations.min()), 4),
                                 "median": round(float(np.median(train_correlations)), 4)},
             "val_and_test": guard_figures(held_out, template, refuse_below, margin, turned_margin),

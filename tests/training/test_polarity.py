@@ -32,6 +32,9 @@ def test_the_stage_writes_the_shipped_template_and_the_figures_behind_its_thresh
     assert turned["sideways_90"] > 1000 and turned["sideways_270"] > 1000 and 300 < turned["turned_180"] < 500
     assert turned["upside_down"] < 100  # a chest and its mirror image look alike: mostly not caught
     assert max(figures["train_as_stored"]["refused_as_turned_at_margin"].values()) > 10  # the margin's choice
+    naming = figures["train_as_stored"]["naming_under_refuse_below"]["by_value"]  # TURN_OVER_INVERSION's choice
+    assert naming["0.3"]["inverted_named_turned"] < naming["0.0"]["inverted_named_turned"]
+    assert naming["0.3"]["sideways_named_turned"] > naming["0.5"]["sideways_named_turned"]
     named = held_out["by_perturbation"]["sideways_90"]["turn_named"]
     assert named["right"] > 900 and named["wrong"] <= 5 and sum(named.values()) == turned["sideways_90"]
     assert json.loads(out.read_text())["data"]["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
