@@ -44,6 +44,22 @@ def seconds_per_query(url: str, repeats: int) -> dict[str, float]:
     return timings
 
 
+def leave_few_untriaged(url: str, count: int) -> None:
+    """`--flag NOT_TRIAGED`'s worst case: every study triage-complete (final, each image scored) but the `count`
+    oldest, so a newest-first read meets them last and `--limit` is never met before the table ends."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE instances SET status = 'done', reason = NULL, probability = 0.05, "
+                             "stratum = 'likely_normal', severity = 0, flag = 'ROUTINE' WHERE status != 'done'")
+        conn.exec_driver_sql("UPDATE studies SET final = 1, finalized_at = last_received_at, "
+                             "first_finalized_at = last_received_at")
+        conn.exec_driver_sql("UPDATE studies SET final = 0, finalized_at = NULL, first_finalized_at = NULL, "
+                             "stratum = 'likely_normal', severity = 0, flag = 'ROUTINE' WHERE "  # nothing escalates
+                             "study_instance_uid IN (SELECT study_instance_uid FROM studies ORDER BY last_received_at "
+                             f"LIMIT {int(count)})")
+    engine.dispose()
+
+
 def drop_secondary_indexes(url: str) -> list[str]:
     """The baseline: the same tables without the indexes the migrations create."""
     engine = create_engine(url)
@@ -60,15 +76,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/admin_queries.json"))
+    parser.add_argument("--untriaged-studies", type=int,
+                        help="leave only this many (the oldest) studies not triaged: --flag NOT_TRIAGED's worst case")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         url = f"sqlite:///{scratch}/results.db"
         populate_results(url, args.rows, seed=1)
+        if args.untriaged_studies is not None:
+            leave_few_untriaged(url, args.untriaged_studies)
         indexed = seconds_per_query(url, args.repeats)
         dropped = drop_secondary_indexes(url)
         baseline = seconds_per_query(url, args.repeats)
     result = {
         "machine": platform.processor() or platform.machine(), "database": "sqlite", "rows": args.rows,
+        "untriaged_studies": args.untriaged_studies,
         "studies": args.rows // 4, "repeats": args.repeats, "seconds_indexed": indexed,
         "seconds_without_indexes": baseline, "indexes_dropped": dropped,
         "speedup_from_indexes": {name: baseline[name] / indexed[name] for name in QUERIES},
