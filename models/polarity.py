@@ -56,9 +56,9 @@ REFUSE_BELOW = -0.1
 (1,148), none fell below it as stored, under simulated collimation (borders on every side, on one side, graded
 or curved along their length, fields of 70-90% placed at random), framed smaller or tighter, or under gamma
 0.4 or 2.5; their inverses fell below it in 1,145-1,148 cases (1,032 with an 8-pixel border all round, where 115
-images keep too little to be judged). Stored sideways (90 degrees), 107 correct images fell below it too, and were
-refused as inverted until the turn check named 102 of them turned (`TURN_OVER_INVERSION`). The figures are in `POLARITY_FILE`; the
-threshold and `FLAT_LINE_LEVELS` were chosen on them."""
+images keep too little to be judged). Stored sideways (90 degrees), 107 correct images fell below it too, and
+were refused as inverted until the turn check named 102 of them turned (`TURN_OVER_INVERSION`). The figures are
+in `POLARITY_FILE`; the threshold and `FLAT_LINE_LEVELS` were chosen on them."""
 TURNED_MARGIN = 0.5
 """How much better than as stored the image must match the template when turned (by 90, 180 or 270 degrees, or
 turned and inverted) to be refused as stored turned. Chosen on the training split, the template's own: at 0.5 none
@@ -200,7 +200,7 @@ class PolarityTemplate:
 
     def correlation(self, image: np.ndarray) -> float:
         """Correlation of any-size grayscale `image` (what `preprocess` takes) with the template."""
-        return float(self.turned_correlations(image)[0])
+        return float(correlations(reduce_to_source(image, POLARITY_SOURCE), self.template, self.margin))
 
     def turned_correlations(self, image: np.ndarray) -> np.ndarray:
         """(4,): the correlation of `image`'s reduction turned by `np.rot90` k = 0 (as stored), 1, 2 and 3."""
@@ -267,6 +267,8 @@ class PolarityTemplate:
 
 UPRIGHT, INVERTED, TURNED, INVERTED_TURNED = 0, 1, 2, 3
 """What `verdicts` reads an image as: passed, or refused as inverted, as stored turned, or as both."""
+AS_TURNED = (TURNED, INVERTED_TURNED)
+"""The verdicts whose reason names a turn (`np.isin(verdicts(...), AS_TURNED)`)."""
 
 
 def verdicts(turned: np.ndarray, refuse_below: float = REFUSE_BELOW, turned_margin: float = TURNED_MARGIN,

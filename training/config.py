@@ -115,8 +115,8 @@ class TrainConfig:
     """Progressive resizing (fast.ai's and FFCV's ResNet-50 recipes): the first N epochs upscale each
     28x28 batch to `low_res_size` instead of the contract's 224 (a step 3.2x cheaper at 128 in a probe
     of the step alone, an epoch about 2.4x in real runs); the later epochs, every validation and the
-    exported model use 224, and early stopping waits for the first of them. The source is 28x28, so the smaller input
-    loses no detail the image has. 0 = off (results/ablations/progressive_resize)."""
+    exported model use 224, and early stopping waits for the first of them. The source is 28x28, so the
+    smaller input loses no detail the image has. 0 = off (results/ablations/progressive_resize)."""
     low_res_size: int = 128
     max_train_minutes: float | None = None
     """Wall-clock budget for fitting (training and validation), like Lightning's `max_time`: the epoch

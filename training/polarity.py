@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from models.polarity import (CENTRE_MARGIN, DIRECTION_MARGIN, FLAT_LINE_LEVELS, INVERTED_TURNED, MIN_COMPARED,
-                             POLARITY_SOURCE, REFUSE_BELOW, TURN_OVER_INVERSION, TURNED, TURNED_MARGIN, TURNS, UPRIGHT,
+from models.polarity import (AS_TURNED, CENTRE_MARGIN, DIRECTION_MARGIN, FLAT_LINE_LEVELS, MIN_COMPARED,
+                             POLARITY_SOURCE, REFUSE_BELOW, TURN_OVER_INVERSION, TURNED_MARGIN, TURNS, UPRIGHT,
                              PolarityTemplate, best_turn, named_turn, template_from, turned_correlations, verdicts)
 from training.data import ensure_dataset, load_split
 
@@ -125,7 +125,7 @@ UPRIGHT_BY = {"sideways_90": 3, "sideways_270": 1, "turned_180": 2}
 def turns_named(correct: np.ndarray, read: np.ndarray, k: int) -> dict[str, int]:
     """Of the images refused as turned, how many reasons name the turn `k` that brings them upright, how many
     say the direction is unclear, and how many name another turn (advice that would leave them wrong)."""
-    named = [named_turn(row, *best_turn(row)) for row in correct[np.isin(read, (TURNED, INVERTED_TURNED))]]
+    named = [named_turn(row, *best_turn(row)) for row in correct[np.isin(read, AS_TURNED)]]
     right = sum(name == TURNS[k] for name in named)
     unclear = sum("unclear" in name for name in named)
     return {"right": right, "unclear": unclear, "wrong": len(named) - right - unclear}
@@ -147,7 +147,7 @@ def guard_figures(images: np.ndarray, template: np.ndarray, refuse_below: float,
         inverted = turned_correlations(as_uint8(1.0 - shown), template, margin)
         read_correct = verdicts(correct, refuse_below, turned_margin)
         figures[name] = {"refused_correct": int((read_correct != UPRIGHT).sum()),
-                         "refused_correct_as_turned": int(np.isin(read_correct, (TURNED, INVERTED_TURNED)).sum()),
+                         "refused_correct_as_turned": int(np.isin(read_correct, AS_TURNED).sum()),
                          "not_judged": int((correct[:, 0] == 0.0).sum()),  # too little left inside flat edges
                          "caught_inverted": int((verdicts(inverted, refuse_below, turned_margin) != UPRIGHT).sum()),
                          "min_correct": round(float(correct[:, 0].min()), 4),
@@ -173,10 +173,9 @@ def naming_under_threshold(images: np.ndarray, template: np.ndarray, refuse_belo
     sideways = sideways[sideways[:, 0] < refuse_below]
     named = {}
     for weighed in TURN_OVER_INVERSION_WEIGHED:
-        as_turned = (TURNED, INVERTED_TURNED)
         named[str(weighed)] = {
-            "inverted_named_turned": int(np.isin(verdicts(inverted, refuse_below, turned_margin, weighed), as_turned).sum()),
-            "sideways_named_turned": int(np.isin(verdicts(sideways, refuse_below, turned_margin, weighed), as_turned).sum())}
+            "inverted_named_turned": int(np.isin(verdicts(inverted, refuse_below, turned_margin, weighed), AS_TURNED).sum()),
+            "sideways_named_turned": int(np.isin(verdicts(sideways, refuse_below, turned_margin, weighed), AS_TURNED).sum())}
     return {"inverted_under_refuse_below": int((inverted[:, 0] < refuse_below).sum()),
             "sideways_under_refuse_below": int(len(sideways)), "by_value": named}
 
@@ -199,10 +198,10 @@ def build_polarity_template(data_root: Path | None, out: Path, refuse_below: flo
         "figures": {
             "train_as_stored": {"images": int(len(train.images)),
                                 "refused": int((read != UPRIGHT).sum()),
-                                "refused_as_turned": int(np.isin(read, (TURNED, INVERTED_TURNED)).sum()),
+                                "refused_as_turned": int(np.isin(read, AS_TURNED).sum()),
                                 "refused_as_turned_at_margin": {
                                     str(weighed): int(np.isin(verdicts(train_turned, refuse_below, weighed),
-                                                              (TURNED, INVERTED_TURNED)).sum())
+                                                              AS_TURNED).sum())
                                     for weighed in TURNED_MARGINS_WEIGHED},
                                 "naming_under_refuse_below": naming_under_threshold(
                                     train.images, template, refuse_below, margin, turned_margin),
